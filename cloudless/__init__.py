@@ -1,0 +1,3 @@
+"""Cloudless: one elastic compute fabric from heterogeneous devices."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from cloudless.cli.main import main
+
+main()

@@ -1,0 +1,93 @@
+"""The carrier-neutral connection interface every transport implements.
+
+QUIC (`quic.py`), TLS over TCP (`tls.py`, multiplexed by `mux.py`), its
+WebSocket variant (`websocket.py`) and the in-memory twin (`memory.py`) all
+hand out `Connection`s whose streams behave alike, so the RPC layer
+(`rpc.py`) and everything above it never know which carrier they ride.
+
+Every connection is mutually authenticated: by the time a `Connection`
+exists, the peer's certificate chained to the cluster CA, was not revoked,
+and carried a Cloudless identity, which is `Connection.peer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Protocol
+
+from cloudless.errors import CloudlessError, Unavailable
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end, as proven by its certificate."""
+
+    cluster_id: str
+    kind: str  # "node" or "client"
+    name: str
+    serial: int  # certificate serial, for revocation checks and audit
+
+    @property
+    def uri(self) -> str:
+        return f"spiffe://{self.cluster_id}/{self.kind}/{self.name}"
+
+
+class TransportError(CloudlessError):
+    pass
+
+
+class ConnectionLost(Unavailable):
+    """The connection closed or the peer vanished; pending streams fail with this."""
+
+
+class StreamReset(TransportError):
+    """The peer (or we) aborted the stream; `code` says why (0: cancelled)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message, code=code)
+        self.code = code
+
+
+class Stream(Protocol):
+    """One ordered, flow-controlled, bidirectional byte stream in a Connection.
+
+    `send_all` blocks while the peer's receive window is full, so a slow
+    reader holds back a fast writer instead of making it buffer.
+    """
+
+    @property
+    def stream_id(self) -> int: ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def send_eof(self) -> None:
+        """Half-close: the peer's receive_some returns b"" after our data."""
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        """Next bytes, b"" at the peer's EOF; raises StreamReset or ConnectionLost."""
+
+    async def reset(self, code: int = 0) -> None:
+        """Abort both directions now (used for cancellation)."""
+
+    async def aclose(self) -> None: ...
+
+
+class Connection(Protocol):
+    @property
+    def peer(self) -> PeerIdentity: ...
+
+    @property
+    def remote_address(self) -> tuple[str, int]: ...
+
+    @property
+    def is_closed(self) -> bool: ...
+
+    async def open_stream(self) -> Stream: ...
+
+    async def accept_stream(self) -> Stream:
+        """Next stream the peer opened; raises ConnectionLost once closed."""
+
+    async def aclose(self) -> None: ...
+
+
+ConnectionHandler = Callable[[Connection], Awaitable[None]]
