@@ -91,3 +91,22 @@ class Connection(Protocol):
 
 
 ConnectionHandler = Callable[[Connection], Awaitable[None]]
+
+
+class Carrier(Protocol):
+    """A way of making and accepting mutually authenticated connections.
+
+    Implementations: `quic.QuicCarrier`, `tls.TlsCarrier`,
+    `websocket.WebSocketCarrier`, `memory.MemoryCarrier`. Each is built from
+    the node's `cloudless.pki.credentials.Credentials` and a
+    `cloudless.pki.verify.PeerVerifier`.
+    """
+
+    async def connect(self, address: tuple[str, int]) -> Connection:
+        """Open a connection; raises PeerRejected or ConnectionLost, never hangs
+        past the carrier's handshake timeout."""
+
+    async def serve(self, handler: ConnectionHandler, *, task_status=...) -> None:
+        """Listen (on the carrier's bind address) and run `handler` for each
+        authenticated connection in a child task; `task_status.started(addr)`
+        reports the bound (host, port) once accepting."""
