@@ -1,0 +1,212 @@
+"""The replicated state machine's vocabulary: commands proposed through Raft
+and the results their application returns.
+
+A command is applied on every replica, so it must be deterministic: anything
+that depends on time carries the proposer's clock reading (`Proposal.now`)
+instead of reading one at apply time.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Union
+
+import msgspec
+
+from cloudless.errors import InvalidInput
+
+FORMAT_VERSION = 1
+
+VAR_KEY_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-]{0,255}$"
+MAX_VAR_VALUE = 512 * 1024
+
+VarKey = Annotated[str, msgspec.Meta(pattern=VAR_KEY_PATTERN)]
+VarValue = Annotated[str, msgspec.Meta(max_length=MAX_VAR_VALUE)]
+Index = Annotated[int, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+Labels = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
+    msgspec.Meta(max_length=64),
+]
+
+
+class Command(msgspec.Struct, frozen=True, tag_field="c", forbid_unknown_fields=True):
+    pass
+
+
+class PutVar(Command, tag="var.put"):
+    key: VarKey
+    value: VarValue
+
+
+class CasVar(Command, tag="var.cas"):
+    """Write only if the key's modify index is `expected_index` (0: must not exist)."""
+
+    key: VarKey
+    value: VarValue
+    expected_index: Index
+
+
+class DeleteVar(Command, tag="var.rm"):
+    key: VarKey
+    expected_index: Index | None = None
+
+
+class CreateToken(Command, tag="token.create"):
+    token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
+    secret_hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    expires_at: float
+    max_uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+
+
+class ConsumeToken(Command, tag="token.consume"):
+    """Spend one use of a token; the leader checked the secret before proposing."""
+
+    token_id: str
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+
+
+class RegisterNode(Command, tag="node.register"):
+    node_id: Name
+    address: Annotated[str, msgspec.Meta(max_length=300)]
+    certificate_serial: Annotated[int, msgspec.Meta(ge=0)]
+    certificate_not_after: float
+    region: Annotated[str, msgspec.Meta(max_length=63)] = ""
+    zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
+    labels: Labels = {}
+
+
+class RemoveNode(Command, tag="node.remove"):
+    """Forget a node and revoke every certificate it was issued."""
+
+    node_id: Name
+
+
+class RecordCertificate(Command, tag="cert.record"):
+    """A renewed certificate for a known node (so removal can revoke it)."""
+
+    node_id: Name
+    serial: Annotated[int, msgspec.Meta(ge=0)]
+    not_after: float
+
+
+class RevokeCertificate(Command, tag="cert.revoke"):
+    serial: Annotated[int, msgspec.Meta(ge=0)]
+    not_after: float
+
+
+class StoreClusterCA(Command, tag="ca.store"):
+    """The cluster CA, replicated so any coordinator can issue certificates."""
+
+    cluster_id: Name
+    certificate_pem: bytes
+    key_pem: bytes
+
+
+CommandUnion = Union[
+    PutVar,
+    CasVar,
+    DeleteVar,
+    CreateToken,
+    ConsumeToken,
+    RegisterNode,
+    RemoveNode,
+    RecordCertificate,
+    RevokeCertificate,
+    StoreClusterCA,
+]
+
+
+class Proposal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What goes into a Raft entry.
+
+    (`client_id`, `seq`) make retries idempotent: a command whose sequence
+    number a session has already applied returns the recorded result instead
+    of applying twice (Raft thesis §6.3). `client_id` "" opts out.
+    """
+
+    command: CommandUnion
+    now: float
+    client_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    seq: Index = 0
+    version: int = FORMAT_VERSION
+
+
+# Results --------------------------------------------------------------------
+
+
+class Result(msgspec.Struct, frozen=True, tag_field="r"):
+    pass
+
+
+class VarResult(Result, tag="var"):
+    key: str
+    value: str
+    index: int
+
+
+class Deleted(Result, tag="deleted"):
+    key: str
+    index: int
+
+
+class Done(Result, tag="done"):
+    index: int
+
+
+class Rejected(Result, tag="rejected"):
+    """The command was valid but its precondition failed; nothing changed.
+
+    `kind` maps to an exit code: conflict (4), not_found (3), invalid (2),
+    failed (1).
+    """
+
+    kind: str
+    message: str
+    current_index: int = 0
+
+
+ResultUnion = Union[VarResult, Deleted, Done, Rejected]
+
+_proposal_encoder = msgspec.msgpack.Encoder()
+_proposal_decoder = msgspec.msgpack.Decoder(Proposal)
+_result_decoder = msgspec.msgpack.Decoder(ResultUnion)
+
+
+class InvalidCommand(InvalidInput):
+    pass
+
+
+def encode_proposal(proposal: Proposal) -> bytes:
+    return _proposal_encoder.encode(proposal)
+
+
+def decode_proposal(data: bytes) -> Proposal:
+    try:
+        proposal = _proposal_decoder.decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError is a subclass
+        raise InvalidCommand(f"invalid command: {exc}") from None
+    if proposal.version != FORMAT_VERSION:
+        raise InvalidCommand(f"unsupported command format version {proposal.version}")
+    return proposal
+
+
+def encode_result(result: Result) -> bytes:
+    return _proposal_encoder.encode(result)
+
+
+def decode_result(data: bytes) -> Result:
+    try:
+        return _result_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise InvalidCommand(f"invalid result: {exc}") from None
+
+
+def validate_var_key(key: str) -> str:
+    if not re.match(VAR_KEY_PATTERN, key):
+        raise InvalidCommand(
+            f"invalid variable key {key!r}: 1-256 characters of letters, digits and _ . : / -",
+            field="key",
+        )
+    return key

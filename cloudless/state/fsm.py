@@ -1,0 +1,312 @@
+"""The replicated state machine: applies committed proposals, serves reads,
+and snapshots itself.
+
+Pure and deterministic — no clock, no IO — so every replica that applies the
+same entries holds the same state. Time comes from `Proposal.now`.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+from typing import Iterable
+
+import msgspec
+import zstandard
+
+from cloudless.errors import CloudlessError
+from cloudless.state.commands import (
+    CasVar,
+    ConsumeToken,
+    CreateToken,
+    Deleted,
+    DeleteVar,
+    Done,
+    Proposal,
+    PutVar,
+    RecordCertificate,
+    Rejected,
+    RegisterNode,
+    RemoveNode,
+    Result,
+    RevokeCertificate,
+    StoreClusterCA,
+    VarResult,
+    decode_proposal,
+    decode_result,
+)
+
+SNAPSHOT_MAGIC = b"CLSS"
+SNAPSHOT_VERSION = 1
+MAX_SESSIONS = 10_000
+
+
+class CorruptSnapshot(CloudlessError):
+    pass
+
+
+class Var(msgspec.Struct, array_like=True):
+    value: str
+    create_index: int
+    modify_index: int
+
+
+class TokenState(msgspec.Struct):
+    secret_hash: str
+    role: str
+    expires_at: float
+    max_uses: int
+    uses: int = 0
+
+
+class NodeRecord(msgspec.Struct):
+    node_id: str
+    address: str
+    region: str
+    zone: str
+    labels: dict[str, str]
+    registered_index: int
+    certificates: dict[int, float]  # serial -> not_after
+
+
+class ClusterCARecord(msgspec.Struct):
+    cluster_id: str
+    certificate_pem: bytes
+    key_pem: bytes
+
+
+class Session(msgspec.Struct, array_like=True):
+    seq: int
+    result: bytes
+    last_index: int
+
+
+class Change(msgspec.Struct, frozen=True, array_like=True):
+    """One key that an applied entry touched, for watches."""
+
+    index: int
+    kind: str  # "var", "node", "token", "revocation", "ca"
+    key: str
+
+
+class _Image(msgspec.Struct):
+    applied_index: int
+    vars: dict[str, Var]
+    tokens: dict[str, TokenState]
+    nodes: dict[str, NodeRecord]
+    revoked: dict[int, float]
+    ca: ClusterCARecord | None
+    sessions: list[tuple[str, Session]]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_image_decoder = msgspec.msgpack.Decoder(_Image)
+
+
+class StateMachine:
+    def __init__(self) -> None:
+        self.applied_index = 0
+        self.vars: dict[str, Var] = {}
+        self.tokens: dict[str, TokenState] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.revoked: dict[int, float] = {}
+        self.ca: ClusterCARecord | None = None
+        # Insertion order is least-recently-used first; eviction is
+        # deterministic because every replica applies the same sequence.
+        self._sessions: OrderedDict[str, Session] = OrderedDict()
+        self._changes: list[Change] = []
+
+    # -- applying ------------------------------------------------------------
+
+    def apply(self, index: int, data: bytes) -> Result:
+        """Apply the Raft entry at `index`; an empty entry is a leader no-op."""
+        if index <= self.applied_index:
+            raise CloudlessError(f"entry {index} applied twice (applied {self.applied_index})")
+        self.applied_index = index
+        if not data:
+            return Done(index=index)
+        try:
+            proposal = decode_proposal(data)
+        except CloudlessError as exc:
+            # A replica must not diverge on bad input: reject it the same way everywhere.
+            return Rejected(kind="invalid", message=exc.message)
+        if proposal.client_id:
+            session = self._sessions.get(proposal.client_id)
+            if session is not None and proposal.seq <= session.seq:
+                if proposal.seq == session.seq:
+                    return decode_result(session.result)
+                return Rejected(kind="invalid", message=f"stale sequence {proposal.seq} for session {proposal.client_id}")
+        result = self._apply_command(index, proposal)
+        if proposal.client_id:
+            self._sessions[proposal.client_id] = Session(proposal.seq, _encoder.encode(result), index)
+            self._sessions.move_to_end(proposal.client_id)
+            while len(self._sessions) > MAX_SESSIONS:
+                self._sessions.popitem(last=False)
+        return result
+
+    def _apply_command(self, index: int, proposal: Proposal) -> Result:
+        cmd = proposal.command
+        now = proposal.now
+        if isinstance(cmd, PutVar):
+            return self._write_var(index, cmd.key, cmd.value)
+        if isinstance(cmd, CasVar):
+            current = self.vars.get(cmd.key)
+            current_index = current.modify_index if current else 0
+            if current_index != cmd.expected_index:
+                return Rejected(
+                    kind="conflict",
+                    message=f"{cmd.key}: modify index is {current_index}, not {cmd.expected_index}",
+                    current_index=current_index,
+                )
+            return self._write_var(index, cmd.key, cmd.value)
+        if isinstance(cmd, DeleteVar):
+            current = self.vars.get(cmd.key)
+            if current is None:
+                return Rejected(kind="not_found", message=f"{cmd.key}: no such variable")
+            if cmd.expected_index is not None and current.modify_index != cmd.expected_index:
+                return Rejected(
+                    kind="conflict",
+                    message=f"{cmd.key}: modify index is {current.modify_index}, not {cmd.expected_index}",
+                    current_index=current.modify_index,
+                )
+            del self.vars[cmd.key]
+            self._changes.append(Change(index, "var", cmd.key))
+            return Deleted(key=cmd.key, index=index)
+        if isinstance(cmd, CreateToken):
+            if cmd.token_id in self.tokens:
+                return Rejected(kind="conflict", message=f"token {cmd.token_id} exists")
+            self.tokens[cmd.token_id] = TokenState(cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses)
+            self._expire_tokens(now)
+            self._changes.append(Change(index, "token", cmd.token_id))
+            return Done(index=index)
+        if isinstance(cmd, ConsumeToken):
+            token = self.tokens.get(cmd.token_id)
+            if token is None:
+                return Rejected(kind="not_found", message="unknown token")
+            if token.expires_at <= now:
+                return Rejected(kind="invalid", message="token expired")
+            if token.uses >= token.max_uses:
+                return Rejected(kind="invalid", message="token used up")
+            if token.role != cmd.role:
+                return Rejected(kind="invalid", message=f"token is for role {token.role}, not {cmd.role}")
+            token.uses += 1
+            self._changes.append(Change(index, "token", cmd.token_id))
+            return Done(index=index)
+        if isinstance(cmd, RegisterNode):
+            record = self.nodes.get(cmd.node_id)
+            if record is None:
+                record = NodeRecord(cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {})
+                self.nodes[cmd.node_id] = record
+            else:
+                record.address, record.region, record.zone = cmd.address, cmd.region, cmd.zone
+                record.labels = dict(cmd.labels)
+            record.certificates[cmd.certificate_serial] = cmd.certificate_not_after
+            self._prune_certificates(record, now)
+            self._changes.append(Change(index, "node", cmd.node_id))
+            return Done(index=index)
+        if isinstance(cmd, RecordCertificate):
+            record = self.nodes.get(cmd.node_id)
+            if record is None:
+                return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
+            record.certificates[cmd.serial] = cmd.not_after
+            self._prune_certificates(record, now)
+            self._changes.append(Change(index, "node", cmd.node_id))
+            return Done(index=index)
+        if isinstance(cmd, RemoveNode):
+            record = self.nodes.pop(cmd.node_id, None)
+            if record is None:
+                return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
+            for serial, not_after in record.certificates.items():
+                if not_after > now:
+                    self.revoked[serial] = not_after
+            self._prune_revocations(now)
+            self._changes.append(Change(index, "node", cmd.node_id))
+            self._changes.append(Change(index, "revocation", cmd.node_id))
+            return Done(index=index)
+        if isinstance(cmd, RevokeCertificate):
+            self.revoked[cmd.serial] = cmd.not_after
+            self._prune_revocations(now)
+            self._changes.append(Change(index, "revocation", str(cmd.serial)))
+            return Done(index=index)
+        if isinstance(cmd, StoreClusterCA):
+            if self.ca is not None and self.ca.cluster_id != cmd.cluster_id:
+                return Rejected(kind="conflict", message="the cluster already has a CA")
+            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.key_pem)
+            self._changes.append(Change(index, "ca", cmd.cluster_id))
+            return Done(index=index)
+        return Rejected(kind="invalid", message=f"unknown command {type(cmd).__name__}")
+
+    def _write_var(self, index: int, key: str, value: str) -> VarResult:
+        current = self.vars.get(key)
+        self.vars[key] = Var(value, current.create_index if current else index, index)
+        self._changes.append(Change(index, "var", key))
+        return VarResult(key=key, value=value, index=index)
+
+    def _expire_tokens(self, now: float) -> None:
+        for token_id in [t for t, s in self.tokens.items() if s.expires_at <= now]:
+            del self.tokens[token_id]
+
+    @staticmethod
+    def _prune_certificates(record: NodeRecord, now: float) -> None:
+        for serial in [s for s, na in record.certificates.items() if na <= now]:
+            del record.certificates[serial]
+
+    def _prune_revocations(self, now: float) -> None:
+        # An expired certificate is refused anyway; keep the list short.
+        for serial in [s for s, na in self.revoked.items() if na <= now]:
+            del self.revoked[serial]
+
+    # -- reads ---------------------------------------------------------------
+
+    def get_var(self, key: str) -> Var | None:
+        return self.vars.get(key)
+
+    def list_vars(self, prefix: str = "") -> list[tuple[str, Var]]:
+        return sorted((k, v) for k, v in self.vars.items() if k.startswith(prefix))
+
+    def take_changes(self) -> list[Change]:
+        changes, self._changes = self._changes, []
+        return changes
+
+    # -- snapshots -----------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Versioned, checksummed, zstd-compressed image of the whole state."""
+        image = _Image(
+            applied_index=self.applied_index,
+            vars=self.vars,
+            tokens=self.tokens,
+            nodes=self.nodes,
+            revoked=self.revoked,
+            ca=self.ca,
+            sessions=list(self._sessions.items()),
+        )
+        body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
+        header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
+        return header + body
+
+    def restore(self, data: bytes) -> None:
+        if len(data) < 10 or data[:4] != SNAPSHOT_MAGIC:
+            raise CorruptSnapshot("not a state snapshot")
+        version = int.from_bytes(data[4:6], "big")
+        if version != SNAPSHOT_VERSION:
+            raise CorruptSnapshot(f"unsupported state snapshot version {version}")
+        body = data[10:]
+        if zlib.crc32(body) != int.from_bytes(data[6:10], "big"):
+            raise CorruptSnapshot("state snapshot checksum mismatch")
+        try:
+            image = _image_decoder.decode(zstandard.ZstdDecompressor().decompress(body))
+        except (msgspec.DecodeError, zstandard.ZstdError) as exc:
+            raise CorruptSnapshot(f"state snapshot does not decode: {exc}") from None
+        self.applied_index = image.applied_index
+        self.vars = image.vars
+        self.tokens = image.tokens
+        self.nodes = image.nodes
+        self.revoked = image.revoked
+        self.ca = image.ca
+        self._sessions = OrderedDict(image.sessions)
+        self._changes = []
+
+
+def apply_all(fsm: StateMachine, entries: Iterable[tuple[int, bytes]]) -> list[Result]:
+    return [fsm.apply(index, data) for index, data in entries]
