@@ -1,0 +1,209 @@
+"""A node's or client's own key, certificate and the cluster CA it trusts.
+
+On disk, credentials live in a directory as `ca.pem`, `cert.pem` and `key.pem`
+(mode 0600). Those three names are symlinks into `current/`, which is itself a
+symlink to a generation directory; `save` writes and fsyncs a new generation,
+then swaps `current` with one rename. A crash therefore leaves either the old
+set or the new set, never a new certificate beside an old key.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cloudless.pki.ca import CURVE, ClusterCA
+from cloudless.pki.clock import as_utc
+from cloudless.pki.errors import InvalidCredentials, InvalidIdentity
+from cloudless.pki.identity import Identity
+
+log = logging.getLogger(__name__)
+
+CA_FILE = "ca.pem"
+CERT_FILE = "cert.pem"
+KEY_FILE = "key.pem"
+_CURRENT = "current"
+_GENERATION_PREFIX = "gen-"
+RENEW_AT_FRACTION = 2 / 3
+
+
+def new_private_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(CURVE())
+
+
+def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> x509.CertificateSigningRequest:
+    """A CSR asking for `identity`; the CA decides the identity, this only proves key possession."""
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, identity.name)]))
+        .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def identity_of(certificate: x509.Certificate) -> Identity:
+    """The Cloudless identity in the certificate's single URI SAN."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound as exc:
+        raise InvalidIdentity("certificate has no subjectAltName") from exc
+    except ValueError as exc:  # a malformed extension
+        raise InvalidIdentity(f"certificate extensions do not parse: {exc}") from exc
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        raise InvalidIdentity(f"certificate must carry exactly one URI SAN, has {len(uris)}")
+    return Identity.parse(uris[0])
+
+
+@dataclass(frozen=True)
+class Credentials:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+
+    def __post_init__(self) -> None:
+        # Parse everything now so a bad set fails at load, not at the first handshake.
+        certificate = self.certificate
+        if self.private_key.public_key() != certificate.public_key():
+            raise InvalidCredentials("private key does not match the certificate")
+        self.identity  # noqa: B018 - validates the SAN
+        self.ca_certificate  # noqa: B018
+
+    @functools.cached_property
+    def certificate(self) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(self.cert_pem)
+        except ValueError as exc:
+            raise InvalidCredentials(f"certificate PEM does not parse: {exc}") from exc
+
+    @functools.cached_property
+    def ca_certificate(self) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(self.ca_pem)
+        except ValueError as exc:
+            raise InvalidCredentials(f"CA certificate PEM does not parse: {exc}") from exc
+
+    @functools.cached_property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        try:
+            key = serialization.load_pem_private_key(self.key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise InvalidCredentials(f"private key PEM does not parse: {exc}") from exc
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
+            raise InvalidCredentials("private key is not EC P-256")
+        return key
+
+    @functools.cached_property
+    def identity(self) -> Identity:
+        try:
+            return identity_of(self.certificate)
+        except InvalidIdentity as exc:
+            raise InvalidCredentials(f"certificate carries no Cloudless identity: {exc.message}") from exc
+
+    @property
+    def serial(self) -> int:
+        return self.certificate.serial_number
+
+    @property
+    def not_before(self) -> datetime:
+        return self.certificate.not_valid_before_utc
+
+    @property
+    def not_after(self) -> datetime:
+        return self.certificate.not_valid_after_utc
+
+    @property
+    def renew_at(self) -> datetime:
+        """Two-thirds into the certificate's lifetime: from then on, renew."""
+        return self.not_before + (self.not_after - self.not_before) * RENEW_AT_FRACTION
+
+    def needs_renewal(self, now: datetime) -> bool:
+        return as_utc(now) >= self.renew_at
+
+    def with_certificate(self, cert_pem: bytes) -> Credentials:
+        """The same key and CA with a renewed certificate (renewal may reuse the key)."""
+        return Credentials(self.ca_pem, cert_pem, self.key_pem)
+
+    def save(self, directory: Path) -> None:
+        """Write the set atomically and durably (see module docstring)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        generation = directory / f"{_GENERATION_PREFIX}{secrets.token_hex(8)}"
+        generation.mkdir(mode=0o700)
+        _write_synced(generation / CA_FILE, self.ca_pem, 0o644)
+        _write_synced(generation / CERT_FILE, self.cert_pem, 0o644)
+        _write_synced(generation / KEY_FILE, self.key_pem, 0o600)
+        _fsync_directory(generation)
+        for name in (CA_FILE, CERT_FILE, KEY_FILE):
+            link = directory / name
+            if not link.is_symlink():
+                if link.exists():
+                    link.unlink()
+                link.symlink_to(Path(_CURRENT) / name)
+        pending = directory / f".{_CURRENT}.{secrets.token_hex(4)}"
+        pending.symlink_to(generation.name)
+        os.replace(pending, directory / _CURRENT)
+        _fsync_directory(directory)
+        for stale in directory.glob(f"{_GENERATION_PREFIX}*"):
+            if stale.name != generation.name:
+                shutil.rmtree(stale, ignore_errors=True)
+        log.info("credentials.saved", extra={"identity": self.identity.uri, "serial": self.serial, "dir": str(directory)})
+
+    @classmethod
+    def load(cls, directory: Path) -> Credentials:
+        directory = Path(directory)
+        try:
+            return cls(
+                (directory / CA_FILE).read_bytes(),
+                (directory / CERT_FILE).read_bytes(),
+                (directory / KEY_FILE).read_bytes(),
+            )
+        except FileNotFoundError as exc:
+            raise InvalidCredentials(f"no credentials in {directory}: {exc.filename} missing") from exc
+
+    @staticmethod
+    def exist(directory: Path) -> bool:
+        directory = Path(directory)
+        return all((directory / name).exists() for name in (CA_FILE, CERT_FILE, KEY_FILE))
+
+
+def issue_credentials(
+    ca: ClusterCA, identity: Identity, now: datetime, lifetime: timedelta | None = None
+) -> Credentials:
+    """Generate a key, a CSR and have `ca` sign it: for bootstrap and tests, where CA and holder are one process."""
+    key = new_private_key()
+    certificate = ca.issue(make_csr(key, identity), identity, now, lifetime)
+    return Credentials(ca.certificate_pem, certificate.public_bytes(serialization.Encoding.PEM), private_key_pem(key))
+
+
+def _write_synced(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
