@@ -1,0 +1,2 @@
+"""The `cloudless node` process: data dir, bootstrap and join, and the one
+nursery that runs every service."""

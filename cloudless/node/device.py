@@ -1,0 +1,101 @@
+"""What kind of device this node runs on: power source, battery, network.
+
+Read from Linux sysfs (also what Android exposes) where possible; every value
+can be overridden by a `cloudless node` flag. The result feeds gossip
+metadata, autopilot's voter choice and the scheduler.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Power = Literal["ac", "battery"]
+Network = Literal["wired", "wifi", "metered"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    power: Power = "ac"
+    battery_pct: float | None = None
+    charging: bool = False
+    network: Network = "wired"
+    cpu_count: int = 1
+    memory_bytes: int = 0
+    arch: str = ""
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def detect_power(sysfs: Path = Path("/sys/class/power_supply")) -> tuple[Power, float | None, bool]:
+    """Battery-powered when a battery exists and no mains supply is online."""
+    batteries: list[tuple[float | None, str]] = []
+    mains_online = False
+    try:
+        supplies = sorted(sysfs.iterdir())
+    except OSError:
+        return "ac", None, False
+    for supply in supplies:
+        kind = _read(supply / "type")
+        if kind == "Battery":
+            capacity = _read(supply / "capacity")
+            status = _read(supply / "status") or ""
+            batteries.append((float(capacity) if capacity and capacity.isdigit() else None, status))
+        elif kind in ("Mains", "USB", "USB_C", "USB_PD") and _read(supply / "online") == "1":
+            mains_online = True
+    if not batteries:
+        return "ac", None, False
+    pct = batteries[0][0]
+    charging = any(status in ("Charging", "Full") for _, status in batteries)
+    if mains_online:
+        return "ac", pct, charging
+    return "battery", pct, charging
+
+
+def detect_network(sysfs: Path = Path("/sys/class/net")) -> Network:
+    """wifi when the only up, non-virtual interfaces are wireless."""
+    wired = wifi = False
+    try:
+        interfaces = sorted(sysfs.iterdir())
+    except OSError:
+        return "wired"
+    for iface in interfaces:
+        if iface.name == "lo" or not (iface / "device").exists():
+            continue  # virtual: bridges, veths, tunnels
+        if _read(iface / "operstate") not in ("up", "unknown"):
+            continue
+        if (iface / "wireless").exists() or (iface / "phy80211").exists():
+            wifi = True
+        else:
+            wired = True
+    if wifi and not wired:
+        return "wifi"
+    return "wired"
+
+
+def detect(
+    power: Power | None = None,
+    battery_pct: float | None = None,
+    network: Network | None = None,
+) -> DeviceProfile:
+    detected_power, detected_pct, charging = detect_power()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        memory = 0
+    return DeviceProfile(
+        power=power or detected_power,
+        battery_pct=battery_pct if battery_pct is not None else detected_pct,
+        charging=charging,
+        network=network or detect_network(),
+        cpu_count=os.cpu_count() or 1,
+        memory_bytes=memory,
+        arch=os.uname().machine,
+    )
