@@ -98,6 +98,9 @@ class Codec(Generic[T]):
             raise WireError(f"invalid message: {detail}", path=path) from exc
         except msgspec.DecodeError as exc:
             raise WireError(f"malformed message: {exc}") from exc
+        except RecursionError as exc:
+            # msgspec recurses per nesting level of untyped (Any) data.
+            raise WireError("malformed message: nested too deeply") from exc
         if envelope.version not in self.versions:
             raise UnsupportedVersion(envelope.version, self.versions)
         return envelope.body
@@ -106,7 +109,7 @@ class Codec(Generic[T]):
         """Report an unknown version rather than the body errors it causes."""
         try:
             header = _header_decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             return
         if header.version not in self.versions:
             raise UnsupportedVersion(header.version, self.versions)
