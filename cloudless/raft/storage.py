@@ -16,8 +16,10 @@ the entries after it. `first_index()` is the first entry held; the term of
 `first_index() - 1` stays known (the snapshot's, or the compaction point's).
 A fresh, empty storage has first_index() == 1 and last_index() == 0.
 
-Bootstrapping a cluster: write a snapshot at index 0, term 0 carrying the
-initial ConfState (`MemoryStorage(conf_state=...)` does this).
+Bootstrapping a cluster: `bootstrap_log(storage, voters)` writes one
+committed ADD_VOTER entry per initial voter at term 1 on every founding
+member (as etcd does), so a node that joins later learns the founding
+configuration from the log like any other change.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ from typing import Protocol, Sequence
 from cloudless.errors import CloudlessError
 from cloudless.raft.messages import (
     EMPTY_SNAPSHOT,
+    ConfChange,
+    ConfChangeType,
     ConfState,
     Entry,
+    EntryKind,
     HardState,
     Snapshot,
     SnapshotMeta,
+    encode_conf_change,
     entry_size,
 )
 
@@ -232,3 +238,21 @@ class MemoryStorage:
             first = entries[0].index
         del self._entries[first - self._base_index - 1 :]
         self._entries.extend(entries)
+
+
+def bootstrap_entries(voters: Sequence[str]) -> tuple[HardState, list[Entry]]:
+    """The hard state and log every founding member starts from."""
+    entries = [
+        Entry(1, n, EntryKind.CONF_CHANGE, encode_conf_change(ConfChange(ConfChangeType.ADD_VOTER, voter)))
+        for n, voter in enumerate(sorted(voters), start=1)
+    ]
+    return HardState(term=1, vote="", commit=len(entries)), entries
+
+
+def bootstrap_log(storage: WritableLogStorage, voters: Sequence[str]) -> None:
+    """Initialise an empty storage as a founding member of a cluster of `voters`."""
+    if storage.last_index() != 0:
+        raise StorageError("storage already holds a log", last_index=storage.last_index())
+    hard_state, entries = bootstrap_entries(voters)
+    storage.write(hard_state, entries)
+    storage.sync()
