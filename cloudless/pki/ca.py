@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -192,7 +192,7 @@ class ClusterCA:
         try:
             certificate = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, x509.InvalidVersion) as exc:
             raise InvalidCredentials(f"CA PEM does not parse: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
             raise InvalidCredentials("CA key is not an EC P-256 key")
@@ -218,13 +218,13 @@ def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
         raise InvalidCSR(f"expected a CertificateSigningRequest, got {type(csr).__name__}")
     try:
         public_key = csr.public_key()
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise InvalidCSR(f"CSR public key does not parse: {exc}") from exc
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, CURVE):
         raise InvalidCSR("CSR key must be EC P-256", key_type=type(public_key).__name__)
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError, InvalidSignature) as exc:
+    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
         raise InvalidCSR(f"CSR signature cannot be checked: {exc}") from exc
     if not valid:
         raise InvalidCSR("CSR signature does not verify: the requester does not hold the key")
@@ -237,5 +237,5 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, x509.InvalidVersion) as exc:
         raise InvalidCSR(f"CSR does not parse: {exc}") from exc

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -78,7 +79,11 @@ class Credentials:
     def __post_init__(self) -> None:
         # Parse everything now so a bad set fails at load, not at the first handshake.
         certificate = self.certificate
-        if self.private_key.public_key() != certificate.public_key():
+        try:
+            matches = self.private_key.public_key() == certificate.public_key()
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+            raise InvalidCredentials(f"certificate public key does not parse: {exc}") from exc
+        if not matches:
             raise InvalidCredentials("private key does not match the certificate")
         self.identity  # noqa: B018 - validates the SAN
         self.ca_certificate  # noqa: B018
@@ -87,21 +92,21 @@ class Credentials:
     def certificate(self) -> x509.Certificate:
         try:
             return x509.load_pem_x509_certificate(self.cert_pem)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise InvalidCredentials(f"certificate PEM does not parse: {exc}") from exc
 
     @functools.cached_property
     def ca_certificate(self) -> x509.Certificate:
         try:
             return x509.load_pem_x509_certificate(self.ca_pem)
-        except ValueError as exc:
+        except (ValueError, x509.InvalidVersion) as exc:
             raise InvalidCredentials(f"CA certificate PEM does not parse: {exc}") from exc
 
     @functools.cached_property
     def private_key(self) -> ec.EllipticCurvePrivateKey:
         try:
             key = serialization.load_pem_private_key(self.key_pem, password=None)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
             raise InvalidCredentials(f"private key PEM does not parse: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
             raise InvalidCredentials("private key is not EC P-256")
@@ -161,7 +166,10 @@ class Credentials:
         for stale in directory.glob(f"{_GENERATION_PREFIX}*"):
             if stale.name != generation.name:
                 shutil.rmtree(stale, ignore_errors=True)
-        log.info("credentials.saved", extra={"identity": self.identity.uri, "serial": self.serial, "dir": str(directory)})
+        log.info(
+            "pki.credentials_saved",
+            extra={"fields": {"identity": self.identity.uri, "serial": f"{self.serial:x}", "dir": str(directory)}},
+        )
 
     @classmethod
     def load(cls, directory: Path) -> Credentials:

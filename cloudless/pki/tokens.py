@@ -181,7 +181,7 @@ def pin_matches(ca_certificate: x509.Certificate | bytes, fingerprint: str) -> b
                 ca_certificate = x509.load_pem_x509_certificate(data)
             else:
                 ca_certificate = x509.load_der_x509_certificate(data)
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):
             return False
     if not isinstance(ca_certificate, x509.Certificate):
         return False

@@ -3,12 +3,11 @@
 Transports run the handshake with the cluster CA as the only trust anchor and
 then call `PeerVerifier.verify` on what the peer presented. Nothing is cached:
 revocation can change between two handshakes, and the checks cost one ECDSA
-verification (~0.1 ms).
+verification: ~0.2 ms per call on this machine.
 """
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 from typing import Callable, Sequence
 
@@ -20,8 +19,6 @@ from cloudless.pki.credentials import identity_of
 from cloudless.pki.errors import InvalidIdentity, PeerRejected
 from cloudless.pki.revocation import RevocationList
 from cloudless.transport.base import PeerIdentity
-
-log = logging.getLogger(__name__)
 
 
 class PeerVerifier:
@@ -48,7 +45,13 @@ class PeerVerifier:
         """The identity the leaf (`chain[0]`) proves; raises PeerRejected with the failed check."""
         if not chain:
             raise PeerRejected("no_certificate", "peer presented no certificate")
-        leaf = chain[0]
+        try:
+            return self._verify_leaf(chain[0])
+        except (ValueError, TypeError, x509.InvalidVersion) as exc:
+            # cryptography parses fields lazily; a malformed one surfaces on first access.
+            raise PeerRejected("malformed", f"peer certificate does not parse: {exc}") from exc
+
+    def _verify_leaf(self, leaf: x509.Certificate) -> PeerIdentity:
         self._check_issuer(leaf)
         self._check_validity(leaf)
         if self.revocations.is_revoked(leaf.serial_number):
@@ -77,7 +80,7 @@ class PeerVerifier:
         for der in chain_der:
             try:
                 chain.append(x509.load_der_x509_certificate(bytes(der)))
-            except ValueError as exc:
+            except (ValueError, TypeError, x509.InvalidVersion) as exc:
                 raise PeerRejected("malformed", f"peer certificate does not parse: {exc}") from exc
         return self.verify(chain)
 

@@ -1,6 +1,8 @@
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -162,3 +164,26 @@ def test_from_pem_refuses_a_key_that_is_not_the_cas(ca):
     _, other_key = ClusterCA.create("c1", NOW).to_pem()
     with pytest.raises(InvalidCredentials, match="does not match"):
         ClusterCA.from_pem(cert_pem, other_key)
+
+
+# Mutations can produce a non-positive serial, which cryptography still parses with a warning.
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_mutated_csr_bytes_are_issued_or_raise_invalid_csr(ca, data):
+    der = bytearray(_FUZZ_CSR.public_bytes(serialization.Encoding.DER))
+    position = data.draw(st.integers(0, len(der) - 1))
+    if data.draw(st.booleans()):
+        der[position] ^= data.draw(st.integers(1, 255))
+    else:
+        del der[position:]
+    try:
+        csr = load_csr(bytes(der))
+        cert = ca.issue(csr, Identity.node("c1", "n1"), NOW)
+    except InvalidCSR:
+        return
+    # Only a CSR whose key and self-signature survived gets a certificate, for that key.
+    assert cert.public_key() == csr.public_key()
+
+
+_FUZZ_CSR = make_csr(new_private_key(), Identity.node("c1", "n1"))

@@ -1,8 +1,11 @@
+import base64
 import os
 import stat
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.hazmat.primitives import serialization
 
 from cloudless.pki.ca import ClusterCA
@@ -108,3 +111,19 @@ def test_with_certificate_keeps_key_and_ca(ca, creds):
     assert renewed.key_pem == creds.key_pem
     assert renewed.serial != creds.serial
     assert not renewed.needs_renewal(NOW + timedelta(hours=17))
+
+
+# Mutations can produce a non-positive serial, which cryptography still parses with a warning.
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_mutated_certificate_pem_loads_or_raises_invalid_credentials(creds, data):
+    der = bytearray(creds.certificate.public_bytes(serialization.Encoding.DER))
+    position = data.draw(st.integers(0, len(der) - 1))
+    der[position] ^= data.draw(st.integers(1, 255))
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n"
+    try:
+        loaded = Credentials(creds.ca_pem, pem, creds.key_pem)
+    except InvalidCredentials:
+        return
+    assert loaded.certificate.public_key() == creds.certificate.public_key()

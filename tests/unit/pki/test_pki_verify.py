@@ -3,6 +3,8 @@
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
@@ -212,3 +214,38 @@ def test_rejection_reasons_are_exactly_the_documented_set():
     }
     with pytest.raises(ValueError):
         PeerRejected("nonsense")  # type: ignore[arg-type]
+
+
+# Mutations can produce a non-positive serial, which cryptography still parses with a warning.
+@pytest.mark.filterwarnings("ignore:Parsed a serial number")
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_mutated_certificate_bytes_are_accepted_only_unchanged_or_rejected(ca, data):
+    creds = _fuzz_credentials(ca)
+    der = bytearray(creds.certificate.public_bytes(serialization.Encoding.DER))
+    original = bytes(der)
+    for _ in range(data.draw(st.integers(1, 3))):
+        position = data.draw(st.integers(0, len(der) - 1))
+        if data.draw(st.booleans()):
+            der[position] ^= data.draw(st.integers(1, 255))
+        else:
+            del der[position:]
+            if not der:
+                der.append(0)
+    verifier = PeerVerifier(ca.certificate, RevocationList(), "c1", clock=lambda: NOW)
+    try:
+        peer = verifier.verify_der([bytes(der)])
+    except PeerRejected:
+        return
+    # A mutation that still verifies may only touch bytes outside the signed part
+    # (e.g. an equivalent re-encoding); the identity must be the original one.
+    assert peer == PeerIdentity("c1", "node", "n1", creds.serial), bytes(der) != original
+
+
+_FUZZ_CREDENTIALS = {}
+
+
+def _fuzz_credentials(ca):
+    if id(ca) not in _FUZZ_CREDENTIALS:
+        _FUZZ_CREDENTIALS[id(ca)] = issue_credentials(ca, Identity.node("c1", "n1"), NOW)
+    return _FUZZ_CREDENTIALS[id(ca)]
