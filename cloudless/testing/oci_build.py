@@ -342,3 +342,82 @@ def push_image(
         )
         r.raise_for_status()
     return image.manifest_digest
+
+
+# A real registry on loopback (Debian's docker-registry) ----------------------
+
+DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRegistry:
+    """A docker-registry process on 127.0.0.1 with filesystem storage in `workdir`.
+
+    `auth` is inserted as the config's `auth:` section (e.g. a token section).
+    """
+
+    def __init__(self, workdir: Path, auth: dict | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.auth = auth
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 15.0) -> "LocalRegistry":
+        import time
+
+        import yaml
+
+        if not DOCKER_REGISTRY.exists():
+            raise FileNotFoundError(f"{DOCKER_REGISTRY} is missing: install Debian's docker-registry")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = {
+            "version": 0.1,
+            "log": {"level": "warn"},
+            "storage": {"filesystem": {"rootdirectory": str(self.workdir / "storage")}, "delete": {"enabled": True}},
+            "http": {"addr": self.host, "secret": "cloudless-test"},
+        }
+        if self.auth:
+            config["auth"] = self.auth
+        cfg = self.workdir / "config.yml"
+        cfg.write_text(yaml.safe_dump(config))
+        self._log = open(self.workdir / "registry.log", "wb")
+        self.proc = subprocess.Popen([str(DOCKER_REGISTRY), "serve", str(cfg)], stdout=self._log, stderr=self._log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"docker-registry exited: {(self.workdir / 'registry.log').read_text()[-2000:]}")
+            try:
+                r = httpx.get(f"{self.url}/v2/", timeout=1.0)
+                if r.status_code in (200, 401):
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("docker-registry did not start listening in time")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self) -> "LocalRegistry":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
