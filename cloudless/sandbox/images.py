@@ -487,15 +487,20 @@ class ImageStore:
             log.info("images.removed", extra={"image": rec.id, "names": rec.names})
             return rec
 
-    def gc(self, in_use_image_ids: set[str] | frozenset[str] = frozenset()) -> GcResult:
-        """Drop untagged images nobody uses, then every blob and unpacked layer
-        no image record and no container references."""
+    def gc(
+        self, in_use_image_ids: set[str] | frozenset[str] = frozenset(), *, prune_untagged: bool = True
+    ) -> GcResult:
+        """Drop untagged images nobody uses (unless `prune_untagged` is False),
+        then every blob and unpacked layer no image record and no container
+        root references. `in_use_image_ids` are images the runtime still runs."""
         with self._flock("ingest.lock", fcntl.LOCK_EX), self._flock("index.lock", fcntl.LOCK_EX):
             self._clean_stale_tmp()
             idx = self._load()
             uses = self.container_uses()
             keep_ids = set(in_use_image_ids) | {u.image_id for u in uses}
-            removed_images = [i for i, r in idx.images.items() if not r.names and i not in keep_ids]
+            removed_images = [
+                i for i, r in idx.images.items() if prune_untagged and not r.names and i not in keep_ids
+            ]
             for i in removed_images:
                 del idx.images[i]
             live_blobs: set[str] = set()

@@ -1,0 +1,243 @@
+"""`cloudless image import|pull|ls|rm|prune`: the local node's image store.
+
+The store lives in `<data dir>/images` (data dir: --data-dir, else
+$CLOUDLESS_DATA_DIR, else ~/.cloudless/node). These commands act on the local
+node directly for now; they will go through the cluster API later.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable
+
+import click
+import trio
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.table import Table
+
+from cloudless.cli import output
+from cloudless.errors import CloudlessError
+from cloudless.sandbox.images import ImageRecord, ImageStore, ProgressEvent
+
+DEFAULT_DATA_DIR = "~/.cloudless/node"
+
+
+def _data_dir_option(f: Callable) -> Callable:
+    return click.option(
+        "--data-dir",
+        envvar="CLOUDLESS_DATA_DIR",
+        default=DEFAULT_DATA_DIR,
+        show_default=True,
+        help="Node data directory (images are kept in <data-dir>/images).",
+    )(f)
+
+
+def _json_option(f: Callable) -> Callable:
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+
+
+def _store(data_dir: str) -> ImageStore:
+    try:
+        return ImageStore(Path(os.path.expanduser(data_dir)) / "images")
+    except PermissionError as exc:
+        raise CloudlessError(f"cannot use data dir {data_dir}: {exc.strerror}", path=str(exc.filename)) from None
+
+
+def _record_doc(rec: ImageRecord) -> dict:
+    return {
+        "id": rec.id,
+        "names": rec.names,
+        "manifest_digest": rec.manifest_digest,
+        "repository_digests": rec.repository_digests,
+        "size": rec.size,
+        "layers": [{"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.size} for layer in rec.layers],
+        "created_at": rec.created_at,
+        "config": {
+            "entrypoint": rec.config.entrypoint,
+            "cmd": rec.config.cmd,
+            "env": rec.config.env,
+            "working_dir": rec.config.working_dir,
+            "user": rec.config.user,
+            "exposed_ports": rec.config.exposed_ports,
+        },
+    }
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n:.1f}TB"
+
+
+class _ProgressBars:
+    """Maps store progress events (from any thread) onto rich progress bars."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=output.stderr,
+            transient=True,
+        )
+        self._tasks: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> "_ProgressBars":
+        if self.enabled:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self.progress.stop()
+
+    def __call__(self, ev: ProgressEvent) -> None:
+        if not self.enabled:
+            return
+        key = (ev.phase, ev.item)
+        with self._lock:
+            task = self._tasks.get(key)
+            if task is None:
+                label = ev.item.split(":", 1)[-1][:12]
+                task = self.progress.add_task(f"{ev.phase} {label}", total=ev.total)
+                self._tasks[key] = task
+        self.progress.update(task, completed=ev.done, total=ev.total)
+
+
+def _run(as_json: bool, fn: Callable[[], object]) -> object:
+    try:
+        return fn()
+    except CloudlessError as exc:
+        output.fail(exc, as_json)
+    except PermissionError as exc:
+        output.fail(CloudlessError(f"permission denied: {exc.filename}"), as_json)
+    return None  # unreachable: fail() exits
+
+
+@click.group(help="Manage container images on this node.")
+def image() -> None:
+    pass
+
+
+@image.command("import", help="Import an OCI image layout (directory or tar) or a `docker save` tarball.")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--name", help="Tag the imported image with this reference.")
+@_data_dir_option
+@_json_option
+def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
+    def work() -> list[ImageRecord]:
+        store = _store(data_dir)
+        with _ProgressBars(not as_json) as bars:
+            return store.import_path(path, name=name, progress=bars)
+
+    records = _run(as_json, work)
+    assert isinstance(records, list)
+    if as_json:
+        output.emit_json({"images": [_record_doc(r) for r in records]})
+        return
+    for r in records:
+        output.stdout.print(f"imported {', '.join(r.names) or '<untagged>'} ({r.short_id})")
+
+
+@image.command(help="Pull an image from a registry.")
+@click.argument("reference")
+@click.option(
+    "--insecure-registry", "insecure", multiple=True, metavar="HOST:PORT",
+    help="Use plain HTTP for this registry (repeatable). Only for registries you trust, e.g. on loopback.",
+)
+@click.option("--username", envvar="CLOUDLESS_REGISTRY_USERNAME", help="Registry user name.")
+@click.option("--password", envvar="CLOUDLESS_REGISTRY_PASSWORD", help="Registry password (prefer the env var).")
+@click.option("--timeout", default=30.0, show_default=True, help="Per-request timeout in seconds.")
+@_data_dir_option
+@_json_option
+def pull(
+    reference: str, insecure: tuple[str, ...], username: str | None, password: str | None, timeout: float,
+    data_dir: str, as_json: bool,
+) -> None:
+    from cloudless.sandbox.reference import parse_reference
+    from cloudless.sandbox.registry import RegistryClient
+
+    def work() -> ImageRecord:
+        ref = parse_reference(reference)
+        store = _store(data_dir)
+        creds = {ref.registry: (username, password or "")} if username else {}
+
+        async def main() -> ImageRecord:
+            async with RegistryClient(store, insecure_registries=insecure, credentials=creds, timeout=timeout) as c:
+                return await c.pull(ref, progress=bars)
+
+        with _ProgressBars(not as_json) as bars:
+            return trio.run(main)
+
+    rec = _run(as_json, work)
+    assert isinstance(rec, ImageRecord)
+    if as_json:
+        output.emit_json({"image": _record_doc(rec)})
+        return
+    output.stdout.print(f"pulled {', '.join(rec.names) or reference} ({rec.short_id})")
+    for d in rec.repository_digests:
+        output.stdout.print(f"digest: {d}")
+
+
+@image.command("ls", help="List images on this node.")
+@_data_dir_option
+@_json_option
+def ls(data_dir: str, as_json: bool) -> None:
+    records = _run(as_json, lambda: _store(data_dir).list())
+    assert isinstance(records, list)
+    if as_json:
+        output.emit_json({"images": [_record_doc(r) for r in records]})
+        return
+    table = Table(box=None)
+    for col in ("REPOSITORY", "TAG", "IMAGE ID", "SIZE"):
+        table.add_column(col)
+    for r in records:
+        for n in r.names or ["<none>:<none>"]:
+            repo, tag = n.rsplit(":", 1)
+            table.add_row(repo, tag, r.short_id, _human(r.size))
+    output.stdout.print(table)
+
+
+@image.command("rm", help="Remove an image name (and the image once it has no names left).")
+@click.argument("reference")
+@click.option("--force", is_flag=True, help="Remove even if a container root still uses it.")
+@_data_dir_option
+@_json_option
+def rm(reference: str, force: bool, data_dir: str, as_json: bool) -> None:
+    def work() -> dict:
+        store = _store(data_dir)
+        rec = store.remove(reference, force=force)
+        freed = store.gc(prune_untagged=False)
+        return {"removed": rec.id, "freed_bytes": freed.freed_bytes}
+
+    doc = _run(as_json, work)
+    assert isinstance(doc, dict)
+    if as_json:
+        output.emit_json(doc)
+        return
+    output.stdout.print(f"removed {reference} ({doc['removed'].split(':', 1)[1][:12]}), freed {_human(doc['freed_bytes'])}")
+
+
+@image.command(help="Delete untagged images and blobs/layers nothing references.")
+@_data_dir_option
+@_json_option
+def prune(data_dir: str, as_json: bool) -> None:
+    result = _run(as_json, lambda: _store(data_dir).gc())
+    doc = {
+        "removed_images": result.removed_images,  # type: ignore[union-attr]
+        "removed_blobs": result.removed_blobs,  # type: ignore[union-attr]
+        "removed_layers": result.removed_layers,  # type: ignore[union-attr]
+        "freed_bytes": result.freed_bytes,  # type: ignore[union-attr]
+    }
+    if as_json:
+        output.emit_json(doc)
+        return
+    output.stdout.print(f"freed {_human(doc['freed_bytes'])}")
