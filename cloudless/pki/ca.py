@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloudless.pki.clock import as_utc
-from cloudless.pki.errors import InvalidCredentials, InvalidCSR, InvalidIdentity
+from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidCSR, InvalidIdentity
 from cloudless.pki.identity import Identity, validate_cluster_id
 
 CA_LIFETIME = timedelta(days=3650)
@@ -192,7 +192,7 @@ class ClusterCA:
         try:
             certificate = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError, x509.InvalidVersion) as exc:
+        except X509_PARSE_ERRORS as exc:
             raise InvalidCredentials(f"CA PEM does not parse: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
             raise InvalidCredentials("CA key is not an EC P-256 key")
@@ -201,7 +201,7 @@ class ClusterCA:
         try:
             constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        except x509.ExtensionNotFound as exc:
+        except (x509.ExtensionNotFound, *X509_PARSE_ERRORS) as exc:
             raise InvalidCredentials(f"not a Cloudless cluster CA certificate: {exc}") from exc
         if not constraints.ca:
             raise InvalidCredentials("CA certificate lacks basicConstraints CA:TRUE")
@@ -218,13 +218,13 @@ def check_csr(csr: x509.CertificateSigningRequest) -> ec.EllipticCurvePublicKey:
         raise InvalidCSR(f"expected a CertificateSigningRequest, got {type(csr).__name__}")
     try:
         public_key = csr.public_key()
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+    except X509_PARSE_ERRORS as exc:
         raise InvalidCSR(f"CSR public key does not parse: {exc}") from exc
     if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, CURVE):
         raise InvalidCSR("CSR key must be EC P-256", key_type=type(public_key).__name__)
     try:
         valid = csr.is_signature_valid
-    except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
+    except (InvalidSignature, *X509_PARSE_ERRORS) as exc:
         raise InvalidCSR(f"CSR signature cannot be checked: {exc}") from exc
     if not valid:
         raise InvalidCSR("CSR signature does not verify: the requester does not hold the key")
@@ -237,5 +237,5 @@ def load_csr(data: bytes) -> x509.CertificateSigningRequest:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_csr(data)
         return x509.load_der_x509_csr(data)
-    except (ValueError, TypeError, x509.InvalidVersion) as exc:
+    except X509_PARSE_ERRORS as exc:
         raise InvalidCSR(f"CSR does not parse: {exc}") from exc

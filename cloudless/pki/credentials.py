@@ -19,13 +19,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloudless.pki.ca import CURVE, ClusterCA
 from cloudless.pki.clock import as_utc
-from cloudless.pki.errors import InvalidCredentials, InvalidIdentity
+from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidIdentity
 from cloudless.pki.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,7 @@ def identity_of(certificate: x509.Certificate) -> Identity:
         san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound as exc:
         raise InvalidIdentity("certificate has no subjectAltName") from exc
-    except ValueError as exc:  # a malformed extension
+    except X509_PARSE_ERRORS as exc:  # a malformed extension
         raise InvalidIdentity(f"certificate extensions do not parse: {exc}") from exc
     uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     if len(uris) != 1:
@@ -81,7 +80,7 @@ class Credentials:
         certificate = self.certificate
         try:
             matches = self.private_key.public_key() == certificate.public_key()
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except X509_PARSE_ERRORS as exc:
             raise InvalidCredentials(f"certificate public key does not parse: {exc}") from exc
         if not matches:
             raise InvalidCredentials("private key does not match the certificate")
@@ -92,21 +91,21 @@ class Credentials:
     def certificate(self) -> x509.Certificate:
         try:
             return x509.load_pem_x509_certificate(self.cert_pem)
-        except (ValueError, x509.InvalidVersion) as exc:
+        except X509_PARSE_ERRORS as exc:
             raise InvalidCredentials(f"certificate PEM does not parse: {exc}") from exc
 
     @functools.cached_property
     def ca_certificate(self) -> x509.Certificate:
         try:
             return x509.load_pem_x509_certificate(self.ca_pem)
-        except (ValueError, x509.InvalidVersion) as exc:
+        except X509_PARSE_ERRORS as exc:
             raise InvalidCredentials(f"CA certificate PEM does not parse: {exc}") from exc
 
     @functools.cached_property
     def private_key(self) -> ec.EllipticCurvePrivateKey:
         try:
             key = serialization.load_pem_private_key(self.key_pem, password=None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        except X509_PARSE_ERRORS as exc:
             raise InvalidCredentials(f"private key PEM does not parse: {exc}") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, CURVE):
             raise InvalidCredentials("private key is not EC P-256")

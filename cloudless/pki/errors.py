@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from cloudless.errors import CloudlessError, InvalidInput
 
 PeerRejectReason = Literal[
@@ -84,3 +87,15 @@ class InvalidRevocationList(PKIError, InvalidInput):
 
     exit_code = 2
     code = "invalid_revocation_list"
+
+
+# What cryptography raises on malformed certificate/CSR/key bytes. Fields parse
+# lazily, so these can surface on first attribute access, not only at load.
+X509_PARSE_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    x509.InvalidVersion,
+    x509.DuplicateExtension,
+    x509.UnsupportedGeneralNameType,
+    UnsupportedAlgorithm,
+)

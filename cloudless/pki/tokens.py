@@ -26,7 +26,7 @@ from cryptography import x509
 
 from cloudless.pki.ca import certificate_fingerprint
 from cloudless.pki.clock import as_utc
-from cloudless.pki.errors import InvalidCredentials, TokenRejected
+from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, TokenRejected
 
 TOKEN_PREFIX = "cl1"
 FORMAT_VERSION = 1
@@ -181,7 +181,7 @@ def pin_matches(ca_certificate: x509.Certificate | bytes, fingerprint: str) -> b
                 ca_certificate = x509.load_pem_x509_certificate(data)
             else:
                 ca_certificate = x509.load_der_x509_certificate(data)
-        except (ValueError, x509.InvalidVersion):
+        except X509_PARSE_ERRORS:
             return False
     if not isinstance(ca_certificate, x509.Certificate):
         return False

@@ -16,7 +16,7 @@ from cryptography.exceptions import InvalidSignature
 
 from cloudless.pki.clock import as_utc, utc_now
 from cloudless.pki.credentials import identity_of
-from cloudless.pki.errors import InvalidIdentity, PeerRejected
+from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidIdentity, PeerRejected
 from cloudless.pki.revocation import RevocationList
 from cloudless.transport.base import PeerIdentity
 
@@ -47,7 +47,7 @@ class PeerVerifier:
             raise PeerRejected("no_certificate", "peer presented no certificate")
         try:
             return self._verify_leaf(chain[0])
-        except (ValueError, TypeError, x509.InvalidVersion) as exc:
+        except X509_PARSE_ERRORS as exc:
             # cryptography parses fields lazily; a malformed one surfaces on first access.
             raise PeerRejected("malformed", f"peer certificate does not parse: {exc}") from exc
 
@@ -60,7 +60,7 @@ class PeerVerifier:
             constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
             constraints = None
-        except ValueError as exc:
+        except X509_PARSE_ERRORS as exc:
             raise PeerRejected("malformed", f"peer certificate extensions do not parse: {exc}") from exc
         if constraints is not None and constraints.ca:
             raise PeerRejected("bad_identity", "peer presented a CA certificate as its own")
@@ -80,7 +80,7 @@ class PeerVerifier:
         for der in chain_der:
             try:
                 chain.append(x509.load_der_x509_certificate(bytes(der)))
-            except (ValueError, TypeError, x509.InvalidVersion) as exc:
+            except X509_PARSE_ERRORS as exc:
                 raise PeerRejected("malformed", f"peer certificate does not parse: {exc}") from exc
         return self.verify(chain)
 
@@ -92,7 +92,7 @@ class PeerVerifier:
                 key_id = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier
             except x509.ExtensionNotFound:
                 key_id = None
-            except ValueError as exc:
+            except X509_PARSE_ERRORS as exc:
                 raise PeerRejected("malformed", f"peer certificate extensions do not parse: {exc}") from exc
             # Another CA under the same name (e.g. a cluster re-created with the same id).
             if key_id is not None and key_id != self._ca_key_id:
@@ -101,7 +101,7 @@ class PeerVerifier:
             leaf.verify_directly_issued_by(self.ca_certificate)
         except InvalidSignature as exc:
             raise PeerRejected("bad_signature", "peer certificate signature does not verify against the cluster CA") from exc
-        except (ValueError, TypeError) as exc:
+        except X509_PARSE_ERRORS as exc:
             raise PeerRejected("bad_signature", f"peer certificate cannot be checked against the cluster CA: {exc}") from exc
 
     def _check_validity(self, leaf: x509.Certificate) -> None:
