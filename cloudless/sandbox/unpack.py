@@ -302,19 +302,21 @@ class _Extractor:
             self._xattrs(path, m)
             return
         if m.islnk():
+            # A hard link shares its target's inode, metadata included.
             self._hardlink(parts, path, m)
+            self.touched.add(parts)
+            return
+        self._remove_existing(path)
+        if m.isreg():
+            self._regular(tar, path, m)
+        elif m.issym():
+            if "\x00" in m.linkname or len(m.linkname) > self.limits.max_path_bytes:
+                raise UnsafeLayer(f"symlink {m.name!r} has an invalid target", entry=m.name)
+            os.symlink(m.linkname, path)
+        elif m.isfifo():
+            os.mkfifo(path, 0o600)
         else:
-            self._remove_existing(path)
-            if m.isreg():
-                self._regular(tar, path, m)
-            elif m.issym():
-                if "\x00" in m.linkname or len(m.linkname) > self.limits.max_path_bytes:
-                    raise UnsafeLayer(f"symlink {m.name!r} has an invalid target", entry=m.name)
-                os.symlink(m.linkname, path)
-            elif m.isfifo():
-                os.mkfifo(path, 0o600)
-            else:
-                raise UnsafeLayer(f"layer entry {m.name!r} has unsupported type {m.type!r}", entry=m.name)
+            raise UnsafeLayer(f"layer entry {m.name!r} has unsupported type {m.type!r}", entry=m.name)
         self.touched.add(parts)
         self._owner_mode_time(path, m)
         self._xattrs(path, m)
