@@ -161,8 +161,11 @@ class UdpEndpoint:
         UDP is lossy, so a send that fails for any other reason is counted and dropped.
         """
         sock = self._socket
-        if sock is None or self._closed:
-            raise TransportError("UDP endpoint is not running", bind=self._bind)
+        if sock is None:
+            raise TransportError("UDP endpoint is not bound yet", bind=self._bind)
+        if self._closed:  # like a datagram lost on the wire: callers already cope with that
+            self._counts["send_errors"] += 1
+            return True
         try:
             sock.sendto(data, addr)
         except BlockingIOError:
@@ -178,6 +181,7 @@ class UdpEndpoint:
     async def send(self, data: bytes, addr: tuple[str, int]) -> None:
         """Send one datagram, waiting (at most SEND_TIMEOUT) for socket buffer space."""
         while not self.send_nowait(data, addr):
+            assert self._socket is not None
             with trio.move_on_after(SEND_TIMEOUT) as scope:
                 await trio.lowlevel.wait_writable(self._socket)
             if scope.cancelled_caught:
