@@ -298,7 +298,6 @@ class BridgeNetwork:
 
         Returns the container ids cleaned up.
         """
-        await self.ensure_bridge()
         gone: set[str] = {cid for cid in self._attachments if cid not in keep}
         prefix = f"{self.config.tag}-"
         if os.path.isdir(NETNS_DIR):

@@ -374,6 +374,21 @@ class RuncRuntime:
             if not (self.containers_dir / name / "spec.json").exists()
         ]
 
+    async def sweep(self) -> list[str]:
+        removed = set()
+        for name in self.orphans():
+            await self._remove_everything(name)
+            removed.add(name)
+        known = {name for name in os.listdir(self.containers_dir)}
+        for name in os.listdir(self.root):
+            if name not in known and (self.root / name / "state.json").exists():
+                await self._runc("delete", "--force", name, check=False)
+                removed.add(name)
+        removed.update(await self.network.sweep(keep=known))
+        if removed:
+            log.info("sandbox.swept", extra={"fields": {"ids": sorted(removed)}})
+        return sorted(removed)
+
     async def inspect(self, container_id: str) -> ContainerSpec:
         return self._load_spec(container_id)
 

@@ -252,3 +252,7 @@ class ContainerRuntime(Protocol):
     ) -> list[LogRecord]: ...
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]: ...
+
+    async def sweep(self) -> list[str]:
+        """Remove leftovers of containers this runtime no longer knows (crash mid-create,
+        runc state without a container, network rules); return their ids."""
