@@ -61,6 +61,15 @@ class RevocationList:
         self.generation += 1
         return True
 
+    def install(self, other: RevocationList) -> bool:
+        """Take `other`'s entries and generation in place, so verifiers holding this
+        list see them at their next handshake; False if the generation is unchanged."""
+        if other is self or (other.generation == self.generation and other._entries == self._entries):
+            return False
+        self._entries = dict(other._entries)
+        self.generation = other.generation
+        return True
+
     def is_revoked(self, serial: int) -> bool:
         return serial in self._entries
 

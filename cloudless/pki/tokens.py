@@ -92,6 +92,11 @@ class TokenRecord(msgspec.Struct, frozen=True, kw_only=True):
     def consumed(self) -> TokenRecord:
         return msgspec.structs.replace(self, uses=self.uses + 1)
 
+    def redeem(self, secret: str, role: str, now: datetime) -> TokenRecord:
+        """`check`, then the record to store back (one more use); raises TokenRejected."""
+        self.check(secret, role, now)
+        return self.consumed()
+
     def is_expired(self, now: datetime) -> bool:
         return as_utc(now) >= self.expires_at
 

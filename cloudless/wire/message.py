@@ -34,7 +34,11 @@ T = TypeVar("T")
 
 
 class Message(msgspec.Struct, frozen=True, tag=True, tag_field="t"):
-    """Base of every message: frozen, and tagged so unions decode by tag."""
+    """Base of every message: frozen, and tagged so unions decode by tag.
+
+    The field name `t` is taken by the tag. Tags must be unique within a
+    union; give a class `tag="subsystem.name"` when class names could clash.
+    """
 
 
 class Envelope(msgspec.Struct, Generic[T], frozen=True, array_like=True):

@@ -60,3 +60,17 @@ def test_arbitrary_bytes_decode_or_raise_invalid_revocation_list(data):
         RevocationList.from_bytes(data)
     except InvalidRevocationList:
         pass
+
+
+def test_install_replaces_contents_in_place_for_holders_of_the_list():
+    held = RevocationList()
+    held.add(1, NOW)
+    update = RevocationList()
+    update.add(2, NOW)
+    update.add(3, NOW)
+    assert held.install(update)
+    assert not held.is_revoked(1) and held.is_revoked(2) and held.is_revoked(3)
+    assert held.generation == update.generation
+    assert not held.install(RevocationList.from_bytes(update.to_bytes()))
+    update.add(4, NOW)
+    assert not held.is_revoked(4)

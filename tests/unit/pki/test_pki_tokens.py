@@ -175,3 +175,13 @@ def test_pin_refuses_another_ca_and_garbage(ca):
     assert not pin_matches(impostor.certificate_pem, fingerprint)
     assert not pin_matches(b"garbage", fingerprint)
     assert not pin_matches(ca.certificate_pem, "sha256:xyz")
+
+
+def test_redeem_checks_then_counts_one_use(ca):
+    text, record = new_token(ca, max_uses=1)
+    secret = parse_token(text).secret
+    stored = record.redeem(secret, "node", NOW)
+    assert stored.uses == 1 and record.uses == 0
+    with pytest.raises(TokenRejected) as info:
+        stored.redeem(secret, "node", NOW)
+    assert info.value.reason == "used_up"
