@@ -14,11 +14,12 @@ import logging
 import os
 import secrets
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -73,7 +74,7 @@ def identity_of(certificate: x509.Certificate) -> Identity:
 class Credentials:
     ca_pem: bytes
     cert_pem: bytes
-    key_pem: bytes
+    key_pem: bytes = field(repr=False)  # never in logs
 
     def __post_init__(self) -> None:
         # Parse everything now so a bad set fails at load, not at the first handshake.
@@ -85,7 +86,10 @@ class Credentials:
         if not matches:
             raise InvalidCredentials("private key does not match the certificate")
         self.identity  # noqa: B018 - validates the SAN
-        self.ca_certificate  # noqa: B018
+        try:
+            certificate.verify_directly_issued_by(self.ca_certificate)
+        except (InvalidSignature, *X509_PARSE_ERRORS) as exc:
+            raise InvalidCredentials("certificate was not issued by the CA stored beside it") from exc
 
     @functools.cached_property
     def certificate(self) -> x509.Certificate:

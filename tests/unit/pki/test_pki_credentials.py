@@ -127,3 +127,13 @@ def test_mutated_certificate_pem_loads_or_raises_invalid_credentials(creds, data
     except InvalidCredentials:
         return
     assert loaded.certificate.public_key() == creds.certificate.public_key()
+
+
+def test_certificate_not_issued_by_the_stored_ca_is_refused(creds):
+    other_ca = ClusterCA.create("c1", NOW)
+    with pytest.raises(InvalidCredentials, match="not issued by the CA"):
+        Credentials(other_ca.certificate_pem, creds.cert_pem, creds.key_pem)
+
+
+def test_repr_never_shows_the_private_key(creds):
+    assert b"PRIVATE KEY".decode() not in repr(creds)
