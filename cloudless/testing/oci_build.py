@@ -14,6 +14,7 @@ inputs give the same digests.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -104,6 +105,7 @@ class TarBuilder:
         return self._buf.getvalue()
 
 
+@functools.lru_cache(maxsize=1)
 def busybox_layer() -> bytes:
     """An uncompressed layer tar: static busybox, its applet links, a minimal /etc."""
     if not BUSYBOX.exists():
@@ -126,6 +128,7 @@ def busybox_layer() -> bytes:
     return t.bytes()
 
 
+@functools.lru_cache(maxsize=32)  # tests build the same busybox layer many times
 def compress(data: bytes, compression: str) -> bytes:
     if compression == "gzip":
         return gzip.compress(data, compresslevel=6, mtime=0)
