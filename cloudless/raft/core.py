@@ -194,8 +194,9 @@ class RaftNode:
             raise RaftInvariantError("applied beyond commit", applied=self.log.applied, commit=self.log.committed)
         # (index, conf) pairs: the configuration from each conf entry on;
         # [0] is the snapshot's. Rebuilt from the log after a restart.
-        self._confs: list[tuple[int, ConfState]] = [(storage.first_index() - 1, conf_state)]
-        self._rebuild_confs_from_log()
+        snapshot_index = storage.snapshot().meta.index
+        self._confs: list[tuple[int, ConfState]] = [(snapshot_index, conf_state)]
+        self._rebuild_confs_from_log(max(snapshot_index + 1, storage.first_index()))
 
         self._leader: str | None = None
         self._role = Role.FOLLOWER
@@ -287,8 +288,8 @@ class RaftNode:
     # ------------------------------------------------------------------
     # configuration tracking
 
-    def _rebuild_confs_from_log(self) -> None:
-        lo, hi = self.storage.first_index(), self.storage.last_index() + 1
+    def _rebuild_confs_from_log(self, lo: int) -> None:
+        hi = self.storage.last_index() + 1
         while lo < hi:
             batch = self.storage.entries(lo, hi, 4 << 20)
             for entry in batch:
@@ -321,7 +322,8 @@ class RaftNode:
         log.info("raft.conf_changed", extra={"node": self._id, "voters": conf.voters, "learners": conf.learners})
         if self._role is not Role.LEADER:
             return
-        members = set(conf.voters) | set(conf.learners)
+        # sorted: iteration order decides message order, and runs must replay
+        members = sorted(set(conf.voters) | set(conf.learners))
         for peer in list(self._progress):
             if peer not in members:
                 del self._progress[peer]
@@ -376,7 +378,7 @@ class RaftNode:
         self._role = Role.LEADER
         last = self.log.last_index()
         conf = self.conf_state
-        for peer in set(conf.voters) | set(conf.learners):
+        for peer in sorted(set(conf.voters) | set(conf.learners)):
             pr = Progress(last + 1, self.config.max_inflight_msgs, is_learner=peer in conf.learners)
             pr.recent_active = True
             self._progress[peer] = pr
