@@ -270,8 +270,12 @@ class QuicStream:
                 await trio.lowlevel.checkpoint()
             buffer = self._receive_buffer
             size = len(buffer) if max_bytes is None else min(max_bytes, len(buffer))
-            data = bytes(buffer[:size])
-            del buffer[:size]
+            if size == len(buffer):
+                data = bytes(buffer)
+                buffer.clear()
+            else:
+                data = bytes(buffer[:size])
+                del buffer[:size]
             self._consumed += size
             self._connection._consumed(self)
             if self._receive_eof and not buffer:
@@ -739,10 +743,19 @@ class QuicCarrier:
                 nursery.cancel_scope.cancel()
 
     async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Accept connections, running `handler(connection)` for each verified peer."""
+        """Accept connections, running `handler(connection)` for each verified peer.
+
+        Starts the carrier, or, if it already runs (`async with carrier`), starts accepting on it.
+        """
+        if self._handler is not None:
+            raise TransportError("QuicCarrier is already serving")
         self._handler = handler
         try:
-            await self.run(task_status=task_status)
+            if self._nursery is None:
+                await self.run(task_status=task_status)
+            else:
+                task_status.started(self._endpoint.local_address)
+                await trio.sleep_forever()
         finally:
             self._handler = None
 

@@ -492,3 +492,39 @@ async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_
     finally:
         process.kill()
         process.wait()
+
+
+async def test_server_shutdown_fails_client_operations_promptly(pki):
+    async with trio.open_nursery() as server_scope:
+        _, address = await start_server(server_scope, pki)
+        async with QuicCarrier(pki.client, pki.verifier) as client:
+            connection = await client.connect(address)
+            stream = await connection.open_stream()
+            await stream.send_all(b"ping")
+            assert await stream.receive_some() == b"ping"
+            server_scope.cancel_scope.cancel()  # the server sends CONNECTION_CLOSE on its way out
+            with trio.fail_after(2), pytest.raises(ConnectionLost, match="shutting down"):
+                await stream.receive_some()
+            with pytest.raises(ConnectionLost):
+                await connection.accept_stream()
+
+
+async def test_serve_on_a_running_carrier_accepts_both_ways(pki):
+    async with QuicCarrier(pki.server, pki.verifier) as first, QuicCarrier(pki.client, pki.verifier) as second:
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(first.serve, echo_handler)
+            assert address == first.local_address
+            connection = await second.connect(address)
+            assert await echo_once(connection, b"both ways") == b"both ways"
+            nursery.cancel_scope.cancel()
+
+
+async def test_half_open_handshake_is_dropped_after_handshake_timeout(nursery, pki):
+    server, address = await start_server(nursery, pki, handshake_timeout=0.3)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+        attacker.sendto(INITIAL_V1 + b"\x08" + b"d" * 8 + b"\x08" + b"s" * 8 + b"\x00" * 1200, address)
+        with trio.fail_after(2):
+            while server.statistics().handshakes_timed_out < 1:
+                await trio.sleep(0.02)
+    assert server.statistics().connections_open == 0
+    assert server.statistics().handshakes_completed == 0
