@@ -110,6 +110,10 @@ class _FlowControlledQuicConnection(MutualTlsQuicConnection):
         target = self.consumed.get(stream_id, 0) + self.stream_window
         return target - stream.max_stream_data_local >= self.stream_window // 4
 
+    def has_stream(self, stream_id: int) -> bool:
+        """aioquic still keeps state for the stream (it discards finished ones)."""
+        return stream_id in self._streams
+
     def send_buffered(self, stream_id: int) -> int:
         """Bytes of this stream aioquic holds: unsent plus sent-but-unacknowledged."""
         stream = self._streams.get(stream_id)
@@ -165,6 +169,17 @@ class QuicCarrierStatistics:
     handler_errors: int
 
 
+def _fresh(error: Exception) -> Exception:
+    """A new exception like the stored one: re-raising one instance from many tasks would chain their tracebacks."""
+    if isinstance(error, StreamReset):
+        return StreamReset(error.message, code=error.code)
+    if isinstance(error, ConnectionLost):
+        return ConnectionLost(error.message, **error.context)
+    if isinstance(error, trio.ClosedResourceError):
+        return trio.ClosedResourceError(*error.args)
+    return ConnectionLost(f"QUIC connection failed: {error}")
+
+
 class QuicStream:
     """One bidirectional QUIC stream; implements `cloudless.transport.base.Stream`."""
 
@@ -199,9 +214,9 @@ class QuicStream:
 
     def _raise_if_cannot_send(self) -> None:
         if self._send_error is not None:
-            raise self._send_error
+            raise _fresh(self._send_error)
         if self._connection._error is not None:
-            raise self._connection._error
+            raise _fresh(self._connection._error)
         if self._eof_sent:
             raise trio.ClosedResourceError(f"stream {self._stream_id}: send after send_eof")
 
@@ -240,12 +255,21 @@ class QuicStream:
             self._sending = False
 
     async def send_eof(self) -> None:
+        if self._eof_sent and self._send_error is None and self._connection._error is None:
+            await trio.lowlevel.checkpoint()  # trio's HalfCloseableStream: a second EOF is a no-op
+            return
         self._raise_if_cannot_send()
-        self._eof_sent = True
-        self._connection._quic.send_stream_data(self._stream_id, b"", end_stream=True)
-        self._connection._wake()
+        self._send_fin()
         self._connection._forget_if_done(self)
         await trio.lowlevel.checkpoint()
+
+    def _send_fin(self) -> None:
+        self._eof_sent = True
+        try:
+            self._connection._quic.send_stream_data(self._stream_id, b"", end_stream=True)
+        except RuntimeError:  # aioquic already reset the send side (STOP_SENDING arrived)
+            self._send_error = self._send_error or StreamReset(f"peer stopped reading stream {self._stream_id}")
+        self._connection._wake()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -257,13 +281,13 @@ class QuicStream:
             parked = False
             while not self._receive_buffer:
                 if self._receive_error is not None:
-                    raise self._receive_error
+                    raise _fresh(self._receive_error)
                 if self._receive_eof:
                     if not parked:
                         await trio.lowlevel.checkpoint()
                     return b""
                 if self._connection._error is not None:
-                    raise self._connection._error
+                    raise _fresh(self._connection._error)
                 parked = True
                 await self._receive_waiters.park()
             if not parked:
@@ -296,7 +320,7 @@ class QuicStream:
             self._reset_sent = True
             if not self._eof_sent or quic.send_buffered(self._stream_id):
                 quic.reset_stream(self._stream_id, code)
-            if not self._receive_eof and self._stream_id in quic._streams:
+            if not self._receive_eof and quic.has_stream(self._stream_id):
                 quic.stop_stream(self._stream_id, code)
             connection._wake()
         error = StreamReset(f"stream {self._stream_id} was reset locally", code=code)
@@ -315,9 +339,8 @@ class QuicStream:
         if connection._error is None and self._stream_id in connection._streams:
             quic = connection._quic
             if not self._eof_sent and self._send_error is None:
-                self._eof_sent = True
-                quic.send_stream_data(self._stream_id, b"", end_stream=True)
-            if not self._receive_eof and self._receive_error is None and self._stream_id in quic._streams:
+                self._send_fin()
+            if not self._receive_eof and self._receive_error is None and quic.has_stream(self._stream_id):
                 quic.stop_stream(self._stream_id, STREAM_CANCELLED)
             connection._wake()
         self._receive_buffer.clear()
@@ -353,7 +376,6 @@ class QuicPeerConnection:
         # Unbounded is safe: QUIC's MAX_STREAMS caps how many streams the peer can open (RFC 9000 §4.6).
         self._accept_send, self._accept_receive = trio.open_memory_channel[QuicStream](math.inf)
         self._settled = trio.Event()  # established or failed; what connect() waits for
-        self._finished = trio.Event()
         self._error: Exception | None = None
         self._peer: PeerIdentity | None = None
         self._needs_service = False
@@ -383,7 +405,7 @@ class QuicPeerConnection:
 
     async def open_stream(self) -> QuicStream:
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
         stream_id = self._quic.get_next_available_stream_id()
         # Writing nothing makes aioquic allocate the ID, so the next call gets a new one.
         self._quic.send_stream_data(stream_id, b"")
@@ -397,7 +419,7 @@ class QuicPeerConnection:
         try:
             return await self._accept_receive.receive()
         except trio.EndOfChannel:
-            raise self._error or ConnectionLost("QUIC connection closed", remote=self._remote_address) from None
+            raise _fresh(self._error or ConnectionLost("QUIC connection closed", remote=self._remote_address)) from None
 
     async def aclose(self) -> None:
         self._abort("closed")
@@ -472,7 +494,6 @@ class QuicPeerConnection:
         finally:
             self._fail(ConnectionLost("QUIC connection terminated", remote=self._remote_address))
             self._carrier._forget(self)
-            self._finished.set()
 
     def _process_events(self) -> None:
         quic = self._quic
@@ -700,6 +721,10 @@ class QuicCarrier:
     @property
     def local_address(self) -> tuple[str, int]:
         return self._endpoint.local_address
+
+    def update_credentials(self, credentials: Any) -> None:
+        """Present renewed credentials on every connection made or accepted from now on."""
+        self._certificate, self._certificate_chain, self._private_key = _load_certificates(credentials)
 
     @property
     def endpoint(self) -> UdpEndpoint:

@@ -528,3 +528,32 @@ async def test_half_open_handshake_is_dropped_after_handshake_timeout(nursery, p
                 await trio.sleep(0.02)
     assert server.statistics().connections_open == 0
     assert server.statistics().handshakes_completed == 0
+
+
+async def test_renewed_credentials_are_presented_on_new_connections(nursery, pki):
+    seen = []
+
+    async def handler(connection):
+        seen.append(connection.peer.serial)
+
+    _, address = await start_server(nursery, pki, handler)
+    async with QuicCarrier(pki.client, pki.verifier) as client:
+        await (await client.connect(address)).aclose()
+        renewed = issue_credentials(pki.ca, Identity.client("c1", "alice"), NOW)
+        client.update_credentials(renewed)
+        await (await client.connect(address)).aclose()
+    assert seen == [pki.client.serial, renewed.serial]
+
+
+async def test_send_eof_twice_is_a_no_op_and_send_after_eof_fails(nursery, pki):
+    _, address = await start_server(nursery, pki)
+    async with QuicCarrier(pki.client, pki.verifier) as client:
+        connection = await client.connect(address)
+        stream = await connection.open_stream()
+        await stream.send_all(b"once")
+        await stream.send_eof()
+        await stream.send_eof()
+        with pytest.raises(trio.ClosedResourceError):
+            await stream.send_all(b"more")
+        assert await stream.receive_some() == b"once"
+        assert await stream.receive_some() == b""
