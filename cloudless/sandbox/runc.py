@@ -385,9 +385,28 @@ class RuncRuntime:
                 await self._runc("delete", "--force", name, check=False)
                 removed.add(name)
         removed.update(await self.network.sweep(keep=known))
+        if not known:
+            self._remove_cgroup_parent()
         if removed:
             log.info("sandbox.swept", extra={"fields": {"ids": sorted(removed)}})
         return sorted(removed)
+
+    def _remove_cgroup_parent(self) -> None:
+        """rmdir our (empty) parent cgroup in every hierarchy; runc delete removes only the leaves."""
+        try:
+            lines = Path("/proc/self/cgroup").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            _, controllers, own = line.split(":", 2)
+            roots = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] if not controllers else [
+                "/sys/fs/cgroup/" + controllers.replace("name=", "")
+            ]
+            for root in roots:
+                try:
+                    os.rmdir(f"{root}{own.rstrip('/')}/{self._cgroup_parent}")
+                except OSError:
+                    pass  # absent, not empty, or not a cgroup root
 
     async def inspect(self, container_id: str) -> ContainerSpec:
         return self._load_spec(container_id)

@@ -180,6 +180,8 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
     )
     user_dests = {m.destination for m in spec.tmpfs} | {m.destination for m in spec.mounts}
     if spec.readonly_rootfs:
+        # Note: runc gives a tmpfs the mode of the directory it covers when that
+        # exists, so an image's /tmp (1777) and /run (755) keep their modes.
         for dest in ("/tmp", "/run"):
             if dest not in user_dests:
                 mounts.append(
