@@ -450,8 +450,10 @@ class QuicPeerConnection:
     # -- driver ---------------------------------------------------------------
 
     def _wake(self) -> None:
-        self._needs_service = True
-        self._service_waiters.unpark_all()
+        # The driver clears the flag before each pass and checks it before parking.
+        if not self._needs_service:
+            self._needs_service = True
+            self._service_waiters.unpark_all()
 
     def _datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         self._counts["datagrams_received"] += 1
