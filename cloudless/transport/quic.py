@@ -385,6 +385,7 @@ class QuicPeerConnection:
         self._started_at = trio.current_time()
         self._handshake_deadline = self._started_at + carrier._handshake_timeout
         self._handshake_seconds: float | None = None
+        self._next_ping_at = math.inf
         self._counts = Counter()
 
     # -- Connection protocol --------------------------------------------------
@@ -475,6 +476,10 @@ class QuicPeerConnection:
                     quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="handshake timed out")
                     self._fail(ConnectionLost("QUIC handshake timed out", remote=self._remote_address))
                 self._process_events()
+                if now >= self._next_ping_at and self._error is None:
+                    self._counts["pings_sent"] += 1
+                    quic.send_ping(self._counts["pings_sent"])
+                    self._next_ping_at = now + self._carrier._keepalive_interval
                 datagrams = quic.datagrams_to_send(now)
                 for data, addr in datagrams:
                     if not endpoint.send_nowait(data, addr):
@@ -491,6 +496,8 @@ class QuicPeerConnection:
                 wake_at = math.inf if wake_at is None else wake_at
                 if self._peer is None and self._error is None:
                     wake_at = min(wake_at, self._handshake_deadline)
+                elif self._error is None:
+                    wake_at = min(wake_at, self._next_ping_at)
                 with trio.move_on_at(wake_at):
                     await self._service_waiters.park()
         finally:
@@ -551,6 +558,9 @@ class QuicPeerConnection:
             return
         self._peer = peer
         self._handshake_seconds = trio.current_time() - self._started_at
+        if self._carrier._keepalive_interval is not None:
+            # PINGs keep an idle but wanted connection from reaching the idle timeout (RFC 9000 §10.1.2).
+            self._next_ping_at = trio.current_time() + self._carrier._keepalive_interval
         self._carrier._counts["handshakes_completed"] += 1
         self._settled.set()
         log.info(
@@ -685,6 +695,14 @@ class QuicCarrier:
     `async with carrier:` for a client) before `connect`. With `endpoint`
     given, the carrier shares that already-running socket (gossip beside it);
     otherwise it binds its own on `bind`.
+
+    `credentials` needs `cert_pem` and `key_pem` (a `pki.credentials.Credentials`);
+    `verifier` needs `verify(chain) -> PeerIdentity` (a `pki.verify.PeerVerifier`).
+    `stream_window` bounds what one stream buffers unread on the receiving side,
+    `send_buffer` what it holds unacknowledged on the sending side.
+    `max_datagram_size` defaults to aioquic's 1200 bytes, safe on any path
+    (aioquic has no path-MTU discovery). `keepalive_interval` sends PINGs so
+    an idle connection outlives `idle_timeout`.
     """
 
     def __init__(
@@ -700,6 +718,7 @@ class QuicCarrier:
         send_buffer: int = DEFAULT_SEND_BUFFER,
         max_datagram_size: int | None = None,
         max_pending_handshakes: int = DEFAULT_MAX_PENDING_HANDSHAKES,
+        keepalive_interval: float | None = None,
     ) -> None:
         self._certificate, self._certificate_chain, self._private_key = _load_certificates(credentials)
         self._verifier = verifier
@@ -711,6 +730,9 @@ class QuicCarrier:
         self._send_buffer = send_buffer
         self._max_datagram_size = max_datagram_size
         self._max_pending_handshakes = max_pending_handshakes
+        if keepalive_interval is not None and not 0 < keepalive_interval < idle_timeout:
+            raise ValueError("keepalive_interval must be between 0 and idle_timeout")
+        self._keepalive_interval = keepalive_interval
         self._handler: ConnectionHandler | None = None
         self._nursery: trio.Nursery | None = None
         self._routes: dict[bytes, QuicPeerConnection] = {}
