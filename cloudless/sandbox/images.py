@@ -584,7 +584,7 @@ class ImageStore:
 
     def copy_blob(
         self, txn: _Ingest, src: BinaryIO, digest: str | None, size: int | None,
-        progress: ProgressCallback | None = None, phase: str = "copy",
+        progress: ProgressCallback | None = None, phase: str = "copy", label: str | None = None,
     ) -> str:
         if digest is not None and self.has_blob(digest):
             if progress and size:
@@ -598,7 +598,7 @@ class ImageStore:
                     break
                 w.write(chunk)
                 if progress:
-                    progress(ProgressEvent(phase, digest or "layer", w.written, size))
+                    progress(ProgressEvent(phase, label or digest or "blob", w.written, size))
         except BaseException:
             w.abort()
             raise
@@ -805,7 +805,7 @@ class ImageStore:
                 with src.open(layer_name) as f:
                     head = f.read(4)
                 with src.open(layer_name) as f:
-                    digest = self.copy_blob(txn, f, None, None, progress)
+                    digest = self.copy_blob(txn, f, None, None, progress, label=layer_name)
                 media_type = {
                     "gzip": oci.OCI_LAYER_GZIP, "zstd": oci.OCI_LAYER_ZSTD, "none": oci.OCI_LAYER,
                 }[detect_compression(head)]
