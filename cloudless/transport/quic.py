@@ -741,6 +741,7 @@ class QuicCarrier:
         self._counts["rejected_by_us"] = Counter()
         self._counts["rejected_by_peer"] = Counter()
         self._context_cm: Any = None
+        self._detached_scope: trio.CancelScope | None = None
 
     @property
     def local_address(self) -> tuple[str, int]:
@@ -820,6 +821,37 @@ class QuicCarrier:
         self._context_nursery = nursery
         return self
 
+    async def _start_detached(self) -> None:
+        """Run the carrier in a system task, for connections made outside any nursery (as the TLS carrier allows).
+
+        A node runs its carrier in its own nursery instead; `aclose()` stops a detached one.
+        """
+        if self._detached_scope is not None or not self._owns_endpoint:
+            raise TransportError("QuicCarrier is not running: start it with nursery.start(carrier.run)")
+        ready = trio.Event()
+        self._detached_scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._run_detached, ready, name="quic carrier (detached)")
+        await ready.wait()
+        if self._nursery is None:
+            raise TransportError("QuicCarrier failed to start; see the quic.detached_failed log")
+
+    async def _run_detached(self, ready: trio.Event) -> None:
+        try:
+            with self._detached_scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.run)
+                    ready.set()
+        except Exception:  # a system task's exception would crash the whole trio run
+            log.exception("quic.detached_failed")
+        finally:
+            ready.set()
+
+    async def aclose(self) -> None:
+        """Stop a carrier that `connect` started detached; closes its connections."""
+        if self._detached_scope is not None:
+            self._detached_scope.cancel()
+        await trio.lowlevel.checkpoint()
+
     async def __aexit__(self, *exc_info) -> bool | None:
         self._context_nursery.cancel_scope.cancel()
         return await self._context_cm.__aexit__(*exc_info)
@@ -883,7 +915,7 @@ class QuicCarrier:
     async def connect(self, address: tuple[str, int]) -> QuicPeerConnection:
         """Connect and verify the server; raises PeerRejected or ConnectionLost within the handshake timeout."""
         if self._nursery is None:
-            raise TransportError("QuicCarrier is not running: start it with nursery.start(carrier.run)")
+            await self._start_detached()
         address = await _resolve(address)
         quic = self._new_quic(is_client=True)
         quic.connect(address, now=trio.current_time())

@@ -572,3 +572,16 @@ async def test_idle_connection_closes_at_idle_timeout_unless_kept_alive_rfc9000_
             await idle_connection.open_stream()
         assert not kept_connection.is_closed
         assert await echo_once(kept_connection, b"still here") == b"still here"
+
+
+async def test_connect_outside_any_nursery_runs_the_carrier_detached(nursery, pki):
+    _, address = await start_server(nursery, pki)
+    client = QuicCarrier(pki.client, pki.verifier)
+    connection = await client.connect(address)
+    assert await echo_once(connection, b"detached") == b"detached"
+    await client.aclose()
+    with trio.fail_after(2):
+        while not connection.is_closed:
+            await trio.sleep(0.01)
+    with pytest.raises(ConnectionLost):
+        await connection.open_stream()
