@@ -103,9 +103,9 @@ class SimDisk:
         self._pending.append(("snapshot", (index, conf_state, data)))
         return snapshot
 
-    def crash(self, rng: random.Random) -> int:
-        """Lose unsynced writes except a random prefix; returns how many were lost."""
-        keep = rng.randint(0, len(self._pending))
+    def crash(self, rng: random.Random, keep: int | None = None) -> int:
+        """Lose unsynced writes except a prefix (random unless `keep`); returns how many were lost."""
+        keep = rng.randint(0, len(self._pending)) if keep is None else min(keep, len(self._pending))
         for op in self._pending[:keep]:
             self._replay(self.durable, op)
         lost = len(self._pending) - keep
@@ -842,3 +842,149 @@ class Simulation:
 
 def run_seed(seed: int, config: SimConfig | None = None) -> SimResult:
     return Simulation(seed, config).run()
+
+
+# ---------------------------------------------------------------------------
+# a hand-stepped cluster for scenario tests
+
+
+class RaftHarness:
+    """A few cores over SimDisks with a network the test steers message by message.
+
+    `settle()` runs the driver loop (persist → sync → send → apply → advance)
+    on every node and delivers messages until the cluster is quiet; `drop`
+    and `blocked` decide what is lost. Nothing is random except the cores'
+    election jitter, seeded by `seed`.
+    """
+
+    def __init__(
+        self,
+        voters: list[str],
+        *,
+        extra: list[str] | None = None,
+        seed: int = 0,
+        **config: Any,
+    ) -> None:
+        self.rng = random.Random(seed)
+        self.config = config
+        self.disks: dict[str, SimDisk] = {}
+        self.nodes: dict[str, RaftNode] = {}
+        self.applied: dict[str, list[Entry]] = {}
+        self.read_states: dict[str, list[ReadState]] = {}
+        self.snapshots_installed: dict[str, list[Snapshot]] = {}
+        self.blocked: set[tuple[str, str]] = set()
+        self.down: set[str] = set()
+        self.in_flight: list[Message] = []
+        self.delivered: list[Message] = []
+        for node_id in voters + (extra or []):
+            disk = SimDisk()
+            if node_id in voters:
+                bootstrap_log(disk, voters)
+            self.disks[node_id] = disk
+            self.applied[node_id] = []
+            self.read_states[node_id] = []
+            self.snapshots_installed[node_id] = []
+            self._start(node_id)
+
+    def _start(self, node_id: str) -> None:
+        disk = self.disks[node_id]
+        cfg = RaftConfig(id=node_id, applied=disk.snapshot().meta.index, **self.config)
+        self.nodes[node_id] = RaftNode(cfg, disk, random.Random(self.rng.getrandbits(64)))
+
+    def __getitem__(self, node_id: str) -> RaftNode:
+        return self.nodes[node_id]
+
+    def process(self, node_id: str) -> None:
+        """One full driver pass for `node_id`."""
+        if node_id in self.down:
+            return
+        node, disk = self.nodes[node_id], self.disks[node_id]
+        while node.has_ready():
+            rd = node.ready()
+            disk.write(rd.hard_state, rd.entries, rd.snapshot)
+            disk.sync()
+            self.in_flight.extend(rd.messages)
+            if rd.snapshot is not None:
+                self.snapshots_installed[node_id].append(rd.snapshot)
+            self.applied[node_id].extend(rd.committed_entries)
+            self.read_states[node_id].extend(rd.read_states)
+            node.advance(rd)
+
+    def deliver(self, drop: Any = None) -> int:
+        """Deliver everything in flight once (dropping blocked/`drop`ped ones); returns the count."""
+        batch, self.in_flight = self.in_flight, []
+        count = 0
+        for m in batch:
+            if m.to not in self.nodes or m.to in self.down or (m.frm, m.to) in self.blocked or (drop is not None and drop(m)):
+                continue
+            self.delivered.append(m)
+            self.nodes[m.to].step(m)
+            count += 1
+        return count
+
+    def settle(self, drop: Any = None, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            for node_id in self.nodes:
+                self.process(node_id)
+            if not self.in_flight:
+                return
+            self.deliver(drop)
+        raise AssertionError("cluster did not settle")
+
+    def tick(self, node_id: str, n: int = 1) -> None:
+        for _ in range(n):
+            self.nodes[node_id].tick()
+
+    def tick_all(self, n: int = 1, settle: bool = True) -> None:
+        for _ in range(n):
+            for node_id in self.nodes:
+                if node_id not in self.down:
+                    self.nodes[node_id].tick()
+            if settle:
+                self.settle()
+
+    def elect(self, node_id: str) -> None:
+        """Time `node_id` out (and only it) and let the election run.
+
+        The other followers' leases are expired first, as if an election
+        timeout had passed without word from a leader, but they do not
+        campaign themselves.
+        """
+        node = self.nodes[node_id]
+        self.expire_leases()
+        for _ in range(4 * node.config.election_tick):
+            node.tick()
+            if node.role in (Role.PRE_CANDIDATE, Role.CANDIDATE, Role.LEADER):
+                break
+        self.settle()
+
+    def isolate(self, node_id: str) -> None:
+        for other in self.nodes:
+            if other != node_id:
+                self.blocked.add((node_id, other))
+                self.blocked.add((other, node_id))
+
+    def heal(self) -> None:
+        self.blocked.clear()
+
+    def crash(self, node_id: str, keep_unsynced: int | None = None) -> None:
+        """Lose unsynced writes and the in-memory core; `restart` brings it back."""
+        self.disks[node_id].crash(self.rng, keep_unsynced)
+        self.down.add(node_id)
+
+    def expire_leases(self) -> None:
+        """Let an election timeout pass on every follower without it campaigning."""
+        for node in self.nodes.values():
+            if node.role is not Role.LEADER:
+                node._election_elapsed = max(node._election_elapsed, node.config.election_tick)
+
+    def restart(self, node_id: str) -> None:
+        self.down.discard(node_id)
+        self._start(node_id)
+
+    def leader(self) -> str | None:
+        leaders = [n for n, node in self.nodes.items() if n not in self.down and node.role is Role.LEADER]
+        return max(leaders, key=lambda n: self.nodes[n].term) if leaders else None
+
+    def applied_data(self, node_id: str) -> list[bytes]:
+        return [e.data for e in self.applied[node_id] if e.kind == EntryKind.NORMAL and e.data]
