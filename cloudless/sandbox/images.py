@@ -7,6 +7,7 @@ On disk, under `root`:
     layers/<diff-id hex>/fs   one unpacked layer (an overlayfs lowerdir)
     layers/<diff-id hex>/layer.json
     containers/<id>.json      which container uses which image (rootfs.py writes)
+    rootfs/<id>/              container roots (rootfs.py: overlay upper/work, or a copy)
     index.json                image records (msgspec JSON, format version 1)
     tmp/                      in-flight writes, named <pid>-<random>
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 import base64
 import logging
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import httpx
 import msgspec
@@ -116,15 +117,21 @@ class RegistryClient:
         credentials: Mapping[str, tuple[str, str]] | None = None,
         timeout: float = 30.0,
         max_parallel_layers: int = 3,
+        min_transfer_rate: int = 64 * 1024,
         transport: httpx.AsyncBaseTransport | None = None,
         verify: object = True,
     ) -> None:
         """`credentials` maps a registry host (as in references) to (user, password);
-        `verify` is passed to httpx (True, an ssl.SSLContext or a CA bundle path)."""
+        `verify` is passed to httpx (True, an ssl.SSLContext or a CA bundle path).
+        `timeout` bounds each request step; besides, a whole transfer must finish
+        within timeout + size / `min_transfer_rate` seconds, so a registry that
+        trickles bytes cannot hold a pull forever."""
         self.store = store
         self.insecure = frozenset(insecure_registries)
         self.credentials = dict(credentials or {})
         self.timeout = httpx.Timeout(timeout, connect=min(10.0, timeout))
+        self._timeout_s = timeout
+        self._min_rate = max(1, min_transfer_rate)
         self._layer_limit = trio.CapacityLimiter(max_parallel_layers)
         self._http = httpx.AsyncClient(
             timeout=self.timeout, follow_redirects=True, transport=transport, verify=verify,  # type: ignore[arg-type]
@@ -147,16 +154,20 @@ class RegistryClient:
         ref = parse_reference(reference) if isinstance(reference, str) else reference
         log.info("registry.pull_start", extra={"reference": str(ref)})
         with self.store.ingest() as txn:
-            top_digest, data, media_type = await self._manifest(ref, ref.manifest_ref)
+            with self._deadline(ref, "the manifest", oci.MAX_DOCUMENT_BYTES):
+                top_digest, data, media_type = await self._manifest(ref, ref.manifest_ref)
             kind = oci.document_kind(data, media_type)
             if kind == "index":
                 self.store.put_blob(txn, data)
                 desc = oci.select_platform(oci.decode_index(data), self.store.platform)
-                _, data, media_type = await self._manifest(ref, desc.digest, desc.size)
+                with self._deadline(ref, "the manifest", oci.MAX_DOCUMENT_BYTES):
+                    _, data, media_type = await self._manifest(ref, desc.digest, desc.size)
                 if oci.document_kind(data, media_type) != "manifest":
                     raise InvalidImage("image index points at another index", digest=desc.digest)
             manifest = oci.decode_manifest(data)
-            config = await self._small_blob(ref, manifest.config)
+            self._check_sizes(manifest)
+            with self._deadline(ref, "the image config", manifest.config.size):
+                config = await self._small_blob(ref, manifest.config)
             self.store.put_blob(txn, config, manifest.config.digest)
             try:
                 async with trio.open_nursery() as nursery:
@@ -172,6 +183,26 @@ class RegistryClient:
             )
         log.info("registry.pull_done", extra={"reference": str(ref), "image": record.id})
         return record
+
+    def _check_sizes(self, manifest: oci.Manifest) -> None:
+        if manifest.config.size > oci.MAX_DOCUMENT_BYTES:
+            raise InvalidImage(f"image config claims {manifest.config.size} bytes, over the document limit")
+        for layer in manifest.layers:
+            if layer.size > self.store.limits.max_layer_bytes:
+                raise InvalidImage(
+                    f"layer {layer.digest} claims {layer.size} bytes, over the {self.store.limits.max_layer_bytes} limit"
+                )
+
+    @contextmanager
+    def _deadline(self, ref: Reference, what: str, size: int) -> Iterator[None]:
+        try:
+            with trio.fail_after(self._timeout_s + size / self._min_rate):
+                yield
+        except trio.TooSlowError:
+            raise RegistryUnavailable(
+                f"registry {ref.registry} was too slow sending {what} (under {self._min_rate} bytes/s)",
+                registry=ref.registry,
+            ) from None
 
     # -- HTTP --------------------------------------------------------------
 
@@ -200,9 +231,10 @@ class RegistryClient:
             if attempt == 1:
                 break
             await self._authenticate(ref, challenge_header)
+        # Registries answer 401 for repositories that do not exist too (Docker Hub does).
         raise RegistryUnauthorized(
-            f"registry {ref.registry} refused access to {ref.repository}"
-            + ("" if ref.registry in self.credentials else " (no credentials configured)"),
+            f"registry {ref.registry} refused access to {ref.repository}: it may not exist, or needs "
+            + ("other credentials" if ref.registry in self.credentials else "credentials (none configured)"),
             registry=ref.registry,
         )
 
@@ -321,27 +353,33 @@ class RegistryClient:
                 progress(ProgressEvent("download", desc.digest, desc.size, desc.size))
             return
         async with self._layer_limit:
-            response = await self._send(ref, "GET", self._blob_url(ref, desc.digest), {})
-            writer = self.store.writer(txn, desc.digest, desc.size)
+            with self._deadline(ref, f"layer {desc.digest}", desc.size):
+                await self._download(ref, desc, txn, progress)
+
+    async def _download(
+        self, ref: Reference, desc: oci.Descriptor, txn: _Ingest, progress: ProgressCallback | None
+    ) -> None:
+        response = await self._send(ref, "GET", self._blob_url(ref, desc.digest), {})
+        writer = self.store.writer(txn, desc.digest, desc.size)
+        try:
+            if response.status_code == 404:
+                raise BlobNotFound(f"registry {ref.registry} has no blob {desc.digest}", digest=desc.digest)
+            await _raise_for_status(response, ref, f"blob {desc.digest}")
             try:
-                if response.status_code == 404:
-                    raise BlobNotFound(f"registry {ref.registry} has no blob {desc.digest}", digest=desc.digest)
-                await _raise_for_status(response, ref, f"blob {desc.digest}")
-                try:
-                    async for chunk in response.aiter_bytes(1024 * 1024):
-                        writer.write(chunk)
-                        if progress:
-                            progress(ProgressEvent("download", desc.digest, writer.written, desc.size))
-                except httpx.TimeoutException as exc:
-                    raise RegistryUnavailable(f"registry {ref.registry} timed out sending {desc.digest}: {exc!r}") from None
-                except httpx.TransportError as exc:
-                    raise RegistryUnavailable(f"registry {ref.registry} broke off sending {desc.digest}: {exc}") from None
-            except BaseException:
-                writer.abort()
-                raise
-            finally:
-                await response.aclose()
-            await trio.to_thread.run_sync(self.store.commit_blob, txn, writer)
+                async for chunk in response.aiter_bytes(1024 * 1024):
+                    writer.write(chunk)
+                    if progress:
+                        progress(ProgressEvent("download", desc.digest, writer.written, desc.size))
+            except httpx.TimeoutException as exc:
+                raise RegistryUnavailable(f"registry {ref.registry} timed out sending {desc.digest}: {exc!r}") from None
+            except httpx.TransportError as exc:
+                raise RegistryUnavailable(f"registry {ref.registry} broke off sending {desc.digest}: {exc}") from None
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            await response.aclose()
+        await trio.to_thread.run_sync(self.store.commit_blob, txn, writer)
 
 
 def _first_failure(group: BaseExceptionGroup) -> BaseException:

@@ -271,3 +271,44 @@ async def test_layers_already_in_the_store_are_not_downloaded_again(tmp_path):
         await c.pull(f"{HOST}/team/app:v1")
     layer = oci.sha256_digest(fake.image.compressed[0])
     assert not any(r.url.path.endswith(layer) for r in fake.requests)
+
+
+async def test_a_registry_that_trickles_a_layer_hits_the_transfer_deadline(tmp_path):
+    import trio
+
+    img = small_image()
+    fake = FakeRegistry(img)
+    layer = oci.sha256_digest(img.compressed[0])
+    data = fake.blobs[layer]
+
+    async def trickle():
+        for i in range(len(data)):
+            await trio.sleep(0.05)
+            yield data[i : i + 1]
+
+    def handler(request):
+        if request.url.path.endswith(layer):
+            return httpx.Response(200, content=trickle())
+        return fake.handler(request)
+
+    store = ImageStore(tmp_path)
+    async with RegistryClient(store, transport=httpx.MockTransport(handler), timeout=0.3,
+                              min_transfer_rate=1_000_000) as c:
+        with trio.fail_after(10):  # the client's own deadline must fire well before this
+            with pytest.raises(RegistryUnavailable, match="too slow"):
+                await c.pull(f"{HOST}/team/app:v1")
+    assert leftovers(store) == []
+
+
+async def test_descriptors_claiming_huge_sizes_are_refused_before_download(tmp_path):
+    img = small_image()
+    fake = FakeRegistry(img)
+    man = json.loads(img.manifest)
+    man["layers"][0]["size"] = 10**15
+    body = json.dumps(man).encode()
+    fake.manifests = {oci.sha256_digest(body): (body, oci.OCI_MANIFEST)}
+    fake.top = oci.sha256_digest(body)
+    async with client(ImageStore(tmp_path), fake) as c:
+        with pytest.raises(InvalidImage, match="claims"):
+            await c.pull(f"{HOST}/team/app:v1")
+    assert not any("/blobs/" in r.url.path for r in fake.requests)
