@@ -588,3 +588,50 @@ async def test_connect_outside_any_nursery_runs_the_carrier_detached(nursery, pk
             await trio.sleep(0.01)
     with pytest.raises(ConnectionLost):
         await connection.open_stream()
+
+
+async def lossy_relay(nursery, target: tuple[str, int], rng, loss: float, task_status=trio.TASK_STATUS_IGNORED):
+    """A UDP relay that drops `loss` of the datagrams each way (a seeded random.Random decides)."""
+    front = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    back = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    await front.bind(("127.0.0.1", 0))
+    await back.bind(("127.0.0.1", 0))
+    client: list[tuple[str, int]] = []
+    dropped = {"count": 0}
+
+    async def forward(source, sink, destination):
+        while True:
+            data, address = await source.recvfrom(65535)
+            if source is front:
+                client[:] = [address]
+            if rng.random() < loss:
+                dropped["count"] += 1
+                continue
+            target_address = destination() if callable(destination) else destination
+            if target_address is not None:
+                await sink.sendto(data, target_address)
+
+    nursery.start_soon(forward, front, back, target)
+    nursery.start_soon(forward, back, front, lambda: client[0] if client else None)
+    return front.getsockname(), dropped
+
+
+async def test_bulk_echo_survives_packet_loss_rfc9002(nursery, pki):
+    """Loss detection and retransmission run off the driver's timers (RFC 9002 §6)."""
+    import random
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    _, server_address = await start_server(nursery, pki)
+    relay_address, dropped = await lossy_relay(nursery, server_address, rng, loss=0.05)
+    payload = random.Random(seed).randbytes(384 * 1024)
+    try:
+        async with QuicCarrier(pki.client, pki.verifier, handshake_timeout=10.0) as client:
+            with trio.fail_after(30):
+                connection = await client.connect(relay_address)
+                echoed = await echo_once(connection, payload)
+        assert echoed == payload
+        assert dropped["count"] > 0
+    except BaseException as exc:
+        exc.add_note(f"lossy relay seed={seed}")
+        raise
