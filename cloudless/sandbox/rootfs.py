@@ -143,7 +143,10 @@ class RootfsBuilder:
                         f"container {container_id} already has a root from image {use.image_id}",
                         container_id=container_id,
                     )
-                return self._reuse(use, record.config)
+                if Path(use.path).is_dir():
+                    return self._reuse(use, record.config)
+                self.release(container_id)  # its directory vanished; build it again
+                break
         # Hold the layers before building, so a concurrent gc() keeps them.
         merged = cdir / "rootfs"
         mode = self._choose_mode(record.diff_ids)

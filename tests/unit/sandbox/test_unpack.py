@@ -208,3 +208,49 @@ def test_layer_mode_writes_overlayfs_whiteouts(tmp_path):
     assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
     assert os.getxattr(root / "d", "trusted.overlay.opaque") == b"y"
     assert (root / "d/new").read_bytes() == b"n"
+
+
+# -- property: nothing escapes -------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_COMPONENTS = st.sampled_from(["a", "b", "..", ".", "", ".wh.a", ".wh..wh..opq", "lnk"])
+_NAMES = st.lists(_COMPONENTS, min_size=1, max_size=4).map("/".join)
+
+
+def _entries():
+    kind = st.sampled_from(["file", "dir", "symlink", "hardlink"])
+    return st.lists(st.tuples(kind, _NAMES, st.sampled_from(["..", "../outside", "/", "OUTSIDE", "a", "a/b", "lnk"])),
+                    max_size=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=_entries(), mode=st.sampled_from(["apply", "layer"]))
+def test_no_sequence_of_entries_writes_outside_the_root(tmp_path_factory, entries, mode):
+    base = tmp_path_factory.mktemp("prop")
+    root, outside = base / "root", base / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "canary").write_text("intact")
+    t = TarBuilder()
+    for kind, name, target in entries:
+        target = str(outside) if target == "OUTSIDE" else target
+        ti = tarfile.TarInfo(name or ".")
+        if kind == "file":
+            t.raw(*_raw(name or ".", data=b"data"))
+            continue
+        ti.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
+        ti.mode = 0o755
+        ti.linkname = target
+        t.raw(ti)
+    blob = base / "layer.blob"
+    blob.write_bytes(t.bytes())
+    try:
+        unpack_layer(blob, "none", root, mode=mode, whiteouts="marker")
+    except (UnsafeLayer, InvalidImage):
+        pass
+    except (IsADirectoryError, FileExistsError, NotADirectoryError) as exc:  # pragma: no cover
+        pytest.fail(f"unpack raised an untyped error for {entries!r}: {exc!r}")
+    assert sorted(p.name for p in base.iterdir()) == ["layer.blob", "outside", "root"]
+    assert [p.name for p in outside.iterdir()] == ["canary"]
+    assert (outside / "canary").read_text() == "intact"
