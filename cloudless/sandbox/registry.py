@@ -158,7 +158,6 @@ class RegistryClient:
                 top_digest, data, media_type = await self._manifest(ref, ref.manifest_ref)
             kind = oci.document_kind(data, media_type)
             if kind == "index":
-                self.store.put_blob(txn, data)
                 desc = oci.select_platform(oci.decode_index(data), self.store.platform)
                 with self._deadline(ref, "the manifest", oci.MAX_DOCUMENT_BYTES):
                     _, data, media_type = await self._manifest(ref, desc.digest, desc.size)

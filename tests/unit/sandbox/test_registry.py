@@ -312,3 +312,14 @@ async def test_descriptors_claiming_huge_sizes_are_refused_before_download(tmp_p
         with pytest.raises(InvalidImage, match="claims"):
             await c.pull(f"{HOST}/team/app:v1")
     assert not any("/blobs/" in r.url.path for r in fake.requests)
+
+
+async def test_a_successful_pull_stores_exactly_the_blobs_its_record_references(tmp_path):
+    fake = FakeRegistry(small_image(), index=True)
+    store = ImageStore(tmp_path)
+    async with client(store, fake) as c:
+        rec = await c.pull(f"{HOST}/team/app:v1")
+    expected = {rec.manifest_digest, rec.config_digest, *(layer.digest for layer in rec.layers)}
+    assert {f"sha256:{p.name}" for p in store.blob_dir.iterdir()} == expected
+    assert list(store.tmp_dir.iterdir()) == []
+    assert store.gc().removed_blobs == 0
