@@ -1,0 +1,355 @@
+"""TLS 1.3 over TCP: the carrier for bulk streams and networks that block UDP.
+
+Each connection is one `trio.SSLStream` carrying a `mux.MuxSession`.
+
+Authentication, both ways:
+
+1. The TLS handshake runs TLS 1.3 only, with CERT_REQUIRED on both sides
+   and the cluster CA as the only trust anchor, so OpenSSL checks the chain
+   and validity period. Hostname checking is off: peers are named by their
+   SPIFFE identity, not by DNS.
+2. Each side then runs `PeerVerifier.verify_der` on the peer's leaf
+   (revocation, the Cloudless URI SAN, the cluster id).
+3. The server answers with a one-line verdict (`ACCEPT`, or `REJECT` and
+   the reason) before any mux frame. In TLS 1.3 the client finishes its
+   handshake before the server has judged the client's certificate, so
+   without this verdict a refused client would only learn of it on its
+   first read; with it, `connect` raises `PeerRejected` naming the reason.
+
+Every accepted TCP connection gets `handshake_timeout` to complete all of
+that in its own task, so a client that never finishes its handshake holds
+only itself up. There is no plaintext listener: `serve` only ever speaks TLS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import tempfile
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from cloudless.pki.errors import PeerRejected
+from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost, PeerIdentity
+from cloudless.transport.mux import MuxConfig, MuxSession, run_session
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+
+VERDICT_ACCEPT = b"\x00"
+VERDICT_REJECT = b"\x01"
+MAX_VERDICT_REASON = 255
+
+# OpenSSL X509_V_ERR_* codes (the server's view of a bad client certificate).
+_VERIFY_CODE_REASONS = {
+    9: "not_yet_valid",
+    10: "expired",
+    2: "unknown_ca",
+    18: "unknown_ca",  # self-signed leaf
+    19: "unknown_ca",  # self-signed in chain
+    20: "unknown_ca",  # unable to get local issuer
+    21: "unknown_ca",
+    7: "bad_signature",
+    4: "bad_signature",
+}
+
+# TLS alerts (the client's view of a server that refused our certificate).
+_ALERT_REASONS = {
+    "CERTIFICATE_REQUIRED": "no_certificate",
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
+    "CERTIFICATE_EXPIRED": "expired",
+    "UNKNOWN_CA": "unknown_ca",
+    "CERTIFICATE_VERIFY_FAILED": "unknown_ca",
+    "BAD_CERTIFICATE": "unknown_ca",
+    "DECRYPT_ERROR": "bad_signature",
+    "CERTIFICATE_REVOKED": "revoked",
+}
+
+
+def _ssl_reason(exc: ssl.SSLError) -> str | None:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _VERIFY_CODE_REASONS.get(exc.verify_code, "unknown_ca")
+    text = f"{exc.reason or ''} {exc}".upper()
+    for marker, reason in _ALERT_REASONS.items():
+        if marker in text:
+            return reason
+    return None
+
+
+def rejection_from_ssl_error(exc: BaseException, *, side: str, address: Address) -> PeerRejected | None:
+    """PeerRejected for a certificate failure OpenSSL raised, None for other TLS errors."""
+    cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+    if not isinstance(cause, ssl.SSLError):
+        return None
+    reason = _ssl_reason(cause)
+    if reason is None:
+        return None
+    if side == "local":
+        message = f"peer at {address[0]}:{address[1]} presented an unacceptable certificate ({reason}): {cause}"
+    else:
+        message = f"{address[0]}:{address[1]} refused our certificate ({reason}): {cause}"
+    return PeerRejected(reason, message, address=f"{address[0]}:{address[1]}", side=side)  # type: ignore[arg-type]
+
+
+class TlsContexts:
+    """The client and server SSLContexts built from one set of credentials."""
+
+    def __init__(self, credentials: Any) -> None:
+        self.server = self._context(credentials, ssl.PROTOCOL_TLS_SERVER)
+        self.client = self._context(credentials, ssl.PROTOCOL_TLS_CLIENT)
+
+    @staticmethod
+    def _context(credentials: Any, protocol: int) -> ssl.SSLContext:
+        context = ssl.SSLContext(protocol)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.maximum_version = ssl.TLSVersion.TLSv1_3
+        context.check_hostname = False  # identity is the SPIFFE SAN, checked by PeerVerifier
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=credentials.ca_pem.decode("ascii"))
+        if protocol == ssl.PROTOCOL_TLS_SERVER:
+            context.num_tickets = 0  # no resumption: every connection proves its certificate
+        # The ssl module only loads keys from files: a private 0700 directory, removed at once.
+        with tempfile.TemporaryDirectory(prefix="cloudless-tls-") as directory:
+            cert_path = os.path.join(directory, "cert.pem")
+            key_path = os.path.join(directory, "key.pem")
+            for path, data in ((cert_path, credentials.cert_pem), (key_path, credentials.key_pem)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+            context.load_cert_chain(cert_path, key_path)
+        return context
+
+
+def _peer_leaf(stream: trio.SSLStream) -> bytes | None:
+    return stream.getpeercert(binary_form=True)
+
+
+async def _read_exactly(stream: trio.abc.ReceiveStream, n: int, buffer: bytearray) -> bytes:
+    while len(buffer) < n:
+        data = await stream.receive_some()
+        if not data:
+            raise ConnectionLost("connection closed during the handshake")
+        buffer += data
+    out = bytes(buffer[:n])
+    del buffer[:n]
+    return out
+
+
+async def client_handshake(
+    tcp: trio.abc.Stream, contexts: TlsContexts, verifier: Any, address: Address
+) -> tuple[trio.SSLStream, PeerIdentity, bytes]:
+    """TLS + identity check + the server's verdict. Returns (stream, peer, bytes read past the verdict).
+
+    The caller bounds the time; raises PeerRejected or ConnectionLost.
+    """
+    stream = trio.SSLStream(tcp, contexts.client, server_hostname=None)
+    try:
+        await stream.do_handshake()
+        leaf = _peer_leaf(stream)
+        peer = verifier.verify_der([leaf] if leaf else [])
+        buffer = bytearray()
+        verdict = await _read_exactly(stream, 1, buffer)
+        if verdict == VERDICT_REJECT:
+            length = (await _read_exactly(stream, 1, buffer))[0]
+            reason_text = (await _read_exactly(stream, length, buffer)).decode("utf-8", "replace")
+            reason, _, message = reason_text.partition(" ")
+            try:
+                raise PeerRejected(  # type: ignore[arg-type]
+                    reason,
+                    f"{address[0]}:{address[1]} refused our certificate ({reason}): {message}",
+                    address=f"{address[0]}:{address[1]}",
+                    side="remote",
+                )
+            except ValueError:
+                raise ConnectionLost(f"{address[0]}:{address[1]} refused the connection: {reason_text}") from None
+        if verdict != VERDICT_ACCEPT:
+            raise ConnectionLost(f"{address[0]}:{address[1]} is not a Cloudless TLS endpoint (bad verdict byte)")
+        return stream, peer, bytes(buffer)
+    except PeerRejected:
+        await trio.aclose_forcefully(stream)
+        raise
+    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        await trio.aclose_forcefully(stream)
+        rejected = rejection_from_ssl_error(exc, side="remote", address=address)
+        if rejected is not None:
+            raise rejected from exc
+        raise ConnectionLost(f"TLS handshake with {address[0]}:{address[1]} failed: {exc!r}") from exc
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def server_handshake(
+    tcp: trio.abc.Stream, contexts: TlsContexts, verifier: Any, address: Address
+) -> tuple[trio.SSLStream, PeerIdentity]:
+    """TLS + identity check + our verdict; raises PeerRejected or ConnectionLost."""
+    stream = trio.SSLStream(tcp, contexts.server, server_side=True)
+    try:
+        await stream.do_handshake()
+        leaf = _peer_leaf(stream)
+        try:
+            peer = verifier.verify_der([leaf] if leaf else [])
+        except PeerRejected as exc:
+            reason = f"{exc.reason} {exc.message}".encode()[:MAX_VERDICT_REASON]
+            with trio.move_on_after(1.0):
+                await stream.send_all(VERDICT_REJECT + bytes([len(reason)]) + reason)
+            raise
+        await stream.send_all(VERDICT_ACCEPT)
+        return stream, peer
+    except PeerRejected:
+        await trio.aclose_forcefully(stream)
+        raise
+    except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        await trio.aclose_forcefully(stream)
+        rejected = rejection_from_ssl_error(exc, side="local", address=address)
+        if rejected is not None:
+            raise rejected from exc
+        raise ConnectionLost(f"TLS handshake with {address[0]}:{address[1]} failed: {exc!r}") from exc
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def open_tcp(address: Address) -> trio.SocketStream:
+    try:
+        return await trio.open_tcp_stream(address[0], int(address[1]))
+    except OSError as exc:
+        raise ConnectionLost(f"cannot reach {address[0]}:{address[1]}: {exc.strerror or exc}", address=address) from exc
+
+
+async def run_detached(setup: Callable[[trio.Nursery], Awaitable[MuxSession]], timeout: float, what: str) -> MuxSession:
+    """Set a connection up in a system task that then hosts it for its lifetime.
+
+    `connect` must return a live Connection without a caller-supplied
+    nursery, so the session (and, for WebSocket, trio-websocket's reader)
+    runs in a system task; this task waits for the setup's outcome.
+    """
+    done = trio.Event()
+    outcome: dict[str, Any] = {}
+    scope = trio.CancelScope()
+
+    async def host() -> None:
+        try:
+            with scope:
+                async with trio.open_nursery() as nursery:
+                    try:
+                        with trio.fail_after(timeout):
+                            session = await setup(nursery)
+                    except BaseException as exc:
+                        outcome["error"] = exc
+                        done.set()
+                        if isinstance(exc, Exception):
+                            return
+                        raise
+                    outcome["session"] = session
+                    done.set()
+                    await session.run()
+                    nursery.cancel_scope.cancel()
+        except Exception:  # never crash the trio run from a system task
+            log.exception("transport.connection_task_failed", extra={"what": what})
+        finally:
+            done.set()
+
+    trio.lowlevel.spawn_system_task(host, name=f"connection {what}")
+    try:
+        await done.wait()
+    except BaseException:
+        scope.cancel()
+        raise
+    error = outcome.get("error")
+    if isinstance(error, trio.TooSlowError):
+        raise ConnectionLost(f"handshake with {what} timed out after {timeout} s", timeout=timeout)
+    if error is not None:
+        raise error
+    if "session" not in outcome:
+        raise ConnectionLost(f"connection to {what} was cancelled during setup")
+    return outcome["session"]
+
+
+class TlsCarrier:
+    """Mutually authenticated TLS 1.3 over TCP, multiplexed; implements `base.Carrier`."""
+
+    def __init__(
+        self,
+        credentials: Any,
+        verifier: Any,
+        bind: Address = ("127.0.0.1", 0),
+        handshake_timeout: float = 5.0,
+        *,
+        mux_config: MuxConfig | None = None,
+    ) -> None:
+        self._contexts = TlsContexts(credentials)
+        self.verifier = verifier
+        self.bind = bind
+        self.handshake_timeout = handshake_timeout
+        self.mux_config = mux_config or MuxConfig()
+        self.local_address: Address | None = None
+        self.rejected = 0  # handshakes refused by serve, for tests and metrics
+
+    def update_credentials(self, credentials: Any) -> None:
+        """Use renewed credentials for every later handshake."""
+        self._contexts = TlsContexts(credentials)
+
+    async def connect(self, address: Address) -> Connection:
+        address = (address[0], int(address[1]))
+
+        async def setup(nursery: trio.Nursery) -> MuxSession:
+            tcp = await open_tcp(address)
+            stream, peer, extra = await client_handshake(tcp, self._contexts, self.verifier, address)
+            return MuxSession(
+                stream, is_client=True, peer=peer, remote_address=address, config=self.mux_config, initial_bytes=extra
+            )
+
+        return await run_detached(setup, self.handshake_timeout, f"{address[0]}:{address[1]}")
+
+    async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.bind[1], host=self.bind[0])
+        address = listeners[0].socket.getsockname()[:2]
+        self.local_address = (address[0], address[1])
+        log.info("tls.listening", extra={"address": f"{address[0]}:{address[1]}"})
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, handler, nursery)
+                task_status.started(self.local_address)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener, handler: ConnectionHandler, nursery: trio.Nursery) -> None:
+        while True:
+            tcp = await listener.accept()
+            nursery.start_soon(self._serve_one, tcp, handler)
+
+    async def _serve_one(self, tcp: trio.SocketStream, handler: ConnectionHandler) -> None:
+        try:
+            address = tcp.socket.getpeername()[:2]
+        except OSError:
+            await trio.aclose_forcefully(tcp)
+            return
+        session = await self._accept_handshake(tcp, address)
+        if session is not None:
+            await run_session(session, handler)
+
+    async def _accept_handshake(self, tcp: trio.SocketStream, address: Address) -> MuxSession | None:
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                stream, peer = await server_handshake(tcp, self._contexts, self.verifier, address)
+        except trio.TooSlowError:
+            self.rejected += 1
+            log.warning("tls.handshake_timeout", extra={"remote": f"{address[0]}:{address[1]}"})
+            await trio.aclose_forcefully(tcp)
+            return None
+        except PeerRejected as exc:
+            self.rejected += 1
+            log.warning("tls.peer_rejected", extra={"remote": f"{address[0]}:{address[1]}", "reason": exc.reason, "error": exc.message})
+            return None
+        except ConnectionLost as exc:
+            self.rejected += 1
+            log.info("tls.handshake_failed", extra={"remote": f"{address[0]}:{address[1]}", "error": exc.message})
+            return None
+        return MuxSession(stream, is_client=False, peer=peer, remote_address=address, config=self.mux_config)
+
