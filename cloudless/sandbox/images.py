@@ -755,15 +755,23 @@ class ImageStore:
         index = oci.decode_index(src.read("index.json"))
         if not index.manifests:
             raise InvalidImage("image layout index.json lists no manifests")
+        # Entries for other platforms (and buildx attestations, "unknown/unknown")
+        # are skipped; the blobs of foreign platforms are often not even present.
+        entries = [
+            d for d in index.manifests
+            if d.platform is None
+            or (d.platform.os == self.platform.os and d.platform.architecture == self.platform.architecture)
+        ]
+        if not entries:
+            oci.select_platform(index, self.platform)  # raises, naming what is available
         records = []
-        for top in index.manifests:
+        for top in entries:
             names = _layout_names(top) + extra_names
             desc = top
             data = self._layout_blob(src, desc)
             for _ in range(_MAX_NESTED_INDEX):
                 if oci.document_kind(data, desc.media_type) != "index":
                     break
-                self.put_blob(txn, data, desc.digest)
                 desc = oci.select_platform(oci.decode_index(data), self.platform)
                 data = self._layout_blob(src, desc)
             else:

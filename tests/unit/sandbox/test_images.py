@@ -262,3 +262,17 @@ def test_progress_reports_copy_and_unpack(tmp_path, store):
 def test_image_record_round_trips_through_msgspec(tmp_path, store):
     [rec] = store.import_path(build_busybox_image(tmp_path / "src", "layout"))
     assert msgspec.json.decode(msgspec.json.encode(rec), type=type(rec)) == rec
+
+
+def test_layout_entries_for_other_platforms_are_skipped(tmp_path, store):
+    layout = build_busybox_image(tmp_path / "src", "layout")
+    index = json.loads((layout / "index.json").read_text())
+    foreign = dict(index["manifests"][0], digest="sha256:" + "ee" * 32, platform={"os": "linux", "architecture": "s390x"})
+    index["manifests"].insert(0, foreign)  # its blobs are absent, as in single-arch exports of multi-arch images
+    (layout / "index.json").write_text(json.dumps(index))
+    [rec] = store.import_path(layout)
+    assert rec.names == [BUSYBOX]
+    index["manifests"] = [foreign]
+    (layout / "index.json").write_text(json.dumps(index))
+    with pytest.raises(InvalidImage, match="no manifest for linux/"):
+        ImageStore(tmp_path / "other").import_path(layout)
