@@ -121,6 +121,17 @@ class ReadState:
 
 @dataclass(frozen=True)
 class RaftConfig:
+    """Tunables of one core. Times are in ticks (the driver decides a tick's length).
+
+    `applied`: the index the application's state already reflects when the
+    core starts (never less than the storage's snapshot index, which the
+    core assumes the application restored). `max_size_per_msg` bounds the
+    entry bytes of one AppendEntries (at least one entry is always sent);
+    `max_inflight_msgs` bounds unacknowledged appends per follower;
+    `max_uncommitted_bytes` (None: unbounded) drops proposals while the
+    uncommitted tail is larger.
+    """
+
     id: str
     election_tick: int = 10
     heartbeat_tick: int = 1
@@ -187,14 +198,15 @@ class RaftNode:
         hard_state, conf_state = storage.initial_state()
         self._term = hard_state.term
         self._vote = hard_state.vote
-        if hard_state.commit:
-            self.log.commit_to(max(hard_state.commit, self.log.committed))
-        self.log.applied = max(config.applied, self.log.applied)
+        snapshot_index = storage.snapshot().meta.index
+        # A durable snapshot is committed and applied, even if the hard
+        # state's commit (written without sync) was lost in a crash.
+        self.log.commit_to(max(hard_state.commit, snapshot_index, self.log.committed))
+        self.log.applied = max(config.applied, snapshot_index, self.log.applied)
         if self.log.applied > self.log.committed:
             raise RaftInvariantError("applied beyond commit", applied=self.log.applied, commit=self.log.committed)
         # (index, conf) pairs: the configuration from each conf entry on;
         # [0] is the snapshot's. Rebuilt from the log after a restart.
-        snapshot_index = storage.snapshot().meta.index
         self._confs: list[tuple[int, ConfState]] = [(snapshot_index, conf_state)]
         self._rebuild_confs_from_log(max(snapshot_index + 1, storage.first_index()))
 

@@ -257,7 +257,7 @@ class SimConfig:
     clients: int = 3
     keys: int = 2
     duration: int = 2500  # units with faults on
-    heal_duration: int = 1200  # then everything heals and restarts
+    heal_duration: int = 2000  # then everything heals and restarts
     tick_interval: int = 10
     election_tick: int = 10
     heartbeat_tick: int = 2
@@ -268,6 +268,8 @@ class SimConfig:
     faults: bool = True
     membership: bool = True
     crash_points: bool = True
+    crash_point_rate: float = 0.002  # chance of a crash at each persistence point
+    crash_point_names: tuple[str, ...] = ("after_write", "after_sync", "after_send")
     check_linearizability: bool = True
 
 
@@ -442,7 +444,13 @@ class Simulation:
         log.debug("sim.crash", extra={"node": node.id, "where": where, "now": self.now})
 
     def _maybe_crash_at(self, node: SimNode, where: str) -> bool:
-        if self._faults_on and self.config.crash_points and self.fault_rng.random() < 0.002:
+        c = self.config
+        if (
+            self._faults_on
+            and c.crash_points
+            and where in c.crash_point_names
+            and self.fault_rng.random() < c.crash_point_rate
+        ):
             self.crash(node, where)
             return True
         return False
@@ -610,7 +618,8 @@ class Simulation:
             if node.incarnation == attempt.incarnation and node.up and self.now < attempt.deadline:
                 return
             op.attempt = None  # timed out or the node crashed: retry (same seq)
-            client.leader_hint = None  # and ask someone else
+            if client.leader_hint == attempt.node:
+                client.leader_hint = None  # ask someone else
         self._submit(client, op)
 
     def _new_op(self, client: SimClient) -> _ClientOp:
@@ -801,7 +810,7 @@ class Simulation:
             for node in self.nodes.values():
                 node.down_until = min(node.down_until, self.now)
             end = self.now + c.heal_duration
-            issue_until = self.now + c.heal_duration // 2
+            issue_until = self.now + c.heal_duration // 4
             while self.now < end:
                 self.step(issue_new=self.now < issue_until)
                 self.now += 1
