@@ -28,12 +28,14 @@ path. The shim:
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from typing import AsyncIterator
+from _json import encode_basestring_ascii as _json_string  # C builtin: no `re`, no `json` package
 
-if __name__ != "__main__":  # imported as a module (not run as the shim)
+if __name__ != "__main__":  # imported as a module; the shim skips these (start latency)
+    import json
+    from typing import AsyncIterator
+
     import trio
 
     from cloudless.sandbox.runtime import LogRecord
@@ -92,7 +94,7 @@ class LogWriter:
 
     def write(self, ts: float, stream: str, text: str) -> int:
         """Append one record; return its offset."""
-        line = (json.dumps({"ts": round(ts, 6), "s": _STREAM_CODE[stream], "t": text}) + "\n").encode()
+        line = f'{{"ts": {ts:.6f}, "s": "{_STREAM_CODE[stream]}", "t": {_json_string(text)}}}\n'.encode()
         if self._size and self._size + len(line) > self.max_bytes:
             self._rotate()
         offset = self.offset
@@ -235,6 +237,15 @@ def _memory_cgroup_dir(pid: int) -> str | None:
     return None
 
 
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot); None if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def oom_kill_count(cgroup_dir: str | None) -> int:
     """The cgroup's oom_kill counter (v1 memory.oom_control, v2 memory.events), 0 if unknown."""
     if not cgroup_dir:
@@ -267,25 +278,75 @@ def _write_atomic(path: str, data: bytes) -> None:
         os.close(dfd)
 
 
-def _shim_main(argv: list[str]) -> int:
-    import argparse
-    import select
-    import signal
-    import subprocess
+def _json_object(fields: dict) -> str:
+    """A flat JSON object of str/int/float/bool/None values, without importing json."""
+    parts = []
+    for key, value in fields.items():
+        if value is None:
+            v = "null"
+        elif isinstance(value, bool):
+            v = "true" if value else "false"
+        elif isinstance(value, (int, float)):
+            v = repr(value)
+        else:
+            v = _json_string(str(value))
+        parts.append(f"{_json_string(key)}: {v}")
+    return "{" + ", ".join(parts) + "}"
 
-    p = argparse.ArgumentParser(prog="cloudless-shim")
-    p.add_argument("--runc", required=True)
-    p.add_argument("--root", required=True)
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--id", required=True)
-    p.add_argument("--log-dir", required=True)
-    p.add_argument("--max-bytes", type=int, required=True)
-    p.add_argument("--keep", type=int, required=True)
-    p.add_argument("--exit-file", required=True)
-    p.add_argument("--pid-file", required=True)
-    p.add_argument("--shim-log", required=True)
-    p.add_argument("--shim-pid-file", required=True)
-    a = p.parse_args(argv)
+
+SHIM_OPTIONS = ("runc", "root", "bundle", "id", "log-dir", "max-bytes", "keep", "exit-file", "pid-file",
+                "shim-log", "shim-pid-file")  # fmt: skip
+
+
+def _parse_shim_args(argv: list[str]) -> dict[str, str]:
+    if len(argv) % 2:
+        raise SystemExit("shim: options come in --name value pairs")
+    opts = {}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        name = flag[2:]
+        if not flag.startswith("--") or name not in SHIM_OPTIONS:
+            raise SystemExit(f"shim: unknown option {flag}")
+        opts[name] = value
+    missing = [o for o in SHIM_OPTIONS if o not in opts]
+    if missing:
+        raise SystemExit(f"shim: missing --{missing[0]}")
+    return opts
+
+
+class _ShimOptions:
+    def __init__(self, o: dict[str, str]) -> None:
+        self.runc, self.root, self.bundle, self.id = o["runc"], o["root"], o["bundle"], o["id"]
+        self.log_dir, self.exit_file, self.pid_file = o["log-dir"], o["exit-file"], o["pid-file"]
+        self.shim_log, self.shim_pid_file = o["shim-log"], o["shim-pid-file"]
+        self.max_bytes, self.keep = int(o["max-bytes"]), int(o["keep"])
+
+
+def _read_args_from_stdin() -> list[str] | None:
+    """A pre-started shim's arguments: one NUL-separated line; None at EOF (not needed)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(0, 65536)
+        if not chunk:
+            return None
+        data += chunk
+    return data[:-1].decode().split("\0")
+
+
+def _shim_main(argv: list[str]) -> int:
+    # Only C builtins beyond os/time: argparse, subprocess, signal and json would
+    # add tens of milliseconds to every container start.
+    import _signal as signal
+    import ctypes  # for prctl; loaded before the arguments arrive when pre-started
+    import select
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if argv == ["--args-from-stdin"]:
+        # Pre-started ("warm") by the runtime so interpreter start-up is off the start path.
+        got = _read_args_from_stdin()
+        if got is None:
+            return 0
+        argv = got
+    a = _ShimOptions(_parse_shim_args(argv))
 
     ready_r, ready_w = os.pipe()
     if os.fork() != 0:
@@ -301,7 +362,8 @@ def _shim_main(argv: list[str]) -> int:
         return 0 if report.startswith("ok ") else 1
     os.close(ready_r)
     os.setsid()
-    _write_atomic(a.shim_pid_file, str(os.getpid()).encode())
+    # pid plus kernel start time: the runtime's liveness check must not be fooled by pid reuse.
+    _write_atomic(a.shim_pid_file, f"{os.getpid()} {process_start_time(os.getpid())}".encode())
     devnull = os.open(os.devnull, os.O_RDWR)
     log_fd = os.open(a.shim_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(devnull, 0)
@@ -310,21 +372,18 @@ def _shim_main(argv: list[str]) -> int:
     os.close(log_fd)
 
     def shim_log(event: str, **fields: object) -> None:
-        os.write(2, (json.dumps({"ts": time.time(), "event": event, **fields}) + "\n").encode())
+        os.write(2, (_json_object({"ts": time.time(), "event": event, **fields}) + "\n").encode())
 
     def report(text: str) -> None:
         os.write(ready_w, (text.rstrip("\n") + "\n").encode())
         os.close(ready_w)
 
-    import ctypes
-
-    PR_SET_CHILD_SUBREAPER = 36
-    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_CHILD_SUBREAPER = 36  # not inherited across fork: set it here, in the daemon
     if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         report(f"error prctl(PR_SET_CHILD_SUBREAPER) failed: errno {ctypes.get_errno()}")
         return 1
 
-    # SIGCHLD wakes the select loop through the wakeup fd; the handler itself does nothing.
+    # SIGCHLD wakes the select loops through the wakeup fd; the handler itself does nothing.
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     os.set_blocking(wake_r, False)
@@ -334,39 +393,82 @@ def _shim_main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the shim lives until the container dies
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        create = subprocess.run(
-            [a.runc, "--root", a.root, "create", "--bundle", a.bundle, "--pid-file", a.pid_file, a.id],
-            stdin=devnull,
-            stdout=out_w,
-            stderr=err_w,
-            timeout=60,
-        )
-        rc = create.returncode
-    except (OSError, subprocess.TimeoutExpired) as e:
-        rc, create = -1, None
-        shim_log("runc_create_failed", error=str(e))
-    os.close(out_w)
-    os.close(err_w)
-    if rc != 0:
-        # No container: every writer of the pipes is gone, so reads reach EOF.
+    def run_runc(args: list[str], out_fd: int, err_fd: int, timeout: float = 60.0) -> int:
+        """Run runc to completion (killed after `timeout`); its exit code, -1 if it could not run."""
+        try:
+            child = os.posix_spawn(
+                a.runc,
+                [a.runc, "--root", a.root, *args],
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, out_fd, 1),
+                    (os.POSIX_SPAWN_DUP2, err_fd, 2),
+                ],
+            )
+        except OSError as e:
+            shim_log("runc_spawn_failed", args=" ".join(args), error=str(e))
+            return -1
+        deadline = time.monotonic() + timeout
+        while True:
+            got, st = os.waitpid(child, os.WNOHANG)
+            if got:
+                return os.waitstatus_to_exitcode(st)
+            if time.monotonic() > deadline:
+                os.kill(child, 9)
+                os.waitpid(child, 0)
+                shim_log("runc_timeout", args=" ".join(args))
+                return -1
+            select.select([wake_r], [], [], 0.05)
+            try:
+                os.read(wake_r, 4096)
+            except BlockingIOError:
+                pass
+
+    def drain(fds: tuple[int, ...]) -> str:
         msg = b""
-        for fd in (err_r, out_r):
+        for fd in fds:
             os.set_blocking(fd, False)
             try:
                 msg += os.read(fd, 65536)
             except BlockingIOError:
                 pass
-        report("error runc create exit " + str(rc) + ": " + msg.decode("utf-8", "replace").replace("\n", " ").strip())
+        return msg.decode("utf-8", "replace").replace("\n", " ").strip()
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    spawn_at = time.monotonic()
+    # runc create passes its stdio on to the container's init: these pipes are its stdout/stderr.
+    rc = run_runc(["create", "--bundle", a.bundle, "--pid-file", a.pid_file, a.id], out_w, err_w)
+    created_at = time.monotonic()
+    os.close(out_w)
+    os.close(err_w)
+    if rc != 0:
+        # No container: every writer of the pipes is gone, so reads reach EOF.
+        report(f"error runc create exit {rc}: {drain((err_r, out_r))}")
         return 1
     with open(a.pid_file) as f:
         pid = int(f.read().strip())
     cgroup = _memory_cgroup_dir(pid)
     oom_before = oom_kill_count(cgroup)
+    start_err_r, start_err_w = os.pipe()
+    rc = run_runc(["start", a.id], devnull, start_err_w)
+    os.close(start_err_w)
+    if rc != 0:
+        message = drain((start_err_r,))
+        run_runc(["delete", "--force", a.id], devnull, devnull)
+        report(f"error runc start exit {rc}: {message}")
+        return 1
+    os.close(start_err_r)
     report(f"ok {pid}")
-    shim_log("container_created", id=a.id, pid=pid, memory_cgroup=cgroup)
+    shim_log(
+        "container_started",
+        id=a.id,
+        pid=pid,
+        memory_cgroup=cgroup,
+        runc_create_s=round(created_at - spawn_at, 4),
+        runc_start_s=round(time.monotonic() - created_at, 4),
+    )
 
     writer = LogWriter(a.log_dir, a.max_bytes, a.keep)
     splitters = {out_r: ("stdout", LineSplitter()), err_r: ("stderr", LineSplitter())}
@@ -434,7 +536,7 @@ def _shim_main(argv: list[str]) -> int:
         "finished_at": time.time(),
         "pid": pid,
     }
-    _write_atomic(a.exit_file, json.dumps(record).encode())
+    _write_atomic(a.exit_file, _json_object(record).encode())
     shim_log("container_exited", id=a.id, **record)
     return 0
 

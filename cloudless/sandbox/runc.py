@@ -36,6 +36,7 @@ import os
 import resource
 import shutil
 import signal as signals
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -96,20 +97,14 @@ def _write_synced(path: Path, data: bytes) -> None:
     os.rename(tmp, path)
 
 
-def _pid_alive(pid: int, marker: str) -> bool:
-    """Is `pid` alive and still the process we think (cmdline contains `marker`)?"""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except OSError:
-        return False
+def _process_alive(pid: int, start_time: int) -> bool:
+    """Is `pid` alive, not a zombie, and the same process (same kernel start time)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
+            fields = f.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return False
-    return marker.encode() in cmdline
+    return fields[0] != "Z" and int(fields[19]) == start_time
 
 
 class RuncRuntime:
@@ -142,6 +137,7 @@ class RuncRuntime:
         # two runtimes on one machine (a dev cluster) apart.
         self._cgroup_parent = "cloudless-" + hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
         self._locks: dict[str, trio.Lock] = {}
+        self._warm_shim: trio.Process | None = None
 
     # ------------------------------------------------------------ helpers
 
@@ -200,8 +196,11 @@ class RuncRuntime:
             return None
 
     def _shim_alive(self, container_id: str) -> bool:
-        pid = self._read_int(container_id, "shim.pid")
-        return pid is not None and _pid_alive(pid, str(self._dir(container_id) / "exit.json"))
+        try:
+            pid, start_time = (self._dir(container_id) / "shim.pid").read_text().split()
+            return _process_alive(int(pid), int(start_time))
+        except (FileNotFoundError, ValueError):
+            return False
 
     # ------------------------------------------------------------ lifecycle
 
@@ -286,8 +285,7 @@ class RuncRuntime:
                 await self._runc("delete", "--force", container_id, check=False)
             for name in ("exit.json", "init.pid", "shim.pid", "started.json"):
                 (cdir / name).unlink(missing_ok=True)
-            argv = [
-                self.python, "-I", "-S", SHIM_SCRIPT, "shim",
+            args = [
                 "--runc", self.runc,
                 "--root", str(self.root),
                 "--bundle", str(cdir / "bundle"),
@@ -300,21 +298,8 @@ class RuncRuntime:
                 "--shim-log", str(cdir / "shim.log"),
                 "--shim-pid-file", str(cdir / "shim.pid"),
             ]  # fmt: skip
-            with trio.move_on_after(self.timeout) as scope:
-                proc = await trio.run_process(argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
-            if scope.cancelled_caught:
-                raise RuncFailed(f"container {container_id}: shim did not report within {self.timeout}s", id=container_id)
-            report = proc.stdout.decode(errors="replace").strip()
-            if proc.returncode != 0 or not report.startswith("ok "):
-                detail = report or proc.stderr.decode(errors="replace").strip()
-                raise RuncFailed(f"container {container_id}: {detail}", id=container_id)
+            report = await self._run_shim(container_id, args)
             pid = int(report.split()[1])
-            try:
-                await self._runc("start", container_id)
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._runc("delete", "--force", container_id, check=False)
-                raise
             started_at = time.time()
             _write_synced(cdir / "started.json", json.dumps({"started_at": started_at}).encode())
         attachment = self.network.attachment(container_id)
@@ -327,6 +312,54 @@ class RuncRuntime:
             ip=attachment.ip if attachment else None,
             labels=dict(spec.labels),
         )
+
+    async def _spawn_shim(self) -> trio.Process:
+        return await trio.lowlevel.open_process(
+            [self.python, "-I", "-S", SHIM_SCRIPT, "shim", "--args-from-stdin"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+
+    async def _run_shim(self, container_id: str, args: list[str]) -> str:
+        """Hand `args` to a pre-started shim (starting the next one), return its `ok <pid>` report."""
+        proc = self._warm_shim
+        self._warm_shim = None
+        if proc is None or proc.returncode is not None:
+            proc = await self._spawn_shim()
+        # The next start finds a shim whose interpreter is already up.
+        self._warm_shim = await self._spawn_shim()
+        out = b""
+        with trio.move_on_after(self.timeout) as scope:
+            assert proc.stdin is not None and proc.stdout is not None
+            await proc.stdin.send_all(("\0".join(args) + "\n").encode())
+            await proc.stdin.aclose()
+            while chunk := await proc.stdout.receive_some(65536):
+                out += chunk
+            await proc.wait()
+        if scope.cancelled_caught:
+            proc.kill()
+            with trio.CancelScope(shield=True):
+                await proc.wait()
+            raise RuncFailed(f"container {container_id}: shim did not report within {self.timeout}s", id=container_id)
+        await proc.stdout.aclose()
+        report = out.decode(errors="replace").strip()
+        if proc.returncode != 0 or not report.startswith("ok "):
+            raise RuncFailed(f"container {container_id}: {report or 'shim failed silently'}", id=container_id)
+        return report
+
+    async def aclose(self) -> None:
+        """Release the pre-started shim (it would exit by itself when this process does)."""
+        proc, self._warm_shim = self._warm_shim, None
+        if proc is not None:
+            assert proc.stdin is not None
+            with trio.CancelScope(shield=True):
+                await proc.stdin.aclose()  # EOF: the idle shim exits 0
+                with trio.move_on_after(5):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
 
     async def state(self, container_id: str) -> ContainerState:
         spec = self._load_spec(container_id)

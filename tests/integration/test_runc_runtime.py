@@ -81,6 +81,7 @@ async def runtime(tmp_path):
             for st in await rt.list():
                 await rt.delete(st.id)
             await rt.sweep()
+            await rt.aclose()
 
 
 def spec(rootfs, cid, args, **kw):
@@ -333,5 +334,6 @@ async def test_adoption_after_supervisor_restart_does_not_start_a_duplicate(runt
         except trio.WouldBlock:
             break
     assert [type(e) for e in events] == [Adopted]
+    await reborn.aclose()
     listed = subprocess.run(["runc", "--root", str(reborn.root), "list", "-q"], capture_output=True, text=True).stdout.split()
     assert listed == ["svc"]

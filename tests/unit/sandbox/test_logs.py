@@ -127,7 +127,7 @@ async def test_shim_reports_runc_create_failure_and_leaves_no_daemon(tmp_path):
     assert proc.stdout.decode().startswith("error runc create exit 1")
     assert "container config invalid" in proc.stdout.decode()
     assert not (tmp_path / "exit.json").exists()
-    shim_pid = int((tmp_path / "shim.pid").read_text())
+    shim_pid = int((tmp_path / "shim.pid").read_text().split()[0])
     with trio.fail_after(5):
         while os.path.exists(f"/proc/{shim_pid}") and "Z" not in open(f"/proc/{shim_pid}/stat").read().split(")")[1][:3]:
             await trio.sleep(0.02)
