@@ -17,6 +17,9 @@ _COMMAND_MODULES = (
     ("cloudless.cli.node", "node"),
     ("cloudless.cli.dev", "dev"),
     ("cloudless.cli.cluster", "cluster_commands"),
+    ("cloudless.cli.blob", "blob"),
+    ("cloudless.cli.blob", "s3"),
+    ("cloudless.cli.workloads", "workload_commands"),
 )
 
 
