@@ -1,0 +1,645 @@
+"""RPC over any carrier's Connection: request/response and server streams.
+
+Server:
+
+    server = RpcServer()
+
+    @server.unary("vars.get", request=GetVar)          # request type optional
+    async def get_var(ctx: RpcContext, req: GetVar) -> VarValue:
+        if ...: raise NotFound(f"no variable {req.key}")
+        return VarValue(...)                            # Struct, msgspec-encodable or bytes
+
+    @server.stream("logs.follow", request=Follow)
+    async def follow(ctx: RpcContext, req: Follow) -> None:
+        async for line in ...:
+            await ctx.send(LogLine(...))                # blocks while the client is slow
+
+    await server.serve(carrier, task_status=...)        # or: carrier.serve(server.serve_connection)
+
+Client:
+
+    client = RpcClient(carrier)                         # one pooled connection per address
+    value = await client.call(address_or_conn, "vars.get", GetVar(key="a"), response=VarValue, timeout=5)
+    async with client.stream(address, "logs.follow", Follow(...), item=LogLine) as items:
+        async for line in items:
+            ...
+
+Bodies: bytes travel as they are; anything else is msgspec-msgpack encoded.
+With `request=`/`response=`/`item=` types the receiving side decodes and
+validates (a body that does not decode is InvalidInput); without, it gets the
+raw bytes.
+
+Semantics:
+
+- Each RPC uses its own stream. Wire: length-prefixed (u32, at most
+  `max_frame_size`) msgpack frames; the client sends one `Request` and keeps
+  its side open; the server answers `Reply` or `Failure` (unary), or
+  `Item`s then `End` or `Failure` (stream), then EOF; the client then sends
+  EOF. Keeping the client's side open is what lets the server notice a
+  cancelled client on any carrier: a reset (or early EOF) cancels the handler.
+- Deadlines propagate: the request carries the time left; the server runs
+  the handler under that deadline (so it is cancelled when the client would
+  give up anyway). The client raises `DeadlineExceeded` (exit code 5).
+- Cancelling the caller resets the stream; the server cancels the handler.
+- Errors come back typed: a handler's CloudlessError is re-raised on the
+  client as the class of the same exit code (InvalidInput, NotFound,
+  Conflict, Unavailable, CloudlessError) with the remote `code`, message and
+  context. Other exceptions become a generic "internal" error (logged on the
+  server with its traceback).
+- `ctx.peer` is the caller's verified identity.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import struct
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
+
+import msgspec
+import trio
+
+from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
+from cloudless.transport.base import Carrier, Connection, ConnectionLost, PeerIdentity, Stream, StreamReset
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Address = tuple[str, int]
+
+DEFAULT_TIMEOUT = 10.0
+MAX_FRAME_SIZE = 16 * 1024 * 1024
+MAX_METHOD_LENGTH = 128
+REQUEST_READ_TIMEOUT = 10.0  # a client must deliver its request this fast
+CLOSE_TIMEOUT = 5.0  # how long a server waits for the client's EOF after answering
+RESET_PROTOCOL_ERROR = 2
+_LENGTH = struct.Struct(">I")
+
+
+# -- wire --
+
+
+class Request(msgspec.Struct, tag="req", array_like=True, frozen=True):
+    method: str
+    timeout: float | None  # seconds left at the caller; None: no deadline
+    body: bytes
+
+
+class Reply(msgspec.Struct, tag="rep", array_like=True, frozen=True):
+    body: bytes
+
+
+class Item(msgspec.Struct, tag="item", array_like=True, frozen=True):
+    body: bytes
+
+
+class End(msgspec.Struct, tag="end", array_like=True, frozen=True):
+    pass
+
+
+class Failure(msgspec.Struct, tag="fail", array_like=True, frozen=True):
+    code: str
+    exit_code: int
+    message: str
+    context: dict[str, str] = {}
+
+
+Frame = Request | Reply | Item | End | Failure
+
+_encoder = msgspec.msgpack.Encoder()
+_frame_decoder = msgspec.msgpack.Decoder(Frame)
+
+
+# -- errors --
+
+
+class RpcError(CloudlessError):
+    code = "rpc_error"
+
+
+class RpcProtocolError(RpcError, InvalidInput):
+    """The other side broke the RPC framing (bad frame, oversize, wrong order)."""
+
+    code = "rpc_protocol_error"
+
+
+class UnknownMethod(InvalidInput):
+    code = "unknown_method"
+
+
+class DeadlineExceeded(Unavailable):
+    code = "deadline_exceeded"
+
+
+class RpcCancelled(Unavailable):
+    """The server gave up on the call: the client reset the stream or the server is closing."""
+
+    code = "cancelled"
+
+
+_BY_CODE: dict[str, type[CloudlessError]] = {
+    cls.code: cls for cls in (UnknownMethod, DeadlineExceeded, RpcCancelled, RpcProtocolError)
+}
+_BY_EXIT_CODE: dict[int, type[CloudlessError]] = {
+    1: CloudlessError,
+    2: InvalidInput,
+    3: NotFound,
+    4: Conflict,
+    5: Unavailable,
+}
+
+
+def failure_of(error: CloudlessError) -> Failure:
+    return Failure(
+        code=str(error.code),
+        exit_code=int(error.exit_code),
+        message=error.message,
+        context={str(k): str(v) for k, v in error.context.items()},
+    )
+
+
+def error_of(failure: Failure, method: str, peer: str) -> CloudlessError:
+    """Rebuild a remote error as the local class with the same exit code."""
+    cls = _BY_CODE.get(failure.code) or _BY_EXIT_CODE.get(failure.exit_code, CloudlessError)
+    error = cls(failure.message, **failure.context)
+    error.code = failure.code  # keep the remote's precise code (e.g. "peer_rejected")
+    error.context.setdefault("method", method)
+    error.context.setdefault("peer", peer)
+    return error
+
+
+def encode_body(value: Any) -> bytes:
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    return _encoder.encode(value)
+
+
+def decode_body(body: bytes, kind: Any, what: str) -> Any:
+    if kind is None or kind is bytes:
+        return body
+    try:
+        return msgspec.msgpack.decode(body, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidInput(f"{what} does not decode: {exc}") from exc
+
+
+def encode_frame(frame: Frame, max_size: int = MAX_FRAME_SIZE) -> bytes:
+    payload = _encoder.encode(frame)
+    if len(payload) > max_size:
+        raise InvalidInput(f"RPC message of {len(payload)} bytes exceeds the {max_size}-byte limit")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+class FrameReader:
+    """Length-prefixed frames off a Stream, each at most `max_size` bytes."""
+
+    def __init__(self, stream: Stream, max_size: int = MAX_FRAME_SIZE) -> None:
+        self._stream = stream
+        self._max = max_size
+        self._buffer = bytearray()
+        self.eof = False
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def read(self) -> Frame | None:
+        """Next frame, or None at a clean EOF between frames."""
+        while True:
+            if len(self._buffer) >= 4:
+                (length,) = _LENGTH.unpack_from(self._buffer)
+                if length > self._max:
+                    raise RpcProtocolError(f"RPC frame of {length} bytes exceeds the {self._max}-byte limit")
+                if len(self._buffer) >= 4 + length:
+                    payload = bytes(self._buffer[4 : 4 + length])
+                    del self._buffer[: 4 + length]
+                    try:
+                        return _frame_decoder.decode(payload)
+                    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                        raise RpcProtocolError(f"malformed RPC frame: {exc}") from exc
+            if self.eof:
+                if self._buffer:
+                    raise RpcProtocolError("stream ended inside an RPC frame")
+                return None
+            data = await self._stream.receive_some()
+            if not data:
+                self.eof = True
+            else:
+                self._buffer += data
+
+
+async def _reset_quietly(stream: Stream, code: int = 0) -> None:
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(1.0):
+            try:
+                await stream.reset(code)
+            except (CloudlessError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+# -- server --
+
+
+@dataclass
+class RpcContext:
+    """What a handler knows about its call."""
+
+    peer: PeerIdentity
+    method: str
+    deadline: float  # trio.current_time() by which the handler is cancelled; inf: none
+    cancel_scope: trio.CancelScope = field(repr=False)
+    _stream: Stream = field(repr=False)
+    _max_frame: int = field(repr=False, default=MAX_FRAME_SIZE)
+    items_sent: int = 0
+
+    @property
+    def time_left(self) -> float:
+        return self.deadline - trio.current_time()
+
+    async def send(self, item: Any) -> None:
+        """Send one item of a streamed response (flow-controlled)."""
+        await self._stream.send_all(encode_frame(Item(encode_body(item)), self._max_frame))
+        self.items_sent += 1
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class _Method:
+    name: str
+    handler: Handler
+    request_type: Any
+    streaming: bool
+
+
+class RpcServer:
+    def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE, max_timeout: float | None = None) -> None:
+        self._methods: dict[str, _Method] = {}
+        self.max_frame_size = max_frame_size
+        self.max_timeout = max_timeout  # caps what clients may ask for
+        self.calls_active = 0
+        self.calls_total = 0
+
+    def unary(self, name: str, *, request: Any = None) -> Callable[[Handler], Handler]:
+        """Register `async def h(ctx, request) -> response`."""
+        return self._register(name, request, streaming=False)
+
+    def stream(self, name: str, *, request: Any = None) -> Callable[[Handler], Handler]:
+        """Register `async def h(ctx, request) -> None` that calls `await ctx.send(item)`."""
+        return self._register(name, request, streaming=True)
+
+    def add(self, name: str, handler: Handler, *, request: Any = None, streaming: bool = False) -> None:
+        if not name or len(name) > MAX_METHOD_LENGTH:
+            raise ValueError(f"method name must be 1..{MAX_METHOD_LENGTH} characters")
+        if name in self._methods:
+            raise ValueError(f"method {name!r} is already registered")
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"handler for {name!r} must be an async function")
+        self._methods[name] = _Method(name, handler, request, streaming)
+
+    def _register(self, name: str, request: Any, *, streaming: bool) -> Callable[[Handler], Handler]:
+        def decorate(handler: Handler) -> Handler:
+            self.add(name, handler, request=request, streaming=streaming)
+            return handler
+
+        return decorate
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted(self._methods)
+
+    async def serve(self, carrier: Carrier, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await carrier.serve(self.serve_connection, task_status=task_status)
+
+    async def serve_connection(self, conn: Connection) -> None:
+        """A carrier ConnectionHandler: serve every stream the peer opens until it goes."""
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    stream = await conn.accept_stream()
+                    nursery.start_soon(self.serve_stream, conn, stream)
+        except ConnectionLost:
+            pass
+
+    async def serve_stream(self, conn: Connection, stream: Stream) -> None:
+        self.calls_total += 1
+        self.calls_active += 1
+        try:
+            await self._serve_stream(conn, stream)
+        except (ConnectionLost, StreamReset, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.debug("rpc.stream_aborted", extra={"peer": conn.peer.uri, "error": repr(exc)})
+            await _reset_quietly(stream)
+        finally:
+            self.calls_active -= 1
+
+    async def _serve_stream(self, conn: Connection, stream: Stream) -> None:
+        reader = FrameReader(stream, self.max_frame_size)
+        try:
+            with trio.fail_after(REQUEST_READ_TIMEOUT):
+                frame = await reader.read()
+        except trio.TooSlowError:
+            log.info("rpc.request_timeout", extra={"peer": conn.peer.uri})
+            await _reset_quietly(stream, RESET_PROTOCOL_ERROR)
+            return
+        except RpcProtocolError as exc:
+            await self._refuse(stream, conn, exc)
+            return
+        if not isinstance(frame, Request):
+            await self._refuse(stream, conn, RpcProtocolError("first RPC frame must be a request"))
+            return
+        method = self._methods.get(frame.method)
+        if method is None:
+            await self._refuse(stream, conn, UnknownMethod(f"no RPC method {frame.method[:MAX_METHOD_LENGTH]!r}"))
+            return
+        if frame.timeout is not None and not (frame.timeout >= 0 and math.isfinite(frame.timeout)):
+            await self._refuse(stream, conn, RpcProtocolError(f"bad RPC timeout {frame.timeout!r}"))
+            return
+        timeout = frame.timeout
+        if self.max_timeout is not None:
+            timeout = self.max_timeout if timeout is None else min(timeout, self.max_timeout)
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        try:
+            request = decode_body(frame.body, method.request_type, f"request to {method.name}")
+        except InvalidInput as exc:
+            await self._refuse(stream, conn, exc)
+            return
+        await self._run_handler(conn, stream, reader, method, request, deadline)
+
+    async def _refuse(self, stream: Stream, conn: Connection, error: CloudlessError) -> None:
+        log.info("rpc.refused", extra={"peer": conn.peer.uri, "error": error.message})
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            await stream.send_all(encode_frame(failure_of(error), self.max_frame_size))
+            await stream.send_eof()
+            while await stream.receive_some():  # until the client's EOF
+                pass
+        if scope.cancelled_caught:
+            await _reset_quietly(stream, RESET_PROTOCOL_ERROR)
+        else:
+            await stream.aclose()
+
+    async def _run_handler(
+        self, conn: Connection, stream: Stream, reader: FrameReader, method: _Method, request: Any, deadline: float
+    ) -> None:
+        finished = False
+        client_gone: list[str] = []
+
+        async def watch_client(scope: trio.CancelScope) -> None:
+            # The client sends nothing after its request until it has our answer:
+            # EOF before then, a reset or a lost connection all mean "give up".
+            try:
+                data = await stream.receive_some()
+                if data or reader.buffered:
+                    client_gone.append("sent data after its request")
+                elif not finished:
+                    client_gone.append("closed its side before the answer")
+            except (StreamReset, ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                client_gone.append(f"went away ({exc.__class__.__name__})")
+            if not finished or client_gone:
+                scope.cancel()
+
+        ctx_scope = trio.CancelScope(deadline=deadline)
+        answer: Frame | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_client, nursery.cancel_scope)
+            ctx = RpcContext(conn.peer, method.name, deadline, ctx_scope, stream, self.max_frame_size)
+            with ctx_scope:
+                try:
+                    result = await method.handler(ctx, request)
+                    if method.streaming:
+                        answer = End()
+                    else:
+                        answer = Reply(encode_body(result))
+                except CloudlessError as exc:
+                    answer = failure_of(exc)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    answer = failure_of(RpcCancelled(f"{method.name} lost its stream: {exc!r}"))
+                except Exception as exc:
+                    log.exception("rpc.handler_crashed", extra={"method": method.name, "peer": conn.peer.uri})
+                    answer = Failure("internal", 1, f"internal error in {method.name}: {exc.__class__.__name__}")
+            if ctx_scope.cancelled_caught and answer is None:
+                answer = failure_of(DeadlineExceeded(f"{method.name} ran past its deadline"))
+            if answer is not None and not client_gone:
+                try:
+                    await stream.send_all(encode_frame(answer, self.max_frame_size))
+                except InvalidInput as exc:  # the answer itself was too large
+                    await stream.send_all(encode_frame(failure_of(exc), self.max_frame_size))
+                await stream.send_eof()
+            finished = True
+            # Leaving the nursery waits for the watcher to see the client's EOF,
+            # so the stream ends cleanly on both sides; bounded by CLOSE_TIMEOUT.
+            nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+        if client_gone:
+            log.debug("rpc.client_gone", extra={"method": method.name, "peer": conn.peer.uri, "why": client_gone[0]})
+            await _reset_quietly(stream)
+        else:
+            await stream.aclose()
+
+
+# -- client --
+
+
+class PeerPool:
+    """One connection per peer address, made on first use and remade once lost."""
+
+    def __init__(self, carrier: Carrier) -> None:
+        self.carrier = carrier
+        self._connections: dict[Address, Connection] = {}
+        self._locks: dict[Address, trio.Lock] = {}
+        self.connects = 0
+
+    async def get(self, address: Address) -> Connection:
+        address = (address[0], int(address[1]))
+        conn = self._connections.get(address)
+        if conn is not None and not conn.is_closed:
+            return conn
+        lock = self._locks.setdefault(address, trio.Lock())
+        async with lock:
+            conn = self._connections.get(address)
+            if conn is not None and not conn.is_closed:
+                return conn
+            conn = await self.carrier.connect(address)
+            self.connects += 1
+            self._connections[address] = conn
+            return conn
+
+    def discard(self, address: Address, conn: Connection | None = None) -> None:
+        address = (address[0], int(address[1]))
+        if conn is None or self._connections.get(address) is conn:
+            self._connections.pop(address, None)
+
+    async def aclose(self) -> None:
+        connections, self._connections = list(self._connections.values()), {}
+        for conn in connections:
+            with trio.move_on_after(1.0):
+                await conn.aclose()
+
+
+class RpcClient:
+    def __init__(self, carrier_or_pool: Carrier | PeerPool, *, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+        self.pool = carrier_or_pool if isinstance(carrier_or_pool, PeerPool) else PeerPool(carrier_or_pool)
+        self.max_frame_size = max_frame_size
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    async def _connection(self, target: Address | Connection) -> Connection:
+        if isinstance(target, tuple):
+            return await self.pool.get(target)
+        return target
+
+    def _lost(self, target: Address | Connection, conn: Connection) -> None:
+        if isinstance(target, tuple) and conn.is_closed:
+            self.pool.discard(target, conn)
+
+    async def call(
+        self,
+        target: Address | Connection,
+        method: str,
+        request: Any = b"",
+        *,
+        response: type[T] | Any = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> Any:
+        """One request, one response. Raises the remote error re-typed, DeadlineExceeded, or ConnectionLost."""
+        body = encode_body(request)
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        conn: Connection | None = None
+        try:
+            with trio.fail_at(deadline):
+                conn = await self._connection(target)
+                stream = await conn.open_stream()
+                try:
+                    frame = await self._exchange(stream, method, body, deadline)
+                except BaseException:
+                    await _reset_quietly(stream)
+                    raise
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"{method} did not answer within {timeout} s", method=method) from None
+        except (ConnectionLost, StreamReset) as exc:
+            if conn is not None:
+                self._lost(target, conn)
+            if isinstance(exc, StreamReset):
+                raise RpcCancelled(f"{method}: the server reset the call ({exc.message})", method=method) from exc
+            raise
+        peer = conn.peer.uri
+        if isinstance(frame, Failure):
+            raise error_of(frame, method, peer)
+        if not isinstance(frame, Reply):
+            raise RpcProtocolError(f"{method}: expected a reply, got {type(frame).__name__}", peer=peer)
+        return decode_body(frame.body, response, f"reply from {method}")
+
+    async def _exchange(self, stream: Stream, method: str, body: bytes, deadline: float) -> Frame:
+        left = None if deadline == math.inf else max(0.0, deadline - trio.current_time())
+        await stream.send_all(encode_frame(Request(method, left, body), self.max_frame_size))
+        reader = FrameReader(stream, self.max_frame_size)
+        frame = await reader.read()
+        if frame is None:
+            raise ConnectionLost(f"{method}: the server closed the call without answering")
+        try:
+            extra = await reader.read()
+        except (StreamReset, RpcProtocolError):
+            extra = None  # we have the answer; how the server's side ended does not change it
+        if extra is not None:
+            raise RpcProtocolError(f"{method}: the server sent more than one answer")
+        await stream.send_eof()
+        await stream.aclose()
+        return frame
+
+    @asynccontextmanager
+    async def stream(
+        self,
+        target: Address | Connection,
+        method: str,
+        request: Any = b"",
+        *,
+        item: type[T] | Any = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[ItemStream[Any]]:
+        """A server-streamed call: `async for x in items`; leaving the block early cancels the call."""
+        body = encode_body(request)
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        try:
+            with trio.fail_at(deadline):
+                conn = await self._connection(target)
+                stream = await conn.open_stream()
+                left = None if timeout is None else max(0.0, deadline - trio.current_time())
+                try:
+                    await stream.send_all(encode_frame(Request(method, left, body), self.max_frame_size))
+                except BaseException:
+                    await _reset_quietly(stream)
+                    raise
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"{method} did not start within {timeout} s", method=method) from None
+        items = ItemStream(self, target, conn, stream, method, item, deadline)
+        try:
+            yield items
+        finally:
+            await items._finish()
+
+
+class ItemStream(Generic[T]):
+    """The items of a server-streamed call, as an async iterator."""
+
+    def __init__(
+        self,
+        client: RpcClient,
+        target: Address | Connection,
+        conn: Connection,
+        stream: Stream,
+        method: str,
+        item_type: Any,
+        deadline: float,
+    ) -> None:
+        self._client = client
+        self._target = target
+        self._conn = conn
+        self._stream = stream
+        self._method = method
+        self._type = item_type
+        self._deadline = deadline
+        self._reader = FrameReader(stream, client.max_frame_size)
+        self.done = False
+        self.received = 0
+
+    def __aiter__(self) -> ItemStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            with trio.fail_at(self._deadline):
+                frame = await self._reader.read()
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"{self._method} ran past its deadline", method=self._method) from None
+        except StreamReset as exc:
+            raise RpcCancelled(f"{self._method}: the server reset the call ({exc.message})") from exc
+        except ConnectionLost:
+            self._client._lost(self._target, self._conn)
+            raise
+        if isinstance(frame, Item):
+            self.received += 1
+            return decode_body(frame.body, self._type, f"item from {self._method}")
+        self.done = True
+        if isinstance(frame, End):
+            raise StopAsyncIteration
+        if isinstance(frame, Failure):
+            raise error_of(frame, self._method, self._conn.peer.uri)
+        if frame is None:
+            raise ConnectionLost(f"{self._method}: the server closed the stream without ending it")
+        raise RpcProtocolError(f"{self._method}: unexpected {type(frame).__name__} in a stream")
+
+    async def _finish(self) -> None:
+        if self.done:
+            try:
+                with trio.move_on_after(1.0):
+                    await self._stream.send_eof()
+                    await self._stream.aclose()
+            except (CloudlessError, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        else:
+            await _reset_quietly(self._stream)

@@ -1,0 +1,164 @@
+"""WebSocket (wss) carrier: the TLS carrier's mux inside a WebSocket, for
+networks that only let HTTPS-looking traffic through.
+
+Layering: TCP → TLS 1.3 with the same mutual authentication and verdict as
+`tls.py` → WebSocket upgrade (trio-websocket, resource `/cloudless/mux`) →
+`MuxSession`, whose byte stream rides binary messages (message boundaries
+mean nothing to the mux). There is no ws:// (plaintext) listener.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream, wrap_server_stream
+
+from cloudless.pki.errors import PeerRejected
+from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost
+from cloudless.transport.mux import MuxConfig, MuxProtocolError, MuxSession, run_session
+from cloudless.transport.tls import TlsContexts, client_handshake, open_tcp, run_detached, server_handshake
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+RESOURCE = "/cloudless/mux"
+MAX_MESSAGE = 1024 * 1024  # what we send per message; we accept up to twice that
+RECEIVE_BUFFER = 256 * 1024
+
+
+class WebSocketBytes:
+    """A WebSocketConnection seen as a byte stream (`mux.ByteTransport`)."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            for start in range(0, len(view), MAX_MESSAGE):
+                await self._ws.send_message(bytes(view[start : start + MAX_MESSAGE]))
+        except ConnectionClosed as exc:
+            raise trio.BrokenResourceError(f"websocket closed: {exc.reason}") from exc
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        try:
+            message = await self._ws.get_message()
+        except ConnectionClosed:
+            return b""
+        if isinstance(message, str):
+            raise MuxProtocolError("text WebSocket message on a binary mux connection")
+        return message
+
+    async def aclose(self) -> None:
+        await self._ws.aclose()
+
+
+class WebSocketCarrier:
+    """Mutually authenticated wss carrier; implements `base.Carrier`."""
+
+    def __init__(
+        self,
+        credentials: Any,
+        verifier: Any,
+        bind: Address = ("127.0.0.1", 0),
+        handshake_timeout: float = 5.0,
+        *,
+        mux_config: MuxConfig | None = None,
+    ) -> None:
+        self._contexts = TlsContexts(credentials)
+        self.verifier = verifier
+        self.bind = bind
+        self.handshake_timeout = handshake_timeout
+        self.mux_config = mux_config or MuxConfig()
+        self.local_address: Address | None = None
+        self.rejected = 0
+
+    def update_credentials(self, credentials: Any) -> None:
+        self._contexts = TlsContexts(credentials)
+
+    async def connect(self, address: Address) -> Connection:
+        address = (address[0], int(address[1]))
+
+        async def setup(nursery: trio.Nursery) -> MuxSession:
+            tcp = await open_tcp(address)
+            stream, peer, extra = await client_handshake(tcp, self._contexts, self.verifier, address)
+            if extra:
+                raise ConnectionLost(f"{address[0]}:{address[1]} spoke before the WebSocket upgrade")
+            try:
+                ws = await wrap_client_stream(
+                    nursery,
+                    stream,
+                    f"{address[0]}:{address[1]}",
+                    RESOURCE,
+                    max_message_size=2 * MAX_MESSAGE,
+                    receive_buffer_size=RECEIVE_BUFFER,
+                )
+            except (ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+                await trio.aclose_forcefully(stream)
+                raise ConnectionLost(f"WebSocket upgrade with {address[0]}:{address[1]} failed: {exc!r}") from exc
+            return MuxSession(WebSocketBytes(ws), is_client=True, peer=peer, remote_address=address, config=self.mux_config)
+
+        return await run_detached(setup, self.handshake_timeout, f"wss://{address[0]}:{address[1]}")
+
+    async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.bind[1], host=self.bind[0])
+        address = listeners[0].socket.getsockname()[:2]
+        self.local_address = (address[0], address[1])
+        log.info("websocket.listening", extra={"address": f"{address[0]}:{address[1]}"})
+        try:
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, handler, nursery)
+                task_status.started(self.local_address)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _accept_loop(self, listener: trio.SocketListener, handler: ConnectionHandler, nursery: trio.Nursery) -> None:
+        while True:
+            tcp = await listener.accept()
+            nursery.start_soon(self._serve_one, tcp, handler)
+
+    async def _serve_one(self, tcp: trio.SocketStream, handler: ConnectionHandler) -> None:
+        try:
+            address = tcp.socket.getpeername()[:2]
+        except OSError:
+            await trio.aclose_forcefully(tcp)
+            return
+        remote = f"{address[0]}:{address[1]}"
+        async with trio.open_nursery() as nursery:  # hosts trio-websocket's reader
+            try:
+                with trio.fail_after(self.handshake_timeout):
+                    stream, peer = await server_handshake(tcp, self._contexts, self.verifier, address)
+                    try:
+                        request = await wrap_server_stream(
+                            nursery, stream, max_message_size=2 * MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER
+                        )
+                        if request.path != RESOURCE:
+                            await request.reject(404)
+                            raise ConnectionLost(f"WebSocket request for {request.path[:100]!r}")
+                        ws = await request.accept()
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+            except trio.TooSlowError:
+                self.rejected += 1
+                log.warning("websocket.handshake_timeout", extra={"remote": remote})
+                await trio.aclose_forcefully(tcp)
+                nursery.cancel_scope.cancel()
+                return
+            except PeerRejected as exc:
+                self.rejected += 1
+                log.warning("websocket.peer_rejected", extra={"remote": remote, "reason": exc.reason, "error": exc.message})
+                nursery.cancel_scope.cancel()
+                return
+            except (ConnectionLost, ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
+                self.rejected += 1
+                log.info("websocket.handshake_failed", extra={"remote": remote, "error": repr(exc)})
+                nursery.cancel_scope.cancel()
+                return
+            session = MuxSession(WebSocketBytes(ws), is_client=False, peer=peer, remote_address=address, config=self.mux_config)
+            await run_session(session, handler)
+            nursery.cancel_scope.cancel()
