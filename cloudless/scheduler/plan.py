@@ -1,0 +1,78 @@
+"""The scheduler's output: where each replica goes and why, and what could not
+be placed and why. Plans are data (msgspec Structs): the controller turns
+placements into allocations committed through Raft, and `cloudless inspect`
+renders `explain()`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+def summarise(total: int, feasible: int, rejections: dict[str, int]) -> str:
+    """"0 of 5000 nodes feasible: 4000 insufficient memory, 1000 constraint node.zone=a"."""
+    head = f"{feasible} of {total} nodes feasible"
+    if not rejections:
+        return head
+    ordered = sorted(rejections.items(), key=lambda item: (-item[1], item[0]))
+    return head + ": " + ", ".join(f"{count} {reason}" for reason, count in ordered)
+
+
+class Placement(msgspec.Struct, frozen=True):
+    """Replica `replica` goes to `node`; `score` is the normalised total in [-1, 1]
+    and `components` each scorer's own score there."""
+
+    replica: int
+    node: str
+    score: float
+    components: dict[str, float]
+    feasible: int  # nodes that could have taken it, all of them scored
+
+
+class FailedPlacement(msgspec.Struct, frozen=True):
+    replica: int
+    nodes: int
+    feasible: int
+    rejections: dict[str, int]  # reason -> nodes
+
+    @property
+    def message(self) -> str:
+        return summarise(self.nodes, self.feasible, self.rejections)
+
+
+class Plan(msgspec.Struct, frozen=True):
+    workload: str
+    version: int
+    nodes: int  # in the view
+    placements: tuple[Placement, ...] = ()
+    failures: tuple[FailedPlacement, ...] = ()
+    # Why nodes were not feasible at the first decision, by reason.
+    rejections: dict[str, int] = {}
+    # Node -> why it was not feasible: at the first failure, or at the first
+    # decision when the caller asked for an explanation.
+    node_reasons: dict[str, str] = {}
+
+    @property
+    def complete(self) -> bool:
+        return not self.failures
+
+    def explain(self) -> list[str]:
+        """Human lines for `cloudless inspect`."""
+        lines = []
+        for p in self.placements:
+            parts = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(p.components.items()))
+            lines.append(
+                f"replica {p.replica} → {p.node} (score {p.score:+.3f}; {parts}; {p.feasible} of {self.nodes} nodes feasible)"
+            )
+        for f in self.failures:
+            lines.append(f"replica {f.replica} not placed: {f.message}")
+        return lines
+
+
+class StopChoice(msgspec.Struct, frozen=True):
+    """An allocation to stop when scaling down, and why it was picked first."""
+
+    allocation: str
+    node: str
+    replica: int
+    reason: str

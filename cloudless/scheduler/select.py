@@ -1,0 +1,110 @@
+"""Selection: the best-scoring feasible node, ties broken by a seeded order.
+
+A node's score is `node part + group part` (see rank.py). `GroupedHeaps`
+keeps one max-heap of node parts per spread group, so picking the best node
+costs O(groups) and placing a replica re-scores only the chosen node (one
+heap push) and the group terms of the spread values it touched. Entries are
+invalidated lazily: a heap entry is live only while it matches the node's
+current part.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from typing import Callable, Hashable, Iterable
+
+MASK64 = (1 << 64) - 1
+
+GroupKey = tuple  # type: ignore[type-arg]
+Entry = tuple[int, int, int]  # (-node part, tie-break rank, node index): min-heap order is best first
+
+
+class TieBreak:
+    """A seeded total order on node indexes for breaking equal scores.
+
+    i ↦ (i·a + b) mod 2⁶⁴ with odd `a` is a bijection, so ranks never tie,
+    and drawing (a, b) from the injected generator makes the order
+    reproducible from the seed without shuffling every node per plan.
+    """
+
+    __slots__ = ("a", "b")
+
+    def __init__(self, rng: random.Random) -> None:
+        self.a = rng.getrandbits(64) | 1
+        self.b = rng.getrandbits(64)
+
+    def __call__(self, i: int) -> int:
+        return (i * self.a + self.b) & MASK64
+
+
+class GroupedHeaps:
+    def __init__(
+        self,
+        entries: dict[GroupKey, list[Entry]],
+        group_part: Callable[[GroupKey], int],
+        keys_sharing: Callable[[GroupKey], Iterable[GroupKey]],
+    ) -> None:
+        self.heaps = entries
+        for heap in self.heaps.values():
+            heapq.heapify(heap)
+        self.part: dict[int, int] = {}  # node -> current negated node part (absent: not a candidate)
+        for heap in self.heaps.values():
+            for neg, _, i in heap:
+                self.part[i] = neg
+        self._group_part = group_part
+        self._keys_sharing = keys_sharing
+        self._group_cache: dict[GroupKey, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+    def group_part(self, key: GroupKey) -> int:
+        cached = self._group_cache.get(key)
+        if cached is None:
+            cached = self._group_part(key)
+            self._group_cache[key] = cached
+        return cached
+
+    def best(self) -> tuple[int, GroupKey, int] | None:
+        """(node, its group, total score) of the best candidate, or None when there is none."""
+        best: tuple[int, int] | None = None
+        best_i = -1
+        best_key: GroupKey = ()
+        part = self.part
+        empty = []
+        for key, heap in self.heaps.items():
+            while heap:
+                neg, tb, i = heap[0]
+                if part.get(i) == neg:
+                    break
+                heapq.heappop(heap)  # stale: the node was re-scored or became infeasible
+            if not heap:
+                empty.append(key)
+                continue
+            candidate = (neg - self.group_part(key), tb)
+            if best is None or candidate < best:
+                best, best_i, best_key = candidate, i, key
+        for key in empty:
+            del self.heaps[key]
+        if best is None:
+            return None
+        return best_i, best_key, -best[0]
+
+    def rescore(self, key: GroupKey, i: int, tb: int, node_part: int | None) -> None:
+        """Node i now has `node_part` (None: no longer feasible); its group's spread counts changed."""
+        if node_part is None:
+            self.part.pop(i, None)
+        else:
+            self.part[i] = -node_part
+            heapq.heappush(self.heaps.setdefault(key, []), (-node_part, tb, i))
+        for other in self._keys_sharing(key):
+            self._group_cache.pop(other, None)
+
+    def close(self, keys: Iterable[Hashable]) -> None:
+        """Groups that reached a hard spread limit: none of their nodes is a candidate any more."""
+        for key in keys:
+            heap = self.heaps.pop(key, None)
+            if heap:
+                for _, _, i in heap:  # a node lives in one group only
+                    self.part.pop(i, None)

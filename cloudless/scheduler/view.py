@@ -1,0 +1,218 @@
+"""What the scheduler reads: nodes as the scheduler sees them, and a read view
+of the cluster indexed for placement.
+
+`NodeInfo` is the scheduler's own picture of a node, independent of gossip's
+types: the controller fills it from the registered node (region, zone,
+labels), gossip metadata (capacity, power, network) and membership (state,
+uptime, flaps).
+
+`ClusterView` is an immutable snapshot. Construction indexes it once —
+nodes sorted by id (so every replica of the controller sees the same order,
+and tie-breaking is reproducible), capacity and reservations as flat lists,
+per-attribute bitmasks — so each decision only does the per-node work that
+depends on the workload. The attribute indexes are built lazily and
+memoised; that is a cache of pure functions of the snapshot, not a change
+to it. `with_allocations` derives the next snapshot after a plan commits
+while sharing the node indexes.
+"""
+
+from __future__ import annotations
+
+from itertools import compress
+from typing import Iterable, Literal
+
+import msgspec
+
+from cloudless.errors import InvalidInput
+from cloudless.state.workload import Allocation, DeviceClass
+
+MemberState = Literal["alive", "suspect", "dead", "left"]
+
+
+class InvalidView(InvalidInput):
+    """The controller built a view the scheduler cannot read (e.g. a node listed twice)."""
+
+
+class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    node_id: str
+    state: MemberState = "alive"
+    eligible: bool = True  # False while draining or cordoned: keeps its work, gets no new work
+    region: str = ""
+    zone: str = ""
+    arch: str = "amd64"
+    device_class: DeviceClass = "server"
+    labels: dict[str, str] = {}
+    cpu_millis: int = 0  # allocatable capacity for workloads
+    memory_bytes: int = 0
+    power: Literal["ac", "battery"] = "ac"
+    battery_percent: int | None = None
+    charging: bool = False
+    network: Literal["wired", "wifi", "cellular"] = "wired"
+    metered: bool = False
+    uptime_s: float = 0.0
+    flaps: int = 0  # suspect/dead transitions in gossip's recent window
+
+
+def attribute_value(node: NodeInfo, attribute: str) -> str | None:
+    """The value a constraint, affinity or spread sees; None when the node lacks it."""
+    if attribute.startswith("label."):
+        return node.labels.get(attribute[6:])
+    if attribute in ("node", "node.id"):
+        return node.node_id
+    if attribute == "node.region":
+        return node.region or None
+    if attribute == "node.zone":
+        return node.zone or None
+    if attribute == "node.arch":
+        return node.arch or None
+    if attribute == "node.class":
+        return node.device_class
+    if attribute == "node.power":
+        return node.power
+    if attribute == "node.network":
+        return node.network
+    if attribute == "node.metered":
+        return "true" if node.metered else "false"
+    raise InvalidView(f"unknown node attribute {attribute!r}")
+
+
+_BITS = bytes.maketrans(b"01", b"\x00\x01")
+
+
+def mask_indices(mask: int) -> list[int]:
+    """Set bit positions of `mask`, ascending (C-speed: no per-bit Python loop)."""
+    if not mask:
+        return []
+    flags = format(mask, "b")[::-1].encode().translate(_BITS)
+    return list(compress(range(len(flags)), flags))
+
+
+def mask_of(indices: Iterable[int], n: int) -> int:
+    bits = bytearray((n + 7) // 8)
+    for i in indices:
+        bits[i >> 3] |= 1 << (i & 7)
+    return int.from_bytes(bits, "little")
+
+
+class AttributeIndex:
+    """One attribute across all nodes: per-node values and a bitmask per value."""
+
+    __slots__ = ("values", "masks")
+
+    def __init__(self, values: tuple[str | None, ...]) -> None:
+        self.values = values
+        positions: dict[str | None, list[int]] = {}
+        for i, v in enumerate(values):
+            positions.setdefault(v, []).append(i)
+        n = len(values)
+        self.masks = {v: mask_of(idx, n) for v, idx in positions.items()}
+
+    def matching(self, predicate) -> tuple[int, frozenset[str | None]]:  # type: ignore[no-untyped-def]
+        """Mask of nodes whose value satisfies `predicate`, and the set of those values."""
+        mask = 0
+        values = []
+        for value, m in self.masks.items():
+            if predicate(value):
+                mask |= m
+                values.append(value)
+        return mask, frozenset(values)
+
+
+class ClusterView:
+    """An immutable snapshot of nodes and live allocations, indexed for placement."""
+
+    def __init__(self, nodes: Iterable[NodeInfo], allocations: Iterable[Allocation] = ()) -> None:
+        ordered = sorted(nodes, key=lambda node: node.node_id)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.node_id == b.node_id:
+                raise InvalidView(f"node {a.node_id!r} appears twice in the view", node=a.node_id)
+        self.nodes: tuple[NodeInfo, ...] = tuple(ordered)
+        self.n = len(ordered)
+        self.index: dict[str, int] = {node.node_id: i for i, node in enumerate(ordered)}
+        self.all_mask = (1 << self.n) - 1
+        self.cap_cpu: tuple[int, ...] = tuple(node.cpu_millis for node in ordered)
+        self.cap_mem: tuple[int, ...] = tuple(node.memory_bytes for node in ordered)
+        by_state: dict[str, list[int]] = {}
+        for i, node in enumerate(ordered):
+            key = node.state if node.state != "alive" or node.eligible else "ineligible"
+            by_state.setdefault(key, []).append(i)
+        self.state_masks: dict[str, int] = {k: mask_of(v, self.n) for k, v in by_state.items()}
+        self.ready_mask = self.state_masks.get("alive", 0)
+        self._attributes: dict[str, AttributeIndex] = {}
+        self._memo: dict[tuple, object] = {}  # type: ignore[type-arg]
+        self._set_allocations({}, [0] * self.n, [0] * self.n)
+        for allocation in allocations:
+            self._add(allocation)
+
+    # -- allocations ----------------------------------------------------------
+
+    def _set_allocations(self, allocations: dict[str, Allocation], used_cpu: list[int], used_mem: list[int]) -> None:
+        self.allocations: dict[str, Allocation] = allocations
+        self.used_cpu = used_cpu
+        self.used_mem = used_mem
+        # node index -> {(port, proto): count}; workload -> {node index: live replicas}
+        self.ports: dict[int, dict[tuple[int, str], int]] = {}
+        self.placed: dict[str, dict[int, int]] = {}
+        self.by_workload: dict[str, list[Allocation]] = {}
+
+    def _add(self, allocation: Allocation) -> None:
+        if not allocation.live:
+            return
+        if allocation.id in self.allocations:
+            raise InvalidView(f"allocation {allocation.id!r} appears twice in the view", allocation=allocation.id)
+        self.allocations[allocation.id] = allocation
+        self.by_workload.setdefault(allocation.workload, []).append(allocation)
+        i = self.index.get(allocation.node)
+        if i is None:
+            return  # its node left the view: it reserves nothing the scheduler could use
+        self.used_cpu[i] += allocation.resources.cpu_millis
+        self.used_mem[i] += allocation.resources.memory_bytes
+        for port in allocation.ports:
+            if port.host_port is not None:
+                ports = self.ports.setdefault(i, {})
+                key = (port.host_port, port.protocol)
+                ports[key] = ports.get(key, 0) + 1
+        per_node = self.placed.setdefault(allocation.workload, {})
+        per_node[i] = per_node.get(i, 0) + 1
+
+    def with_allocations(self, upsert: Iterable[Allocation] = (), remove: Iterable[str] = ()) -> "ClusterView":
+        """The next snapshot: same nodes, allocations added/replaced/removed (terminal ones drop out)."""
+        allocations = dict(self.allocations)
+        for alloc_id in remove:
+            allocations.pop(alloc_id, None)
+        for allocation in upsert:
+            allocations.pop(allocation.id, None)
+            if allocation.live:
+                allocations[allocation.id] = allocation
+        view = object.__new__(ClusterView)
+        for slot in ("nodes", "n", "index", "all_mask", "cap_cpu", "cap_mem", "state_masks", "ready_mask",
+                     "_attributes", "_memo"):
+            setattr(view, slot, getattr(self, slot))
+        view._set_allocations({}, [0] * self.n, [0] * self.n)
+        for allocation in allocations.values():
+            view._add(allocation)
+        return view
+
+    def live_allocations(self, workload: str) -> list[Allocation]:
+        """Live allocations of `workload`, including those on nodes no longer in the view."""
+        return list(self.by_workload.get(workload, ()))
+
+    # -- node indexes (memoised) ---------------------------------------------
+
+    def attribute(self, attribute: str) -> AttributeIndex:
+        index = self._attributes.get(attribute)
+        if index is None:
+            index = AttributeIndex(tuple(attribute_value(node, attribute) for node in self.nodes))
+            self._attributes[attribute] = index
+        return index
+
+    def memo(self, key: tuple, compute):  # type: ignore[no-untyped-def,type-arg]
+        """Memoise a pure per-node derivation (scorers' static parts) on this snapshot's nodes."""
+        value = self._memo.get(key, _MISSING)
+        if value is _MISSING:
+            value = compute()
+            self._memo[key] = value
+        return value
+
+
+_MISSING = object()
