@@ -704,3 +704,62 @@ def test_a_restarted_node_recovers_term_vote_log_and_configuration():
     after = h["b"].status()
     for key in ("term", "vote", "last_index", "voters", "learners"):
         assert after[key] == before[key]
+
+
+# --- partitions and absences --------------------------------------------------
+
+
+def test_5_2_a_minority_partition_neither_stops_the_majority_nor_disrupts_it():
+    h = elected(["a", "b", "c", "d", "e"], "a")
+    term = h["a"].term
+    h.isolate("d")
+    h.isolate("e")
+    for n in range(3):
+        h["a"].propose(b"m%d" % n)
+    h.tick_all(30)  # d and e time out again and again on their side
+    assert h.applied_data("b")[-3:] == [b"m0", b"m1", b"m2"]
+    assert h.applied_data("d") == []
+    h.heal()
+    h.tick_all(5)
+    assert h["a"].role is Role.LEADER and h["a"].term == term
+    assert h.applied_data("d")[-3:] == [b"m0", b"m1", b"m2"]
+
+
+def test_5_2_a_partitioned_leader_is_replaced_and_its_writes_never_commit():
+    h = elected(["a", "b", "c", "d", "e"], "a")
+    h.isolate("a")
+    before = h["a"].term
+    h["a"].propose(b"doomed")
+    h.tick_all(40)  # check-quorum makes a step down; the others elect
+    assert h["a"].term == before
+    leader = h.leader()
+    assert leader not in (None, "a")
+    assert h["a"].role is not Role.LEADER  # stepped down (check-quorum)...
+    assert h[leader].term > before  # ...while its own term stayed put (pre-vote)
+    h[leader].propose(b"winner")
+    h.tick_all(2)
+    h.heal()
+    h.tick_all(5)
+    for n in "abcde":
+        assert b"doomed" not in h.applied_data(n)
+        assert b"winner" in h.applied_data(n)
+
+
+def test_7_a_node_that_returns_after_a_long_absence_catches_up_without_disruption():
+    h = elected(snapshot_chunk_bytes=16)
+    h.tick("a")
+    h.settle()
+    h.crash("c")
+    for round_ in range(5):
+        for n in range(10):
+            h["a"].propose(b"r%dn%d" % (round_, n))
+        h.tick_all(2)
+        _compact(h, "a")
+        _compact(h, "b")
+    term = h["a"].term
+    h.tick_all(50)  # long absence: many election timeouts pass
+    h.restart("c")
+    h.tick_all(10)
+    assert h["a"].role is Role.LEADER and h["a"].term == term
+    assert h["c"].commit_index == h["a"].commit_index
+    assert h.snapshots_installed["c"]
