@@ -52,8 +52,8 @@ _VERIFY_CODE_REASONS = {
     19: "unknown_ca",  # self-signed in chain
     20: "unknown_ca",  # unable to get local issuer
     21: "unknown_ca",
-    7: "bad_signature",
-    4: "bad_signature",
+    7: "unknown_ca",  # signed by another key under the same CA name
+    4: "unknown_ca",
 }
 
 # TLS alerts (the client's view of a server that refused our certificate).
@@ -138,6 +138,25 @@ async def _read_exactly(stream: trio.abc.ReceiveStream, n: int, buffer: bytearra
     return out
 
 
+async def _send_pending_alert(stream: trio.SSLStream, tcp: trio.abc.Stream) -> None:
+    """Deliver the TLS alert OpenSSL queued when it refused the peer.
+
+    trio's SSLStream raises as soon as the handshake fails, leaving the alert
+    in its outgoing buffer (a private attribute); without this the client
+    would see a bare EOF instead of "certificate expired" / "unknown ca".
+    If trio renames the buffer this degrades to that EOF, and the rejection
+    tests say so.
+    """
+    outgoing = getattr(stream, "_outgoing", None)
+    if outgoing is None or not getattr(outgoing, "pending", 0):
+        return
+    with trio.move_on_after(0.5):
+        try:
+            await tcp.send_all(outgoing.read())
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+
+
 async def client_handshake(
     tcp: trio.abc.Stream, contexts: TlsContexts, verifier: Any, address: Address
 ) -> tuple[trio.SSLStream, PeerIdentity, bytes]:
@@ -203,6 +222,7 @@ async def server_handshake(
         await trio.aclose_forcefully(stream)
         raise
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+        await _send_pending_alert(stream, tcp)
         await trio.aclose_forcefully(stream)
         rejected = rejection_from_ssl_error(exc, side="local", address=address)
         if rejected is not None:
