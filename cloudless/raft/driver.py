@@ -1,0 +1,333 @@
+"""The trio driver of one Raft core: timers, IO and waiting, no protocol decisions.
+
+One loop owns the `RaftNode`. Everything else (inbound messages, proposals,
+reads, transfers) is queued as a command and run by the loop between
+`advance()` and the next `ready()`, which is the only time the core may be
+touched. Each turn:
+
+    wait for a command or the next tick
+    run queued commands; tick if due
+    while the core has a Ready:
+        storage.write(...)                         stage (no fsync)
+        await storage.sync in a worker thread     when the Ready must be durable
+        send messages                              only after the sync
+        restore snapshot, apply committed entries, answer reads
+        advance
+
+Group commit falls out of this shape: while one sync runs in its thread,
+every proposal and message that arrives waits in the queue, and the next
+Ready carries all of them to one write and one sync.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+from collections import deque
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from cloudless.errors import Unavailable
+from cloudless.raft.core import ProposalDropped, RaftNode, Ready
+from cloudless.raft.messages import ConfChange, Entry, Message, Snapshot
+from cloudless.raft.storage import StorageError, WritableLogStorage
+
+log = logging.getLogger(__name__)
+
+# Raft recovers from lost messages, so a peer that cannot keep up loses
+# messages instead of making us buffer without bound.
+OUTBOX_LIMIT = 1024
+
+
+class ProposalTimeout(Unavailable):
+    """No answer in time: the proposal may or may not commit later."""
+
+
+class ReadTimeout(Unavailable):
+    """No read index in time (no leader, or the request was lost)."""
+
+
+class ProposalSuperseded(ProposalDropped):
+    """A different entry (from a newer leader) was committed at the proposal's index."""
+
+
+class DriverStopped(Unavailable):
+    """The driver stopped before the request was answered."""
+
+
+class _Waiter:
+    __slots__ = ("done", "value", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, value: Any) -> None:
+        if not self.done.is_set():
+            self.value = value
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    async def wait(self, timeout: float, timeout_error: Unavailable) -> Any:
+        with trio.move_on_after(timeout):
+            await self.done.wait()
+        if not self.done.is_set():
+            raise timeout_error
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class RaftDriver:
+    """Runs `node` over `storage` under trio.
+
+    `send(message)` hands a message to the transport; if it is a coroutine
+    function, each peer gets an outbox task so one slow peer never stalls
+    the loop, and each send gets `send_timeout` seconds. `apply(entries)`
+    applies committed entries (every kind, including no-ops and
+    configuration changes) in order; `restore(snapshot)` replaces the state
+    machine with a snapshot from the leader.
+    """
+
+    def __init__(
+        self,
+        node: RaftNode,
+        storage: WritableLogStorage,
+        send: Callable[[Message], Any],
+        apply: Callable[[list[Entry]], Awaitable[None]],
+        *,
+        restore: Callable[[Snapshot], Awaitable[None]] | None = None,
+        tick_interval: float = 0.05,
+        sync_in_thread: bool = True,
+        send_timeout: float = 1.0,
+    ) -> None:
+        self.node = node
+        self.storage = storage
+        self._send = send
+        self._send_is_async = inspect.iscoroutinefunction(send)
+        self._apply = apply
+        self._restore = restore
+        self.tick_interval = tick_interval
+        self._sync_in_thread = sync_in_thread
+        self.send_timeout = send_timeout
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wakeup = trio.Event()
+        self._proposals: dict[int, tuple[int, _Waiter]] = {}  # index -> (term, waiter)
+        self._reads: dict[bytes, _Waiter] = {}  # ctx -> waiter, until a ReadState arrives
+        self._reads_to_apply: list[tuple[int, _Waiter]] = []  # (read index, waiter)
+        self._read_ids = itertools.count(1)
+        self._outboxes: dict[str, trio.MemorySendChannel] = {}
+        self._nursery: trio.Nursery | None = None
+        self._applied_changed = trio.Event()
+        self.applied = node.applied
+        self._stats = {"ticks": 0, "readies": 0, "syncs": 0, "entries_written": 0, "messages_sent": 0,
+                       "messages_dropped": 0, "entries_applied": 0}
+
+    # -- inputs (any task) --------------------------------------------------------
+
+    def deliver(self, message: Message) -> None:
+        """Queue a message from a peer; never blocks."""
+        self._queue(lambda: self.node.step(message))
+
+    async def propose(self, data: bytes, timeout: float = 5.0) -> int:
+        """Replicate `data`; returns its log index once committed and applied here.
+
+        Raises NotLeader (with the known leader) at once on a follower,
+        ProposalDropped if the leader refuses it, ProposalSuperseded if a new
+        leader overwrote it, ProposalTimeout if neither happened in time.
+        """
+        return await self._propose(lambda: self.node.propose(data), timeout)
+
+    async def propose_conf_change(self, change: ConfChange, timeout: float = 5.0) -> int:
+        return await self._propose(lambda: self.node.propose_conf_change(change), timeout)
+
+    async def _propose(self, call: Callable[[], int], timeout: float) -> int:
+        waiter = _Waiter()
+
+        def run() -> None:
+            try:
+                index = call()
+            except Exception as exc:  # NotLeader, ProposalDropped... belong to the caller
+                waiter.fail(exc)
+                return
+            self._proposals[index] = (self.node.term, waiter)
+
+        self._queue(run)
+        return await waiter.wait(timeout, ProposalTimeout("proposal not committed in time", timeout=timeout))
+
+    async def read_index(self, timeout: float = 5.0) -> int:
+        """A linearizable read point: returns an index that has been applied here
+        and that is at least the commit index when the call began (thesis §6.4)."""
+        ctx = b"r%d" % next(self._read_ids)
+        waiter = _Waiter()
+
+        def run() -> None:
+            try:
+                self.node.read_index(ctx)
+            except Exception as exc:
+                waiter.fail(exc)
+                return
+            self._reads[ctx] = waiter
+
+        self._queue(run)
+        try:
+            return await waiter.wait(timeout, ReadTimeout("no read index in time", timeout=timeout))
+        finally:
+            self._reads.pop(ctx, None)
+
+    def transfer_leadership(self, to: str) -> None:
+        self._queue(lambda: self.node.transfer_leadership(to))
+
+    async def wait_applied(self, index: int) -> None:
+        while self.applied < index:
+            await self._applied_changed.wait()
+
+    def statistics(self) -> dict[str, int]:
+        return dict(self._stats, applied=self.applied, commit=self.node.commit_index, term=self.node.term)
+
+    def _queue(self, command: Callable[[], None]) -> None:
+        self._commands.append(command)
+        self._wakeup.set()
+
+    # -- the loop ------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._loop()
+            finally:
+                self._fail_waiters(DriverStopped("raft driver stopped"))
+                nursery.cancel_scope.cancel()
+
+    async def _loop(self) -> None:
+        next_tick = trio.current_time() + self.tick_interval
+        while True:
+            with trio.move_on_at(next_tick):
+                await self._wakeup.wait()
+            self._wakeup = trio.Event()
+            while self._commands:
+                command = self._commands.popleft()
+                try:
+                    command()
+                except Exception as exc:  # a malformed message must not stop the node
+                    log.warning("raft.driver.command_failed", extra={"node": self.node.id, "error": repr(exc)})
+            now = trio.current_time()
+            if now >= next_tick:
+                self.node.tick()
+                self._stats["ticks"] += 1
+                # After a long stall, tick once and start over rather than in a burst.
+                next_tick = max(next_tick + self.tick_interval, now)
+            while self.node.has_ready():
+                await self._handle(self.node.ready())
+
+    async def _handle(self, rd: Ready) -> None:
+        self._stats["readies"] += 1
+        if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
+            self.storage.write(rd.hard_state, rd.entries, rd.snapshot)
+            self._stats["entries_written"] += len(rd.entries)
+        if rd.must_sync:
+            if self._sync_in_thread:
+                await trio.to_thread.run_sync(self.storage.sync)
+            else:
+                self.storage.sync()
+            self._stats["syncs"] += 1
+        for message in rd.messages:
+            self._dispatch(message)
+        if rd.snapshot is not None:
+            if self._restore is None:
+                raise StorageError("snapshot received but the driver has no restore callback",
+                                   index=rd.snapshot.meta.index)
+            await self._restore(rd.snapshot)
+            self._set_applied(rd.snapshot.meta.index)
+        if rd.committed_entries:
+            await self._apply(rd.committed_entries)
+            self._stats["entries_applied"] += len(rd.committed_entries)
+            self._settle_proposals(rd.committed_entries)
+            self._set_applied(rd.committed_entries[-1].index)
+        for rs in rd.read_states:
+            waiter = self._reads.pop(rs.ctx, None)
+            if waiter is not None:
+                self._reads_to_apply.append((rs.index, waiter))
+        self._release_reads()
+        self.node.advance(rd)
+
+    def _settle_proposals(self, entries: list[Entry]) -> None:
+        for entry in entries:
+            pending = self._proposals.pop(entry.index, None)
+            if pending is None:
+                continue
+            term, waiter = pending
+            if entry.term == term:
+                waiter.resolve(entry.index)
+            else:
+                waiter.fail(ProposalSuperseded("another leader's entry committed at this index",
+                                               index=entry.index, term=term, committed_term=entry.term))
+
+    def _set_applied(self, index: int) -> None:
+        if index > self.applied:
+            self.applied = index
+            self._applied_changed.set()
+            self._applied_changed = trio.Event()
+
+    def _release_reads(self) -> None:
+        if not self._reads_to_apply:
+            return
+        waiting = []
+        for index, waiter in self._reads_to_apply:
+            if index <= self.applied:
+                waiter.resolve(max(index, self.applied))
+            else:
+                waiting.append((index, waiter))
+        self._reads_to_apply = waiting
+
+    def _fail_waiters(self, error: Unavailable) -> None:
+        for _, waiter in self._proposals.values():
+            waiter.fail(error)
+        for waiter in self._reads.values():
+            waiter.fail(error)
+        for _, waiter in self._reads_to_apply:
+            waiter.fail(error)
+        self._proposals.clear()
+        self._reads.clear()
+        self._reads_to_apply.clear()
+
+    # -- sending -------------------------------------------------------------------
+
+    def _dispatch(self, message: Message) -> None:
+        self._stats["messages_sent"] += 1
+        if not self._send_is_async:
+            self._send(message)
+            return
+        outbox = self._outboxes.get(message.to)
+        if outbox is None:
+            outbox, inbox = trio.open_memory_channel(OUTBOX_LIMIT)
+            self._outboxes[message.to] = outbox
+            self._nursery.start_soon(self._drain_outbox, message.to, inbox)
+        try:
+            outbox.send_nowait(message)
+        except trio.WouldBlock:
+            self._stats["messages_dropped"] += 1
+
+    async def _drain_outbox(self, peer: str, inbox: trio.MemoryReceiveChannel) -> None:
+        async for message in inbox:
+            with trio.move_on_after(self.send_timeout) as scope:
+                try:
+                    await self._send(message)
+                except Unavailable as exc:
+                    self._stats["messages_dropped"] += 1
+                    log.debug("raft.driver.send_failed", extra={"peer": peer, "error": repr(exc)})
+            if scope.cancelled_caught:
+                self._stats["messages_dropped"] += 1
+                log.debug("raft.driver.send_timeout", extra={"peer": peer, "timeout": self.send_timeout})
+
+
+__all__ = ["RaftDriver", "ProposalTimeout", "ProposalSuperseded", "ReadTimeout", "DriverStopped"]
