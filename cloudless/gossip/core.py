@@ -64,6 +64,7 @@ class GossipConfig:
     expected_confirmations: int = 3
     awareness_max: int = 8
     push_pull_interval: float = 30.0
+    reconnect_interval: float = 10.0
     tombstone_ttl: float = 60.0
     max_queue_depth: int = 1024
     stream_fallback: bool = True
@@ -152,7 +153,9 @@ class GossipCore:
         self._next_gossip = now + rng.random() * config.gossip_interval
         self._next_push_pull = now + config.push_pull_interval * (0.5 + rng.random())
         self._next_reap = now + config.tombstone_ttl / 4
+        self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
         self._self_alive = b""
+        self._joining = False
         self.stats = {"packets_in": 0, "packets_out": 0, "bytes_out": 0, "refutations": 0, "suspected": 0}
         self.members.add(Member(name, addr, 0, ALIVE, now, 0, self.meta), rng)
         self._encode_self()
@@ -171,7 +174,7 @@ class GossipCore:
         self.members.add_many(fresh, self.rng)
         self._now = now
         self._next_push_pull = now + self.rng.random() * _pushpull_scale(
-            self.config.push_pull_interval, self.members.live_count + 1
+            self.config.push_pull_interval, self.members.live_count
         )
 
     def join(self, seeds: Iterable[str], now: float) -> None:
@@ -182,6 +185,7 @@ class GossipCore:
             if addr != self.addr:
                 self._effects.append(PushPull(addr, payload, True))
         self._queue_broadcast(self.name, self._self_alive)
+        self._joining = True
 
     def leave(self, now: float) -> None:
         """Announce a graceful leave: others mark us left, not dead."""
@@ -264,12 +268,19 @@ class GossipCore:
                     if m is not None and m.state == SUSPECT:
                         self._on_dead(Dead(m.incarnation, name, self.name), now, True)
         if now >= self._next_push_pull and not self.leaving:
-            n = self.members.live_count + 1
+            n = self.members.live_count
             self._next_push_pull = now + _pushpull_scale(cfg.push_pull_interval, n)
             peers = self.members.random_members(self.rng, 1, (self.name,))
             if peers:
                 self._effects.append(PushPull(peers[0].addr, self._state_payload(join=False), False))
-        if now >= self._next_reap:
+        if now >= self._next_reconnect and not self.leaving:
+            # Serf's reconnect: try one member we believe dead, so the two sides
+            # of a healed partition find each other again.
+            self._next_reconnect = now + cfg.reconnect_interval * (0.5 + self.rng.random())
+            dead = self.members.random_dead(self.rng)
+            if dead is not None:
+                self._effects.append(PushPull(dead.addr, self._state_payload(join=False), False))
+        if now >= self._next_reap and not self.leaving:
             self._next_reap = now + cfg.tombstone_ttl / 4
             self.members.reap(now - cfg.tombstone_ttl)
 
@@ -292,8 +303,14 @@ class GossipCore:
         self._merge(state, now)
         # Re-phase our own exchanges for the cluster size we now know (a joiner
         # started with an interval scaled for a cluster of one).
-        scaled = _pushpull_scale(self.config.push_pull_interval, self.members.live_count + 1)
-        self._next_push_pull = max(self._next_push_pull, now + scaled * (0.5 + self.rng.random()))
+        scaled = _pushpull_scale(self.config.push_pull_interval, self.members.live_count)
+        if self._joining:
+            # One early exchange with a random member picks up whoever joined
+            # through other seeds (or the same seed) at the same moment.
+            self._joining = False
+            self._next_push_pull = now + 1.0 + self.rng.random()
+        else:
+            self._next_push_pull = max(self._next_push_pull, now + scaled * (0.5 + self.rng.random()))
 
     def stream_probe_result(self, seq: int, ok: bool, now: float) -> None:
         self._now = now
@@ -336,7 +353,7 @@ class GossipCore:
             d = min(d, r.nack_at if r.nack_at is not None else r.expires)
         for s in self._suspicions.values():
             d = min(d, s.deadline)
-        d = min(d, self._next_push_pull, self._next_reap)
+        d = min(d, self._next_push_pull, self._next_reap, self._next_reconnect)
         return d
 
     def member(self, name: str) -> Member | None:
@@ -488,7 +505,7 @@ class GossipCore:
         m.incarnation = s.incarnation
         self.members.set_state(m, SUSPECT, now)
         self.stats["suspected"] += 1
-        n = self.members.live_count + 1
+        n = self.members.live_count
         low, high = suspicion_bounds(
             n, cfg.probe_interval, cfg.suspicion_mult, cfg.suspicion_max_mult, cfg.suspicion_floor
         )
@@ -554,8 +571,9 @@ class GossipCore:
             elif r.state == LEFT:
                 self._on_dead(Dead(r.incarnation, r.node, r.node), now, first_hand)
             else:
-                # memberlist mergeState: a remote "dead" is only a suspicion here.
-                self._on_suspect(Suspect(r.incarnation, r.node, sender), now, r.node == self.name)
+                # memberlist mergeState: a remote "dead" is only a suspicion here,
+                # gossiped so that the member can refute it.
+                self._on_suspect(Suspect(r.incarnation, r.node, sender), now, True)
 
     # ---------------------------------------------------------- dissemination
 
@@ -567,7 +585,7 @@ class GossipCore:
             del self._queue[worst[0]]
 
     def _retransmit_limit(self) -> int:
-        n = self.members.live_count + 1
+        n = self.members.live_count
         return self.config.retransmit_mult * math.ceil(math.log10(n + 1))
 
     def _take_broadcasts(self, budget: int) -> list[bytes]:

@@ -46,13 +46,15 @@ class Member(msgspec.Struct, gc=False):
 class MemberTable:
     """Rows by name, plus the randomized round-robin probe order (SWIM §4.3)."""
 
-    __slots__ = ("rows", "_order", "_cursor", "live_count")
+    __slots__ = ("rows", "_order", "_cursor", "live_count", "gone")
 
     def __init__(self) -> None:
         self.rows: dict[str, Member] = {}
         self._order: list[str] = []
         self._cursor = 0
-        self.live_count = 0  # members other than ourselves that are alive or suspect
+        self.live_count = 0  # members (ourselves included) that are alive or suspect
+        # Dead and left members in the order they went (a dict: deterministic order).
+        self.gone: dict[str, None] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -69,6 +71,8 @@ class MemberTable:
         self._order.insert(rng.randint(0, len(self._order)), member.name)
         if member.state <= SUSPECT:
             self.live_count += 1
+        else:
+            self.gone[member.name] = None
 
     def add_many(self, members: list[Member], rng: random.Random) -> None:
         """Bulk insert (warm start): one shuffle instead of n random inserts."""
@@ -87,6 +91,10 @@ class MemberTable:
         is_live = state <= SUSPECT
         if was_live != is_live:
             self.live_count += 1 if is_live else -1
+            if is_live:
+                self.gone.pop(member.name, None)
+            else:
+                self.gone[member.name] = None
 
     def next_probe_target(self, rng: random.Random, self_name: str) -> Member | None:
         """Next live member in round-robin order; reshuffles at the end of a round."""
@@ -138,9 +146,14 @@ class MemberTable:
                     break
         return picked
 
+    def random_dead(self, rng: random.Random) -> Member | None:
+        dead = [self.rows[n] for n in self.gone if self.rows[n].state == DEAD]
+        return rng.choice(dead) if dead else None
+
     def reap(self, before: float) -> list[str]:
         """Forget dead and left members whose tombstones are older than `before`."""
-        gone = [n for n, m in self.rows.items() if m.state >= DEAD and m.state_change < before]
-        for n in gone:
+        reaped = [n for n in self.gone if self.rows[n].state_change < before]
+        for n in reaped:
             del self.rows[n]
-        return gone
+            del self.gone[n]
+        return reaped

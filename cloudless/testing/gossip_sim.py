@@ -81,7 +81,7 @@ class SimResult:
             if not vals:
                 return None
             if len(vals) < len(xs):
-                return math.inf
+                return None  # some crash or join never converged: see "undetected"
             k = min(len(vals) - 1, max(0, math.ceil(q * len(vals)) - 1))
             return round(vals[k], 3)
 
@@ -190,22 +190,37 @@ class GossipSimulation:
     # ------------------------------------------------------------------ run
 
     def run(self) -> SimResult:
+        self.start()
+        self.advance(self.cfg.duration)
+        return self._result()
+
+    def start(self) -> None:
+        """Warm start: every member already knows every other (no join storm)."""
         cfg = self.cfg
+        shared = [Alive(0, f"n{i}", f"n{i}:7946", 0, EMPTY_METADATA) for i in range(cfg.nodes)]
+        for i in range(cfg.nodes):
+            core = self._new_core(i, 0.0)
+            core.bootstrap_members(shared, 0.0)
+            self._add_node(core, 0.0)
+        for i in range(cfg.nodes):
+            self._after(i)
+        self._schedule_faults()
+
+    def advance(self, until: float) -> None:
         gc_was = gc.isenabled()
         gc.disable()  # millions of short-lived packets, no cycles: the collector only costs time
         try:
-            shared = [Alive(0, f"n{i}", f"n{i}:7946", 0, EMPTY_METADATA) for i in range(cfg.nodes)]
-            for i in range(cfg.nodes):
-                core = self._new_core(i, 0.0)
-                core.bootstrap_members(shared, 0.0)
-                self._add_node(core, 0.0)
-            for i in range(cfg.nodes):
-                self._after(i)
-            self._schedule_faults()
-            self._loop(cfg.duration)
+            self._loop(until)
         finally:
             if gc_was:
                 gc.enable()
+
+    def views_agree(self) -> bool:
+        """Every live member sees exactly the live members as live."""
+        live = {n.core.name for n in self.nodes if n.up}
+        return all({m.name for m in n.core.live_members()} == live for n in self.nodes if n.up)
+
+    def result(self) -> SimResult:
         return self._result()
 
     def _loop(self, until: float) -> None:

@@ -1,0 +1,206 @@
+"""The trio driver: runs a `GossipCore` on the node's UDP socket.
+
+It makes no protocol decisions. One loop feeds the core what arrives
+(datagrams, stream results) or its timer when the deadline passes, then
+performs what the core asks for: seal and send packets, run stream effects
+(push-pull, fallback probes) in child tasks under a deadline, hand events to
+listeners.
+
+The datagram side fits `cloudless.transport.udp.UdpEndpoint` (or anything
+with `set_datagram_handler(fn)` and `send_nowait(data, addr)`); streams go
+through an injected `stream_exchange(addr, request) -> reply` that the node
+wires to its RPC layer; the other end answers with `serve_stream(request)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Awaitable, Callable, Protocol
+
+import trio
+
+from cloudless.errors import CloudlessError
+from cloudless.gossip.core import GossipCore
+from cloudless.gossip.events import MembershipEvent, PushPull, StreamProbe
+from cloudless.gossip.keyring import PacketSealer, UnsealError
+from cloudless.gossip.messages import MalformedPacket
+
+log = logging.getLogger(__name__)
+
+StreamExchange = Callable[[str, bytes], Awaitable[bytes]]
+EventListener = Callable[[MembershipEvent], None]
+
+# Stream requests: one kind byte, then the body.
+STREAM_PUSH_PULL = b"P"
+STREAM_PROBE = b"I"
+STREAM_PROBE_ACK = b"A"
+INBOX_SIZE = 1024
+
+
+class DatagramEndpoint(Protocol):
+    def set_datagram_handler(self, handler: Callable[[bytes, tuple[str, int]], None] | None) -> None: ...
+
+    def send_nowait(self, data: bytes, addr: tuple[str, int]) -> bool: ...
+
+
+class StreamRequestInvalid(CloudlessError):
+    """A gossip stream request had an unknown kind byte."""
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def format_addr(addr: tuple[str, int]) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class GossipDriver:
+    def __init__(
+        self,
+        core: GossipCore,
+        endpoint: DatagramEndpoint,
+        sealer: PacketSealer,
+        stream_exchange: StreamExchange,
+        *,
+        stream_timeout: float = 5.0,
+    ) -> None:
+        self.core = core
+        self.endpoint = endpoint
+        self.sealer = sealer
+        self.stream_exchange = stream_exchange
+        self.stream_timeout = stream_timeout
+        self._send_inbox, self._inbox = trio.open_memory_channel[tuple](INBOX_SIZE)
+        self._listeners: list[EventListener] = []
+        self._nursery: trio.Nursery | None = None
+        self.counters = {"inbox_full": 0, "malformed": 0, "unsealed_dropped": 0, "send_blocked": 0}
+
+    def add_listener(self, listener: EventListener) -> None:
+        self._listeners.append(listener)
+
+    # Called synchronously from the UDP receive loop: never block, drop when full.
+    def _on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            self._send_inbox.send_nowait(("packet", data, addr))
+        except trio.WouldBlock:
+            self.counters["inbox_full"] += 1
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        self.endpoint.set_datagram_handler(self._on_datagram)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await self._loop()
+        finally:
+            self.endpoint.set_datagram_handler(None)
+            self._nursery = None
+
+    async def _loop(self) -> None:
+        core = self.core
+        while True:
+            deadline = core.next_deadline()
+            item = None
+            with trio.move_on_at(deadline if deadline is not None else float("inf")):
+                item = await self._inbox.receive()
+            now = trio.current_time()
+            if item is not None:
+                self._handle(item, now)
+            if deadline is not None and now >= deadline:
+                core.handle_timer(now)
+            await self._flush()
+
+    def _handle(self, item: tuple, now: float) -> None:
+        kind = item[0]
+        if kind == "packet":
+            try:
+                payload = self.sealer.open(item[1])
+                self.core.receive(payload, format_addr(item[2]), now)
+            except UnsealError as exc:
+                self.counters["unsealed_dropped"] += 1
+                log.debug("gossip.packet_dropped", extra={"peer": item[2], "reason": exc.reason})
+            except MalformedPacket as exc:
+                self.counters["malformed"] += 1
+                log.warning("gossip.packet_malformed", extra={"peer": item[2], "error": exc.message})
+        elif kind == "probe":
+            self.core.stream_probe_result(item[1], item[2], now)
+        elif kind == "exchange":
+            try:
+                self.core.stream_exchange_result(item[1], item[2], now)
+            except MalformedPacket as exc:
+                self.counters["malformed"] += 1
+                log.warning("gossip.state_malformed", extra={"peer": item[1], "error": exc.message})
+        elif kind == "call":
+            item[1](now)
+
+    async def _flush(self) -> None:
+        core = self.core
+        for addr, payload in core.packets_to_send():
+            if not self.endpoint.send_nowait(self.sealer.seal(payload), parse_addr(addr)):
+                self.counters["send_blocked"] += 1  # like loss on the wire; SWIM copes
+        nursery = self._nursery
+        for effect in core.effects_to_run():
+            assert nursery is not None
+            if type(effect) is StreamProbe:
+                nursery.start_soon(self._stream_probe, effect)
+            elif type(effect) is PushPull:
+                nursery.start_soon(self._push_pull, effect)
+        event = core.next_event()
+        while event is not None:
+            for listener in self._listeners:
+                listener(event)
+            event = core.next_event()
+        await trio.lowlevel.checkpoint()
+
+    async def _stream_probe(self, effect: StreamProbe) -> None:
+        ok = False
+        with trio.move_on_after(self.stream_timeout):
+            try:
+                reply = await self.stream_exchange(effect.addr, STREAM_PROBE + effect.target.encode())
+                ok = reply == STREAM_PROBE_ACK
+            except (CloudlessError, OSError) as exc:
+                log.debug("gossip.stream_probe_failed", extra={"peer": effect.addr, "error": repr(exc)})
+        await self._send_inbox.send(("probe", effect.seq, ok))
+
+    async def _push_pull(self, effect: PushPull) -> None:
+        reply = None
+        with trio.move_on_after(self.stream_timeout):
+            try:
+                reply = await self.stream_exchange(effect.addr, STREAM_PUSH_PULL + effect.payload)
+            except (CloudlessError, OSError) as exc:
+                log.info("gossip.push_pull_failed", extra={"peer": effect.addr, "error": repr(exc)})
+        await self._send_inbox.send(("exchange", effect.addr, reply))
+
+    # ----------------------------------------------------------- public calls
+
+    async def serve_stream(self, request: bytes) -> bytes:
+        """Answer a peer's stream request (the RPC layer calls this)."""
+        kind, body = request[:1], request[1:]
+        if kind == STREAM_PROBE:
+            return STREAM_PROBE_ACK if body.decode(errors="replace") == self.core.name else b"N"
+        if kind == STREAM_PUSH_PULL:
+            reply = self.core.handle_push_pull(body, trio.current_time())
+            await self._wake()
+            return reply
+        raise StreamRequestInvalid("unknown gossip stream request", kind=kind.hex())
+
+    async def _wake(self) -> None:
+        # Make the loop flush what a direct core call produced.
+        await self._send_inbox.send(("call", lambda now: None))
+
+    async def join(self, seeds: list[str]) -> None:
+        await self._send_inbox.send(("call", lambda now: self.core.join(seeds, now)))
+
+    async def update_metadata(self, meta) -> None:
+        await self._send_inbox.send(("call", lambda now: self.core.update_metadata(meta, now)))
+
+    async def leave(self, timeout: float = 2.0) -> bool:
+        """Announce a graceful leave and wait (at most `timeout`) until it went out."""
+        await self._send_inbox.send(("call", lambda now: self.core.leave(now)))
+        with trio.move_on_after(timeout):
+            while not self.core.leave_announced:
+                await trio.sleep(0.02)
+            return True
+        return False
