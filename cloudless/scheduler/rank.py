@@ -227,6 +227,10 @@ class Scoring:
         self.k = SCALE / denominator
 
     # -- per-node ---------------------------------------------------------------
+    # `static`/`node_part` score one node; `bulk` scores many with list
+    # comprehensions (the first decision's hot loop). Both must do the same
+    # float operations in the same order, so their integers agree exactly —
+    # the incremental-vs-full-rescore property test checks it.
 
     def static(self, i: int) -> float:
         """Weighted terms that do not change while the plan places replicas."""
@@ -250,6 +254,49 @@ class Scoring:
         for term in self.node_spreads:
             x += term.coef * term.score(term.values[i], count)
         return int(x * self.k)
+
+    def bulk(
+        self, fit: Sequence[int], used_cpu: Sequence[int], used_mem: Sequence[int], node_counts: dict[int, int]
+    ) -> tuple[list[float], list[int]]:
+        """(static terms, node parts) for the nodes `fit`, in order."""
+        view = self.view
+        w_rel, w_cost, rel, cost = self.w_rel, self.w_cost, self.reliability, self.cost
+        base = view.memo(
+            ("base", w_rel, w_cost, id(cost)),
+            lambda: tuple(w_rel * r + w_cost * c for r, c in zip(rel, cost)),
+        )
+        st = [base[i] for i in fit]
+        for values, matching, coef in self.affinities:
+            st = [s + coef if values[i] in matching else s for s, i in zip(st, fit)]
+        if self.anti_penalty:
+            penalty = self.anti_penalty
+            st = [s + penalty.get(i, 0.0) for s, i in zip(st, fit)]
+        cap_cpu, cap_mem = view.cap_cpu, view.cap_mem
+        nc, nm, wu = self.cpu_need, self.mem_need, self.w_util
+        if self.binpack:
+            xs = [
+                s + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                for s, i in zip(st, fit)
+            ]
+        else:
+            xs = [
+                s + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                for s, i in zip(st, fit)
+            ]
+        for term in self.node_spreads:
+            coef = term.coef
+            if term.targets:
+                values, score = term.values, term.score
+                xs = [x + coef * score(values[i], node_counts.get(i, 0)) for x, i in zip(xs, fit)]
+            else:
+                target = term.default_target
+                empty = coef * spread_score(target, 0)
+                xs = [
+                    x + (empty if i not in node_counts else coef * spread_score(target, node_counts[i]))
+                    for x, i in zip(xs, fit)
+                ]
+        k = self.k
+        return st, [int(x * k) for x in xs]
 
     def group_part(self, key: tuple[str | None, ...], counts: Sequence[dict[str | None, int]]) -> int:
         x = 0.0

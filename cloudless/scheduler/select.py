@@ -44,14 +44,15 @@ class GroupedHeaps:
         entries: dict[GroupKey, list[Entry]],
         group_part: Callable[[GroupKey], int],
         keys_sharing: Callable[[GroupKey], Iterable[GroupKey]],
+        parts: dict[int, int] | None = None,
     ) -> None:
         self.heaps = entries
+        if parts is None:
+            parts = {i: neg for heap in entries.values() for neg, _, i in heap}
+        # node -> current negated node part (absent: not a candidate)
+        self.part: dict[int, int] = parts
         for heap in self.heaps.values():
             heapq.heapify(heap)
-        self.part: dict[int, int] = {}  # node -> current negated node part (absent: not a candidate)
-        for heap in self.heaps.values():
-            for neg, _, i in heap:
-                self.part[i] = neg
         self._group_part = group_part
         self._keys_sharing = keys_sharing
         self._group_cache: dict[GroupKey, int] = {}

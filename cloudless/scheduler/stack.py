@@ -31,7 +31,7 @@ from cloudless.scheduler.feasible import (
 )
 from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice
 from cloudless.scheduler.rank import DEFAULT_CONFIG, SCALE, SchedulerConfig, Scoring
-from cloudless.scheduler.select import GroupedHeaps, TieBreak
+from cloudless.scheduler.select import MASK64, GroupedHeaps, TieBreak
 from cloudless.scheduler.view import ClusterView, mask_indices
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -164,43 +164,47 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
     extra_checks = bool(usage.port_taken or run.node_limit or run.limits)
     node_limit, limits = run.node_limit, run.limits
     grouped = bool(scoring.group_spreads)
-    static_of = scoring.static
-    node_part = scoring.node_part
-    group_key = scoring.group_key
     node_counts = usage.node_counts
 
     counts = run.static.counts()
-    short_cpu = short_mem = 0
-    statics: dict[int, float] = {}
-    entries: dict[tuple, list[tuple[int, int, int]]] = {}  # type: ignore[type-arg]
-    flat: list[tuple[int, int, int]] = []
-    if not grouped:
-        entries[()] = flat
-    for i in mask_indices(run.static.mask):
-        uc = used_cpu[i]
-        if cap_cpu[i] - uc < need_cpu:
-            short_cpu += 1
-            continue
-        um = used_mem[i]
-        if cap_mem[i] - um < need_mem:
-            short_mem += 1
-            continue
-        if extra_checks:
-            why = usage.reason(i, node_limit, limits)
-            if why is not None:
-                counts[why] = counts.get(why, 0) + 1
+    candidates = mask_indices(run.static.mask)
+    fit = [i for i in candidates if cap_cpu[i] - used_cpu[i] >= need_cpu]
+    if len(fit) < len(candidates):
+        counts[INSUFFICIENT_CPU] = len(candidates) - len(fit)
+    fit_mem = [i for i in fit if cap_mem[i] - used_mem[i] >= need_mem]
+    if len(fit_mem) < len(fit):
+        counts[INSUFFICIENT_MEMORY] = len(fit) - len(fit_mem)
+    fit = fit_mem
+    if extra_checks:
+        # Only nodes with a taken port or replicas already need the full check.
+        suspects = set(usage.port_taken).union(node_counts) if not limits else None
+        kept = []
+        for i in fit:
+            if suspects is not None and i not in suspects:
+                kept.append(i)
                 continue
-        st = static_of(i)
-        statics[i] = st
-        entry = (-node_part(i, st, uc, um, node_counts.get(i, 0)), tie(i), i)
-        if grouped:
-            entries.setdefault(group_key(i), []).append(entry)
-        else:
-            flat.append(entry)
-    if short_cpu:
-        counts[INSUFFICIENT_CPU] = short_cpu
-    if short_mem:
-        counts[INSUFFICIENT_MEMORY] = short_mem
+            why = usage.reason(i, node_limit, limits)
+            if why is None:
+                kept.append(i)
+            else:
+                counts[why] = counts.get(why, 0) + 1
+        fit = kept
+    st, parts = scoring.bulk(fit, used_cpu, used_mem, node_counts)
+    statics = dict(zip(fit, st))
+    a, b = tie.a, tie.b
+    negated = [-p for p in parts]
+    entries_flat = list(zip(negated, [(i * a + b) & MASK64 for i in fit], fit))
+    entries: dict[tuple, list[tuple[int, int, int]]] = {}  # type: ignore[type-arg]
+    if grouped:
+        keys = zip(*[[term.values[i] for i in fit] for term in scoring.group_spreads])
+        for key, entry in zip(keys, entries_flat):
+            group = entries.get(key)
+            if group is None:
+                entries[key] = [entry]
+            else:
+                group.append(entry)
+    else:
+        entries[()] = entries_flat
 
     # (spread position, value) -> group keys holding it, to invalidate group terms and close groups.
     holding: dict[tuple[int, str | None], list[tuple]] = {}  # type: ignore[type-arg]
@@ -212,7 +216,9 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
         for pos, value in enumerate(key):
             yield from holding.get((pos, value), ())
 
-    heaps = GroupedHeaps(entries, lambda key: scoring.group_part(key, usage.value_counts), keys_sharing)
+    heaps = GroupedHeaps(
+        entries, lambda key: scoring.group_part(key, usage.value_counts), keys_sharing, dict(zip(fit, negated))
+    )
     placements: list[Placement] = []
     for replica in replicas:
         choice = heaps.best()
