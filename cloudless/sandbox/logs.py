@@ -12,18 +12,20 @@ they are observations, not acknowledged writes.
 
 The same file is **the log shim** (see runc.py for why one exists). runc.py
 runs it by path with `python -I -S logs.py shim ...`, so at module level this
-file imports only the standard library: an isolated interpreter with no site
-packages starts in ~7 ms instead of ~100 ms, and the shim sits on the start
-path. The shim:
+file imports only the standard library, and the shim path only C builtins: an
+isolated interpreter with no site packages starts in ~7 ms instead of ~100 ms,
+and the shim sits on the start path. The shim:
 
-1. forks; the parent relays the child's one-line readiness report and exits,
-   so the caller reaps it at once and the child outlives the node process;
-2. the child calls setsid() and becomes a child subreaper, then runs
-   `runc create` with the container's stdout/stderr set to pipes it owns;
-3. when `runc create` exits, the container's init is re-parented to the shim
-   (the subreaper), which reports `ok <pid>` and then pumps the pipes into the
-   log segments, reaps init with waitpid (exact exit code, 128+signal), reads
-   the cgroup's OOM-kill counter, and writes `exit.json` atomically (fsynced).
+1. (when pre-started) waits for its arguments on stdin, NUL-separated;
+2. forks; the parent relays the child's one-line report and exits, so the
+   caller reaps it at once and the child outlives the node process;
+3. the child calls setsid() and becomes a child subreaper, runs
+   `runc create` with the container's stdout/stderr set to pipes it owns,
+   then `runc start`, and reports `ok <pid>` (or `error <why>`);
+4. the container's init, re-parented to the shim, is reaped with waitpid
+   (exact exit code, 128+signal) while the pipes are pumped into log
+   segments; then the cgroup's OOM-kill counter is read and `exit.json`
+   written atomically (fsynced).
 """
 
 from __future__ import annotations
@@ -363,7 +365,9 @@ def _shim_main(argv: list[str]) -> int:
     os.close(ready_r)
     os.setsid()
     # pid plus kernel start time: the runtime's liveness check must not be fooled by pid reuse.
-    _write_atomic(a.shim_pid_file, f"{os.getpid()} {process_start_time(os.getpid())}".encode())
+    # Not fsynced: after a machine crash the shim is gone anyway.
+    with open(a.shim_pid_file, "w") as f:
+        f.write(f"{os.getpid()} {process_start_time(os.getpid())}")
     devnull = os.open(os.devnull, os.O_RDWR)
     log_fd = os.open(a.shim_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
     os.dup2(devnull, 0)

@@ -3,15 +3,21 @@
 Why a shim. After `runc create` the container's init is no longer anyone's
 child we can wait on, and its stdout/stderr must keep flowing somewhere while
 the node process restarts. So each run goes through a small per-container
-shim (the `__main__` of logs.py, started with `python -I -S` in ~7 ms): it
-becomes a child subreaper, runs `runc create` with the container's stdio set
-to pipes it owns, and — once runc exits and init is re-parented to it —
-pumps those pipes into timestamped, size-rotated log segments and reaps init
-with waitpid, which gives the exact exit status (128+N for signal N). It then
-reads the memory cgroup's `oom_kill` counter (v1 `memory.oom_control`, v2
+shim (the `__main__` of logs.py, run with `python -I -S`): it forks off a
+daemon that becomes a child subreaper and runs `runc create` with the
+container's stdio set to pipes it owns, then `runc start`, and reports
+`ok <pid>`. Once runc exits, init is re-parented to the daemon, which pumps
+those pipes into timestamped, size-rotated log segments and reaps init with
+waitpid — the exact exit status (128+N for signal N). It then reads the
+memory cgroup's `oom_kill` counter (v1 `memory.oom_control`, v2
 `memory.events`) and writes `exit.json` (fsynced, renamed into place). The
 node only ever reads files, so a restarted node finds running containers
 (shim alive) and the results of those that ended while it was down.
+
+Start latency: one shim is kept pre-started, its interpreter already up and
+waiting for its arguments on stdin, so a start costs runc create + runc start
+plus a few milliseconds; the next one is spawned after each start reports.
+`aclose()` releases it (it also exits by itself when the node does: EOF).
 
 State directory layout::
 
@@ -215,7 +221,7 @@ class RuncRuntime:
             _write_synced(cdir / "spec.json", msgspec.json.encode(spec))
             if not os.path.isdir(spec.rootfs):
                 raise SandboxError(f"rootfs {spec.rootfs} is not a directory", id=spec.id)
-            user = await trio.to_thread.run_sync(self._resolve_user, spec)
+            user = self._resolve_user(spec)  # two small files: cheaper inline than a thread hop
             netns_path = None
             ip = None
             if spec.network == "bridge":
@@ -301,7 +307,8 @@ class RuncRuntime:
             report = await self._run_shim(container_id, args)
             pid = int(report.split()[1])
             started_at = time.time()
-            _write_synced(cdir / "started.json", json.dumps({"started_at": started_at}).encode())
+            # Informational only (not fsynced): a crash loses the process with it.
+            (cdir / "started.json").write_text(json.dumps({"started_at": started_at}))
         attachment = self.network.attachment(container_id)
         log.info("sandbox.container_started", extra={"fields": {"id": container_id, "pid": pid}})
         return ContainerState(
@@ -322,13 +329,11 @@ class RuncRuntime:
         )
 
     async def _run_shim(self, container_id: str, args: list[str]) -> str:
-        """Hand `args` to a pre-started shim (starting the next one), return its `ok <pid>` report."""
+        """Hand `args` to a pre-started shim, return its `ok <pid>` report."""
         proc = self._warm_shim
         self._warm_shim = None
         if proc is None or proc.returncode is not None:
             proc = await self._spawn_shim()
-        # The next start finds a shim whose interpreter is already up.
-        self._warm_shim = await self._spawn_shim()
         out = b""
         with trio.move_on_after(self.timeout) as scope:
             assert proc.stdin is not None and proc.stdout is not None
@@ -343,6 +348,10 @@ class RuncRuntime:
                 await proc.wait()
             raise RuncFailed(f"container {container_id}: shim did not report within {self.timeout}s", id=container_id)
         await proc.stdout.aclose()
+        if self._warm_shim is None:
+            # The next start finds a shim whose interpreter is already up. Spawned only
+            # now, so its start-up does not compete with this container's runc create.
+            self._warm_shim = await self._spawn_shim()
         report = out.decode(errors="replace").strip()
         if proc.returncode != 0 or not report.startswith("ok "):
             raise RuncFailed(f"container {container_id}: {report or 'shim failed silently'}", id=container_id)
