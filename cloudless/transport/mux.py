@@ -293,6 +293,7 @@ class MuxSession:
         self._initial = bytes(initial_bytes)
         self._next_id = 1 if is_client else 2
         self._last_remote_id = 0
+        self._skipped_remote_ids: set[int] = set()
         self._streams: dict[int, MuxStream] = {}
         self._accept_queue: deque[MuxStream] = deque()
         self._accept_wakeup = trio.Event()
@@ -311,6 +312,7 @@ class MuxSession:
         self._ping_seq = 0
         self._bytes_sent = 0
         self._bytes_received = 0
+        self._rx = bytearray()  # reassembly: at most one frame plus one read
 
     # -- Connection interface --
 
@@ -379,6 +381,7 @@ class MuxSession:
             "pending_accept": len(self._accept_queue),
             "outbox_bytes": self._outbox_bytes,
             "buffered_bytes": sum(s._buffered for s in self._streams.values()),
+            "reassembly_bytes": len(self._rx),
             "bytes_sent": self._bytes_sent,
             "bytes_received": self._bytes_received,
         }
@@ -516,7 +519,7 @@ class MuxSession:
     # -- receiving --
 
     async def _read_loop(self) -> None:
-        buf = bytearray(self._initial)
+        buf = self._rx = bytearray(self._initial)
         self._initial = b""
         max_frame = self.config.max_frame_size
         while True:
@@ -565,10 +568,7 @@ class MuxSession:
         if stream is None:
             if not flags & SYN:
                 return  # a stream we already reset or finished; its data is moot
-            remote_parity = 0 if self._is_client else 1
-            if stream_id % 2 != remote_parity or stream_id <= self._last_remote_id:
-                raise MuxProtocolError(f"peer opened stream {stream_id} out of order or with our parity")
-            self._last_remote_id = stream_id
+            self._check_new_remote_id(stream_id)
             stream = MuxStream(self, stream_id, local=False)
             if self._local_goaway or len(self._streams) >= self.config.max_streams:
                 self._enqueue(encode_frame(RESET, 0, stream_id, RESET_REFUSED), control=False)
@@ -580,6 +580,23 @@ class MuxSession:
         elif flags & SYN:
             raise MuxProtocolError(f"SYN on already open stream {stream_id}")
         stream._on_data(flags, payload)
+
+    def _check_new_remote_id(self, stream_id: int) -> None:
+        # Streams open lazily (with their first frame), so ids may arrive out
+        # of order, as in QUIC; skipped lower ids stay claimable, boundedly.
+        if stream_id % 2 != (0 if self._is_client else 1):
+            raise MuxProtocolError(f"peer opened stream {stream_id}, which has our parity")
+        if stream_id > self._last_remote_id:
+            first_skipped = self._last_remote_id + 2 if self._last_remote_id else (2 if self._is_client else 1)
+            skipped = range(first_skipped, stream_id, 2)
+            if len(skipped) + len(self._skipped_remote_ids) > 2 * self.config.max_streams:
+                raise MuxProtocolError(f"peer skipped too many stream ids (jumped to {stream_id})")
+            self._skipped_remote_ids.update(skipped)
+            self._last_remote_id = stream_id
+        elif stream_id in self._skipped_remote_ids:
+            self._skipped_remote_ids.discard(stream_id)
+        else:
+            raise MuxProtocolError(f"peer reused stream id {stream_id}")
 
     def _on_control(self, kind: int, flags: int, stream_id: int, value: int) -> None:
         if kind == WINDOW_UPDATE:
