@@ -15,7 +15,7 @@ health check, update strategy arithmetic).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Iterable, Literal, Sequence
+from typing import Annotated, Any, Iterable, Literal, Sequence, get_args
 
 import msgspec
 import yaml
@@ -243,22 +243,36 @@ LIVE_STATES = frozenset({"pending", "starting", "running"})
 
 # ---------------------------------------------------------------- validation
 
-_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_MSGSPEC_PATH = re.compile(r"^(?P<msg>.*?)(?: - at (?P<key>`key` in )?`\$(?P<path>[^`]*)`)?$", re.S)
 _BOUND = re.compile(r"^Expected `\w+` (?P<op>>=|<=|>|<) (?P<n>\S+)$")
 _OP_WORDS = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
+
+
+_ENUMS = {
+    "operator": get_args(Operator),
+    "protocol": get_args(Protocol),
+    "mode": get_args(RestartMode),
+    "kind": ("exec", "tcp", "http"),
+    "delay_function": ("constant", "exponential"),
+    "state": get_args(AllocationState),
+}
 
 
 def _field_error(exc: msgspec.ValidationError | msgspec.DecodeError, root: str = "") -> InvalidWorkload:
     """Rewrite msgspec's "Expected `int` >= 0 - at `$.replicas`" as "replicas: must be ≥ 0"."""
     m = _MSGSPEC_PATH.match(str(exc))
     msg, path = (m.group("msg"), m.group("path") or "") if m else (str(exc), "")
+    if m and m.group("key") and path.endswith(".env"):
+        msg = "keys must be variable names: letters, digits and _, not starting with a digit"
     bound = _BOUND.match(msg)
     if bound:
         msg = f"must be {_OP_WORDS[bound.group('op')]} {bound.group('n')}"
     if msg.startswith("Expected `str` matching regex '" + DNS_LABEL):
         msg = "must be a DNS label: 1-63 lowercase letters, digits and '-', starting and ending with a letter or digit"
     elif msg.startswith("Invalid enum value"):
-        msg = f"{msg} (see the allowed values in cloudless/state/workload.py)"
+        allowed = _ENUMS.get(path.rsplit(".", 1)[-1])
+        if allowed:
+            msg = f"{msg}; expected one of {', '.join(allowed)}"
     unknown = re.match(r"^Object contains unknown field `(?P<f>[^`]*)`$", msg)
     if unknown:
         path = f"{path}.{unknown.group('f')}"
