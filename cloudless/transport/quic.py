@@ -125,6 +125,11 @@ class _FlowControlledQuicConnection(MutualTlsQuicConnection):
         return self._close_event
 
     @property
+    def handshake_done_sent(self) -> bool:
+        """The server wrote HANDSHAKE_DONE into a packet (pacing can hold it back a pass)."""
+        return self._handshake_complete and not self._handshake_done_pending
+
+    @property
     def is_terminated(self) -> bool:
         return self._state == QuicConnectionState.TERMINATED
 
@@ -386,6 +391,7 @@ class QuicPeerConnection:
         self._handshake_deadline = self._started_at + carrier._handshake_timeout
         self._handshake_seconds: float | None = None
         self._next_ping_at = math.inf
+        self._handler_pending = False
         self._counts = Counter()
 
     # -- Connection protocol --------------------------------------------------
@@ -485,6 +491,10 @@ class QuicPeerConnection:
                     if not endpoint.send_nowait(data, addr):
                         await endpoint.send(data, addr)
                 self._counts["datagrams_sent"] += len(datagrams)
+                if self._handler_pending and quic.handshake_done_sent:
+                    self._handler_pending = False
+                    if self._error is None:
+                        self._carrier._spawn_handler(self)
                 self._release_writers()
                 if quic.is_terminated:
                     self._process_events()
@@ -544,11 +554,12 @@ class QuicPeerConnection:
             elif kind is events.ConnectionTerminated:
                 self._on_close(event)
         if self._error is None:
+            # Confirmation first: HANDSHAKE_DONE and a CONNECTION_CLOSE may arrive in one batch.
+            if self._is_client and self._peer is None and quic.handshake_confirmed:
+                self._establish()
             close_event = quic.close_event
             if close_event is not None:
                 self._on_close(close_event)
-            elif self._is_client and self._peer is None and quic.handshake_confirmed:
-                self._establish()
 
     def _establish(self) -> None:
         peer = self._quic.peer_identity
@@ -567,8 +578,9 @@ class QuicPeerConnection:
             "quic.established",
             extra={"peer": peer.uri, "remote": self._remote_address, "handshake_s": self._handshake_seconds},
         )
-        if not self._is_client:
-            self._carrier._spawn_handler(self)
+        # The server hands the connection to its handler only once a flush has sent
+        # HANDSHAKE_DONE: a handler that closes at once must not leave the client unconfirmed.
+        self._handler_pending = not self._is_client
 
     def _on_close(self, event: events.ConnectionTerminated) -> None:
         if self._error is not None:
@@ -927,6 +939,8 @@ class QuicCarrier:
         except BaseException:
             connection._abort("connect() was cancelled")
             raise
+        if connection._peer is not None:
+            return connection  # established, even if the server has closed it since (its handler's choice)
         if connection._error is not None:
             raise connection._error
         if connection._peer is None:  # the driver enforces the deadline; this is the backstop

@@ -538,6 +538,7 @@ async def test_renewed_credentials_are_presented_on_new_connections(nursery, pki
 
     async def handler(connection):
         seen.append(connection.peer.serial)
+        await echo_handler(connection)  # until the client closes
 
     _, address = await start_server(nursery, pki, handler)
     async with QuicCarrier(pki.client, pki.verifier) as client:
@@ -635,3 +636,18 @@ async def test_bulk_echo_survives_packet_loss_rfc9002(nursery, pki):
     except BaseException as exc:
         exc.add_note(f"lossy relay seed={seed}")
         raise
+
+
+async def test_handler_that_closes_at_once_still_lets_the_client_connect(nursery, pki):
+    """The server sends HANDSHAKE_DONE (RFC 9001 §4.1.2) before its handler can close the connection."""
+
+    async def handler(connection):
+        return
+
+    _, address = await start_server(nursery, pki, handler)
+    async with QuicCarrier(pki.client, pki.verifier) as client:
+        for _ in range(20):
+            connection = await client.connect(address)
+            assert connection.peer.uri == "spiffe://c1/node/server"
+            with trio.fail_after(2), pytest.raises(ConnectionLost):
+                await connection.accept_stream()
