@@ -337,3 +337,79 @@ async def test_adoption_after_supervisor_restart_does_not_start_a_duplicate(runt
     await reborn.aclose()
     listed = subprocess.run(["runc", "--root", str(reborn.root), "list", "-q"], capture_output=True, text=True).stdout.split()
     assert listed == ["svc"]
+
+
+# ---------------------------------------------------------------- more logs, health, errors
+
+
+async def test_follow_streams_lines_as_written_across_rotations(tmp_path, rootfs):
+    rt = RuncRuntime(tmp_path / "small-logs", bridge=BRIDGE, command_timeout=20, log_max_bytes=1024, log_keep=2)
+    try:
+        script = "i=0; while [ $i -lt 60 ]; do echo line-$i; i=$((i+1)); usleep 20000; done"
+        await rt.create(spec(rootfs, "chatty", ["sh", "-c", script]))
+        await rt.start("chatty")
+        seen = []
+        with trio.fail_after(30):
+            async for rec in rt.follow_logs("chatty"):
+                seen.append(rec.text)
+                if rec.text == "line-59":
+                    break
+        assert seen == [f"line-{i}" for i in range(60)]  # nothing lost although segments rotated away
+        await rt.wait("chatty")
+        kept = await rt.read_logs("chatty")
+        assert kept[-1].text == "line-59" and len(kept) < 60  # only `keep` segments remain
+        assert len(os.listdir(rt.log_dir("chatty"))) == 2
+    finally:
+        with trio.CancelScope(shield=True):
+            for st in await rt.list():
+                await rt.delete(st.id)
+            await rt.aclose()
+
+
+async def test_http_health_check_on_bridge_container_reports_healthy(runtime, rootfs):
+    send, recv = trio.open_memory_channel(math.inf)
+    sup = Supervisor(runtime, rng=random.Random(3), events=send)
+    check = HealthCheck(kind="http", port=80, path="/index.html", interval=0.2, timeout=2, retries=2)
+    web = spec(rootfs, "healthy-web", ["httpd", "-f", "-p", "80", "-h", "/www"], network="bridge", health=check,
+               restart=RestartPolicy(mode="always"))  # fmt: skip
+    async with trio.open_nursery() as n:
+        await n.start(sup.run)
+        await sup.ensure(web)
+        events = await _events_until(recv, lambda e: type(e).__name__ == "HealthChanged")
+        n.cancel_scope.cancel()
+    assert events[-1].status == "healthy"
+    assert sup.status("healthy-web").health == "healthy"
+
+
+async def test_exec_timeout_kills_the_exec_process(runtime, rootfs):
+    from cloudless.sandbox.runtime import ExecTimeout
+
+    await runtime.create(spec(rootfs, "slow", ["sleep", "1000"]))
+    await runtime.start("slow")
+    with pytest.raises(ExecTimeout):
+        await runtime.exec("slow", ["sleep", "300"], timeout=0.5)
+    with trio.fail_after(5):
+        while True:
+            ps = await runtime.exec("slow", ["ps", "-o", "args"])
+            if b"sleep 300" not in ps.stdout:
+                break
+            await trio.sleep(0.1)
+
+
+async def test_bad_spec_and_bad_rootfs_fail_clearly_and_leave_nothing(runtime, rootfs, tmp_path):
+    from cloudless.sandbox.runtime import ContainerExists, InvalidContainerSpec, RuncFailed, SandboxError
+
+    with pytest.raises(InvalidContainerSpec):
+        await runtime.create(spec(rootfs, "x", ["sh"], memory_bytes=10))
+    with pytest.raises(SandboxError):
+        await runtime.create(spec(str(tmp_path / "missing"), "nofs", ["sh"], network="bridge"))
+    assert await runtime.list() == [] and leftovers("cltest") == []
+    await runtime.create(spec(rootfs, "noexe", ["/no/such/binary"]))
+    with pytest.raises(ContainerExists):
+        await runtime.create(spec(rootfs, "noexe", ["sh"]))
+    with pytest.raises(RuncFailed) as e:
+        await runtime.start("noexe")
+    assert "no/such/binary" in e.value.message
+    assert subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout.split() == []
+    await runtime.delete("noexe")
+    assert await runtime.list() == []
