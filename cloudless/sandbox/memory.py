@@ -256,6 +256,9 @@ class MemoryRuntime:
         await trio.lowlevel.checkpoint()
         return []
 
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
 
 class MemoryProber:
     """Answers health probes from MemoryRuntime.script_health."""

@@ -249,30 +249,52 @@ class BridgeNetwork:
             self._attachments[container_id] = a
             self._persist()  # recorded before anything exists, so a crash leaves a sweepable trace
         try:
-            peer = "p" + a.host_veth[1:]
-            await run_command(["ip", "netns", "add", a.netns], timeout=self.timeout)
-            host_batch = (
-                f"link add {a.host_veth} type veth peer name {peer}\n"
-                f"link set {peer} netns {a.netns}\n"
-                f"link set {a.host_veth} master {self.config.bridge} up\n"
-            )
-            await run_command(["ip", "-batch", "-"], stdin=host_batch.encode(), timeout=self.timeout)
-            ns_batch = (
-                f"link set {peer} name eth0\n"
-                f"addr add {a.ip}/{a.prefixlen} dev eth0\n"
-                "link set eth0 up\n"
-                "link set lo up\n"
-                f"route add default via {a.gateway}\n"
-            )
-            await run_command(["ip", "-n", a.netns, "-batch", "-"], stdin=ns_batch.encode(), timeout=self.timeout)
-            if a.ports:
-                async with self._lock:
-                    await self._restore(self._port_rules(a))
+            await self._plumb(a)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.detach(container_id)
             raise
         log.info("sandbox.network_attached", extra={"fields": {"id": container_id, "ip": a.ip, "ports": len(a.ports)}})
+        return a
+
+    async def _plumb(self, a: Attachment) -> None:
+        peer = "p" + a.host_veth[1:]
+        await run_command(["ip", "netns", "add", a.netns], timeout=self.timeout)
+        host_batch = (
+            f"link add {a.host_veth} type veth peer name {peer}\n"
+            f"link set {peer} netns {a.netns}\n"
+            f"link set {a.host_veth} master {self.config.bridge} up\n"
+        )
+        await run_command(["ip", "-batch", "-"], stdin=host_batch.encode(), timeout=self.timeout)
+        ns_batch = (
+            f"link set {peer} name eth0\n"
+            f"addr add {a.ip}/{a.prefixlen} dev eth0\n"
+            "link set eth0 up\n"
+            "link set lo up\n"
+            f"route add default via {a.gateway}\n"
+        )
+        await run_command(["ip", "-n", a.netns, "-batch", "-"], stdin=ns_batch.encode(), timeout=self.timeout)
+        if a.ports:
+            async with self._lock:
+                await self._restore(self._port_rules(a))
+
+    async def ensure_attached(self, container_id: str) -> Attachment:
+        """Re-plumb a recorded attachment whose namespace is gone (the machine rebooted:
+        /run/netns, links and rules do not survive), keeping its address and ports."""
+        a = self._attachments.get(container_id)
+        if a is None:
+            raise NetworkSetupFailed(f"container {container_id} has no network attachment", id=container_id)
+        if os.path.exists(a.netns_path) and os.path.exists(f"/sys/class/net/{a.host_veth}"):
+            return a
+        await self.ensure_bridge()
+        if os.path.exists(a.netns_path):
+            await run_command(["ip", "netns", "del", a.netns], timeout=self.timeout, check=False)
+        if os.path.exists(f"/sys/class/net/{a.host_veth}"):
+            await run_command(["ip", "link", "del", a.host_veth], timeout=self.timeout, check=False)
+        async with self._lock:
+            await self._delete_rules_tagged({self._comment(container_id)})
+        await self._plumb(a)
+        log.info("sandbox.network_restored", extra={"fields": {"id": container_id, "ip": a.ip}})
         return a
 
     async def detach(self, container_id: str) -> None:

@@ -291,6 +291,8 @@ class RuncRuntime:
                 await self._runc("delete", "--force", container_id, check=False)
             for name in ("exit.json", "init.pid", "shim.pid", "started.json"):
                 (cdir / name).unlink(missing_ok=True)
+            if spec.network == "bridge":
+                await self.network.ensure_attached(container_id)
             args = [
                 "--runc", self.runc,
                 "--root", str(self.root),
@@ -304,7 +306,13 @@ class RuncRuntime:
                 "--shim-log", str(cdir / "shim.log"),
                 "--shim-pid-file", str(cdir / "shim.pid"),
             ]  # fmt: skip
-            report = await self._run_shim(container_id, args)
+            try:
+                report = await self._run_shim(container_id, args)
+            except BaseException:
+                # The shim removed any half-made runc container; be "created" again, not "exited".
+                for name in ("init.pid", "shim.pid"):
+                    (cdir / name).unlink(missing_ok=True)
+                raise
             pid = int(report.split()[1])
             started_at = time.time()
             # Informational only (not fsynced): a crash loses the process with it.

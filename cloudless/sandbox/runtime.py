@@ -253,6 +253,9 @@ class ContainerRuntime(Protocol):
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]: ...
 
+    async def aclose(self) -> None:
+        """Release what the runtime object holds (not the containers: they keep running)."""
+
     async def sweep(self) -> list[str]:
         """Remove leftovers of containers this runtime no longer knows (crash mid-create,
         runc state without a container, network rules); return their ids."""

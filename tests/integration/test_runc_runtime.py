@@ -413,3 +413,17 @@ async def test_bad_spec_and_bad_rootfs_fail_clearly_and_leave_nothing(runtime, r
     assert subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout.split() == []
     await runtime.delete("noexe")
     assert await runtime.list() == []
+
+
+async def test_restart_after_reboot_replumbs_lost_network_with_same_address(runtime, rootfs):
+    await runtime.create(spec(rootfs, "boot", ["sleep", "1000"], network="bridge"))
+    first = await runtime.start("boot")
+    await runtime.stop("boot", grace=0.2)
+    # A reboot loses /run/netns, the veth and the rules; only our state dir survives.
+    a = runtime.network.attachment("boot")
+    subprocess.run(["ip", "netns", "del", a.netns], check=True)
+    assert not os.path.exists(f"/sys/class/net/{a.host_veth}")
+    again = await runtime.start("boot")
+    assert again.ip == first.ip and again.status == "running"
+    r = await runtime.exec("boot", ["ip", "-o", "-4", "addr", "show", "eth0"])
+    assert first.ip in r.stdout.decode()
