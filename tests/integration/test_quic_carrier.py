@@ -564,13 +564,13 @@ async def test_send_eof_twice_is_a_no_op_and_send_after_eof_fails(nursery, pki):
 
 
 async def test_idle_connection_closes_at_idle_timeout_unless_kept_alive_rfc9000_10_1(nursery, pki):
-    _, address = await start_server(nursery, pki, idle_timeout=0.6)
-    async with QuicCarrier(pki.client, pki.verifier, idle_timeout=0.6) as idle, QuicCarrier(
-        pki.client, pki.verifier, idle_timeout=0.6, keepalive_interval=0.2
+    _, address = await start_server(nursery, pki, idle_timeout=1.0)
+    async with QuicCarrier(pki.client, pki.verifier, idle_timeout=1.0) as idle, QuicCarrier(
+        pki.client, pki.verifier, idle_timeout=1.0, keepalive_interval=0.2
     ) as kept:
         idle_connection = await idle.connect(address)
         kept_connection = await kept.connect(address)
-        await trio.sleep(1.5)
+        await trio.sleep(2.5)
         assert idle_connection.is_closed
         with pytest.raises(ConnectionLost, match="Idle timeout"):
             await idle_connection.open_stream()
