@@ -291,6 +291,10 @@ class BridgeNetwork:
             await run_command(["ip", "netns", "del", a.netns], timeout=self.timeout, check=False)
         if os.path.exists(f"/sys/class/net/{a.host_veth}"):
             await run_command(["ip", "link", "del", a.host_veth], timeout=self.timeout, check=False)
+        # The kernel tears down a deleted namespace's links asynchronously; the name must be free.
+        with trio.move_on_after(self.timeout):
+            while os.path.exists(f"/sys/class/net/{a.host_veth}"):
+                await trio.sleep(0.02)
         async with self._lock:
             await self._delete_rules_tagged({self._comment(container_id)})
         await self._plumb(a)
@@ -302,10 +306,12 @@ class BridgeNetwork:
         a = self._attachments.get(container_id)
         netns = a.netns if a else self.netns_name(container_id)
         veth = a.host_veth if a else self.veth_name(container_id)
-        if os.path.exists(f"{NETNS_DIR}/{netns}"):
-            await run_command(["ip", "netns", "del", netns], timeout=self.timeout, check=False)
+        # The veth first: deleting it is synchronous (and takes the peer along), whereas a
+        # deleted namespace's links go away later, which would block reusing the name.
         if os.path.exists(f"/sys/class/net/{veth}"):
             await run_command(["ip", "link", "del", veth], timeout=self.timeout, check=False)
+        if os.path.exists(f"{NETNS_DIR}/{netns}"):
+            await run_command(["ip", "netns", "del", netns], timeout=self.timeout, check=False)
         async with self._lock:
             if a is None or a.ports:
                 await self._delete_rules_tagged({self._comment(container_id)})

@@ -221,30 +221,41 @@ class RuncRuntime:
             _write_synced(cdir / "spec.json", msgspec.json.encode(spec))
             if not os.path.isdir(spec.rootfs):
                 raise SandboxError(f"rootfs {spec.rootfs} is not a directory", id=spec.id)
-            user = self._resolve_user(spec)  # two small files: cheaper inline than a thread hop
-            netns_path = None
             ip = None
             if spec.network == "bridge":
-                attachment = await self.network.attach(spec.id, spec.ports)
-                netns_path, ip = attachment.netns_path, attachment.ip
-            etc = self._write_etc(spec, ip)
-            config = build_config(
-                spec,
-                user=user,
-                cgroups=self.cgroups,
-                cgroups_path=f"{self._cgroup_parent}/{spec.id}",
-                netns_path=netns_path,
-                etc_files=etc,
-                nofile_limit=self._nofile_limit(),
-            )
-            (cdir / "bundle").mkdir()
-            _write_synced(cdir / "bundle" / "config.json", json.dumps(config, indent=1).encode())
+                ip = (await self.network.attach(spec.id, spec.ports)).ip
+            self._write_bundle(spec)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self._remove_everything(spec.id)
             raise
         log.info("sandbox.container_created", extra={"fields": {"id": spec.id, "network": spec.network, "ip": ip}})
         return ContainerState(id=spec.id, status="created", ip=ip, labels=dict(spec.labels))
+
+    def _write_bundle(self, spec: ContainerSpec) -> None:
+        """config.json and the /etc files, all derived from spec.json (which alone is fsynced:
+        `start` rebuilds a bundle that a crash left torn)."""
+        user = self._resolve_user(spec)  # two small files: cheaper inline than a thread hop
+        attachment = self.network.attachment(spec.id) if spec.network == "bridge" else None
+        config = build_config(
+            spec,
+            user=user,
+            cgroups=self.cgroups,
+            cgroups_path=f"{self._cgroup_parent}/{spec.id}",
+            netns_path=attachment.netns_path if attachment else None,
+            etc_files=self._write_etc(spec, attachment.ip if attachment else None),
+            nofile_limit=self._nofile_limit(),
+        )
+        bundle = self._dir(spec.id) / "bundle"
+        bundle.mkdir(exist_ok=True)
+        (bundle / "config.json").write_bytes(msgspec.json.encode(config))
+
+    def _bundle_intact(self, container_id: str) -> bool:
+        try:
+            json.loads((self._dir(container_id) / "bundle" / "config.json").read_bytes())
+            return True
+        except (OSError, ValueError):
+            return False
 
     @staticmethod
     def _nofile_limit() -> int:
@@ -293,6 +304,8 @@ class RuncRuntime:
                 (cdir / name).unlink(missing_ok=True)
             if spec.network == "bridge":
                 await self.network.ensure_attached(container_id)
+            if not self._bundle_intact(container_id):
+                self._write_bundle(spec)
             args = [
                 "--runc", self.runc,
                 "--root", str(self.root),

@@ -422,7 +422,7 @@ async def test_restart_after_reboot_replumbs_lost_network_with_same_address(runt
     # A reboot loses /run/netns, the veth and the rules; only our state dir survives.
     a = runtime.network.attachment("boot")
     subprocess.run(["ip", "netns", "del", a.netns], check=True)
-    assert not os.path.exists(f"/sys/class/net/{a.host_veth}")
+    assert not os.path.exists(a.netns_path)
     again = await runtime.start("boot")
     assert again.ip == first.ip and again.status == "running"
     r = await runtime.exec("boot", ["ip", "-o", "-4", "addr", "show", "eth0"])
