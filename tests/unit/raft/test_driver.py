@@ -272,3 +272,60 @@ async def test_drivers_over_rocksdb_survive_a_full_restart(tmp_path):
     finally:
         for storage in storages.values():
             storage.close()
+
+
+class RecordingStorage(MemoryStorage):
+    def __init__(self, node_id: str, events: list) -> None:
+        super().__init__()
+        self.node_id, self.events = node_id, events
+
+    def sync(self) -> None:
+        hard_state, _ = self.initial_state()
+        self.events.append(("sync", self.node_id, self.last_index(), hard_state.term, hard_state.vote))
+
+
+async def test_acknowledgements_wait_for_sync_but_leader_appends_do_not(autojump_clock):
+    # Raft §5 / thesis §3.8: a vote or an append acknowledgement promises durable state,
+    # so it leaves only after the fsync; the leader's own appends may go out first (§10.2.1).
+    events: list = []
+    storages = {}
+    for node_id in IDS:
+        storages[node_id] = RecordingStorage(node_id, events)
+        bootstrap_log(storages[node_id], IDS)
+    cluster = Cluster(storages, sync_in_thread=False)
+    original = cluster._sender
+
+    def recording_sender(frm):
+        deliver = original(frm)
+
+        def send(message):
+            events.append(("send", message))
+            deliver(message)
+
+        return send
+
+    cluster._sender = recording_sender
+    async with trio.open_nursery() as nursery:
+        for node_id in IDS:
+            await cluster.start(nursery, node_id)
+        leader = await cluster.leader()
+        for i in range(5):
+            await leader.propose(b"w%d" % i)
+        nursery.cancel_scope.cancel()
+
+    durable: dict[str, tuple[int, int, str]] = {}
+    early_appends = 0
+    for event in events:
+        if event[0] == "sync":
+            _, node_id, last, term, vote = event
+            durable[node_id] = (last, term, vote)
+            continue
+        m = event[1]
+        name = type(m).__name__
+        if name == "AppendResponse" and not m.reject:
+            assert durable[m.frm][0] >= m.index, (m, durable[m.frm])
+        if name == "VoteResponse" and m.granted and not m.pre_vote:
+            assert durable[m.frm][1:] == (m.term, m.to), (m, durable[m.frm])
+        if name == "AppendEntries" and m.entries and durable.get(m.frm, (0,))[0] < m.entries[-1].index:
+            early_appends += 1
+    assert early_appends > 0
