@@ -57,7 +57,7 @@ from aioquic.quic.rangeset import RangeSet
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cloudless.pki.errors import PeerRejected
+from cloudless.pki.errors import InvalidCredentials, PeerRejected
 from cloudless.transport.base import ConnectionHandler, ConnectionLost, PeerIdentity, StreamReset, TransportError
 from cloudless.transport.quic_tls_hook import MutualTlsQuicConnection, rejection_from_close
 from cloudless.transport.udp import UdpEndpoint
@@ -680,8 +680,11 @@ class QuicPeerConnection:
 
 
 def _load_certificates(credentials: Any) -> tuple[x509.Certificate, list[x509.Certificate], Any]:
-    chain = x509.load_pem_x509_certificates(credentials.cert_pem)
-    key = serialization.load_pem_private_key(credentials.key_pem, password=None)
+    try:
+        chain = x509.load_pem_x509_certificates(credentials.cert_pem)
+        key = serialization.load_pem_private_key(credentials.key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise InvalidCredentials(f"QUIC carrier credentials do not parse: {exc}") from exc
     return chain[0], list(chain[1:]), key
 
 

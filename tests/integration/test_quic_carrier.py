@@ -651,3 +651,11 @@ async def test_handler_that_closes_at_once_still_lets_the_client_connect(nursery
             assert connection.peer.uri == "spiffe://c1/node/server"
             with trio.fail_after(2), pytest.raises(ConnectionLost):
                 await connection.accept_stream()
+
+
+def test_unparseable_credentials_are_refused_at_construction(pki):
+    from cloudless.pki.errors import InvalidCredentials
+
+    garbage = types.SimpleNamespace(cert_pem=b"not a certificate", key_pem=pki.client.key_pem)
+    with pytest.raises(InvalidCredentials, match="do not parse"):
+        QuicCarrier(garbage, pki.verifier)
