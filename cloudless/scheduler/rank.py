@@ -164,6 +164,7 @@ class Scoring:
         self.mem_need = spec.resources.memory_bytes
         self.binpack = config.utilization == "binpack"
         self.reliability = reliability_scores(view)
+        self.cost_label = config.cost_label
         self.cost, priced = cost_scores(view, config.cost_label)
         self.w_rel = w.reliability
         self.w_cost = w.cost if priced else 0.0
@@ -262,7 +263,7 @@ class Scoring:
         view = self.view
         w_rel, w_cost, rel, cost = self.w_rel, self.w_cost, self.reliability, self.cost
         base = view.memo(
-            ("base", w_rel, w_cost, id(cost)),
+            ("base", w_rel, w_cost, self.cost_label),
             lambda: tuple(w_rel * r + w_cost * c for r, c in zip(rel, cost)),
         )
         st = [base[i] for i in fit]

@@ -240,9 +240,9 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
 def _place_by_full_rescore(run: _Run, replicas: list[int]) -> tuple[list[Placement], dict[str, int]]:
     scoring, usage, tie = run.scoring, run.usage, run.tie
     candidates = mask_indices(run.static.mask)
-    placements: list[Placement] = []
-    first_counts: dict[str, int] | None = None
-    for replica in replicas:
+
+    def scan() -> tuple[dict[str, int], int, int, int]:
+        """(rejection counts, best node or -1, its score, feasible count) over every node."""
         counts = run.static.counts()
         best: tuple[int, int] | None = None
         best_i = -1
@@ -257,13 +257,18 @@ def _place_by_full_rescore(run: _Run, replicas: list[int]) -> tuple[list[Placeme
             candidate = (-total, tie(i))
             if best is None or candidate < best:
                 best, best_i = candidate, i
-        if first_counts is None:
-            first_counts = counts
-        if best is None:
+        return counts, best_i, (-best[0] if best is not None else 0), feasible
+
+    placements: list[Placement] = []
+    first_counts, best_i, score, feasible = scan()
+    for n, replica in enumerate(replicas):
+        if n:
+            _, best_i, score, feasible = scan()
+        if best_i < 0:
             break
-        placements.append(run.placement(replica, best_i, -best[0], feasible))
+        placements.append(run.placement(replica, best_i, score, feasible))
         usage.place(best_i)
-    return placements, first_counts if first_counts is not None else run.static.counts()
+    return placements, first_counts
 
 
 # ---------------------------------------------------------------- scaling down
