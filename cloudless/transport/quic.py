@@ -904,13 +904,21 @@ class QuicCarrier:
     def _new_quic(self, *, is_client: bool, **kwargs: Any) -> _FlowControlledQuicConnection:
         return _FlowControlledQuicConnection(
             configuration=self._configuration(is_client=is_client),
-            verify_peer=self._verify_chain,
+            verify_peer=self._verify_server_chain if is_client else self._verify_chain,
             stream_window=self._stream_window,
             **kwargs,
         )
 
     def _verify_chain(self, chain: Sequence[x509.Certificate]) -> PeerIdentity:
         return self._verifier.verify(chain)
+
+    def _verify_server_chain(self, chain: Sequence[x509.Certificate]) -> PeerIdentity:
+        # In place of a hostname check: only nodes serve, so a client certificate
+        # (a CLI user's) must not be able to pose as a server.
+        peer = self._verifier.verify(chain)
+        if peer.kind != "node":
+            raise PeerRejected("bad_identity", f"server presented {peer.uri}, not a node identity")
+        return peer
 
     def _register(self, connection: QuicPeerConnection, *connection_ids: bytes) -> None:
         assert self._nursery is not None

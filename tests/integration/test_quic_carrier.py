@@ -659,3 +659,14 @@ def test_unparseable_credentials_are_refused_at_construction(pki):
     garbage = types.SimpleNamespace(cert_pem=b"not a certificate", key_pem=pki.client.key_pem)
     with pytest.raises(InvalidCredentials, match="do not parse"):
         QuicCarrier(garbage, pki.verifier)
+
+
+async def test_client_refuses_a_server_holding_a_client_identity(nursery, pki):
+    """Identity checking replaces hostname checking: only node identities may serve."""
+    posing = issue_credentials(pki.ca, Identity.client("c1", "mallory"), NOW)
+    _, address = await start_server(nursery, pki, credentials=posing)
+    async with QuicCarrier(pki.client, pki.verifier) as client:
+        with trio.fail_after(5), pytest.raises(PeerRejected) as caught:
+            await client.connect(address)
+    assert caught.value.reason == "bad_identity"
+    assert "not a node identity" in caught.value.message
