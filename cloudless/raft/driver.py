@@ -31,7 +31,7 @@ from typing import Any, Awaitable, Callable
 
 import trio
 
-from cloudless.errors import Unavailable
+from cloudless.errors import InvalidInput, Unavailable
 from cloudless.raft.core import ProposalDropped, RaftNode, Ready, Role
 from cloudless.raft.messages import AppendEntries, ConfChange, Entry, Heartbeat, Message, Snapshot
 from cloudless.raft.storage import StorageError, WritableLogStorage
@@ -189,7 +189,15 @@ class RaftDriver:
             self._reads.pop(ctx, None)
 
     def transfer_leadership(self, to: str) -> None:
-        self._queue(lambda: self.node.transfer_leadership(to))
+        """Ask the core to hand over to `to`; ignored (and logged) unless we lead."""
+
+        def run() -> None:
+            try:
+                self.node.transfer_leadership(to)
+            except Unavailable as exc:
+                log.info("raft.driver.transfer_refused", extra={"node": self.node.id, "to": to, "error": repr(exc)})
+
+        self._queue(run)
 
     async def wait_applied(self, index: int) -> None:
         while self.applied < index:
@@ -224,8 +232,10 @@ class RaftDriver:
                 command = self._commands.popleft()
                 try:
                     command()
-                except Exception as exc:  # a malformed message must not stop the node
-                    log.warning("raft.driver.command_failed", extra={"node": self.node.id, "error": repr(exc)})
+                except InvalidInput as exc:  # a malformed message must not stop the node
+                    log.warning("raft.driver.bad_input", extra={"node": self.node.id, "error": repr(exc)})
+                # Anything else (RaftInvariantError above all) stops the driver: a
+                # node that cannot keep Raft's rules must not keep running.
             now = trio.current_time()
             if now >= next_tick:
                 self.node.tick()
