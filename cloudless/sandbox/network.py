@@ -258,16 +258,14 @@ class BridgeNetwork:
         return a
 
     async def _plumb(self, a: Attachment) -> None:
-        peer = "p" + a.host_veth[1:]
-        await run_command(["ip", "netns", "add", a.netns], timeout=self.timeout)
+        # Two `ip` processes in all: the peer is born inside the namespace as eth0.
         host_batch = (
-            f"link add {a.host_veth} type veth peer name {peer}\n"
-            f"link set {peer} netns {a.netns}\n"
+            f"netns add {a.netns}\n"
+            f"link add {a.host_veth} type veth peer name eth0 netns {a.netns}\n"
             f"link set {a.host_veth} master {self.config.bridge} up\n"
         )
         await run_command(["ip", "-batch", "-"], stdin=host_batch.encode(), timeout=self.timeout)
         ns_batch = (
-            f"link set {peer} name eth0\n"
             f"addr add {a.ip}/{a.prefixlen} dev eth0\n"
             "link set eth0 up\n"
             "link set lo up\n"

@@ -6,7 +6,9 @@ it again. Everything the watcher observes goes out as an event on the
 channel the caller supplies (the agent reports them to the cluster).
 
 Time is trio's clock and randomness an injected `random.Random`, so the tests
-drive it with the memory twin under MockClock.
+drive it with the memory twin under MockClock. Events are sent with `await`:
+give the channel a buffer, since a consumer that stops reading holds
+supervision back rather than losing events.
 
 Ownership and adoption: every container a supervisor creates carries the label
 `cloudless.supervisor=<name>`. After a node restart, `run()` first lists the
@@ -220,10 +222,17 @@ class Supervisor:
         return adopted
 
     async def ensure(self, spec: ContainerSpec) -> None:
-        """Create (if needed) and keep `spec` running per its restart policy."""
-        if spec.id in self._watched:
-            raise ContainerExists(f"{spec.id!r} is already supervised", id=spec.id)
+        """Create (if needed) and keep `spec` running per its restart policy.
+
+        Idempotent for reconcilers: ensuring an already supervised (or adopted)
+        container with the same spec does nothing; a different spec under the
+        same id is a Conflict (remove it first).
+        """
         spec = msgspec.structs.replace(spec, labels={**spec.labels, OWNER_LABEL: self.name})
+        if spec.id in self._watched:
+            if self._watched[spec.id].spec == spec:
+                return
+            raise ContainerExists(f"{spec.id!r} is supervised with a different spec", id=spec.id)
         try:
             state = await self.runtime.create(spec)
         except ContainerExists:

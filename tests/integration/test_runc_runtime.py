@@ -427,3 +427,11 @@ async def test_restart_after_reboot_replumbs_lost_network_with_same_address(runt
     assert again.ip == first.ip and again.status == "running"
     r = await runtime.exec("boot", ["ip", "-o", "-4", "addr", "show", "eth0"])
     assert first.ip in r.stdout.decode()
+
+
+async def test_host_network_mode_shares_the_hosts_interfaces(runtime, rootfs):
+    final = await run_to_exit(runtime, spec(rootfs, "hostnet", ["ls", "/sys/class/net"], network="host"))
+    assert final.exit_code == 0
+    inside = {r.text for r in await runtime.read_logs("hostnet")}
+    assert inside == set(os.listdir("/sys/class/net"))
+    assert runtime.network.attachment("hostnet") is None

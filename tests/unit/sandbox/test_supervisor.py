@@ -334,3 +334,18 @@ async def test_remove_stops_supervision_and_deletes(autojump_clock):
     assert await h.runtime.list() == []
     assert h.sup.supervised() == []
     assert not any(isinstance(e, Started) for e in h.drain())  # no restart after removal
+
+
+async def test_ensure_is_idempotent_for_the_same_spec_and_refuses_a_different_one(autojump_clock):
+    from cloudless.sandbox.runtime import ContainerExists
+
+    h = Harness()
+    async with trio.open_nursery() as n:
+        await n.start(h.sup.run)
+        await h.sup.ensure(spec(restart=RestartPolicy(mode="always")))
+        await h.sup.ensure(spec(restart=RestartPolicy(mode="always")))
+        with pytest.raises(ContainerExists):
+            await h.sup.ensure(spec(restart=RestartPolicy(mode="never")))
+        await trio.sleep(1)
+        n.cancel_scope.cancel()
+    assert h.runtime.start_count("web") == 1
