@@ -205,9 +205,10 @@ def read(log_dir: str, since_offset: int = 0, tail: int | None = None) -> list[L
 
 
 async def follow(log_dir: str, since_offset: int = 0, poll_interval: float = 0.05) -> AsyncIterator[LogRecord]:
-    """Yield records from `since_offset` on, forever, as they are written, across rotations.
+    """Yield records from `since_offset` on as they are written, across rotations.
 
-    Polls (inotify is not portable to every device this runs on); the caller
+    Polls (inotify is not portable to every device this runs on). Ends when the
+    log directory is removed (the container was deleted); otherwise the caller
     ends it by cancelling or by leaving the `async for`.
     """
     offset = since_offset
@@ -216,6 +217,8 @@ async def follow(log_dir: str, since_offset: int = 0, poll_interval: float = 0.0
         for o, t, s, x in records:
             yield LogRecord(offset=o, ts=t, stream=s, text=x)
         if not records:
+            if not os.path.isdir(log_dir):
+                return
             await trio.sleep(poll_interval)
 
 

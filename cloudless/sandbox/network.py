@@ -38,7 +38,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from cloudless.sandbox.runtime import NetworkSetupFailed, PortMapping
+from cloudless.sandbox.runtime import NetworkSetupFailed, PortInUse, PortMapping
 
 log = logging.getLogger(__name__)
 
@@ -236,6 +236,11 @@ class BridgeNetwork:
             raise NetworkSetupFailed(f"container {container_id} is already attached", id=container_id)
         net = ipaddress.ip_network(self.config.subnet)
         async with self._lock:
+            taken = {(p.host_port, p.proto): cid for cid, att in self._attachments.items() for p in att.ports}
+            for p in ports:
+                if (p.host_port, p.proto) in taken:
+                    owner = taken[(p.host_port, p.proto)]
+                    raise PortInUse(f"host port {p.host_port}/{p.proto} is published by {owner}", port=p.host_port, owner=owner)
             ip = self._pool.allocate()
             a = Attachment(
                 container_id=container_id,

@@ -219,6 +219,7 @@ class RuncRuntime:
             raise ContainerExists(f"container {spec.id!r} exists", id=spec.id) from None
         try:
             _write_synced(cdir / "spec.json", msgspec.json.encode(spec))
+            (cdir / "logs").mkdir()  # exists from now on, so follow_logs can wait for the first start
             if not os.path.isdir(spec.rootfs):
                 raise SandboxError(f"rootfs {spec.rootfs} is not a directory", id=spec.id)
             ip = None

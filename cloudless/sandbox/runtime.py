@@ -51,6 +51,10 @@ class NetworkSetupFailed(SandboxError):
     """Bridge, veth, address or iptables setup failed."""
 
 
+class PortInUse(Conflict):
+    """Another container on this node already publishes the host port."""
+
+
 class ExecTimeout(SandboxError):
     """An exec inside a container ran past its deadline and was killed."""
 

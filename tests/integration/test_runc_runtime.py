@@ -435,3 +435,15 @@ async def test_host_network_mode_shares_the_hosts_interfaces(runtime, rootfs):
     inside = {r.text for r in await runtime.read_logs("hostnet")}
     assert inside == set(os.listdir("/sys/class/net"))
     assert runtime.network.attachment("hostnet") is None
+
+
+async def test_publishing_a_host_port_twice_is_a_conflict(runtime, rootfs):
+    from cloudless.sandbox.runtime import PortInUse
+
+    port = free_port()
+    await runtime.create(spec(rootfs, "first", ["sleep", "1"], network="bridge", ports=[PortMapping(port, 80)]))
+    with pytest.raises(PortInUse) as e:
+        await runtime.create(spec(rootfs, "second", ["sleep", "1"], network="bridge", ports=[PortMapping(port, 80)]))
+    assert e.value.exit_code == 4
+    assert [s.id for s in await runtime.list()] == ["first"]
+    assert not any("cltest:second" in x for x in leftovers("cltest"))

@@ -140,3 +140,26 @@ def test_records_are_json_lines(tmp_path):
     (seg,) = os.listdir(tmp_path)
     line = (tmp_path / seg).read_text()
     assert json.loads(line) == {"ts": 3.25, "s": "e", "t": 'quote " and \\ and \t tab'}
+
+
+async def test_follow_ends_when_the_log_directory_is_removed(tmp_path, autojump_clock):
+    import shutil
+
+    d = tmp_path / "logs"
+    w = LogWriter(str(d), max_bytes=1 << 20, keep=2)
+    w.write(1.0, "stdout", "last words")
+    w.close()
+    got = []
+
+    async def reader():
+        async for rec in logs.follow(str(d)):
+            got.append(rec.text)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(reader)
+        await trio.sleep(1)
+        shutil.rmtree(d)
+        with trio.fail_after(5):
+            while n.child_tasks:
+                await trio.sleep(0.1)
+    assert got == ["last words"]
