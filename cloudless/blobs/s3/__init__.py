@@ -1,0 +1,1 @@
+"""S3-compatible gateway: an ASGI app over `ObjectService` (see app.py)."""
