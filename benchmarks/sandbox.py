@@ -127,6 +127,17 @@ async def start_latency(rt: RuncRuntime, rootfs: str, work: Path, runs: int) -> 
     }
 
 
+def _remove_bare_cgroups() -> None:
+    """rmdir the (empty) parent cgroup the bare runc runs used, in every hierarchy."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, own = line.split(":", 2)
+        root = "/sys/fs/cgroup/" + controllers.replace("name=", "") if controllers else "/sys/fs/cgroup/unified"
+        try:
+            os.rmdir(f"{root}{own.rstrip('/')}/cloudless-bench-bare")
+        except OSError:
+            pass
+
+
 def _fields(spec: ContainerSpec) -> dict:
     return {f: getattr(spec, f) for f in spec.__struct_fields__}
 
@@ -203,6 +214,7 @@ async def main_async(args: argparse.Namespace) -> dict:
                 await rt.sweep()
                 await rt.network.remove_bridge()
                 await rt.aclose()
+                _remove_bare_cgroups()
         images = await trio.to_thread.run_sync(image_import, work, args.image_mb)
         return {
             "benchmark": "sandbox",

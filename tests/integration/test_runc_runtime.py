@@ -363,6 +363,7 @@ async def test_follow_streams_lines_as_written_across_rotations(tmp_path, rootfs
         with trio.CancelScope(shield=True):
             for st in await rt.list():
                 await rt.delete(st.id)
+            await rt.sweep()
             await rt.aclose()
 
 
