@@ -94,13 +94,23 @@ def _read_inside(rootfs: str, rel: str) -> str:
         return ""
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_synced(path: Path, data: bytes) -> None:
+    """Write-to-temp, fsync, rename, fsync the directory: durable before we return."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _process_alive(pid: int, start_time: int) -> bool:
@@ -144,6 +154,7 @@ class RuncRuntime:
         self._cgroup_parent = "cloudless-" + hashlib.sha256(str(self.state_dir).encode()).hexdigest()[:8]
         self._locks: dict[str, trio.Lock] = {}
         self._warm_shim: trio.Process | None = None
+        self._creating: set[str] = set()
 
     # ------------------------------------------------------------ helpers
 
@@ -217,8 +228,10 @@ class RuncRuntime:
             cdir.mkdir()  # atomic: the existence check and the claim in one step
         except FileExistsError:
             raise ContainerExists(f"container {spec.id!r} exists", id=spec.id) from None
+        self._creating.add(spec.id)  # not an orphan for sweep() while spec.json is being written
         try:
             _write_synced(cdir / "spec.json", msgspec.json.encode(spec))
+            _fsync_dir(self.containers_dir)  # the new container directory's own entry
             (cdir / "logs").mkdir()  # exists from now on, so follow_logs can wait for the first start
             if not os.path.isdir(spec.rootfs):
                 raise SandboxError(f"rootfs {spec.rootfs} is not a directory", id=spec.id)
@@ -230,6 +243,8 @@ class RuncRuntime:
             with trio.CancelScope(shield=True):
                 await self._remove_everything(spec.id)
             raise
+        finally:
+            self._creating.discard(spec.id)
         log.info("sandbox.container_created", extra={"fields": {"id": spec.id, "network": spec.network, "ip": ip}})
         return ContainerState(id=spec.id, status="created", ip=ip, labels=dict(spec.labels))
 
@@ -435,7 +450,7 @@ class RuncRuntime:
         return [
             name
             for name in sorted(os.listdir(self.containers_dir))
-            if not (self.containers_dir / name / "spec.json").exists()
+            if name not in self._creating and not (self.containers_dir / name / "spec.json").exists()
         ]
 
     async def sweep(self) -> list[str]:
