@@ -10,8 +10,10 @@ committed):
 - ours: three `benchmarks/raft.py node` processes, each a RaftDriver over
   RocksStorage (WAL fsync per group commit) and a key-value state machine,
   talking over the real transport (TlsCarrier: mutually authenticated TLS
-  1.3 over TCP with the stream mux; RPC for client writes and batched Raft
-  messages). Clients are trio tasks in this process using RpcClient.
+  1.3 over TCP with the stream mux): client writes are RPCs (RpcServer /
+  RpcClient); Raft messages go one way, in length-prefixed batches, over one
+  long-lived mux stream per peer on a second port. Clients are trio tasks in
+  this process using RpcClient.
 - etcd: Debian's etcd (3 members, default fsync), clients through its
   HTTP/JSON gateway (`/v3/kv/put`), one keep-alive connection per client.
 - PySyncObj (`appendEntriesUseBatch=False`): the load runs as threads inside
@@ -34,7 +36,7 @@ import random
 import shutil
 import signal
 import socket
-import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -62,6 +64,25 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def free_port_pairs(n: int) -> list[int]:
+    """n ports p, each with p + 1 also free (checked by binding both)."""
+    out = []
+    while len(out) < n:
+        (p,) = free_ports(1)
+        a, b = socket.socket(), socket.socket()
+        try:
+            a.bind(("127.0.0.1", p))
+            b.bind(("127.0.0.1", p + 1))
+        except OSError:
+            continue
+        finally:
+            a.close()
+            b.close()
+        if p not in out and p + 1 not in out and p - 1 not in out:
+            out.append(p)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -97,11 +118,12 @@ def run_node(args: argparse.Namespace) -> None:
     from cloudless.raft.messages import EntryKind, decode_message, encode_message
     from cloudless.raft.rocks import RocksStorage
     from cloudless.raft.storage import bootstrap_log
-    from cloudless.transport.rpc import RpcClient, RpcServer
+    from cloudless.transport.rpc import RpcServer
     from cloudless.transport.tls import TlsCarrier
 
     peers = dict(p.split("=", 1) for p in args.peers.split(","))
     addresses = {pid: (addr.split(":")[0], int(addr.split(":")[1])) for pid, addr in peers.items()}
+    raft_addresses = {pid: (host, port + 1) for pid, (host, port) in addresses.items()}
     credentials = Credentials.load(Path(args.pki) / args.id)
     verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), CLUSTER)
     carrier = TlsCarrier(credentials, verifier, bind=addresses[args.id])
@@ -134,14 +156,12 @@ def run_node(args: argparse.Namespace) -> None:
         wakeups[message.to].set()
 
     driver = RaftDriver(node, storage, send, apply, tick_interval=TICK)
-    rpc = RpcClient(carrier)
     server = RpcServer()
-
-    @server.unary("raft.batch")
-    async def raft_batch(ctx, body: bytes) -> bytes:
-        for raw in msgspec.msgpack.decode(body, type=list[bytes]):
-            driver.deliver(decode_message(raw))
-        return b""
+    # Raft traffic rides its own carrier (second port): one long-lived mux
+    # stream per peer carrying length-prefixed batches, one way, so a batch
+    # costs one frame instead of an RPC's stream setup and reply.
+    raft_carrier = TlsCarrier(credentials, verifier, bind=raft_addresses[args.id])
+    frame_len = struct.Struct(">I")
 
     @server.unary("kv.put")
     async def kv_put(ctx, body: bytes) -> bytes:
@@ -157,22 +177,53 @@ def run_node(args: argparse.Namespace) -> None:
             {"id": args.id, "leader": node.role is Role.LEADER, "term": node.term, "applied": driver.applied}
         )
 
+    async def raft_inbound(conn) -> None:
+        async def read_stream(stream) -> None:
+            buffer = bytearray()
+            while True:
+                chunk = await stream.receive_some()
+                if not chunk:
+                    return
+                buffer += chunk
+                while len(buffer) >= 4:
+                    (size,) = frame_len.unpack_from(buffer)
+                    if len(buffer) < 4 + size:
+                        break
+                    batch = msgspec.msgpack.decode(bytes(buffer[4 : 4 + size]), type=list[bytes])
+                    del buffer[: 4 + size]
+                    for raw in batch:
+                        driver.deliver(decode_message(raw))
+
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    nursery.start_soon(read_stream, await conn.accept_stream())
+        except Unavailable:
+            pass
+
     async def pump(peer: str) -> None:
-        # One batch RPC in flight per peer: everything queued meanwhile rides the next one.
+        stream = None
         while True:
             await wakeups[peer].wait()
             wakeups[peer] = trio.Event()
             batch, outboxes[peer][:] = list(outboxes[peer]), []
             if not batch:
                 continue
+            body = msgspec.msgpack.encode(batch)
             try:
-                await rpc.call(addresses[peer], "raft.batch", msgspec.msgpack.encode(batch), timeout=1.0)
-            except Unavailable:
-                await trio.sleep(0.02)  # peer down: drop (Raft retransmits), do not spin
+                with trio.fail_after(1.0):
+                    if stream is None:
+                        conn = await raft_carrier.connect(raft_addresses[peer])
+                        stream = await conn.open_stream()
+                    await stream.send_all(frame_len.pack(len(body)) + body)
+            except (Unavailable, trio.TooSlowError):
+                stream = None  # peer down: drop the batch (Raft retransmits) and reconnect later
+                await trio.sleep(0.02)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve, carrier)
+            await nursery.start(raft_carrier.serve, raft_inbound)
             await nursery.start(driver.run)
             for peer in outboxes:
                 nursery.start_soon(pump, peer)
@@ -199,7 +250,8 @@ class OurCluster:
             issue_credentials(ca, Identity.node(CLUSTER, node_id), now).save(self.pki / node_id)
         self.client_credentials = issue_credentials(ca, Identity.client(CLUSTER, "bench"), now)
         self.ca_certificate = ca.certificate
-        ports = free_ports(len(IDS))
+        ports = free_port_pairs(len(IDS))
+        # Each node serves client RPC on `port` and Raft traffic on `port + 1`.
         self.addresses = {node_id: ("127.0.0.1", port) for node_id, port in zip(IDS, ports)}
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -534,7 +586,8 @@ def main() -> None:
         "workload": {
             "cluster_size": len(IDS), "value_bytes": VALUE_BYTES, "keys": 10_000, "seconds_per_run": args.seconds,
             "clients": args.clients, "failover_trials": args.trials,
-            "ours": {"transport": "TlsCarrier (mTLS 1.3 over TCP, stream mux) + RpcClient/RpcServer",
+            "ours": {"transport": "TlsCarrier (mTLS 1.3 over TCP, stream mux); client writes via RpcClient/RpcServer; "
+                              "raft messages as one-way length-prefixed batches on one mux stream per peer",
                      "storage": "RocksStorage, WAL fsync (flush_wal(True)) per group commit",
                      "tick_ms": TICK * 1000, "election_ticks": ELECTION_TICKS, "heartbeat_ticks": HEARTBEAT_TICKS},
             "etcd": {"version": "3.4 (Debian)", "client": "HTTP/JSON gateway /v3/kv/put, http.client keep-alive, "
