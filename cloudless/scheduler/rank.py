@@ -20,11 +20,12 @@ identically — floats could round a sum into a tie one way and not the other.
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import msgspec
 
 from cloudless.scheduler.feasible import rule_match, scope_mask
+from cloudless.scheduler.select import TieBreak
 from cloudless.scheduler.view import ClusterView, NodeInfo, mask_indices
 from cloudless.state.workload import Spread, WorkloadSpec
 
@@ -32,13 +33,18 @@ SCALE = 1_000_000_000
 RULE_UNIT = 50.0  # a rule weight of 50 counts as one scorer
 
 
+Weight = Annotated[float, msgspec.Meta(ge=0, le=1000)]
+
+
 class Weights(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    locality: float = 1.0
-    reliability: float = 1.0
-    cost: float = 0.5
-    utilization: float = 1.0
-    spread: float = 1.0
-    anti_affinity: float = 1.0
+    """How much each scorer counts in the normalised total (0 switches it off)."""
+
+    locality: Weight = 1.0
+    reliability: Weight = 1.0
+    cost: Weight = 0.5
+    utilization: Weight = 1.0
+    spread: Weight = 1.0
+    anti_affinity: Weight = 1.0
 
 
 class SchedulerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -162,6 +168,8 @@ class Scoring:
         self.view = view
         self.cpu_need = spec.resources.cpu_millis
         self.mem_need = spec.resources.memory_bytes
+        self.cpu_need_f = float(self.cpu_need)
+        self.mem_need_f = float(self.mem_need)
         self.binpack = config.utilization == "binpack"
         self.reliability = reliability_scores(view)
         self.cost_label = config.cost_label
@@ -183,14 +191,12 @@ class Scoring:
         denominator += w.locality * affinity_weight
 
         # Soft anti-affinity: a fixed penalty on nodes sharing scope with the other workload.
-        self.anti: list[tuple[int, float]] = []  # (mask, coefficient)
         soft = [r for r in spec.anti_affinities if not r.hard]
         self.anti_denominator = sum(r.weight for r in soft) / RULE_UNIT
         self.anti_masks: list[tuple[int, float]] = []
         for r in soft:
             self.anti_masks.append((scope_mask(view, r.workload, r.attribute), r.weight / RULE_UNIT))
         denominator += w.anti_affinity * self.anti_denominator
-        self.w_anti = w.anti_affinity
         # Expand the anti-affinity masks into a per-node penalty only for penalised nodes.
         self.anti_penalty: dict[int, float] = {}
         for mask, coef in self.anti_masks:
@@ -224,11 +230,11 @@ class Scoring:
                 present = {v for v, m in index.masks.items() if m & feasible_mask}
                 self.group_spreads.append(SpreadTerm(s, index.values, present, total_replicas, coef))
         self.node_limit = next((s.max_per for s in self.node_spreads if s.max_per), 0)
-        self.denominator = denominator
-        self.k = SCALE / denominator
+        self.denominator = denominator if denominator > 0 else 1.0  # every weight 0: all nodes tie
+        self.k = SCALE / self.denominator
 
     # -- per-node ---------------------------------------------------------------
-    # `static`/`node_part` score one node; `bulk` scores many with list
+    # `static`/`node_part` score one node; `entries` scores many with list
     # comprehensions (the first decision's hot loop). Both must do the same
     # float operations in the same order, so their integers agree exactly —
     # the incremental-vs-full-rescore property test checks it.
@@ -243,61 +249,94 @@ class Scoring:
             x += self.anti_penalty.get(i, 0.0)
         return x
 
+    # Utilization works on floats (exact for integers below 2**53): float
+    # arithmetic is cheaper than on multi-digit ints such as memory sizes.
     def utilization(self, i: int, used_cpu: int, used_mem: int) -> float:
         view = self.view
-        u = ((used_cpu + self.cpu_need) / view.cap_cpu[i] + (used_mem + self.mem_need) / view.cap_mem[i]) * 0.5
+        u = ((float(used_cpu) + self.cpu_need_f) / view.cap_cpu_f[i] + (float(used_mem) + self.mem_need_f) / view.cap_mem_f[i]) * 0.5
         return u if self.binpack else 1.0 - u
 
     def node_part(self, i: int, static: float, used_cpu: int, used_mem: int, count: int) -> int:
         view = self.view
-        u = ((used_cpu + self.cpu_need) / view.cap_cpu[i] + (used_mem + self.mem_need) / view.cap_mem[i]) * 0.5
+        u = ((float(used_cpu) + self.cpu_need_f) / view.cap_cpu_f[i] + (float(used_mem) + self.mem_need_f) / view.cap_mem_f[i]) * 0.5
         x = static + self.w_util * (u if self.binpack else 1.0 - u)
         for term in self.node_spreads:
             x += term.coef * term.score(term.values[i], count)
         return int(x * self.k)
 
-    def bulk(
-        self, fit: Sequence[int], used_cpu: Sequence[int], used_mem: Sequence[int], node_counts: dict[int, int]
-    ) -> tuple[list[float], list[int]]:
-        """(static terms, node parts) for the nodes `fit`, in order."""
+    def entries(
+        self,
+        fit: Sequence[int],
+        used_cpu: Sequence[int],
+        used_mem: Sequence[int],
+        node_counts: dict[int, int],
+        tie: TieBreak,
+    ) -> list[tuple[int, int, int]]:
+        """Selection entries (−node part, tie-break rank, node) for the nodes `fit`.
+
+        The first decision's hot loop: two list comprehensions over the
+        feasible nodes, no per-node calls in the common case.
+        """
         view = self.view
         w_rel, w_cost, rel, cost = self.w_rel, self.w_cost, self.reliability, self.cost
         base = view.memo(
             ("base", w_rel, w_cost, self.cost_label),
             lambda: tuple(w_rel * r + w_cost * c for r, c in zip(rel, cost)),
         )
-        st = [base[i] for i in fit]
-        for values, matching, coef in self.affinities:
-            st = [s + coef if values[i] in matching else s for s, i in zip(st, fit)]
-        if self.anti_penalty:
-            penalty = self.anti_penalty
-            st = [s + penalty.get(i, 0.0) for s, i in zip(st, fit)]
-        cap_cpu, cap_mem = view.cap_cpu, view.cap_mem
-        nc, nm, wu = self.cpu_need, self.mem_need, self.w_util
-        if self.binpack:
+        cap_cpu, cap_mem = view.cap_cpu_f, view.cap_mem_f
+        nc, nm, wu = self.cpu_need_f, self.mem_need_f, self.w_util
+        if used_cpu is view.used_cpu and used_mem is view.used_mem:
+            used_cpu, used_mem = view.used_floats()
+        else:
+            used_cpu, used_mem = [float(u) for u in used_cpu], [float(u) for u in used_mem]
+        if self.affinities or self.anti_penalty:
+            st = [base[i] for i in fit]
+            for values, matching, coef in self.affinities:
+                st = [s + coef if values[i] in matching else s for s, i in zip(st, fit)]
+            if self.anti_penalty:
+                penalty = self.anti_penalty
+                st = [s + penalty.get(i, 0.0) for s, i in zip(st, fit)]
+            if self.binpack:
+                xs = [
+                    s + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                    for s, i in zip(st, fit)
+                ]
+            else:
+                xs = [
+                    s + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                    for s, i in zip(st, fit)
+                ]
+        elif self.binpack:
             xs = [
-                s + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
-                for s, i in zip(st, fit)
+                base[i] + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                for i in fit
             ]
         else:
             xs = [
-                s + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
-                for s, i in zip(st, fit)
+                base[i] + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                for i in fit
             ]
-        for term in self.node_spreads:
-            coef = term.coef
-            if term.targets:
-                values, score = term.values, term.score
-                xs = [x + coef * score(values[i], node_counts.get(i, 0)) for x, i in zip(xs, fit)]
-            else:
-                target = term.default_target
-                empty = coef * spread_score(target, 0)
-                xs = [
-                    x + (empty if i not in node_counts else coef * spread_score(target, node_counts[i]))
-                    for x, i in zip(xs, fit)
-                ]
-        k = self.k
-        return st, [int(x * k) for x in xs]
+        k, a, b, m = self.k, tie.a, tie.b, tie.mask
+        if not self.node_spreads:
+            return [(-int(x * k), (i * a + b) & m, i) for x, i in zip(xs, fit)]
+        term = self.node_spreads[0]  # spread attributes are unique: at most one per-node spread
+        coef = term.coef
+        if term.targets:
+            values, score = term.values, term.score
+            return [
+                (-int((x + coef * score(values[i], node_counts.get(i, 0))) * k), (i * a + b) & m, i)
+                for x, i in zip(xs, fit)
+            ]
+        target = term.default_target
+        empty = coef * spread_score(target, 0)
+        return [
+            (
+                -int((x + (empty if i not in node_counts else coef * spread_score(target, node_counts[i]))) * k),
+                (i * a + b) & m,
+                i,
+            )
+            for x, i in zip(xs, fit)
+        ]
 
     def group_part(self, key: tuple[str | None, ...], counts: Sequence[dict[str | None, int]]) -> int:
         x = 0.0

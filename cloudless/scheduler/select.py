@@ -14,8 +14,6 @@ import heapq
 import random
 from typing import Callable, Hashable, Iterable
 
-MASK64 = (1 << 64) - 1
-
 GroupKey = tuple  # type: ignore[type-arg]
 Entry = tuple[int, int, int]  # (-node part, tie-break rank, node index): min-heap order is best first
 
@@ -23,19 +21,23 @@ Entry = tuple[int, int, int]  # (-node part, tie-break rank, node index): min-he
 class TieBreak:
     """A seeded total order on node indexes for breaking equal scores.
 
-    i ↦ (i·a + b) mod 2⁶⁴ with odd `a` is a bijection, so ranks never tie,
-    and drawing (a, b) from the injected generator makes the order
-    reproducible from the seed without shuffling every node per plan.
+    i ↦ (i·a + b) mod 2ᵏ with odd `a` is a bijection on [0, 2ᵏ) ⊇ [0, n), so
+    ranks never tie, and drawing (a, b) from the injected generator makes
+    the order reproducible from the seed without shuffling every node per
+    plan. k is just wide enough for n, which keeps the arithmetic on
+    single-digit ints in the hot loop.
     """
 
-    __slots__ = ("a", "b")
+    __slots__ = ("a", "b", "mask")
 
-    def __init__(self, rng: random.Random) -> None:
-        self.a = rng.getrandbits(64) | 1
-        self.b = rng.getrandbits(64)
+    def __init__(self, rng: random.Random, n: int) -> None:
+        k = max(1, n.bit_length())
+        self.mask = (1 << k) - 1
+        self.a = rng.getrandbits(k) | 1
+        self.b = rng.getrandbits(k)
 
     def __call__(self, i: int) -> int:
-        return (i * self.a + self.b) & MASK64
+        return (i * self.a + self.b) & self.mask
 
 
 class GroupedHeaps:
@@ -44,21 +46,22 @@ class GroupedHeaps:
         entries: dict[GroupKey, list[Entry]],
         group_part: Callable[[GroupKey], int],
         keys_sharing: Callable[[GroupKey], Iterable[GroupKey]],
-        parts: dict[int, int] | None = None,
     ) -> None:
         self.heaps = entries
-        if parts is None:
-            parts = {i: neg for heap in entries.values() for neg, _, i in heap}
-        # node -> current negated node part (absent: not a candidate)
-        self.part: dict[int, int] = parts
         for heap in self.heaps.values():
             heapq.heapify(heap)
+        # Nodes re-scored since the heaps were built: node -> current negated
+        # part, or None once it is no longer a candidate. Untouched nodes'
+        # entries are all valid, so the first decision needs no per-node map.
+        self.changed: dict[int, int | None] = {}
+        self.candidates = sum(len(heap) for heap in entries.values())
         self._group_part = group_part
         self._keys_sharing = keys_sharing
         self._group_cache: dict[GroupKey, int] = {}
 
     def __len__(self) -> int:
-        return len(self.part)
+        """Nodes that are candidates now (each scored)."""
+        return self.candidates
 
     def group_part(self, key: GroupKey) -> int:
         cached = self._group_cache.get(key)
@@ -72,14 +75,14 @@ class GroupedHeaps:
         best: tuple[int, int] | None = None
         best_i = -1
         best_key: GroupKey = ()
-        part = self.part
+        changed = self.changed
         empty = []
         for key, heap in self.heaps.items():
             while heap:
                 neg, tb, i = heap[0]
-                if part.get(i) == neg:
+                if i not in changed or changed[i] == neg:
                     break
-                heapq.heappop(heap)  # stale: the node was re-scored or became infeasible
+                heapq.heappop(heap)  # stale: the node was re-scored or is no longer a candidate
             if not heap:
                 empty.append(key)
                 continue
@@ -93,19 +96,24 @@ class GroupedHeaps:
         return best_i, best_key, -best[0]
 
     def rescore(self, key: GroupKey, i: int, tb: int, node_part: int | None) -> None:
-        """Node i now has `node_part` (None: no longer feasible); its group's spread counts changed."""
+        """Node i (a candidate until now) has `node_part`, or None: no longer feasible.
+        Its spread values' counts changed, so the terms of groups sharing them are stale."""
         if node_part is None:
-            self.part.pop(i, None)
+            self.changed[i] = None
+            self.candidates -= 1
         else:
-            self.part[i] = -node_part
+            self.changed[i] = -node_part
             heapq.heappush(self.heaps.setdefault(key, []), (-node_part, tb, i))
         for other in self._keys_sharing(key):
             self._group_cache.pop(other, None)
 
     def close(self, keys: Iterable[Hashable]) -> None:
         """Groups that reached a hard spread limit: none of their nodes is a candidate any more."""
+        changed = self.changed
         for key in keys:
             heap = self.heaps.pop(key, None)
             if heap:
-                for _, _, i in heap:  # a node lives in one group only
-                    self.part.pop(i, None)
+                live = {i for neg, _, i in heap if i not in changed or changed[i] == neg}
+                for i in live:
+                    changed[i] = None
+                self.candidates -= len(live)

@@ -31,7 +31,7 @@ from cloudless.scheduler.feasible import (
 )
 from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice
 from cloudless.scheduler.rank import DEFAULT_CONFIG, SCALE, SchedulerConfig, Scoring
-from cloudless.scheduler.select import MASK64, GroupedHeaps, TieBreak
+from cloudless.scheduler.select import GroupedHeaps, TieBreak
 from cloudless.scheduler.view import ClusterView, mask_indices
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -81,7 +81,7 @@ class _Run:
             if t.max_per
         ]
         self.node_limit = self.scoring.node_limit
-        self.tie = TieBreak(rng)
+        self.tie = TieBreak(rng, view.n)
 
     def placement(self, replica: int, i: int, score: int, feasible: int) -> Placement:
         usage = self.usage
@@ -158,7 +158,6 @@ def plan_placements(
 
 def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement], dict[str, int]]:
     view, scoring, usage, tie = run.view, run.scoring, run.usage, run.tie
-    cap_cpu, cap_mem = view.cap_cpu, view.cap_mem
     used_cpu, used_mem = view.used_cpu, view.used_mem  # the overlay is empty before the first placement
     need_cpu, need_mem = usage.cpu_need, usage.mem_need
     extra_checks = bool(usage.port_taken or run.node_limit or run.limits)
@@ -168,10 +167,11 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
 
     counts = run.static.counts()
     candidates = mask_indices(run.static.mask)
-    fit = [i for i in candidates if cap_cpu[i] - used_cpu[i] >= need_cpu]
+    free_cpu, free_mem = view.free()
+    fit = [i for i in candidates if free_cpu[i] >= need_cpu]
     if len(fit) < len(candidates):
         counts[INSUFFICIENT_CPU] = len(candidates) - len(fit)
-    fit_mem = [i for i in fit if cap_mem[i] - used_mem[i] >= need_mem]
+    fit_mem = [i for i in fit if free_mem[i] >= need_mem]
     if len(fit_mem) < len(fit):
         counts[INSUFFICIENT_MEMORY] = len(fit) - len(fit_mem)
     fit = fit_mem
@@ -189,11 +189,7 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
             else:
                 counts[why] = counts.get(why, 0) + 1
         fit = kept
-    st, parts = scoring.bulk(fit, used_cpu, used_mem, node_counts)
-    statics = dict(zip(fit, st))
-    a, b = tie.a, tie.b
-    negated = [-p for p in parts]
-    entries_flat = list(zip(negated, [(i * a + b) & MASK64 for i in fit], fit))
+    entries_flat = scoring.entries(fit, used_cpu, used_mem, node_counts, tie)
     entries: dict[tuple, list[tuple[int, int, int]]] = {}  # type: ignore[type-arg]
     if grouped:
         keys = zip(*[[term.values[i] for i in fit] for term in scoring.group_spreads])
@@ -217,7 +213,9 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
             yield from holding.get((pos, value), ())
 
     heaps = GroupedHeaps(
-        entries, lambda key: scoring.group_part(key, usage.value_counts), keys_sharing, dict(zip(fit, negated))
+        entries,
+        lambda key: scoring.group_part(key, usage.value_counts),
+        keys_sharing,
     )
     placements: list[Placement] = []
     for replica in replicas:
@@ -228,7 +226,7 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
         placements.append(run.placement(replica, i, score, len(heaps)))
         usage.place(i)
         if usage.reason(i, node_limit, limits) is None:
-            heaps.rescore(key, i, tie(i), run.node_part(i, statics[i]))
+            heaps.rescore(key, i, tie(i), run.node_part(i, scoring.static(i)))
         else:
             heaps.rescore(key, i, tie(i), None)
         for pos, limit in limits:

@@ -132,6 +132,8 @@ class ClusterView:
         self.all_mask = (1 << self.n) - 1
         self.cap_cpu: tuple[int, ...] = tuple(node.cpu_millis for node in ordered)
         self.cap_mem: tuple[int, ...] = tuple(node.memory_bytes for node in ordered)
+        self.cap_cpu_f: tuple[float, ...] = tuple(float(c) for c in self.cap_cpu)
+        self.cap_mem_f: tuple[float, ...] = tuple(float(c) for c in self.cap_mem)
         by_state: dict[str, list[int]] = {}
         for i, node in enumerate(ordered):
             key = node.state if node.state != "alive" or node.eligible else "ineligible"
@@ -154,6 +156,8 @@ class ClusterView:
         self.ports: dict[int, dict[tuple[int, str], int]] = {}
         self.placed: dict[str, dict[int, int]] = {}
         self.by_workload: dict[str, list[Allocation]] = {}
+        self._free: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._used_f: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     def _add(self, allocation: Allocation) -> None:
         if not allocation.live:
@@ -186,12 +190,27 @@ class ClusterView:
                 allocations[allocation.id] = allocation
         view = object.__new__(ClusterView)
         for slot in ("nodes", "n", "index", "all_mask", "cap_cpu", "cap_mem", "state_masks", "ready_mask",
+                     "cap_cpu_f", "cap_mem_f",
                      "_attributes", "_memo"):
             setattr(view, slot, getattr(self, slot))
         view._set_allocations({}, [0] * self.n, [0] * self.n)
         for allocation in allocations.values():
             view._add(allocation)
         return view
+
+    def free(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(free cpu, free memory) per node; computed once (the snapshot is immutable once built)."""
+        if self._free is None:
+            self._free = (
+                tuple(c - u for c, u in zip(self.cap_cpu, self.used_cpu)),
+                tuple(c - u for c, u in zip(self.cap_mem, self.used_mem)),
+            )
+        return self._free
+
+    def used_floats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        if self._used_f is None:
+            self._used_f = (tuple(float(u) for u in self.used_cpu), tuple(float(u) for u in self.used_mem))
+        return self._used_f
 
     def live_allocations(self, workload: str) -> list[Allocation]:
         """Live allocations of `workload`, including those on nodes no longer in the view."""

@@ -258,3 +258,10 @@ def test_placements_carry_a_normalised_score_and_each_scorers_part():
     line = plan.explain()[0]
     assert line.startswith(f"replica 0 → {plan.placements[0].node} (score ")
     assert "2 of 2 nodes feasible" in line
+
+
+def test_all_weights_zero_still_places_by_seeded_tie_break():
+    zero = SchedulerConfig(weights=Weights(0, 0, 0, 0, 0, 0), default_node_spread_weight=0)
+    view = ClusterView([node(n) for n in "abc"])
+    plan = plan_placements(spec(), 1, view, config=zero)
+    assert plan.placements[0].score == 0.0 and plan.placements[0].node in "abc"
