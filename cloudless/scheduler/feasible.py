@@ -15,7 +15,7 @@ rejects it, so the counts add up to the node total (Nomad's
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from cloudless.scheduler.view import ClusterView, mask_indices, mask_of
 from cloudless.state.workload import Affinity, AntiAffinity, Constraint, WorkloadSpec
@@ -105,7 +105,14 @@ class StaticFeasibility:
         return {reason: mask.bit_count() for reason, mask in self.rejected}
 
 
-def static_filters(spec: WorkloadSpec, view: ClusterView) -> StaticFeasibility:
+def architecture_rule(architectures: Iterable[str]) -> Constraint:
+    return Constraint("node.arch", "in", tuple(sorted(set(architectures))))
+
+
+def static_filters(
+    spec: WorkloadSpec, view: ClusterView, architectures: Iterable[str] | None = None
+) -> StaticFeasibility:
+    """`architectures`: the image's platforms when known (None: any node arch)."""
     remaining = view.all_mask
     rejected: list[tuple[str, int]] = []
 
@@ -119,6 +126,9 @@ def static_filters(spec: WorkloadSpec, view: ClusterView) -> StaticFeasibility:
     for state, mask in sorted(view.state_masks.items()):
         if state != "alive":
             apply(STATE_REASONS.get(state, f"node {state}"), ~mask)
+    if architectures is not None:
+        rule = architecture_rule(architectures)
+        apply(f"image has no variant for the node architecture (only {', '.join(rule.value)})", rule_match(view, rule)[0])
     for constraint in spec.constraints:
         apply(f"constraint {rule_text(constraint)}", rule_match(view, constraint)[0])
     for rule in spec.anti_affinities:

@@ -14,15 +14,17 @@ All functions read the view and return data; none mutates its arguments.
 from __future__ import annotations
 
 import heapq
+import logging
 import random
 import zlib
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Sequence
 
 from cloudless.scheduler.feasible import (
     INSUFFICIENT_CPU,
     INSUFFICIENT_MEMORY,
     SpreadLimit,
     StaticFeasibility,
+    architecture_rule,
     Usage,
     explain_rejections,
     rule_match,
@@ -34,6 +36,8 @@ from cloudless.scheduler.rank import DEFAULT_CONFIG, SCALE, SchedulerConfig, Sco
 from cloudless.scheduler.select import GroupedHeaps, TieBreak
 from cloudless.scheduler.view import ClusterView, mask_indices
 from cloudless.state.workload import Allocation, WorkloadSpec
+
+log = logging.getLogger(__name__)
 
 
 def default_rng(spec: WorkloadSpec) -> random.Random:
@@ -64,10 +68,11 @@ class _Run:
         total: int,
         rng: random.Random,
         config: SchedulerConfig,
+        architectures: Collection[str] | None,
     ) -> None:
         self.spec = spec
         self.view = view
-        self.static: StaticFeasibility = static_filters(spec, view)
+        self.static: StaticFeasibility = static_filters(spec, view, architectures)
         self.scoring = Scoring(spec, view, config, total, self.static.mask)
         node_counts: dict[int, int] = {}
         for a in existing:
@@ -112,12 +117,15 @@ def plan_placements(
     config: SchedulerConfig = DEFAULT_CONFIG,
     explain_nodes: bool = False,
     incremental: bool = True,
+    architectures: Collection[str] | None = None,
 ) -> Plan:
     """Place `count` more replicas of `spec` on `view`.
 
     `existing_allocations` are the workload's replicas that stay (default:
     its live allocations in the view); they count towards spreads and take
     their replica indexes. Their resources are whatever the view reserves.
+    `architectures` are the image's platforms when known (None: any).
+    `explain_nodes` fills `Plan.node_reasons` even when everything was placed.
     `incremental=False` re-scores every node for every replica — the
     reference the incremental path is tested against.
     """
@@ -129,7 +137,7 @@ def plan_placements(
     ]
     replicas = _free_replica_indexes(existing, count)
     total = max(spec.replicas, len(existing) + count)
-    run = _Run(spec, view, existing, total, rng if rng is not None else default_rng(spec), config)
+    run = _Run(spec, view, existing, total, rng if rng is not None else default_rng(spec), config, architectures)
     if incremental:
         placements, first_counts = _place_incremental(run, replicas)
     else:
@@ -143,8 +151,12 @@ def plan_placements(
             failures.append(FailedPlacement(replica=replica, nodes=view.n, feasible=feasible, rejections=counts))
     elif explain_nodes:
         # Reasons as they stood at the first decision: re-run the filters on a fresh overlay.
-        fresh = _Run(spec, view, existing, total, random.Random(0), config)
+        fresh = _Run(spec, view, existing, total, random.Random(0), config, architectures)
         _, node_reasons, _ = fresh.explain()
+    if log.isEnabledFor(logging.DEBUG):
+        fields = {"workload": spec.name, "version": spec.version, "nodes": view.n,
+                  "placed": len(placements), "failed": len(failures)}
+        log.debug("scheduler.plan", extra={"fields": fields})
     return Plan(
         workload=spec.name,
         version=spec.version,
@@ -390,7 +402,7 @@ def _nodes_of(allocations: Sequence[Allocation], view: ClusterView) -> int:
 # ---------------------------------------------------------------- admission
 
 
-def admit(spec: WorkloadSpec, view: ClusterView) -> str | None:
+def admit(spec: WorkloadSpec, view: ClusterView, architectures: Collection[str] | None = None) -> str | None:
     """None if some node of the cluster could run one replica of `spec` on an
     empty node; otherwise the reason it never could.
 
@@ -402,6 +414,11 @@ def admit(spec: WorkloadSpec, view: ClusterView) -> str | None:
     if view.n == 0:
         return "no nodes in the cluster"
     matching = view.all_mask
+    if architectures is not None:
+        rule = architecture_rule(architectures)
+        matching = rule_match(view, rule)[0]
+        if not matching:
+            return f"no node has an architecture the image is built for ({', '.join(rule.value)})"
     for c in spec.constraints:
         mask = rule_match(view, c)[0]
         if not mask:

@@ -235,3 +235,10 @@ def test_the_scheduler_never_mutates_its_input():
     plan_placements(s, 2, view, existing, incremental=False)
     after = (list(view.used_cpu), list(view.used_mem), dict(view.allocations), msgspec.json.encode(s), dict(view.ports))
     assert before == after
+
+
+def test_image_architectures_filter_nodes_and_explain_it():
+    plan = plan_placements(spec(), 1, FLEET, explain_nodes=True, architectures=("arm64",))
+    assert plan.placements[0].node == "phone-1"
+    reason = "image has no variant for the node architecture (only arm64)"
+    assert plan.rejections == {reason: 4}

@@ -327,3 +327,11 @@ def test_admission_rejects_what_can_never_be_placed(changes, reason):
 
 def test_admission_with_no_nodes():
     assert admit(spec(), ClusterView([])) == "no nodes in the cluster"
+
+
+def test_admission_rejects_an_image_no_node_can_run():
+    view = ClusterView([node("a", arch="amd64"), node("b", arch="arm64")])
+    assert admit(spec(), view, architectures=("riscv64", "s390x")) == (
+        "no node has an architecture the image is built for (riscv64, s390x)"
+    )
+    assert admit(spec(), view, architectures=("arm64",)) is None
