@@ -448,3 +448,57 @@ async def test_publishing_a_host_port_twice_is_a_conflict(runtime, rootfs):
     assert e.value.exit_code == 4
     assert [s.id for s in await runtime.list()] == ["first"]
     assert not any("cltest:second" in x for x in leftovers("cltest"))
+
+
+NODE_SCRIPT = """
+import sys, trio
+from pathlib import Path
+from cloudless.sandbox.network import BridgeConfig
+from cloudless.sandbox.runc import RuncRuntime
+from cloudless.sandbox.runtime import ContainerSpec
+
+async def main(state_dir, rootfs):
+    rt = RuncRuntime(Path(state_dir), bridge=BridgeConfig(bridge="cltest0", subnet="10.88.251.0/24", tag="cltest", veth_prefix="clt"))
+    for cid, args in (("ticker", ["sh", "-c", "while true; do echo tick; sleep 0.1; done"]),
+                      ("short", ["sh", "-c", "sleep 1; echo done; exit 7"])):
+        await rt.create(ContainerSpec(id=cid, rootfs=rootfs, args=args, network="none"))
+        await rt.start(cid)
+    print("ready", flush=True)
+    await trio.sleep_forever()
+
+trio.run(main, sys.argv[1], sys.argv[2])
+"""
+
+
+async def test_containers_outlive_a_killed_node_process_and_keep_logging_and_their_exit_code(tmp_path, rootfs):
+    """kill -9 of the node: the shims keep pumping logs and record exits; a new process adopts the results."""
+    import signal
+    import sys
+
+    state_dir = tmp_path / "node-state"
+    rt = RuncRuntime(state_dir, bridge=BRIDGE, command_timeout=20)  # the restarted node's view
+    node = await trio.lowlevel.open_process(
+        [sys.executable, "-c", NODE_SCRIPT, str(state_dir), rootfs], stdout=subprocess.PIPE, cwd=os.getcwd()
+    )
+    try:
+        out = b""
+        try:
+            with trio.fail_after(20):
+                while not out.endswith(b"\n"):
+                    out += await node.stdout.receive_some(100)
+            assert out == b"ready\n"
+        finally:
+            node.send_signal(signal.SIGKILL)
+            await node.wait()
+        before = len(await rt.read_logs("ticker"))
+        with trio.fail_after(10):
+            final = await rt.wait("short")  # exits while no node process exists
+        assert final.exit_code == 7 and [r.text for r in await rt.read_logs("short")] == ["done"]
+        assert len(await rt.read_logs("ticker")) > before + 5  # still captured with the node dead
+        assert (await rt.state("ticker")).status == "running"
+    finally:
+        with trio.CancelScope(shield=True):
+            for st in await rt.list():
+                await rt.delete(st.id)
+            await rt.sweep()
+            await rt.aclose()
