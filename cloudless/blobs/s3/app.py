@@ -19,10 +19,12 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, unquote
 
+import trio
+
 from cloudless.blobs.errors import BucketAlreadyExists, NoSuchAccessKey, single_error
 from cloudless.blobs.manifest import ObjectManifest, validate_bucket_name, validate_object_key
 from cloudless.blobs.objects import ObjectService, parse_content_md5
-from cloudless.blobs.s3 import sigv4
+from cloudless.blobs.s3 import sigv2, sigv4
 from cloudless.blobs.s3.chunked import ChunkedDecoder
 from cloudless.blobs.s3.errors import S3Error, from_blob_error
 from cloudless.blobs.s3.xmlbody import document, el, error_document, iso8601, parse
@@ -31,6 +33,8 @@ from cloudless.errors import CloudlessError
 log = logging.getLogger(__name__)
 
 MAX_KEYS = 1000
+_DRAIN_LIMIT = 64 << 20
+_DRAIN_SECONDS = 10.0
 MAX_METADATA_BYTES = 2048
 _BODY_BLOCK = 4 << 20
 _SUBRESOURCES_NOT_IMPLEMENTED = {
@@ -54,6 +58,7 @@ class Request:
     request_id: str
     owner: str = ""
     signed: sigv4.SignedRequest | None = None
+    body_done: bool = False
 
 
 @dataclass
@@ -199,7 +204,20 @@ class S3Gateway:
         except Exception:
             log.exception("s3.internal_error", extra={"request_id": request_id, "path": raw_path})
             response = self._error(request, S3Error("InternalError"))
+        if response.status >= 300 and not request.body_done:
+            await self._drain(request)
         await self._send(request, response, send)
+
+    async def _drain(self, request: Request) -> None:
+        """Read what is left of a body we refused, so the client (often waiting on
+        `Expect: 100-continue`) reads our error instead of a reset connection."""
+        budget = _DRAIN_LIMIT
+        with trio.move_on_after(_DRAIN_SECONDS):
+            while budget > 0 and not request.body_done:
+                message = await request.receive()
+                budget -= len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                    request.body_done = True
 
     # plumbing ------------------------------------------------------------------
 
@@ -252,6 +270,22 @@ class S3Gateway:
         return key.secret_key, key.owner
 
     async def _authenticate(self, request: Request) -> None:
+        if sigv2.is_sigv2(request.headers, request.query):
+            access_key = sigv2.access_key_of(request.headers, request.query)
+            if access_key is None:
+                raise S3Error("AccessDenied")
+            secret, owner = await self._secret_for(access_key)
+            sigv2.verify(
+                method=request.method,
+                raw_path=request.raw_path,
+                query=request.query,
+                headers=request.headers,
+                secret=secret,
+                now=self.clock(),
+                parse_http_date=_parse_http_date,
+            )
+            request.owner = owner
+            return
         access_key = sigv4.access_key_of(request.headers, request.query)
         if access_key is None:
             raise S3Error("AccessDenied")
@@ -293,10 +327,12 @@ class S3Gateway:
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
+                request.body_done = True
                 raise S3Error("IncompleteBody", "the client disconnected during the upload")
             if message.get("body"):
                 yield message["body"]
             if not message.get("more_body"):
+                request.body_done = True
                 return
 
     async def body(self, request: Request) -> AsyncIterator[bytes]:
