@@ -253,7 +253,7 @@ class KVStateMachine:
 @dataclass
 class SimConfig:
     nodes: int = 3
-    spare_nodes: int = 1  # may join through membership changes
+    spare_nodes: int = 2  # may join through membership changes
     clients: int = 3
     keys: int = 2
     duration: int = 2500  # units with faults on

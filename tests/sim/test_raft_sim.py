@@ -11,7 +11,7 @@ import pytest
 
 from cloudless.raft import log as raft_log
 from cloudless.raft.messages import ConfState, Entry, EntryKind, HardState
-from cloudless.testing.raft_sim import SimConfig, SimDisk, SimNetwork, Simulation, run_seed
+from cloudless.testing.raft_sim import SimConfig, SimDisk, SimNetwork, run_seed
 
 CHUNK = 50
 DEFAULT_SEEDS = 500

@@ -12,7 +12,6 @@ from cloudless.raft.messages import (
     AppendResponse,
     ConfChange,
     ConfChangeType,
-    Entry,
     EntryKind,
     Heartbeat,
     InstallSnapshot,
