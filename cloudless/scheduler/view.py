@@ -19,12 +19,13 @@ while sharing the node indexes.
 from __future__ import annotations
 
 from itertools import compress
-from typing import Iterable, Literal
+from operator import attrgetter
+from typing import Callable, Iterable, Literal
 
 import msgspec
 
 from cloudless.errors import InvalidInput
-from cloudless.state.workload import Allocation, DeviceClass
+from cloudless.state.workload import LIVE_STATES, Allocation, DeviceClass
 
 MemberState = Literal["alive", "suspect", "dead", "left"]
 
@@ -53,27 +54,32 @@ class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     flaps: int = 0  # suspect/dead transitions in gossip's recent window
 
 
+_EXTRACTORS: dict[str, Callable[[NodeInfo], str | None]] = {
+    "node": attrgetter("node_id"),
+    "node.id": attrgetter("node_id"),
+    "node.region": lambda node: node.region or None,
+    "node.zone": lambda node: node.zone or None,
+    "node.arch": lambda node: node.arch or None,
+    "node.class": attrgetter("device_class"),
+    "node.power": attrgetter("power"),
+    "node.network": attrgetter("network"),
+    "node.metered": lambda node: "true" if node.metered else "false",
+}
+
+
+def _extractor(attribute: str) -> Callable[[NodeInfo], str | None]:
+    if attribute.startswith("label."):
+        key = attribute[6:]
+        return lambda node: node.labels.get(key)
+    try:
+        return _EXTRACTORS[attribute]
+    except KeyError:
+        raise InvalidView(f"unknown node attribute {attribute!r}") from None
+
+
 def attribute_value(node: NodeInfo, attribute: str) -> str | None:
     """The value a constraint, affinity or spread sees; None when the node lacks it."""
-    if attribute.startswith("label."):
-        return node.labels.get(attribute[6:])
-    if attribute in ("node", "node.id"):
-        return node.node_id
-    if attribute == "node.region":
-        return node.region or None
-    if attribute == "node.zone":
-        return node.zone or None
-    if attribute == "node.arch":
-        return node.arch or None
-    if attribute == "node.class":
-        return node.device_class
-    if attribute == "node.power":
-        return node.power
-    if attribute == "node.network":
-        return node.network
-    if attribute == "node.metered":
-        return "true" if node.metered else "false"
-    raise InvalidView(f"unknown node attribute {attribute!r}")
+    return _extractor(attribute)(node)
 
 
 _BITS = bytes.maketrans(b"01", b"\x00\x01")
@@ -95,17 +101,28 @@ def mask_of(indices: Iterable[int], n: int) -> int:
 
 
 class AttributeIndex:
-    """One attribute across all nodes: per-node values and a bitmask per value."""
+    """One attribute across all nodes: per-node values and (built on first use)
+    a bitmask per value."""
 
-    __slots__ = ("values", "masks")
+    __slots__ = ("values", "_masks")
 
     def __init__(self, values: tuple[str | None, ...]) -> None:
         self.values = values
-        positions: dict[str | None, list[int]] = {}
-        for i, v in enumerate(values):
-            positions.setdefault(v, []).append(i)
-        n = len(values)
-        self.masks = {v: mask_of(idx, n) for v, idx in positions.items()}
+        self._masks: dict[str | None, int] | None = None
+
+    @property
+    def masks(self) -> dict[str | None, int]:
+        if self._masks is None:
+            positions: dict[str | None, list[int]] = {}
+            for i, v in enumerate(self.values):
+                at = positions.get(v)
+                if at is None:
+                    positions[v] = [i]
+                else:
+                    at.append(i)
+            n = len(self.values)
+            self._masks = {v: (1 << at[0]) if len(at) == 1 else mask_of(at, n) for v, at in positions.items()}
+        return self._masks
 
     def matching(self, predicate) -> tuple[int, frozenset[str | None]]:  # type: ignore[no-untyped-def]
         """Mask of nodes whose value satisfies `predicate`, and the set of those values."""
@@ -155,17 +172,29 @@ class ClusterView:
         # node index -> {(port, proto): count}; workload -> {node index: live replicas}
         self.ports: dict[int, dict[tuple[int, str], int]] = {}
         self.placed: dict[str, dict[int, int]] = {}
-        self.by_workload: dict[str, list[Allocation]] = {}
+        self.by_workload: dict[str, dict[str, Allocation]] = {}
         self._free: tuple[tuple[int, ...], tuple[int, ...]] | None = None
         self._used_f: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+        self._owned: set[tuple[str, object]] = set()  # inner containers this snapshot copied (copy on write)
+
+    def _inner(self, table: dict, key: object, kind: str) -> dict:  # type: ignore[type-arg]
+        """table[key] as a container this snapshot may write (copied from the parent on first write)."""
+        inner = table.get(key)
+        if inner is None:
+            inner = table[key] = {}
+            self._owned.add((kind, key))
+        elif (kind, key) not in self._owned:
+            inner = table[key] = dict(inner)
+            self._owned.add((kind, key))
+        return inner
 
     def _add(self, allocation: Allocation) -> None:
-        if not allocation.live:
+        if allocation.state not in LIVE_STATES:
             return
         if allocation.id in self.allocations:
             raise InvalidView(f"allocation {allocation.id!r} appears twice in the view", allocation=allocation.id)
         self.allocations[allocation.id] = allocation
-        self.by_workload.setdefault(allocation.workload, []).append(allocation)
+        self._inner(self.by_workload, allocation.workload, "w")[allocation.id] = allocation
         i = self.index.get(allocation.node)
         if i is None:
             return  # its node left the view: it reserves nothing the scheduler could use
@@ -173,28 +202,59 @@ class ClusterView:
         self.used_mem[i] += allocation.resources.memory_bytes
         for port in allocation.ports:
             if port.host_port is not None:
-                ports = self.ports.setdefault(i, {})
+                ports = self._inner(self.ports, i, "p")
                 key = (port.host_port, port.protocol)
                 ports[key] = ports.get(key, 0) + 1
-        per_node = self.placed.setdefault(allocation.workload, {})
+        per_node = self._inner(self.placed, allocation.workload, "n")
         per_node[i] = per_node.get(i, 0) + 1
 
+    def _remove(self, allocation: Allocation) -> None:
+        del self.allocations[allocation.id]
+        by_id = self._inner(self.by_workload, allocation.workload, "w")
+        del by_id[allocation.id]
+        if not by_id:
+            del self.by_workload[allocation.workload]
+        i = self.index.get(allocation.node)
+        if i is None:
+            return
+        self.used_cpu[i] -= allocation.resources.cpu_millis
+        self.used_mem[i] -= allocation.resources.memory_bytes
+        for port in allocation.ports:
+            if port.host_port is not None:
+                ports = self._inner(self.ports, i, "p")
+                key = (port.host_port, port.protocol)
+                ports[key] -= 1
+                if not ports[key]:
+                    del ports[key]
+                if not ports:
+                    del self.ports[i]
+        per_node = self._inner(self.placed, allocation.workload, "n")
+        per_node[i] -= 1
+        if not per_node[i]:
+            del per_node[i]
+        if not per_node:
+            del self.placed[allocation.workload]
+
     def with_allocations(self, upsert: Iterable[Allocation] = (), remove: Iterable[str] = ()) -> "ClusterView":
-        """The next snapshot: same nodes, allocations added/replaced/removed (terminal ones drop out)."""
-        allocations = dict(self.allocations)
-        for alloc_id in remove:
-            allocations.pop(alloc_id, None)
-        for allocation in upsert:
-            allocations.pop(allocation.id, None)
-            if allocation.live:
-                allocations[allocation.id] = allocation
+        """The next snapshot: same nodes, allocations added, replaced (by id) or
+        removed; terminal ones drop out. Costs O(nodes + changes): containers
+        are shared with this snapshot and copied on first write."""
         view = object.__new__(ClusterView)
         for slot in ("nodes", "n", "index", "all_mask", "cap_cpu", "cap_mem", "state_masks", "ready_mask",
-                     "cap_cpu_f", "cap_mem_f",
-                     "_attributes", "_memo"):
+                     "cap_cpu_f", "cap_mem_f", "_attributes", "_memo"):
             setattr(view, slot, getattr(self, slot))
-        view._set_allocations({}, [0] * self.n, [0] * self.n)
-        for allocation in allocations.values():
+        view._set_allocations(dict(self.allocations), list(self.used_cpu), list(self.used_mem))
+        view.ports = dict(self.ports)
+        view.placed = dict(self.placed)
+        view.by_workload = dict(self.by_workload)
+        for alloc_id in remove:
+            old = view.allocations.get(alloc_id)
+            if old is not None:
+                view._remove(old)
+        for allocation in upsert:
+            old = view.allocations.get(allocation.id)
+            if old is not None:
+                view._remove(old)
             view._add(allocation)
         return view
 
@@ -214,14 +274,14 @@ class ClusterView:
 
     def live_allocations(self, workload: str) -> list[Allocation]:
         """Live allocations of `workload`, including those on nodes no longer in the view."""
-        return list(self.by_workload.get(workload, ()))
+        return list(self.by_workload.get(workload, {}).values())
 
     # -- node indexes (memoised) ---------------------------------------------
 
     def attribute(self, attribute: str) -> AttributeIndex:
         index = self._attributes.get(attribute)
         if index is None:
-            index = AttributeIndex(tuple(attribute_value(node, attribute) for node in self.nodes))
+            index = AttributeIndex(tuple(map(_extractor(attribute), self.nodes)))
             self._attributes[attribute] = index
         return index
 

@@ -335,3 +335,41 @@ def test_admission_rejects_an_image_no_node_can_run():
         "no node has an architecture the image is built for (riscv64, s390x)"
     )
     assert admit(spec(), view, architectures=("arm64",)) is None
+
+
+def _view_state(view: ClusterView):
+    return (
+        list(view.used_cpu),
+        list(view.used_mem),
+        {i: dict(p) for i, p in view.ports.items()},
+        {w: dict(c) for w, c in view.placed.items()},
+        {w: sorted(a.id for a in view.live_allocations(w)) for w in view.by_workload},
+        sorted(view.allocations),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.sampled_from(("a", "b", "c", "gone")), st.sampled_from(("web", "db")),
+                          st.sampled_from(("running", "pending", "exited", "lost", "remove")), st.booleans()),
+                max_size=25))
+def test_with_allocations_matches_a_fresh_view_and_leaves_every_earlier_snapshot_intact(steps):
+    nodes = [node(n) for n in "abc"]
+    views = [ClusterView(nodes)]
+    live: dict[str, Allocation] = {}
+    snapshots = [dict(live)]
+    for k, node_id, workload, state, port in steps:
+        alloc_id = f"x-{k}"
+        if state == "remove":
+            views.append(views[-1].with_allocations(remove=[alloc_id]))
+            live.pop(alloc_id, None)
+        else:
+            a = Allocation(id=alloc_id, workload=workload, version=0, node=node_id, replica=k, state=state,
+                           resources=Resources(cpu_millis=100 + k, memory_bytes=(1 + k) << 20),
+                           ports=(PortSpec(80, 8080),) if port else ())
+            views.append(views[-1].with_allocations([a]))
+            live.pop(alloc_id, None)
+            if a.live:
+                live[alloc_id] = a
+        snapshots.append(dict(live))
+    for view, allocations in zip(views, snapshots):
+        assert _view_state(view) == _view_state(ClusterView(nodes, allocations.values()))
