@@ -98,17 +98,21 @@ class LogWriter:
         """Append one record; return its offset."""
         line = f'{{"ts": {ts:.6f}, "s": "{_STREAM_CODE[stream]}", "t": {_json_string(text)}}}\n'.encode()
         if self._size and self._size + len(line) > self.max_bytes:
-            self._rotate()
+            try:
+                self._rotate()
+            except OSError:
+                pass  # cannot start a segment (directory gone, disk full): keep the current one
         offset = self.offset
         os.write(self._fd, line)
         self._size += len(line)
         return offset
 
     def _rotate(self) -> None:
+        new_fd = self._open(self._start + self._size)  # first, so a failure changes nothing
         os.close(self._fd)
+        self._fd = new_fd
         self._start += self._size
         self._size = 0
-        self._fd = self._open(self._start)
         segs = _segments(self.log_dir)
         for _, path in segs[: max(0, len(segs) - self.keep)]:
             os.unlink(path)
@@ -478,6 +482,19 @@ def _shim_main(argv: list[str]) -> int:
     )
 
     writer = LogWriter(a.log_dir, a.max_bytes, a.keep)
+    dropped = 0
+
+    def record(ts: float, stream: str, line: str) -> None:
+        # The pipes must keep draining whatever happens to the log files, or the
+        # container blocks on a full pipe; a line that cannot be stored is counted.
+        nonlocal dropped
+        try:
+            writer.write(ts, stream, line)
+        except OSError as e:
+            if dropped == 0:
+                shim_log("log_write_failed", error=str(e))
+            dropped += 1
+
     splitters = {out_r: ("stdout", LineSplitter()), err_r: ("stderr", LineSplitter())}
     open_fds = {out_r, err_r}
     status: int | None = None
@@ -509,7 +526,7 @@ def _shim_main(argv: list[str]) -> int:
             else:
                 lines = splitter.feed(data)
             for line in lines:
-                writer.write(now, stream, line)
+                record(now, stream, line)
         while status is None:
             try:
                 got, st = os.waitpid(-1, os.WNOHANG)
@@ -532,19 +549,23 @@ def _shim_main(argv: list[str]) -> int:
                 break
     for fd, (stream, splitter) in splitters.items():
         for line in splitter.flush():
-            writer.write(time.time(), stream, line)
+            record(time.time(), stream, line)
     writer.close()
     code = os.waitstatus_to_exitcode(status)
     exit_code = code if code >= 0 else 128 - code
     oom_after = oom_kill_count(cgroup)
-    record = {
+    verdict = {
         "exit_code": exit_code,
         "oom_killed": oom_after > oom_before,
         "finished_at": time.time(),
         "pid": pid,
+        "dropped_log_lines": dropped,
     }
-    _write_atomic(a.exit_file, _json_object(record).encode())
-    shim_log("container_exited", id=a.id, **record)
+    try:
+        _write_atomic(a.exit_file, _json_object(verdict).encode())
+    except OSError as e:  # the container directory was deleted under us
+        shim_log("exit_record_failed", error=str(e))
+    shim_log("container_exited", id=a.id, **verdict)
     return 0
 
 

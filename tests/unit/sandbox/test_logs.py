@@ -163,3 +163,17 @@ async def test_follow_ends_when_the_log_directory_is_removed(tmp_path, autojump_
             while n.child_tasks:
                 await trio.sleep(0.1)
     assert got == ["last words"]
+
+
+def test_writer_keeps_writing_when_rotation_is_impossible(tmp_path, monkeypatch):
+    w = LogWriter(str(tmp_path), max_bytes=300, keep=2)
+    w.write(1.0, "stdout", "x" * 200)
+
+    def no_new_segment(start):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(w, "_open", no_new_segment)
+    off = w.write(2.0, "stdout", "y" * 200)  # rotation fails; the record still lands
+    w.close()
+    assert [r.text for r in logs.read(str(tmp_path))] == ["x" * 200, "y" * 200]
+    assert logs.read(str(tmp_path))[1].offset == off
