@@ -456,6 +456,7 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
     _yaml_resources(doc)
     if isinstance(doc.get("command"), str):
         raise _fail("command", "must be a list of arguments, e.g. [sh, -c, 'echo hi']")
+    _yaml_rule_values(doc)
     if isinstance(doc.get("env"), dict):
         # YAML turns `PORT: 80` into an int; env values are strings.
         doc["env"] = {k: v if isinstance(v, str) else _yaml_scalar(v) for k, v in doc["env"].items()}
@@ -464,6 +465,25 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
     except msgspec.ValidationError as exc:
         raise _field_error(exc) from None
     return validate(spec)
+
+
+def _yaml_rule_values(doc: dict[str, Any]) -> None:
+    """YAML reads `value: true` or `value: 5` as bool/int; attribute values are strings."""
+    for section in ("constraints", "affinities"):
+        rules = doc.get(section)
+        if isinstance(rules, list):
+            for rule in rules:
+                if isinstance(rule, dict) and "value" in rule:
+                    v = rule["value"]
+                    rule["value"] = [_yaml_scalar(x) for x in v] if isinstance(v, list) else _yaml_scalar(v)
+    spreads = doc.get("spreads")
+    if isinstance(spreads, list):
+        for spread in spreads:
+            targets = spread.get("targets") if isinstance(spread, dict) else None
+            if isinstance(targets, list):
+                for t in targets:
+                    if isinstance(t, dict) and "value" in t:
+                        t["value"] = _yaml_scalar(t["value"])
 
 
 def _yaml_scalar(value: Any) -> Any:

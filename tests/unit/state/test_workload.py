@@ -396,3 +396,14 @@ def test_yaml_garbage_raises_invalid_workload_only(text):
         parse_yaml(text)
     except InvalidWorkload:
         pass
+
+
+def test_yaml_scalars_in_rule_values_become_strings():
+    spec = parse_yaml(
+        "name: web\nimage: nginx\n"
+        "constraints: [{attribute: node.metered, value: false}, {attribute: label.gen, operator: in, value: [3, 4]}]\n"
+        "spreads: [{attribute: label.rack, targets: [{value: 7, percent: 50}]}]\n"
+    )
+    assert spec.constraints[0].value == "false"
+    assert spec.constraints[1].value == ("3", "4")
+    assert spec.spreads[0].targets[0].value == "7"
