@@ -29,6 +29,7 @@ from typing import Callable
 import msgspec
 import trio
 
+from cloudless.errors import CloudlessError
 from cloudless.sandbox.health import HealthProber, HealthStatus, HealthTracker, RuntimeProber
 from cloudless.sandbox.runtime import (
     ContainerExists,
@@ -105,8 +106,16 @@ class Removed(msgspec.Struct, frozen=True, tag=True):
     reason: str
 
 
+class WatchFailed(msgspec.Struct, frozen=True, tag=True):
+    """The runtime failed in a way the watcher cannot handle; the container is no longer supervised."""
+
+    id: str
+    error: str
+
+
 SupervisorEvent = (
     Started | Adopted | StartFailed | Exited | OomKilled | HealthChanged | Unhealthy | Restarting | GaveUp | Removed
+    | WatchFailed
 )
 
 
@@ -272,10 +281,21 @@ class Supervisor:
             await self._events.send(event)
 
     async def _watch(self, entry: Supervised, state: ContainerState) -> None:
+        """One container's watcher; whatever its runtime does, it never takes the supervisor down."""
         assert entry.cancel is not None and entry.done is not None
+        cid = entry.spec.id
         try:
             with entry.cancel:
                 await self._watch_loop(entry, state)
+        except ContainerNotFound:
+            if self._watched.get(cid) is entry:
+                del self._watched[cid]
+            await self._emit(Removed(id=cid, reason="deleted outside the supervisor"))
+        except CloudlessError as e:
+            log.warning("sandbox.watch_failed", extra={"fields": {"id": cid, "error": str(e)}})
+            if self._watched.get(cid) is entry:
+                del self._watched[cid]
+            await self._emit(WatchFailed(id=cid, error=str(e)))
         finally:
             entry.done.set()
 
@@ -294,8 +314,6 @@ class Supervisor:
             if not running:
                 try:
                     started = await self.runtime.start(cid)
-                except ContainerNotFound:
-                    return
                 except (SandboxError, ContainerStateError) as e:
                     await self._emit(StartFailed(id=cid, error=str(e)))
                     entry.last_exit_code = None

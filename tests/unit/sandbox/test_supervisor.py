@@ -349,3 +349,20 @@ async def test_ensure_is_idempotent_for_the_same_spec_and_refuses_a_different_on
         await trio.sleep(1)
         n.cancel_scope.cancel()
     assert h.runtime.start_count("web") == 1
+
+
+async def test_container_deleted_behind_the_supervisors_back_is_dropped_not_fatal(autojump_clock):
+    h = Harness()
+    async with trio.open_nursery() as n:
+        await n.start(h.sup.run)
+        await h.sup.ensure(spec("a", restart=RestartPolicy(mode="always")))
+        await h.sup.ensure(spec("b", restart=RestartPolicy(mode="always")))
+        await h.until(lambda e: isinstance(e, Started) and e.id == "b")
+        await h.runtime.delete("a")
+        events = await h.until(lambda e: isinstance(e, Removed))
+        assert events[-1].id == "a"
+        # b is still supervised: a crash is restarted
+        await h.runtime.kill("b", 9)
+        await h.until(lambda e: isinstance(e, Started) and e.id == "b")
+        n.cancel_scope.cancel()
+    assert h.sup.supervised() == ["b"]
