@@ -147,7 +147,7 @@ class SpreadTerm:
             self.default_target = total / len(present) if present else 0.0
 
     def target(self, value: str | None) -> float:
-        return self.targets.get(value, self.default_target) if self.targets else self.default_target  # type: ignore[arg-type]
+        return self.targets.get(value, self.default_target)  # type: ignore[arg-type]
 
     def score(self, value: str | None, count: int) -> float:
         return spread_score(self.target(value), count)
@@ -253,12 +253,18 @@ class Scoring:
     # arithmetic is cheaper than on multi-digit ints such as memory sizes.
     def utilization(self, i: int, used_cpu: int, used_mem: int) -> float:
         view = self.view
-        u = ((float(used_cpu) + self.cpu_need_f) / view.cap_cpu_f[i] + (float(used_mem) + self.mem_need_f) / view.cap_mem_f[i]) * 0.5
+        u = (
+            (float(used_cpu) + self.cpu_need_f) / view.cap_cpu_f[i]
+            + (float(used_mem) + self.mem_need_f) / view.cap_mem_f[i]
+        ) * 0.5
         return u if self.binpack else 1.0 - u
 
     def node_part(self, i: int, static: float, used_cpu: int, used_mem: int, count: int) -> int:
         view = self.view
-        u = ((float(used_cpu) + self.cpu_need_f) / view.cap_cpu_f[i] + (float(used_mem) + self.mem_need_f) / view.cap_mem_f[i]) * 0.5
+        u = (
+            (float(used_cpu) + self.cpu_need_f) / view.cap_cpu_f[i]
+            + (float(used_mem) + self.mem_need_f) / view.cap_mem_f[i]
+        ) * 0.5
         x = static + self.w_util * (u if self.binpack else 1.0 - u)
         for term in self.node_spreads:
             x += term.coef * term.score(term.values[i], count)
