@@ -104,6 +104,10 @@ class Model(Protocol):
         """True if an `op` that answered `output` changes no state wherever it
         is legal (a get; a failed cas). With output UNKNOWN such ops are dropped."""
 
+    # Optional: `never_legal(state, op, input, output) -> bool`, True only if
+    # `output` is impossible from `state` and from every state reachable
+    # from it. It prunes the search; a wrong True would wrongly fail histories.
+
 
 def _freeze(value: Any) -> Any:
     """Hashable, comparable form: JSON round-trips turn tuples into lists."""
@@ -169,6 +173,21 @@ class VersionedRegisterModel:
         if op == "cas" and output is not UNKNOWN:
             return not output[0]
         return op == "rm" and output is False
+
+    def never_legal(self, state: Any, op: str, input: Any, output: Any) -> bool:
+        # Indices only grow: once the key's index passed i, no later state
+        # can make a write of i, or a read of an older i, legal.
+        floor = state[2]
+        try:
+            if op == "put":
+                return isinstance(output, int) and output <= floor
+            if op == "cas" and output[0]:
+                return isinstance(output[1], int) and output[1] <= floor
+            if op in ("get", "cas") and output is not None:
+                return isinstance(output[1], int) and 0 < output[1] < floor
+        except (TypeError, IndexError):
+            return False  # malformed: step() reports it
+        return False
 
     def _index_could_be(self, state: tuple, index: int) -> bool:
         _, current, floor = state
@@ -335,15 +354,14 @@ def _linearize(ops: Sequence[Operation], model: Model, deadline: float | None) -
             pending_known -= 1
 
     def window() -> list[_Event]:
-        # Candidates: every op called before the earliest pending return.
-        # Ops that must return soonest are the most constrained, so try them
-        # first; indeterminate ones (return at infinity) come last.
+        # Candidates: every op called before the earliest pending return, in
+        # call order (measured: better here than return order, and better
+        # than trying indeterminate ops last).
         out = []
         ev = head.next
         while ev is not None and ev.is_call:
             out.append(ev)
             ev = ev.next
-        out.sort(key=lambda e: urgency[e.op_id])
         return out
 
     def forced_read(candidates: list[_Event]) -> _Event | None:
@@ -352,14 +370,24 @@ def _linearize(ops: Sequence[Operation], model: Model, deadline: float | None) -
         # pending must precede it, and it changes no state, so moving it
         # earlier in any linearization keeps that linearization valid. Taking
         # it first (and never branching on it) prunes most of the search.
+        # If that configuration was already explored (and so failed), this
+        # one fails too: DEAD_END says so. So does a pending op that the model
+        # says can never become legal again from this state.
         for ev in candidates:
             op, output, nexts = successors(ev)
-            if model.is_read_only(op.op, output):
-                if tuple(nexts) == (state,) and (linearized | (1 << ev.op_id), state) not in cache:
-                    return ev
+            if never_legal is not None and op.ret is not None and never_legal(state, op.op, op.input, output):
+                return DEAD_END
+        for ev in candidates:
+            op, output, nexts = successors(ev)
+            if model.is_read_only(op.op, output) and tuple(nexts) == (state,):
+                if (linearized | (1 << ev.op_id), state) in cache:
+                    return DEAD_END
+                return ev
         return None
 
-    urgency = [op.call for op in ops]
+    DEAD_END = _Event(-1, True)
+    never_legal = getattr(model, "never_legal", None)
+
     # The candidate list of the current configuration and the position tried next.
     candidates: list[_Event] | None = None
     pos = 0
@@ -373,7 +401,9 @@ def _linearize(ops: Sequence[Operation], model: Model, deadline: float | None) -
         if candidates is None:
             candidates, pos = window(), 0
             forced = forced_read(candidates)
-            if forced is not None:
+            if forced is DEAD_END:
+                pos = len(candidates)
+            elif forced is not None:
                 place(forced, state, None, candidates, -1)
                 candidates = None
                 continue

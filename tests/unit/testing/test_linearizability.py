@@ -279,3 +279,14 @@ def test_thousands_of_ops_per_key_check_quickly_at_modest_concurrency():
     h = run_register(random.Random(7), 5, 6000, 1, versioned=True, indeterminate=0.02)
     r = check_history(h, VersionedRegisterModel(), timeout_s=30)
     assert r.linearizable and not r.timed_out
+
+
+def test_versioned_write_overtaken_by_a_newer_index_is_refuted_quickly():
+    # Concurrent puts must take effect in index order; a read that saw the
+    # higher index before the lower one was written cannot be followed by
+    # a read of the lower one (the never_legal pruning keeps this fast).
+    h = [op(0, "put", "a", 5, 0, 10), op(1, "put", "b", 9, 0, 10),
+         op(2, "get", None, ("b", 9), 1, 2), op(3, "get", None, ("a", 5), 3, 4)]
+    assert not check_history(h, V).linearizable
+    h[3] = op(3, "get", None, ("b", 9), 3, 4)
+    assert check_history(h, V).linearizable
