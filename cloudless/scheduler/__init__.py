@@ -9,7 +9,7 @@
     stack.py     the wiring: plan_placements, plan_stop, admit
 """
 
-from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice
+from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice, allocation_for, allocation_id
 from cloudless.scheduler.rank import DEFAULT_CONFIG, SchedulerConfig, Weights
 from cloudless.scheduler.stack import admit, default_rng, plan_placements, plan_stop
 from cloudless.scheduler.view import ClusterView, InvalidView, NodeInfo
@@ -26,6 +26,8 @@ __all__ = [
     "StopChoice",
     "Weights",
     "admit",
+    "allocation_for",
+    "allocation_id",
     "default_rng",
     "plan_placements",
     "plan_stop",

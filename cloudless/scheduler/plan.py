@@ -6,7 +6,11 @@ renders `explain()`.
 
 from __future__ import annotations
 
+import random
+
 import msgspec
+
+from cloudless.state.workload import Allocation, WorkloadSpec
 
 
 def summarise(total: int, feasible: int, rejections: dict[str, int]) -> str:
@@ -76,3 +80,23 @@ class StopChoice(msgspec.Struct, frozen=True):
     node: str
     replica: int
     reason: str
+
+
+def allocation_id(spec: WorkloadSpec, replica: int, rng: random.Random) -> str:
+    """`<workload>-<replica>-<8 hex>`: readable, and unique across reschedules of a replica."""
+    return f"{spec.name}-{replica}-{rng.getrandbits(32):08x}"
+
+
+def allocation_for(spec: WorkloadSpec, placement: Placement, allocation_id: str) -> Allocation:
+    """The pending allocation a placement becomes. It carries the spec's
+    resources and published ports, so later plans see them as taken."""
+    return Allocation(
+        id=allocation_id,
+        workload=spec.name,
+        version=spec.version,
+        node=placement.node,
+        replica=placement.replica,
+        state="pending",
+        resources=spec.resources,
+        ports=tuple(p for p in spec.ports if p.host_port is not None),
+    )

@@ -373,3 +373,21 @@ def test_with_allocations_matches_a_fresh_view_and_leaves_every_earlier_snapshot
         snapshots.append(dict(live))
     for view, allocations in zip(views, snapshots):
         assert _view_state(view) == _view_state(ClusterView(nodes, allocations.values()))
+
+
+def test_committed_placements_hold_their_ports_and_resources_for_the_next_plan():
+    from cloudless.scheduler import allocation_for, allocation_id
+
+    view = ClusterView([node(n, cpu_millis=1000) for n in "ab"])
+    web = spec(replicas=1, ports=(PortSpec(80, 8080), PortSpec(81)), resources=Resources(cpu_millis=600, memory_bytes=GiB))
+    rng = random.Random(5)
+    first = plan_placements(web, 1, view).placements[0]
+    committed = allocation_for(web, first, allocation_id(web, first.replica, rng))
+    assert committed.ports == (PortSpec(80, 8080),) and committed.state == "pending"
+    assert committed.id.startswith("web-0-") and len(committed.id) == len("web-0-") + 8
+    after = view.with_allocations([committed])
+    other = spec(name="api", ports=(PortSpec(80, 8080),), resources=Resources(cpu_millis=100, memory_bytes=GiB))
+    plan = plan_placements(other, 1, after, explain_nodes=True)
+    assert plan.node_reasons == {first.node: "port 8080/tcp in use"}
+    big = spec(name="batch", resources=Resources(cpu_millis=500, memory_bytes=GiB))
+    assert plan_placements(big, 1, after, explain_nodes=True).node_reasons == {first.node: "insufficient cpu"}
