@@ -53,7 +53,7 @@ DATA, WINDOW_UPDATE, RESET, PING, GOAWAY = 0, 1, 2, 3, 4
 SYN, FIN, ACK = 0x1, 0x2, 0x4
 
 # Protocol constant: the credit every stream starts with, before any update.
-INITIAL_WINDOW = 256 * 1024
+INITIAL_WINDOW = 512 * 1024
 MAX_STREAM_ID = 2**32 - 1
 
 GOAWAY_NORMAL = 0
@@ -82,12 +82,13 @@ class ByteTransport(Protocol):
 @dataclass(frozen=True, slots=True)
 class MuxConfig:
     max_frame_size: int = 256 * 1024  # DATA payload bytes per frame
-    receive_window: int = 1024 * 1024  # bytes buffered per stream at most
-    max_streams: int = 512  # open streams (incl. not yet accepted) per session
+    receive_window: int = INITIAL_WINDOW  # bytes buffered per stream at most
+    max_streams: int = 256  # open streams (incl. not yet accepted) per session
     max_outbox_bytes: int = 1024 * 1024  # queued outgoing DATA before senders wait
     keepalive_interval: float = 10.0
     keepalive_timeout: float = 10.0
     close_timeout: float = 1.0  # how long aclose waits to flush GOAWAY
+    write_timeout: float = 20.0  # a write blocked this long means the peer is gone
 
     def __post_init__(self) -> None:
         if self.receive_window < INITIAL_WINDOW:
@@ -109,7 +110,7 @@ class MuxStream:
         self._syn_pending = local  # the peer learns of the stream with our first frame
         self._send_window = INITIAL_WINDOW
         self._fin_sent = False
-        self._send_lock = trio.StrictFIFOLock()
+        self._sending = False  # one sender at a time, as trio.abc.Stream requires
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
         # Credit we have granted the peer and not yet seen used.
@@ -139,9 +140,26 @@ class MuxStream:
             raise self._session._error
 
     async def send_all(self, data: bytes) -> None:
+        await self._send(data, eof=False)
+
+    async def send_last(self, data: bytes) -> None:
+        """send_all(data) then send_eof(), with the FIN on the last data frame.
+
+        Not part of `base.Stream`; the RPC layer uses it when a carrier has it
+        (one write instead of two for every reply).
+        """
+        await self._send(data, eof=True)
+
+    async def _send(self, data: bytes, *, eof: bool) -> None:
         if not isinstance(data, bytes):
             data = bytes(data)
-        async with self._send_lock:
+        if eof and not data:
+            await self.send_eof()
+            return
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        self._sending = True
+        try:
             view = memoryview(data)
             if not view:
                 self._check_sendable()
@@ -157,9 +175,13 @@ class MuxStream:
                 chunk, view = view[:n], view[n:]
                 self._send_window -= n
                 flags = self._take_syn_flags()
-                await self._session._send_data(self._id, flags, chunk)
-                if flags & SYN:
-                    self._session._grant_extra_window(self)
+                if eof and not view:
+                    flags |= FIN
+                    self._fin_sent = True
+                    self._session._maybe_forget(self)
+                await self._session._send_data(self, flags, chunk)
+        finally:
+            self._sending = False
 
     def _take_syn_flags(self) -> int:
         if self._syn_pending:
@@ -168,18 +190,20 @@ class MuxStream:
         return 0
 
     async def send_eof(self) -> None:
-        async with self._send_lock:
+        if self._sending:
+            raise trio.BusyResourceError("another task is already sending on this stream")
+        if True:  # keeps the shape of send_all's critical section
             if self._fin_sent:
                 await trio.lowlevel.checkpoint()
                 return
             self._check_sendable()
             self._fin_sent = True
             flags = self._take_syn_flags() | FIN
-            self._session._enqueue(encode_frame(DATA, flags, self._id, 0), control=False)
+            self._session._enqueue(encode_frame(DATA, flags, self._id, 0), control=False, wake=False)
             if flags & SYN:
-                self._session._grant_extra_window(self)
+                self._session._grant_extra_window(self, ordered=True)
             self._session._maybe_forget(self)
-        await trio.lowlevel.checkpoint()
+            await self._session._flush_from_caller()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -195,7 +219,7 @@ class MuxStream:
                 self._buffered -= len(chunk)
                 self._consumed += len(chunk)
                 self._session._maybe_update_window(self)
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint_if_cancelled()
                 return chunk
             if self._fin_received:
                 await trio.lowlevel.checkpoint()
@@ -302,6 +326,7 @@ class MuxSession:
         self._control: list[bytes] = []
         self._outbox_ready = trio.Event()
         self._outbox_drained = trio.Event()
+        self._writing = False
         self._error: ConnectionLost | None = None
         self._local_goaway = False
         self._remote_goaway = False
@@ -446,9 +471,10 @@ class MuxSession:
 
     # -- sending --
 
-    def _enqueue(self, frame: bytes, *, control: bool) -> None:
+    def _enqueue(self, frame: bytes, *, control: bool, wake: bool = True) -> None:
         """Queue a frame without waiting. Control frames (PING, WINDOW_UPDATE)
-        jump the queue; everything stream-ordered goes to the outbox."""
+        jump the queue; everything stream-ordered goes to the outbox. With
+        `wake`, the writer task sends it; else the caller flushes itself."""
         if self._error is not None:
             return
         if control:
@@ -456,48 +482,87 @@ class MuxSession:
         else:
             self._outbox.append(frame)
             self._outbox_bytes += len(frame)
-        self._outbox_ready.set()
+        if wake:
+            self._outbox_ready.set()
 
-    async def _send_data(self, stream_id: int, flags: int, payload: memoryview) -> None:
+    async def _send_data(self, stream: MuxStream, flags: int, payload: memoryview) -> None:
         while self._outbox_bytes >= self.config.max_outbox_bytes and self._error is None:
             await self._wait_drained()
         if self._error is not None:
             raise self._error
-        self._outbox.append(encode_frame(DATA, flags, stream_id, len(payload)))
+        self._outbox.append(encode_frame(DATA, flags, stream.stream_id, len(payload)))
         self._outbox.append(payload)
         self._outbox_bytes += HEADER_SIZE + len(payload)
-        self._outbox_ready.set()
-        await trio.lowlevel.checkpoint()
+        if flags & SYN:
+            self._grant_extra_window(stream, ordered=True)
+        await self._flush_from_caller()
+
+    async def _flush_from_caller(self) -> None:
+        # Writing from the sending task saves a hop through the writer task;
+        # if a write is already in progress, that writer takes our frames.
+        if self._writing:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            return
+        await self._flush()
+        if self._error is not None:
+            raise self._error
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def _flush(self) -> None:
+        """Write everything queued, in batches. Shielded: a write cut short
+        would break the TLS stream for every other stream; bounded by
+        `write_timeout` instead (a peer that reads nothing for that long is gone)."""
+        self._writing = True
+        try:
+            while (self._outbox or self._control) and self._error is None:
+                parts = self._control + self._outbox
+                self._control = []
+                self._outbox = []
+                self._outbox_bytes = 0
+                drained, self._outbox_drained = self._outbox_drained, trio.Event()
+                drained.set()  # senders waiting for outbox room may queue more now
+                data = b"".join(parts)
+                self._bytes_sent += len(data)
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + self.config.write_timeout) as scope:
+                    try:
+                        await self._transport.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        self._fail(ConnectionLost(f"connection to {self._peer.uri} lost: {exc!r}", peer=self._peer.uri))
+                        return
+                if scope.cancelled_caught:
+                    self._fail(
+                        ConnectionLost(
+                            f"{self._peer.uri} read nothing for {self.config.write_timeout} s", peer=self._peer.uri
+                        )
+                    )
+                    return
+        finally:
+            self._writing = False
+            if not (self._outbox or self._control):
+                drained, self._outbox_drained = self._outbox_drained, trio.Event()
+                drained.set()
 
     async def _wait_drained(self) -> None:
-        if self._outbox or self._control:
+        if (self._outbox or self._control) and self._error is None:
             await self._outbox_drained.wait()
 
     async def _write_loop(self) -> None:
         while True:
-            if not (self._outbox or self._control):
-                drained, self._outbox_drained = self._outbox_drained, trio.Event()
-                drained.set()
-                await self._outbox_ready.wait()
-                self._outbox_ready = trio.Event()
-                if self._error is not None:
-                    return
-                continue
-            parts = self._control + self._outbox
-            self._control = []
-            self._outbox = []
-            self._outbox_bytes = 0
-            drained, self._outbox_drained = self._outbox_drained, trio.Event()
-            drained.set()  # senders waiting for outbox room may queue more now
-            data = b"".join(parts)
-            self._bytes_sent += len(data)
-            await self._transport.send_all(data)
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            if self._error is not None:
+                return
+            if not self._writing:
+                await self._flush()
 
-    def _grant_extra_window(self, stream: MuxStream) -> None:
+    def _grant_extra_window(self, stream: MuxStream, *, ordered: bool = False) -> None:
+        # For a stream we open, the grant must follow its SYN (`ordered`):
+        # a peer ignores updates for streams it has not seen.
         extra = self.config.receive_window - INITIAL_WINDOW
         if extra > 0:
             stream._recv_credit += extra
-            self._enqueue(encode_frame(WINDOW_UPDATE, 0, stream.stream_id, extra), control=True)
+            frame = encode_frame(WINDOW_UPDATE, 0, stream.stream_id, extra)
+            self._enqueue(frame, control=not ordered, wake=not ordered)
 
     def _maybe_update_window(self, stream: MuxStream) -> None:
         # Grant back consumed bytes once half a window's worth accumulates:

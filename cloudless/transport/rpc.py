@@ -231,6 +231,16 @@ class FrameReader:
                 self._buffer += data
 
 
+async def send_last(stream: Stream, data: bytes) -> None:
+    """Data then EOF; one write on carriers whose streams offer `send_last`."""
+    fast = getattr(stream, "send_last", None)
+    if fast is not None:
+        await fast(data)
+    else:
+        await stream.send_all(data)
+        await stream.send_eof()
+
+
 async def _reset_quietly(stream: Stream, code: int = 0) -> None:
     with trio.CancelScope(shield=True):
         with trio.move_on_after(1.0):
@@ -338,15 +348,16 @@ class RpcServer:
 
     async def _serve_stream(self, conn: Connection, stream: Stream) -> None:
         reader = FrameReader(stream, self.max_frame_size)
+        frame = None
         try:
-            with trio.fail_after(REQUEST_READ_TIMEOUT):
+            with trio.CancelScope(deadline=trio.current_time() + REQUEST_READ_TIMEOUT) as scope:
                 frame = await reader.read()
-        except trio.TooSlowError:
-            log.info("rpc.request_timeout", extra={"peer": conn.peer.uri})
-            await _reset_quietly(stream, RESET_PROTOCOL_ERROR)
-            return
         except RpcProtocolError as exc:
             await self._refuse(stream, conn, exc)
+            return
+        if scope.cancelled_caught:
+            log.info("rpc.request_timeout", extra={"peer": conn.peer.uri})
+            await _reset_quietly(stream, RESET_PROTOCOL_ERROR)
             return
         if not isinstance(frame, Request):
             await self._refuse(stream, conn, RpcProtocolError("first RPC frame must be a request"))
@@ -424,10 +435,10 @@ class RpcServer:
                 answer = failure_of(DeadlineExceeded(f"{method.name} ran past its deadline"))
             if answer is not None and not client_gone:
                 try:
-                    await stream.send_all(encode_frame(answer, self.max_frame_size))
+                    data = encode_frame(answer, self.max_frame_size)
                 except InvalidInput as exc:  # the answer itself was too large
-                    await stream.send_all(encode_frame(failure_of(exc), self.max_frame_size))
-                await stream.send_eof()
+                    data = encode_frame(failure_of(exc), self.max_frame_size)
+                await send_last(stream, data)
             finished = True
             # Leaving the nursery waits for the watcher to see the client's EOF,
             # so the stream ends cleanly on both sides; bounded by CLOSE_TIMEOUT.
@@ -508,8 +519,9 @@ class RpcClient:
         body = encode_body(request)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         conn: Connection | None = None
+        frame: Frame | None = None
         try:
-            with trio.fail_at(deadline):
+            with trio.CancelScope(deadline=deadline) as scope:
                 conn = await self._connection(target)
                 stream = await conn.open_stream()
                 try:
@@ -517,8 +529,8 @@ class RpcClient:
                 except BaseException:
                     await _reset_quietly(stream)
                     raise
-        except trio.TooSlowError:
-            raise DeadlineExceeded(f"{method} did not answer within {timeout} s", method=method) from None
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"{method} did not answer within {timeout} s", method=method)
         except (ConnectionLost, StreamReset) as exc:
             if conn is not None:
                 self._lost(target, conn)

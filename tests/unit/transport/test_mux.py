@@ -247,9 +247,9 @@ async def test_sending_beyond_the_window_is_a_protocol_error():
 
         async def flood():
             payload = b"a" * 65536
-            # Three more bytes than the window allows: 4 frames of 64 KiB, then 3 bytes.
+            # Three more bytes than the window allows: a window of 64 KiB frames, then 3 bytes.
             await wire.send_all(encode_frame(DATA, SYN, 1, len(payload)) + payload)
-            for _ in range(3):
+            for _ in range(INITIAL_WINDOW // len(payload) - 1):
                 await wire.send_all(encode_frame(DATA, 0, 1, len(payload)) + payload)
             await wire.send_all(encode_frame(DATA, 0, 1, 3) + b"bcd")
 
