@@ -83,9 +83,10 @@ class StreamChunker:
     buffer, so nothing is copied per chunk.
     """
 
-    def __init__(self, params: ChunkingParams = ChunkingParams(), window: int = 16 << 20) -> None:
+    def __init__(self, params: ChunkingParams = ChunkingParams(), window: int | None = None) -> None:
         self._cdc = params.chunker()
-        self._window = max(window, 2 * params.max_size)
+        # Cut once this much is buffered: a few maximum-size chunks, so all but the tail are final.
+        self._window = max(window or 4 * params.max_size, 2 * params.max_size)
         self._pending: list[bytes] = []
         self._pending_len = 0
         self._offset = 0  # object offset of the first pending byte
