@@ -27,6 +27,7 @@ STATE_REASONS = {
     "dead": "node dead",
     "left": "node left",
     "ineligible": "node not eligible",
+    "no_capacity": "node reports no capacity",
 }
 INSUFFICIENT_CPU = "insufficient cpu"
 INSUFFICIENT_MEMORY = "insufficient memory"

@@ -153,7 +153,14 @@ class ClusterView:
         self.cap_mem_f: tuple[float, ...] = tuple(float(c) for c in self.cap_mem)
         by_state: dict[str, list[int]] = {}
         for i, node in enumerate(ordered):
-            key = node.state if node.state != "alive" or node.eligible else "ineligible"
+            if node.state != "alive":
+                key = node.state
+            elif not node.eligible:
+                key = "ineligible"
+            elif node.cpu_millis <= 0 or node.memory_bytes <= 0:
+                key = "no_capacity"  # e.g. its gossip metadata has not arrived yet
+            else:
+                key = "alive"
             by_state.setdefault(key, []).append(i)
         self.state_masks: dict[str, int] = {k: mask_of(v, self.n) for k, v in by_state.items()}
         self.ready_mask = self.state_masks.get("alive", 0)

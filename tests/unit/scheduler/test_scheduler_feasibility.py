@@ -242,3 +242,11 @@ def test_image_architectures_filter_nodes_and_explain_it():
     assert plan.placements[0].node == "phone-1"
     reason = "image has no variant for the node architecture (only arm64)"
     assert plan.rejections == {reason: 4}
+
+
+def test_a_node_that_reports_no_capacity_is_not_feasible():
+    view = ClusterView([node("a", cpu_millis=0), node("b", memory_bytes=0), node("c")])
+    s = validate(WorkloadSpec(name="web", image="busybox"))
+    plan = plan_placements(s, 1, view, explain_nodes=True)
+    assert plan.placements[0].node == "c"
+    assert plan.node_reasons == {"a": "node reports no capacity", "b": "node reports no capacity"}
