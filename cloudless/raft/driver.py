@@ -14,6 +14,9 @@ touched. Each turn:
         send the other messages                    only after the sync: they
                                                    promise what was stored
         restore snapshot, apply committed entries, answer reads
+                                                   (entries committed before
+                                                   this Ready's new ones are
+                                                   applied before its sync)
         advance
 
 Group commit falls out of this shape: while one sync runs in its thread,
@@ -259,6 +262,16 @@ class RaftDriver:
             messages = [m for m in messages if not isinstance(m, (AppendEntries, Heartbeat))]
             for message in early:
                 self._dispatch(message)
+        committed = rd.committed_entries
+        if rd.must_sync and rd.snapshot is None and committed:
+            # Entries committed before this Ready's new ones are already on
+            # our disk (every earlier Ready with entries was synced, and a
+            # committed entry is never overwritten), so apply them now rather
+            # than behind this fsync: that fsync is for the next batch.
+            first_new = rd.entries[0].index if rd.entries else committed[-1].index + 1
+            stable = [e for e in committed if e.index < first_new]
+            committed = committed[len(stable):]
+            await self._apply_committed(stable)
         if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
             self.storage.write(rd.hard_state, rd.entries, rd.snapshot)
             self._stats["entries_written"] += len(rd.entries)
@@ -278,17 +291,22 @@ class RaftDriver:
                                    index=rd.snapshot.meta.index)
             await self._restore(rd.snapshot)
             self._set_applied(rd.snapshot.meta.index)
-        if rd.committed_entries:
-            await self._apply(rd.committed_entries)
-            self._stats["entries_applied"] += len(rd.committed_entries)
-            self._settle_proposals(rd.committed_entries)
-            self._set_applied(rd.committed_entries[-1].index)
+        await self._apply_committed(committed)
         for rs in rd.read_states:
             waiter = self._reads.pop(rs.ctx, None)
             if waiter is not None:
                 self._reads_to_apply.append((rs.index, waiter))
         self._release_reads()
         self.node.advance(rd)
+
+    async def _apply_committed(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        await self._apply(entries)
+        self._stats["entries_applied"] += len(entries)
+        self._settle_proposals(entries)
+        self._set_applied(entries[-1].index)
+        self._release_reads()
 
     def _may_replicate_before_sync(self, rd: Ready) -> bool:
         # Only a leader whose term and vote are already durable: its appends

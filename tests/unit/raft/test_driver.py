@@ -37,6 +37,7 @@ class Cluster:
         # Under MockClock, worker threads let virtual time race ahead while
         # they run (the autojump sees an idle run loop), so those tests sync inline.
         self.sync_in_thread = sync_in_thread
+        self.events: list | None = None
         self.storages = storages
         self.async_send = async_send
         self.tick = tick
@@ -65,6 +66,8 @@ class Cluster:
 
         async def apply(entries: list[Entry]) -> None:
             applied.extend(e.data for e in entries if e.kind == EntryKind.NORMAL and e.data)
+            if self.events is not None:
+                self.events.extend(("apply", node_id, e.index, e.term) for e in entries)
 
         driver = RaftDriver(node, storage, self._sender(node_id), apply, tick_interval=self.tick,
                             sync_in_thread=self.sync_in_thread)
@@ -287,12 +290,14 @@ class RecordingStorage(MemoryStorage):
 async def test_acknowledgements_wait_for_sync_but_leader_appends_do_not(autojump_clock):
     # Raft §5 / thesis §3.8: a vote or an append acknowledgement promises durable state,
     # so it leaves only after the fsync; the leader's own appends may go out first (§10.2.1).
+    # Entries are applied only once they are on the node's own disk.
     events: list = []
     storages = {}
     for node_id in IDS:
         storages[node_id] = RecordingStorage(node_id, events)
         bootstrap_log(storages[node_id], IDS)
     cluster = Cluster(storages, sync_in_thread=False)
+    cluster.events = events
     original = cluster._sender
 
     def recording_sender(frm):
@@ -309,8 +314,10 @@ async def test_acknowledgements_wait_for_sync_but_leader_appends_do_not(autojump
         for node_id in IDS:
             await cluster.start(nursery, node_id)
         leader = await cluster.leader()
-        for i in range(5):
-            await leader.propose(b"w%d" % i)
+        async with trio.open_nursery() as clients:
+            for i in range(30):
+                clients.start_soon(leader.propose, b"w%d" % i)
+                await trio.sleep(0.001)
         nursery.cancel_scope.cancel()
 
     durable: dict[str, tuple[int, int, str]] = {}
@@ -319,6 +326,10 @@ async def test_acknowledgements_wait_for_sync_but_leader_appends_do_not(autojump
         if event[0] == "sync":
             _, node_id, last, term, vote = event
             durable[node_id] = (last, term, vote)
+            continue
+        if event[0] == "apply":  # only what is on this node's disk is applied
+            _, node_id, index, term = event
+            assert durable[node_id][0] >= index, (event, durable[node_id])
             continue
         m = event[1]
         name = type(m).__name__
