@@ -118,12 +118,15 @@ def plan_placements(
     explain_nodes: bool = False,
     incremental: bool = True,
     architectures: Collection[str] | None = None,
+    replica_indexes: Sequence[int] | None = None,
 ) -> Plan:
     """Place `count` more replicas of `spec` on `view`.
 
     `existing_allocations` are the workload's replicas that stay (default:
     its live allocations in the view); they count towards spreads and take
     their replica indexes. Their resources are whatever the view reserves.
+    `replica_indexes` names the replicas to place (e.g. the one a rolling
+    update replaces); by default the lowest indexes no existing replica holds.
     `architectures` are the image's platforms when known (None: any).
     `explain_nodes` fills `Plan.node_reasons` even when everything was placed.
     `incremental=False` re-scores every node for every replica — the
@@ -135,7 +138,12 @@ def plan_placements(
         a for a in (view.live_allocations(spec.name) if existing_allocations is None else existing_allocations)
         if a.live and a.workload == spec.name
     ]
-    replicas = _free_replica_indexes(existing, count)
+    if replica_indexes is None:
+        replicas = _free_replica_indexes(existing, count)
+    else:
+        replicas = list(replica_indexes)
+        if len(replicas) != count or len(set(replicas)) != count or any(r < 0 for r in replicas):
+            raise ValueError("replica_indexes must be `count` distinct indexes ≥ 0")
     total = max(spec.replicas, len(existing) + count)
     run = _Run(spec, view, existing, total, rng if rng is not None else default_rng(spec), config, architectures)
     if incremental:

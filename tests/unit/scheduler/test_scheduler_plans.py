@@ -391,3 +391,13 @@ def test_committed_placements_hold_their_ports_and_resources_for_the_next_plan()
     assert plan.node_reasons == {first.node: "port 8080/tcp in use"}
     big = spec(name="batch", resources=Resources(cpu_millis=500, memory_bytes=GiB))
     assert plan_placements(big, 1, after, explain_nodes=True).node_reasons == {first.node: "insufficient cpu"}
+
+
+def test_explicit_replica_indexes_are_placed_as_named():
+    view = ClusterView([node(n) for n in "abc"], [alloc("web", "a", 0), alloc("web", "b", 1)])
+    plan = plan_placements(spec(replicas=2, version=1), 1, view, replica_indexes=[1])
+    assert [p.replica for p in plan.placements] == [1]
+    with pytest.raises(ValueError):
+        plan_placements(spec(), 2, view, replica_indexes=[3, 3])
+    with pytest.raises(ValueError):
+        plan_placements(spec(), 1, view, replica_indexes=[])
