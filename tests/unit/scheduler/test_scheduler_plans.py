@@ -401,3 +401,12 @@ def test_explicit_replica_indexes_are_placed_as_named():
         plan_placements(spec(), 2, view, replica_indexes=[3, 3])
     with pytest.raises(ValueError):
         plan_placements(spec(), 1, view, replica_indexes=[])
+
+
+def test_plans_round_trip_as_json_for_inspect():
+    import msgspec
+
+    view = ClusterView([node("a", memory_bytes=GiB), node("b")])
+    plan = plan_placements(spec(replicas=3, resources=Resources(memory_bytes=3 * GiB)), 3, view)
+    assert msgspec.json.decode(msgspec.json.encode(plan), type=type(plan)) == plan
+    assert plan.explain()[-1] == "replica 2 not placed: 0 of 2 nodes feasible: 2 insufficient memory"
