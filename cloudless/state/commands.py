@@ -24,6 +24,9 @@ VarKey = Annotated[str, msgspec.Meta(pattern=VAR_KEY_PATTERN)]
 VarValue = Annotated[str, msgspec.Meta(max_length=MAX_VAR_VALUE)]
 Index = Annotated[int, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+# Certificate serials are up to 159 bits: carried as lowercase hex (msgpack
+# integers stop at 64 bits).
+Serial = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{1,40}$")]
 Labels = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
     msgspec.Meta(max_length=64),
@@ -70,7 +73,7 @@ class ConsumeToken(Command, tag="token.consume"):
 class RegisterNode(Command, tag="node.register"):
     node_id: Name
     address: Annotated[str, msgspec.Meta(max_length=300)]
-    certificate_serial: Annotated[int, msgspec.Meta(ge=0)]
+    certificate_serial: Serial
     certificate_not_after: float
     region: Annotated[str, msgspec.Meta(max_length=63)] = ""
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
@@ -87,12 +90,12 @@ class RecordCertificate(Command, tag="cert.record"):
     """A renewed certificate for a known node (so removal can revoke it)."""
 
     node_id: Name
-    serial: Annotated[int, msgspec.Meta(ge=0)]
+    serial: Serial
     not_after: float
 
 
 class RevokeCertificate(Command, tag="cert.revoke"):
-    serial: Annotated[int, msgspec.Meta(ge=0)]
+    serial: Serial
     not_after: float
 
 
@@ -102,6 +105,12 @@ class StoreClusterCA(Command, tag="ca.store"):
     cluster_id: Name
     certificate_pem: bytes
     key_pem: bytes
+
+
+class SetGossipKeyring(Command, tag="gossip.keyring"):
+    """The AES-256-GCM keys gossip packets are sealed with; the first is primary."""
+
+    keys: Annotated[list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]], msgspec.Meta(min_length=1, max_length=8)]
 
 
 CommandUnion = Union[
@@ -115,6 +124,7 @@ CommandUnion = Union[
     RecordCertificate,
     RevokeCertificate,
     StoreClusterCA,
+    SetGossipKeyring,
 ]
 
 

@@ -30,6 +30,7 @@ from cloudless.state.commands import (
     RemoveNode,
     Result,
     RevokeCertificate,
+    SetGossipKeyring,
     StoreClusterCA,
     VarResult,
     decode_proposal,
@@ -66,7 +67,7 @@ class NodeRecord(msgspec.Struct):
     zone: str
     labels: dict[str, str]
     registered_index: int
-    certificates: dict[int, float]  # serial -> not_after
+    certificates: dict[str, float]  # serial (hex) -> not_after
 
 
 class ClusterCARecord(msgspec.Struct):
@@ -94,9 +95,10 @@ class _Image(msgspec.Struct):
     vars: dict[str, Var]
     tokens: dict[str, TokenState]
     nodes: dict[str, NodeRecord]
-    revoked: dict[int, float]
+    revoked: dict[str, float]
     ca: ClusterCARecord | None
     sessions: list[tuple[str, Session]]
+    gossip_keys: list[bytes] = []
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -109,8 +111,9 @@ class StateMachine:
         self.vars: dict[str, Var] = {}
         self.tokens: dict[str, TokenState] = {}
         self.nodes: dict[str, NodeRecord] = {}
-        self.revoked: dict[int, float] = {}
+        self.revoked: dict[str, float] = {}  # serial (hex) -> not_after
         self.ca: ClusterCARecord | None = None
+        self.gossip_keys: list[bytes] = []
         # Insertion order is least-recently-used first; eviction is
         # deterministic because every replica applies the same sequence.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -226,13 +229,17 @@ class StateMachine:
         if isinstance(cmd, RevokeCertificate):
             self.revoked[cmd.serial] = cmd.not_after
             self._prune_revocations(now)
-            self._changes.append(Change(index, "revocation", str(cmd.serial)))
+            self._changes.append(Change(index, "revocation", cmd.serial))
             return Done(index=index)
         if isinstance(cmd, StoreClusterCA):
             if self.ca is not None and self.ca.cluster_id != cmd.cluster_id:
                 return Rejected(kind="conflict", message="the cluster already has a CA")
             self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.key_pem)
             self._changes.append(Change(index, "ca", cmd.cluster_id))
+            return Done(index=index)
+        if isinstance(cmd, SetGossipKeyring):
+            self.gossip_keys = list(cmd.keys)
+            self._changes.append(Change(index, "gossip_keys", ""))
             return Done(index=index)
         return Rejected(kind="invalid", message=f"unknown command {type(cmd).__name__}")
 
@@ -280,6 +287,7 @@ class StateMachine:
             revoked=self.revoked,
             ca=self.ca,
             sessions=list(self._sessions.items()),
+            gossip_keys=self.gossip_keys,
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -305,6 +313,7 @@ class StateMachine:
         self.revoked = image.revoked
         self.ca = image.ca
         self._sessions = OrderedDict(image.sessions)
+        self.gossip_keys = list(image.gossip_keys)
         self._changes = []
 
 

@@ -94,12 +94,43 @@ def rejection_from_ssl_error(exc: BaseException, *, side: str, address: Address)
     return PeerRejected(reason, message, address=f"{address[0]}:{address[1]}", side=side)  # type: ignore[arg-type]
 
 
-class TlsContexts:
-    """The client and server SSLContexts built from one set of credentials."""
+ENROLL_SERVER_NAME = "enroll.cloudless.invalid"
+ENROLLEE = "enrollee"
 
-    def __init__(self, credentials: Any) -> None:
+
+class TlsContexts:
+    """The client and server SSLContexts built from one set of credentials.
+
+    A joining device has no certificate yet. It asks for the server name
+    ENROLL_SERVER_NAME, and the SNI callback switches that one handshake to
+    `enroll_server`, which does not ask for a client certificate. The
+    connection's peer is then the ENROLLEE identity, and the node serves it
+    nothing but the enrollment calls (which pin the CA and check a token).
+    """
+
+    def __init__(self, credentials: Any, *, enrollment: bool = False) -> None:
         self.server = self._context(credentials, ssl.PROTOCOL_TLS_SERVER)
         self.client = self._context(credentials, ssl.PROTOCOL_TLS_CLIENT)
+        self.enroll_server: ssl.SSLContext | None = None
+        if not enrollment:
+            return  # off unless the owner serves the enrollment calls
+        # OpenSSL keeps the verify mode of the context a connection started
+        # with, so with enrollment on the main context only *asks* for a
+        # client certificate (a presented one must still chain to the CA);
+        # a connection that is not enrolling and sent none is then refused
+        # by PeerVerifier (no_certificate) with the usual verdict. The
+        # enrollment context marks which connections asked to enroll.
+        self.server.verify_mode = ssl.CERT_OPTIONAL
+        self.enroll_server = self._context(credentials, ssl.PROTOCOL_TLS_SERVER)
+        self.enroll_server.verify_mode = ssl.CERT_OPTIONAL
+        enroll_server = self.enroll_server
+
+        def choose(ssl_object: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> None:
+            if server_name == ENROLL_SERVER_NAME:
+                ssl_object.context = enroll_server
+            return None
+
+        self.server.sni_callback = choose
 
     @staticmethod
     def _context(credentials: Any, protocol: int) -> ssl.SSLContext:
@@ -209,6 +240,9 @@ async def server_handshake(
     try:
         await stream.do_handshake()
         leaf = _peer_leaf(stream)
+        if contexts.enroll_server is not None and stream.context is contexts.enroll_server:
+            await stream.send_all(VERDICT_ACCEPT)
+            return stream, PeerIdentity(getattr(verifier, "cluster_id", ""), ENROLLEE, "anonymous", 0)
         try:
             peer = verifier.verify_der([leaf] if leaf else [])
         except PeerRejected as exc:
@@ -289,6 +323,46 @@ async def run_detached(setup: Callable[[trio.Nursery], Awaitable[MuxSession]], t
     return outcome["session"]
 
 
+def enrollment_context() -> ssl.SSLContext:
+    """A joiner's client context: no certificate of its own, and no trust
+    anchor yet. The caller pins the CA from its token and checks the
+    server's leaf against it before sending anything secret."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def connect_enrollment(address: Address, timeout: float = 10.0) -> tuple[Connection, bytes | None]:
+    """Open an enrollment connection; returns it and the server's leaf (DER, unverified)."""
+    address = (address[0], int(address[1]))
+    leaf_box: dict[str, bytes | None] = {}
+
+    async def setup(nursery: trio.Nursery) -> MuxSession:
+        tcp = await open_tcp(address)
+        stream = trio.SSLStream(tcp, enrollment_context(), server_hostname=ENROLL_SERVER_NAME)
+        try:
+            await stream.do_handshake()
+            leaf_box["leaf"] = _peer_leaf(stream)
+            buffer = bytearray()
+            verdict = await _read_exactly(stream, 1, buffer)
+        except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
+            await trio.aclose_forcefully(stream)
+            raise ConnectionLost(f"enrollment handshake with {address[0]}:{address[1]} failed: {exc!r}") from exc
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        if verdict != VERDICT_ACCEPT:
+            await trio.aclose_forcefully(stream)
+            raise ConnectionLost(f"{address[0]}:{address[1]} refused enrollment")
+        unverified = PeerIdentity("", "node", "unverified", 0)
+        return MuxSession(stream, is_client=True, peer=unverified, remote_address=address, initial_bytes=bytes(buffer))
+
+    session = await run_detached(setup, timeout, f"enroll {address[0]}:{address[1]}")
+    return session, leaf_box.get("leaf")
+
+
 class TlsCarrier:
     """Mutually authenticated TLS 1.3 over TCP, multiplexed; implements `base.Carrier`."""
 
@@ -300,8 +374,10 @@ class TlsCarrier:
         handshake_timeout: float = 5.0,
         *,
         mux_config: MuxConfig | None = None,
+        enrollment: bool = False,
     ) -> None:
-        self._contexts = TlsContexts(credentials)
+        self.enrollment = enrollment
+        self._contexts = TlsContexts(credentials, enrollment=enrollment)
         self.verifier = verifier
         self.bind = bind
         self.handshake_timeout = handshake_timeout
@@ -311,7 +387,7 @@ class TlsCarrier:
 
     def update_credentials(self, credentials: Any) -> None:
         """Use renewed credentials for every later handshake."""
-        self._contexts = TlsContexts(credentials)
+        self._contexts = TlsContexts(credentials, enrollment=self.enrollment)
 
     async def connect(self, address: Address) -> Connection:
         address = (address[0], int(address[1]))

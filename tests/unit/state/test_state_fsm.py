@@ -87,10 +87,10 @@ def test_tokens_are_consumed_until_used_up_and_expire_by_proposal_time():
 
 def test_removing_a_node_revokes_its_live_certificates():
     fsm = StateMachine()
-    fsm.apply(1, entry(RegisterNode("n1", "127.0.0.1:7000", 11, certificate_not_after=5000.0)))
-    fsm.apply(2, entry(RegisterNode("n1", "127.0.0.1:7000", 12, certificate_not_after=6000.0)))
+    fsm.apply(1, entry(RegisterNode("n1", "127.0.0.1:7000", "b", certificate_not_after=5000.0)))
+    fsm.apply(2, entry(RegisterNode("n1", "127.0.0.1:7000", "c", certificate_not_after=6000.0)))
     fsm.apply(3, entry(RemoveNode("n1")))
-    assert fsm.revoked == {11: 5000.0, 12: 6000.0}
+    assert fsm.revoked == {"b": 5000.0, "c": 6000.0}
     assert "n1" not in fsm.nodes
 
 
@@ -111,7 +111,7 @@ def test_decode_names_the_bad_field():
 def test_snapshot_round_trip_and_corruption_detected():
     fsm = StateMachine()
     fsm.apply(1, entry(PutVar("a", "1"), client_id="c", seq=1))
-    fsm.apply(2, entry(RegisterNode("n1", "127.0.0.1:1", 1, certificate_not_after=9e9, labels={"gpu": "yes"})))
+    fsm.apply(2, entry(RegisterNode("n1", "127.0.0.1:1", "1", certificate_not_after=9e9, labels={"gpu": "yes"})))
     image = fsm.snapshot()
     other = StateMachine()
     other.restore(image)

@@ -1,0 +1,260 @@
+"""The client-facing API every node serves (the CLI's other end).
+
+Writes go through Raft (forwarded to the leader by `ReplicatedState`);
+reads are linearizable by default (ReadIndex) and may opt into stale local
+reads. Calls that need the leader's view — cluster status, tokens, node
+removal, events — run on the leader: a follower forwards them once, to
+`fwd.<method>`, which never forwards again.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from cloudless.api.messages import (
+    Deleted,
+    EventsFollow,
+    MemberInfo,
+    NodeRemove,
+    StatusReply,
+    StatusRequest,
+    TokenCreate,
+    TokenReply,
+    VarItems,
+    VarsCas,
+    VarsGet,
+    VarsList,
+    VarsPut,
+    VarsRm,
+    VarValue,
+)
+from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
+from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
+from cloudless.node.replicated import NoLeader
+from cloudless.pki.ca import ClusterCA
+from cloudless.pki.tokens import create_token
+from cloudless.raft.core import NotLeader
+from cloudless.raft.messages import ConfChange, ConfChangeType
+from cloudless.state.commands import (
+    CasVar,
+    CreateToken,
+    DeleteVar,
+    PutVar,
+    Rejected,
+    RemoveNode,
+    Result,
+    VarResult,
+)
+from cloudless.state.commands import Deleted as DeletedResult
+from cloudless.transport.rpc import RpcContext, RpcServer
+
+if TYPE_CHECKING:
+    from cloudless.node.process import Node
+
+log = logging.getLogger(__name__)
+
+_STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
+
+
+class PermissionDenied(CloudlessError):
+    code = "permission_denied"
+
+
+def raise_rejected(result: Result) -> None:
+    if isinstance(result, Rejected):
+        error = {"conflict": Conflict, "not_found": NotFound, "invalid": InvalidInput}.get(result.kind, CloudlessError)
+        raise error(result.message, current_index=result.current_index)
+
+
+class ApiService:
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    @property
+    def replicated(self):
+        assert self.node.replicated is not None
+        return self.node.replicated
+
+    def register(self, server: RpcServer) -> None:
+        server.unary("vars.get", request=VarsGet)(self.vars_get)
+        server.unary("vars.put", request=VarsPut)(self.vars_put)
+        server.unary("vars.cas", request=VarsCas)(self.vars_cas)
+        server.unary("vars.rm", request=VarsRm)(self.vars_rm)
+        server.unary("vars.ls", request=VarsList)(self.vars_ls)
+        for name, request, handler in (
+            ("status", StatusRequest, self.status),
+            ("nodes.list", StatusRequest, self.status),
+            ("token.create", TokenCreate, self.token_create),
+            ("nodes.rm", NodeRemove, self.nodes_rm),
+        ):
+            server.unary(name, request=request)(self._leader_only(name, handler))
+            server.unary(f"fwd.{name}", request=request)(self._forwarded(handler))
+        server.stream("events", request=EventsFollow)(self.events)
+
+    # -- leader routing ---------------------------------------------------------
+
+    def _leader_only(self, name: str, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            replicated = self.replicated
+            leader = await replicated.wait_leader()
+            if leader == self.node.node_id:
+                return await handler(ctx, req)
+            address = self.node.address_of(leader)
+            if address is None or self.node.rpc is None:
+                raise NoLeader(f"leader {leader} has no known address")
+            self._check_client(ctx, name)
+            return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 10.0)))
+
+        return run
+
+    def _forwarded(self, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            if ctx.peer.kind != "node":
+                raise PermissionDenied("fwd.* methods are for nodes")
+            if not self.replicated.is_leader:
+                raise NotLeader("not the leader", leader=self.replicated.leader or "")
+            return await handler(ctx, req)
+
+        return run
+
+    @staticmethod
+    def _check_client(ctx: RpcContext, what: str) -> None:
+        if ctx.peer.kind not in ("client", "node"):
+            raise PermissionDenied(f"{what}: callers must be clients or nodes")
+
+    # -- variables -----------------------------------------------------------------
+
+    async def vars_get(self, ctx: RpcContext, req: VarsGet) -> VarValue:
+        if not req.stale:
+            await self.replicated.linearizable()
+        var = self.replicated.fsm.get_var(req.key)
+        if var is None:
+            raise NotFound(f"no variable {req.key}", key=req.key)
+        return VarValue(req.key, var.value, var.modify_index)
+
+    async def vars_ls(self, ctx: RpcContext, req: VarsList) -> VarItems:
+        if not req.stale:
+            await self.replicated.linearizable()
+        fsm = self.replicated.fsm
+        items = [VarValue(k, v.value, v.modify_index) for k, v in fsm.list_vars(req.prefix)]
+        return VarItems(items, fsm.applied_index)
+
+    async def vars_put(self, ctx: RpcContext, req: VarsPut) -> VarValue:
+        return await self._write(PutVar(req.key, req.value), req.client_id, req.seq)
+
+    async def vars_cas(self, ctx: RpcContext, req: VarsCas) -> VarValue:
+        return await self._write(CasVar(req.key, req.value, req.index), req.client_id, req.seq)
+
+    async def vars_rm(self, ctx: RpcContext, req: VarsRm) -> Deleted:
+        result, _ = await self.replicated.propose(DeleteVar(req.key, req.index), client_id=req.client_id, seq=req.seq)
+        raise_rejected(result)
+        assert isinstance(result, DeletedResult)
+        return Deleted(result.key, result.index)
+
+    async def _write(self, command, client_id: str, seq: int) -> VarValue:
+        result, _ = await self.replicated.propose(command, client_id=client_id, seq=seq)
+        raise_rejected(result)
+        assert isinstance(result, VarResult), result
+        return VarValue(result.key, result.value, result.index)
+
+    # -- cluster ----------------------------------------------------------------
+
+    async def status(self, ctx: RpcContext, req: StatusRequest) -> StatusReply:
+        node = self.node
+        replicated = self.replicated
+        conf = replicated.core.conf_state
+        members: list[MemberInfo] = []
+        gossip = node.gossip
+        fsm_nodes = replicated.fsm.nodes
+        names = set(fsm_nodes)
+        if gossip is not None:
+            names |= set(gossip.core.members.rows)
+        for name in sorted(names):
+            member = gossip.core.member(name) if gossip is not None else None
+            record = fsm_nodes.get(name)
+            meta = member.meta if member is not None else None
+            if name == node.node_id:
+                state = "alive"
+                meta = node.metadata()
+            else:
+                state = _STATE_NAMES.get(member.state, "unknown") if member is not None else "unknown"
+            role = "voter" if name in conf.voters else "learner" if name in conf.learners else "none"
+            members.append(
+                MemberInfo(
+                    id=name,
+                    name=name,
+                    address=record.address if record else (member.addr if member else ""),
+                    state=state,
+                    role=role,
+                    region=(record.region if record else "") or (meta.region if meta else ""),
+                    zone=(record.zone if record else "") or (meta.zone if meta else ""),
+                    power=meta.power if meta else "ac",
+                    battery_pct=float(meta.battery_percent) if meta and meta.battery_percent is not None else None,
+                    network=("metered" if meta.metered else meta.network) if meta else "wired",
+                )
+            )
+        return StatusReply(
+            cluster_id=node.cluster_id,
+            leader=replicated.leader or "",
+            term=replicated.core.term,
+            commit_index=replicated.core.commit_index,
+            voters=sorted(conf.voters),
+            learners=sorted(conf.learners),
+            members=members,
+            node=node.node_id,
+        )
+
+    async def token_create(self, ctx: RpcContext, req: TokenCreate) -> TokenReply:
+        if ctx.peer.kind == "node":
+            pass  # forwarded by a node on behalf of its (already checked) client
+        elif ctx.peer.kind != "client":
+            raise PermissionDenied("only admin clients create tokens")
+        replicated = self.replicated
+        ca_record = replicated.fsm.ca
+        if ca_record is None:
+            raise Unavailable("the cluster CA is not committed yet; retry shortly")
+        fingerprint = ClusterCA.from_pem(ca_record.certificate_pem, ca_record.key_pem).fingerprint
+        now = datetime.now(timezone.utc)
+        text, record = create_token(fingerprint, req.role, timedelta(seconds=req.ttl_s), req.uses, now)  # type: ignore[arg-type]
+        result, _ = await replicated.propose(
+            CreateToken(
+                token_id=record.id,
+                secret_hash=record.secret_hash.hex(),
+                role=record.role,
+                expires_at=record.expires_at.timestamp(),
+                max_uses=record.max_uses,
+            )
+        )
+        raise_rejected(result)
+        self.node.events.record("token.created", self.node.node_id, f"{req.role} token {record.id} for {req.uses} use(s)")
+        return TokenReply(text, record.id, record.role, record.expires_at.timestamp(), record.max_uses)
+
+    async def nodes_rm(self, ctx: RpcContext, req: NodeRemove) -> StatusReply:
+        if ctx.peer.kind not in ("client", "node"):
+            raise PermissionDenied("only admin clients remove nodes")
+        replicated = self.replicated
+        if req.node_id == self.node.node_id:
+            raise Conflict("the leader cannot remove itself; stop it and remove it from another node")
+        if req.node_id not in replicated.fsm.nodes:
+            raise NotFound(f"no node {req.node_id}")
+        conf = replicated.core.conf_state
+        if req.node_id in conf.voters or req.node_id in conf.learners:
+            await replicated.propose_conf_change(ConfChange(int(ConfChangeType.REMOVE_NODE), req.node_id))
+        result, _ = await replicated.propose(RemoveNode(req.node_id))
+        raise_rejected(result)
+        self.node.events.record("node.removed", req.node_id, "removed by an admin; its certificates are revoked")
+        return await self.status(ctx, StatusRequest())
+
+    async def events(self, ctx: RpcContext, req: EventsFollow) -> None:
+        log_ = self.node.events
+        history = log_.last(req.last)
+        for event in history:
+            await ctx.send(event)
+        if not req.follow:
+            return
+        after = history[-1].seq if history else (log_.last(1)[0].seq if log_.last(1) else 0)
+        async for event in log_.follow(after):
+            await ctx.send(event)
+

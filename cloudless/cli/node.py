@@ -1,0 +1,88 @@
+"""`cloudless node`: run this device's node in the foreground."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import click
+import trio
+
+from cloudless.api.client_config import parse_endpoint
+from cloudless.cli.output import fail, stderr
+from cloudless.errors import CloudlessError, InvalidInput
+
+
+def _endpoint(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return parse_endpoint(value)
+    except CloudlessError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
+def _labels(ctx, param, values):
+    labels: dict[str, str] = {}
+    for item in values:
+        key, sep, val = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}", key) or len(val) > 253:
+            raise click.BadParameter(f"{item!r}: expected key=value (key: letters, digits, . _ / -)")
+        labels[key] = val
+    return labels
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("CLOUDLESS_DATA_DIR") or Path.home() / ".cloudless" / "node")
+
+
+@click.command(help="Run a node in the foreground. With no --join and an empty data dir it creates a new cluster.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Node state (default ~/.cloudless/node).")
+@click.option("--listen", default="127.0.0.1:7946", show_default=True, callback=_endpoint, help="HOST:PORT for UDP and TCP.")
+@click.option("--advertise", default=None, callback=_endpoint, help="HOST:PORT other nodes reach us at (default: --listen).")
+@click.option("--join", default=None, callback=_endpoint, help="HOST:PORT of any member of the cluster to join.")
+@click.option("--token", default=None, envvar="CLOUDLESS_TOKEN", help="Bootstrap token from `cloudless token create`.")
+@click.option("--name", default=None, help="Node name (default: host name plus a random suffix).")
+@click.option("--region", default="", help="Region label used for placement.")
+@click.option("--zone", default="", help="Zone label used for placement and voter spread.")
+@click.option("--label", "labels", multiple=True, callback=_labels, help="key=value node label (repeatable).")
+@click.option("--power", type=click.Choice(["ac", "battery"]), default=None, help="Override detected power source.")
+@click.option("--battery", type=click.FloatRange(0, 100), default=None, help="Override detected battery percent.")
+@click.option("--network", type=click.Choice(["wired", "wifi", "metered"]), default=None, help="Override detected network.")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, log_level) -> None:
+    from cloudless.node.process import Node, NodeOptions
+    from cloudless.observability.logging import configure
+
+    data_dir = data_dir or default_data_dir()
+    if join is not None and not token:
+        raise click.UsageError("--join needs --token (or CLOUDLESS_TOKEN)")
+    if listen[1] == 0:
+        raise click.BadParameter("needs an explicit port", param_hint="--listen")
+    if advertise is None and listen[0] in ("0.0.0.0", "::"):
+        raise click.BadParameter("listening on all addresses needs --advertise HOST:PORT", param_hint="--advertise")
+    configure(Path(data_dir) / "logs", log_level)
+    options = NodeOptions(
+        data_dir=Path(data_dir),
+        listen=listen,
+        advertise=advertise,
+        join=join,
+        token=token,
+        name=name,
+        region=region,
+        zone=zone,
+        labels=labels,
+        power=power,
+        battery=battery,
+        network=network,
+        log_level=log_level,
+    )
+    try:
+        trio.run(Node(options).run)
+    except CloudlessError as exc:
+        fail(exc, as_json=False)
+    except KeyboardInterrupt:
+        stderr.print("stopped")
+    except OSError as exc:
+        fail(InvalidInput(f"cannot start the node: {exc}"), as_json=False)

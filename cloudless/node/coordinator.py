@@ -1,0 +1,163 @@
+"""Coordinator duties, performed only by the Raft leader: finishing the
+cluster's bootstrap and autopilot (which members are voters).
+
+Autopilot itself is pure (`cloudless.coordinator.autopilot`); this loop
+gathers its inputs from gossip and Raft, applies the first action it returns
+as one Raft configuration change, and records the decision as an event.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict, deque
+from typing import TYPE_CHECKING
+
+import trio
+
+from cloudless.coordinator.autopilot import Action, Candidate, plan
+from cloudless.errors import CloudlessError
+from cloudless.gossip.events import MemberAlive, MemberDead, MemberJoined, MemberLeft, MemberSuspect
+from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
+from cloudless.raft.messages import ConfChange, ConfChangeType
+
+if TYPE_CHECKING:
+    from cloudless.node.process import Node
+
+log = logging.getLogger(__name__)
+
+FLAP_WINDOW_S = 600.0
+# A learner within this many entries of the leader's log counts as caught up.
+CAUGHT_UP_ENTRIES = 64
+# A new leader waits this long before changing membership, so gossip has
+# time to tell it who is alive.
+SETTLE_S = 3.0
+_STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
+
+
+class Coordinator:
+    def __init__(self, node: "Node", interval: float = 0.5) -> None:
+        self.node = node
+        self.interval = interval
+        self._flaps: dict[str, deque[float]] = defaultdict(deque)
+        self._alive_since: dict[str, float] = {}
+        self._leader_since: float | None = None
+        self._last_plan: tuple = ()
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        assert self.node.gossip is not None
+        self.node.gossip.add_listener(self._on_member_event)
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            replicated = self.node.replicated
+            assert replicated is not None
+            if not replicated.is_leader:
+                self._leader_since = None
+                continue
+            now = trio.current_time()
+            if self._leader_since is None:
+                self._leader_since = now
+                self.node.events.record("raft.leader_elected", self.node.node_id, f"leader for term {replicated.core.term}")
+            try:
+                await self.node.complete_bootstrap()
+                if now - self._leader_since >= SETTLE_S:
+                    await self.autopilot_step(now)
+            except CloudlessError as exc:
+                log.warning("coordinator.step_failed", extra={"fields": {"error": str(exc)}})
+
+    def _on_member_event(self, event) -> None:
+        now = trio.current_time()
+        if isinstance(event, (MemberSuspect, MemberDead)):
+            flaps = self._flaps[event.name]
+            flaps.append(now)
+            self._alive_since.pop(event.name, None)
+        elif isinstance(event, (MemberJoined, MemberAlive)):
+            self._alive_since[event.name] = now
+        elif isinstance(event, MemberLeft):
+            self._alive_since.pop(event.name, None)
+
+    def flaps(self, name: str, now: float) -> int:
+        flaps = self._flaps.get(name)
+        if not flaps:
+            return 0
+        while flaps and flaps[0] < now - FLAP_WINDOW_S:
+            flaps.popleft()
+        return len(flaps)
+
+    def candidates(self, now: float) -> list[Candidate]:
+        node = self.node
+        replicated = node.replicated
+        gossip = node.gossip
+        assert replicated is not None and gossip is not None
+        conf = replicated.core.conf_state
+        status = replicated.core.status()
+        progress = status.get("progress", {})
+        last_index = int(status["last_index"])
+        out: list[Candidate] = []
+        # Only registered nodes can become members: Raft needs their address.
+        names = set(replicated.fsm.nodes) | set(conf.voters) | set(conf.learners)
+        for name in sorted(names):
+            member = gossip.core.member(name)
+            if name == node.node_id:
+                state = "alive"
+                meta = node.metadata()
+                alive_since = now - node_uptime(node)
+            elif member is None:
+                # Not heard of through gossip (yet): never promote, never count as healthy.
+                state, meta, alive_since = "suspect", None, now
+            else:
+                state = _STATE_NAMES.get(member.state, "suspect")
+                meta = member.meta
+                alive_since = self._alive_since.setdefault(name, member.state_change)
+            role = "voter" if name in conf.voters else "learner" if name in conf.learners else "none"
+            pr = progress.get(name)
+            caught_up = bool(pr) and int(pr["match"]) >= last_index - CAUGHT_UP_ENTRIES
+            network = "wired"
+            if meta is not None:
+                network = "metered" if meta.metered or meta.network == "cellular" else meta.network
+            out.append(
+                Candidate(
+                    node_id=name,
+                    state=state,  # type: ignore[arg-type]
+                    raft_role=role,  # type: ignore[arg-type]
+                    power=meta.power if meta is not None else "ac",
+                    battery_pct=float(meta.battery_percent) if meta is not None and meta.battery_percent is not None else None,
+                    charging=bool(meta.charging) if meta is not None else False,
+                    network=network,  # type: ignore[arg-type]
+                    zone=meta.zone if meta is not None else "",
+                    alive_since=alive_since,
+                    flaps=self.flaps(name, now),
+                    caught_up=caught_up,
+                )
+            )
+        return out
+
+    async def autopilot_step(self, now: float) -> Action | None:
+        node = self.node
+        replicated = node.replicated
+        assert replicated is not None
+        candidates = self.candidates(now)
+        result = plan(candidates, node.node_id, now, node.options.autopilot)
+        node.metrics.autopilot_voters.set(sum(c.raft_role == "voter" for c in candidates))
+        if not result.actions:
+            return None
+        action = result.actions[0]
+        if action.kind == "transfer_leadership":
+            replicated.driver.transfer_leadership(action.node_id)
+        else:
+            change_type = {
+                "add_learner": ConfChangeType.ADD_LEARNER,
+                "promote": ConfChangeType.ADD_VOTER,
+                "demote": ConfChangeType.ADD_LEARNER,
+                "remove": ConfChangeType.REMOVE_NODE,
+            }[action.kind]
+            await replicated.propose_conf_change(ConfChange(int(change_type), action.node_id))
+        node.metrics.autopilot_decisions.labels(action.kind).inc()
+        node.events.record(f"autopilot.{action.kind}", action.node_id, action.reason, desired=",".join(result.desired_voters))
+        return action
+
+
+def node_uptime(node: "Node") -> float:
+    import time
+
+    return max(0.0, time.time() - node.started_at)

@@ -1,0 +1,185 @@
+"""Joining a cluster with a bootstrap token (kubeadm style).
+
+The joiner has no certificate yet, so it opens an *enrollment* TLS
+connection (see `TlsCarrier.connect_enrollment`): the server authenticates
+with its node certificate, the client presents none, and the server serves
+only the two methods below on such a connection.
+
+1. `enroll.hello` → the cluster CA. The joiner checks it against the
+   fingerprint in its token and checks that the server's certificate was
+   issued by that CA, *before* sending anything secret.
+2. `enroll.join` → token id + secret + CSR. The leader checks the token,
+   spends one use through Raft, signs the CSR with the identity it decides
+   (never what the CSR asks for), registers the node through Raft, and
+   returns the certificate plus what the node needs to start: the gossip
+   keyring, seed members and the revocation list.
+
+A follower that receives `enroll.join` forwards it to the leader over its
+own authenticated node connection.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from datetime import datetime, timezone
+from typing import Annotated
+
+import msgspec
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from cloudless.errors import Conflict, InvalidInput, Unavailable
+from cloudless.pki.ca import ClusterCA, load_csr
+from cloudless.pki.credentials import Credentials, make_csr, new_private_key, private_key_pem
+from cloudless.pki.errors import PeerRejected, TokenRejected
+from cloudless.pki.identity import Identity
+from cloudless.pki.revocation import RevocationList
+from cloudless.pki.tokens import hash_secret, parse_token, pin_matches
+from cloudless.pki.verify import PeerVerifier
+
+log = logging.getLogger(__name__)
+
+NodeName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+
+
+class EnrollHello(msgspec.Struct, frozen=True):
+    pass
+
+
+class EnrollHelloReply(msgspec.Struct, frozen=True):
+    cluster_id: str
+    ca_pem: bytes
+
+
+class EnrollRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z2-7]{8}$")]
+    secret: Annotated[str, msgspec.Meta(max_length=64)]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    name: NodeName
+    csr_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
+    address: Annotated[str, msgspec.Meta(max_length=300)] = ""
+    region: Annotated[str, msgspec.Meta(max_length=63)] = ""
+    zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
+    labels: dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]] = {}
+
+
+class EnrollReply(msgspec.Struct, frozen=True):
+    cluster_id: str
+    ca_pem: bytes
+    cert_pem: bytes
+    gossip_keys: list[bytes]
+    seeds: list[str]  # advertise addresses of known nodes
+    revocations: bytes  # RevocationList.to_bytes()
+
+
+def check_token(tokens: dict, request: EnrollRequest, now: float) -> None:
+    """Raise TokenRejected unless the stored token admits this request.
+
+    The secret is checked first so a caller without it learns nothing about
+    the token's state.
+    """
+    state = tokens.get(request.token_id)
+    if state is None:
+        raise TokenRejected("unknown", "unknown or expired bootstrap token")
+    if not hmac.compare_digest(hash_secret(request.secret).hex(), state.secret_hash):
+        raise TokenRejected("forged", "bootstrap token secret does not match")
+    if now >= state.expires_at:
+        raise TokenRejected("expired", "bootstrap token expired")
+    if state.uses >= state.max_uses:
+        raise TokenRejected("used_up", f"bootstrap token was used {state.uses} of {state.max_uses} times")
+    if state.role != request.role:
+        raise TokenRejected("wrong_role", f"bootstrap token grants {state.role}, not {request.role}")
+
+
+def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Certificate:
+    csr = load_csr(request.csr_pem)
+    kind = "node" if request.role == "node" else "client"
+    identity = Identity(ca.cluster_id, kind, request.name)
+    return ca.issue(csr, identity, datetime.fromtimestamp(now, timezone.utc))
+
+
+# -- the joiner's side --------------------------------------------------------
+
+
+def verify_hello(reply: EnrollHelloReply, fingerprint: str, server_leaf_der: bytes | None) -> x509.Certificate:
+    """Pin the CA from the token, then check the server is a node of that CA."""
+    if not pin_matches(reply.ca_pem, fingerprint):
+        raise PeerRejected("unknown_ca", "the cluster CA does not match the fingerprint in the token")
+    ca_certificate = x509.load_pem_x509_certificate(reply.ca_pem)
+    if server_leaf_der is None:
+        raise PeerRejected("no_certificate", "the server presented no certificate")
+    identity = PeerVerifier(ca_certificate, RevocationList(), reply.cluster_id).verify_der([server_leaf_der])
+    if identity.kind != "node":
+        raise PeerRejected("bad_identity", f"the server is not a node ({identity.uri})")
+    return ca_certificate
+
+
+async def enroll(
+    address: tuple[str, int],
+    token_text: str,
+    *,
+    name: str,
+    role: str = "node",
+    advertise: str = "",
+    region: str = "",
+    zone: str = "",
+    labels: dict[str, str] | None = None,
+    timeout: float = 15.0,
+) -> tuple[Credentials, EnrollReply]:
+    """Run the join protocol against `address`; returns the new credentials."""
+    from cloudless.transport.rpc import RpcClient
+    from cloudless.transport.tls import connect_enrollment
+
+    token = parse_token(token_text)
+    connection, server_leaf = await connect_enrollment(address, timeout=timeout)
+    rpc = RpcClient(_SingleConnection(connection))
+    try:
+        hello = await rpc.call(connection, "enroll.hello", EnrollHello(), response=EnrollHelloReply, timeout=timeout)
+        verify_hello(hello, token.ca_fingerprint, server_leaf)
+        key = new_private_key()
+        kind = "node" if role == "node" else "client"
+        csr = make_csr(key, Identity(hello.cluster_id, kind, name))
+        request = EnrollRequest(
+            token_id=token.id,
+            secret=token.secret,
+            role=role,
+            name=name,
+            csr_pem=csr.public_bytes(serialization.Encoding.PEM),
+            address=advertise,
+            region=region,
+            zone=zone,
+            labels=labels or {},
+        )
+        reply = await rpc.call(connection, "enroll.join", request, response=EnrollReply, timeout=timeout)
+    finally:
+        await connection.aclose()
+    if reply.ca_pem != hello.ca_pem:
+        raise PeerRejected("unknown_ca", "the CA changed during enrollment")
+    credentials = Credentials(reply.ca_pem, reply.cert_pem, private_key_pem(key))
+    return credentials, reply
+
+
+class _SingleConnection:
+    """A stand-in carrier for RpcClient calls that pass the connection itself."""
+
+    def __init__(self, connection) -> None:
+        self._connection = connection
+
+    async def connect(self, address):  # pragma: no cover - calls pass the connection
+        return self._connection
+
+
+__all__ = [
+    "EnrollHello",
+    "EnrollHelloReply",
+    "EnrollReply",
+    "EnrollRequest",
+    "check_token",
+    "enroll",
+    "sign_enrollee",
+    "verify_hello",
+    "Conflict",
+    "InvalidInput",
+    "Unavailable",
+]

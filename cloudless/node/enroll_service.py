@@ -1,0 +1,165 @@
+"""The server side of joining and certificate upkeep.
+
+On enrollment connections (no client certificate): `enroll.hello`,
+`enroll.join`. On authenticated node connections: `enroll.forward` (a
+follower passing a join to the leader), `pki.renew` and `pki.revocations`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Annotated
+
+import msgspec
+
+from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
+from cloudless.node.enroll import EnrollHello, EnrollHelloReply, EnrollReply, EnrollRequest, check_token
+from cloudless.node.replicated import NoLeader
+from cloudless.pki.ca import ClusterCA, load_csr
+from cloudless.pki.errors import PKIError, TokenRejected
+from cloudless.pki.identity import Identity
+from cloudless.raft.core import NotLeader
+from cloudless.state.commands import ConsumeToken, RecordCertificate, RegisterNode, Rejected
+from cloudless.transport.rpc import RpcContext, RpcServer
+
+if TYPE_CHECKING:
+    from cloudless.node.process import Node
+
+log = logging.getLogger(__name__)
+
+
+class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    csr_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
+
+
+class RenewReply(msgspec.Struct, frozen=True):
+    cert_pem: bytes
+
+
+class EnrollService:
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    def register(self, enroll_server: RpcServer, node_server: RpcServer) -> None:
+        enroll_server.unary("enroll.hello", request=EnrollHello)(self.hello)
+        enroll_server.unary("enroll.join", request=EnrollRequest)(self.join)
+        node_server.unary("enroll.forward", request=EnrollRequest)(self.forwarded_join)
+        node_server.unary("pki.renew", request=RenewRequest)(self.renew)
+        node_server.unary("pki.revocations")(self.revocations)
+
+    def _ca(self) -> ClusterCA:
+        replicated = self.node.replicated
+        assert replicated is not None
+        record = replicated.fsm.ca
+        if record is None:
+            raise NoLeader("the cluster CA is not in the replicated state yet")
+        return ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+
+    async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
+        assert self.node.credentials is not None
+        return EnrollHelloReply(self.node.cluster_id, self.node.credentials.ca_pem)
+
+    async def join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
+        replicated = self.node.replicated
+        assert replicated is not None and self.node.rpc is not None
+        leader = await replicated.wait_leader()
+        if leader != self.node.node_id:
+            address = self.node.address_of(leader)
+            if address is None:
+                raise NoLeader(f"leader {leader} has no known address")
+            return await self.node.rpc.call(address, "enroll.forward", req, response=EnrollReply, timeout=10.0)
+        return await self._join_on_leader(req)
+
+    async def forwarded_join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
+        if ctx.peer.kind != "node":
+            raise CloudlessError("only nodes forward joins")
+        replicated = self.node.replicated
+        assert replicated is not None
+        if not replicated.is_leader:
+            raise NotLeader("not the leader", leader=replicated.leader or "")
+        return await self._join_on_leader(req)
+
+    async def _join_on_leader(self, req: EnrollRequest) -> EnrollReply:
+        node = self.node
+        replicated = node.replicated
+        assert replicated is not None
+        now = time.time()
+        await replicated.linearizable()  # the token's use count must be current
+        try:
+            check_token(replicated.fsm.tokens, req, now)
+        except TokenRejected as exc:
+            node.events.record("enroll.rejected", req.name, exc.message, reason=exc.reason)
+            raise
+        if req.role == "node" and req.name in replicated.fsm.nodes:
+            raise Conflict(f"a node named {req.name} is already registered; pick another --name")
+        try:
+            certificate = self._ca().issue(
+                load_csr(req.csr_pem),
+                Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
+                datetime.fromtimestamp(now, timezone.utc),
+            )
+        except PKIError as exc:
+            raise InvalidInput(f"cannot sign the request: {exc.message}") from None
+        result, _ = await replicated.propose(ConsumeToken(req.token_id, req.role))
+        if isinstance(result, Rejected):
+            raise TokenRejected("used_up" if "used" in result.message else "expired", result.message)
+        if req.role == "node":
+            if not req.address:
+                raise InvalidInput("a joining node must give its advertised address", field="address")
+            from cloudless.api.client_config import parse_endpoint
+
+            parse_endpoint(req.address)
+            result, _ = await replicated.propose(
+                RegisterNode(
+                    node_id=req.name,
+                    address=req.address,
+                    certificate_serial=format(certificate.serial_number, "x"),
+                    certificate_not_after=certificate.not_valid_after_utc.timestamp(),
+                    region=req.region,
+                    zone=req.zone,
+                    labels=dict(req.labels),
+                )
+            )
+            if isinstance(result, Rejected):
+                raise CloudlessError(f"could not register {req.name}: {result.message}")
+        from cryptography.hazmat.primitives import serialization
+
+        node.events.record("enroll.accepted", req.name, f"{req.role} {req.name} joined", address=req.address)
+        seeds = [r.address for n, r in replicated.fsm.nodes.items() if n != req.name]
+        return EnrollReply(
+            cluster_id=node.cluster_id,
+            ca_pem=replicated.fsm.ca.certificate_pem if replicated.fsm.ca else b"",
+            cert_pem=certificate.public_bytes(serialization.Encoding.PEM),
+            gossip_keys=list(replicated.fsm.gossip_keys),
+            seeds=seeds,
+            revocations=node.revocations.to_bytes(),
+        )
+
+    async def renew(self, ctx: RpcContext, req: RenewRequest) -> RenewReply:
+        """A node renews its own certificate: same identity, new key."""
+        node = self.node
+        replicated = node.replicated
+        assert replicated is not None
+        if ctx.peer.kind != "node":
+            raise CloudlessError("only nodes renew through this call")
+        if not replicated.is_leader:
+            raise NotLeader("not the leader", leader=replicated.leader or "")
+        if ctx.peer.name not in replicated.fsm.nodes:
+            raise NotFound(f"node {ctx.peer.name} is not registered")
+        from cryptography.hazmat.primitives import serialization
+
+        now = time.time()
+        certificate = self._ca().issue(
+            load_csr(req.csr_pem), Identity(node.cluster_id, "node", ctx.peer.name), datetime.fromtimestamp(now, timezone.utc)
+        )
+        result, _ = await replicated.propose(
+            RecordCertificate(ctx.peer.name, format(certificate.serial_number, "x"), certificate.not_valid_after_utc.timestamp())
+        )
+        if isinstance(result, Rejected):
+            raise CloudlessError(f"could not record the certificate: {result.message}")
+        return RenewReply(certificate.public_bytes(serialization.Encoding.PEM))
+
+    async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
+        return self.node.revocations.to_bytes()

@@ -1,0 +1,514 @@
+"""`cloudless node`: one trio nursery running every service of a device.
+
+    Node.run
+    ├── UdpEndpoint          one UDP socket: QUIC and sealed gossip, split by first byte
+    ├── TlsCarrier.serve     TCP on the same port number: TLS 1.3 (mTLS, or enrollment)
+    ├── QuicCarrier.serve    QUIC on the UDP socket
+    ├── ReplicatedState      Raft driver over RocksDB + the state machine
+    ├── GossipDriver         SWIM + Lifeguard membership with this device's metadata
+    ├── Coordinator          on the Raft leader only: autopilot, CA duties
+    ├── revocation sync      keeps the verifier's revocation list current
+    └── certificate renewal  renews this node's certificate at two-thirds of its life
+
+Every service is started with `nursery.start`; a node answers requests only
+once all of them are up. SIGTERM leaves gossip gracefully and hands Raft
+leadership away first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import msgspec
+import trio
+
+from cloudless.api.client_config import ClientConfig, Context
+from cloudless.coordinator.autopilot import AutopilotConfig
+from cloudless.errors import CloudlessError, InvalidInput
+from cloudless.gossip.core import GossipConfig, GossipCore
+from cloudless.gossip.driver import GossipDriver
+from cloudless.gossip.keyring import Keyring, PacketSealer
+from cloudless.gossip.metadata import Metadata, Resources
+from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name, write_atomic
+from cloudless.node.device import DeviceProfile, detect
+from cloudless.node.events import EventLog
+from cloudless.node.replicated import ReplicatedState
+from cloudless.observability.metrics import NodeMetrics
+from cloudless.pki.ca import ClusterCA
+from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, new_private_key, private_key_pem
+from cloudless.pki.identity import Identity
+from cloudless.pki.revocation import RevocationList
+from cloudless.pki.verify import PeerVerifier
+from cloudless.state.commands import RegisterNode, SetGossipKeyring, StoreClusterCA
+from cloudless.transport.base import Connection
+from cloudless.transport.quic import QuicCarrier
+from cloudless.transport.rpc import RpcClient, RpcServer
+from cloudless.transport.tls import TlsCarrier
+from cloudless.transport.udp import UdpEndpoint
+
+log = logging.getLogger(__name__)
+
+GOSSIP_KEYS_FILE = "gossip.keys"
+BOOTSTRAP_PENDING_FILE = "bootstrap.pending"
+
+
+@dataclass
+class NodeOptions:
+    data_dir: Path
+    listen: tuple[str, int] = ("127.0.0.1", 7946)
+    advertise: tuple[str, int] | None = None
+    join: tuple[str, int] | None = None
+    token: str | None = None
+    name: str | None = None
+    region: str = ""
+    zone: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    power: str | None = None
+    battery: float | None = None
+    network: str | None = None
+    tick_interval: float = 0.05
+    election_tick: int = 10
+    autopilot: AutopilotConfig = field(default_factory=AutopilotConfig)
+    log_level: str = "info"
+
+
+class BootstrapPending(msgspec.Struct):
+    """What the first node must still put into Raft (kept until committed)."""
+
+    cluster_id: str
+    ca_cert_pem: bytes
+    ca_key_pem: bytes
+    gossip_key: bytes
+
+
+def format_address(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    from cloudless.api.client_config import parse_endpoint
+
+    return parse_endpoint(text)
+
+
+def utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, timezone.utc)
+
+
+class Node:
+    def __init__(self, options: NodeOptions) -> None:
+        self.options = options
+        self.data = DataDir(options.data_dir)
+        self.metrics = NodeMetrics()
+        self.events = EventLog()
+        self.device: DeviceProfile = detect(options.power, options.battery, options.network)  # type: ignore[arg-type]
+        self.started_at = time.time()
+        self.stopping = trio.Event()
+        self.ready = trio.Event()
+        self.node_id = ""
+        self.cluster_id = ""
+        self.advertise: tuple[str, int] = options.advertise or options.listen
+        self.credentials: Credentials | None = None
+        self.revocations = RevocationList()
+        self.replicated: ReplicatedState | None = None
+        self.gossip: GossipDriver | None = None
+        self.tls: TlsCarrier | None = None
+        self.quic: QuicCarrier | None = None
+        self.rpc: RpcClient | None = None
+        self.endpoint: UdpEndpoint | None = None
+        self.server = RpcServer()
+        self.enroll_server = RpcServer()
+
+    # -- identity ------------------------------------------------------------------
+
+    async def _enroll_if_needed(self) -> None:
+        opts = self.options
+        self.data.create()
+        if self.data.is_enrolled():
+            if opts.join and opts.token:
+                log.info("node.already_enrolled", extra={"fields": {"data_dir": str(self.data.root)}})
+            return
+        name = validate_node_name(opts.name) if opts.name else new_node_id()
+        if opts.join is None:
+            self._bootstrap(name)
+            return
+        if not opts.token:
+            raise InvalidInput("--join needs --token (create one with `cloudless token create`)", field="token")
+        from cloudless.node.enroll import enroll
+
+        credentials, reply = await enroll(
+            opts.join,
+            opts.token,
+            name=name,
+            advertise=format_address(self.advertise),
+            region=opts.region,
+            zone=opts.zone,
+            labels=opts.labels,
+        )
+        credentials.save(self.data.tls)
+        write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(reply.gossip_keys))
+        write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(reply.seeds))
+        write_atomic(self.data.root / "revocations", reply.revocations)
+        self.data.save_record(NodeRecordFile(name, reply.cluster_id, format_address(self.advertise)))
+        self.events.record("node.joined", name, f"joined cluster {reply.cluster_id} through {format_address(opts.join)}")
+
+    def _bootstrap(self, name: str) -> None:
+        """Create a cluster: CA, this node as its only voter, an admin client config."""
+        now = datetime.now(timezone.utc)
+        cluster_id = f"c-{secrets.token_hex(4)}"
+        ca = ClusterCA.create(cluster_id, now)
+        credentials = issue_credentials(ca, Identity(cluster_id, "node", name), now)
+        credentials.save(self.data.tls)
+        cert_pem, key_pem = ca.to_pem()
+        gossip_key = os.urandom(32)
+        write_atomic(
+            self.data.root / BOOTSTRAP_PENDING_FILE,
+            msgspec.msgpack.encode(BootstrapPending(cluster_id, cert_pem, key_pem, gossip_key)),
+        )
+        write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
+        ReplicatedState.bootstrap(self.data.raft, name)
+        admin = issue_credentials(ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365))
+        config = ClientConfig(
+            contexts={
+                cluster_id: Context(
+                    cluster_id, cluster_id, [format_address(self.advertise)], admin.ca_pem, admin.cert_pem, admin.key_pem
+                )
+            },
+            current_context=cluster_id,
+        )
+        config.save(self.data.admin_config)
+        self.data.save_record(NodeRecordFile(name, cluster_id, format_address(self.advertise)))
+        self.events.record("cluster.bootstrapped", name, f"created cluster {cluster_id}")
+        log.info("node.bootstrapped", extra={"fields": {"cluster": cluster_id, "node": name}})
+
+    # -- lookups -------------------------------------------------------------------
+
+    def address_of(self, node_id: str) -> tuple[str, int] | None:
+        replicated = self.replicated
+        if replicated is not None:
+            record = replicated.fsm.nodes.get(node_id)
+            if record is not None:
+                return parse_address(record.address)
+        if self.gossip is not None:
+            member = self.gossip.core.member(node_id)
+            if member is not None:
+                return parse_address(member.addr)
+        return None
+
+    def leader_hint(self) -> str | None:
+        """The leader as gossip reports it, for nodes outside the Raft configuration."""
+        if self.gossip is None:
+            return None
+        for member in self.gossip.core.live_members():
+            if "leader" in member.meta.roles:
+                return member.name
+        return None
+
+    def metadata(self) -> Metadata:
+        roles: list[str] = []
+        if self.replicated is not None:
+            conf = self.replicated.core.conf_state
+            if self.node_id in conf.voters:
+                roles.append("voter")
+            elif self.node_id in conf.learners:
+                roles.append("learner")
+            if self.replicated.is_leader:
+                roles.append("leader")
+        d = self.device
+        network = {"wired": "wired", "wifi": "wifi", "metered": "cellular"}[d.network]
+        return Metadata(
+            region=self.options.region,
+            zone=self.options.zone,
+            labels=dict(self.options.labels),
+            roles=tuple(roles),
+            capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes),
+            free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes),
+            power=d.power,
+            battery_percent=int(d.battery_pct) if d.battery_pct is not None else None,
+            charging=d.charging,
+            network=network,
+            metered=d.network == "metered",
+        )
+
+    # -- running -------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await self._enroll_if_needed()
+        record = self.data.load_record()
+        self.node_id, self.cluster_id = record.node_id, record.cluster_id
+        if self.options.advertise is None and record.advertise:
+            self.advertise = parse_address(record.advertise)
+        self.credentials = Credentials.load(self.data.tls)
+        revocations_file = self.data.root / "revocations"
+        if revocations_file.exists():
+            self.revocations.install(RevocationList.from_bytes(revocations_file.read_bytes()))
+        verifier = PeerVerifier(self.credentials.ca_certificate, self.revocations, self.cluster_id)
+
+        if self.options.listen[1] == 0:
+            raise InvalidInput("--listen needs an explicit port: UDP and TCP must share it", field="listen")
+        endpoint = self.endpoint = UdpEndpoint(*self.options.listen)
+        self.tls = TlsCarrier(self.credentials, verifier, bind=self.options.listen, enrollment=True)
+        self.rpc = RpcClient(self.tls)
+        replicated = self.replicated = ReplicatedState(
+            self.node_id,
+            self.data.raft,
+            self.rpc,
+            self.address_of,
+            tick_interval=self.options.tick_interval,
+            election_tick=self.options.election_tick,
+            clock=time.time,
+            leader_hint=self.leader_hint,
+        )
+        replicated.register(self.server)
+        replicated.change_listeners.append(self._on_state_change)
+        self._refresh_revocations()
+
+        from cloudless.api.service import ApiService
+        from cloudless.node.coordinator import Coordinator
+        from cloudless.node.enroll_service import EnrollService
+
+        api = ApiService(self)
+        api.register(self.server)
+        enroll_service = EnrollService(self)
+        enroll_service.register(self.enroll_server, self.server)
+        self.server.unary("gossip.stream")(self._serve_gossip_stream)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(endpoint.run)
+                self.quic = QuicCarrier(self.credentials, verifier, endpoint=endpoint)
+                await nursery.start(self.tls.serve, self._on_connection)
+                await nursery.start(self.quic.serve, self._on_connection)
+                await nursery.start(replicated.run)
+                await nursery.start(self._run_gossip)
+                coordinator = Coordinator(self)
+                await nursery.start(coordinator.run)
+                nursery.start_soon(self._revocation_sync)
+                nursery.start_soon(self._renewal_loop)
+                nursery.start_soon(self._metadata_loop)
+                nursery.start_soon(self._signals, nursery)
+                self.ready.set()
+                log.info(
+                    "node.ready",
+                    extra={"fields": {"node": self.node_id, "cluster": self.cluster_id, "address": format_address(self.advertise)}},
+                )
+                task_status.started(self.advertise)
+                await self.stopping.wait()
+                await self._leave_gracefully()
+                nursery.cancel_scope.cancel()
+        finally:
+            replicated.close()
+
+    async def _on_connection(self, connection: Connection) -> None:
+        if connection.peer.kind == "enrollee":
+            await self.enroll_server.serve_connection(connection)
+        else:
+            await self.server.serve_connection(connection)
+
+    async def _run_gossip(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        keys = self._gossip_keys()
+        sealer = PacketSealer(Keyring(keys[0], keys[1:]))
+        core = GossipCore(
+            self.node_id,
+            format_address(self.advertise),
+            rng=random.Random(),
+            now=trio.current_time(),
+            config=GossipConfig(),
+            meta=self.metadata(),
+        )
+        self.gossip = GossipDriver(core, self.endpoint, sealer, self._gossip_exchange)
+        self.gossip.add_listener(self._on_member_event)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.gossip.run)
+            seeds = self._seeds()
+            if seeds:
+                await self.gossip.join(seeds)
+            task_status.started()
+            await trio.sleep_forever()
+
+    def _gossip_keys(self) -> list[bytes]:
+        replicated = self.replicated
+        if replicated is not None and replicated.fsm.gossip_keys:
+            return list(replicated.fsm.gossip_keys)
+        path = self.data.root / GOSSIP_KEYS_FILE
+        return list(msgspec.msgpack.decode(path.read_bytes(), type=list[bytes]))
+
+    def _seeds(self) -> list[str]:
+        seeds: list[str] = []
+        if self.options.join is not None:
+            seeds.append(format_address(self.options.join))
+        path = self.data.root / "seeds"
+        if path.exists():
+            seeds.extend(msgspec.msgpack.decode(path.read_bytes(), type=list[str]))
+        if self.replicated is not None:
+            seeds.extend(r.address for n, r in self.replicated.fsm.nodes.items() if n != self.node_id)
+        own = format_address(self.advertise)
+        return sorted({s for s in seeds if s != own})
+
+    async def _gossip_exchange(self, addr: str, request: bytes) -> bytes:
+        assert self.rpc is not None
+        return await self.rpc.call(parse_address(addr), "gossip.stream", request, timeout=5.0)
+
+    async def _serve_gossip_stream(self, ctx, body: bytes) -> bytes:
+        if ctx.peer.kind != "node" or self.gossip is None:
+            raise CloudlessError("gossip streams are for nodes")
+        return await self.gossip.serve_stream(body)
+
+    def _on_member_event(self, event) -> None:
+        kind = type(event).__name__
+        self.events.record(f"member.{kind.removeprefix('Member').lower()}", event.name, f"{event.name}: {kind}")
+
+    def _on_state_change(self, changes) -> None:
+        kinds = {c.kind for c in changes}
+        if kinds & {"revocation", "node", "snapshot"}:
+            self._refresh_revocations()
+        if "gossip_keys" in kinds and self.gossip is not None and self.replicated is not None:
+            keys = self.replicated.fsm.gossip_keys
+            if keys:
+                write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(keys))
+
+    def _refresh_revocations(self) -> None:
+        replicated = self.replicated
+        if replicated is None or replicated.fsm.applied_index == 0:
+            return
+        fresh = RevocationList()
+        for serial, not_after in replicated.fsm.revoked.items():
+            fresh.add(int(serial, 16), utc(not_after))
+        if set(fresh) != set(self.revocations):
+            self.revocations.install(fresh)
+            write_atomic(self.data.root / "revocations", fresh.to_bytes())
+
+    async def _revocation_sync(self) -> None:
+        """Nodes outside Raft learn revocations from the leader."""
+        while True:
+            await trio.sleep(5.0)
+            replicated = self.replicated
+            if replicated is None or self.node_id in replicated.core.conf_state.voters + replicated.core.conf_state.learners:
+                continue
+            leader = replicated.leader or self.leader_hint()
+            address = self.address_of(leader) if leader else None
+            if address is None or self.rpc is None:
+                continue
+            try:
+                raw = await self.rpc.call(address, "pki.revocations", b"", timeout=3.0)
+                fresh = RevocationList.from_bytes(raw)
+            except CloudlessError as exc:
+                log.debug("node.revocation_sync_failed", extra={"fields": {"error": str(exc)}})
+                continue
+            if set(fresh) != set(self.revocations):
+                self.revocations.install(fresh)
+                write_atomic(self.data.root / "revocations", fresh.to_bytes())
+
+    async def _renewal_loop(self) -> None:
+        while True:
+            await trio.sleep(30.0)
+            credentials = self.credentials
+            if credentials is None or not credentials.needs_renewal(datetime.now(timezone.utc)):
+                continue
+            try:
+                await self.renew_certificate()
+            except CloudlessError as exc:
+                log.warning("node.renewal_failed", extra={"fields": {"error": str(exc)}})
+
+    async def renew_certificate(self) -> None:
+        from cloudless.node.enroll_service import RenewReply, RenewRequest
+        from cryptography.hazmat.primitives import serialization
+
+        assert self.credentials is not None and self.replicated is not None and self.rpc is not None
+        key = new_private_key()
+        csr = make_csr(key, self.credentials.identity)
+        leader = await self.replicated.wait_leader()
+        address = self.address_of(leader)
+        if address is None:
+            raise CloudlessError(f"no address for leader {leader}")
+        reply = await self.rpc.call(
+            address, "pki.renew", RenewRequest(csr.public_bytes(serialization.Encoding.PEM)), response=RenewReply, timeout=10.0
+        )
+        fresh = Credentials(self.credentials.ca_pem, reply.cert_pem, private_key_pem(key))
+        fresh.save(self.data.tls)
+        self.credentials = fresh
+        for carrier in (self.tls, self.quic):
+            if carrier is not None:
+                carrier.update_credentials(fresh)
+        self.events.record("node.certificate_renewed", self.node_id, f"serial {fresh.serial:x}")
+
+    async def _metadata_loop(self) -> None:
+        last = None
+        while True:
+            await trio.sleep(1.0)
+            if self.gossip is None:
+                continue
+            self.device = detect(self.options.power, self.options.battery, self.options.network)  # type: ignore[arg-type]
+            meta = self.metadata()
+            if meta != last:
+                await self.gossip.update_metadata(meta)
+                last = meta
+
+    async def _signals(self, nursery: trio.Nursery) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                log.info("node.stopping", extra={"fields": {"node": self.node_id}})
+                self.stopping.set()
+                return
+
+    async def _leave_gracefully(self) -> None:
+        """Hand leadership away, then tell gossip we are leaving (deadline-bound)."""
+        replicated = self.replicated
+        with trio.move_on_after(3.0):
+            if replicated is not None and replicated.is_leader:
+                voters = [v for v in replicated.core.conf_state.voters if v != self.node_id]
+                if voters:
+                    replicated.driver.transfer_leadership(voters[0])
+                    with trio.move_on_after(1.5):
+                        while replicated.is_leader:
+                            await trio.sleep(0.05)
+            if self.gossip is not None:
+                await self.gossip.leave(timeout=1.0)
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    # -- bootstrap completion (called by the coordinator once leader) ---------------
+
+    def bootstrap_pending(self) -> BootstrapPending | None:
+        path = self.data.root / BOOTSTRAP_PENDING_FILE
+        if not path.exists():
+            return None
+        return msgspec.msgpack.decode(path.read_bytes(), type=BootstrapPending)
+
+    async def complete_bootstrap(self) -> None:
+        """Put the CA, the gossip keyring and this node into Raft (idempotent)."""
+        pending = self.bootstrap_pending()
+        replicated = self.replicated
+        assert replicated is not None and self.credentials is not None
+        if pending is None:
+            return
+        fsm = replicated.fsm
+        if fsm.ca is None:
+            await replicated.propose(StoreClusterCA(pending.cluster_id, pending.ca_cert_pem, pending.ca_key_pem))
+        if not fsm.gossip_keys:
+            await replicated.propose(SetGossipKeyring([pending.gossip_key]))
+        if self.node_id not in fsm.nodes:
+            await replicated.propose(self.register_command(self.credentials))
+        (self.data.root / BOOTSTRAP_PENDING_FILE).unlink(missing_ok=True)
+        log.info("node.bootstrap_committed", extra={"fields": {"node": self.node_id}})
+
+    def register_command(self, credentials: Credentials) -> RegisterNode:
+        return RegisterNode(
+            node_id=self.node_id,
+            address=format_address(self.advertise),
+            certificate_serial=format(credentials.serial, "x"),
+            certificate_not_after=credentials.not_after.timestamp(),
+            region=self.options.region,
+            zone=self.options.zone,
+            labels=dict(self.options.labels),
+        )

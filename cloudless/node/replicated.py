@@ -1,0 +1,302 @@
+"""The node's replicated state: a Raft driver over RocksDB feeding the state
+machine, with Raft traffic carried by the RPC layer.
+
+Every node runs this, whatever its Raft role: a node outside the
+configuration never campaigns and simply receives nothing until autopilot
+adds it as a learner.
+
+Writes go to the leader. `propose()` on a follower forwards the encoded
+proposal to the leader over RPC; the (client_id, seq) session inside makes a
+retried forward apply at most once. Linearizable reads run on the leader
+after a ReadIndex round (thesis §6.4); a stale read serves this node's copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import msgspec
+import trio
+
+from cloudless.errors import CloudlessError, Unavailable
+from cloudless.raft.core import NotLeader, RaftConfig, RaftNode, Role
+from cloudless.raft.driver import RaftDriver
+from cloudless.raft.messages import ConfChange, Entry, EntryKind, Message, Snapshot, decode_message, encode_message
+from cloudless.raft.rocks import RocksStorage
+from cloudless.raft.storage import bootstrap_log
+from cloudless.state.commands import Command, Proposal, Result, decode_result, encode_proposal, encode_result
+from cloudless.state.fsm import Change, StateMachine
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
+
+log = logging.getLogger(__name__)
+
+# Snapshot the state machine and compact the log every this many entries.
+SNAPSHOT_EVERY = 10_000
+# Entries kept behind a snapshot so slow followers catch up from the log.
+COMPACTION_MARGIN = 1_000
+LEADER_WAIT = 5.0
+
+
+class NoLeader(Unavailable):
+    pass
+
+
+class ForwardedProposal(msgspec.Struct, frozen=True):
+    proposal: bytes
+
+
+class ForwardedResult(msgspec.Struct, frozen=True):
+    result: bytes
+    index: int
+
+
+class ReplicatedState:
+    def __init__(
+        self,
+        node_id: str,
+        raft_dir: Path,
+        rpc: RpcClient,
+        address_of: Callable[[str], tuple[str, int] | None],
+        *,
+        tick_interval: float = 0.05,
+        election_tick: int = 10,
+        rng: random.Random | None = None,
+        clock: Callable[[], float],
+        leader_hint: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.node_id = node_id
+        self.storage = RocksStorage(raft_dir)
+        self.fsm = StateMachine()
+        snapshot = self.storage.snapshot()
+        if snapshot.data:
+            self.fsm.restore(snapshot.data)
+        self.core = RaftNode(
+            RaftConfig(id=node_id, election_tick=election_tick, heartbeat_tick=1, applied=snapshot.meta.index),
+            self.storage,
+            rng or random.Random(),
+        )
+        self.driver = RaftDriver(
+            self.core,
+            self.storage,
+            self._send,
+            self._apply,
+            restore=self._restore,
+            tick_interval=tick_interval,
+            send_timeout=1.0,
+        )
+        self._rpc = rpc
+        self._address_of = address_of
+        self._clock = clock
+        self._leader_hint = leader_hint
+        self._results: dict[int, Result] = {}
+        self._snapshot_index = snapshot.meta.index
+        self._changed = trio.Event()
+        self._leader_changed = trio.Event()
+        self._last_leader: str | None = None
+        self.change_listeners: list[Callable[[list[Change]], None]] = []
+        self.applied_listeners: list[Callable[[], None]] = []
+
+    @staticmethod
+    def bootstrap(raft_dir: Path, node_id: str) -> None:
+        storage = RocksStorage(raft_dir)
+        try:
+            bootstrap_log(storage, [node_id])
+        finally:
+            storage.close()
+
+    def close(self) -> None:
+        self.storage.close()
+
+    # -- running -----------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.driver.run)
+            nursery.start_soon(self._watch_leader)
+            task_status.started()
+
+    async def _watch_leader(self) -> None:
+        while True:
+            await trio.sleep(self.driver.tick_interval)
+            leader = self.core.leader
+            if leader != self._last_leader:
+                self._last_leader = leader
+                log.info("raft.leader", extra={"fields": {"node": self.node_id, "leader": leader, "term": self.core.term}})
+                self._leader_changed.set()
+                self._leader_changed = trio.Event()
+
+    def register(self, server: RpcServer) -> None:
+        server.unary("raft.step")(self._serve_step)
+        server.unary("raft.propose", request=ForwardedProposal)(self._serve_propose)
+        server.unary("raft.read_index")(self._serve_read_index)
+
+    # -- raft transport ------------------------------------------------------------
+
+    async def _send(self, message: Message) -> None:
+        address = self._address_of(message.to)
+        if address is None:
+            return  # unknown peer: Raft retries once it is known
+        try:
+            await self._rpc.call(address, "raft.step", encode_message(message), timeout=1.0)
+        except CloudlessError as exc:
+            log.debug("raft.send_failed", extra={"fields": {"to": message.to, "error": str(exc)}})
+
+    async def _serve_step(self, ctx: RpcContext, body: bytes) -> bytes:
+        message = decode_message(body)  # InvalidInput goes back to the sender
+        if ctx.peer.kind != "node" or message.frm != ctx.peer.name:
+            raise CloudlessError("raft messages must come from the node they name", peer=ctx.peer.name)
+        self.driver.deliver(message)
+        return b""
+
+    # -- applying ----------------------------------------------------------------
+
+    async def _apply(self, entries: list[Entry]) -> None:
+        changes: list[Change] = []
+        for entry in entries:
+            data = entry.data if entry.kind == EntryKind.NORMAL else b""
+            result = self.fsm.apply(entry.index, data)
+            if entry.kind == EntryKind.NORMAL and data:
+                self._results[entry.index] = result
+            changes.extend(self.fsm.take_changes())
+        if len(self._results) > 100_000:  # results nobody waited for (follower applies)
+            for index in sorted(self._results)[:50_000]:
+                del self._results[index]
+        if changes:
+            for listener in self.change_listeners:
+                listener(changes)
+        for listener in self.applied_listeners:
+            listener()
+        self._changed.set()
+        self._changed = trio.Event()
+        if self.fsm.applied_index - self._snapshot_index >= SNAPSHOT_EVERY:
+            self._take_snapshot()
+
+    def _take_snapshot(self) -> None:
+        index = self.fsm.applied_index
+        self.storage.create_snapshot(index, self.core.conf_state_at(index), self.fsm.snapshot())
+        if index > COMPACTION_MARGIN:
+            self.storage.compact(index - COMPACTION_MARGIN)
+        self._snapshot_index = index
+        log.info("raft.snapshot", extra={"fields": {"index": index}})
+
+    async def _restore(self, snapshot: Snapshot) -> None:
+        self.fsm.restore(snapshot.data)
+        self._snapshot_index = snapshot.meta.index
+        self._results.clear()
+        for listener in self.change_listeners:
+            listener([Change(snapshot.meta.index, "snapshot", "")])
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    # -- leadership ----------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        return self.core.role is Role.LEADER
+
+    @property
+    def leader(self) -> str | None:
+        return self.core.leader
+
+    @property
+    def is_member(self) -> bool:
+        conf = self.core.conf_state
+        return self.node_id in conf.voters or self.node_id in conf.learners
+
+    def known_leader(self) -> str | None:
+        # Outside the configuration we hear no Raft traffic: gossip says who leads.
+        if self.core.leader is not None:
+            return self.core.leader
+        return None if self.is_member else self._leader_hint()
+
+    async def wait_leader(self, timeout: float = LEADER_WAIT) -> str:
+        with trio.move_on_after(timeout):
+            while (leader := self.known_leader()) is None:
+                await trio.sleep(self.driver.tick_interval)
+            return leader
+        raise NoLeader("no Raft leader known yet", node=self.node_id)
+
+    async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
+        leader = await self.wait_leader()
+        return leader, (None if leader == self.node_id else self._address_of(leader))
+
+    # -- writes ----------------------------------------------------------------
+
+    async def propose(
+        self, command: Command, *, client_id: str = "", seq: int = 0, timeout: float = 5.0
+    ) -> tuple[Result, int]:
+        proposal = encode_proposal(Proposal(command=command, now=self._clock(), client_id=client_id, seq=seq))
+        return await self.propose_encoded(proposal, timeout=timeout)
+
+    async def propose_encoded(self, proposal: bytes, timeout: float = 5.0) -> tuple[Result, int]:
+        for _ in range(3):
+            leader, address = await self._leader_address()
+            if leader == self.node_id:
+                try:
+                    index = await self.driver.propose(proposal, timeout=timeout)
+                except NotLeader:
+                    await trio.sleep(self.driver.tick_interval * 2)
+                    continue
+                return self._results.pop(index, None) or self._result_from_log(index), index
+            if address is None:
+                raise NoLeader(f"leader {leader} has no known address")
+            reply = await self._rpc.call(
+                address, "raft.propose", ForwardedProposal(proposal), response=ForwardedResult, timeout=timeout
+            )
+            return decode_result(reply.result), reply.index
+        raise NoLeader("leadership kept moving while proposing")
+
+    def _result_from_log(self, index: int) -> Result:
+        # Applied before we looked (a snapshot raced us): the FSM's session
+        # table or a re-read is not available, so report success by index.
+        from cloudless.state.commands import Done
+
+        return Done(index=index)
+
+    async def _serve_propose(self, ctx: RpcContext, req: ForwardedProposal) -> ForwardedResult:
+        if ctx.peer.kind != "node":
+            raise CloudlessError("only nodes forward proposals", peer=ctx.peer.name)
+        if not self.is_leader:
+            raise NotLeader("not the leader", leader=self.core.leader or "")
+        index = await self.driver.propose(req.proposal, timeout=5.0)
+        result = self._results.pop(index, None) or self._result_from_log(index)
+        return ForwardedResult(encode_result(result), index)
+
+    async def propose_conf_change(self, change: ConfChange, timeout: float = 5.0) -> int:
+        return await self.driver.propose_conf_change(change, timeout=timeout)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def linearizable(self, timeout: float = 5.0) -> None:
+        """Return once this node's state reflects every write committed before the call.
+
+        On the leader: ReadIndex. On a follower: ask the leader for its read
+        index, then wait until we have applied that far (thesis §6.4.1).
+        """
+        for _ in range(3):
+            leader, address = await self._leader_address()
+            if leader == self.node_id:
+                try:
+                    await self.driver.read_index(timeout=timeout)
+                    return
+                except NotLeader:
+                    await trio.sleep(self.driver.tick_interval * 2)
+                    continue
+            if address is None:
+                raise NoLeader(f"leader {leader} has no known address")
+            raw = await self._rpc.call(address, "raft.read_index", b"", timeout=timeout)
+            index = int.from_bytes(raw, "big")
+            with trio.fail_after(timeout):
+                await self.driver.wait_applied(index)
+            return
+        raise NoLeader("leadership kept moving while reading")
+
+    async def _serve_read_index(self, ctx: RpcContext, body: bytes) -> bytes:
+        if ctx.peer.kind != "node":
+            raise CloudlessError("only nodes ask for read indexes", peer=ctx.peer.name)
+        index = await self.driver.read_index(timeout=5.0)
+        return index.to_bytes(8, "big")
