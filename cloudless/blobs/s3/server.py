@@ -77,3 +77,26 @@ async def serve_gateway(
     config.keep_alive_timeout = 75
     config.graceful_timeout = 2
     await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+
+
+def gateway_tls_files(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
+    """(cert, key, CA cert) for a stand-alone gateway: a local CA made once in `directory`,
+    and a server certificate for `hosts` re-issued on each start."""
+    from datetime import timezone
+
+    from cloudless.node.datadir import write_atomic
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
+    now = datetime.now(timezone.utc)
+    if ca_cert.exists() and ca_key.exists():
+        ca = ClusterCA.from_pem(ca_cert.read_bytes(), ca_key.read_bytes())
+    else:
+        ca = ClusterCA.create("s3-gateway", now)
+        cert_pem, key_pem = ca.to_pem()
+        write_atomic(ca_key, key_pem)
+        write_atomic(ca_cert, cert_pem, mode=0o644)
+    cert_pem, key_pem = issue_gateway_certificate(ca, hosts, now)
+    write_atomic(directory / "gateway.key", key_pem)
+    write_atomic(directory / "gateway.pem", cert_pem, mode=0o644)
+    return directory / "gateway.pem", directory / "gateway.key", ca_cert
