@@ -500,9 +500,23 @@ class NetnsHosts:
         self._popen.append(proc)
         return proc
 
-    def run(self, host: "Host | int", argv: Sequence[str], *, timeout: float = 10.0, check: bool = True) -> str:
-        """Run `argv` to completion inside the host; its stdout."""
-        return _command(self.exec_argv(host, argv), timeout=timeout, check=check)
+    def run(
+        self, host: "Host | int", argv: Sequence[str], *, timeout: float = 10.0, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run `argv` to completion inside the host (text output captured).
+        With `check`, a non-zero exit raises NetnsError carrying its stderr."""
+        full = self.exec_argv(host, argv)
+        try:
+            proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired as exc:
+            raise NetnsError(f"{argv[0]} in {self.host(host).name} timed out after {timeout}s", command=" ".join(full)) from exc
+        if check and proc.returncode != 0:
+            raise NetnsError(
+                f"{' '.join(argv[:6])} in {self.host(host).name} failed: {proc.stderr.strip()}",
+                command=" ".join(full),
+                returncode=proc.returncode,
+            )
+        return proc
 
     # ------------------------------------------------------------ faults
 
@@ -585,7 +599,7 @@ class NetnsHosts:
     def rule_counters(self, host: "Host | int") -> list[RuleCounter]:
         """Packet/byte counters of the harness's fault rules in the host."""
         host = self.host(host)
-        out = self.run(host, [f"{self.iptables}-save", "-c", "-t", "filter"], timeout=self.timeout)
+        out = self.run(host, [f"{self.iptables}-save", "-c", "-t", "filter"], timeout=self.timeout).stdout
         counters = []
         pattern = re.compile(r"^\[(\d+):(\d+)\] -A (\S+) (.*)$")
         for line in out.splitlines():
