@@ -148,7 +148,7 @@ async def test_read_index_on_a_follower_waits_for_the_write_to_be_applied_there(
 
 async def test_concurrent_proposals_share_syncs():
     # Real clock: the syncs take real time in worker threads, which a MockClock would skip past.
-    cluster = memory_cluster(tick=0.02, sync_in_thread=True)
+    cluster = memory_cluster(tick=0.1, sync_in_thread=True)
     for storage in cluster.storages.values():
         storage.sync_seconds = 0.002
     async with trio.open_nursery() as nursery:
@@ -238,7 +238,7 @@ async def test_drivers_over_rocksdb_survive_a_full_restart(tmp_path):
     for node_id in IDS:
         storages[node_id] = RocksStorage(tmp_path / node_id)
         bootstrap_log(storages[node_id], IDS)
-    cluster = Cluster(storages, tick=0.01)
+    cluster = Cluster(storages, tick=0.05)
     async with trio.open_nursery() as nursery:
         for node_id in IDS:
             await cluster.start(nursery, node_id)
@@ -259,7 +259,7 @@ async def test_drivers_over_rocksdb_survive_a_full_restart(tmp_path):
     storages = {node_id: RocksStorage(tmp_path / node_id) for node_id in IDS}
     for node_id, storage in storages.items():
         assert storage.entries(1, len(logs[node_id]) + 1) == logs[node_id]
-    cluster = Cluster(storages, tick=0.01, seed=2)
+    cluster = Cluster(storages, tick=0.05, seed=2)
     try:
         async with trio.open_nursery() as nursery:
             for node_id in IDS:
