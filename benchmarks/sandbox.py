@@ -6,7 +6,8 @@ Prints one JSON object.
 - start latency: request -> process running. Ours is `RuncRuntime.create` +
   `start` (spec validation, user resolution, config.json, the log shim,
   `runc create`, `runc start`); bare runc is `runc create` + `runc start` of
-  a bundle with the same config.json, stdio to /dev/null. Runs alternate
+  a bundle with the same config.json (same mounts, limits, seccomp), stdio
+  to /dev/null. Runs alternate
   (ours, bare, ours, ...) in one process so both see the same machine load.
   Network "none" for both (bare runc has no bridge); the bridge figure is
   reported separately.
@@ -95,6 +96,13 @@ async def start_latency(rt: RuncRuntime, rootfs: str, work: Path, runs: int) -> 
     bundle.mkdir()
     bare_root = work / "bare-root"
     bare_root.mkdir()
+    # The same /etc bind mounts as ours, so both bundles carry the same mount list.
+    etc = work / "bare-etc"
+    etc.mkdir()
+    etc_files = {}
+    for name in ("hosts", "hostname", "resolv.conf"):
+        (etc / name).write_text("127.0.0.1 localhost\n" if name == "hosts" else "")
+        etc_files[f"/etc/{name}"] = str(etc / name)
     for i in range(runs + 2):  # the first pair warms caches and is dropped
         spec = ContainerSpec(**{**_fields(base), "id": f"lat-{i}"})
         ours_s = await ours_start(rt, spec)
@@ -103,6 +111,7 @@ async def start_latency(rt: RuncRuntime, rootfs: str, work: Path, runs: int) -> 
             user=resolve_user("0:0"),
             cgroups=rt.cgroups,
             cgroups_path=f"cloudless-bench-bare/bare-{i}",
+            etc_files=etc_files,
             nofile_limit=rt._nofile_limit(),
         )
         (bundle / "config.json").write_text(json.dumps(cfg))

