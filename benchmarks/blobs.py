@@ -1,0 +1,255 @@
+"""Blob storage benchmark: single-node put/get beside the machine's own limit,
+replicated put, dedup on a versioned data set, time to restore R.
+
+    .venv/bin/python benchmarks/blobs.py [--size-mib N] [--dir D]
+
+Prints one JSON object. Workload: one object of N MiB (default 1024) of
+incompressible random bytes in a file on the same disk as the store.
+
+- limit: `sha256sum FILE` and `cp FILE COPY && sync COPY`, timed separately on
+  the same file in the same run; the limit is size / (sha256 seconds + copy
+  seconds): hashing it once and writing it durably once, done back to back.
+- put: `ObjectService.put_object` from the file (FastCDC ~1 MiB chunks, SHA-256
+  per chunk, MD5 of the whole for the ETag, zstd probe, fsync per chunk + dir)
+  into a LocalChunkStore with a RocksDB LocalMetadataStore, R = 1.
+- get: streaming the object back (each chunk re-hashed and verified) to nowhere.
+- replicated put (R = 2): the writer's LocalChunkStore plus a second
+  LocalChunkStore behind the MemoryChunkPeers twin (worker threads, no network
+  and no RPC: it measures the write path's own cost, not the transport's).
+- dedup: a 64 MiB file and 9 further versions, each with a few random
+  inserts, deletes and overwrites; logical bytes / unique chunk bytes stored,
+  and the bytes the second version sent to its replicas.
+- restore: 4 in-memory nodes, R = 2, 256 MiB (or the object size if smaller)
+  of objects; one holder dies; seconds for anti-entropy rounds to restore R.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parent.parent))
+
+import trio  # noqa: E402
+
+from cloudless.blobs.antientropy import repair_until_stable  # noqa: E402
+from cloudless.blobs.chunkstore import LocalChunkStore, MemoryChunkStore  # noqa: E402
+from cloudless.blobs.manifest import LocalMetadataStore  # noqa: E402
+from cloudless.blobs.objects import ObjectService, iter_file  # noqa: E402
+from cloudless.blobs.peers import MemoryChunkPeers  # noqa: E402
+from cloudless.blobs.placement import StorageMember  # noqa: E402
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def write_random_file(path: Path, size: int, seed: int = 1) -> None:
+    rng = random.Random(seed)
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(left, 16 * MIB)
+            f.write(rng.randbytes(n))
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def timed(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def machine_limit(src: Path, work: Path, size: int) -> dict:
+    subprocess.run(["cat", str(src)], check=True, stdout=subprocess.DEVNULL)  # warm the page cache like the put sees it
+    sha = timed(["sha256sum", str(src)])
+    dst = work / "copy.bin"
+    start = time.perf_counter()
+    subprocess.run(["cp", str(src), str(dst)], check=True)
+    subprocess.run(["sync", str(dst)], check=True)
+    cp = time.perf_counter() - start
+    dst.unlink()
+    return {
+        "sha256sum_mb_s": size / MIB / sha,
+        "cp_sync_mb_s": size / MIB / cp,
+        "limit_mb_s": size / MIB / (sha + cp),
+    }
+
+
+def members_of(nodes, dead=()):  # type: ignore[no-untyped-def]
+    return [StorageMember(n, capacity_bytes=100 * GIB, free_bytes=100 * GIB, alive=n not in dead) for n in nodes]
+
+
+async def single_node(src: Path, work: Path, size: int) -> dict:
+    meta = LocalMetadataStore(work / "meta")
+    store = LocalChunkStore(work / "store")
+    service = ObjectService(meta, store, replication=1)
+    await service.create_bucket("bench")
+    start = time.perf_counter()
+    manifest = await service.put_object("bench", "big", iter_file(str(src)), expected_size=size)
+    put_s = time.perf_counter() - start
+    start = time.perf_counter()
+    got = 0
+    _, stream = await service.get_object("bench", "big")
+    async for piece in stream:
+        got += len(piece)
+    get_s = time.perf_counter() - start
+    assert got == size
+    meta.close()
+    store.close()
+    return {
+        "put_mb_s": size / MIB / put_s,
+        "get_mb_s": size / MIB / get_s,
+        "chunks": len(manifest.chunks),
+        "mean_chunk_bytes": size // max(1, len(manifest.chunks)),
+    }
+
+
+async def replicated(src: Path, work: Path, size: int) -> dict:
+    stores = {"n0": LocalChunkStore(work / "r0"), "n1": LocalChunkStore(work / "r1")}
+    peers = MemoryChunkPeers(stores, threaded=True)  # type: ignore[arg-type]
+    meta = LocalMetadataStore(work / "rmeta")
+    service = ObjectService(meta, stores["n0"], peers, lambda: members_of(stores), node_id="n0", replication=2)
+    await service.create_bucket("bench")
+    start = time.perf_counter()
+    manifest = await service.put_object("bench", "big", iter_file(str(src)), expected_size=size)
+    put_s = time.perf_counter() - start
+    assert all(len(peers.holders(c.digest)) == 2 for c in manifest.chunks)
+    meta.close()
+    for s in stores.values():
+        s.close()
+    return {"put_r2_mb_s": size / MIB / put_s, "replicas": 2, "carrier": "memory twin, two LocalChunkStores"}
+
+
+def edit(data: bytes, rng: random.Random, edits: int = 4) -> bytes:
+    buf = bytearray(data)
+    for _ in range(edits):
+        at = rng.randrange(len(buf))
+        kind = rng.choice(["insert", "delete", "overwrite"])
+        n = rng.randrange(1, 64 * 1024)
+        if kind == "insert":
+            buf[at:at] = rng.randbytes(n)
+        elif kind == "delete":
+            del buf[at : at + n]
+        else:
+            buf[at : at + n] = rng.randbytes(min(n, len(buf) - at))
+    return bytes(buf)
+
+
+async def dedup(versions: int = 10, base_mib: int = 64) -> dict:
+    rng = random.Random(7)
+    nodes = ["n0", "n1", "n2"]
+    peers = MemoryChunkPeers({n: MemoryChunkStore() for n in nodes})
+    service = ObjectService(LocalMetadataStore(None), peers.stores["n0"], peers, lambda: members_of(nodes),
+                            node_id="n0")
+    await service.create_bucket("ver")
+    data = rng.randbytes(base_mib * MIB)
+    logical = 0
+    sent_per_version = []
+    for v in range(versions):
+        before = sum(peers.bytes_sent.values())
+        await service.put_object("ver", f"file.v{v}", data)
+        sent_per_version.append(sum(peers.bytes_sent.values()) - before)
+        logical += len(data)
+        data = edit(data, rng)
+    unique = sum(s.info(d).size for s in [peers.stores["n0"]] for d in s.digests())
+    stored_all = sum(s.info(d).size for s in peers.stores.values() for d in s.digests())
+    return {
+        "versions": versions,
+        "version_mib": base_mib,
+        "edits_per_version": 4,
+        "logical_bytes": logical,
+        "dedup_ratio": logical * 2 / stored_all,  # R = 2 copies of each unique chunk in both
+        "second_version_wire_fraction": sent_per_version[1] / max(1, sent_per_version[0]),
+        "median_later_version_wire_mib": statistics.median(sent_per_version[1:]) / MIB,
+        "unique_bytes_on_writer": unique,
+    }
+
+
+async def restore(total: int) -> dict:
+    nodes = ["n0", "n1", "n2", "n3"]
+    peers = MemoryChunkPeers({n: MemoryChunkStore() for n in nodes})
+    meta = LocalMetadataStore(None)
+    dead: set[str] = set()
+    service = ObjectService(meta, peers.stores["n0"], peers, lambda: members_of(nodes, dead), node_id="n0")
+    await service.create_bucket("restore")
+    rng = random.Random(3)
+    per = 16 * MIB
+    for i in range(max(1, total // per)):
+        await service.put_object("restore", f"o{i}", rng.randbytes(per))
+    victim = "n2"
+    lost = len(list(peers.stores[victim].digests()))
+    peers.kill(victim)
+    dead.add(victim)
+    start = time.perf_counter()
+    reports = await repair_until_stable(meta, members_of(nodes, dead), peers)
+    seconds = time.perf_counter() - start
+    referenced = await meta.referenced_digests()
+    restored = all(len(peers.holders(d)) >= 2 for d in referenced)
+    return {
+        "restore_seconds": seconds,
+        "restore_bytes": total,
+        "chunks_on_dead_holder": lost,
+        "copied": sum(r.copied for r in reports),
+        "rounds": len(reports),
+        "restored_r": restored,
+        "carrier": "memory twin (no network)",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--dir", default=None, help="work directory (default: a temp dir under /var/tmp)")
+    args = parser.parse_args()
+    size = args.size_mib * MIB
+    work = Path(tempfile.mkdtemp(prefix="cloudless-bench-blobs-", dir=args.dir or "/var/tmp"))
+    try:
+        free = shutil.disk_usage(work).free
+        if free < 5 * size:
+            raise SystemExit(f"need {5 * size} bytes free in {work}, have {free}")
+        src = work / "object.bin"
+        write_random_file(src, size)
+        limit = machine_limit(src, work, size)
+        single = trio.run(single_node, src, work / "single", size)
+        rep = trio.run(replicated, src, work / "replicated", size)
+        shutil.rmtree(work / "single", ignore_errors=True)
+        shutil.rmtree(work / "replicated", ignore_errors=True)
+        dd = trio.run(dedup)
+        rs = trio.run(restore, min(size, 256 * MIB))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "benchmark": "blobs",
+        "object_mib": args.size_mib,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "load_avg_1m": os.getloadavg()[0],
+        },
+        "limit": limit,
+        "single_node": single,
+        "put_fraction_of_limit": single["put_mb_s"] / limit["limit_mb_s"],
+        "replicated": rep,
+        "dedup": dd,
+        "restore": rs,
+        "targets": {"put_fraction_of_limit": 0.5, "put_r2_mb_s": 100, "get_mb_s": 200},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
