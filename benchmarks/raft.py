@@ -571,6 +571,27 @@ def bench_pysyncobj(clients: list[int], seconds: float) -> dict[int, dict]:
 # ---------------------------------------------------------------------------
 
 
+def record(out: dict, key: str, clients: int, value) -> None:
+    """Figures per client count: out["ours_ops_s"] == {"1": ..., "32": ...}."""
+    out.setdefault(key, {})[str(clients)] = value
+
+
+def judge(out: dict, clients: int) -> None:
+    """The issue's targets, next to the figures measured in this run."""
+    c = str(clients)
+    ours, etcd, pso = (out.get(k, {}).get(c) for k in ("ours_ops_s", "etcd_ops_s", "pysyncobj_ops_s"))
+    out["targets"] = {
+        f"ours_ops_s[{c}] >= etcd_ops_s[{c}]": None if not (ours and etcd) else ours >= etcd,
+        f"ours_ops_s[{c}] >= 2 x pysyncobj_ops_s[{c}]": None if not (ours and pso) else ours >= 2 * pso,
+        "failover_p50_ms <= 400": None if out.get("failover_p50_ms") is None else out["failover_p50_ms"] <= 400,
+        "failover_p95_ms <= 800": None if out.get("failover_p95_ms") is None else out["failover_p95_ms"] <= 800,
+    }
+    if ours and etcd:
+        out[f"ours_vs_etcd_{c}"] = round(ours / etcd, 3)
+    if ours and pso:
+        out[f"ours_vs_pysyncobj_{c}"] = round(ours / pso, 3)
+
+
 def main() -> None:
     import trio
 
@@ -606,15 +627,16 @@ def main() -> None:
         try:
             for clients in args.clients if ours else ():
                 r = trio.run(load_ours, ours, clients, args.seconds)
-                out[f"ours_ops_s_{clients}"] = r["ops_s"]
-                out[f"ours_p50_ms_{clients}"] = r["p50_ms"]
-                out[f"ours_p99_ms_{clients}"] = r["p99_ms"]
-                out[f"ours_errors_{clients}"] = r["errors"]
+                record(out, "ours_ops_s", clients, r["ops_s"])
+                record(out, "ours_p50_ms", clients, r["p50_ms"])
+                record(out, "ours_p99_ms", clients, r["p99_ms"])
+                record(out, "ours_errors", clients, r["errors"])
             failover = trio.run(failover_ours, ours, args.trials) if ours and args.trials else []
-            out["failover_trials_ok"] = len(failover)
-            out["failover_p50_ms"] = round(percentile(failover, 0.5) * 1000, 1)
-            out["failover_p95_ms"] = round(percentile(failover, 0.95) * 1000, 1)
-            out["failover_max_ms"] = round(max(failover) * 1000, 1) if failover else None
+            if failover:
+                out["failover_trials_ok"] = len(failover)
+                out["failover_p50_ms"] = round(percentile(failover, 0.5) * 1000, 1)
+                out["failover_p95_ms"] = round(percentile(failover, 0.95) * 1000, 1)
+                out["failover_max_ms"] = round(max(failover) * 1000, 1)
         finally:
             if ours:
                 ours.stop_all()
@@ -625,10 +647,10 @@ def main() -> None:
                 port = etcd.leader_port()
                 for clients in args.clients:
                     r = load_etcd(port, clients, args.seconds)
-                    out[f"etcd_ops_s_{clients}"] = r["ops_s"]
-                    out[f"etcd_p50_ms_{clients}"] = r["p50_ms"]
-                    out[f"etcd_p99_ms_{clients}"] = r["p99_ms"]
-                    out[f"etcd_errors_{clients}"] = r["errors"]
+                    record(out, "etcd_ops_s", clients, r["ops_s"])
+                    record(out, "etcd_p50_ms", clients, r["p50_ms"])
+                    record(out, "etcd_p99_ms", clients, r["p99_ms"])
+                    record(out, "etcd_errors", clients, r["errors"])
             finally:
                 etcd.stop()
 
@@ -642,13 +664,14 @@ def main() -> None:
             out["pysyncobj"] = "not installed (pip install pysyncobj)"
         else:
             for clients, r in bench_pysyncobj(args.clients, args.seconds).items():
-                out[f"pysyncobj_ops_s_{clients}"] = r["ops_s"]
-                out[f"pysyncobj_p50_ms_{clients}"] = r["p50_ms"]
-                out[f"pysyncobj_p99_ms_{clients}"] = r["p99_ms"]
-                out[f"pysyncobj_errors_{clients}"] = r["errors"]
+                record(out, "pysyncobj_ops_s", clients, r["ops_s"])
+                record(out, "pysyncobj_p50_ms", clients, r["p50_ms"])
+                record(out, "pysyncobj_p99_ms", clients, r["p99_ms"])
+                record(out, "pysyncobj_errors", clients, r["errors"])
             out["pysyncobj_fsync"] = False
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    judge(out, max(args.clients))
     print(json.dumps(out, sort_keys=True))
 
 
