@@ -281,12 +281,13 @@ class BridgeNetwork:
             async with self._lock:
                 await self._restore(self._port_rules(a))
 
-    async def ensure_attached(self, container_id: str) -> Attachment:
+    async def ensure_attached(self, container_id: str, ports: list[PortMapping]) -> Attachment:
         """Re-plumb a recorded attachment whose namespace is gone (the machine rebooted:
-        /run/netns, links and rules do not survive), keeping its address and ports."""
+        /run/netns, links and rules do not survive), keeping its address and ports;
+        attach afresh if the record itself was lost."""
         a = self._attachments.get(container_id)
         if a is None:
-            raise NetworkSetupFailed(f"container {container_id} has no network attachment", id=container_id)
+            return await self.attach(container_id, ports)
         if os.path.exists(a.netns_path) and os.path.exists(f"/sys/class/net/{a.host_veth}"):
             return a
         await self.ensure_bridge()
