@@ -44,6 +44,10 @@ from cloudless.gossip.suspicion import Suspicion, suspicion_bounds
 
 log = logging.getLogger(__name__)
 
+# How long a member that pings us may stay unknown before we ask it for state:
+# long enough that ordinary gossip about a joiner arrives first.
+STRANGER_GRACE = 2.0
+
 
 @dataclass(frozen=True, slots=True)
 class GossipConfig:
@@ -156,6 +160,9 @@ class GossipCore:
         self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
         self._self_alive = b""
         self._joining = False
+        # Members that pinged us before we heard of them: if gossip still has
+        # not told us about one after a while, ask it directly (push-pull).
+        self._strangers: dict[str, tuple[str, float]] = {}
         self.stats = {"packets_in": 0, "packets_out": 0, "bytes_out": 0, "refutations": 0, "suspected": 0}
         self.members.add(Member(name, addr, 0, ALIVE, now, 0, self.meta), rng)
         self._encode_self()
@@ -219,7 +226,7 @@ class GossipCore:
         """Handle one (already unsealed) packet. Raises MalformedPacket, having
         changed nothing, if it does not decode."""
         msgs = wire.decode_packet(payload)
-        self._now = now
+        self._advance(now)
         self.stats["packets_in"] += 1
         for msg in msgs:
             t = type(msg)
@@ -241,8 +248,8 @@ class GossipCore:
                     p.nacks += 1
 
     def handle_timer(self, now: float) -> None:
-        self._now = now
         cfg = self.config
+        self._advance(now)
         p = self._probe
         if p is not None:
             if not p.indirect and now >= p.ack_deadline:
@@ -256,6 +263,8 @@ class GossipCore:
             self._start_probe(now)
         if self._relays:
             self._expire_relays(now)
+        if self._strangers:
+            self._check_strangers(now)
         if now >= self._next_gossip:
             self._next_gossip = now + cfg.gossip_interval
             if self._queue:
@@ -285,6 +294,26 @@ class GossipCore:
             self.members.reap(now - cfg.tombstone_ttl)
 
     tick = handle_timer
+
+    def _advance(self, now: float) -> None:
+        cfg = self.config
+        if cfg.lifeguard and now - self._now > self.awareness.scale(cfg.probe_interval) + cfg.probe_interval:
+            self._recover_from_stall(now)
+        self._now = now
+
+    def _recover_from_stall(self, now: float) -> None:
+        """We were not scheduled for longer than any of our timers allow: we,
+        not the others, were slow (Lifeguard §4.1's premise). Acks and
+        refutations may be waiting unread, so no probe fails and no suspicion
+        expires until we had a probe interval to read them."""
+        cfg = self.config
+        log.info("gossip.stalled", extra={"member": self.name, "stalled_s": round(now - self._now, 3)})
+        self.awareness.apply_delta(1)
+        self._probe = None
+        self._next_probe = max(self._next_probe, now + cfg.probe_timeout)
+        grace = now + cfg.probe_interval
+        for s in self._suspicions.values():
+            s.postpone(grace)
 
     def handle_push_pull(self, payload: bytes, now: float) -> bytes:
         """The remote side of a state exchange: merge theirs, answer with ours."""
@@ -353,6 +382,8 @@ class GossipCore:
             d = min(d, r.nack_at if r.nack_at is not None else r.expires)
         for s in self._suspicions.values():
             d = min(d, s.deadline)
+        for _, due in self._strangers.values():
+            d = min(d, due)
         d = min(d, self._next_push_pull, self._next_reap, self._next_reconnect)
         return d
 
@@ -417,6 +448,16 @@ class GossipCore:
         if msg.target != self.name:
             return  # meant for a previous owner of this address
         self._send(from_addr, wire.encode(Ack(msg.seq)))
+        if msg.source not in self.members.rows and len(self._strangers) < 64:
+            self._strangers.setdefault(msg.source, (msg.source_addr, self._now + STRANGER_GRACE))
+
+    def _check_strangers(self, now: float) -> None:
+        for name, (addr, due) in list(self._strangers.items()):
+            if name in self.members.rows:
+                del self._strangers[name]
+            elif now >= due:
+                del self._strangers[name]
+                self._effects.append(PushPull(addr, self._state_payload(join=False), False))
 
     def _on_indirect_ping(self, msg: IndirectPing, now: float) -> None:
         cfg = self.config

@@ -22,7 +22,7 @@ def suspicion_bounds(
 
 
 class Suspicion:
-    __slots__ = ("incarnation", "start", "min_timeout", "max_timeout", "expected", "confirmers", "deadline")
+    __slots__ = ("incarnation", "start", "min_timeout", "max_timeout", "expected", "confirmers", "deadline", "not_before")
 
     def __init__(
         self,
@@ -40,6 +40,7 @@ class Suspicion:
         # Confirmations cannot come from the suspect or from the first accuser.
         self.expected = max(0, expected)
         self.confirmers = {source}
+        self.not_before = start
         self.deadline = start + self.timeout()
 
     @property
@@ -60,5 +61,10 @@ class Suspicion:
         if self.confirmations >= self.expected or source in self.confirmers:
             return False
         self.confirmers.add(source)
-        self.deadline = self.start + self.timeout()
+        self.deadline = max(self.not_before, self.start + self.timeout())
         return True
+
+    def postpone(self, not_before: float) -> None:
+        """Hold the verdict until `not_before` (our own clock was not trustworthy)."""
+        self.not_before = max(self.not_before, not_before)
+        self.deadline = max(self.deadline, not_before)

@@ -422,3 +422,30 @@ def test_next_deadline_is_always_in_the_future_of_handled_work():
                 if isinstance(m, Ping):
                     core.receive(packet(Ack(m.seq)), a, t + 0.002)
     assert t > 30.0
+
+
+# ------------------------------- Lifeguard §4.1: a member that stalled distrusts its timers
+
+
+def stalled_core(lifeguard: bool) -> GossipCore:
+    core = make("me", [f"p{i}" for i in range(30)], GossipConfig(lifeguard=lifeguard))
+    core.receive(packet(Suspect(0, "p1", "p2")), addr("p2"), 1.0)
+    core.packets_to_send()
+    return core
+
+
+def test_after_a_stall_expired_suspicions_wait_for_the_backlog():
+    core = stalled_core(lifeguard=True)
+    core.handle_timer(6.0)  # the process was not scheduled for 5 s
+    assert core.member("p1").state == SUSPECT  # no verdict from a clock we overslept
+    core.receive(packet(Alive(1, "p1", addr("p1"), 0, EMPTY_METADATA)), addr("p1"), 6.001)  # the backlog
+    core.handle_timer(8.0)
+    assert core.member("p1").state == ALIVE
+    assert not [e for e in core.events() if isinstance(e, MemberDead)]
+    assert core.awareness.score >= 1
+
+
+def test_without_lifeguard_a_stalled_member_declares_others_dead_on_waking():
+    core = stalled_core(lifeguard=False)
+    core.handle_timer(6.0)
+    assert core.member("p1").state == DEAD
