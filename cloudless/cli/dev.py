@@ -80,8 +80,9 @@ def _cloudless_argv() -> list[str]:
     return [sys.executable, "-m", "cloudless"]
 
 
-def _start(node_dir: Path, args: list[str]) -> int:
+def _start(node_dir: Path, args: list[str], stabilization: float = 2.0) -> int:
     node_dir.mkdir(parents=True, exist_ok=True)
+    args = [*args, "--voter-stabilization", str(stabilization)]
     log = open(node_dir / "node.out", "ab")
     proc = subprocess.Popen(
         _cloudless_argv() + ["node", "--data-dir", str(node_dir), *args],
@@ -133,10 +134,14 @@ def dev() -> None:
 @click.option("--nodes", "count", type=click.IntRange(1, 64), default=3, show_default=True)
 @click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 @click.option("--base-port", type=click.IntRange(1024, 64000), default=7101, show_default=True)
+@click.option(
+    "--voter-stabilization", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
+    help="Passed to each node: seconds before a new member may become a voter.",
+)
 @click.option("--json", "as_json", is_flag=True)
-def up(count: int, directory: Path, base_port: int, as_json: bool) -> None:
+def up(count: int, directory: Path, base_port: int, voter_stabilization: float, as_json: bool) -> None:
     try:
-        result = _up(count, directory.resolve(), base_port)
+        result = _up(count, directory.resolve(), base_port, voter_stabilization)
     except CloudlessError as exc:
         fail(exc, as_json)
     if as_json:
@@ -146,7 +151,7 @@ def up(count: int, directory: Path, base_port: int, as_json: bool) -> None:
         stdout.print(f"export CLOUDLESS_CONFIG={result['config']}")
 
 
-def _up(count: int, directory: Path, base_port: int) -> dict:
+def _up(count: int, directory: Path, base_port: int, voter_stabilization: float = 2.0) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     existing = sorted(
         (p for p in directory.glob("node*") if (p / "dev.json").exists()), key=lambda p: int(p.name[4:] or 0)
@@ -163,11 +168,11 @@ def _up(count: int, directory: Path, base_port: int) -> dict:
     first = directory / "node1"
     seed = plans[1]["listen"]
     if not (first / "node.json").exists():
-        pid = _start(first, ["--listen", seed, "--name", plans[1]["name"]])
+        pid = _start(first, ["--listen", seed, "--name", plans[1]["name"]], voter_stabilization)
         (first / "dev.json").write_text(json.dumps(plans[1]))
         _wait_file(first / "admin.yaml", pid, READY_TIMEOUT)
     elif not _pid_alive(_read_pid(first) or -1):
-        _start(first, ["--listen", seed])
+        _start(first, ["--listen", seed], voter_stabilization)
     admin = client_config.load(first / "admin.yaml")
     context = admin.context()
 
@@ -193,10 +198,10 @@ def _up(count: int, directory: Path, base_port: int) -> dict:
         node_dir = directory / f"node{i}"
         plan = plans[i]
         if i in joiners:
-            _start(node_dir, ["--listen", plan["listen"], "--name", plan["name"], "--join", seed, "--token", token])
+            _start(node_dir, ["--listen", plan["listen"], "--name", plan["name"], "--join", seed, "--token", token], voter_stabilization)
             (node_dir / "dev.json").write_text(json.dumps(plan))
         elif not _pid_alive(_read_pid(node_dir) or -1):
-            _start(node_dir, ["--listen", plan["listen"]])
+            _start(node_dir, ["--listen", plan["listen"]], voter_stabilization)
 
     endpoints = [plans[i]["listen"] for i in sorted(plans)]
     config = client_config.ClientConfig(

@@ -50,8 +50,16 @@ def default_data_dir() -> Path:
 @click.option("--power", type=click.Choice(["ac", "battery"]), default=None, help="Override detected power source.")
 @click.option("--battery", type=click.FloatRange(0, 100), default=None, help="Override detected battery percent.")
 @click.option("--network", type=click.Choice(["wired", "wifi", "metered"]), default=None, help="Override detected network.")
+@click.option(
+    "--voter-stabilization",
+    type=click.FloatRange(0, 3600),
+    default=10.0,
+    show_default=True,
+    help="Seconds a new member must stay alive before autopilot makes it a voter.",
+)
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, log_level) -> None:
+def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, voter_stabilization, log_level) -> None:
+    from cloudless.coordinator.autopilot import AutopilotConfig
     from cloudless.node.process import Node, NodeOptions
     from cloudless.observability.logging import configure
 
@@ -76,6 +84,7 @@ def node(data_dir, listen, advertise, join, token, name, region, zone, labels, p
         power=power,
         battery=battery,
         network=network,
+        autopilot=AutopilotConfig(stabilization_s=voter_stabilization),
         log_level=log_level,
     )
     try:
