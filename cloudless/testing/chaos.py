@@ -410,6 +410,7 @@ class VarsWorkload:
     op_timeout_s: float = 2.0
     mix: Mapping[str, float] = field(default_factory=lambda: {"get": 0.4, "put": 0.3, "cas": 0.3})
     think_s: float = 0.0  # mean pause between one client's ops (exponential)
+    backoff_s: float = 0.05  # pause after an op that failed or timed out, so a dead host is not spun on
     hosts: Sequence[int] | None = None  # hosts clients pick from; default all
     indeterminate: tuple[type[BaseException], ...] = field(default_factory=_indeterminate_default)
     cas_blind_p: float = 0.1  # chance a cas expects index 0 (must not exist) instead of the last seen
@@ -550,6 +551,8 @@ async def run_workload(
             else:
                 history.append(Operation(client_id, key, op, arg, None, call - t0, None))
                 client_id = fresh_client_id()
+            if state != "known" and workload.backoff_s > 0:
+                await trio.sleep(workload.backoff_s)
             if workload.think_s > 0:
                 await trio.sleep(rng.expovariate(1.0 / workload.think_s))
 
