@@ -312,7 +312,9 @@ async def test_adoption_after_supervisor_restart_does_not_start_a_duplicate(runt
     first = Supervisor(runtime, rng=random.Random(1), events=send)
     async with trio.open_nursery() as n:
         await n.start(first.run)
-        await first.ensure(spec(rootfs, "svc", ["sleep", "1000"], restart=RestartPolicy(mode="always")))
+        await first.ensure(
+            spec(rootfs, "svc", ["sleep", "1000"], restart=RestartPolicy(mode="always"), network="bridge")
+        )
         (started,) = [e for e in await _events_until(recv, lambda e: isinstance(e, Started))]
         n.cancel_scope.cancel()  # the node process goes away; the container does not
 
@@ -334,6 +336,10 @@ async def test_adoption_after_supervisor_restart_does_not_start_a_duplicate(runt
         except trio.WouldBlock:
             break
     assert [type(e) for e in events] == [Adopted]
+    # adoption's sweep kept the adopted container's network
+    assert state.ip and os.path.exists(reborn.network.attachment("svc").netns_path)
+    r = await reborn.exec("svc", ["ip", "-o", "-4", "addr", "show", "eth0"])
+    assert state.ip in r.stdout.decode()
     await reborn.aclose()
     listed = subprocess.run(["runc", "--root", str(reborn.root), "list", "-q"], capture_output=True, text=True).stdout.split()
     assert listed == ["svc"]
