@@ -605,3 +605,46 @@ def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming
         body = out
     del headers["host"]
     return httpx.request(method, gateway.endpoint + path, content=body, headers=headers, verify=gateway.tls)
+
+
+# The AWS CLI ---------------------------------------------------------------------------------
+
+
+def aws(gateway, *args, input=None):
+    import shutil
+    import subprocess
+
+    exe = shutil.which("aws")
+    if exe is None:
+        pytest.skip("the AWS CLI is not installed")
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=gateway.key.access_key, AWS_SECRET_ACCESS_KEY=gateway.key.secret_key,
+               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+    return subprocess.run(
+        [exe, "--endpoint-url", gateway.endpoint, "--ca-bundle", str(gateway.ca_file), *args],
+        capture_output=True, env=env, timeout=120, input=input,
+    )
+
+
+def test_aws_cli_cp_ls_sync_rm(gateway, bucket, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"alpha")
+    (src / "sub").mkdir()
+    (src / "sub" / "b.bin").write_bytes(os.urandom(9 * MIB))  # above the CLI's 8 MiB multipart threshold
+    r = aws(gateway, "s3", "cp", "--recursive", str(src), f"s3://{bucket}/tree/")
+    assert r.returncode == 0, r.stderr.decode()
+    listing = aws(gateway, "s3", "ls", "--recursive", f"s3://{bucket}/tree/").stdout.decode()
+    assert "tree/a.txt" in listing and "tree/sub/b.bin" in listing
+    dst = tmp_path / "dst"
+    r = aws(gateway, "s3", "sync", f"s3://{bucket}/tree/", str(dst))
+    assert r.returncode == 0, r.stderr.decode()
+    assert (dst / "sub" / "b.bin").read_bytes() == (src / "sub" / "b.bin").read_bytes()
+    head = aws(gateway, "s3api", "head-object", "--bucket", bucket, "--key", "tree/sub/b.bin")
+    assert head.returncode == 0 and b'-2\\"' in head.stdout  # multipart ETag
+    assert aws(gateway, "s3", "rm", "--recursive", f"s3://{bucket}/tree/").returncode == 0
+    assert aws(gateway, "s3", "ls", f"s3://{bucket}/tree/").stdout == b""
+
+
+def test_aws_cli_reports_no_such_key(gateway, bucket):
+    r = aws(gateway, "s3api", "get-object", "--bucket", bucket, "--key", "nope", "/dev/null")
+    assert r.returncode != 0 and b"NoSuchKey" in r.stderr
