@@ -722,9 +722,14 @@ async def run_session(session: MuxSession, handler: Callable[[MuxSession], Await
         await nursery.start(session.run)
         try:
             await handler(session)
-        except ConnectionLost:
-            pass
-        except Exception:
-            log.exception("mux.handler_failed", extra={"peer": session.peer.uri})
+        except Exception as exc:
+            if not _only_connection_lost(exc):
+                log.exception("mux.handler_failed", extra={"peer": session.peer.uri})
         finally:
             await session.aclose()
+
+
+def _only_connection_lost(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_connection_lost(inner) for inner in exc.exceptions)
+    return isinstance(exc, ConnectionLost)

@@ -231,6 +231,16 @@ class FrameReader:
                 self._buffer += data
 
 
+_STREAM_GONE = (ConnectionLost, StreamReset, trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+def _only(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
+    """True if `exc`, or every leaf of an exception group, is one of `types`."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only(inner, types) for inner in exc.exceptions)
+    return isinstance(exc, types)
+
+
 async def send_last(stream: Stream, data: bytes) -> None:
     """Data then EOF; one write on carriers whose streams offer `send_last`."""
     fast = getattr(stream, "send_last", None)
@@ -332,16 +342,21 @@ class RpcServer:
                 while True:
                     stream = await conn.accept_stream()
                     nursery.start_soon(self.serve_stream, conn, stream)
-        except ConnectionLost:
-            pass
+        except Exception as exc:
+            if not _only(exc, (ConnectionLost,)):
+                raise
 
     async def serve_stream(self, conn: Connection, stream: Stream) -> None:
+        """Serve one call; whatever happens stays with this stream (never the connection)."""
         self.calls_total += 1
         self.calls_active += 1
         try:
             await self._serve_stream(conn, stream)
-        except (ConnectionLost, StreamReset, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.debug("rpc.stream_aborted", extra={"peer": conn.peer.uri, "error": repr(exc)})
+        except Exception as exc:  # incl. ExceptionGroups; Cancelled is a BaseException and goes on
+            if _only(exc, _STREAM_GONE):
+                log.debug("rpc.stream_aborted", extra={"peer": conn.peer.uri, "error": repr(exc)})
+            else:
+                log.exception("rpc.stream_failed", extra={"peer": conn.peer.uri})
             await _reset_quietly(stream)
         finally:
             self.calls_active -= 1
@@ -438,7 +453,10 @@ class RpcServer:
                     data = encode_frame(answer, self.max_frame_size)
                 except InvalidInput as exc:  # the answer itself was too large
                     data = encode_frame(failure_of(exc), self.max_frame_size)
-                await send_last(stream, data)
+                try:
+                    await send_last(stream, data)
+                except _STREAM_GONE as exc:
+                    client_gone.append(f"went away before the answer ({exc.__class__.__name__})")
             finished = True
             # Leaving the nursery waits for the watcher to see the client's EOF,
             # so the stream ends cleanly on both sides; bounded by CLOSE_TIMEOUT.

@@ -301,3 +301,23 @@ async def test_call_on_a_connection_object_directly(kind):
         await conn.aclose()
         with pytest.raises((ConnectionLost, Unavailable)):
             await client.call(conn, "echo", b"closed", timeout=5)
+
+
+async def test_racing_deadlines_and_resets_never_take_the_connection_down(kind):
+    # Regression: a handler answering "deadline exceeded" just as the client
+    # reset the stream used to escape as an ExceptionGroup and close the connection.
+    events = fresh_events()
+    async with serving(kind, make_server(events)) as (carrier, address):
+        client = RpcClient(carrier)
+        await client.call(address, "echo", b"warm", timeout=5)
+
+        async def doomed(i: int) -> None:
+            with pytest.raises(DeadlineExceeded):
+                await client.call(address, "sleep", b"", timeout=0.01 + (i % 10) * 0.005)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(60):
+                nursery.start_soon(doomed, i)
+        assert await client.call(address, "echo", b"alive", timeout=5) == b"alive"
+        assert client.pool.connects == 1
+        await client.aclose()
