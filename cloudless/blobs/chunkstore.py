@@ -7,7 +7,8 @@
 A chunk is acknowledged only after its file is fsynced, renamed into place and
 its directory fsynced, so an acknowledged chunk survives a crash. The files are
 the truth; the index (written after the file) answers `has` and GC questions
-without a directory walk, and `rebuild_index()` recovers it from the files.
+without a directory walk, and after an unclean stop (no `clean-shutdown`
+marker) opening the store re-adopts files the index lost.
 Every read re-hashes the content: a chunk that no longer matches its digest
 raises `CorruptChunk` and `replication.repair_chunk()` fetches a good copy from a peer.
 
@@ -197,9 +198,21 @@ class LocalChunkStore:
         self._known_dirs: set[Path] = set()
         for key in self._db.keys():
             self._summary.toggle(key.decode(), True)
+        # A crash between a chunk's rename and its index write leaves a file GC cannot see;
+        # after an unclean stop, re-adopt such files (a directory walk, only then).
+        clean = self.root / "clean-shutdown"
+        if not clean.exists():
+            adopted = self.rebuild_index()
+            if adopted:
+                log.info("chunkstore.adopted", extra={"count": adopted, "root": str(self.root)})
+        clean.unlink(missing_ok=True)
+        _fsync_dir(self.root)
 
     def close(self) -> None:
+        self._db.flush_wal(True)
         self._db.close()
+        (self.root / "clean-shutdown").touch()
+        _fsync_dir(self.root)
 
     # paths -----------------------------------------------------------------
 

@@ -124,3 +124,18 @@ def test_touch_restarts_the_gc_clock():
     now[0] = 500.0
     assert store.touch([d, "0" * 64]) == {d}
     assert store.info(d).created == 500.0
+
+
+def test_reopening_after_an_unclean_stop_adopts_unindexed_files(tmp_path):
+    store = LocalChunkStore(tmp_path)
+    data = os.urandom(10_000)
+    d = ChunkDigest.of(data)
+    store.put(d, data)
+    store._db.delete(d.encode())  # crash between the file's rename and its index write...
+    store._db.close()  # ...and no clean close
+    again = LocalChunkStore(tmp_path)
+    assert again.has([d]) == {d}
+    again.close()
+    third = LocalChunkStore(tmp_path)  # clean stop: no walk needed, still indexed
+    assert third.has([d]) == {d}
+    third.close()
