@@ -305,8 +305,13 @@ class BridgeNetwork:
         log.info("sandbox.network_restored", extra={"fields": {"id": container_id, "ip": a.ip}})
         return a
 
-    async def detach(self, container_id: str) -> None:
-        """Remove the container's namespace, veth, rules and address; safe to repeat."""
+    async def detach(self, container_id: str, *, sweep_rules: bool = False) -> None:
+        """Remove the container's namespace, veth, rules and address; safe to repeat.
+
+        Rules are looked for only if the attachment publishes ports, or with
+        `sweep_rules` (leftovers found by their tag), so detaching a container
+        that never had a bridge costs nothing.
+        """
         a = self._attachments.get(container_id)
         netns = a.netns if a else self.netns_name(container_id)
         veth = a.host_veth if a else self.veth_name(container_id)
@@ -317,7 +322,7 @@ class BridgeNetwork:
         if os.path.exists(f"{NETNS_DIR}/{netns}"):
             await run_command(["ip", "netns", "del", netns], timeout=self.timeout, check=False)
         async with self._lock:
-            if a is None or a.ports:
+            if sweep_rules or (a is not None and a.ports):
                 await self._delete_rules_tagged({self._comment(container_id)})
             if a is not None:
                 self._pool.release(a.ip)
@@ -340,7 +345,7 @@ class BridgeNetwork:
             if tagged.startswith(f"{self.config.tag}:") and tagged.split(":", 1)[1] not in keep:
                 gone.add(tagged.split(":", 1)[1])
         for cid in sorted(gone):
-            await self.detach(cid)
+            await self.detach(cid, sweep_rules=True)
         # Host veths on our bridge that belong to nobody we keep.
         kept_veths = {self.veth_name(cid) for cid in keep}
         brif = Path(f"/sys/class/net/{self.config.bridge}/brif")
