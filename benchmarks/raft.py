@@ -174,7 +174,8 @@ def run_node(args: argparse.Namespace) -> None:
     @server.unary("kv.status")
     async def kv_status(ctx, body: bytes) -> bytes:
         return msgspec.msgpack.encode(
-            {"id": args.id, "leader": node.role is Role.LEADER, "term": node.term, "applied": driver.applied}
+            {"id": args.id, "leader": node.role is Role.LEADER, "term": node.term, "applied": driver.applied,
+             "stats": driver.statistics()}
         )
 
     async def raft_inbound(conn) -> None:
@@ -339,11 +340,22 @@ async def load_ours(cluster: OurCluster, clients: int, seconds: float) -> dict:
                 continue
             latencies.append(time.perf_counter() - start)
 
+    async def stats() -> dict:
+        import msgspec
+
+        return msgspec.msgpack.decode(await rpc.call(address, "kv.status", b"", timeout=5))["stats"]
+
+    before = await stats()
     async with trio.open_nursery() as nursery:
         for n in range(clients):
             nursery.start_soon(client, n)
+    after = await stats()
     await rpc.aclose()
-    return dict(summary(latencies, seconds), errors=errors)
+    syncs = after["syncs"] - before["syncs"]
+    written = after["entries_written"] - before["entries_written"]
+    return dict(summary(latencies, seconds), errors=errors,
+                leader_entries_per_sync=round(written / syncs, 1) if syncs else None,
+                leader_syncs_s=round(syncs / seconds, 1))
 
 
 async def failover_ours(cluster: OurCluster, trials: int) -> list[float]:
@@ -631,6 +643,8 @@ def main() -> None:
                 record(out, "ours_p50_ms", clients, r["p50_ms"])
                 record(out, "ours_p99_ms", clients, r["p99_ms"])
                 record(out, "ours_errors", clients, r["errors"])
+                record(out, "ours_leader_entries_per_sync", clients, r["leader_entries_per_sync"])
+                record(out, "ours_leader_syncs_s", clients, r["leader_syncs_s"])
             failover = trio.run(failover_ours, ours, args.trials) if ours and args.trials else []
             if failover:
                 out["failover_trials_ok"] = len(failover)
