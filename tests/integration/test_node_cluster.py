@@ -1,0 +1,292 @@
+"""The node process for real: separate `cloudless node` processes on loopback,
+driven through the CLI exactly as a user would (DESIGN.md §7)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = [sys.executable, "-m", "cloudless"]
+
+
+def free_port() -> int:
+    """A port free for both TCP and UDP (a node serves both on one number)."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def cli(*args: str, config: Path | None = None, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if config is not None:
+        env["CLOUDLESS_CONFIG"] = str(config)
+    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cloudless {' '.join(args)} failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def cli_json(*args: str, config: Path, timeout: float = 30):
+    proc = cli(*args, "--json", config=config, timeout=timeout, check=True)
+    return json.loads(proc.stdout)
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except (AssertionError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
+            last = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}: last={last!r}")
+
+
+class NodeProcess:
+    def __init__(self, data_dir: Path, port: int, *extra: str) -> None:
+        self.data_dir = data_dir
+        self.port = port
+        self.address = f"127.0.0.1:{port}"
+        self.extra = list(extra)
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, *join_args: str) -> "NodeProcess":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.data_dir / "node.out", "ab")
+        self.proc = subprocess.Popen(
+            [*CLI, "node", "--data-dir", str(self.data_dir), "--listen", self.address, "--voter-stabilization", "1", *self.extra, *join_args],
+            stdout=out,
+            stderr=out,
+            stdin=subprocess.DEVNULL,
+        )
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def output(self) -> str:
+        try:
+            return (self.data_dir / "node.out").read_text()[-4000:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started: list[NodeProcess] = []
+
+    def make(name: str, *extra: str) -> NodeProcess:
+        node = NodeProcess(tmp_path / name, free_port(), "--name", name, *extra)
+        started.append(node)
+        return node
+
+    yield make
+    for node in started:
+        node.stop()
+
+
+def token(config: Path, *args: str) -> str:
+    return cli_json("token", "create", *args, config=config)["token"]
+
+
+def status(config: Path, endpoint: str | None = None) -> dict:
+    extra = ("--endpoint", endpoint) if endpoint else ()
+    return cli_json("status", *extra, config=config)
+
+
+def bootstrap(nodes) -> tuple[NodeProcess, Path]:
+    first = nodes("node1").start()
+    config = first.data_dir / "admin.yaml"
+    wait_for(lambda: config.exists(), 20, "admin config")
+    wait_for(lambda: status(config)["leader"] == "node1", 20, "node1 to lead")
+    return first, config
+
+
+def test_bootstrap_writes_admin_config_and_serves_status(nodes):
+    first, config = bootstrap(nodes)
+    doc = status(config)
+    assert set(doc) == {"cluster_id", "leader", "term", "commit_index", "voters", "learners", "members"}
+    assert doc["voters"] == ["node1"] and doc["learners"] == []
+    (member,) = doc["members"]
+    assert {k: member[k] for k in ("id", "name", "address", "state", "role")} == {
+        "id": "node1", "name": "node1", "address": first.address, "state": "alive", "role": "voter"
+    }
+    assert oct(os.stat(config).st_mode & 0o777) == "0o600"
+
+
+def test_vars_semantics_and_exit_codes(nodes):
+    _, config = bootstrap(nodes)
+    put = cli_json("vars", "put", "app/color", "blue", config=config)
+    assert put["key"] == "app/color" and put["value"] == "blue" and put["index"] > 0
+    assert cli_json("vars", "get", "app/color", config=config) == put
+    conflict = cli("vars", "cas", "app/color", "red", "--index", str(put["index"] - 1), "--json", config=config)
+    assert conflict.returncode == 4, conflict.stdout + conflict.stderr
+    assert json.loads(conflict.stdout)["error"] == "conflict"
+    swapped = cli_json("vars", "cas", "app/color", "red", "--index", str(put["index"]), config=config)
+    assert swapped["value"] == "red" and swapped["index"] > put["index"]
+    created = cli_json("vars", "cas", "new", "x", "--index", "0", config=config)
+    assert created["value"] == "x"
+    assert cli("vars", "cas", "new", "y", "--index", "0", config=config).returncode == 4
+    assert [v["key"] for v in cli_json("vars", "ls", "app/", config=config)] == ["app/color"]
+    cli("vars", "rm", "app/color", config=config, check=True)
+    missing = cli("vars", "get", "app/color", "--json", config=config)
+    assert missing.returncode == 3 and json.loads(missing.stdout)["error"] == "not_found"
+    assert cli("vars", "get", "bad key!", config=config).returncode == 2
+
+
+def test_join_grow_to_three_voters_survive_leader_kill_and_rejoin(nodes):
+    first, config = bootstrap(nodes)
+    join_token = token(config, "--uses", "2")
+    second = nodes("node2").start("--join", first.address, "--token", join_token)
+    third = nodes("node3").start("--join", first.address, "--token", join_token)
+    wait_for(lambda: status(config)["voters"] == ["node1", "node2", "node3"], 60, "three voters")
+    acked = {f"k{i}": cli_json("vars", "put", f"k{i}", f"v{i}", config=config)["value"] for i in range(5)}
+
+    first.kill9()
+    survivors = f"{second.address}"
+
+    def new_leader():
+        doc = status(config, survivors)
+        return doc["leader"] in ("node2", "node3") and doc
+
+    wait_for(new_leader, 30, "a new leader")
+    # The client fails over across the endpoints in its config; only node1 is
+    # listed in the admin config, so name a survivor explicitly.
+    for key, value in acked.items():
+        assert cli_json("vars", "get", key, "--endpoint", survivors, config=config)["value"] == value
+    cli_json("vars", "put", "after", "failover", "--endpoint", survivors, config=config)
+
+    first.start()  # same data dir: resumes the same identity and rejoins
+    wait_for(
+        lambda: {m["id"]: m["state"] for m in status(config, survivors)["members"]}.get("node1") == "alive",
+        40,
+        "node1 back alive",
+    )
+    assert cli_json("vars", "get", "after", "--endpoint", first.address, config=config)["value"] == "failover"
+
+
+@pytest.mark.parametrize("case", ["forged", "used_up", "expired", "wrong_role", "malformed"])
+def test_token_misuse_is_refused_and_changes_nothing(nodes, case):
+    first, config = bootstrap(nodes)
+    if case == "forged":
+        good = token(config)
+        parts = good.split(".")
+        parts[2] = ("a" if parts[2][0] != "a" else "b") + parts[2][1:]
+        bad = ".".join(parts)
+    elif case == "used_up":
+        bad = token(config, "--uses", "1")
+        ok = nodes("ok").start("--join", first.address, "--token", bad)
+        wait_for(lambda: "ok" in [m["id"] for m in status(config)["members"]], 30, "first use to succeed")
+    elif case == "expired":
+        bad = token(config, "--ttl", "1s")
+        time.sleep(1.5)
+    elif case == "wrong_role":
+        bad = token(config, "--role", "admin")
+    else:
+        bad = "cl1.not-a-token"
+    joiner = nodes("intruder")
+    proc = subprocess.run(
+        [*CLI, "node", "--data-dir", str(joiner.data_dir), "--listen", joiner.address, "--name", "intruder",
+         "--join", first.address, "--token", bad],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode != 0
+    expected = {"forged": "does not match", "used_up": "used", "expired": "expired", "wrong_role": "grants admin", "malformed": "not a bootstrap token"}[case]
+    assert expected in proc.stderr, proc.stderr
+    assert "intruder" not in [m["id"] for m in status(config)["members"]]
+    assert not (joiner.data_dir / "node.json").exists()
+
+
+def test_removed_node_is_revoked_cluster_wide(nodes):
+    import trio
+
+    from cloudless.errors import CloudlessError
+    from cloudless.pki.credentials import Credentials
+    from cloudless.pki.errors import PeerRejected
+    from cloudless.pki.revocation import RevocationList
+    from cloudless.pki.verify import PeerVerifier
+    from cloudless.transport.tls import TlsCarrier
+
+    first, config = bootstrap(nodes)
+    second = nodes("node2").start("--join", first.address, "--token", token(config))
+    wait_for(lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 30, "node2 joined")
+    second.stop()
+    cli("nodes", "rm", "node2", config=config, check=True)
+    assert "node2" not in status(config)["voters"] + status(config)["learners"]
+    creds = Credentials.load(second.data_dir / "tls")
+
+    async def connect_as_removed_node():
+        verifier = PeerVerifier(creds.ca_certificate, RevocationList(), creds.identity.cluster_id)
+        carrier = TlsCarrier(creds, verifier)
+        host, port = first.address.split(":")
+        conn = await carrier.connect((host, int(port)))
+        await conn.aclose()
+
+    def refused():
+        try:
+            trio.run(connect_as_removed_node)
+        except PeerRejected as exc:
+            return exc.reason == "revoked"
+        except CloudlessError:
+            return False
+        return False
+
+    wait_for(refused, 15, "the removed node's certificate to be refused as revoked")
+
+
+def test_dev_up_and_down_from_a_clean_state(tmp_path):
+    directory = tmp_path / "c"
+    base = free_port()
+    proc = cli("dev", "up", "--nodes", "3", "--dir", str(directory), "--base-port", str(base), "--json", timeout=120)
+    try:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        doc = json.loads(proc.stdout)
+        assert len(doc["nodes"]) == 3 and doc["leader"]
+        config = directory / "config.yaml"
+        for i in (1, 2, 3):
+            assert (directory / f"node{i}" / "node.pid").exists()
+        wait_for(lambda: len(status(config)["voters"]) == 3, 60, "three voters")
+        cli_json("vars", "put", "hello", "world", config=config)
+        # Running it again restarts what is not running, and nothing else.
+        pid2 = int((directory / "node2" / "node.pid").read_text())
+        os.kill(pid2, signal.SIGKILL)
+        again = cli("dev", "up", "--nodes", "3", "--dir", str(directory), "--json", timeout=120)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert int((directory / "node2" / "node.pid").read_text()) != pid2
+        assert cli_json("vars", "get", "hello", config=config)["value"] == "world"
+    finally:
+        down = cli("dev", "down", "--dir", str(directory), "--json", timeout=60)
+    assert down.returncode == 0
+    assert sorted(json.loads(down.stdout)["stopped"]) == ["node1", "node2", "node3"]
+    for i in (1, 2, 3):
+        assert not (directory / f"node{i}" / "node.pid").exists()
