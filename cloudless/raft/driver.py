@@ -99,6 +99,10 @@ class RaftDriver:
     applies committed entries (every kind, including no-ops and
     configuration changes) in order; `restore(snapshot)` replaces the state
     machine with a snapshot from the leader.
+
+    At start the state machine must already reflect `node.applied` (after a
+    restart: restored from `storage.snapshot()`, and the node built with
+    `RaftConfig(applied=...)`); the driver applies everything after it.
     """
 
     def __init__(
