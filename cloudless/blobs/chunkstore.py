@@ -196,8 +196,10 @@ class LocalChunkStore:
         self._wo = WriteOptions()
         self._summary = _SummaryAccumulator()
         self._known_dirs: set[Path] = set()
-        for key in self._db.keys():
+        self._used = 0  # stored bytes, for the capacity a placement sees
+        for key, raw in self._db.items():
             self._summary.toggle(key.decode(), True)
+            self._used += msgspec.msgpack.decode(raw, type=ChunkInfo).stored_size
         # A crash between a chunk's rename and its index write leaves a file GC cannot see;
         # after an unclean stop, re-adopt such files (a directory walk, only then).
         clean = self.root / "clean-shutdown"
@@ -256,10 +258,13 @@ class LocalChunkStore:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         info = ChunkInfo(len(data), len(payload) + 1, self._clock())
-        existed = self._db.get(key) is not None
+        previous = self._db.get(key)
         self._db.put(key, msgspec.msgpack.encode(info), self._wo)
-        if not existed:
+        if previous is None:
             self._summary.toggle(digest, True)
+        else:
+            self._used -= msgspec.msgpack.decode(previous, type=ChunkInfo).stored_size
+        self._used += info.stored_size
         return True
 
     def get(self, digest: str) -> bytes:
@@ -297,7 +302,10 @@ class LocalChunkStore:
     def delete(self, digest: str) -> bool:
         ChunkDigest(digest)
         key = digest.encode()
-        existed = self._db.get(key) is not None
+        previous = self._db.get(key)
+        existed = previous is not None
+        if previous is not None:
+            self._used -= msgspec.msgpack.decode(previous, type=ChunkInfo).stored_size
         # Index first: a crash between the two leaves a file `rebuild_index` re-adopts, never an entry without a file.
         self._db.delete(key, self._wo)
         self.path_of(digest).unlink(missing_ok=True)
@@ -320,13 +328,12 @@ class LocalChunkStore:
         st = os.statvfs(self.root)
         total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
         if self._capacity_override is not None:
-            used = sum(self._stored_sizes())
-            return self._capacity_override, max(0, min(free, self._capacity_override - used))
+            return self._capacity_override, max(0, min(free, self._capacity_override - self._used))
         return total, free
 
-    def _stored_sizes(self) -> Iterator[int]:
-        for _, raw in self._db.items():
-            yield msgspec.msgpack.decode(raw, type=ChunkInfo).stored_size
+    @property
+    def used_bytes(self) -> int:
+        return self._used
 
     def rebuild_index(self) -> int:
         """Re-adopt chunk files the index lost (crash between rename and index write). Returns how many."""
@@ -343,6 +350,7 @@ class LocalChunkStore:
             st = path.stat()
             self._db.put(d.encode(), msgspec.msgpack.encode(ChunkInfo(len(data), st.st_size, st.st_mtime)), self._wo)
             self._summary.toggle(d, True)
+            self._used += st.st_size
             added += 1
         return added
 

@@ -648,3 +648,16 @@ def test_aws_cli_cp_ls_sync_rm(gateway, bucket, tmp_path):
 def test_aws_cli_reports_no_such_key(gateway, bucket):
     r = aws(gateway, "s3api", "get-object", "--bucket", bucket, "--key", "nope", "/dev/null")
     assert r.returncode != 0 and b"NoSuchKey" in r.stderr
+
+
+def test_conditional_put_is_compare_and_set(s3, bucket):
+    s3.put_object(Bucket=bucket, Key="once", Body=b"first", IfNoneMatch="*")
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=bucket, Key="once", Body=b"second", IfNoneMatch="*")
+    assert error_of(e) == ("PreconditionFailed", 412)
+    etag = s3.head_object(Bucket=bucket, Key="once")["ETag"]
+    s3.put_object(Bucket=bucket, Key="once", Body=b"third", IfMatch=etag)
+    with pytest.raises(ClientError) as e:
+        s3.put_object(Bucket=bucket, Key="once", Body=b"fourth", IfMatch=etag)
+    assert error_of(e) == ("PreconditionFailed", 412)
+    assert s3.get_object(Bucket=bucket, Key="once")["Body"].read() == b"third"

@@ -543,6 +543,7 @@ class S3Gateway:
         length = self._declared_length(request)
         md5 = self._content_md5(request)
         meta = _user_metadata(request.headers)
+        expected_version = await self._write_condition(request)
         manifest = await self.service.put_object(
             request.bucket,
             request.key,
@@ -551,8 +552,29 @@ class S3Gateway:
             metadata=meta,
             content_md5=md5,
             expected_size=length,
+            expected_version=expected_version,
         )
         return Response(200, [("etag", _etag(manifest.etag))] + _checksum_echo(request.headers))
+
+    async def _write_condition(self, request: Request) -> int | None:
+        """Conditional PUT (If-None-Match: * / If-Match: etag) as a compare-and-set on the
+        manifest version: the check and the write are one atomic step in the metadata store."""
+        if_none, if_match = request.headers.get("if-none-match"), request.headers.get("if-match")
+        if if_none is not None:
+            if if_none.strip() != "*":
+                raise S3Error("NotImplemented", "If-None-Match on PUT supports only *")
+            return 0
+        if if_match is not None:
+            try:
+                current = await self.service.head_object(request.bucket, request.key)
+            except CloudlessError as exc:
+                if exc.code == "no_such_key":
+                    raise S3Error("NoSuchKey", Key=request.key) from None
+                raise
+            if not _etag_matches(if_match, current.etag):
+                raise S3Error("PreconditionFailed", Condition="If-Match")
+            return current.version
+        return None
 
     async def copy_object(self, request: Request) -> Response:
         source = unquote(request.headers["x-amz-copy-source"]).lstrip("/")

@@ -139,3 +139,16 @@ def test_reopening_after_an_unclean_stop_adopts_unindexed_files(tmp_path):
     third = LocalChunkStore(tmp_path)  # clean stop: no walk needed, still indexed
     assert third.has([d]) == {d}
     third.close()
+
+
+def test_capacity_override_counts_stored_bytes_across_reopen(tmp_path):
+    store = LocalChunkStore(tmp_path, capacity_bytes=10_000_000)
+    data = os.urandom(100_000)
+    store.put(ChunkDigest.of(data), data)
+    assert store.capacity() == (10_000_000, 10_000_000 - 100_001)
+    store.close()
+    again = LocalChunkStore(tmp_path, capacity_bytes=10_000_000)
+    assert again.used_bytes == 100_001
+    again.delete(ChunkDigest.of(data))
+    assert again.capacity()[1] == 10_000_000
+    again.close()
