@@ -11,7 +11,8 @@ import uuid
 import pytest
 import trio
 
-from cloudless.testing.chaos import ChaosCluster, ProcessExited, ProcessSpec
+from cloudless.errors import InvalidInput
+from cloudless.testing.chaos import ChaosCluster, Isolate, ProcessExited, ProcessSpec
 from cloudless.testing.netns import RECORD_DIR, NetnsHosts, list_links, list_netns, resources_of_run, sweep_stale
 
 pytestmark = pytest.mark.root
@@ -71,7 +72,11 @@ async def test_one_way_drops_only_the_named_direction(echo_cluster, programs):
 
 
 async def test_isolated_host_is_cut_from_peers_but_not_from_root_clients(echo_cluster, programs):
-    await echo_cluster.isolate(1)
+    async def current_leader(cluster):  # how a test targets "the leader": a function of the cluster
+        assert cluster is echo_cluster
+        return 1
+
+    assert await echo_cluster.apply(Isolate(current_leader)) == "isolate host1"
     assert not programs.tcp_ok(echo_cluster, 0, 1)
     assert not programs.tcp_ok(echo_cluster, 1, 2)
     assert programs.tcp_ok(echo_cluster, 0, 2)
@@ -104,6 +109,10 @@ async def test_loss_at_p1_drops_everything_and_at_p0_nothing(echo_cluster, progr
     assert _delivered(programs, echo_cluster, 0, 1, via=2) == 5
     await echo_cluster.heal()
     assert net.rule_counters(1) == []
+    with pytest.raises(InvalidInput):
+        await echo_cluster.loss(1, 1.5)
+    with pytest.raises(InvalidInput):
+        await echo_cluster.partition([[0, 1], [1, 2]])
     assert programs.tcp_ok(echo_cluster, 1, 0, timeout=2)
 
 

@@ -241,3 +241,26 @@ def test_random_schedule_accepts_a_shared_rng():
     first = random_schedule(rng, 3, 20.0, kinds=("kill9",))
     second = random_schedule(rng, 3, 20.0, kinds=("kill9",))
     assert first != second and all(isinstance(f, (Kill9, Restart)) for _, f in first + second)
+
+
+@pytest.mark.root
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_durable_register_survives_a_random_schedule(tmp_path, programs, seed):
+    # Soak: every fault kind, in a seeded order, against the single-copy register on host 0.
+    schedule = random_schedule(seed, 3, 30.0, fault_s=(0.5, 2.0), calm_s=(0.2, 1.0))
+    workload = VarsWorkload(
+        operate=lambda *a: _register_op(programs.port, *a),
+        clients=6,
+        duration_s=32.0,
+        max_ops=20000,
+        op_timeout_s=0.5,
+        think_s=0.005,
+        hosts=[0],
+    )
+    async with ChaosCluster(3, tmp_path, programs.register, seed=seed, extra={"flags": ""}) as cluster:
+        await cluster.start(0)
+        result = await cluster.run_workload(workload, schedule)
+        check = result.check(timeout_s=300)
+        assert check.linearizable, f"{result.summary()}\n{check.explanation}"
+        assert len(result.faults) == len(schedule) + 2, result.summary()
