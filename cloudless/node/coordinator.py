@@ -138,7 +138,6 @@ class Coordinator:
         assert replicated is not None
         candidates = self.candidates(now)
         result = plan(candidates, node.node_id, now, node.options.autopilot)
-        node.metrics.autopilot_voters.set(sum(c.raft_role == "voter" for c in candidates))
         if not result.actions:
             return None
         action = result.actions[0]

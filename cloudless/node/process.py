@@ -78,6 +78,7 @@ class NodeOptions:
     election_tick: int = 10
     autopilot: AutopilotConfig = field(default_factory=AutopilotConfig)
     log_level: str = "info"
+    metrics_listen: tuple[str, int] | None = None
 
 
 class BootstrapPending(msgspec.Struct):
@@ -108,7 +109,7 @@ class Node:
     def __init__(self, options: NodeOptions) -> None:
         self.options = options
         self.data = DataDir(options.data_dir)
-        self.metrics = NodeMetrics()
+        self.metrics = NodeMetrics(lambda: self)
         self.events = EventLog()
         self.device: DeviceProfile = detect(options.power, options.battery, options.network)  # type: ignore[arg-type]
         self.started_at = time.time()
@@ -295,6 +296,10 @@ class Node:
                 nursery.start_soon(self._revocation_sync)
                 nursery.start_soon(self._renewal_loop)
                 nursery.start_soon(self._metadata_loop)
+                if self.options.metrics_listen is not None:
+                    from cloudless.api.http import metrics_app, serve_https
+
+                    await nursery.start(serve_https, metrics_app(self.metrics.render), self.options.metrics_listen, self.data.tls)
                 nursery.start_soon(self._signals, nursery)
                 self.ready.set()
                 log.info(

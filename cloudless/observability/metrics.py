@@ -1,35 +1,70 @@
 """Prometheus metrics, named cloudless_<subsystem>_<name>_<unit>.
 
-One registry per node process (not the global default) so several nodes can
-run in one test process without colliding.
+Read at scrape time from the live node (a custom collector), so nothing has
+to remember to update a gauge. One registry per node, not the global
+default, so several nodes can run in one test process.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+_MEMBER_STATES = ("alive", "suspect", "dead", "left")
+
+
+class NodeCollector:
+    def __init__(self, node_getter: Callable[[], object]) -> None:
+        self._node = node_getter
+
+    def collect(self) -> Iterator[Metric]:
+        node = self._node()
+        replicated = getattr(node, "replicated", None)
+        if replicated is not None:
+            core = replicated.core
+            stats = replicated.driver.statistics()
+            yield GaugeMetricFamily("cloudless_raft_term", "Current Raft term", value=core.term)
+            yield GaugeMetricFamily("cloudless_raft_commit_index", "Raft commit index", value=core.commit_index)
+            yield GaugeMetricFamily("cloudless_raft_applied_index", "Raft applied index", value=stats.get("applied", 0))
+            yield GaugeMetricFamily("cloudless_raft_is_leader", "1 when this node leads", value=1 if replicated.is_leader else 0)
+            conf = core.conf_state
+            yield GaugeMetricFamily("cloudless_raft_voters", "Voters in the configuration", value=len(conf.voters))
+            yield GaugeMetricFamily("cloudless_raft_learners", "Learners in the configuration", value=len(conf.learners))
+            for key, help_text in (
+                ("syncs", "Durable log syncs (group commits)"),
+                ("entries_written", "Log entries written"),
+                ("entries_applied", "Entries applied to the state machine"),
+                ("messages_sent", "Raft messages sent"),
+                ("messages_dropped", "Raft messages dropped (peer outbox full)"),
+            ):
+                yield CounterMetricFamily(f"cloudless_raft_{key}", help_text, value=stats.get(key, 0))
+        gossip = getattr(node, "gossip", None)
+        if gossip is not None:
+            members = GaugeMetricFamily("cloudless_gossip_members", "Members by state", labels=["state"])
+            counts = dict.fromkeys(_MEMBER_STATES, 0)
+            for member in gossip.core.members.rows.values():
+                counts[_MEMBER_STATES[member.state]] += 1
+            for state, n in counts.items():
+                members.add_metric([state], n)
+            yield members
+            for key, value in gossip.core.stats.items():
+                yield CounterMetricFamily(f"cloudless_gossip_{key}", f"Gossip {key.replace('_', ' ')}", value=value)
+            dropped = CounterMetricFamily("cloudless_gossip_packets_dropped", "Gossip packets dropped", labels=["reason"])
+            for key, value in gossip.counters.items():
+                dropped.add_metric([key], value)
+            yield dropped
 
 
 class NodeMetrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry(auto_describe=True)
-        self.raft_term = Gauge("cloudless_raft_term", "Current Raft term", registry=r)
-        self.raft_commit_index = Gauge("cloudless_raft_commit_index", "Raft commit index", registry=r)
-        self.raft_is_leader = Gauge("cloudless_raft_is_leader", "1 when this node leads", registry=r)
-        self.raft_proposals = Counter("cloudless_raft_proposals_total", "Proposals submitted", registry=r)
-        self.raft_sync_seconds = Histogram(
-            "cloudless_raft_sync_seconds", "Durable log sync latency", registry=r,
-            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
-        )
-        self.gossip_members = Gauge("cloudless_gossip_members", "Members by state", ["state"], registry=r)
-        self.gossip_packets_dropped = Counter(
-            "cloudless_gossip_packets_dropped_total", "Gossip packets dropped", ["reason"], registry=r
-        )
-        self.rpc_requests = Counter("cloudless_rpc_requests_total", "RPCs served", ["method", "outcome"], registry=r)
-        self.rpc_seconds = Histogram("cloudless_rpc_duration_seconds", "RPC handler latency", ["method"], registry=r)
+    def __init__(self, node_getter: Callable[[], object] | None = None) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=False)
+        if node_getter is not None:
+            r.register(NodeCollector(node_getter))
         self.autopilot_decisions = Counter(
-            "cloudless_autopilot_decisions_total", "Membership changes made by autopilot", ["kind"], registry=r
+            "cloudless_autopilot_decisions", "Membership changes made by autopilot", ["kind"], registry=r
         )
-        self.autopilot_voters = Gauge("cloudless_autopilot_voters", "Current Raft voters", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -290,3 +290,26 @@ def test_dev_up_and_down_from_a_clean_state(tmp_path):
     assert sorted(json.loads(down.stdout)["stopped"]) == ["node1", "node2", "node3"]
     for i in (1, 2, 3):
         assert not (directory / f"node{i}" / "node.pid").exists()
+
+
+def test_metrics_endpoint_requires_a_cluster_certificate(nodes):
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    metrics_port = free_port()
+    first = nodes("node1", "--metrics-listen", f"127.0.0.1:{metrics_port}").start()
+    config = first.data_dir / "admin.yaml"
+    wait_for(lambda: config.exists(), 20, "admin config")
+    wait_for(lambda: status(config)["leader"] == "node1", 20, "node1 to lead")
+    tls = first.data_dir / "tls"
+    context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    context.check_hostname = False
+    url = f"https://127.0.0.1:{metrics_port}/metrics"
+    with pytest.raises((urllib.error.URLError, ssl.SSLError, ConnectionError)):
+        urllib.request.urlopen(url, context=context, timeout=5).read()  # no client certificate
+    context.load_cert_chain(str(tls / "cert.pem"), str(tls / "key.pem"))
+    body = urllib.request.urlopen(url, context=context, timeout=5).read().decode()
+    assert "cloudless_raft_is_leader 1.0" in body
+    assert 'cloudless_gossip_members{state="alive"} 1.0' in body
+    assert "cloudless_raft_syncs_total" in body

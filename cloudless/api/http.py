@@ -1,0 +1,76 @@
+"""HTTPS inside the node (hypercorn on trio): /metrics now, the S3 gateway
+when it is mounted.
+
+TLS 1.2+ with the node's certificate; clients must present a certificate
+from the cluster CA (mTLS, as everywhere). hypercorn's ASGI scope does not
+expose the peer certificate, so this listener checks the chain and validity
+but cannot consult the revocation list; it serves read-only metrics, and
+anything that writes authenticates again inside the request (S3 SigV4).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+log = logging.getLogger(__name__)
+
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+App = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+def metrics_app(render: Callable[[], bytes]) -> App:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
+            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"not found\n"})
+            return
+        body = render()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+    return app
+
+
+async def serve_https(
+    app: App,
+    bind: tuple[str, int],
+    tls_dir: Path,
+    *,
+    require_client_certificate: bool = True,
+    task_status=trio.TASK_STATUS_IGNORED,
+) -> None:
+    config = Config()
+    config.bind = [f"{bind[0]}:{bind[1]}"]
+    config.certfile = str(tls_dir / "cert.pem")
+    config.keyfile = str(tls_dir / "key.pem")
+    config.ca_certs = str(tls_dir / "ca.pem")
+    config.verify_mode = ssl.CERT_REQUIRED if require_client_certificate else ssl.CERT_NONE
+    config.accesslog = None
+    config.errorlog = logging.getLogger("cloudless.http")
+    config.graceful_timeout = 1.0
+    await serve(app, config, task_status=task_status)
