@@ -21,7 +21,7 @@ from cloudless.blobs.errors import InvalidDigest
 
 DEFAULT_AVG_CHUNK = 1 << 20
 MIN_AVG_CHUNK = 1 << 12
-MAX_AVG_CHUNK = 1 << 22
+MAX_AVG_CHUNK = 1 << 21  # max chunk 8 MiB: one chunk always fits one RPC frame (16 MiB)
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -62,7 +62,7 @@ def test_chunking_params_refuse_sizes_out_of_range():
     with pytest.raises(msgspec.ValidationError):
         ChunkingParams(1000)
     with pytest.raises(msgspec.ValidationError):
-        ChunkingParams(1 << 23)
+        ChunkingParams(1 << 22)
 
 
 def test_empty_input_has_no_chunks():
