@@ -120,6 +120,7 @@ class BridgeNetwork:
         self._attachments: dict[str, Attachment] = self._load()
         self._pool = AddressPool(config.subnet, {a.ip for a in self._attachments.values()})
         self._lock = trio.Lock()  # allocations file and iptables batches
+        self._bridge_lock = trio.Lock()
         self._bridge_ready = False
 
     # ------------------------------------------------------------ persistence
@@ -179,15 +180,23 @@ class BridgeNetwork:
         }
 
     async def ensure_bridge(self) -> None:
-        """Create the bridge, its address and rules if missing (idempotent)."""
+        """Create the bridge, its address and rules if missing (idempotent, concurrency-safe)."""
         if self._bridge_ready:
             return
+        async with self._bridge_lock:
+            if not self._bridge_ready:
+                await self._create_bridge()
+                self._bridge_ready = True
+
+    async def _create_bridge(self) -> None:
         c = self.config
         net = ipaddress.ip_network(c.subnet)
         gateway = self._pool.gateway
         exists = os.path.exists(f"/sys/class/net/{c.bridge}")
         if not exists:
-            await run_command(["ip", "link", "add", c.bridge, "type", "bridge"], timeout=self.timeout)
+            # check=False: another node process on this machine may win the race; the
+            # address check below fails loudly if the bridge really is missing.
+            await run_command(["ip", "link", "add", c.bridge, "type", "bridge"], timeout=self.timeout, check=False)
             log.info("sandbox.bridge_created", extra={"fields": {"bridge": c.bridge, "subnet": c.subnet}})
         addrs = await run_command(["ip", "-j", "addr", "show", "dev", c.bridge], timeout=self.timeout)
         have = {a.get("local") for i in json.loads(addrs or "[]") for a in i.get("addr_info", [])}
@@ -204,7 +213,6 @@ class BridgeNetwork:
         async with self._lock:
             await self._delete_rules_tagged({self._comment()})
             await self._restore(self._bridge_rules())
-        self._bridge_ready = True
 
     async def remove_bridge(self) -> None:
         """Remove the bridge and its rules (node decommission, tests)."""

@@ -508,3 +508,40 @@ async def test_containers_outlive_a_killed_node_process_and_keep_logging_and_the
                 await rt.delete(st.id)
             await rt.sweep()
             await rt.aclose()
+
+
+@pytest.mark.slow
+async def test_soak_many_lifecycles_leak_nothing(runtime, rootfs):
+    """CLOUDLESS_LONG=1: 100 bridged create/start/exec/stop/delete cycles, 5 at a time; no leaks."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    async def cycle(i):
+        cid = f"soak-{i}"
+        await runtime.create(spec(rootfs, cid, ["sleep", "1000"], network="bridge", ports=[PortMapping(free_port(), 80)]))
+        await runtime.start(cid)
+        assert (await runtime.exec(cid, ["true"])).exit_code == 0
+        assert (await runtime.stop(cid, grace=0.1)).exit_code == 137
+        await runtime.delete(cid)
+
+    for batch in range(20):
+        async with trio.open_nursery() as n:
+            for j in range(5):
+                n.start_soon(cycle, batch * 5 + j)
+    assert await runtime.list() == []
+    assert leftovers("cltest") == []
+    assert runtime.network.attachments() == {}
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 4  # the pre-started shim's pipes
+    assert subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout == ""
+
+
+async def test_concurrent_first_attachments_create_the_bridge_once(runtime, rootfs):
+    await runtime.network.remove_bridge()
+    fresh = RuncRuntime(runtime.state_dir, bridge=BRIDGE, command_timeout=20)  # knows no bridge yet
+    async with trio.open_nursery() as n:
+        for i in range(4):
+            n.start_soon(fresh.create, spec(rootfs, f"race-{i}", ["true"], network="bridge"))
+    ips = {(await fresh.state(f"race-{i}")).ip for i in range(4)}
+    assert len(ips) == 4 and None not in ips
+    for i in range(4):
+        await fresh.delete(f"race-{i}")
+    await fresh.aclose()
