@@ -1,0 +1,32 @@
+"""Blob storage: content-addressed, replicated chunks and an S3-compatible gateway.
+
+Layers, bottom up (each IO interface has a memory twin):
+
+    chunking.py     FastCDC cuts (~1 MiB average, per bucket), SHA-256 `ChunkDigest`
+    chunkstore.py   `ChunkStore`: LocalChunkStore (fan-out files, zstd when it pays,
+                    fsync before ack, verify on read, RocksDB index) / MemoryChunkStore
+    placement.py    weighted rendezvous hashing over `StorageMember`s, zone spread (pure)
+    peers.py        `ChunkPeers` (has/put/get/drop/inventory) / MemoryChunkPeers
+    rpc.py          RpcChunkPeers + register_chunk_service: ChunkPeers over transport.rpc
+    replication.py  write path (R durable replicas, dedup on the wire), read repair
+    antientropy.py  summaries → repair plan (pure) → executor; GC with grace + pins
+    manifest.py     Bucket/ObjectManifest/MultipartUpload/AccessKey, `MetadataStore`
+                    protocol, LocalMetadataStore (RocksDB or memory)
+    objects.py      ObjectService: buckets, objects, multipart, access keys
+    s3/             the ASGI gateway (SigV4/SigV2, XML, errors) and its TLS serving
+    local.py        open_local_blobs(data_dir): the stand-alone store the CLI uses
+
+Wiring into the node (what the integrator provides):
+
+    store   = LocalChunkStore(data_dir / "blobs" / "store")
+    server  : register_chunk_service(rpc_server, store)
+    peers   = RpcChunkPeers(rpc_client, address_of=lambda node_id: (host, port))
+    members = lambda: [StorageMember(node_id, zone, capacity, free, power, metered, alive), ...]
+              (from gossip metadata; each node reports `store.capacity()`)
+    meta    = a Raft-backed MetadataStore (same protocol as LocalMetadataStore;
+              put_manifest/complete_upload are compare-and-set commands)
+    service = ObjectService(meta, store, peers, members, node_id=me)
+    gateway = S3Gateway(service); serve_gateway(gateway, host, port, certfile, keyfile)
+    leader  : antientropy.run_round(meta, members(), peers) every few seconds and
+              right after a member is declared dead; every node: service.collect_garbage()
+"""
