@@ -51,14 +51,13 @@ def raft(seeds: int, first: int, nodes: int | None, jobs: int, as_json: bool) ->
         emit_json(
             {
                 "seeds": seeds,
-                "first": first,
                 "violations": sum(len(r.violations) for r in failed),  # type: ignore[attr-defined]
                 "failed_seeds": [r.seed for r in failed],  # type: ignore[attr-defined]
                 "ops_checked": ops_checked,
                 "linearizable": linearizable,
-                "elapsed_s": round(elapsed, 2),
             }
         )
+        stderr.print(f"raft simulation: seeds {first}..{first + seeds - 1} in {elapsed:.1f}s", highlight=False)
     else:
         verdict = "[green]ok[/green]" if not failed else f"[red]{len(failed)} failed[/red]"
         stdout.print(

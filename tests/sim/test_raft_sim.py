@@ -112,3 +112,31 @@ def test_sim_network_partitions_cut_messages_in_flight():
     net.block("a", "b")  # asymmetric: a → b only
     delivered = net.due(now=100)
     assert [(m.frm, m.to) for m in delivered] == [("b", "a")]
+
+
+def test_cli_sim_raft_prints_one_json_document_and_exits_zero():
+    import json
+
+    from click.testing import CliRunner
+
+    from cloudless.cli.sim_raft import raft
+
+    result = CliRunner().invoke(raft, ["--seeds", "2", "--first", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["seeds"] == 2 and doc["violations"] == 0 and doc["failed_seeds"] == []
+    assert doc["linearizable"] is True and doc["ops_checked"] > 0
+
+
+def test_cli_sim_raft_fails_and_names_the_seed_when_safety_breaks(monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from cloudless.cli.sim_raft import raft
+
+    monkeypatch.setattr(raft_log.RaftLog, "is_up_to_date", lambda self, index, term: True)
+    result = CliRunner().invoke(raft, ["--seeds", "12", "--json"])
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["failed_seeds"] and doc["violations"] > 0
