@@ -113,6 +113,78 @@ class SetGossipKeyring(Command, tag="gossip.keyring"):
     keys: Annotated[list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]], msgspec.Meta(min_length=1, max_length=8)]
 
 
+# Workloads and allocations -----------------------------------------------------
+# (defined here, before the union; see cloudless/state/workload.py for the spec)
+
+from cloudless.state.workload import Allocation, WorkloadSpec  # noqa: E402
+
+AllocationIdText = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")]
+WorkloadNameText = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
+MAX_BATCH = 100_000
+
+
+class SubmitWorkload(Command, tag="workload.submit"):
+    """Create a workload or change its spec; the state machine numbers the version.
+
+    An identical spec (apart from `version`) is a no-op; a stopped workload
+    submitted again runs again.
+    """
+
+    spec: WorkloadSpec
+
+
+class ScaleWorkload(Command, tag="workload.scale"):
+    name: WorkloadNameText
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+
+
+class StopWorkload(Command, tag="workload.stop"):
+    """Stop every replica; the workload stays listed as stopped until submitted again."""
+
+    name: WorkloadNameText
+
+
+class AllocationReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a node's agent observed of one allocation."""
+
+    id: AllocationIdText
+    state: Annotated[str, msgspec.Meta(pattern=r"^(pending|starting|running|exited|failed|lost)$")]
+    exit_code: int | None = None
+    restarts: Annotated[int, msgspec.Meta(ge=0)] = 0
+    health: Annotated[str, msgspec.Meta(pattern=r"^(|starting|healthy|unhealthy)$")] = ""
+    message: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class ReportAllocations(Command, tag="alloc.report"):
+    """A batch of one node's observations; reports for allocations of another node are ignored."""
+
+    node: Name
+    reports: Annotated[tuple[AllocationReport, ...], msgspec.Meta(max_length=MAX_BATCH)]
+
+
+class CommitPlan(Command, tag="alloc.plan"):
+    """One controller decision round, committed as one entry.
+
+    `create`: new pending allocations (`replaces`: allocation id → the one it
+    reschedules); `stop`: allocations whose desired state becomes stop;
+    `lost`: allocations of dead nodes; `forget`: terminal allocations dropped
+    from the state; `explanations`: placement lines per workload for inspect;
+    `stable`: workload → version whose rollout completed healthy; `revert`:
+    workload → the failed version to roll back from (to its stable version);
+    `failed`: workload → a failed version to hold (no auto-revert).
+    """
+
+    create: Annotated[tuple[Allocation, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()
+    replaces: dict[AllocationIdText, AllocationIdText] = {}
+    stop: Annotated[tuple[AllocationIdText, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()
+    lost: Annotated[tuple[AllocationIdText, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()
+    forget: Annotated[tuple[AllocationIdText, ...], msgspec.Meta(max_length=MAX_BATCH)] = ()
+    explanations: dict[WorkloadNameText, tuple[str, ...]] = {}
+    stable: dict[WorkloadNameText, int] = {}
+    revert: dict[WorkloadNameText, int] = {}
+    failed: dict[WorkloadNameText, int] = {}  # workload → version held after a failed rollout
+
+
 CommandUnion = Union[
     PutVar,
     CasVar,
@@ -125,6 +197,11 @@ CommandUnion = Union[
     RevokeCertificate,
     StoreClusterCA,
     SetGossipKeyring,
+    SubmitWorkload,
+    ScaleWorkload,
+    StopWorkload,
+    ReportAllocations,
+    CommitPlan,
 ]
 
 

@@ -36,6 +36,8 @@ from cloudless.state.commands import (
     decode_proposal,
     decode_result,
 )
+from cloudless.state.commands import CommitPlan, ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
+from cloudless.state.workload import Allocation, WorkloadSpec
 
 SNAPSHOT_MAGIC = b"CLSS"
 SNAPSHOT_VERSION = 1
@@ -90,6 +92,40 @@ class Change(msgspec.Struct, frozen=True, array_like=True):
     key: str
 
 
+# How many past versions of a workload's spec are kept (for auto-revert).
+WORKLOAD_HISTORY = 5
+
+
+class WorkloadRecord(msgspec.Struct):
+    """A workload as the cluster holds it: its current spec and rollout bookkeeping."""
+
+    spec: WorkloadSpec
+    created_index: int
+    modify_index: int
+    submitted_at: float  # when the current version was set (a rollout's start)
+    stopped: bool = False
+    stable_version: int | None = None  # last version whose rollout completed healthy
+    failed_versions: list[int] = []
+    history: dict[int, WorkloadSpec] = {}
+    explanations: list[str] = []
+
+
+class AllocationRecord(msgspec.Struct):
+    """An allocation plus what the controller needs to decide about it."""
+
+    allocation: Allocation
+    created_at: float
+    state_since: float
+    desired: str = "run"  # run | stop
+    health: str = ""  # "", starting, healthy, unhealthy
+    message: str = ""
+    running_since: float | None = None
+    healthy_since: float | None = None  # running, and healthy when it has a check
+    replaces: str = ""
+    replaced_by: str = ""
+    reschedules: int = 0  # replacements before this one in its chain
+
+
 class _Image(msgspec.Struct):
     applied_index: int
     vars: dict[str, Var]
@@ -99,6 +135,8 @@ class _Image(msgspec.Struct):
     ca: ClusterCARecord | None
     sessions: list[tuple[str, Session]]
     gossip_keys: list[bytes] = []
+    workloads: dict[str, WorkloadRecord] = {}
+    allocations: dict[str, AllocationRecord] = {}
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -114,6 +152,9 @@ class StateMachine:
         self.revoked: dict[str, float] = {}  # serial (hex) -> not_after
         self.ca: ClusterCARecord | None = None
         self.gossip_keys: list[bytes] = []
+        self.workloads: dict[str, WorkloadRecord] = {}
+        self.allocations: dict[str, AllocationRecord] = {}
+        self._by_node: dict[str, set[str]] = {}
         # Insertion order is least-recently-used first; eviction is
         # deterministic because every replica applies the same sequence.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -241,7 +282,154 @@ class StateMachine:
             self.gossip_keys = list(cmd.keys)
             self._changes.append(Change(index, "gossip_keys", ""))
             return Done(index=index)
+        if isinstance(cmd, (SubmitWorkload, ScaleWorkload, StopWorkload, ReportAllocations, CommitPlan)):
+            return self._apply_workload_command(index, cmd, now)
         return Rejected(kind="invalid", message=f"unknown command {type(cmd).__name__}")
+
+    # -- workloads and allocations ---------------------------------------------
+
+    def _apply_workload_command(self, index: int, cmd, now: float) -> Result:
+        if isinstance(cmd, SubmitWorkload):
+            record = self.workloads.get(cmd.spec.name)
+            if record is None:
+                spec = msgspec.structs.replace(cmd.spec, version=1)
+                self.workloads[spec.name] = WorkloadRecord(spec, index, index, now, history={1: spec})
+            else:
+                same = msgspec.structs.replace(cmd.spec, version=record.spec.version) == record.spec
+                if same and not record.stopped:
+                    return Done(index=record.modify_index)
+                spec = msgspec.structs.replace(cmd.spec, version=record.spec.version + 1)
+                self._set_version(record, spec, index, now)
+                record.stopped = False
+            self._changes.append(Change(index, "workload", spec.name))
+            return Done(index=index)
+        if isinstance(cmd, ScaleWorkload):
+            record = self.workloads.get(cmd.name)
+            if record is None:
+                return Rejected(kind="not_found", message=f"no workload {cmd.name}")
+            record.spec = msgspec.structs.replace(record.spec, replicas=cmd.replicas)
+            record.history[record.spec.version] = record.spec
+            record.modify_index = index
+            record.stopped = False
+            self._changes.append(Change(index, "workload", cmd.name))
+            return Done(index=index)
+        if isinstance(cmd, StopWorkload):
+            record = self.workloads.get(cmd.name)
+            if record is None:
+                return Rejected(kind="not_found", message=f"no workload {cmd.name}")
+            record.stopped = True
+            record.modify_index = index
+            for alloc_id in [a for a, r in self.allocations.items() if r.allocation.workload == cmd.name]:
+                self._desire_stop(index, alloc_id)
+            self._changes.append(Change(index, "workload", cmd.name))
+            return Done(index=index)
+        if isinstance(cmd, ReportAllocations):
+            for report in cmd.reports:
+                rec = self.allocations.get(report.id)
+                if rec is None or rec.allocation.node != cmd.node:
+                    continue
+                self._record_report(index, rec, report, now)
+            return Done(index=index)
+        assert isinstance(cmd, CommitPlan)
+        for allocation in cmd.create:
+            if allocation.id in self.allocations or allocation.workload not in self.workloads:
+                continue
+            replaces = cmd.replaces.get(allocation.id, "")
+            previous = self.allocations.get(replaces) if replaces else None
+            rec = AllocationRecord(allocation, now, now, replaces=replaces)
+            if previous is not None:
+                previous.replaced_by = allocation.id
+                rec.reschedules = previous.reschedules + 1
+            self.allocations[allocation.id] = rec
+            self._by_node.setdefault(allocation.node, set()).add(allocation.id)
+            self._changes.append(Change(index, "allocation", allocation.node))
+        for alloc_id in cmd.stop:
+            self._desire_stop(index, alloc_id)
+        for alloc_id in cmd.lost:
+            rec = self.allocations.get(alloc_id)
+            if rec is not None and rec.allocation.live:
+                rec.allocation = msgspec.structs.replace(rec.allocation, state="lost")
+                rec.state_since = now
+                self._changes.append(Change(index, "allocation", rec.allocation.node))
+        for alloc_id in cmd.forget:
+            rec = self.allocations.pop(alloc_id, None)
+            if rec is not None:
+                self._by_node.get(rec.allocation.node, set()).discard(alloc_id)
+                self._changes.append(Change(index, "allocation", rec.allocation.node))
+        for name, lines in cmd.explanations.items():
+            if name in self.workloads:
+                self.workloads[name].explanations = list(lines)
+        for name, version in cmd.stable.items():
+            record = self.workloads.get(name)
+            if record is not None and version in record.history:
+                record.stable_version = version
+        for name, failed in cmd.failed.items():
+            record = self.workloads.get(name)
+            if record is not None and failed not in record.failed_versions:
+                record.failed_versions.append(failed)
+                self._changes.append(Change(index, "workload", name))
+        for name, failed in cmd.revert.items():
+            record = self.workloads.get(name)
+            if record is None or record.spec.version != failed:
+                continue
+            if failed not in record.failed_versions:
+                record.failed_versions.append(failed)
+            stable = record.history.get(record.stable_version) if record.stable_version is not None else None
+            if stable is not None:
+                self._set_version(record, msgspec.structs.replace(stable, version=failed + 1), index, now)
+            self._changes.append(Change(index, "workload", name))
+        return Done(index=index)
+
+    def _set_version(self, record: WorkloadRecord, spec: WorkloadSpec, index: int, now: float) -> None:
+        record.spec = spec
+        record.modify_index = index
+        record.submitted_at = now
+        record.history[spec.version] = spec
+        keep = sorted(record.history)[-WORKLOAD_HISTORY:]
+        if record.stable_version is not None and record.stable_version not in keep:
+            keep.append(record.stable_version)
+        record.history = {v: record.history[v] for v in sorted(keep)}
+
+    def _desire_stop(self, index: int, alloc_id: str) -> None:
+        rec = self.allocations.get(alloc_id)
+        if rec is None or rec.desired == "stop":
+            return
+        rec.desired = "stop"
+        self._changes.append(Change(index, "allocation", rec.allocation.node))
+
+    def _record_report(self, index: int, rec: AllocationRecord, report, now: float) -> None:
+        before = rec.allocation
+        if before.state == "lost" and report.state not in ("exited", "failed") and (rec.replaced_by or rec.desired == "stop"):
+            # Replaced while its node was away: it only comes back to be stopped.
+            state = before.state
+        else:
+            state = report.state
+        after = msgspec.structs.replace(before, state=state, exit_code=report.exit_code, restarts=report.restarts)
+        if state != before.state:
+            rec.state_since = now
+        if state == "running":
+            if rec.running_since is None:
+                rec.running_since = now
+        else:
+            rec.running_since = None
+        healthy = state == "running" and report.health in ("", "healthy")
+        if not healthy:
+            rec.healthy_since = None
+        elif rec.healthy_since is None:
+            rec.healthy_since = now
+        changed = after != before or rec.health != report.health or rec.message != report.message
+        rec.allocation, rec.health, rec.message = after, report.health, report.message
+        if changed:
+            self._changes.append(Change(index, "allocation_status", before.node))
+
+    def allocations_of_node(self, node_id: str) -> list[AllocationRecord]:
+        return [self.allocations[a] for a in sorted(self._by_node.get(node_id, ()))]
+
+    def allocations_of_workload(self, name: str) -> list[AllocationRecord]:
+        return sorted(
+            (r for r in self.allocations.values() if r.allocation.workload == name),
+            key=lambda r: (r.allocation.replica, r.created_at, r.allocation.id),
+        )
 
     def _write_var(self, index: int, key: str, value: str) -> VarResult:
         current = self.vars.get(key)
@@ -288,6 +476,8 @@ class StateMachine:
             ca=self.ca,
             sessions=list(self._sessions.items()),
             gossip_keys=self.gossip_keys,
+            workloads=self.workloads,
+            allocations=self.allocations,
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -314,6 +504,11 @@ class StateMachine:
         self.ca = image.ca
         self._sessions = OrderedDict(image.sessions)
         self.gossip_keys = list(image.gossip_keys)
+        self.workloads = dict(image.workloads)
+        self.allocations = dict(image.allocations)
+        self._by_node = {}
+        for alloc_id, rec in self.allocations.items():
+            self._by_node.setdefault(rec.allocation.node, set()).add(alloc_id)
         self._changes = []
 
 
