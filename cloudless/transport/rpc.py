@@ -297,9 +297,16 @@ class _Method:
 
 
 class RpcServer:
-    def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE, max_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        max_timeout: float | None = None,
+        request_timeout: float = REQUEST_READ_TIMEOUT,
+    ) -> None:
         self._methods: dict[str, _Method] = {}
         self.max_frame_size = max_frame_size
+        self.request_timeout = request_timeout  # a client must deliver its request this fast
         self.max_timeout = max_timeout  # caps what clients may ask for
         self.calls_active = 0
         self.calls_total = 0
@@ -365,7 +372,7 @@ class RpcServer:
         reader = FrameReader(stream, self.max_frame_size)
         frame = None
         try:
-            with trio.CancelScope(deadline=trio.current_time() + REQUEST_READ_TIMEOUT) as scope:
+            with trio.CancelScope(deadline=trio.current_time() + self.request_timeout) as scope:
                 frame = await reader.read()
         except RpcProtocolError as exc:
             await self._refuse(stream, conn, exc)

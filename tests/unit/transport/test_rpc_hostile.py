@@ -1,0 +1,112 @@
+"""An RPC server fed random, mutated and oversize frames (hypothesis): it
+answers with a typed error or resets the stream, never crashes, never keeps
+more than one bounded frame per stream, and goes on serving good calls."""
+
+from __future__ import annotations
+
+import struct
+
+import msgspec
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cloudless.transport.base import PeerIdentity, StreamReset
+from cloudless.transport.memory import MemoryCarrier, MemoryNetwork
+from cloudless.transport.rpc import (
+    Failure,
+    FrameReader,
+    Reply,
+    Request,
+    RpcClient,
+    RpcServer,
+    encode_frame,
+)
+
+MAX_FRAME = 4096
+
+
+def make_server() -> RpcServer:
+    server = RpcServer(max_frame_size=MAX_FRAME, request_timeout=0.2)
+
+    @server.unary("echo")
+    async def echo(ctx, body: bytes) -> bytes:
+        return body
+
+    return server
+
+
+async def send_raw(data: bytes, *, eof: bool = True):
+    """Send `data` on a fresh stream to a fresh server; return (first answer frame or error, server, client, address, carrier)."""
+    network = MemoryNetwork()
+    server = make_server()
+    server_carrier = MemoryCarrier(network, PeerIdentity("fuzz", "node", "server", 1), ("server", 1))
+    client_carrier = MemoryCarrier(network, PeerIdentity("fuzz", "node", "client", 2), ("client", 1))
+    outcome: object = None
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, server_carrier)
+            conn = await client_carrier.connect(address)
+            stream = await conn.open_stream()
+            await stream.send_all(data)
+            if eof:
+                await stream.send_eof()
+            if data or eof:  # else nothing went on the wire: streams open with their first frame
+                try:
+                    outcome = await FrameReader(stream, 1 << 20).read()
+                except StreamReset as exc:
+                    outcome = exc
+            await stream.aclose()
+            # The server still serves a good call on the same connection.
+            client = RpcClient(client_carrier)
+            assert await client.call(conn, "echo", b"still fine", timeout=5) == b"still fine"
+            assert server.calls_active <= 1
+            await conn.aclose()
+            nursery.cancel_scope.cancel()
+    return outcome
+
+
+async def test_oversize_frame_is_refused_with_a_typed_error():
+    outcome = await send_raw(struct.pack(">I", MAX_FRAME + 1) + b"x" * 10)
+    assert isinstance(outcome, Failure)
+    assert outcome.code == "rpc_protocol_error"
+    assert "exceeds" in outcome.message
+
+
+async def test_first_frame_that_is_not_a_request_is_refused():
+    outcome = await send_raw(encode_frame(Failure("x", 1, "y")))
+    assert isinstance(outcome, Failure) and outcome.code == "rpc_protocol_error"
+
+
+async def test_truncated_request_then_eof_is_refused():
+    frame = encode_frame(Request("echo", 1.0, b"abc"))
+    outcome = await send_raw(frame[:-2])
+    assert isinstance(outcome, Failure) and "inside an RPC frame" in outcome.message
+
+
+async def test_negative_or_nan_timeout_is_refused():
+    for timeout in (-1.0, float("nan"), float("inf")):
+        outcome = await send_raw(encode_frame(Request("echo", timeout, b"")), eof=False)
+        assert isinstance(outcome, Failure) and outcome.code == "rpc_protocol_error", timeout
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=3000), st.booleans())
+def test_random_bytes_never_crash_the_rpc_server(data, eof):
+    outcome = trio.run(lambda: send_raw(data, eof=eof))
+    assert outcome is None or isinstance(outcome, (Failure, StreamReset, Reply))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.text(max_size=40),
+    st.one_of(st.none(), st.floats(allow_nan=True)),
+    st.binary(max_size=100),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=4),
+)
+def test_mutated_requests_never_crash_the_rpc_server(method, timeout, body, mutations):
+    payload = bytearray(msgspec.msgpack.encode(Request(method, timeout, body)))
+    for position, value in mutations:
+        payload[position % len(payload)] = value
+    data = struct.pack(">I", len(payload)) + bytes(payload)
+    trio.run(lambda: send_raw(data))
