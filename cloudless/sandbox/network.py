@@ -19,6 +19,10 @@ can share one machine):
   proxy task to supervise, and it survives a node restart untouched. A
   hairpin MASQUERADE lets a container reach its own published port.
 
+Several nodes on one machine (a dev cluster) must each get their own
+BridgeConfig (bridge name, subnet, tag): the tag scopes `sweep()`, so two
+nodes sharing one would sweep each other's containers.
+
 Every rule carries an iptables comment: `<tag>` for the bridge's own rules and
 `<tag>:<id>` for a container's, so `sweep()` can find and delete leftovers of
 containers that no longer exist without touching anyone else's rules.

@@ -166,7 +166,9 @@ class RuncRuntime:
             raise ContainerNotFound(f"no container {container_id!r}", id=container_id) from None
         return msgspec.json.decode(raw, type=ContainerSpec)
 
-    async def _runc(self, *args: str, timeout: float | None = None, check: bool = True) -> trio.Process | object:
+    async def _runc(
+        self, *args: str, timeout: float | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
         argv = [self.runc, "--root", str(self.root), *args]
         deadline = timeout or self.timeout
         with trio.move_on_after(deadline) as scope:
