@@ -21,7 +21,9 @@ can share one machine):
 
 Several nodes on one machine (a dev cluster) must each get their own
 BridgeConfig (bridge name, subnet, tag): the tag scopes `sweep()`, so two
-nodes sharing one would sweep each other's containers.
+nodes sharing one would sweep each other's containers. `RuncRuntime`'s
+default, `BridgeConfig.for_node(state_dir)`, derives all of them from the
+node's state directory.
 
 Every rule carries an iptables comment: `<tag>` for the bridge's own rules and
 `<tag>:<id>` for a container's, so `sweep()` can find and delete leftovers of
@@ -56,6 +58,16 @@ class BridgeConfig:
     subnet: str = "10.88.0.0/24"
     tag: str = "cloudless"  # netns prefix and iptables comment tag
     veth_prefix: str = "clv"  # host-side veth names: prefix + hash (<= 15 chars)
+
+    @classmethod
+    def for_node(cls, state_dir: Path, network_range: str = "10.88.0.0/16") -> "BridgeConfig":
+        """A default that two nodes on one machine never share: names from a hash of the
+        state directory, and a /24 of `network_range` picked by it (an agent with a
+        cluster-assigned subnet passes its own config instead)."""
+        digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()
+        subnets = list(ipaddress.ip_network(network_range).subnets(new_prefix=24)) or [ipaddress.ip_network(network_range)]
+        subnet = subnets[int(digest[:8], 16) % len(subnets)]
+        return cls(bridge=f"cl{digest[:6]}", subnet=str(subnet), tag=f"cl{digest[:6]}", veth_prefix=f"v{digest[:3]}")
 
 
 class Attachment(msgspec.Struct, frozen=True):

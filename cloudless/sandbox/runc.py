@@ -126,7 +126,7 @@ class RuncRuntime:
         state_dir: Path,
         runc_binary: str = "runc",
         *,
-        bridge: BridgeConfig = BridgeConfig(),
+        bridge: BridgeConfig | None = None,  # default: BridgeConfig.for_node(state_dir)
         log_max_bytes: int = 10 * 1024 * 1024,
         log_keep: int = 3,
         command_timeout: float = 30.0,
@@ -138,6 +138,7 @@ class RuncRuntime:
         self.containers_dir = self.state_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
         self.containers_dir.mkdir(parents=True, exist_ok=True)
+        bridge = bridge if bridge is not None else BridgeConfig.for_node(self.state_dir)
         self.network = BridgeNetwork(self.state_dir / "network", bridge, timeout=command_timeout)
         self.log_max_bytes = log_max_bytes
         self.log_keep = log_keep

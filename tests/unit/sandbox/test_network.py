@@ -76,3 +76,16 @@ def test_attachments_persist_across_instances(tmp_path):
     assert again._pool.allocate() == "10.88.0.3"
     assert a.netns_path == "/run/netns/cloudless-web"
     assert ipaddress.ip_address(a.ip) in ipaddress.ip_network("10.88.0.0/24")
+
+
+def test_default_config_differs_per_node_state_dir_and_fits_kernel_names(tmp_path):
+    a = BridgeConfig.for_node(tmp_path / "node-a")
+    b = BridgeConfig.for_node(tmp_path / "node-b")
+    assert a.tag != b.tag and a.bridge != b.bridge
+    assert a == BridgeConfig.for_node(tmp_path / "node-a")  # stable across restarts
+    for c in (a, b):
+        assert len(c.bridge) <= 15
+        assert ipaddress.ip_network(c.subnet).subnet_of(ipaddress.ip_network("10.88.0.0/16"))
+        assert ipaddress.ip_network(c.subnet).prefixlen == 24
+        net = BridgeNetwork(tmp_path / "x", c)
+        assert len(net.veth_name("a" * 63)) <= 15
