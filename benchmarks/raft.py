@@ -353,9 +353,12 @@ async def load_ours(cluster: OurCluster, clients: int, seconds: float) -> dict:
     await rpc.aclose()
     syncs = after["syncs"] - before["syncs"]
     written = after["entries_written"] - before["entries_written"]
+    sync_ms = after["sync_ms"] - before["sync_ms"]
     return dict(summary(latencies, seconds), errors=errors,
                 leader_entries_per_sync=round(written / syncs, 1) if syncs else None,
-                leader_syncs_s=round(syncs / seconds, 1))
+                leader_syncs_s=round(syncs / seconds, 1),
+                leader_sync_ms_avg=round(sync_ms / syncs, 2) if syncs else None,
+                leader_readies_s=round((after["readies"] - before["readies"]) / seconds, 1))
 
 
 async def failover_ours(cluster: OurCluster, trials: int) -> list[float]:
@@ -645,6 +648,8 @@ def main() -> None:
                 record(out, "ours_errors", clients, r["errors"])
                 record(out, "ours_leader_entries_per_sync", clients, r["leader_entries_per_sync"])
                 record(out, "ours_leader_syncs_s", clients, r["leader_syncs_s"])
+                record(out, "ours_leader_sync_ms_avg", clients, r["leader_sync_ms_avg"])
+                record(out, "ours_leader_readies_s", clients, r["leader_readies_s"])
             failover = trio.run(failover_ours, ours, args.trials) if ours and args.trials else []
             if failover:
                 out["failover_trials_ok"] = len(failover)

@@ -141,7 +141,7 @@ class RaftDriver:
         self._applied_changed = trio.Event()
         self.applied = node.applied
         self._stats = {"ticks": 0, "readies": 0, "syncs": 0, "entries_written": 0, "messages_sent": 0,
-                       "messages_dropped": 0, "entries_applied": 0}
+                       "messages_dropped": 0, "entries_applied": 0, "sync_ms": 0.0, "apply_ms": 0.0}
 
     # -- inputs (any task) --------------------------------------------------------
 
@@ -225,7 +225,7 @@ class RaftDriver:
         while self.applied < index:
             await self._applied_changed.wait()
 
-    def statistics(self) -> dict[str, int]:
+    def statistics(self) -> dict[str, float]:
         return dict(self._stats, applied=self.applied, commit=self.node.commit_index, term=self.node.term)
 
     def _queue(self, command: Callable[[], None]) -> None:
@@ -295,11 +295,13 @@ class RaftDriver:
             self.storage.write(rd.hard_state, rd.entries, rd.snapshot)
             self._stats["entries_written"] += len(rd.entries)
         if rd.must_sync:
+            started = trio.current_time()
             if self._sync_in_thread:
                 await trio.to_thread.run_sync(self.storage.sync)
             else:
                 self.storage.sync()
             self._stats["syncs"] += 1
+            self._stats["sync_ms"] += (trio.current_time() - started) * 1000
             if rd.hard_state is not None:
                 self._durable_term_vote = (rd.hard_state.term, rd.hard_state.vote)
         for message in messages:
@@ -321,7 +323,9 @@ class RaftDriver:
     async def _apply_committed(self, entries: list[Entry]) -> None:
         if not entries:
             return
+        started = trio.current_time()
         await self._apply(entries)
+        self._stats["apply_ms"] += (trio.current_time() - started) * 1000
         self._stats["entries_applied"] += len(entries)
         self._settle_proposals(entries)
         self._set_applied(entries[-1].index)
