@@ -435,6 +435,7 @@ class RaftNode:
                 self._lead_transferee = None  # transfer took too long: abort
         if self._heartbeat_elapsed >= self.config.heartbeat_tick:
             self._heartbeat_elapsed = 0
+            self._retransmit_stalled_snapshots()
             self._broadcast_heartbeat(self._last_pending_read_ctx())
 
     def propose(self, data: bytes) -> int:
@@ -803,12 +804,21 @@ class RaftNode:
                         if self._progress[peer].state is not ProgressState.REPLICATE:
                             break
 
+    def _retransmit_stalled_snapshots(self) -> None:
+        # Chunks travel stop-and-wait; one lost chunk or answer stalls the
+        # transfer, so resend the current chunk after a heartbeat interval
+        # without an answer (but not on every heartbeat: chunks are big).
+        for peer, pr in self._progress.items():
+            if pr.state is ProgressState.SNAPSHOT and pr.snapshot is not None:
+                pr.snapshot_idle_heartbeats += 1
+                if pr.snapshot_idle_heartbeats >= 2:
+                    pr.snapshot_idle_heartbeats = 0
+                    self._send_snapshot_chunk(peer, pr)
+
     def _broadcast_heartbeat(self, ctx: bytes) -> None:
         for peer, pr in self._progress.items():
             if peer == self._id:
                 continue
-            if pr.state is ProgressState.SNAPSHOT and pr.snapshot is not None:
-                self._send_snapshot_chunk(peer, pr)  # retransmit: chunks may be lost
             commit = min(pr.match, self.log.committed)
             self._send(Heartbeat(self._id, peer, self._term, commit, ctx))
 
@@ -834,6 +844,7 @@ class RaftNode:
         elif isinstance(m, SnapshotResponse):
             pr.recent_active = True
             if pr.state is ProgressState.SNAPSHOT and pr.pending_snapshot == m.index and pr.snapshot is not None:
+                pr.snapshot_idle_heartbeats = 0
                 if m.next_offset != pr.snapshot_offset or m.next_offset < len(pr.snapshot.data):
                     pr.snapshot_offset = min(m.next_offset, len(pr.snapshot.data))
                     self._send_snapshot_chunk(m.frm, pr)

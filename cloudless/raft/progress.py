@@ -65,6 +65,7 @@ class Progress:
         "pending_snapshot",
         "snapshot",
         "snapshot_offset",
+        "snapshot_idle_heartbeats",
     )
 
     def __init__(self, next_index: int, max_inflight: int, is_learner: bool = False) -> None:
@@ -78,12 +79,14 @@ class Progress:
         self.pending_snapshot = 0
         self.snapshot: Snapshot | None = None
         self.snapshot_offset = 0
+        self.snapshot_idle_heartbeats = 0
 
     def _reset(self, state: ProgressState) -> None:
         self.probe_sent = False
         self.pending_snapshot = 0
         self.snapshot = None
         self.snapshot_offset = 0
+        self.snapshot_idle_heartbeats = 0
         self.state = state
         self.inflights.reset()
 
