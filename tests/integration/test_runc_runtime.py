@@ -545,3 +545,32 @@ async def test_concurrent_first_attachments_create_the_bridge_once(runtime, root
     for i in range(4):
         await fresh.delete(f"race-{i}")
     await fresh.aclose()
+
+
+async def test_end_to_end_from_an_imported_oci_image(runtime, tmp_path):
+    """The image side's store and root builder feed this runtime (skipped if they are absent)."""
+    oci_build = pytest.importorskip("cloudless.testing.oci_build")
+    images = pytest.importorskip("cloudless.sandbox.images")
+    rootfs_mod = pytest.importorskip("cloudless.sandbox.rootfs")
+
+    layout = oci_build.build_busybox_image(tmp_path / "img", "layout")
+    store = images.ImageStore(tmp_path / "images")
+    await trio.to_thread.run_sync(store.import_path, layout)
+    builder = rootfs_mod.RootfsBuilder(store)
+    prepared = await builder.aprepare("e2e", "busybox")
+    try:
+        cfg = prepared.config
+        env = dict(e.split("=", 1) for e in cfg.env)
+        env["GREETING"] = "from an OCI image"
+        s = ContainerSpec(
+            id="e2e", rootfs=str(prepared.path), args=[*cfg.entrypoint, "sh", "-c", "echo $GREETING; cat /etc/hostname"],
+            env=env, cwd=cfg.working_dir or "/", user=cfg.user or "0:0", readonly_rootfs=True, network="none",
+        )  # fmt: skip
+        final = await run_to_exit(runtime, s)
+        assert final.exit_code == 0
+        assert [r.text for r in await runtime.read_logs("e2e")] == ["from an OCI image", "e2e"]
+    finally:
+        with trio.CancelScope(shield=True):
+            if "e2e" in [st.id for st in await runtime.list()]:
+                await runtime.delete("e2e")
+            await builder.arelease("e2e")
