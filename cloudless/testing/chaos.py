@@ -103,6 +103,7 @@ class HostProcess:
         self.extra: dict[str, Any] = {}
         self.proc: trio.Process | None = None
         self.starts = 0
+        self.paused = False
         self.data_dir = cluster.run_dir / host.name
         self.log_path = cluster.run_dir / "logs" / f"{host.name}.log"
 
@@ -196,12 +197,36 @@ class HostProcess:
                 f"{self.host.name} not ready after {self.spec.ready_timeout_s}s\n{self.tail()}", host=self.host.index
             )
 
+    def _signal_session(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def pause(self) -> bool:
+        """SIGSTOP the session: the process holds its sockets but does nothing,
+        like a long GC pause or a frozen VM (Jepsen's "pause"). False if there
+        was no running process to pause."""
+        if not self.running:
+            return False
+        self._signal_session(signal.SIGSTOP)
+        self.paused = True
+        log.info("chaos.process_paused", extra={"fields": {"host": self.host.index, "pid": self.proc.pid}})
+        return True
+
+    def resume(self) -> None:
+        if self.running:
+            self._signal_session(signal.SIGCONT)
+        self.paused = False
+
     async def stop(self, grace_s: float | None = None) -> int | None:
         """SIGTERM, then SIGKILL after the grace period; the exit status."""
         if self.proc is None:
             return None
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
+            if self.paused:
+                self.resume()  # a stopped process cannot act on SIGTERM
             with trio.move_on_after(self.spec.stop_grace_s if grace_s is None else grace_s):
                 await self.proc.wait()
         return await self.kill9()
@@ -210,11 +235,9 @@ class HostProcess:
         """SIGKILL the process's whole session and reap it; the exit status."""
         if self.proc is None:
             return None
+        self.paused = False
         if self.proc.returncode is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            self._signal_session(signal.SIGKILL)
             log.info("chaos.process_killed", extra={"fields": {"host": self.host.index, "pid": self.proc.pid}})
         with trio.fail_after(10):
             return await self.proc.wait()
@@ -243,7 +266,8 @@ class HostProcess:
         if self.proc is None:
             return f"{self.host.name} {self.host.ip}: never started"
         if self.running:
-            return f"{self.host.name} {self.host.ip}: running pid {self.proc.pid} (start {self.starts})"
+            state = "paused" if self.paused else "running"
+            return f"{self.host.name} {self.host.ip}: {state} pid {self.proc.pid} (start {self.starts})"
         return f"{self.host.name} {self.host.ip}: exited {self.proc.returncode} (start {self.starts})"
 
 
@@ -333,7 +357,47 @@ class Restart:
         return f"restart {['host%d' % h for h in down]}"
 
 
-Fault = Union[Partition, Isolate, OneWay, Loss, Heal, Kill9, Restart]
+@dataclass(frozen=True)
+class Stop:
+    """Graceful stop: SIGTERM, SIGKILL after `grace_s`. Restart() brings it back."""
+
+    target: Target
+    grace_s: float = 5.0
+
+    async def apply(self, cluster: "ChaosCluster") -> str:
+        host = await _resolve(cluster, self.target)
+        await cluster.stop(host, self.grace_s)
+        return f"stop host{host}"
+
+
+@dataclass(frozen=True)
+class Pause:
+    target: Target
+
+    async def apply(self, cluster: "ChaosCluster") -> str:
+        host = await _resolve(cluster, self.target)
+        paused = cluster.process(host).pause()
+        return f"pause host{host}" + ("" if paused else " (not running)")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """SIGCONT a paused host; with no target, every paused host."""
+
+    target: Target | None = None
+
+    async def apply(self, cluster: "ChaosCluster") -> str:
+        if self.target is None:
+            hosts = [p.host.index for p in cluster.processes if p.paused]
+        else:
+            hosts = [await _resolve(cluster, self.target)]
+        for host in hosts:
+            cluster.process(host).resume()
+        return f"resume {['host%d' % h for h in hosts]}"
+
+
+Fault = Union[Partition, Isolate, OneWay, Loss, Heal, Kill9, Restart, Stop, Pause, Resume]
+_REPAIR = {"kill9": "restart", "stop": "restart", "pause": "resume"}
 Schedule = Sequence[tuple[float, Fault]]
 
 
@@ -348,9 +412,11 @@ def random_schedule(
     loss_p: tuple[float, float] = (0.1, 0.5),
     leader: Callable[["ChaosCluster"], Awaitable[int]] | None = None,
 ) -> list[tuple[float, Fault]]:
-    """Faults one at a time, each repaired (Heal, or Restart after a kill)
-    before the next; the last repair lands by `duration_s`. With `leader`,
-    half of the isolations and kills target the current leader."""
+    """Faults one at a time, each repaired before the next (Heal; Restart
+    after kill9 or stop; Resume after pause); the last repair lands by
+    `duration_s`. Kinds: partition, isolate, one_way, loss, kill9, stop,
+    pause. With `leader`, half of the isolations, kills, stops and pauses
+    target the current leader."""
     rng = seed if isinstance(seed, random.Random) else random.Random(seed)
     if hosts < 2 and any(k in kinds for k in ("partition", "isolate", "one_way")):
         raise InvalidInput("network faults between hosts need at least 2 hosts", hosts=hosts)
@@ -362,7 +428,7 @@ def random_schedule(
             break
         kind = rng.choice(list(kinds))
         pick: Target = rng.randrange(hosts)
-        if leader is not None and kind in ("isolate", "kill9") and rng.random() < 0.5:
+        if leader is not None and kind in ("isolate", "kill9", "stop", "pause") and rng.random() < 0.5:
             pick = leader
         if kind == "partition":
             order = list(range(hosts))
@@ -378,10 +444,15 @@ def random_schedule(
             fault = Loss(rng.randrange(hosts), round(rng.uniform(*loss_p), 3), rng.choice(("in", "out", "both")))
         elif kind == "kill9":
             fault = Kill9(pick)
+        elif kind == "stop":
+            fault = Stop(pick)
+        elif kind == "pause":
+            fault = Pause(pick)
         else:
             raise InvalidInput(f"unknown fault kind {kind!r}", kind=kind)
+        repair = {"restart": Restart(), "resume": Resume()}.get(_REPAIR.get(kind, ""), Heal())
         out.append((round(t, 3), fault))
-        out.append((round(t + length, 3), Restart() if kind == "kill9" else Heal()))
+        out.append((round(t + length, 3), repair))
         t += length + rng.uniform(*calm_s)
     return out
 
@@ -482,7 +553,7 @@ async def run_workload(
 ) -> WorkloadResult:
     """Run the clients for `workload.duration_s` (or `max_ops` ops) while the
     schedule's faults fire at their times; stops by itself. Faults need
-    `cluster`. With `heal_at_end`, the network is healed and dead processes
+    `cluster`. With `heal_at_end`, the network is healed, paused processes resumed and dead ones
     restarted before returning."""
     if schedule and cluster is None:
         raise InvalidInput("a fault schedule needs the cluster to act on")
@@ -570,7 +641,7 @@ async def run_workload(
             nursery.start_soon(run_schedule)
         nursery.cancel_scope.cancel()  # the clients are done: no more faults
     if heal_at_end and cluster is not None:
-        for fault in (Heal(), Restart()):
+        for fault in (Heal(), Resume(), Restart()):
             what = await fault.apply(cluster)
             faults.append((round(trio.current_time() - t0, 3), f"end: {what}"))
     history.sort(key=lambda o: (o.call, o.client_id))
@@ -665,6 +736,12 @@ class ChaosCluster:
 
     async def kill9(self, host: Host | int) -> int | None:
         return await self.process(host).kill9()
+
+    async def pause(self, host: Host | int) -> bool:
+        return self.process(host).pause()
+
+    async def resume(self, host: Host | int) -> None:
+        self.process(host).resume()
 
     async def restart(self, host: Host | int, **extra: Any) -> HostProcess:
         proc = self.process(host)

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from cloudless.errors import InvalidInput
-from cloudless.testing.chaos import ChaosCluster, Isolate, ProcessExited, ProcessSpec
+from cloudless.testing.chaos import ChaosCluster, Isolate, Pause, ProcessExited, ProcessSpec, Resume
 from cloudless.testing.netns import RECORD_DIR, NetnsHosts, list_links, list_netns, resources_of_run, sweep_stale
 
 pytestmark = pytest.mark.root
@@ -137,6 +137,18 @@ async def test_kill9_then_restart_resumes_service_and_keeps_logs(echo_cluster, p
     log = proc.log_path.read_text()
     assert log.count("=== start ") == 2 and log.count("serving ") == 2
     assert "serving" in proc.tail(5)
+
+
+async def test_paused_process_stops_answering_until_resumed(echo_cluster, programs):
+    assert await echo_cluster.apply(Pause(2)) == "pause host2"
+    assert "paused pid" in echo_cluster.process(2).describe()
+    # The kernel still completes the TCP handshake, but the echo never comes back.
+    assert not programs.tcp_ok(echo_cluster, 0, 2)
+    assert await echo_cluster.apply(Resume()) == "resume ['host2']"
+    assert programs.tcp_ok(echo_cluster, 0, 2, timeout=2)
+    # A paused process still stops gracefully: SIGTERM is followed by SIGCONT.
+    await echo_cluster.pause(2)
+    assert await echo_cluster.stop(2, grace_s=5) == -signal.SIGTERM
 
 
 async def test_graceful_stop_sends_sigterm_first(echo_cluster):

@@ -17,7 +17,10 @@ from cloudless.testing.chaos import (
     NotApplied,
     OneWay,
     Partition,
+    Pause,
     Restart,
+    Resume,
+    Stop,
     VarsWorkload,
     load_history,
     random_schedule,
@@ -84,6 +87,7 @@ async def test_durable_register_history_is_linearizable_under_loss_kill9_and_par
             "one-way drop host1 -> host0",
             "heal",
             "end: heal",
+            "end: resume []",
             "end: restart []",
         ], report
         counts = result.counts()
@@ -216,18 +220,20 @@ def test_random_schedule_is_seeded_bounded_and_repairs_every_fault():
     async def leader(cluster):
         return 0
 
-    a = random_schedule(5, 5, 60.0, leader=leader)
-    assert a == random_schedule(5, 5, 60.0, leader=leader)
-    assert a != random_schedule(6, 5, 60.0, leader=leader)
-    assert len(a) >= 10 and all(t <= 60.0 for t, _ in a)
+    kinds = ("partition", "isolate", "one_way", "loss", "kill9", "stop", "pause")
+    a = random_schedule(5, 5, 90.0, kinds=kinds, leader=leader)
+    assert a == random_schedule(5, 5, 90.0, kinds=kinds, leader=leader)
+    assert a != random_schedule(6, 5, 90.0, kinds=kinds, leader=leader)
+    assert len(a) >= 10 and all(t <= 90.0 for t, _ in a)
     times = [t for t, _ in a]
     assert times == sorted(times)
     faults, repairs = a[0::2], a[1::2]
     for (_, fault), (_, repair) in zip(faults, repairs):
-        assert isinstance(repair, Restart if isinstance(fault, Kill9) else Heal)
-        assert not isinstance(fault, (Heal, Restart))
-    kinds = {type(f) for _, f in faults}
-    assert kinds == {Partition, Isolate, OneWay, Loss, Kill9}
+        expected = {Kill9: Restart, Stop: Restart, Pause: Resume}.get(type(fault), Heal)
+        assert type(repair) is expected and repair.__dict__.get("target") is None
+        assert not isinstance(fault, (Heal, Restart, Resume))
+    assert {type(f) for _, f in faults} == {Partition, Isolate, OneWay, Loss, Kill9, Stop, Pause}
+    assert {type(f) for _, f in random_schedule(5, 5, 90.0, leader=leader)[0::2]} == {Partition, Isolate, OneWay, Loss, Kill9}
     assert any(getattr(f, "target", None) is leader for _, f in faults)
     for _, f in faults:
         if isinstance(f, Partition):
@@ -248,7 +254,8 @@ def test_random_schedule_accepts_a_shared_rng():
 @pytest.mark.parametrize("seed", [1, 2, 3])
 async def test_durable_register_survives_a_random_schedule(tmp_path, programs, seed):
     # Soak: every fault kind, in a seeded order, against the single-copy register on host 0.
-    schedule = random_schedule(seed, 3, 30.0, fault_s=(0.5, 2.0), calm_s=(0.2, 1.0))
+    kinds = ("partition", "isolate", "one_way", "loss", "kill9", "stop", "pause")
+    schedule = random_schedule(seed, 3, 30.0, kinds=kinds, fault_s=(0.5, 2.0), calm_s=(0.2, 1.0))
     workload = VarsWorkload(
         operate=lambda *a: _register_op(programs.port, *a),
         clients=6,
@@ -263,4 +270,4 @@ async def test_durable_register_survives_a_random_schedule(tmp_path, programs, s
         result = await cluster.run_workload(workload, schedule)
         check = result.check(timeout_s=300)
         assert check.linearizable, f"{result.summary()}\n{check.explanation}"
-        assert len(result.faults) == len(schedule) + 2, result.summary()
+        assert len(result.faults) == len(schedule) + 3, result.summary()
