@@ -221,6 +221,9 @@ class RaftNode:
         self._read_seq = 0
         self._lead_transferee: str | None = None
         self._broadcast_pending = False
+        # Bytes this leader proposed that have not been handed out committed
+        # yet (an estimate, as in etcd: reset on every role change).
+        self._uncommitted_bytes = 0
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
         self._randomized_timeout = self.config.election_tick
@@ -367,6 +370,7 @@ class RaftNode:
         self._pending_reads.clear()
         self._reads_awaiting_commit.clear()
         self._broadcast_pending = False
+        self._uncommitted_bytes = 0
 
     def _become_follower(self, term: int, leader: str | None) -> None:
         self._reset(term)
@@ -461,15 +465,13 @@ class RaftNode:
         if self._lead_transferee is not None:
             raise ProposalDropped("leadership transfer in progress", to=self._lead_transferee)
         limit = self.config.max_uncommitted_bytes
-        if limit is not None and self._uncommitted_bytes() + len(data) > limit and self.log.last_index() > self.log.committed:
-            raise ProposalDropped("too many uncommitted bytes", limit=limit)
+        if limit is not None and self._uncommitted_bytes > 0 and self._uncommitted_bytes + len(data) > limit:
+            raise ProposalDropped("too many uncommitted bytes", limit=limit, uncommitted=self._uncommitted_bytes)
         index = self.log.last_index() + 1
+        self._uncommitted_bytes += len(data)
         self._append_as_leader([Entry(self._term, index, kind, data)])
         self._broadcast_pending = True
         return index
-
-    def _uncommitted_bytes(self) -> int:
-        return sum(len(e.data) for e in self.log.entries(self.log.committed + 1, self.log.last_index() + 1))
 
     def read_index(self, ctx: bytes) -> None:
         """Ask for a linearizable read point; it arrives as a ReadState with `ctx` (thesis §6.4).
@@ -978,3 +980,6 @@ class RaftNode:
             self.log.stable_to(last.index, last.term)
         if rd.committed_entries:
             self.log.applied_to(rd.committed_entries[-1].index)
+            if self._uncommitted_bytes:
+                done = sum(len(e.data) for e in rd.committed_entries)
+                self._uncommitted_bytes = max(0, self._uncommitted_bytes - done)

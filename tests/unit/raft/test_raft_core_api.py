@@ -109,3 +109,16 @@ def test_a_restarted_node_resumes_with_applied_at_its_snapshot():
     h.restart("b")
     assert h["b"].applied == index and h["b"].commit_index >= index
     assert h["b"].conf_state.voters == ("a", "b", "c")
+
+
+def test_uncommitted_budget_is_released_as_entries_commit():
+    h = RaftHarness(["a", "b", "c"], max_uncommitted_bytes=1000)
+    h.elect("a")
+    h.tick("a")
+    h.settle()
+    for _ in range(5):
+        h["a"].propose(b"x" * 600)  # each commits before the next: never over budget
+        h.settle()
+        h.tick("a")
+        h.settle()
+    assert h.applied_data("b").count(b"x" * 600) == 5
