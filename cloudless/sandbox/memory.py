@@ -209,7 +209,7 @@ class MemoryRuntime:
         c = self._get(container_id)
         self._settle(c)
         if c.status == "running":
-            await self.kill(container_id, 15)
+            await self.kill(container_id, c.spec.stop_signal)
         return self._state(container_id, c)
 
     async def delete(self, container_id: str) -> None:

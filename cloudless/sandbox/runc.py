@@ -512,11 +512,12 @@ class RuncRuntime:
             raise RuncFailed(f"runc kill failed: {err}", id=container_id)
 
     async def stop(self, container_id: str, grace: float = 10.0) -> ContainerState:
+        spec = self._load_spec(container_id)
         st = await self.state(container_id)
         if st.status != "running":
             return st
         try:
-            await self.kill(container_id, signals.SIGTERM)
+            await self.kill(container_id, spec.stop_signal)
         except ContainerStateError:
             pass
         with trio.move_on_after(grace):

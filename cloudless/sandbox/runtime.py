@@ -129,6 +129,7 @@ class ContainerSpec(msgspec.Struct, frozen=True):
     restart: RestartPolicy = RestartPolicy()
     health: HealthCheck | None = None
     labels: dict[str, str] = {}
+    stop_signal: int = 15  # sent first by stop(); the image's STOPSIGNAL, SIGTERM by default
 
 
 def validate_spec(spec: ContainerSpec) -> ContainerSpec:
@@ -175,6 +176,8 @@ def validate_spec(spec: ContainerSpec) -> ContainerSpec:
         seen_ports.add((p.host_port, p.proto))
     if spec.ports and spec.network != "bridge":
         raise bad("ports", "ports are published only in bridge mode (host mode binds directly)")
+    if not (1 <= spec.stop_signal <= 64):
+        raise bad("stop_signal", "must be a signal number 1..64")
     r = spec.restart
     if r.max_retries < 0 or r.backoff_initial <= 0 or r.backoff_max < r.backoff_initial:
         raise bad("restart", "max_retries >= 0 and 0 < backoff_initial <= backoff_max")
@@ -240,7 +243,7 @@ class ContainerRuntime(Protocol):
     async def inspect(self, container_id: str) -> ContainerSpec: ...
 
     async def stop(self, container_id: str, grace: float = 10.0) -> ContainerState:
-        """SIGTERM, then SIGKILL after `grace` seconds; returns the exited state."""
+        """The spec's stop_signal (SIGTERM), then SIGKILL after `grace` seconds; returns the exited state."""
 
     async def kill(self, container_id: str, signal: int) -> None: ...
 

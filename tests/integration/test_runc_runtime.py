@@ -574,3 +574,14 @@ async def test_end_to_end_from_an_imported_oci_image(runtime, tmp_path):
             if "e2e" in [st.id for st in await runtime.list()]:
                 await runtime.delete("e2e")
             await builder.arelease("e2e")
+
+
+async def test_stop_sends_the_images_stop_signal_first(runtime, rootfs):
+    script = "trap 'echo got-usr1; exit 0' USR1; while true; do sleep 0.1; done"
+    await runtime.create(spec(rootfs, "usr1", ["sh", "-c", script], stop_signal=10))
+    await runtime.start("usr1")
+    await trio.sleep(0.3)
+    with trio.fail_after(15):
+        final = await runtime.stop("usr1", grace=10)
+    assert final.exit_code == 0
+    assert [r.text for r in await runtime.read_logs("usr1")] == ["got-usr1"]

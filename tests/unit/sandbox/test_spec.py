@@ -235,6 +235,7 @@ def test_resolve_unknown_names_is_an_invalid_spec(user):
         (dict(network="host", ports=[PortMapping(8080, 80)]), "ports"),
         (dict(health=HealthCheck(kind="exec")), "health"),
         (dict(health=HealthCheck(kind="http", port=0)), "health"),
+        (dict(stop_signal=0), "stop_signal"),
     ],
 )
 def test_validate_spec_names_the_bad_field(kw, field):
