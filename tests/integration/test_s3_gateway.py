@@ -569,7 +569,8 @@ def test_streaming_signed_chunks_are_verified(gateway, bucket):
     assert sigv4.STREAMING_SIGNED  # mode under test
 
 
-def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming=False, corrupt_chunk=False):
+def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming=False, corrupt_chunk=False,
+                   extra_headers=None):
     """A hand-signed SigV4 request (for what botocore refuses to send)."""
     from cloudless.blobs.s3 import sigv4
 
@@ -577,7 +578,9 @@ def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming
     now = time.time()
     amz_date = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
-    headers = {"host": host, "x-amz-date": amz_date}
+    headers = {"host": host, "x-amz-date": amz_date, **(extra_headers or {})}
+    raw_path, _, query_text = path.partition("?")
+    query = [tuple((q.split("=", 1) + [""])[:2]) for q in query_text.split("&") if q]
     if streaming:
         headers["x-amz-content-sha256"] = sigv4.STREAMING_SIGNED
         headers["content-encoding"] = "aws-chunked"
@@ -585,7 +588,7 @@ def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming
     else:
         headers["x-amz-content-sha256"] = payload_hash or hashlib.sha256(body).hexdigest()
     signed = sorted(headers)
-    canonical = sigv4.canonical_request(method, path, [], headers, signed, headers["x-amz-content-sha256"])
+    canonical = sigv4.canonical_request(method, raw_path, query, headers, signed, headers["x-amz-content-sha256"])
     key = sigv4.signing_key(gateway.key.secret_key, amz_date[:8], "us-east-1", "s3")
     signature = sigv4.sign(key, sigv4.string_to_sign(amz_date, scope, canonical))
     headers["authorization"] = (
@@ -661,3 +664,32 @@ def test_conditional_put_is_compare_and_set(s3, bucket):
         s3.put_object(Bucket=bucket, Key="once", Body=b"fourth", IfMatch=etag)
     assert error_of(e) == ("PreconditionFailed", 412)
     assert s3.get_object(Bucket=bucket, Key="once")["Body"].read() == b"third"
+
+
+def test_malformed_delete_body_and_unsupported_subresources(gateway, s3, bucket):
+    body = b"<Delete><Object><Key>a</Key></Object"  # truncated XML
+    md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+    r = signed_request(gateway, "POST", f"/{bucket}?delete", body=body, extra_headers={"content-md5": md5})
+    assert r.status_code == 400 and b"<Code>MalformedXML</Code>" in r.content
+    with pytest.raises(ClientError) as e:
+        s3.get_bucket_versioning(Bucket=bucket)
+    assert error_of(e) == ("NotImplemented", 501)
+
+
+def test_list_parts_and_uploads_paginate(s3, bucket):
+    uid = s3.create_multipart_upload(Bucket=bucket, Key="pp")["UploadId"]
+    for n in range(1, 6):
+        s3.upload_part(Bucket=bucket, Key="pp", UploadId=uid, PartNumber=n, Body=b"x")
+    first = s3.list_parts(Bucket=bucket, Key="pp", UploadId=uid, MaxParts=2)
+    assert [p["PartNumber"] for p in first["Parts"]] == [1, 2] and first["IsTruncated"]
+    rest = s3.list_parts(Bucket=bucket, Key="pp", UploadId=uid, PartNumberMarker=first["NextPartNumberMarker"])
+    assert [p["PartNumber"] for p in rest["Parts"]] == [3, 4, 5] and not rest["IsTruncated"]
+    others = [s3.create_multipart_upload(Bucket=bucket, Key=k)["UploadId"] for k in ("qa", "qb")]
+    page = s3.list_multipart_uploads(Bucket=bucket, MaxUploads=2)
+    assert [u["Key"] for u in page["Uploads"]] == ["pp", "qa"] and page["IsTruncated"]
+    page2 = s3.list_multipart_uploads(Bucket=bucket, KeyMarker=page["NextKeyMarker"],
+                                      UploadIdMarker=page["NextUploadIdMarker"])
+    assert [u["Key"] for u in page2["Uploads"]] == ["qb"]
+    assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix="q")["Uploads"]] == ["qa", "qb"]
+    for k, u in zip(("qa", "qb"), others):
+        s3.abort_multipart_upload(Bucket=bucket, Key=k, UploadId=u)
