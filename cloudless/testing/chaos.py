@@ -2,16 +2,18 @@
 schedule, and a client workload whose history goes to the linearizability
 checker.
 
-    spec = ProcessSpec(argv=["cloudless", "node", "--data-dir", "{data_dir}",
-                             "--listen", "{address}", "--advertise", "{address}",
-                             "{join_flags}"], ...)
-    async with ChaosCluster(3, run_dir, spec, seed=seed) as cluster:
-        await cluster.start(0)
-        await cluster.start_all(join_flags=...)
+    spec = ProcessSpec(
+        argv=[cloudless_bin, "node", "--data-dir", "{data_dir}", "--listen", "{address}",
+              "--advertise", "{address}", "{join_flags}"],
+        port=7400, ready=node_ready)
+    async with ChaosCluster(3, tmp_path, spec, seed=seed) as cluster:
+        await cluster.start(0, join_flags="")           # bootstraps
+        token = ...                                      # e.g. `cloudless token create --json`
+        for i in (1, 2):                                 # "\0" splits one template into several args
+            await cluster.start(i, join_flags=f"--join\0{cluster.process(0).address}\0--token\0{token}")
         result = await cluster.run_workload(
             VarsWorkload(operate=vars_op, duration_s=20),
-            schedule=random_schedule(seed, 3, 20.0),
-        )
+            random_schedule(seed, 3, 20.0, leader=find_leader))
         check = result.check()
         assert check.linearizable, result.summary() + check.explanation + cluster.report()
 
@@ -736,6 +738,16 @@ class ChaosCluster:
 
     async def kill9(self, host: Host | int) -> int | None:
         return await self.process(host).kill9()
+
+    async def run(
+        self, host: Host | int, argv: Sequence[str], *, timeout_s: float = 30.0, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        """Run a command to completion inside a host (e.g. a CLI call that must
+        come from that host's side of a partition); output captured as bytes."""
+        with trio.fail_after(timeout_s):
+            return await trio.run_process(
+                self.net.exec_argv(host, argv), capture_stdout=True, capture_stderr=True, check=check
+            )
 
     async def pause(self, host: Host | int) -> bool:
         return self.process(host).pause()

@@ -39,8 +39,12 @@ async def test_every_host_reaches_every_other_over_tcp(echo_cluster, programs):
     assert failed == []
     assert len({h.ip for h in echo_cluster.hosts}) == 3
     # Each host is alone in its namespace: its own address, one non-loopback interface.
-    links = echo_cluster.net.run(0, ["ip", "-o", "link", "show"]).stdout
+    links = (await echo_cluster.run(0, ["ip", "-o", "link", "show"])).stdout.decode()
     assert sorted(line.split(":")[1].strip().split("@")[0] for line in links.splitlines()) == ["eth0", "lo"]
+    addr = (await echo_cluster.run(2, ["ip", "-4", "-o", "addr", "show", "eth0"])).stdout.decode()
+    assert f" {echo_cluster.hosts[2].ip}/24 " in addr
+    # No default route: nothing a host sends can leave the machine.
+    assert (await echo_cluster.run(1, ["ip", "-4", "route", "show", "default"])).stdout == b""
 
 
 async def test_symmetric_partition_blocks_both_ways_and_heal_restores(echo_cluster, programs):
