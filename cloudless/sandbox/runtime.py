@@ -67,6 +67,7 @@ HealthKind = Literal["exec", "tcp", "http"]
 Status = Literal["created", "running", "exited", "unknown"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOSTNAME = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
 _USER = re.compile(r"^(?:[0-9]+|[A-Za-z_][A-Za-z0-9_.-]*)(?::(?:[0-9]+|[A-Za-z_][A-Za-z0-9_.-]*))?$")
 
 
@@ -147,6 +148,8 @@ def validate_spec(spec: ContainerSpec) -> ContainerSpec:
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise bad("env", f"invalid variable {key!r}")
+    if spec.hostname and not _HOSTNAME.match(spec.hostname):
+        raise bad("hostname", f"{spec.hostname!r} is not a valid host name")
     if not spec.cwd.startswith("/"):
         raise bad("cwd", "must be absolute")
     if not _USER.match(spec.user):
@@ -187,6 +190,8 @@ def validate_spec(spec: ContainerSpec) -> ContainerSpec:
             raise bad("health", "exec check needs a command")
         if h.kind in ("tcp", "http") and not (1 <= h.port <= 65535):
             raise bad("health", "tcp/http check needs a port")
+        if h.kind in ("tcp", "http") and spec.network == "none":
+            raise bad("health", "tcp/http checks need a network; use an exec check with network none")
         if h.interval <= 0 or h.timeout <= 0 or h.retries < 1 or h.start_period < 0:
             raise bad("health", "interval, timeout > 0, retries >= 1, start_period >= 0")
     return spec

@@ -236,6 +236,8 @@ def test_resolve_unknown_names_is_an_invalid_spec(user):
         (dict(health=HealthCheck(kind="exec")), "health"),
         (dict(health=HealthCheck(kind="http", port=0)), "health"),
         (dict(stop_signal=0), "stop_signal"),
+        (dict(hostname="bad_host!"), "hostname"),
+        (dict(network="none", health=HealthCheck(kind="tcp", port=80)), "health"),
     ],
 )
 def test_validate_spec_names_the_bad_field(kw, field):

@@ -28,7 +28,7 @@ SEED = 1234
 
 def spec(cid="web", restart=RestartPolicy(), health=None, labels=None):
     return ContainerSpec(
-        id=cid, rootfs="/nonexistent", args=["server"], network="none", restart=restart, health=health, labels=labels or {}
+        id=cid, rootfs="/nonexistent", args=["server"], network="host", restart=restart, health=health, labels=labels or {}
     )
 
 
