@@ -55,6 +55,10 @@ def make_server() -> RpcServer:
     async def echo(ctx: RpcContext, body: bytes) -> bytes:
         return body
 
+    @server.unary("cpu")
+    async def cpu(ctx: RpcContext, body: bytes) -> float:
+        return time.process_time()
+
     @server.stream("bulk.download")
     async def download(ctx: RpcContext, body: bytes) -> None:
         total = int(body)
@@ -153,10 +157,18 @@ async def bench_carrier(kind: str, carrier, address, quick: bool) -> dict:
     n = 300 if quick else 3000
     for _ in range(50):
         await client.call(conn, "echo", payload, timeout=10)
+    server_cpu = await client.call(conn, "cpu", b"", response=float)
+    cpu = time.process_time()
     start = time.perf_counter()
     for _ in range(n):
         await client.call(conn, "echo", payload, timeout=10)
     out["rpc_sequential_per_s"] = round(n / (time.perf_counter() - start), 1)
+    # CPU per call on each side: what the rate would be bounded by on idle cores,
+    # and a figure that stays meaningful when the machine is shared.
+    out["rpc_client_cpu_us_per_call"] = round((time.process_time() - cpu) / n * 1e6, 1)
+    out["rpc_server_cpu_us_per_call"] = round(
+        ((await client.call(conn, "cpu", b"", response=float)) - server_cpu) / n * 1e6, 1
+    )
     # Concurrent small RPCs over the same connection.
     workers, per_worker = 32, (20 if quick else 200)
 
@@ -164,16 +176,25 @@ async def bench_carrier(kind: str, carrier, address, quick: bool) -> dict:
         for _ in range(per_worker):
             await client.call(conn, "echo", payload, timeout=30)
 
+    server_cpu = await client.call(conn, "cpu", b"", response=float)
+    cpu = time.process_time()
     start = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for _ in range(workers):
             nursery.start_soon(worker)
-    out["rpc_concurrent_per_s"] = round(workers * per_worker / (time.perf_counter() - start), 1)
+    calls = workers * per_worker
+    out["rpc_concurrent_per_s"] = round(calls / (time.perf_counter() - start), 1)
+    out["rpc_concurrent_client_cpu_us_per_call"] = round((time.process_time() - cpu) / calls * 1e6, 1)
+    out["rpc_concurrent_server_cpu_us_per_call"] = round(
+        ((await client.call(conn, "cpu", b"", response=float)) - server_cpu) / calls * 1e6, 1
+    )
     out["rpc_concurrency"] = workers
     # One-stream bulk upload into a raw sink.
     megabytes = (16 if kind == "quic" else 64) if quick else (64 if kind == "quic" else 512)
     chunk = b"u" * (1024 * 1024)
     stream = await conn.open_stream()
+    server_cpu = await client.call(conn, "cpu", b"", response=float)
+    cpu = time.process_time()
     start = time.perf_counter()
     await stream.send_all(b"S")
     for _ in range(megabytes):
@@ -186,6 +207,10 @@ async def bench_carrier(kind: str, carrier, address, quick: bool) -> dict:
     assert int(received) == megabytes * len(chunk), received
     out["bulk_upload_MB_per_s"] = round(megabytes * len(chunk) / elapsed / 1e6, 1)
     out["bulk_upload_MB"] = megabytes
+    out["bulk_upload_client_cpu_s_per_GB"] = round((time.process_time() - cpu) / (megabytes / 1024), 2)
+    out["bulk_upload_server_cpu_s_per_GB"] = round(
+        ((await client.call(conn, "cpu", b"", response=float)) - server_cpu) / (megabytes / 1024), 2
+    )
     # One-stream bulk download as an RPC server stream.
     total = megabytes * 1024 * 1024
     start = time.perf_counter()

@@ -119,6 +119,7 @@ class MuxStream:
         self._fin_received = False
         self._reset: StreamReset | None = None
         self._wakeup = trio.Event()
+        self._abort_callback: Callable[[str], None] | None = None
 
     @property
     def stream_id(self) -> int:
@@ -130,6 +131,25 @@ class MuxStream:
     def _wake(self) -> None:
         self._wakeup.set()
         self._wakeup = trio.Event()
+
+    def on_abort(self, callback: Callable[[str], None] | None) -> None:
+        """Have `callback(why)` called once if the peer sends anything more
+        (data, FIN) or resets the stream, or the connection dies; None removes it.
+
+        Not part of `base.Stream`: the RPC server uses it, when a carrier has
+        it, to learn that a client gave up without a watcher task per call.
+        """
+        self._abort_callback = callback
+        if callback is not None:
+            if self._reset is not None or self._session._error is not None:
+                self._abort("stream reset or connection lost")
+            elif self._chunks or self._fin_received:
+                self._abort("peer sent more")
+
+    def _abort(self, why: str) -> None:
+        callback, self._abort_callback = self._abort_callback, None
+        if callback is not None:
+            callback(why)
 
     def _check_sendable(self) -> None:
         if self._reset is not None:
@@ -199,11 +219,14 @@ class MuxStream:
             self._check_sendable()
             self._fin_sent = True
             flags = self._take_syn_flags() | FIN
-            self._session._enqueue(encode_frame(DATA, flags, self._id, 0), control=False, wake=False)
+            # Sent by the writer task, so a sender that follows at once (the
+            # next RPC's request) shares the write with it.
+            self._session._enqueue(encode_frame(DATA, flags, self._id, 0), control=False, wake=not (flags & SYN))
             if flags & SYN:
                 self._session._grant_extra_window(self, ordered=True)
+                self._session._outbox_ready.set()
             self._session._maybe_forget(self)
-            await self._session._flush_from_caller()
+            await trio.lowlevel.checkpoint_if_cancelled()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -276,6 +299,8 @@ class MuxStream:
             self._fin_received = True
             self._session._maybe_forget(self)
         self._wake()
+        if self._abort_callback is not None:
+            self._abort("peer sent more" if payload else "peer closed its side")
 
     def _on_window_update(self, increment: int) -> None:
         self._send_window += increment
@@ -290,6 +315,7 @@ class MuxStream:
         self._chunks.clear()
         self._buffered = 0
         self._wake()
+        self._abort(f"peer reset the stream (code {code})")
 
 
 class MuxSession:
@@ -357,7 +383,7 @@ class MuxSession:
         return f"<MuxSession {self._peer.uri} at {self._remote_address}>"
 
     async def open_stream(self) -> MuxStream:
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._error is not None:
             raise self._error
         if self._local_goaway or self._remote_goaway:
@@ -459,6 +485,7 @@ class MuxSession:
             log.debug("mux.session_closed", extra={"peer": self._peer.uri, "reason": error.message})
         for stream in list(self._streams.values()):
             stream._wake()
+            stream._abort("connection lost")
         self._streams.clear()
         self._wake_accept()
         self._outbox_ready.set()

@@ -417,62 +417,99 @@ class RpcServer:
     async def _run_handler(
         self, conn: Connection, stream: Stream, reader: FrameReader, method: _Method, request: Any, deadline: float
     ) -> None:
-        finished = False
         client_gone: list[str] = []
+        ctx_scope = trio.CancelScope(deadline=deadline)
+        ctx = RpcContext(conn.peer, method.name, deadline, ctx_scope, stream, self.max_frame_size)
+        on_abort = getattr(stream, "on_abort", None)
+        if reader.buffered:
+            client_gone.append("sent data after its request")
+        elif on_abort is not None:
+            # The carrier tells us when the client gives up: no watcher task needed.
+            def aborted(why: str) -> None:
+                client_gone.append(why)
+                ctx_scope.cancel()
+
+            on_abort(aborted)
+            try:
+                await self._answer(conn, stream, method, ctx, request, client_gone)
+            finally:
+                on_abort(None)
+            if not client_gone:
+                await self._await_client_eof(stream, client_gone)
+        else:
+            await self._answer_watched(conn, stream, method, ctx, request, client_gone)
+        if client_gone:
+            log.debug("rpc.client_gone", extra={"method": method.name, "peer": conn.peer.uri, "why": client_gone[0]})
+            await _reset_quietly(stream)
+        else:
+            await stream.aclose()
+
+    async def _answer_watched(
+        self, conn: Connection, stream: Stream, method: _Method, ctx: RpcContext, request: Any, client_gone: list[str]
+    ) -> None:
+        """Run the handler with a task watching the stream for the client giving up."""
+        finished = False
 
         async def watch_client(scope: trio.CancelScope) -> None:
             # The client sends nothing after its request until it has our answer:
             # EOF before then, a reset or a lost connection all mean "give up".
             try:
                 data = await stream.receive_some()
-                if data or reader.buffered:
+                if data:
                     client_gone.append("sent data after its request")
                 elif not finished:
                     client_gone.append("closed its side before the answer")
-            except (StreamReset, ConnectionLost, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            except _STREAM_GONE as exc:
                 client_gone.append(f"went away ({exc.__class__.__name__})")
             if not finished or client_gone:
                 scope.cancel()
 
-        ctx_scope = trio.CancelScope(deadline=deadline)
-        answer: Frame | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch_client, nursery.cancel_scope)
-            ctx = RpcContext(conn.peer, method.name, deadline, ctx_scope, stream, self.max_frame_size)
-            with ctx_scope:
-                try:
-                    result = await method.handler(ctx, request)
-                    if method.streaming:
-                        answer = End()
-                    else:
-                        answer = Reply(encode_body(result))
-                except CloudlessError as exc:
-                    answer = failure_of(exc)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    answer = failure_of(RpcCancelled(f"{method.name} lost its stream: {exc!r}"))
-                except Exception as exc:
-                    log.exception("rpc.handler_crashed", extra={"method": method.name, "peer": conn.peer.uri})
-                    answer = Failure("internal", 1, f"internal error in {method.name}: {exc.__class__.__name__}")
-            if ctx_scope.cancelled_caught and answer is None:
-                answer = failure_of(DeadlineExceeded(f"{method.name} ran past its deadline"))
-            if answer is not None and not client_gone:
-                try:
-                    data = encode_frame(answer, self.max_frame_size)
-                except InvalidInput as exc:  # the answer itself was too large
-                    data = encode_frame(failure_of(exc), self.max_frame_size)
-                try:
-                    await send_last(stream, data)
-                except _STREAM_GONE as exc:
-                    client_gone.append(f"went away before the answer ({exc.__class__.__name__})")
+            await self._answer(conn, stream, method, ctx, request, client_gone)
             finished = True
             # Leaving the nursery waits for the watcher to see the client's EOF,
             # so the stream ends cleanly on both sides; bounded by CLOSE_TIMEOUT.
             nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+
+    async def _await_client_eof(self, stream: Stream, client_gone: list[str]) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            try:
+                if await stream.receive_some():
+                    client_gone.append("sent data after its request")
+            except _STREAM_GONE as exc:
+                client_gone.append(f"went away ({exc.__class__.__name__})")
+        if scope.cancelled_caught:
+            client_gone.append("never closed its side")
+
+    async def _answer(
+        self, conn: Connection, stream: Stream, method: _Method, ctx: RpcContext, request: Any, client_gone: list[str]
+    ) -> None:
+        """Run the handler under the call's deadline and send its answer (unless the client is gone)."""
+        answer: Frame | None = None
+        with ctx.cancel_scope:
+            try:
+                result = await method.handler(ctx, request)
+                answer = End() if method.streaming else Reply(encode_body(result))
+            except CloudlessError as exc:
+                answer = failure_of(exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                answer = failure_of(RpcCancelled(f"{method.name} lost its stream: {exc!r}"))
+            except Exception as exc:
+                log.exception("rpc.handler_crashed", extra={"method": method.name, "peer": conn.peer.uri})
+                answer = Failure("internal", 1, f"internal error in {method.name}: {exc.__class__.__name__}")
         if client_gone:
-            log.debug("rpc.client_gone", extra={"method": method.name, "peer": conn.peer.uri, "why": client_gone[0]})
-            await _reset_quietly(stream)
-        else:
-            await stream.aclose()
+            return
+        if answer is None:  # cancelled, and not by the client: the deadline passed
+            answer = failure_of(DeadlineExceeded(f"{method.name} ran past its deadline"))
+        try:
+            data = encode_frame(answer, self.max_frame_size)
+        except InvalidInput as exc:  # the answer itself was too large
+            data = encode_frame(failure_of(exc), self.max_frame_size)
+        try:
+            await send_last(stream, data)
+        except _STREAM_GONE as exc:
+            client_gone.append(f"went away before the answer ({exc.__class__.__name__})")
 
 
 # -- client --
