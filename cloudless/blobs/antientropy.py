@@ -16,7 +16,7 @@ has pinned it, so it never races a write whose manifest has not committed.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Sequence
+from typing import Awaitable, Callable, Mapping, Sequence
 
 import msgspec
 import trio
@@ -250,3 +250,96 @@ def collect_garbage(
     if deleted:
         log.info("gc.deleted", extra={"count": len(deleted)})
     return deleted
+
+
+class AntiEntropyLoop:
+    """Anti-entropy as a service: a round every `interval` seconds, and one at once on
+    `trigger()` (a member declared dead or joined), repeated while rounds still copy or
+    drop (copies land in one round, the surplus they leave is dropped in the next).
+
+    Run it on one node (the Raft leader): rounds are cluster-wide.
+    """
+
+    def __init__(
+        self,
+        metadata: MetadataStore,
+        members: Callable[[], Sequence[StorageMember]],
+        peers: ChunkPeers,
+        *,
+        interval: float = 30.0,
+        round_timeout: float = 600.0,
+        concurrency: int = 8,
+    ) -> None:
+        self.metadata = metadata
+        self.members = members
+        self.peers = peers
+        self.interval = interval
+        self.round_timeout = round_timeout
+        self.concurrency = concurrency
+        self._wake = trio.Event()
+        self.rounds = 0
+        self.failed_rounds = 0
+        self.last_report: RoundReport | None = None
+
+    def trigger(self) -> None:
+        self._wake.set()
+
+    def statistics(self) -> dict[str, int]:
+        last = self.last_report
+        return {
+            "rounds": self.rounds,
+            "failed_rounds": self.failed_rounds,
+            "last_copied": last.copied if last else 0,
+            "last_dropped": last.dropped if last else 0,
+            "last_lost": len(last.lost) if last else 0,
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        again = False
+        while True:
+            if not again:
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+            self._wake = trio.Event()
+            again = False
+            with trio.move_on_after(self.round_timeout) as scope:
+                try:
+                    report = await run_round(self.metadata, self.members(), self.peers, concurrency=self.concurrency)
+                except Exception as exc:  # a round fails as a whole (metadata unavailable...); the next one retries
+                    self.failed_rounds += 1
+                    log.warning("antientropy.round_failed", extra={"error": repr(exc)})
+                    continue
+                self.rounds += 1
+                self.last_report = report
+                again = report.copied > 0 or report.dropped > 0
+            if scope.cancelled_caught:
+                self.failed_rounds += 1
+                log.warning("antientropy.round_timeout", extra={"timeout": self.round_timeout})
+
+
+class GarbageCollectionLoop:
+    """Local GC every `interval` seconds (each node runs its own)."""
+
+    def __init__(
+        self,
+        collect: Callable[[float], Awaitable[list[str]]],
+        *,
+        interval: float = 600.0,
+        grace: float = DEFAULT_GC_GRACE,
+    ) -> None:
+        self.collect = collect  # e.g. ObjectService.collect_garbage
+        self.interval = interval
+        self.grace = grace
+        self.collected = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.interval)
+            try:
+                deleted = await self.collect(self.grace)
+            except Exception as exc:
+                log.warning("gc.failed", extra={"error": repr(exc)})
+                continue
+            self.collected += len(deleted)

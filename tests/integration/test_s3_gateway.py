@@ -263,8 +263,21 @@ def test_correct_content_md5_is_accepted(s3, bucket):
 def test_trailing_checksums_of_current_sdks_are_verified(gateway, bucket):
     # botocore >= 1.36 sends aws-chunked bodies with a CRC32 trailer by default.
     client = gateway.client(request_checksum_calculation="when_supported")
+    chunked_before = gateway.app.statistics().get("body.aws_chunked", 0)
     client.put_object(Bucket=bucket, Key="crc", Body=b"abc" * 1000, ChecksumAlgorithm="SHA256")
+    client.put_object(Bucket=bucket, Key="crc32", Body=b"def" * 1000)  # the SDK's default: CRC32 trailer
+    assert gateway.app.statistics()["body.aws_chunked"] == chunked_before + 2
     assert client.get_object(Bucket=bucket, Key="crc")["Body"].read() == b"abc" * 1000
+    assert client.get_object(Bucket=bucket, Key="crc32")["Body"].read() == b"def" * 1000
+
+
+def test_a_wrong_trailing_checksum_is_bad_digest(gateway, bucket):
+    body = b"5\r\nhello\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n"
+    r = signed_request(gateway, "PUT", f"/{bucket}/badcrc", body=body, payload_hash="STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                       extra_headers={"content-encoding": "aws-chunked", "x-amz-decoded-content-length": "5",
+                                      "x-amz-trailer": "x-amz-checksum-crc32"})
+    assert r.status_code == 400 and b"<Code>BadDigest</Code>" in r.content
+    assert gateway.call(gateway.service.metadata.list_manifests, bucket).objects == []
 
 
 # Range GET -----------------------------------------------------------------------------

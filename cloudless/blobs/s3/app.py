@@ -15,6 +15,7 @@ import logging
 import secrets
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, unquote
@@ -157,7 +158,11 @@ class S3Gateway:
         self.service = service
         self.region = region
         self.clock = clock
-        self._secrets: dict[str, tuple[str, str]] = {}
+        self._stats: Counter[str] = Counter()
+
+    def statistics(self) -> dict[str, int]:
+        """Requests served, by outcome (`status.<code>`, `error.<S3 code>`) and body encoding."""
+        return dict(self._stats)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] == "lifespan":
@@ -206,6 +211,8 @@ class S3Gateway:
             response = self._error(request, S3Error("InternalError"))
         if response.status >= 300 and not request.body_done:
             await self._drain(request)
+        self._stats["requests"] += 1
+        self._stats[f"status.{response.status}"] += 1
         await self._send(request, response, send)
 
     async def _drain(self, request: Request) -> None:
@@ -230,6 +237,7 @@ class S3Gateway:
         return fields
 
     def _error(self, request: Request, exc: S3Error) -> Response:
+        self._stats[f"error.{exc.code}"] += 1
         if exc.status >= 500:
             log.warning("s3.error", extra={"code": exc.code, "request_id": request.request_id})
         headers = [("content-type", "application/xml")] + exc.headers
@@ -341,7 +349,9 @@ class S3Gateway:
         payload = signed.payload_hash if signed else sigv4.UNSIGNED_PAYLOAD
         decoder = None
         if self._is_chunked(request):
-            decoder = ChunkedDecoder(signed if payload in (sigv4.STREAMING_SIGNED, sigv4.STREAMING_SIGNED_TRAILER) else None)
+            signed_chunks = payload in (sigv4.STREAMING_SIGNED, sigv4.STREAMING_SIGNED_TRAILER)
+            decoder = ChunkedDecoder(signed if signed_chunks else None)
+            self._stats["body.aws_chunked"] += 1
         sha = hashlib.sha256() if len(payload) == 64 else None
         checksums = _Checksums(request.headers)
         pending: list[bytes] = []

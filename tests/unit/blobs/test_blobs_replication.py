@@ -259,3 +259,25 @@ async def test_multipart_parts_are_replicated_and_the_etag_follows_s3():
     joined = hashlib.md5(b"a" * 5000).digest() + hashlib.md5(b"b" * 10).digest()
     assert m.etag == hashlib.md5(joined).hexdigest() + "-2"
     assert await c.service.get_bytes("bkt", "mp") == b"a" * 5000 + b"b" * 10
+
+
+async def test_the_loop_restores_r_within_seconds_of_a_declared_death(cluster, autojump_clock):
+    """Re-replication starts when the death is announced (trigger), not at the next interval."""
+    from cloudless.blobs.antientropy import AntiEntropyLoop
+
+    data = cluster.rng.randbytes(400_000)
+    await cluster.service.put_object("bkt", "obj", data)
+    digests = await cluster.chunks_of("bkt", "obj")
+    loop = AntiEntropyLoop(cluster.metadata, cluster.members, cluster.peers, interval=3600)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(loop.run)
+        cluster.peers.kill("n3")
+        cluster.declared_dead.add("n3")
+        assert any(len(cluster.replicas(d)) == 1 for d in digests)
+        start = trio.current_time()
+        loop.trigger()
+        while not all(len(cluster.replicas(d)) == 2 for d in digests):
+            await trio.sleep(0.1)
+        assert trio.current_time() - start < 5
+        nursery.cancel_scope.cancel()
+    assert loop.statistics()["rounds"] >= 1
