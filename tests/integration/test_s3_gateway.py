@@ -583,11 +583,11 @@ def test_streaming_signed_chunks_are_verified(gateway, bucket):
 
 
 def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming=False, corrupt_chunk=False,
-                   extra_headers=None):
+                   extra_headers=None, host=None):
     """A hand-signed SigV4 request (for what botocore refuses to send)."""
     from cloudless.blobs.s3 import sigv4
 
-    host = gateway.endpoint.removeprefix("https://")
+    host = host or gateway.endpoint.removeprefix("https://")
     now = time.time()
     amz_date = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
@@ -619,7 +619,8 @@ def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming
             out += f"{len(piece):x};chunk-signature={sig}\r\n".encode() + piece + b"\r\n"
             previous = sig
         body = out
-    del headers["host"]
+    if host == gateway.endpoint.removeprefix("https://"):
+        del headers["host"]
     return httpx.request(method, gateway.endpoint + path, content=body, headers=headers, verify=gateway.tls)
 
 
@@ -706,3 +707,17 @@ def test_list_parts_and_uploads_paginate(s3, bucket):
     assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix="q")["Uploads"]] == ["qa", "qb"]
     for k, u in zip(("qa", "qb"), others):
         s3.abort_multipart_upload(Bucket=bucket, Key=k, UploadId=u)
+
+
+def test_virtual_hosted_style_requests(gateway, s3, bucket):
+    gateway.app.domains = ("s3.cloudless.test",)
+    try:
+        port = gateway.endpoint.rsplit(":", 1)[1]
+        host = f"{bucket}.s3.cloudless.test:{port}"
+        r = signed_request(gateway, "PUT", "/dir/vh.txt", body=b"virtual", host=host)
+        assert r.status_code == 200, r.content
+        assert s3.get_object(Bucket=bucket, Key="dir/vh.txt")["Body"].read() == b"virtual"
+        r = signed_request(gateway, "GET", "/dir/vh.txt", host=host)
+        assert r.status_code == 200 and r.content == b"virtual"
+    finally:
+        gateway.app.domains = ()

@@ -153,10 +153,13 @@ class S3Gateway:
         service: ObjectService,
         *,
         region: str = "us-east-1",
+        domains: tuple[str, ...] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
         self.region = region
+        # Virtual-hosted-style requests (`<bucket>.<domain>`) for these domains; path style always works.
+        self.domains = tuple(d.lower().strip(".") for d in domains)
         self.clock = clock
         self._stats: Counter[str] = Counter()
 
@@ -178,12 +181,16 @@ class S3Gateway:
         request_id = secrets.token_hex(8).upper()
         raw_path = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
         path = unquote(raw_path)
-        bucket, _, key = path.lstrip("/").partition("/")
         headers: dict[str, str] = {}
         for name, value in scope["headers"]:
             n = name.decode("latin-1").lower()
             v = value.decode("latin-1")
             headers[n] = f"{headers[n]},{v}" if n in headers else v
+        virtual_bucket = self._virtual_bucket(headers.get("host", ""))
+        if virtual_bucket is not None:
+            bucket, key = virtual_bucket, path.lstrip("/")
+        else:
+            bucket, _, key = path.lstrip("/").partition("/")
         query = _parse_query(scope.get("query_string", b""))
         request = Request(
             method=scope["method"],
@@ -227,6 +234,13 @@ class S3Gateway:
                     request.body_done = True
 
     # plumbing ------------------------------------------------------------------
+
+    def _virtual_bucket(self, host: str) -> str | None:
+        name = host.rsplit(":", 1)[0].lower() if not host.startswith("[") else ""
+        for domain in self.domains:
+            if name.endswith("." + domain):
+                return name[: -len(domain) - 1]
+        return None
 
     def _resource_fields(self, request: Request) -> dict[str, str]:
         fields = {}
