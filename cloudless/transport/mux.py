@@ -212,21 +212,20 @@ class MuxStream:
     async def send_eof(self) -> None:
         if self._sending:
             raise trio.BusyResourceError("another task is already sending on this stream")
-        if True:  # keeps the shape of send_all's critical section
-            if self._fin_sent:
-                await trio.lowlevel.checkpoint()
-                return
-            self._check_sendable()
-            self._fin_sent = True
-            flags = self._take_syn_flags() | FIN
-            # Sent by the writer task, so a sender that follows at once (the
-            # next RPC's request) shares the write with it.
-            self._session._enqueue(encode_frame(DATA, flags, self._id, 0), control=False, wake=not (flags & SYN))
-            if flags & SYN:
-                self._session._grant_extra_window(self, ordered=True)
-                self._session._outbox_ready.set()
-            self._session._maybe_forget(self)
-            await trio.lowlevel.checkpoint_if_cancelled()
+        if self._fin_sent:
+            await trio.lowlevel.checkpoint()
+            return
+        self._check_sendable()
+        self._fin_sent = True
+        flags = self._take_syn_flags() | FIN
+        # Sent by the writer task, so a sender that follows at once (the
+        # next RPC's request) shares the write with it.
+        self._session._enqueue(encode_frame(DATA, flags, self._id, 0), control=False, wake=not (flags & SYN))
+        if flags & SYN:
+            self._session._grant_extra_window(self, ordered=True)
+            self._session._outbox_ready.set()
+        self._session._maybe_forget(self)
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if max_bytes is not None and max_bytes < 1:
@@ -245,7 +244,7 @@ class MuxStream:
                 await trio.lowlevel.checkpoint_if_cancelled()
                 return chunk
             if self._fin_received:
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint_if_cancelled()
                 return b""
             if self._session._error is not None:
                 raise self._session._error
@@ -276,7 +275,7 @@ class MuxStream:
                     return
             elif not (self._fin_sent and self._fin_received):
                 self.reset_nowait(RESET_CANCELLED)
-        await trio.lowlevel.checkpoint()
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     # -- called by the session's reader --
 
@@ -403,7 +402,7 @@ class MuxSession:
         while True:
             if self._accept_queue:
                 stream = self._accept_queue.popleft()
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint_if_cancelled()
                 return stream
             if self._error is not None:
                 raise self._error
