@@ -44,7 +44,7 @@ from cloudless.blobs.manifest import (
     validate_object_key,
 )
 from cloudless.blobs.peers import ChunkPeers
-from cloudless.blobs.placement import PlacementPolicy, StorageMember
+from cloudless.blobs.placement import StorageMember
 from cloudless.blobs.replication import InFlightChunks, Replicator
 from cloudless.errors import InvalidInput
 

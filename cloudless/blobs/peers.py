@@ -11,7 +11,6 @@ from typing import Iterable, Protocol, Sequence
 import trio
 
 from cloudless.blobs.chunkstore import ChunkStore, InventorySummary
-from cloudless.blobs.errors import ChunkMissing
 from cloudless.errors import Unavailable
 
 
@@ -115,5 +114,3 @@ class MemoryChunkPeers:
         nodes = self.stores if among is None else among
         return {n for n in nodes if n not in self.dead and self.stores[n].has([digest])}
 
-
-__all__ = ["ChunkPeers", "MemoryChunkPeers", "PeerUnavailable", "ChunkMissing"]
