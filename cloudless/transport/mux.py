@@ -29,7 +29,17 @@ bounded by `max_streams * receive_window` plus one frame of reassembly and
 
 Liveness: when nothing has arrived for `keepalive_interval` the session
 pings; if still nothing arrives within `keepalive_timeout` the peer is
-declared gone and every stream fails with ConnectionLost.
+declared gone and every stream fails with ConnectionLost. A write blocked for
+`write_timeout` (the peer reads nothing, although flow control guarantees
+its reader can always drain us) also ends the session.
+
+Writing: a sender writes its own frames (and anything queued) straight to
+the transport when no write is in progress, else leaves them to the task
+that is writing, so concurrent senders share writes; the reader never
+writes (it only queues WINDOW_UPDATE/PING answers for the writer task), so
+two peers blocked on full socket buffers cannot deadlock each other. Writes
+are shielded from cancellation (a half-written TLS record would break every
+stream) and bounded by `write_timeout` instead.
 """
 
 from __future__ import annotations

@@ -46,7 +46,15 @@ Semantics:
   Conflict, Unavailable, CloudlessError) with the remote `code`, message and
   context. Other exceptions become a generic "internal" error (logged on the
   server with its traceback).
-- `ctx.peer` is the caller's verified identity.
+- `ctx.peer` is the caller's verified identity; `ctx.deadline`/`ctx.time_left`
+  the call's deadline (trio clock); `ctx.cancel_scope` the scope the handler
+  runs in.
+- A call's failure never takes its connection down; a server reads each
+  request within `request_timeout` and each frame is at most `max_frame_size`.
+- Carrier fast paths, used when the stream has them (mux streams do; QUIC
+  streams use the generic path): `send_last(data)` (data and FIN in one
+  write) and `on_abort(callback)` (learn of a client giving up without a
+  watcher task per call).
 """
 
 from __future__ import annotations
@@ -214,12 +222,16 @@ class FrameReader:
                 if length > self._max:
                     raise RpcProtocolError(f"RPC frame of {length} bytes exceeds the {self._max}-byte limit")
                 if len(self._buffer) >= 4 + length:
-                    payload = bytes(self._buffer[4 : 4 + length])
-                    del self._buffer[: 4 + length]
+                    view = memoryview(self._buffer)
+                    payload = view[4 : 4 + length]  # decoded in place; bytes fields are copied out
                     try:
                         return _frame_decoder.decode(payload)
                     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                        raise RpcProtocolError(f"malformed RPC frame: {exc}") from exc
+                        raise RpcProtocolError(f"malformed RPC frame: {exc}") from None
+                    finally:
+                        payload.release()
+                        view.release()
+                        del self._buffer[: 4 + length]
             if self.eof:
                 if self._buffer:
                     raise RpcProtocolError("stream ended inside an RPC frame")

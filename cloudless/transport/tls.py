@@ -79,14 +79,19 @@ def _ssl_reason(exc: ssl.SSLError) -> str | None:
     return None
 
 
-def rejection_from_ssl_error(exc: BaseException, *, side: str, address: Address) -> PeerRejected | None:
-    """PeerRejected for a certificate failure OpenSSL raised, None for other TLS errors."""
+def rejection_from_ssl_error(exc: BaseException, *, address: Address) -> PeerRejected | None:
+    """PeerRejected for a certificate failure OpenSSL raised, None for other TLS errors.
+
+    A verification error is our verdict on the peer's certificate; an alert
+    is the peer's verdict on ours.
+    """
     cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
     if not isinstance(cause, ssl.SSLError):
         return None
     reason = _ssl_reason(cause)
     if reason is None:
         return None
+    side = "local" if isinstance(cause, ssl.SSLCertVerificationError) else "remote"
     if side == "local":
         message = f"peer at {address[0]}:{address[1]} presented an unacceptable certificate ({reason}): {cause}"
     else:
@@ -223,7 +228,7 @@ async def client_handshake(
         raise
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
         await trio.aclose_forcefully(stream)
-        rejected = rejection_from_ssl_error(exc, side="remote", address=address)
+        rejected = rejection_from_ssl_error(exc, address=address)
         if rejected is not None:
             raise rejected from exc
         raise ConnectionLost(f"TLS handshake with {address[0]}:{address[1]} failed: {exc!r}") from exc
@@ -258,7 +263,7 @@ async def server_handshake(
     except (trio.BrokenResourceError, ssl.SSLError, OSError) as exc:
         await _send_pending_alert(stream, tcp)
         await trio.aclose_forcefully(stream)
-        rejected = rejection_from_ssl_error(exc, side="local", address=address)
+        rejected = rejection_from_ssl_error(exc, address=address)
         if rejected is not None:
             raise rejected from exc
         raise ConnectionLost(f"TLS handshake with {address[0]}:{address[1]} failed: {exc!r}") from exc

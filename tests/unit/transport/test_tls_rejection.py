@@ -174,6 +174,7 @@ async def test_client_refuses_a_server_from_another_ca():
         with pytest.raises(PeerRejected) as info:
             await TlsCarrier(GOOD, verifier).connect(address)
         assert info.value.reason == "unknown_ca"
+        assert "presented an unacceptable certificate" in info.value.message
         nursery.cancel_scope.cancel()
 
 
