@@ -160,6 +160,7 @@ class GossipCore:
         self._next_reconnect = now + config.reconnect_interval * (0.5 + rng.random())
         self._self_alive = b""
         self._joining = False
+        self._min_stall = 2 * config.probe_interval
         # Members that pinged us before we heard of them: if gossip still has
         # not told us about one after a while, ask it directly (push-pull).
         self._strangers: dict[str, tuple[str, float]] = {}
@@ -296,18 +297,20 @@ class GossipCore:
     tick = handle_timer
 
     def _advance(self, now: float) -> None:
-        cfg = self.config
-        if cfg.lifeguard and now - self._now > self.awareness.scale(cfg.probe_interval) + cfg.probe_interval:
-            self._recover_from_stall(now)
+        gap = now - self._now
         self._now = now
+        if gap > self._min_stall:
+            cfg = self.config
+            if cfg.lifeguard and gap > self.awareness.scale(cfg.probe_interval) + cfg.probe_interval:
+                self._recover_from_stall(now, gap)
 
-    def _recover_from_stall(self, now: float) -> None:
+    def _recover_from_stall(self, now: float, gap: float) -> None:
         """We were not scheduled for longer than any of our timers allow: we,
         not the others, were slow (Lifeguard §4.1's premise). Acks and
         refutations may be waiting unread, so no probe fails and no suspicion
         expires until we had a probe interval to read them."""
         cfg = self.config
-        log.info("gossip.stalled", extra={"member": self.name, "stalled_s": round(now - self._now, 3)})
+        log.info("gossip.stalled", extra={"member": self.name, "stalled_s": round(gap, 3)})
         self.awareness.apply_delta(1)
         self._probe = None
         self._next_probe = max(self._next_probe, now + cfg.probe_timeout)
@@ -367,24 +370,41 @@ class GossipCore:
         return out
 
     def next_deadline(self) -> float | None:
+        # Called after every input by drivers and the simulator: kept branchy
+        # rather than min()-of-lists because it dominates simulation time.
         if self.leaving and not self._queue:
             return None
         d = self._next_probe if not self.leaving else math.inf
         p = self._probe
         if p is not None:
-            d = min(d, p.end if p.indirect else p.ack_deadline)
+            x = p.end if p.indirect else p.ack_deadline
+            if x < d:
+                d = x
         if self._queue:
             g = self._next_gossip
             if g < self._now:  # keep the gossip cadence: next beat after now
                 g += math.ceil((self._now - g) / self.config.gossip_interval) * self.config.gossip_interval
-            d = min(d, g)
-        for r in self._relays.values():
-            d = min(d, r.nack_at if r.nack_at is not None else r.expires)
-        for s in self._suspicions.values():
-            d = min(d, s.deadline)
-        for _, due in self._strangers.values():
-            d = min(d, due)
-        d = min(d, self._next_push_pull, self._next_reap, self._next_reconnect)
+            if g < d:
+                d = g
+        if self._relays:
+            for r in self._relays.values():
+                x = r.nack_at if r.nack_at is not None else r.expires
+                if x < d:
+                    d = x
+        if self._suspicions:
+            for s in self._suspicions.values():
+                if s.deadline < d:
+                    d = s.deadline
+        if self._strangers:
+            for _, due in self._strangers.values():
+                if due < d:
+                    d = due
+        if self._next_push_pull < d:
+            d = self._next_push_pull
+        if self._next_reap < d:
+            d = self._next_reap
+        if self._next_reconnect < d:
+            d = self._next_reconnect
         return d
 
     def member(self, name: str) -> Member | None:
