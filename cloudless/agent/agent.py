@@ -140,16 +140,23 @@ class Agent:
             delay = min(RECONNECT_MAX_S, delay * 2)
 
     async def _accept(self, allocations: NodeAllocations) -> None:
-        if allocations == self.assigned:
-            return
+        if allocations.items == self.assigned.items:
+            return  # a heartbeat, or a change elsewhere in the cluster
         # Durable first: a reboot right after this runs what we were told.
         await self._in_thread(self.local.save, allocations)
         before = self.assigned.wanted()
         self.assigned = allocations
+        supervised = set(self.supervisor.supervised()) if self.supervisor is not None else set()
         for a in allocations.items:
-            if a.allocation.id not in self.observed:
-                self.observed[a.allocation.id] = Observed()
-                self._unreported.add(a.allocation.id)
+            alloc_id = a.allocation.id
+            if alloc_id in self.observed:
+                continue
+            if a.desired == "run":
+                self.observed[alloc_id] = Observed()
+                self._unreported.add(alloc_id)
+            elif a.allocation.live and container_id(alloc_id) not in supervised:
+                # To be stopped, and nothing of it runs here (e.g. gone with a reboot): say so.
+                self._observe(alloc_id, state="exited", exit_code=a.allocation.exit_code)
         gone = set(before) - set(allocations.wanted())
         self._unavailable -= gone
         self._poke()

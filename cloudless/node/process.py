@@ -293,6 +293,9 @@ class Node:
                 await nursery.start(self._run_gossip)
                 coordinator = Coordinator(self)
                 await nursery.start(coordinator.run)
+                from cloudless.agent.boot import run_workloads  # agent, workload controller, workload API
+
+                await nursery.start(run_workloads, self)
                 nursery.start_soon(self._revocation_sync)
                 nursery.start_soon(self._renewal_loop)
                 nursery.start_soon(self._metadata_loop)

@@ -399,6 +399,8 @@ class StateMachine:
 
     def _record_report(self, index: int, rec: AllocationRecord, report, now: float) -> None:
         before = rec.allocation
+        if report.state == "pending" and not before.live:
+            return  # an agent that just (re)started knows less than the state does
         if before.state == "lost" and report.state not in ("exited", "failed") and (rec.replaced_by or rec.desired == "stop"):
             # Replaced while its node was away: it only comes back to be stopped.
             state = before.state

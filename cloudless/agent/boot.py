@@ -1,0 +1,66 @@
+"""Workloads inside the node process: the agent (every node), the workload
+controller (acts on the leader only) and the workload API, started from
+`Node.run` with `await nursery.start(run_workloads, node)`.
+
+The runtime is runc when this process may drive it (root, runc installed);
+`CLOUDLESS_RUNTIME=memory` selects the in-memory twin (benchmarks and tests
+of scheduling without containers), `none` runs no agent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from typing import TYPE_CHECKING
+
+import trio
+
+from cloudless.agent.agent import Agent
+from cloudless.agent.containers import ImageRootfs, MemoryRootfs
+from cloudless.agent.local import LocalAllocations
+from cloudless.agent.source import ClusterSource
+from cloudless.api.workloads import WorkloadService
+from cloudless.coordinator.controller import WorkloadController
+
+if TYPE_CHECKING:
+    from cloudless.node.process import Node
+
+log = logging.getLogger(__name__)
+
+
+def choose_runtime() -> str:
+    wanted = os.environ.get("CLOUDLESS_RUNTIME", "")
+    if wanted in ("runc", "memory", "none"):
+        return wanted
+    if os.geteuid() == 0 and shutil.which("runc"):
+        return "runc"
+    return "none"
+
+
+async def run_workloads(node: "Node", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    kind = choose_runtime()
+    agent: Agent | None = None
+    root = node.data.root / "agent"
+    if kind == "runc":
+        from cloudless.sandbox.runc import RuncRuntime
+
+        agent = Agent(
+            node.node_id, RuncRuntime(root / "sandbox"), ClusterSource(node), LocalAllocations(root),
+            ImageRootfs(node.data.root / "images"), rng=random.Random(), stop_grace=5.0,
+        )
+    elif kind == "memory":
+        from cloudless.sandbox.memory import MemoryRuntime
+
+        agent = Agent(node.node_id, MemoryRuntime(), ClusterSource(node), LocalAllocations(root), MemoryRootfs(), rng=random.Random())
+    else:
+        log.warning("agent.disabled", extra={"fields": {"node": node.node_id, "reason": "no container runtime (needs root and runc)"}})
+    WorkloadService(node, agent).register(node.server)
+    controller = WorkloadController(node)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(controller.run)
+        if agent is not None:
+            await nursery.start(agent.run)
+        log.info("agent.ready", extra={"fields": {"node": node.node_id, "runtime": kind}})
+        task_status.started()

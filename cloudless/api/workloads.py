@@ -1,0 +1,478 @@
+"""The workload API: run/apply, ps, inspect, scale, update, stop, logs, exec —
+plus the agent's side (`allocations.watch`, `allocations.report`) and the
+node-local relay ends (`agent.logs`, `agent.exec`).
+
+Client calls run on the Raft leader (it has the state and gossip's view for
+admission); a follower forwards them once to `fwd.<method>`. Logs and exec
+are relayed: client → any node → leader → the node that runs the replica, so
+they work for nodes only the cluster can reach (behind NAT, the replica's
+node holds an outgoing connection the relay reuses).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
+
+import msgspec
+import trio
+
+from cloudless.agent.messages import (
+    HEARTBEAT_S,
+    AssignedAllocation,
+    ExecReply,
+    ExecRequest,
+    LogLine,
+    LogsRequest,
+    NodeAllocations,
+    ReportAck,
+    ReportBatch,
+    WatchAllocations,
+)
+from cloudless.api.service import PermissionDenied, raise_rejected
+from cloudless.coordinator.controller import admission_error, node_infos
+from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
+from cloudless.node.replicated import NoLeader
+from cloudless.raft.core import NotLeader
+from cloudless.state.commands import ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
+from cloudless.state.fsm import AllocationRecord, StateMachine, WorkloadRecord
+from cloudless.state.workload import WorkloadName, WorkloadSpec, validate
+from cloudless.transport.rpc import RpcContext, RpcServer
+
+if TYPE_CHECKING:
+    from cloudless.agent.agent import Agent
+    from cloudless.node.process import Node
+
+log = logging.getLogger(__name__)
+
+ClientId = Annotated[str, msgspec.Meta(max_length=128)]
+
+
+class Unschedulable(CloudlessError):
+    """Admission: no node of the cluster could ever run one replica."""
+
+    code = "unschedulable"
+
+
+# ---------------------------------------------------------------- vocabulary
+
+
+class RunWorkload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    spec: WorkloadSpec
+    replace: bool = False  # apply: create or update; run: create only
+    client_id: ClientId = ""
+    seq: int = 0
+
+
+class WorkloadRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: WorkloadName
+    client_id: ClientId = ""
+    seq: int = 0
+
+
+class ScaleRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: WorkloadName
+    replicas: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
+    client_id: ClientId = ""
+    seq: int = 0
+
+
+class UpdateRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: WorkloadName
+    image: Annotated[str, msgspec.Meta(min_length=1, max_length=512)] | None = None
+    client_id: ClientId = ""
+    seq: int = 0
+
+
+class WorkloadReply(msgspec.Struct, frozen=True):
+    name: str
+    version: int
+    index: int
+
+
+class PsRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+class PsItem(msgspec.Struct, frozen=True):
+    name: str
+    image: str
+    desired: int
+    running: int
+    state: str  # running | pending | degraded | deploying | failed | stopped
+    version: int
+
+
+class PsReply(msgspec.Struct, frozen=True):
+    items: list[PsItem]
+
+
+class AllocationInfo(msgspec.Struct, frozen=True):
+    id: str
+    node: str
+    replica: int
+    version: int
+    state: str
+    desired: str
+    exit_code: int | None
+    restarts: int
+    health: str
+    message: str
+
+
+class InspectReply(msgspec.Struct, frozen=True):
+    name: str
+    spec: WorkloadSpec
+    state: str
+    stopped: bool
+    stable_version: int | None
+    failed_versions: list[int]
+    allocations: list[AllocationInfo]
+    explanations: list[str]
+
+
+class WorkloadLogs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: WorkloadName
+    replica: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    follow: bool = False
+    tail: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = 200
+
+
+class WorkloadExec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: WorkloadName
+    args: Annotated[tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)]
+    replica: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+
+
+# ---------------------------------------------------------------- views of the state
+
+
+def workload_state(record: WorkloadRecord, recs: list[AllocationRecord]) -> tuple[str, int]:
+    """(state, running replicas) as `ps` shows them."""
+    spec = record.spec
+    wanted = [r for r in recs if r.desired == "run"]
+    running = sum(1 for r in wanted if r.allocation.state == "running")
+    if record.stopped:
+        return "stopped", running
+    if spec.version in record.failed_versions:
+        return "failed", running
+    if any(r.allocation.version != spec.version for r in wanted if r.allocation.live) and record.stable_version != spec.version:
+        versions = {r.allocation.version for r in wanted if r.allocation.live}
+        if len(versions) > 1:
+            return "deploying", running
+    if running >= spec.replicas:
+        return "running", running
+    if any(r.allocation.state == "failed" for r in wanted):
+        return "degraded", running
+    return "pending", running
+
+
+def node_allocations(fsm: StateMachine, node: str) -> NodeAllocations:
+    items = []
+    for rec in fsm.allocations_of_node(node):
+        a = rec.allocation
+        workload = fsm.workloads.get(a.workload)
+        if workload is None:
+            continue
+        spec = workload.history.get(a.version, workload.spec)
+        items.append(AssignedAllocation(a, "run" if rec.desired == "run" else "stop", spec))
+    return NodeAllocations(node=node, index=fsm.applied_index, items=tuple(items))
+
+
+def allocation_info(rec: AllocationRecord) -> AllocationInfo:
+    a = rec.allocation
+    return AllocationInfo(
+        id=a.id, node=a.node, replica=a.replica, version=a.version, state=a.state, desired=rec.desired,
+        exit_code=a.exit_code, restarts=a.restarts, health=rec.health, message=rec.message,
+    )
+
+
+def pick_allocations(fsm: StateMachine, name: str, replica: int | None) -> list[AllocationRecord]:
+    """The allocations a logs/exec request means: the wanted ones (or the latest per replica)."""
+    if name not in fsm.workloads:
+        raise NotFound(f"no workload {name}", name=name)
+    recs = fsm.allocations_of_workload(name)
+    if replica is not None:
+        recs = [r for r in recs if r.allocation.replica == replica]
+    wanted = [r for r in recs if r.desired == "run" and r.allocation.state != "lost"]
+    chosen = wanted or recs[-1:]
+    if not chosen:
+        where = f" replica {replica}" if replica is not None else ""
+        raise NotFound(f"workload {name}{where} has no allocations", name=name)
+    # One per replica: the newest.
+    latest: dict[int, AllocationRecord] = {}
+    for r in chosen:
+        latest[r.allocation.replica] = r
+    return [latest[k] for k in sorted(latest)]
+
+
+# ---------------------------------------------------------------- the service
+
+
+class WorkloadService:
+    def __init__(self, node: "Node", agent: "Agent | None" = None) -> None:
+        self.node = node
+        self.agent = agent
+
+    @property
+    def replicated(self):
+        assert self.node.replicated is not None
+        return self.node.replicated
+
+    def register(self, server: RpcServer) -> None:
+        for name, request, handler in (
+            ("workloads.run", RunWorkload, self.run),
+            ("workloads.ps", PsRequest, self.ps),
+            ("workloads.inspect", WorkloadRef, self.inspect),
+            ("workloads.scale", ScaleRequest, self.scale),
+            ("workloads.update", UpdateRequest, self.update),
+            ("workloads.stop", WorkloadRef, self.stop),
+            ("workloads.exec", WorkloadExec, self.exec),
+        ):
+            server.unary(name, request=request)(self._leader_only(name, handler))
+            server.unary(f"fwd.{name}", request=request)(self._forwarded(handler))
+        server.stream("workloads.logs", request=WorkloadLogs)(self.logs)
+        server.stream("fwd.workloads.logs", request=WorkloadLogs)(self._forwarded(self._logs_on_leader))
+        server.stream("allocations.watch", request=WatchAllocations)(self.watch)
+        server.unary("allocations.report", request=ReportBatch)(self.report)
+        server.stream("agent.logs", request=LogsRequest)(self.agent_logs)
+        server.unary("agent.exec", request=ExecRequest)(self.agent_exec)
+
+    # -- leader routing (as cloudless/api/service.py) ---------------------------
+
+    async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
+        leader = await self.replicated.wait_leader()
+        if leader == self.node.node_id:
+            return leader, None
+        address = self.node.address_of(leader)
+        if address is None or self.node.rpc is None:
+            raise NoLeader(f"leader {leader} has no known address")
+        return leader, address
+
+    def _leader_only(self, name: str, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            _, address = await self._leader_address()
+            if address is None:
+                return await handler(ctx, req)
+            if ctx.peer.kind not in ("client", "node"):
+                raise PermissionDenied(f"{name}: callers must be clients or nodes")
+            return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 60.0)))
+
+        return run
+
+    def _forwarded(self, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            if ctx.peer.kind != "node":
+                raise PermissionDenied("fwd.* methods are for nodes")
+            if not self.replicated.is_leader:
+                raise NotLeader("not the leader", leader=self.replicated.leader or "")
+            return await handler(ctx, req)
+
+        return run
+
+    async def _propose(self, command, client_id: str, seq: int) -> int:
+        result, index = await self.replicated.propose(command, client_id=client_id, seq=seq)
+        raise_rejected(result)
+        return index
+
+    # -- client calls (on the leader) -----------------------------------------
+
+    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
+        spec = validate(req.spec)
+        fsm = self.replicated.fsm
+        existing = fsm.workloads.get(spec.name)
+        if existing is not None and not existing.stopped and not req.replace:
+            raise Conflict(
+                f"workload {spec.name} exists (version {existing.spec.version}); use `cloudless update` or `cloudless apply`",
+                name=spec.name,
+            )
+        why = admission_error(spec, node_infos(self.node))
+        if why is not None:
+            raise Unschedulable(f"workload {spec.name} can never be placed: {why}", name=spec.name)
+        index = await self._propose(SubmitWorkload(spec), req.client_id, req.seq)
+        record = fsm.workloads[spec.name]
+        self.node.events.record("workload.submitted", self.node.node_id, f"{spec.name} version {record.spec.version}")
+        return WorkloadReply(spec.name, record.spec.version, index)
+
+    async def ps(self, ctx: RpcContext, req: PsRequest) -> PsReply:
+        await self.replicated.linearizable()
+        fsm = self.replicated.fsm
+        items = []
+        for name in sorted(fsm.workloads):
+            record = fsm.workloads[name]
+            state, running = workload_state(record, fsm.allocations_of_workload(name))
+            desired = 0 if record.stopped else record.spec.replicas
+            items.append(PsItem(name, record.spec.image, desired, running, state, record.spec.version))
+        return PsReply(items)
+
+    def _record(self, name: str) -> WorkloadRecord:
+        record = self.replicated.fsm.workloads.get(name)
+        if record is None:
+            raise NotFound(f"no workload {name}", name=name)
+        return record
+
+    async def inspect(self, ctx: RpcContext, req: WorkloadRef) -> InspectReply:
+        await self.replicated.linearizable()
+        record = self._record(req.name)
+        recs = self.replicated.fsm.allocations_of_workload(req.name)
+        state, _ = workload_state(record, recs)
+        return InspectReply(
+            name=req.name,
+            spec=record.spec,
+            state=state,
+            stopped=record.stopped,
+            stable_version=record.stable_version,
+            failed_versions=list(record.failed_versions),
+            allocations=[allocation_info(r) for r in recs],
+            explanations=list(record.explanations),
+        )
+
+    async def scale(self, ctx: RpcContext, req: ScaleRequest) -> WorkloadReply:
+        record = self._record(req.name)
+        index = await self._propose(ScaleWorkload(req.name, req.replicas), req.client_id, req.seq)
+        return WorkloadReply(req.name, record.spec.version, index)
+
+    async def update(self, ctx: RpcContext, req: UpdateRequest) -> WorkloadReply:
+        record = self._record(req.name)
+        spec = record.spec
+        if req.image is not None:
+            spec = msgspec.structs.replace(spec, image=req.image)
+        spec = validate(spec)
+        index = await self._propose(SubmitWorkload(spec), req.client_id, req.seq)
+        record = self._record(req.name)
+        return WorkloadReply(req.name, record.spec.version, index)
+
+    async def stop(self, ctx: RpcContext, req: WorkloadRef) -> WorkloadReply:
+        record = self._record(req.name)
+        index = await self._propose(StopWorkload(req.name), req.client_id, req.seq)
+        return WorkloadReply(req.name, record.spec.version, index)
+
+    async def exec(self, ctx: RpcContext, req: WorkloadExec) -> ExecReply:
+        await self.replicated.linearizable()
+        target = pick_allocations(self.replicated.fsm, req.name, req.replica)[0]
+        address = self._node_address(target.allocation.node)
+        return await self.node.rpc.call(
+            address, "agent.exec", ExecRequest(target.allocation.id, req.args, req.timeout_s), response=ExecReply,
+            timeout=req.timeout_s + 5.0,
+        )
+
+    def _node_address(self, node_id: str) -> tuple[str, int]:
+        address = self.node.address_of(node_id)
+        if address is None or self.node.rpc is None:
+            raise Unavailable(f"node {node_id} has no known address", node=node_id)
+        return address
+
+    # -- logs (streamed through the cluster) ------------------------------------
+
+    async def logs(self, ctx: RpcContext, req: WorkloadLogs) -> None:
+        _, address = await self._leader_address()
+        if address is None:
+            await self._logs_on_leader(ctx, req)
+            return
+        async with self.node.rpc.stream(address, "fwd.workloads.logs", req, item=LogLine) as items:
+            async for line in items:
+                await ctx.send(line)
+
+    async def _logs_on_leader(self, ctx: RpcContext, req: WorkloadLogs) -> None:
+        await self.replicated.linearizable()
+        targets = pick_allocations(self.replicated.fsm, req.name, req.replica)
+
+        async def relay(rec: AllocationRecord, deliver) -> None:
+            a = rec.allocation
+            address = self._node_address(a.node)
+            request = LogsRequest(a.id, follow=req.follow, tail=req.tail)
+            timeout = None if req.follow else 30.0
+            async with self.node.rpc.stream(address, "agent.logs", request, item=LogLine, timeout=timeout) as items:
+                async for line in items:
+                    await deliver(line)
+
+        if not req.follow:
+            # One replica after the other, so each replica's lines stay together.
+            for rec in targets:
+                await relay(rec, ctx.send)
+            return
+        send, receive = trio.open_memory_channel(256)
+
+        async def relay_into(rec: AllocationRecord, out: trio.MemorySendChannel) -> None:
+            async with out:
+                await relay(rec, out.send)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                async with send:
+                    for rec in targets:
+                        nursery.start_soon(relay_into, rec, send.clone())
+                async for line in receive:
+                    await ctx.send(line)
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+
+    async def agent_logs(self, ctx: RpcContext, req: LogsRequest) -> None:
+        agent = self._local_agent(ctx)
+        cid = agent.container_of(req.allocation)
+        runtime = agent.runtime
+        replica = _replica_of(agent, req.allocation)
+        records = await runtime.read_logs(cid, 0, req.tail)
+        for r in records:
+            await ctx.send(LogLine(req.allocation, replica, r.stream, r.text, r.ts))
+        if req.follow:
+            since = records[-1].offset + 1 if records else 0
+            async for r in runtime.follow_logs(cid, since):
+                await ctx.send(LogLine(req.allocation, replica, r.stream, r.text, r.ts))
+
+    async def agent_exec(self, ctx: RpcContext, req: ExecRequest) -> ExecReply:
+        agent = self._local_agent(ctx)
+        result = await agent.runtime.exec(agent.container_of(req.allocation), list(req.args), timeout=req.timeout_s)
+        return ExecReply(result.exit_code, result.stdout, result.stderr)
+
+    def _local_agent(self, ctx: RpcContext) -> "Agent":
+        if ctx.peer.kind != "node":
+            raise PermissionDenied("agent.* methods are for nodes (clients go through workloads.*)")
+        if self.agent is None:
+            raise Unavailable(f"node {self.node.node_id} runs no agent")
+        return self.agent
+
+    # -- the agent's side -------------------------------------------------------
+
+    async def watch(self, ctx: RpcContext, req: WatchAllocations) -> None:
+        if ctx.peer.kind != "node" or ctx.peer.name != req.node:
+            raise PermissionDenied("a node watches its own allocations only")
+        replicated = self.replicated
+        last: NodeAllocations | None = None
+        last_sent = -1e9
+        while True:
+            if not replicated.is_leader:
+                raise NotLeader("not the leader", leader=replicated.leader or "")
+            current = node_allocations(replicated.fsm, req.node)
+            now = trio.current_time()
+            if last is None or current.items != last.items or now - last_sent >= HEARTBEAT_S:
+                await ctx.send(current)
+                last, last_sent = current, now
+            with trio.move_on_after(HEARTBEAT_S):
+                await replicated.wait_changed()
+
+    async def report(self, ctx: RpcContext, req: ReportBatch) -> ReportAck:
+        if ctx.peer.kind != "node" or ctx.peer.name != req.node:
+            raise PermissionDenied("a node reports its own allocations only")
+        result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
+        raise_rejected(result)
+        return ReportAck(index)
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The error to report from a relay nursery: the first typed one, else the group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            exc = _first_error(exc)
+        if isinstance(exc, CloudlessError):
+            return exc
+    return group
+
+
+def _replica_of(agent: "Agent", allocation_id: str) -> int:
+    for a in agent.assigned.items:
+        if a.allocation.id == allocation_id:
+            return a.allocation.replica
+    return 0
+

@@ -1,0 +1,220 @@
+"""Workload commands: run, ps, inspect, logs, exec, stop, scale, update, apply."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import msgspec
+from rich.table import Table
+
+from cloudless.agent.messages import ExecReply, LogLine
+from cloudless.api.client import ClusterClient
+from cloudless.api.workloads import (
+    InspectReply,
+    PsReply,
+    PsRequest,
+    RunWorkload,
+    ScaleRequest,
+    UpdateRequest,
+    WorkloadExec,
+    WorkloadLogs,
+    WorkloadRef,
+    WorkloadReply,
+)
+from cloudless.cli.cluster import client_options, to_builtins
+from cloudless.cli.output import emit_json, stdout
+from cloudless.errors import InvalidInput
+from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
+
+_NAME = msgspec.json.Decoder(WorkloadName)
+
+
+def _name(ctx, param, value):
+    if value is None:
+        return value
+    try:
+        return _NAME.decode(json.dumps(value))
+    except msgspec.ValidationError:
+        raise click.BadParameter(f"{value!r} is not a workload name (a DNS label: lowercase letters, digits, '-')") from None
+
+
+def _reply_doc(reply: WorkloadReply) -> dict:
+    return {"name": reply.name, "version": reply.version, "index": reply.index}
+
+
+@click.command(help="Run IMAGE as a replicated workload: cloudless run IMAGE [options] -- CMD...")
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--name", default=None, callback=_name, help="Workload name (default: from the image).")
+@click.option("--replicas", type=click.IntRange(0, 100_000), default=1, show_default=True)
+@click.option("--cpu", default=None, help="CPU per replica: cores (0.5) or millicores (500m).")
+@click.option("--memory", default=None, help="Memory per replica: 256Mi, 1Gi, 512M.")
+@click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
+@click.option("--port", "ports", multiple=True, metavar="[HOST:]CONTAINER[/PROTO]", help="Port (repeatable).")
+@click.option("--restart", default=None, metavar="always|never|on-failure[:MAX]")
+@click.option("--constraint", "constraints", multiple=True, metavar="EXPR", help="e.g. zone=a, 'class in pc,server' (repeatable).")
+@click.option("--spread", "spreads", multiple=True, metavar="ATTR[:MAX]", help="e.g. node, zone, node:1 (repeatable).")
+@client_options
+async def run(client: ClusterClient, as_json: bool, image: str, command: tuple[str, ...], name, replicas, cpu, memory, env, ports, restart, constraints, spreads) -> None:
+    spec = from_flags(
+        image, name=name, replicas=replicas, cpu=cpu, memory=memory, env=env, ports=ports, restart=restart,
+        constraints=constraints, spreads=spreads, command=command,
+    )
+    reply = await client.call("workloads.run", RunWorkload(spec, False, client.client_id, client.next_seq()), response=WorkloadReply)
+    if as_json:
+        emit_json(_reply_doc(reply))
+    else:
+        stdout.print(f"{reply.name}: version {reply.version} submitted ({spec.replicas} replica(s))")
+
+
+@click.command(help="Create or update a workload from a YAML spec.")
+@click.option("-f", "--file", "path", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), required=True)
+@client_options
+async def apply(client: ClusterClient, as_json: bool, path: Path) -> None:
+    try:
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}", field="file") from None
+    spec = parse_yaml(text)
+    reply = await client.call("workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply)
+    if as_json:
+        emit_json(_reply_doc(reply))
+    else:
+        stdout.print(f"{reply.name}: version {reply.version} applied")
+
+
+@click.command(help="List workloads.")
+@client_options
+async def ps(client: ClusterClient, as_json: bool) -> None:
+    reply = await client.call("workloads.ps", PsRequest(), response=PsReply)
+    if as_json:
+        emit_json([{"name": i.name, "image": i.image, "desired": i.desired, "running": i.running, "state": i.state} for i in reply.items])
+        return
+    table = Table("NAME", "IMAGE", "VERSION", "RUNNING", "STATE")
+    for i in reply.items:
+        table.add_row(i.name, i.image, str(i.version), f"{i.running}/{i.desired}", i.state)
+    stdout.print(table)
+
+
+@click.command(help="Show a workload: spec, allocations and placement explanations.")
+@click.argument("name", callback=_name)
+@client_options
+async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
+    reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
+    if as_json:
+        emit_json({
+            "name": reply.name,
+            "state": reply.state,
+            "spec": to_builtins(reply.spec),
+            "stable_version": reply.stable_version,
+            "failed_versions": reply.failed_versions,
+            "allocations": [
+                {"id": a.id, "node": a.node, "state": a.state, "exit_code": a.exit_code, "restarts": a.restarts,
+                 "replica": a.replica, "version": a.version, "desired": a.desired, "health": a.health, "message": a.message}
+                for a in reply.allocations
+            ],
+            "explanations": reply.explanations,
+        })
+        return
+    s = reply.spec
+    stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", highlight=False)
+    stdout.print(f"command: {' '.join(s.command) or '(image default)'}   replicas: {s.replicas}", markup=False, highlight=False)
+    table = Table("ID", "NODE", "REPLICA", "VERSION", "STATE", "DESIRED", "EXIT", "RESTARTS", "HEALTH")
+    for a in reply.allocations:
+        table.add_row(a.id, a.node, str(a.replica), str(a.version), a.state, a.desired,
+                      "-" if a.exit_code is None else str(a.exit_code), str(a.restarts), a.health or "-")
+    stdout.print(table)
+    for a in reply.allocations:
+        if a.message:
+            stdout.print(f"{a.id}: {a.message}", markup=False, highlight=False)
+    if reply.explanations:
+        stdout.print("placement:")
+        for line in reply.explanations:
+            stdout.print(f"  {line}", markup=False, highlight=False)
+
+
+@click.command(help="Show a workload's logs, relayed through the cluster from the nodes running it.")
+@click.argument("name", callback=_name)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
+@click.option("--replica", type=click.IntRange(min=0), default=None, help="Only this replica.")
+@click.option("--tail", type=click.IntRange(0, 1_000_000), default=200, show_default=True, help="Lines per replica to start with.")
+@client_options
+async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, replica: int | None, tail: int) -> None:
+    collected: list[dict] = []
+    async with client.stream("workloads.logs", WorkloadLogs(name, replica, follow, tail), item=LogLine) as items:
+        async for line in items:
+            doc = {"allocation": line.allocation, "replica": line.replica, "stream": line.stream, "text": line.text, "ts": line.ts}
+            if as_json and not follow:
+                collected.append(doc)
+            elif as_json:
+                print(json.dumps(doc), flush=True)  # one document per line when following
+            else:
+                prefix = f"[{line.replica}] " if replica is None else ""
+                out = sys.stderr if line.stream == "stderr" else sys.stdout
+                print(prefix + line.text, file=out, flush=True)
+    if as_json and not follow:
+        emit_json(collected)
+
+
+@click.command("exec", help="Run a command inside a replica: cloudless exec NAME [--replica I] -- CMD...")
+@click.argument("name", callback=_name)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--replica", type=click.IntRange(min=0), default=None, help="Replica index (default: the first).")
+@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True, help="Seconds.")
+@client_options
+async def exec_(client: ClusterClient, as_json: bool, name: str, command: tuple[str, ...], replica: int | None, timeout: float) -> None:
+    reply = await client.call("workloads.exec", WorkloadExec(name, tuple(command), replica, timeout), response=ExecReply, timeout=timeout + 10)
+    if as_json:
+        emit_json({
+            "exit_code": reply.exit_code,
+            "stdout": reply.stdout.decode("utf-8", "replace"),
+            "stderr": reply.stderr.decode("utf-8", "replace"),
+        })
+    else:
+        sys.stdout.buffer.write(reply.stdout)
+        sys.stdout.flush()
+        sys.stderr.buffer.write(reply.stderr)
+        sys.stderr.flush()
+    if reply.exit_code != 0:
+        raise SystemExit(1)
+
+
+@click.command(help="Stop every replica of a workload.")
+@click.argument("name", callback=_name)
+@client_options
+async def stop(client: ClusterClient, as_json: bool, name: str) -> None:
+    reply = await client.call("workloads.stop", WorkloadRef(name, client.client_id, client.next_seq()), response=WorkloadReply)
+    if as_json:
+        emit_json({**_reply_doc(reply), "stopped": True})
+    else:
+        stdout.print(f"{name}: stopping")
+
+
+@click.command(help="Change the number of replicas.")
+@click.argument("name", callback=_name)
+@click.argument("replicas", type=click.IntRange(0, 100_000))
+@client_options
+async def scale(client: ClusterClient, as_json: bool, name: str, replicas: int) -> None:
+    reply = await client.call("workloads.scale", ScaleRequest(name, replicas, client.client_id, client.next_seq()), response=WorkloadReply)
+    if as_json:
+        emit_json({**_reply_doc(reply), "replicas": replicas})
+    else:
+        stdout.print(f"{name}: scaling to {replicas}")
+
+
+@click.command(help="Roll out a new version of a workload (per its update strategy).")
+@click.argument("name", callback=_name)
+@click.option("--image", required=True, help="The new image.")
+@client_options
+async def update(client: ClusterClient, as_json: bool, name: str, image: str) -> None:
+    reply = await client.call("workloads.update", UpdateRequest(name, image, client.client_id, client.next_seq()), response=WorkloadReply)
+    if as_json:
+        emit_json(_reply_doc(reply))
+    else:
+        stdout.print(f"{name}: version {reply.version} rolling out")
+
+
+workload_commands = [run, ps, inspect, logs, exec_, stop, scale, update, apply]
