@@ -103,6 +103,72 @@ ENROLL_SERVER_NAME = "enroll.cloudless.invalid"
 ENROLLEE = "enrollee"
 
 
+READ_SIZE = 256 * 1024
+
+
+class _LargeReads(trio.abc.Stream):
+    """A SocketStream whose default read is READ_SIZE (trio's is 64 KiB)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.socket = stream.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.stream.receive_some(READ_SIZE if max_bytes is None else max_bytes)
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class TlsTransport:
+    """An SSLStream as the mux's byte transport, reading many TLS records per call.
+
+    trio's SSLStream.receive_some returns one TLS record (16 KiB at most) per
+    call and passes through the scheduler each time; for bulk transfers that
+    trip dominates. After each receive_some this also takes, synchronously,
+    whatever plaintext the records already buffered hold (SSLObject.read on
+    trio's private `_ssl_object`; without it this is plain receive_some).
+    Anything OpenSSL wants to send meanwhile (a KeyUpdate answer) stays in
+    trio's outgoing buffer and leaves with the next SSLStream call.
+    """
+
+    def __init__(self, stream: trio.SSLStream) -> None:
+        self.stream = stream
+        self._ssl_object = getattr(stream, "_ssl_object", None)
+
+    async def send_all(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self.stream.receive_some(READ_SIZE)
+        if not data or self._ssl_object is None:
+            return data
+        parts = [data]
+        total = len(data)
+        while total < READ_SIZE:
+            try:
+                more = self._ssl_object.read(READ_SIZE - total)
+            except ssl.SSLError:  # want-read, close_notify, or an error the next call reports
+                break
+            if not more:
+                break
+            parts.append(more)
+            total += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
 class TlsContexts:
     """The client and server SSLContexts built from one set of credentials.
 
@@ -200,7 +266,7 @@ async def client_handshake(
 
     The caller bounds the time; raises PeerRejected or ConnectionLost.
     """
-    stream = trio.SSLStream(tcp, contexts.client, server_hostname=None)
+    stream = trio.SSLStream(_LargeReads(tcp), contexts.client, server_hostname=None)
     try:
         await stream.do_handshake()
         leaf = _peer_leaf(stream)
@@ -241,7 +307,7 @@ async def server_handshake(
     tcp: trio.abc.Stream, contexts: TlsContexts, verifier: Any, address: Address
 ) -> tuple[trio.SSLStream, PeerIdentity]:
     """TLS + identity check + our verdict; raises PeerRejected or ConnectionLost."""
-    stream = trio.SSLStream(tcp, contexts.server, server_side=True)
+    stream = trio.SSLStream(_LargeReads(tcp), contexts.server, server_side=True)
     try:
         await stream.do_handshake()
         leaf = _peer_leaf(stream)
@@ -401,7 +467,12 @@ class TlsCarrier:
             tcp = await open_tcp(address)
             stream, peer, extra = await client_handshake(tcp, self._contexts, self.verifier, address)
             return MuxSession(
-                stream, is_client=True, peer=peer, remote_address=address, config=self.mux_config, initial_bytes=extra
+                TlsTransport(stream),
+                is_client=True,
+                peer=peer,
+                remote_address=address,
+                config=self.mux_config,
+                initial_bytes=extra,
             )
 
         return await run_detached(setup, self.handshake_timeout, f"{address[0]}:{address[1]}")
@@ -452,5 +523,5 @@ class TlsCarrier:
             self.rejected += 1
             log.info("tls.handshake_failed", extra={"remote": f"{address[0]}:{address[1]}", "error": exc.message})
             return None
-        return MuxSession(stream, is_client=False, peer=peer, remote_address=address, config=self.mux_config)
+        return MuxSession(TlsTransport(stream), is_client=False, peer=peer, remote_address=address, config=self.mux_config)
 
