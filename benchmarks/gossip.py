@@ -83,12 +83,14 @@ async def idle_cluster(members: int = 50, settle: float = 8.0, window: float = 2
                 await trio.sleep(0.1)
         await trio.sleep(settle)
         sent0 = sum(e.statistics().bytes_sent for e in endpoints)
+        suspected0 = sum(d.core.stats["suspected"] for d in drivers)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         await trio.sleep(window)
         cpu = time.process_time() - cpu0
         wall = time.perf_counter() - wall0
         sent = sum(e.statistics().bytes_sent for e in endpoints) - sent0
         converged = all(d.core.member(n).state == ALIVE for d in drivers for n in names)
+        suspected = sum(d.core.stats["suspected"] for d in drivers) - suspected0
         nursery.cancel_scope.cancel()
     return {
         "members": members,
@@ -96,7 +98,8 @@ async def idle_cluster(members: int = 50, settle: float = 8.0, window: float = 2
         "cpu_percent_of_one_core_per_member": round(100.0 * cpu / wall / members, 3),
         "cpu_ms_per_member_per_s": round(1000.0 * cpu / wall / members, 3),
         "udp_bytes_per_member_s": round(sent / wall / members, 1),
-        "all_alive_throughout": converged,
+        "all_alive_at_end": converged,
+        "suspicions_during_window": suspected,
     }
 
 

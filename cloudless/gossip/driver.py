@@ -204,3 +204,45 @@ class GossipDriver:
                 await trio.sleep(0.02)
             return True
         return False
+
+
+class MemoryDatagramNetwork:
+    """In-memory twin of the node's UDP socket for driver tests: endpoints
+    deliver to each other's datagram handlers at once, optionally dropping a
+    seeded fraction, and a cut endpoint neither sends nor receives."""
+
+    def __init__(self, loss: float = 0.0, seed: int = 0) -> None:
+        import random as _random
+
+        self.loss = loss
+        self._rng = _random.Random(seed)
+        self._endpoints: dict[tuple[str, int], MemoryDatagramEndpoint] = {}
+
+    def endpoint(self) -> MemoryDatagramEndpoint:
+        ep = MemoryDatagramEndpoint(self, ("10.0.0.1", 7000 + len(self._endpoints)))
+        self._endpoints[ep.local_address] = ep
+        return ep
+
+    def _deliver(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        ep = self._endpoints.get(dst)
+        if ep is None or ep.cut or ep._handler is None:
+            return
+        if self.loss and self._rng.random() < self.loss:
+            return
+        ep._handler(data, src)
+
+
+class MemoryDatagramEndpoint:
+    def __init__(self, network: MemoryDatagramNetwork, address: tuple[str, int]) -> None:
+        self.network = network
+        self.local_address = address
+        self.cut = False
+        self._handler: Callable[[bytes, tuple[str, int]], None] | None = None
+
+    def set_datagram_handler(self, handler: Callable[[bytes, tuple[str, int]], None] | None) -> None:
+        self._handler = handler
+
+    def send_nowait(self, data: bytes, addr: tuple[str, int]) -> bool:
+        if not self.cut:
+            self.network._deliver(data, self.local_address, addr)
+        return True
