@@ -11,39 +11,23 @@ Access keys hold their secret in the clear: SigV4 verification recomputes the
 HMAC from the secret itself, so a hash would not do. The secret is as
 sensitive as the metadata store (replicated to coordinators only).
 
-`LocalMetadataStore` keeps everything in one RocksDB (raw mode, synced
-writes) or, with no path, in memory (the twin):
-
-    b/<bucket>                 Bucket
-    o/<bucket>/<key>           ObjectManifest
-    u/<upload id>              MultipartUpload
-    p/<upload id>/<part:05d>   UploadPart
-    k/<access key>             AccessKey
+`LocalMetadataStore` applies the catalog's commands (catalog.py) to one
+RocksDB (raw mode, synced writes) or, with no path, to memory (the twin); a
+Raft-backed store proposes the same commands and applies them in its FSM.
 """
 
 from __future__ import annotations
 
-import bisect
 import re
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import msgspec
 import trio
 
 from cloudless.blobs.chunking import DEFAULT_AVG_CHUNK, ChunkRef
-from cloudless.blobs.errors import (
-    BucketAlreadyExists,
-    BucketNotEmpty,
-    InvalidBucketName,
-    InvalidObjectKey,
-    NoSuchAccessKey,
-    NoSuchBucket,
-    NoSuchKey,
-    NoSuchUpload,
-    PreconditionFailed,
-)
+from cloudless.blobs.errors import InvalidBucketName, InvalidObjectKey
 
 FORMAT_VERSION = 1
 MAX_KEY_BYTES = 1024
@@ -168,319 +152,96 @@ class MetadataStore(Protocol):
         ...
 
 
-# Ordered key-value backends ---------------------------------------------------
-
-
-class _MemoryKV:
-    def __init__(self) -> None:
-        self._data: dict[bytes, bytes] = {}
-        self._keys: list[bytes] = []
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._data.get(key)
-
-    def scan(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        i = bisect.bisect_left(self._keys, start)
-        keys = self._keys[i:]
-        for k in keys:
-            if not k.startswith(prefix):
-                return
-            v = self._data.get(k)
-            if v is not None:
-                yield k, v
-
-    def write(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
-        for k in deletes:
-            if self._data.pop(k, None) is not None:
-                del self._keys[bisect.bisect_left(self._keys, k)]
-        for k, v in puts.items():
-            if k not in self._data:
-                bisect.insort(self._keys, k)
-            self._data[k] = v
-
-    def close(self) -> None:
-        pass
-
-
-class _RocksKV:
-    def __init__(self, path: Path) -> None:
-        from rocksdict import Options, Rdict, WriteOptions
-
-        path.mkdir(parents=True, exist_ok=True)
-        options = Options(raw_mode=True)
-        options.create_if_missing(True)
-        self._db = Rdict(str(path), options=options)
-        self._sync = WriteOptions()
-        self._sync.sync = True
-
-    def get(self, key: bytes) -> bytes | None:
-        return self._db.get(key)
-
-    def scan(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for k, v in self._db.items(from_key=start):
-            if not k.startswith(prefix):
-                return
-            yield k, v
-
-    def write(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
-        from rocksdict import WriteBatch
-
-        batch = WriteBatch(raw_mode=True)
-        for k in deletes:
-            batch.delete(k)
-        for k, v in puts.items():
-            batch.put(k, v)
-        self._db.write(batch, self._sync)
-
-    def close(self) -> None:
-        self._db.close()
-
-
-_enc = msgspec.msgpack.Encoder()
-
-
-def _dec(kind: type, raw: bytes):  # type: ignore[no-untyped-def]
-    return msgspec.msgpack.decode(raw, type=kind)
-
-
-def _okey(bucket: str, key: str = "") -> bytes:
-    return f"o/{bucket}/{key}".encode()
-
-
-def _pkey(upload_id: str, part: int | None = None) -> bytes:
-    return f"p/{upload_id}/".encode() + (b"" if part is None else f"{part:05d}".encode())
-
-
-def _after(key: bytes) -> bytes:
-    return key + b"\0"
-
-
 class LocalMetadataStore:
-    """`MetadataStore` on one node: RocksDB at `path`, or in memory when `path` is None."""
+    """`MetadataStore` on one node: the `Catalog` over RocksDB at `path`, or in memory when `path` is None.
+
+    Changes are `BlobCommand`s applied under a lock (compare-and-set needs the
+    read and the write together); RocksDB batches are synced before returning.
+    """
 
     def __init__(self, path: Path | None = None) -> None:
-        self._kv: _MemoryKV | _RocksKV = _MemoryKV() if path is None else _RocksKV(Path(path))
+        self._kv = _catalog.MemoryKV() if path is None else _catalog.RocksKV(Path(path))
+        self.catalog = _catalog.Catalog(self._kv)
         self._in_memory = path is None
-        # Compare-and-set needs read+write under one lock (writers may be worker threads).
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self._kv.close()
 
-    async def _run(self, fn: Callable[[], object]):  # type: ignore[no-untyped-def]
+    async def apply(self, command: object) -> object:
+        def op() -> object:
+            with self._lock:
+                return self.catalog.apply(command)  # type: ignore[arg-type]
+
         if self._in_memory:
-            return fn()
-        return await trio.to_thread.run_sync(fn)
-
-    # buckets ---------------------------------------------------------------------
-
-    def _bucket(self, name: str) -> Bucket:
-        raw = self._kv.get(f"b/{name}".encode())
-        if raw is None:
-            raise NoSuchBucket(f"no bucket {name!r}", bucket=name)
-        return _dec(Bucket, raw)
+            return op()
+        return await trio.to_thread.run_sync(op)
 
     async def create_bucket(self, bucket: Bucket) -> None:
-        validate_bucket_name(bucket.name)
-
-        def op() -> None:
-            with self._lock:
-                if self._kv.get(f"b/{bucket.name}".encode()) is not None:
-                    raise BucketAlreadyExists(f"bucket {bucket.name!r} already exists", bucket=bucket.name)
-                self._kv.write({f"b/{bucket.name}".encode(): _enc.encode(bucket)}, [])
-
-        await self._run(op)
+        await self.apply(_catalog.CreateBucket(bucket))
 
     async def get_bucket(self, name: str) -> Bucket:
-        return self._bucket(name)
+        return self.catalog.get_bucket(name)
 
     async def list_buckets(self) -> list[Bucket]:
-        return [_dec(Bucket, v) for _, v in self._kv.scan(b"b/", b"b/")]
+        return self.catalog.list_buckets()
 
     async def delete_bucket(self, name: str) -> None:
-        def op() -> None:
-            with self._lock:
-                self._bucket(name)
-                for _ in self._kv.scan(_okey(name), _okey(name)):
-                    raise BucketNotEmpty(f"bucket {name!r} is not empty", bucket=name)
-                deletes = [f"b/{name}".encode()]
-                for k, v in self._kv.scan(b"u/", b"u/"):
-                    upload = _dec(MultipartUpload, v)
-                    if upload.bucket == name:
-                        deletes.append(k)
-                        deletes.extend(pk for pk, _ in self._kv.scan(_pkey(upload.upload_id), _pkey(upload.upload_id)))
-                self._kv.write({}, deletes)
-
-        await self._run(op)
-
-    # manifests -------------------------------------------------------------------
-
-    def _check_and_version(self, manifest: ObjectManifest, expected_version: int | None) -> ObjectManifest:
-        self._bucket(manifest.bucket)
-        raw = self._kv.get(_okey(manifest.bucket, manifest.key))
-        current = 0 if raw is None else _dec(ObjectManifest, raw).version
-        if expected_version is not None and expected_version != current:
-            raise PreconditionFailed(
-                f"{manifest.bucket}/{manifest.key} is at version {current}, not {expected_version}",
-                current=current,
-            )
-        return msgspec.structs.replace(manifest, version=current + 1)
+        await self.apply(_catalog.DeleteBucket(name))
 
     async def put_manifest(self, manifest: ObjectManifest, expected_version: int | None = None) -> ObjectManifest:
-        validate_object_key(manifest.key)
-
-        def op() -> ObjectManifest:
-            with self._lock:
-                stored = self._check_and_version(manifest, expected_version)
-                self._kv.write({_okey(manifest.bucket, manifest.key): _enc.encode(stored)}, [])
-                return stored
-
-        return await self._run(op)  # type: ignore[return-value]
+        return await self.apply(_catalog.PutManifest(manifest, expected_version))  # type: ignore[return-value]
 
     async def get_manifest(self, bucket: str, key: str) -> ObjectManifest:
-        raw = self._kv.get(_okey(bucket, key))
-        if raw is None:
-            self._bucket(bucket)
-            raise NoSuchKey(f"no object {bucket}/{key}", bucket=bucket, key=key)
-        return _dec(ObjectManifest, raw)
+        return self.catalog.get_manifest(bucket, key)
 
     async def delete_manifest(self, bucket: str, key: str, expected_version: int | None = None) -> bool:
-        def op() -> bool:
-            with self._lock:
-                self._bucket(bucket)
-                raw = self._kv.get(_okey(bucket, key))
-                current = 0 if raw is None else _dec(ObjectManifest, raw).version
-                if expected_version is not None and expected_version != current:
-                    raise PreconditionFailed(f"{bucket}/{key} is at version {current}, not {expected_version}")
-                if raw is None:
-                    return False
-                self._kv.write({}, [_okey(bucket, key)])
-                return True
-
-        return await self._run(op)  # type: ignore[return-value]
+        return await self.apply(_catalog.DeleteManifest(bucket, key, expected_version))  # type: ignore[return-value]
 
     async def list_manifests(
         self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
     ) -> ListPage:
-        self._bucket(bucket)
-        base = _okey(bucket)
-        start = base + prefix.encode()
-        if marker and marker.encode() >= prefix.encode():
-            start = max(start, _after(base + marker.encode()))
-        objects: list[ObjectManifest] = []
-        prefixes: list[str] = []
-        last: str | None = None
-        truncated = False
-        for k, v in self._kv.scan(start, base + prefix.encode()):
-            key = k[len(base) :].decode()
-            entry_prefix = None
-            if delimiter:
-                i = key.find(delimiter, len(prefix))
-                if i >= 0:
-                    entry_prefix = key[: i + len(delimiter)]
-            if entry_prefix is not None:
-                if entry_prefix == last or (marker and marker.startswith(entry_prefix)):
-                    continue  # already reported (this page or before the marker)
-                if len(objects) + len(prefixes) >= max_keys:
-                    truncated = True
-                    break
-                prefixes.append(entry_prefix)
-                last = entry_prefix
-            else:
-                if len(objects) + len(prefixes) >= max_keys:
-                    truncated = True
-                    break
-                objects.append(_dec(ObjectManifest, v))
-                last = key
-        return ListPage(objects, prefixes, truncated, last if truncated else None)
-
-    # multipart -----------------------------------------------------------------------
+        return self.catalog.list_manifests(bucket, prefix, delimiter, marker, max_keys)
 
     async def create_upload(self, upload: MultipartUpload) -> None:
-        validate_object_key(upload.key)
-
-        def op() -> None:
-            with self._lock:
-                self._bucket(upload.bucket)
-                self._kv.write({f"u/{upload.upload_id}".encode(): _enc.encode(upload)}, [])
-
-        await self._run(op)
-
-    def _upload(self, upload_id: str) -> MultipartUpload:
-        raw = self._kv.get(f"u/{upload_id}".encode())
-        if raw is None:
-            raise NoSuchUpload(f"no multipart upload {upload_id!r}", upload_id=upload_id)
-        return _dec(MultipartUpload, raw)
+        await self.apply(_catalog.CreateUpload(upload))
 
     async def get_upload(self, upload_id: str) -> MultipartUpload:
-        return self._upload(upload_id)
+        return self.catalog.get_upload(upload_id)
 
     async def put_part(self, part: UploadPart) -> None:
-        def op() -> None:
-            with self._lock:
-                self._upload(part.upload_id)
-                self._kv.write({_pkey(part.upload_id, part.part_number): _enc.encode(part)}, [])
-
-        await self._run(op)
+        await self.apply(_catalog.PutPart(part))
 
     async def list_parts(self, upload_id: str) -> list[UploadPart]:
-        self._upload(upload_id)
-        return [_dec(UploadPart, v) for _, v in self._kv.scan(_pkey(upload_id), _pkey(upload_id))]
+        return self.catalog.list_parts(upload_id)
 
     async def list_uploads(self, bucket: str) -> list[MultipartUpload]:
-        self._bucket(bucket)
-        uploads = [_dec(MultipartUpload, v) for _, v in self._kv.scan(b"u/", b"u/")]
-        return sorted((u for u in uploads if u.bucket == bucket), key=lambda u: (u.key, u.initiated, u.upload_id))
+        return self.catalog.list_uploads(bucket)
 
     async def complete_upload(self, upload_id: str, manifest: ObjectManifest) -> ObjectManifest:
-        def op() -> ObjectManifest:
-            with self._lock:
-                self._upload(upload_id)
-                stored = self._check_and_version(manifest, None)
-                deletes = [f"u/{upload_id}".encode()]
-                deletes.extend(k for k, _ in self._kv.scan(_pkey(upload_id), _pkey(upload_id)))
-                self._kv.write({_okey(manifest.bucket, manifest.key): _enc.encode(stored)}, deletes)
-                return stored
-
-        return await self._run(op)  # type: ignore[return-value]
+        return await self.apply(_catalog.CompleteUpload(upload_id, manifest))  # type: ignore[return-value]
 
     async def abort_upload(self, upload_id: str) -> None:
-        def op() -> None:
-            with self._lock:
-                self._upload(upload_id)
-                deletes = [f"u/{upload_id}".encode()]
-                deletes.extend(k for k, _ in self._kv.scan(_pkey(upload_id), _pkey(upload_id)))
-                self._kv.write({}, deletes)
-
-        await self._run(op)
-
-    # access keys -------------------------------------------------------------------------
+        await self.apply(_catalog.AbortUpload(upload_id))
 
     async def put_access_key(self, key: AccessKey) -> None:
-        await self._run(lambda: self._kv.write({f"k/{key.access_key}".encode(): _enc.encode(key)}, []))
+        await self.apply(_catalog.PutAccessKey(key))
 
     async def get_access_key(self, access_key: str) -> AccessKey:
-        raw = self._kv.get(f"k/{access_key}".encode())
-        if raw is None:
-            raise NoSuchAccessKey(f"no access key {access_key[:40]!r}")
-        return _dec(AccessKey, raw)
+        return self.catalog.get_access_key(access_key)
 
     async def list_access_keys(self) -> list[AccessKey]:
-        return [_dec(AccessKey, v) for _, v in self._kv.scan(b"k/", b"k/")]
+        return self.catalog.list_access_keys()
 
     async def delete_access_key(self, access_key: str) -> None:
-        await self.get_access_key(access_key)
-        await self._run(lambda: self._kv.write({}, [f"k/{access_key}".encode()]))
-
-    # GC ----------------------------------------------------------------------------------
+        await self.apply(_catalog.DeleteAccessKey(access_key))
 
     async def referenced_digests(self) -> set[str]:
-        def op() -> set[str]:
-            out: set[str] = set()
-            for _, v in self._kv.scan(b"o/", b"o/"):
-                out.update(c.digest for c in _dec(ObjectManifest, v).chunks)
-            for _, v in self._kv.scan(b"p/", b"p/"):
-                out.update(c.digest for c in _dec(UploadPart, v).chunks)
-            return out
+        if self._in_memory:
+            return self.catalog.referenced_digests()
+        return await trio.to_thread.run_sync(self.catalog.referenced_digests)
 
-        return await self._run(op)  # type: ignore[return-value]
+
+# The catalog imports this module's structs; importing it as a module object (attributes
+# looked up at call time) keeps the cycle harmless in either import order.
+from cloudless.blobs import catalog as _catalog  # noqa: E402
