@@ -245,7 +245,9 @@ def collect_garbage(
         info = store.info(digest)
         if info is None or now - info.created < grace:
             continue
-        if store.delete(digest):
+        # Conditional on age again, atomically: a write that dedups against this chunk touches
+        # it (restarting grace) between our check above and the delete.
+        if store.delete(digest, older_than=now - grace):
             deleted.append(digest)
     if deleted:
         log.info("gc.deleted", extra={"count": len(deleted)})

@@ -153,7 +153,10 @@ class ChunkStore(Protocol):
 
     def info(self, digest: str) -> ChunkInfo | None: ...
 
-    def delete(self, digest: str) -> bool: ...
+    def delete(self, digest: str, *, older_than: float | None = None) -> bool:
+        """Remove the chunk; with `older_than`, only if it was written or touched before then
+        (checked atomically with the delete, so GC cannot race a `touch`)."""
+        ...
 
     def digests(self, prefix: str = "") -> Iterator[str]: ...
 
@@ -195,6 +198,8 @@ class LocalChunkStore:
         self._db = Rdict(str(self.root / "index"), options=options)
         self._wo = WriteOptions()
         self._summary = _SummaryAccumulator()
+        # Index read-modify-writes (summary, used bytes) from concurrent worker threads; file IO stays outside.
+        self._index_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
         self._used = 0  # stored bytes, for the capacity a placement sees
         for key, raw in self._db.items():
@@ -258,13 +263,14 @@ class LocalChunkStore:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         info = ChunkInfo(len(data), len(payload) + 1, self._clock())
-        previous = self._db.get(key)
-        self._db.put(key, msgspec.msgpack.encode(info), self._wo)
-        if previous is None:
-            self._summary.toggle(digest, True)
-        else:
-            self._used -= msgspec.msgpack.decode(previous, type=ChunkInfo).stored_size
-        self._used += info.stored_size
+        with self._index_lock:
+            previous = self._db.get(key)
+            self._db.put(key, msgspec.msgpack.encode(info), self._wo)
+            if previous is None:
+                self._summary.toggle(digest, True)
+            else:
+                self._used -= msgspec.msgpack.decode(previous, type=ChunkInfo).stored_size
+            self._used += info.stored_size
         return True
 
     def get(self, digest: str) -> bytes:
@@ -287,31 +293,35 @@ class LocalChunkStore:
     def touch(self, digests: Iterable[str]) -> set[str]:
         held = set()
         now = self._clock()
-        for d in digests:
-            raw = self._db.get(d.encode())
-            if raw is not None:
-                info = msgspec.msgpack.decode(raw, type=ChunkInfo)
-                self._db.put(d.encode(), msgspec.msgpack.encode(msgspec.structs.replace(info, created=now)), self._wo)
-                held.add(d)
+        with self._index_lock:
+            for d in digests:
+                raw = self._db.get(d.encode())
+                if raw is not None:
+                    info = msgspec.structs.replace(msgspec.msgpack.decode(raw, type=ChunkInfo), created=now)
+                    self._db.put(d.encode(), msgspec.msgpack.encode(info), self._wo)
+                    held.add(d)
         return held
 
     def info(self, digest: str) -> ChunkInfo | None:
         raw = self._db.get(digest.encode())
         return None if raw is None else msgspec.msgpack.decode(raw, type=ChunkInfo)
 
-    def delete(self, digest: str) -> bool:
+    def delete(self, digest: str, *, older_than: float | None = None) -> bool:
         ChunkDigest(digest)
         key = digest.encode()
-        previous = self._db.get(key)
-        existed = previous is not None
-        if previous is not None:
-            self._used -= msgspec.msgpack.decode(previous, type=ChunkInfo).stored_size
-        # Index first: a crash between the two leaves a file `rebuild_index` re-adopts, never an entry without a file.
-        self._db.delete(key, self._wo)
-        self.path_of(digest).unlink(missing_ok=True)
-        if existed:
-            self._summary.toggle(digest, False)
-        return existed
+        with self._index_lock:
+            previous = self._db.get(key)
+            if previous is not None and older_than is not None:
+                if msgspec.msgpack.decode(previous, type=ChunkInfo).created >= older_than:
+                    return False
+            if previous is not None:
+                self._used -= msgspec.msgpack.decode(previous, type=ChunkInfo).stored_size
+                self._summary.toggle(digest, False)
+            # Index first: a crash between the two leaves a file the next open re-adopts,
+            # never an entry without a file.
+            self._db.delete(key, self._wo)
+            self.path_of(digest).unlink(missing_ok=True)
+        return previous is not None
 
     def digests(self, prefix: str = "") -> Iterator[str]:
         it = self._db.items(from_key=prefix.encode()) if prefix else self._db.items()
@@ -372,18 +382,20 @@ class MemoryChunkStore:
         self._clock = clock
         self._capacity = capacity_bytes
         self._summary = _SummaryAccumulator()
+        self._lock = threading.Lock()  # MemoryChunkPeers may call from worker threads
         self.puts = 0  # chunks actually stored, for dedup assertions
 
     def put(self, digest: str, data: bytes | memoryview, *, trusted: bool = False) -> bool:
         ChunkDigest(digest)
         if not trusted:
             _check_content(digest, data)
-        if digest in self._chunks:
-            return False
-        self._chunks[digest] = bytes(data)
-        self._info[digest] = ChunkInfo(len(data), len(data), self._clock())
-        self._summary.toggle(digest, True)
-        self.puts += 1
+        with self._lock:
+            if digest in self._chunks:
+                return False
+            self._chunks[digest] = bytes(data)
+            self._info[digest] = ChunkInfo(len(data), len(data), self._clock())
+            self._summary.toggle(digest, True)
+            self.puts += 1
         return True
 
     def get(self, digest: str) -> bytes:
@@ -398,20 +410,24 @@ class MemoryChunkStore:
         return {d for d in digests if d in self._chunks}
 
     def touch(self, digests: Iterable[str]) -> set[str]:
-        held = self.has(digests)
         now = self._clock()
-        for d in held:
-            self._info[d] = msgspec.structs.replace(self._info[d], created=now)
+        with self._lock:
+            held = self.has(digests)
+            for d in held:
+                self._info[d] = msgspec.structs.replace(self._info[d], created=now)
         return held
 
     def info(self, digest: str) -> ChunkInfo | None:
         return self._info.get(digest)
 
-    def delete(self, digest: str) -> bool:
-        if self._chunks.pop(digest, None) is None:
-            return False
-        del self._info[digest]
-        self._summary.toggle(digest, False)
+    def delete(self, digest: str, *, older_than: float | None = None) -> bool:
+        with self._lock:
+            info = self._info.get(digest)
+            if info is None or (older_than is not None and info.created >= older_than):
+                return False
+            del self._chunks[digest]
+            del self._info[digest]
+            self._summary.toggle(digest, False)
         return True
 
     def digests(self, prefix: str = "") -> Iterator[str]:

@@ -154,6 +154,8 @@ class Replicator:
                 pass
         holders = [n for n in candidates(digest, self.members(), _any_member(policy)) if n != self.node_id]
         if self.peers is None or not holders:
+            if corrupt:
+                raise CorruptChunk(f"chunk {digest[:16]}… is corrupt here and no peer can replace it", digest=digest)
             raise ChunkMissing(f"chunk {digest[:16]}… is on no reachable node", digest=digest)
         data = await fetch_from_peers(self.peers, digest, holders)
         if corrupt:

@@ -152,3 +152,36 @@ def test_capacity_override_counts_stored_bytes_across_reopen(tmp_path):
     again.delete(ChunkDigest.of(data))
     assert again.capacity()[1] == 10_000_000
     again.close()
+
+
+def test_concurrent_puts_of_one_chunk_keep_the_summary_and_usage_right(tmp_path):
+    import threading
+
+    store = LocalChunkStore(tmp_path, capacity_bytes=1 << 30)
+    data = os.urandom(200_000)
+    d = ChunkDigest.of(data)
+    threads = [threading.Thread(target=store.put, args=(d, data)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert store.summary() == summarize([d])
+    assert store.used_bytes == store.info(d).stored_size
+    store.close()
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_delete_older_than_spares_a_chunk_touched_meanwhile(kind, tmp_path):
+    """GC decides on age, then deletes only if the chunk is still that old: a write that
+    dedups against it in between (touch) wins."""
+    now = [100.0]
+    store = LocalChunkStore(tmp_path, clock=lambda: now[0]) if kind == "local" else MemoryChunkStore(clock=lambda: now[0])
+    data = os.urandom(1000)
+    d = ChunkDigest.of(data)
+    store.put(d, data)
+    now[0] = 5000.0
+    store.touch([d])  # the racing write
+    assert store.delete(d, older_than=5000.0 - 60) is False
+    assert store.has([d]) == {d}
+    assert store.delete(d, older_than=5001.0) is True
+    assert store.has([d]) == set()
