@@ -129,7 +129,7 @@ class _LargeReads(trio.abc.Stream):
         await self.stream.aclose()
 
 
-class TlsTransport:
+class TlsTransport(trio.abc.Stream):
     """An SSLStream as the mux's byte transport, reading many TLS records per call.
 
     trio's SSLStream.receive_some returns one TLS record (16 KiB at most) per
@@ -145,18 +145,22 @@ class TlsTransport:
         self.stream = stream
         self._ssl_object = getattr(stream, "_ssl_object", None)
 
-    async def send_all(self, data: bytes) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.stream.send_all(data)
 
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        data = await self.stream.receive_some(READ_SIZE)
+        limit = READ_SIZE if max_bytes is None else max_bytes
+        data = await self.stream.receive_some(limit)
         if not data or self._ssl_object is None:
             return data
         parts = [data]
         total = len(data)
-        while total < READ_SIZE:
+        while total < limit:
             try:
-                more = self._ssl_object.read(READ_SIZE - total)
+                more = self._ssl_object.read(limit - total)
             except ssl.SSLError:  # want-read, close_notify, or an error the next call reports
                 break
             if not more:

@@ -18,7 +18,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from cloudless.pki.errors import PeerRejected
 from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost
 from cloudless.transport.mux import MuxConfig, MuxProtocolError, MuxSession, run_session
-from cloudless.transport.tls import TlsContexts, client_handshake, open_tcp, run_detached, server_handshake
+from cloudless.transport.tls import TlsContexts, TlsTransport, client_handshake, open_tcp, run_detached, server_handshake
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class WebSocketCarrier:
             try:
                 ws = await wrap_client_stream(
                     nursery,
-                    stream,
+                    TlsTransport(stream),  # type: ignore[arg-type]
                     f"{address[0]}:{address[1]}",
                     RESOURCE,
                     max_message_size=2 * MAX_MESSAGE,
@@ -134,7 +134,7 @@ class WebSocketCarrier:
                     stream, peer = await server_handshake(tcp, self._contexts, self.verifier, address)
                     try:
                         request = await wrap_server_stream(
-                            nursery, stream, max_message_size=2 * MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER
+                            nursery, TlsTransport(stream), max_message_size=2 * MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER
                         )
                         if request.path != RESOURCE:
                             await request.reject(404)
