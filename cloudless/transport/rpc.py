@@ -660,6 +660,10 @@ class RpcClient:
                     raise
         except trio.TooSlowError:
             raise DeadlineExceeded(f"{method} did not start within {timeout} s", method=method) from None
+        except ConnectionLost:
+            if isinstance(target, tuple):
+                self.pool.discard(target)
+            raise
         items = ItemStream(self, target, conn, stream, method, item, deadline)
         try:
             yield items
