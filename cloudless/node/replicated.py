@@ -44,6 +44,14 @@ class NoLeader(Unavailable):
     pass
 
 
+class RaftBatch(msgspec.Struct, frozen=True):
+    messages: list[bytes]
+
+
+# Messages waiting for one peer beyond this are dropped: Raft retransmits.
+PEER_QUEUE_LIMIT = 4096
+
+
 class ForwardedProposal(msgspec.Struct, frozen=True):
     proposal: bytes
 
@@ -96,6 +104,9 @@ class ReplicatedState:
         self._changed = trio.Event()
         self._leader_changed = trio.Event()
         self._last_leader: str | None = None
+        self._peer_queues: dict[str, list[bytes]] = {}
+        self._peer_wakeups: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
         self.change_listeners: list[Callable[[list[Change]], None]] = []
         self.applied_listeners: list[Callable[[], None]] = []
 
@@ -114,6 +125,7 @@ class ReplicatedState:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.driver.run)
             nursery.start_soon(self._watch_leader)
             task_status.started()
@@ -129,26 +141,56 @@ class ReplicatedState:
                 self._leader_changed = trio.Event()
 
     def register(self, server: RpcServer) -> None:
-        server.unary("raft.step")(self._serve_step)
+        server.unary("raft.batch", request=RaftBatch)(self._serve_batch)
         server.unary("raft.propose", request=ForwardedProposal)(self._serve_propose)
         server.unary("raft.read_index")(self._serve_read_index)
 
     # -- raft transport ------------------------------------------------------------
 
-    async def _send(self, message: Message) -> None:
-        address = self._address_of(message.to)
-        if address is None:
-            return  # unknown peer: Raft retries once it is known
-        try:
-            await self._rpc.call(address, "raft.step", encode_message(message), timeout=1.0)
-        except CloudlessError as exc:
-            log.debug("raft.send_failed", extra={"fields": {"to": message.to, "error": str(exc)}})
+    def _send(self, message: Message) -> None:
+        """Queue for the peer's sender task; never blocks the driver.
 
-    async def _serve_step(self, ctx: RpcContext, body: bytes) -> bytes:
-        message = decode_message(body)  # InvalidInput goes back to the sender
-        if ctx.peer.kind != "node" or message.frm != ctx.peer.name:
-            raise CloudlessError("raft messages must come from the node they name", peer=ctx.peer.name)
-        self.driver.deliver(message)
+        While one batch is in flight to a peer, later messages pile up and
+        leave together in the next one, so a busy leader sends few, large
+        RPCs instead of one per message.
+        """
+        queue = self._peer_queues.setdefault(message.to, [])
+        if len(queue) >= PEER_QUEUE_LIMIT:
+            del queue[: len(queue) // 2]  # Raft recovers from lost messages
+        queue.append(encode_message(message))
+        wakeup = self._peer_wakeups.get(message.to)
+        if wakeup is None:
+            wakeup = self._peer_wakeups[message.to] = trio.Event()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._peer_sender, message.to)
+        wakeup.set()
+
+    async def _peer_sender(self, peer: str) -> None:
+        queue = self._peer_queues[peer]
+        while True:
+            await self._peer_wakeups[peer].wait()
+            self._peer_wakeups[peer] = trio.Event()
+            if not queue:
+                continue
+            batch = list(queue)
+            queue.clear()
+            address = self._address_of(peer)
+            if address is None:
+                continue  # unknown peer: Raft retries once it is known
+            try:
+                await self._rpc.call(address, "raft.batch", RaftBatch(batch), timeout=1.0)
+            except CloudlessError as exc:
+                log.debug("raft.send_failed", extra={"fields": {"to": peer, "error": str(exc)}})
+                await trio.sleep(0.05)  # a down peer: do not spin
+
+    async def _serve_batch(self, ctx: RpcContext, batch: RaftBatch) -> bytes:
+        if ctx.peer.kind != "node":
+            raise CloudlessError("raft messages must come from nodes", peer=ctx.peer.name)
+        for body in batch.messages:
+            message = decode_message(body)  # InvalidInput goes back to the sender
+            if message.frm != ctx.peer.name:
+                raise CloudlessError("raft messages must come from the node they name", peer=ctx.peer.name)
+            self.driver.deliver(message)
         return b""
 
     # -- applying ----------------------------------------------------------------
@@ -175,12 +217,11 @@ class ReplicatedState:
             self._take_snapshot()
 
     def _take_snapshot(self) -> None:
+        # The driver records it between two Readies (the core must not see
+        # its storage change under it).
         index = self.fsm.applied_index
-        self.storage.create_snapshot(index, self.core.conf_state_at(index), self.fsm.snapshot())
-        if index > COMPACTION_MARGIN:
-            self.storage.compact(index - COMPACTION_MARGIN)
+        self.driver.take_snapshot(index, self.fsm.snapshot(), keep_entries=COMPACTION_MARGIN)
         self._snapshot_index = index
-        log.info("raft.snapshot", extra={"fields": {"index": index}})
 
     async def _restore(self, snapshot: Snapshot) -> None:
         self.fsm.restore(snapshot.data)
