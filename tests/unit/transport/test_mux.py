@@ -91,10 +91,12 @@ async def test_slow_reader_bounds_what_a_fast_writer_can_queue():
                 accepted += len(chunk)
 
         nursery.start_soon(writer)
-        await trio.sleep(0.3)
-        first = accepted
-        await trio.sleep(0.3)
-        assert accepted == first, "writer was never held back"
+        with trio.fail_after(20):  # the writer must stall (however loaded the machine)
+            while True:
+                first = accepted
+                await trio.sleep(0.3)
+                if accepted == first:
+                    break
         receiver = await server.accept_stream()
         # Nothing read yet: the receiver holds at most one window.
         assert server.statistics()["buffered_bytes"] <= config.receive_window
@@ -163,7 +165,7 @@ async def test_vanished_peer_is_detected_by_keepalive():
         with trio.fail_after(3):
             with pytest.raises(ConnectionLost, match="keepalive"):
                 await stream.receive_some()
-        assert trio.current_time() - start <= 0.2 + 0.3 + 0.3
+        assert trio.current_time() - start < 2.0  # interval + timeout (0.5 s) plus scheduling slack
         with trio.fail_after(3):
             with pytest.raises(ConnectionLost):
                 await remote.receive_some()
@@ -172,10 +174,10 @@ async def test_vanished_peer_is_detected_by_keepalive():
 
 
 async def test_idle_but_live_connection_survives_keepalive():
-    config = MuxConfig(keepalive_interval=0.05, keepalive_timeout=0.1)
+    config = MuxConfig(keepalive_interval=0.1, keepalive_timeout=0.5)
     async with trio.open_nursery() as nursery:
         client, server, _ = await session_pair(nursery, config)
-        await trio.sleep(0.6)
+        await trio.sleep(1.0)  # several ping rounds
         assert not client.is_closed and not server.is_closed
         stream = await client.open_stream()
         await stream.send_all(b"still here")

@@ -228,7 +228,7 @@ async def test_deadline_propagates_and_the_server_cancels_the_handler(kind):
         start = trio.current_time()
         with pytest.raises(DeadlineExceeded):
             await client.call(address, "sleep", b"", timeout=0.5)
-        assert trio.current_time() - start < 2
+        assert trio.current_time() - start < 3
         assert 0 < events["deadline_seen"] <= 0.5
         with trio.fail_after(3):
             await events["handler_cancelled"].wait()
