@@ -83,14 +83,14 @@ def _cloudless_argv() -> list[str]:
 def _start(node_dir: Path, args: list[str], stabilization: float = 2.0) -> int:
     node_dir.mkdir(parents=True, exist_ok=True)
     args = [*args, "--voter-stabilization", str(stabilization)]
-    log = open(node_dir / "node.out", "ab")
-    proc = subprocess.Popen(
-        _cloudless_argv() + ["node", "--data-dir", str(node_dir), *args],
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        start_new_session=True,  # survives the shell that ran `dev up`
-    )
+    with open(node_dir / "node.out", "ab") as log:
+        proc = subprocess.Popen(
+            _cloudless_argv() + ["node", "--data-dir", str(node_dir), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,  # survives the shell that ran `dev up`
+        )
     (node_dir / "node.pid").write_text(f"{proc.pid}\n")
     return proc.pid
 

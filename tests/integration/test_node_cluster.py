@@ -71,13 +71,14 @@ class NodeProcess:
 
     def start(self, *join_args: str) -> "NodeProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.data_dir / "node.out", "ab")
-        self.proc = subprocess.Popen(
-            [*CLI, "node", "--data-dir", str(self.data_dir), "--listen", self.address, "--voter-stabilization", "1", *self.extra, *join_args],
-            stdout=out,
-            stderr=out,
-            stdin=subprocess.DEVNULL,
-        )
+        with open(self.data_dir / "node.out", "ab") as out:
+            self.proc = subprocess.Popen(
+                [*CLI, "node", "--data-dir", str(self.data_dir), "--listen", self.address, "--voter-stabilization", "1",
+                 *self.extra, *join_args],
+                stdout=out,
+                stderr=out,
+                stdin=subprocess.DEVNULL,
+            )
         return self
 
     def kill9(self) -> None:
