@@ -15,7 +15,7 @@ import hashlib
 import logging
 import secrets
 import time
-from typing import AsyncIterable, AsyncIterator, Callable, Sequence
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import msgspec
 import trio
@@ -267,6 +267,54 @@ class ObjectService:
             hi = min(last - ref.offset + 1, ref.size)
             yield data if (lo == 0 and hi == len(data)) else data[lo:hi]
 
+    async def copy_range(
+        self,
+        manifest: ObjectManifest,
+        write: Callable[[bytes], Awaitable[None]],
+        start: int = 0,
+        end: int | None = None,
+        *,
+        readahead: int = 4,
+    ) -> int:
+        """Like `read_range` but pushing into `write`, fetching up to `readahead` chunks ahead
+        (in parallel, from this node or peers) while earlier ones are written. Returns bytes written."""
+        if manifest.size == 0:
+            return 0
+        last = manifest.size - 1 if end is None else min(end, manifest.size - 1)
+        policy = policy_of(await self.metadata.get_bucket(manifest.bucket))
+        spans = [
+            (ref, max(start - ref.offset, 0), min(last - ref.offset + 1, ref.size))
+            for ref in manifest.chunks
+            if ref.offset + ref.size > start and ref.offset <= last
+        ]
+        results: list[bytes | None] = [None] * len(spans)
+        ready = [trio.Event() for _ in spans]
+        window = trio.Semaphore(max(1, readahead))
+        written = 0
+
+        async def fetch(i: int) -> None:
+            results[i] = await self.replicator.read(spans[i][0].digest, policy)
+            ready[i].set()
+
+        async def launch(nursery: trio.Nursery) -> None:
+            for i in range(len(spans)):
+                await window.acquire()
+                nursery.start_soon(fetch, i)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(launch, nursery)
+                for i, (ref, lo, hi) in enumerate(spans):
+                    await ready[i].wait()
+                    data, results[i] = results[i], None
+                    assert data is not None
+                    await write(data if (lo == 0 and hi == len(data)) else data[lo:hi])
+                    written += hi - lo
+                    window.release()
+        except BaseExceptionGroup as group:
+            raise single_error(group) from None
+        return written
+
     async def get_object(
         self, bucket: str, key: str, start: int = 0, end: int | None = None
     ) -> tuple[ObjectManifest, AsyncIterator[bytes]]:
@@ -274,8 +322,14 @@ class ObjectService:
         return manifest, self.read_range(manifest, start, end)
 
     async def get_bytes(self, bucket: str, key: str) -> bytes:
-        manifest, stream = await self.get_object(bucket, key)
-        return b"".join([piece async for piece in stream])
+        manifest = await self.metadata.get_manifest(bucket, key)
+        pieces: list[bytes] = []
+
+        async def collect(piece: bytes) -> None:
+            pieces.append(piece)
+
+        await self.copy_range(manifest, collect)
+        return b"".join(pieces)
 
     async def delete_object(self, bucket: str, key: str) -> bool:
         """Deleting a missing key is not an error (S3 semantics); chunks go at GC."""

@@ -189,7 +189,7 @@ def get(target: str, file: str | None, data_dir: str, as_json: bool) -> None:
             raise InvalidInput("--json prints the result on stdout: give a FILE to write the object to")
 
         async def main() -> ObjectManifest:
-            manifest, stream = await service.get_object(bucket, key)
+            manifest = await service.head_object(bucket, key)
             if dest == "-":
                 out = sys.stdout.buffer
             else:
@@ -197,9 +197,12 @@ def get(target: str, file: str | None, data_dir: str, as_json: bool) -> None:
                 out = open(tmp, "wb")
             try:
                 with _Bar(not as_json and dest != "-", f"get {key}", manifest.size) as bar:
-                    async for piece in stream:
+
+                    async def write(piece: bytes) -> None:
                         await trio.to_thread.run_sync(out.write, piece)
                         bar.advance(len(piece))
+
+                    await service.copy_range(manifest, write)
             except BaseException:
                 if dest != "-":
                     out.close()
