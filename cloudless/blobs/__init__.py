@@ -12,6 +12,8 @@ Layers, bottom up (each IO interface has a memory twin):
     antientropy.py  summaries → repair plan (pure) → executor; GC with grace + pins
     manifest.py     Bucket/ObjectManifest/MultipartUpload/AccessKey, `MetadataStore`
                     protocol, LocalMetadataStore (RocksDB or memory)
+    catalog.py      BlobCommands + the deterministic Catalog that applies them (what a
+                    Raft FSM embeds: apply(decode_command(entry)), export()/restore())
     objects.py      ObjectService: buckets, objects, multipart, access keys
     s3/             the ASGI gateway (SigV4/SigV2, XML, errors) and its TLS serving
     local.py        open_local_blobs(data_dir): the stand-alone store the CLI uses
@@ -23,10 +25,12 @@ Wiring into the node (what the integrator provides):
     peers   = RpcChunkPeers(rpc_client, address_of=lambda node_id: (host, port))
     members = lambda: [StorageMember(node_id, zone, capacity, free, power, metered, alive), ...]
               (from gossip metadata; each node reports `store.capacity()`)
-    meta    = a Raft-backed MetadataStore (same protocol as LocalMetadataStore;
-              put_manifest/complete_upload are compare-and-set commands)
+    meta    = a Raft-backed MetadataStore: writes propose catalog BlobCommands
+              (encode_command), the FSM applies them to its Catalog (errors become
+              Rejected results), reads come from the leader's Catalog (ReadIndex)
     service = ObjectService(meta, store, peers, members, node_id=me)
     gateway = S3Gateway(service); serve_gateway(gateway, host, port, certfile, keyfile)
-    leader  : antientropy.run_round(meta, members(), peers) every few seconds and
-              right after a member is declared dead; every node: service.collect_garbage()
+    leader  : AntiEntropyLoop(meta, members, peers).run (trigger() when gossip
+              declares a member dead or one joins); every node:
+              GarbageCollectionLoop(service.collect_garbage).run
 """
