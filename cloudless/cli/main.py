@@ -1,4 +1,9 @@
-"""The `cloudless` command."""
+"""The `cloudless` command.
+
+Command modules are imported only when their command runs: importing every
+subsystem (scheduler, QUIC, sandbox...) costs over a second on a small
+device, and `cloudless vars get` should not pay for `cloudless run`.
+"""
 
 from __future__ import annotations
 
@@ -8,44 +13,62 @@ import click
 
 from cloudless import __version__
 
-# Command groups, one module each; a module that does not exist yet is
-# simply not offered.
-_COMMAND_MODULES = (
-    ("cloudless.cli.sim", "sim"),
-    ("cloudless.cli.pki", "token"),
-    ("cloudless.cli.image", "image"),
-    ("cloudless.cli.node", "node"),
-    ("cloudless.cli.dev", "dev"),
-    ("cloudless.cli.cluster", "cluster_commands"),
-    ("cloudless.cli.blob", "blob"),
-    ("cloudless.cli.blob", "s3"),
-    ("cloudless.cli.workloads", "workload_commands"),
-)
+# name -> (module, attribute, one-line help shown by `cloudless --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "node": ("cloudless.cli.node", "node", "Run a node in the foreground."),
+    "dev": ("cloudless.cli.dev", "dev", "A local development cluster on loopback."),
+    "status": ("cloudless.cli.cluster", "status", "Show the cluster: leader, term, voters and members."),
+    "nodes": ("cloudless.cli.cluster", "nodes", "List and remove nodes."),
+    "vars": ("cloudless.cli.cluster", "vars", "The cluster's linearizable key-value store."),
+    "token": ("cloudless.cli.cluster", "token", "Bootstrap tokens for joining nodes and admins."),
+    "events": ("cloudless.cli.cluster", "events", "Show cluster events (autopilot decisions, membership, joins)."),
+    "run": ("cloudless.cli.workloads", "run", "Run a workload: keep N replicas of an image running."),
+    "apply": ("cloudless.cli.workloads", "apply", "Create or update a workload from a YAML file."),
+    "ps": ("cloudless.cli.workloads", "ps", "List workloads."),
+    "inspect": ("cloudless.cli.workloads", "inspect", "Show a workload, its allocations and placement."),
+    "logs": ("cloudless.cli.workloads", "logs", "Show (or follow) a workload's logs."),
+    "exec": ("cloudless.cli.workloads", "exec_", "Run a command inside a replica."),
+    "stop": ("cloudless.cli.workloads", "stop", "Stop a workload."),
+    "scale": ("cloudless.cli.workloads", "scale", "Change a workload's replica count."),
+    "update": ("cloudless.cli.workloads", "update", "Roll out a new version of a workload."),
+    "image": ("cloudless.cli.image", "image", "Manage container images on this node."),
+    "blob": ("cloudless.cli.blob", "blob", "Put, get, list and remove objects."),
+    "s3": ("cloudless.cli.blob", "s3", "S3 gateway access keys."),
+    "sim": ("cloudless.cli.sim", "sim", "Run seeded simulations of the protocol cores."),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _available(name: str) -> bool:
+    module_name, attr, _ = COMMANDS[name]
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except ModuleNotFoundError:
+        return False
+    return spec is not None
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(name for name in COMMANDS if _available(name))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _available(name):
+            return None
+        module_name, attr, _ = COMMANDS[name]
+        module = importlib.import_module(module_name)
+        return getattr(module, attr, None)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="cloudless")
 def cli() -> None:
     """Cloudless: run containers on whatever devices you have."""
-
-
-def _register() -> None:
-    for module_name, attr in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        obj = getattr(module, attr)
-        if isinstance(obj, (list, tuple)):
-            for command in obj:
-                cli.add_command(command)
-        else:
-            cli.add_command(obj)
-
-
-_register()
 
 
 def main() -> None:

@@ -33,3 +33,19 @@ def test_fail_with_json_prints_one_document():
     assert proc.returncode == 4
     doc = json.loads(proc.stdout)
     assert doc == {"error": "conflict", "message": "index moved", "context": {"key": "a"}}
+
+
+def test_every_listed_command_resolves_and_has_help():
+    import click
+
+    from cloudless.cli.main import COMMANDS, LazyGroup
+
+    group = cli
+    assert isinstance(group, LazyGroup)
+    for name in group.list_commands(None):
+        command = group.get_command(None, name)
+        assert isinstance(command, click.Command), name
+        result = CliRunner().invoke(cli, [name, "--help"])
+        assert result.exit_code == 0, (name, result.output)
+    assert {"node", "dev", "status", "vars", "token", "events", "image", "sim"} <= set(group.list_commands(None))
+    assert set(group.list_commands(None)) <= set(COMMANDS)
