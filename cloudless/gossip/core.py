@@ -210,7 +210,8 @@ class GossipCore:
 
     @property
     def leave_announced(self) -> bool:
-        """True once the leave went out at least `gossip_nodes` times."""
+        """True once the leave went straight to `gossip_nodes` members and at
+        least one gossip round carried it on."""
         b = self._queue.get(self.name)
         return self.leaving and (b is None or b.transmits >= 1)
 
