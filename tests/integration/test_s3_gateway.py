@@ -721,3 +721,39 @@ def test_virtual_hosted_style_requests(gateway, s3, bucket):
         assert r.status_code == 200 and r.content == b"virtual"
     finally:
         gateway.app.domains = ()
+
+
+def test_a_stalled_upload_times_out_and_stores_nothing(gateway, bucket):
+    import socket
+
+    from cloudless.blobs.s3 import sigv4
+
+    original = gateway.app.body_idle_timeout
+    gateway.app.body_idle_timeout = 0.5
+    try:
+        host = gateway.endpoint.removeprefix("https://")
+        amz_date = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
+        headers = {"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": sigv4.UNSIGNED_PAYLOAD,
+                   "content-length": "1000"}
+        signed = sorted(headers)
+        canonical = sigv4.canonical_request("PUT", f"/{bucket}/stalled", [], headers, signed, sigv4.UNSIGNED_PAYLOAD)
+        key = sigv4.signing_key(gateway.key.secret_key, amz_date[:8], "us-east-1", "s3")
+        signature = sigv4.sign(key, sigv4.string_to_sign(amz_date, scope, canonical))
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={gateway.key.access_key}/{scope}, "
+                                    f"SignedHeaders={';'.join(signed)}, Signature={signature}")
+        ip, port = host.rsplit(":", 1)
+        with socket.create_connection((ip, int(port)), timeout=10) as raw:
+            with gateway.tls.wrap_socket(raw, server_hostname=ip) as tls:
+                head = f"PUT /{bucket}/stalled HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                tls.sendall(head.encode() + b"\r\n" + b"x" * 100)  # 100 of the 1000 bytes, then silence
+                reply = b""
+                while b"</Error>" not in reply:
+                    piece = tls.recv(65536)
+                    if not piece:
+                        break
+                    reply += piece
+        assert b" 400 " in reply.split(b"\r\n")[0] and b"<Code>RequestTimeout</Code>" in reply
+    finally:
+        gateway.app.body_idle_timeout = original
+    assert gateway.call(gateway.service.metadata.list_manifests, bucket).objects == []

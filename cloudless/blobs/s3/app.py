@@ -165,8 +165,10 @@ class S3Gateway:
         region: str = "us-east-1",
         domains: tuple[str, ...] = (),
         clock: Callable[[], float] = time.time,
+        body_idle_timeout: float = 60.0,
     ) -> None:
         self.service = service
+        self.body_idle_timeout = body_idle_timeout  # an upload that sends nothing this long fails
         self.region = region
         # Virtual-hosted-style requests (`<bucket>.<domain>`) for these domains; path style always works.
         self.domains = tuple(d.lower().strip(".") for d in domains)
@@ -357,7 +359,11 @@ class S3Gateway:
 
     async def _raw_body(self, request: Request) -> AsyncIterator[bytes]:
         while True:
-            message = await request.receive()
+            with trio.move_on_after(self.body_idle_timeout) as idle:
+                message = await request.receive()
+            if idle.cancelled_caught:
+                request.body_done = True  # nothing more will be read: do not drain
+                raise S3Error("RequestTimeout")
             if message["type"] == "http.disconnect":
                 request.body_done = True
                 raise S3Error("IncompleteBody", "the client disconnected during the upload")

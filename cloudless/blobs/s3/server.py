@@ -76,8 +76,8 @@ async def serve_gateway(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.graceful_timeout = 2
-    # A client that stops sending mid-request is dropped rather than holding a task forever.
-    config.read_timeout = 120
+    # No socket read_timeout: hypercorn applies it while a long GET streams out (the client
+    # sends nothing then) and would cut the download; the app times out stalled uploads itself.
     config.ssl_handshake_timeout = 15
     await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
 
