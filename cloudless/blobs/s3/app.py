@@ -289,7 +289,9 @@ class S3Gateway:
         await send(_start(response.status, headers))
 
         async def piece_out(piece: bytes) -> None:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
+            # A client that stops reading is dropped (the raise aborts the response).
+            with trio.fail_after(self.body_idle_timeout):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
 
         await body.service.copy_range(body.manifest, piece_out, body.first, body.last)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
