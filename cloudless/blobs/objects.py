@@ -45,7 +45,7 @@ from cloudless.blobs.manifest import (
 )
 from cloudless.blobs.peers import ChunkPeers
 from cloudless.blobs.placement import StorageMember
-from cloudless.blobs.replication import InFlightChunks, Replicator
+from cloudless.blobs.replication import InFlightChunks, Replicator, UploadPins
 from cloudless.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class ObjectService:
 
     # writing -------------------------------------------------------------------
 
-    async def _write(self, bucket: Bucket, body: Body, pins: set[str], expected_size: int | None) -> _Written:
+    async def _write(self, bucket: Bucket, body: Body, pins: UploadPins, expected_size: int | None) -> _Written:
         """Chunk, hash and replicate `body`; every chunk is durable on return."""
         policy = policy_of(bucket)
         chunker = StreamChunker(ChunkingParams(bucket.avg_chunk))

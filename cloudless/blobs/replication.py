@@ -36,30 +36,39 @@ class InFlightChunks:
         self._pins: Counter[str] = Counter()
 
     @contextmanager
-    def pinned(self) -> Iterator[set[str]]:
-        """A set the caller adds digests to as it writes them; all are released on exit."""
-        pins = self
-
-        class _Tracking(set):  # type: ignore[type-arg]
-            def add(self, digest: str) -> None:  # type: ignore[override]
-                if digest not in self:
-                    super().add(digest)
-                    pins._pins[digest] += 1
-
-        tracking: set[str] = _Tracking()
+    def pinned(self) -> Iterator[UploadPins]:
+        """Pins for one upload, all released on exit (after its manifest or part record is stored)."""
+        pins = UploadPins(self._pins)
         try:
-            yield tracking
+            yield pins
         finally:
-            for d in set(tracking):
-                self._pins[d] -= 1
-                if self._pins[d] <= 0:
-                    del self._pins[d]
+            pins.release()
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._pins
 
     def __len__(self) -> int:
         return len(self._pins)
+
+
+class UploadPins:
+    """The digests one upload has pinned in an `InFlightChunks` registry."""
+
+    def __init__(self, counts: Counter[str]) -> None:
+        self._counts = counts
+        self.digests: set[str] = set()
+
+    def add(self, digest: str) -> None:
+        if digest not in self.digests:
+            self.digests.add(digest)
+            self._counts[digest] += 1
+
+    def release(self) -> None:
+        for d in self.digests:
+            self._counts[d] -= 1
+            if self._counts[d] <= 0:
+                del self._counts[d]
+        self.digests = set()
 
 
 class Replicator:
