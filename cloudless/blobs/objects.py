@@ -108,6 +108,7 @@ class ObjectService:
         clock: Callable[[], float] = time.time,
         write_workers: int = 3,
         min_part_size: int = MIN_PART_SIZE,
+        min_durable: int = 1,
     ) -> None:
         self.metadata = metadata
         self.chunks = chunks
@@ -120,7 +121,9 @@ class ObjectService:
         self._members = members or self._only_this_node
         self._workers = write_workers
         self._threads = trio.CapacityLimiter(max(2, write_workers + 1))
-        self.replicator = Replicator(node_id, chunks, peers, self._members, local_threads=self._threads)
+        self.replicator = Replicator(
+            node_id, chunks, peers, self._members, local_threads=self._threads, min_durable=min_durable
+        )
 
     def _only_this_node(self) -> list[StorageMember]:
         capacity, free = self.chunks.capacity()

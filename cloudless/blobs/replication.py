@@ -2,7 +2,8 @@
 
 A chunk write is acknowledged once `R` replicas are durable, `R` being the
 bucket's replica count capped at the number of eligible members (a one-node
-cluster keeps one copy; anti-entropy adds the rest as members join). Targets
+cluster keeps one copy; anti-entropy adds the rest as members join) but never
+below `min_durable` (a cluster that wants no single-copy writes sets 2). Targets
 come from placement; a target that fails is replaced by the next candidate in
 the rendezvous ranking. Before a chunk body crosses the network the target is
 asked whether it already `has` it: dedup on the wire, not only on disk.
@@ -82,8 +83,12 @@ class Replicator:
         members: Callable[[], Sequence[StorageMember]],
         *,
         local_threads: trio.CapacityLimiter | None = None,
+        min_durable: int = 1,
     ) -> None:
         self.node_id = node_id
+        # R is capped at the eligible members (a cluster smaller than R still takes writes,
+        # anti-entropy adds copies as members join); never below this many copies, though.
+        self.min_durable = min_durable
         self.local = local
         self.peers = peers
         self.members = members
@@ -113,11 +118,12 @@ class Replicator:
         if self.peers is None:
             order = [n for n in order if n == self.node_id]
         want = min(policy.replicas, len(order))
-        if want == 0:
+        floor = min(self.min_durable, policy.replicas)
+        if want == 0 or want < floor:
             _, rejected = eligible(members, policy)
             raise InsufficientReplicas(
-                "no storage member can take new chunks",
-                reasons="; ".join(f"{r.node_id}: {r.reason}" for r in rejected) or "no members",
+                f"{len(order)} storage members can take new chunks; {max(floor, 1)} needed",
+                reasons="; ".join(f"{r.node_id}: {r.reason}" for r in rejected) or "none rejected",
             )
         durable: list[str] = []
         failures: list[str] = []

@@ -102,6 +102,20 @@ async def test_a_put_fails_when_r_replicas_cannot_be_made_durable():
         await c.service.head_object("bkt", "obj")
 
 
+async def test_writes_below_min_durable_are_refused():
+    """R is capped at the eligible members, but not below `min_durable`."""
+    c = Cluster(2)
+    c.service.replicator.min_durable = 2
+    await c.service.create_bucket("bkt", avg_chunk=SMALL_CHUNKS)
+    await c.service.put_object("bkt", "ok", b"y" * 50_000)
+    c.peers.kill("n1")
+    c.declared_dead.add("n1")
+    with pytest.raises(InsufficientReplicas):
+        await c.service.put_object("bkt", "obj", b"x" * 50_000)
+    c.service.replicator.min_durable = 1
+    await c.service.put_object("bkt", "obj", b"x" * 50_000)  # degraded: one copy until n1 returns
+
+
 async def test_holder_death_then_anti_entropy_restores_r(cluster):
     data = cluster.rng.randbytes(500_000)
     await cluster.service.put_object("bkt", "obj", data)
