@@ -196,11 +196,17 @@ class MuxStream:
                 await trio.lowlevel.checkpoint()
                 return
             max_frame = self._session.config.max_frame_size
+            session = self._session
             while view:
                 self._check_sendable()
                 if self._send_window == 0:
                     await self._wakeup.wait()
                     continue
+                if session._outbox_bytes >= session.config.max_outbox_bytes:
+                    await session._wait_outbox_room()
+                    continue  # state may have changed meanwhile
+                # From here to the queued frame nothing yields: a cancellation
+                # either happens before the frame exists or not at all.
                 n = min(len(view), self._send_window, max_frame)
                 chunk, view = view[:n], view[n:]
                 self._send_window -= n
@@ -208,8 +214,9 @@ class MuxStream:
                 if eof and not view:
                     flags |= FIN
                     self._fin_sent = True
-                    self._session._maybe_forget(self)
-                await self._session._send_data(self, flags, chunk)
+                    session._maybe_forget(self)
+                session._queue_data(self, flags, chunk)
+                await session._flush_from_caller()
         finally:
             self._sending = False
 
@@ -521,17 +528,18 @@ class MuxSession:
         if wake:
             self._outbox_ready.set()
 
-    async def _send_data(self, stream: MuxStream, flags: int, payload: memoryview) -> None:
+    async def _wait_outbox_room(self) -> None:
         while self._outbox_bytes >= self.config.max_outbox_bytes and self._error is None:
             await self._wait_drained()
         if self._error is not None:
             raise self._error
+
+    def _queue_data(self, stream: MuxStream, flags: int, payload: memoryview) -> None:
         self._outbox.append(encode_frame(DATA, flags, stream.stream_id, len(payload)))
         self._outbox.append(payload)
         self._outbox_bytes += HEADER_SIZE + len(payload)
         if flags & SYN:
             self._grant_extra_window(stream, ordered=True)
-        await self._flush_from_caller()
 
     async def _flush_from_caller(self) -> None:
         # Writing from the sending task saves a hop through the writer task;
