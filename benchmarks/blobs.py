@@ -14,14 +14,19 @@ incompressible random bytes in a file on the same disk as the store.
   into a LocalChunkStore with a RocksDB LocalMetadataStore, R = 1.
 - get: `copy_range` (what the gateway and CLI use: 4 chunks read ahead in worker
   threads, each re-hashed and verified) into a sink that drops the bytes.
-- replicated put (R = 2): the writer's LocalChunkStore plus a second
-  LocalChunkStore behind the MemoryChunkPeers twin (worker threads, no network
-  and no RPC: it measures the write path's own cost, not the transport's).
+- replicated put (R = 2), two ways: (a) over loopback — the writer (this
+  process) and peer processes (`benchmarks/blobs.py peer`), each with its own
+  LocalChunkStore, the chunks going through RpcChunkPeers over the real
+  TlsCarrier (mutually authenticated TLS 1.3 over TCP, stream mux), every
+  chunk re-verified by its receiver; (b) the MemoryChunkPeers twin with two
+  LocalChunkStores in this process (no network, no RPC).
 - dedup: a 64 MiB file and 9 further versions, each with a few random
   inserts, deletes and overwrites; logical bytes / unique chunk bytes stored,
   and the bytes the second version sent to its replicas.
-- restore: 4 in-memory nodes, R = 2, 256 MiB (or the object size if smaller)
-  of objects; one holder dies; seconds for anti-entropy rounds to restore R.
+- restore: over loopback, the writer plus 3 peer processes, R = 2, 256 MiB
+  (or the object size if smaller) in 16 MiB objects; a peer holding chunks
+  is killed with SIGKILL and declared dead; seconds until anti-entropy rounds
+  (over RPC) have restored R. Also the same in the memory twin.
 """
 
 from __future__ import annotations
@@ -32,11 +37,14 @@ import os
 import platform
 import random
 import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -53,6 +61,156 @@ from cloudless.blobs.placement import StorageMember  # noqa: E402
 
 MIB = 1 << 20
 GIB = 1 << 30
+CLUSTER = "bench"
+
+
+# peer processes (loopback) ------------------------------------------------------------
+
+
+def run_peer(args: argparse.Namespace) -> None:
+    from cloudless.blobs.rpc import register_chunk_service
+    from cloudless.pki.credentials import Credentials
+    from cloudless.pki.revocation import RevocationList
+    from cloudless.pki.verify import PeerVerifier
+    from cloudless.transport.rpc import RpcServer
+    from cloudless.transport.tls import TlsCarrier
+
+    credentials = Credentials.load(Path(args.pki) / args.id)
+    verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), CLUSTER)
+    carrier = TlsCarrier(credentials, verifier, bind=("127.0.0.1", args.port))
+    store = LocalChunkStore(Path(args.dir))
+    server = RpcServer()
+    register_chunk_service(server, store)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve, carrier)
+            print("ready", flush=True)
+
+    trio.run(main)
+
+
+class LoopbackPeers:
+    """Peer processes on loopback plus this process's credentials as node n0."""
+
+    def __init__(self, root: Path, peer_ids: list[str]) -> None:
+        from cloudless.pki.ca import ClusterCA
+        from cloudless.pki.credentials import issue_credentials
+        from cloudless.pki.identity import Identity
+
+        now = datetime.now(timezone.utc)
+        ca = ClusterCA.create(CLUSTER, now)
+        self.root = root
+        self.pki = root / "pki"
+        for node_id in ["n0", *peer_ids]:
+            issue_credentials(ca, Identity.node(CLUSTER, node_id), now).save(self.pki / node_id)
+        self.addresses: dict[str, tuple[str, int]] = {}
+        self.procs: dict[str, subprocess.Popen] = {}
+        for node_id in peer_ids:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            proc = subprocess.Popen(
+                [sys.executable, str(HERE), "peer", "--id", node_id, "--port", str(port),
+                 "--pki", str(self.pki), "--dir", str(root / node_id)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            )
+            if proc.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"peer {node_id} did not start")
+            self.procs[node_id] = proc
+            self.addresses[node_id] = ("127.0.0.1", port)
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from cloudless.pki.credentials import Credentials
+        from cloudless.pki.revocation import RevocationList
+        from cloudless.pki.verify import PeerVerifier
+        from cloudless.transport.rpc import RpcClient
+        from cloudless.transport.tls import TlsCarrier
+
+        credentials = Credentials.load(self.pki / "n0")
+        verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), CLUSTER)
+        return RpcClient(TlsCarrier(credentials, verifier))
+
+    def kill(self, node_id: str) -> None:
+        proc = self.procs.pop(node_id)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def stop(self) -> None:
+        for node_id in list(self.procs):
+            self.kill(node_id)
+
+
+async def replicated_loopback(src: Path, work: Path, size: int) -> dict:
+    from cloudless.blobs.rpc import RpcChunkPeers
+
+    cluster = LoopbackPeers(work, ["n1"])
+    try:
+        client = cluster.client()
+        peers = RpcChunkPeers(client, cluster.addresses.__getitem__)
+        meta = LocalMetadataStore(work / "meta")
+        store = LocalChunkStore(work / "n0")
+        service = ObjectService(meta, store, peers, lambda: members_of(["n0", "n1"]), node_id="n0", replication=2)
+        await service.create_bucket("bench")
+        start = time.perf_counter()
+        manifest = await service.put_object("bench", "big", iter_file(str(src)), expected_size=size)
+        put_s = time.perf_counter() - start
+        held = await peers.has("n1", [c.digest for c in manifest.chunks])
+        assert held == {c.digest for c in manifest.chunks} and store.has(held) == held
+        await client.aclose()
+        meta.close()
+        store.close()
+    finally:
+        cluster.stop()
+    return {
+        "put_r2_mb_s": size / MIB / put_s,
+        "replicas": 2,
+        "carrier": "RpcChunkPeers over TlsCarrier (mTLS 1.3/TCP, loopback), 2 processes",
+    }
+
+
+async def restore_loopback(work: Path, total: int) -> dict:
+    from cloudless.blobs.rpc import RpcChunkPeers
+
+    peer_ids = ["n1", "n2", "n3"]
+    cluster = LoopbackPeers(work, peer_ids)
+    try:
+        client = cluster.client()
+        peers = RpcChunkPeers(client, cluster.addresses.__getitem__, timeout=5)
+        nodes = peer_ids  # the writer stores nothing itself: every copy lives in a peer process
+        dead: set[str] = set()
+        meta = LocalMetadataStore(None)
+        store = MemoryChunkStore()
+        service = ObjectService(meta, store, peers, lambda: members_of(nodes, dead), node_id="n0", replication=2)
+        await service.create_bucket("restore")
+        rng = random.Random(3)
+        per = 16 * MIB
+        for i in range(max(1, total // per)):
+            await service.put_object("restore", f"o{i}", rng.randbytes(per))
+        referenced = await meta.referenced_digests()
+        victim = "n2"
+        lost = len(await peers.has(victim, sorted(referenced)))
+        cluster.kill(victim)
+        dead.add(victim)
+        start = time.perf_counter()
+        reports = await repair_until_stable(meta, members_of(nodes, dead), peers)
+        seconds = time.perf_counter() - start
+        restored = True
+        for d in sorted(referenced):
+            holders = [n for n in nodes if n not in dead and d in await peers.has(n, [d])]
+            restored &= len(holders) >= 2
+        await client.aclose()
+    finally:
+        cluster.stop()
+    return {
+        "restore_seconds": seconds,
+        "restore_bytes": total,
+        "chunks_on_dead_holder": lost,
+        "copied": sum(r.copied for r in reports),
+        "rounds": len(reports),
+        "restored_r": restored,
+        "carrier": "RpcChunkPeers over TlsCarrier (loopback), 3 peer processes, holder killed with SIGKILL",
+    }
 
 
 def write_random_file(path: Path, size: int, seed: int = 1) -> None:
@@ -214,6 +372,14 @@ async def restore(total: int) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "peer":
+        peer = argparse.ArgumentParser()
+        peer.add_argument("peer")
+        for name in ("--id", "--pki", "--dir"):
+            peer.add_argument(name, required=True)
+        peer.add_argument("--port", type=int, required=True)
+        run_peer(peer.parse_args())
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir under /var/tmp)")
@@ -228,10 +394,13 @@ def main() -> None:
         write_random_file(src, size)
         limit = machine_limit(src, work, size)
         single = trio.run(single_node, src, work / "single", size)
-        rep = trio.run(replicated, src, work / "replicated", size)
         shutil.rmtree(work / "single", ignore_errors=True)
+        rep_loop = trio.run(replicated_loopback, src, work / "loopback", size)
+        shutil.rmtree(work / "loopback", ignore_errors=True)
+        rep = trio.run(replicated, src, work / "replicated", size)
         shutil.rmtree(work / "replicated", ignore_errors=True)
         dd = trio.run(dedup)
+        rs_loop = trio.run(restore_loopback, work / "restore", min(size, 256 * MIB))
         rs = trio.run(restore, min(size, 256 * MIB))
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -247,9 +416,11 @@ def main() -> None:
         "limit": limit,
         "single_node": single,
         "put_fraction_of_limit": single["put_mb_s"] / limit["limit_mb_s"],
-        "replicated": rep,
+        "replicated_loopback": rep_loop,
+        "replicated_twin": rep,
         "dedup": dd,
-        "restore": rs,
+        "restore_loopback": rs_loop,
+        "restore_twin": rs,
         "targets": {"put_fraction_of_limit": 0.5, "put_r2_mb_s": 100, "get_mb_s": 200},
     }
     print(json.dumps(result, indent=2))
