@@ -3,8 +3,9 @@
 Put streams the body through the chunker; each chunk is hashed and replicated
 by a few concurrent workers while the next is being cut, and the manifest is
 stored only after every chunk is durable on its replicas — that single step is
-what makes the object visible. Get streams chunks back in order, verifying
-each, from this node or a peer.
+what makes the object visible. Get (`copy_range`) fetches a few chunks ahead
+in parallel — this node's copy first, else a peer's — verifies each, and
+writes them out in order.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ class ObjectService:
                         ready = await trio.to_thread.run_sync(consume, piece, limiter=self._threads)
                         for item in ready:
                             await send.send(item)
-                    for item in chunker.finish():
+                    for item in await trio.to_thread.run_sync(chunker.finish, limiter=self._threads):
                         await send.send(item)
         except BaseExceptionGroup as group:
             raise single_error(group) from None
