@@ -17,6 +17,7 @@ Layers, bottom up (each IO interface has a memory twin):
     objects.py      ObjectService: buckets, objects, multipart, access keys
     s3/             the ASGI gateway (SigV4/SigV2, XML, errors) and its TLS serving
     local.py        open_local_blobs(data_dir): the stand-alone store the CLI uses
+    oci.py          OciBlobs: image layers/configs under their OCI digest (peer fetch path)
 
 Wiring into the node (what the integrator provides):
 

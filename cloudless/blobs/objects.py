@@ -80,7 +80,7 @@ def multipart_etag(part_md5_hex: Sequence[str]) -> str:
     return f"{hashlib.md5(joined).hexdigest()}-{len(part_md5_hex)}"
 
 
-async def _pieces(body: Body) -> AsyncIterator[bytes]:
+async def body_pieces(body: Body) -> AsyncIterator[bytes]:
     if isinstance(body, (bytes, bytearray, memoryview)):
         view = memoryview(body)
         for i in range(0, len(view), _READ_BLOCK):
@@ -199,7 +199,7 @@ class ObjectService:
                     nursery.start_soon(worker, receive.clone())
                 await receive.aclose()
                 async with send:
-                    async for piece in _pieces(body):
+                    async for piece in body_pieces(body):
                         size += len(piece)
                         if expected_size is not None and size > expected_size:
                             raise IncompleteBody(f"body is longer than the declared {expected_size} bytes")
