@@ -24,6 +24,7 @@ only itself up. There is no plaintext listener: `serve` only ever speaks TLS.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 import os
 import ssl
 import tempfile
@@ -459,6 +460,16 @@ class TlsCarrier:
         self.mux_config = mux_config or MuxConfig()
         self.local_address: Address | None = None
         self.rejected = 0  # handshakes refused by serve, for tests and metrics
+        self.rejections: Counter[str] = Counter()  # by reason
+        self.accepted = 0
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "local_address": self.local_address,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "rejections": dict(self.rejections),
+        }
 
     def update_credentials(self, credentials: Any) -> None:
         """Use renewed credentials for every later handshake."""
@@ -516,16 +527,20 @@ class TlsCarrier:
                 stream, peer = await server_handshake(tcp, self._contexts, self.verifier, address)
         except trio.TooSlowError:
             self.rejected += 1
+            self.rejections["handshake_timeout"] += 1
             log.warning("tls.handshake_timeout", extra={"remote": f"{address[0]}:{address[1]}"})
             await trio.aclose_forcefully(tcp)
             return None
         except PeerRejected as exc:
             self.rejected += 1
+            self.rejections[exc.reason] += 1
             log.warning("tls.peer_rejected", extra={"remote": f"{address[0]}:{address[1]}", "reason": exc.reason, "error": exc.message})
             return None
         except ConnectionLost as exc:
             self.rejected += 1
+            self.rejections["handshake_failed"] += 1
             log.info("tls.handshake_failed", extra={"remote": f"{address[0]}:{address[1]}", "error": exc.message})
             return None
+        self.accepted += 1
         return MuxSession(TlsTransport(stream), is_client=False, peer=peer, remote_address=address, config=self.mux_config)
 

@@ -10,6 +10,7 @@ mean nothing to the mux). There is no ws:// (plaintext) listener.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import trio
@@ -73,7 +74,17 @@ class WebSocketCarrier:
         self.handshake_timeout = handshake_timeout
         self.mux_config = mux_config or MuxConfig()
         self.local_address: Address | None = None
-        self.rejected = 0
+        self.rejected = 0  # handshakes refused by serve, for tests and metrics
+        self.rejections: Counter[str] = Counter()  # by reason
+        self.accepted = 0
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "local_address": self.local_address,
+            "accepted": self.accepted,
+            "rejected": self.rejected,
+            "rejections": dict(self.rejections),
+        }
 
     def update_credentials(self, credentials: Any) -> None:
         self._contexts = TlsContexts(credentials)
@@ -145,20 +156,24 @@ class WebSocketCarrier:
                         raise
             except trio.TooSlowError:
                 self.rejected += 1
+                self.rejections["handshake_timeout"] += 1
                 log.warning("websocket.handshake_timeout", extra={"remote": remote})
                 await trio.aclose_forcefully(tcp)
                 nursery.cancel_scope.cancel()
                 return
             except PeerRejected as exc:
                 self.rejected += 1
+                self.rejections[exc.reason] += 1
                 log.warning("websocket.peer_rejected", extra={"remote": remote, "reason": exc.reason, "error": exc.message})
                 nursery.cancel_scope.cancel()
                 return
             except (ConnectionLost, ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
                 self.rejected += 1
+                self.rejections["handshake_failed"] += 1
                 log.info("websocket.handshake_failed", extra={"remote": remote, "error": repr(exc)})
                 nursery.cancel_scope.cancel()
                 return
+            self.accepted += 1
             session = MuxSession(WebSocketBytes(ws), is_client=False, peer=peer, remote_address=address, config=self.mux_config)
             await run_session(session, handler)
             nursery.cancel_scope.cancel()

@@ -122,6 +122,7 @@ async def test_server_refuses_bad_client_certificate_and_keeps_serving(carrier_c
         assert info.value.reason == case, info.value.message
         assert "refused our certificate" in info.value.message
         assert server.rejected == 1
+        assert server.statistics()["rejections"] == {case: 1}
         good = carrier_cls(GOOD, verifier)
         conn = await good.connect(address)
         assert conn.peer.uri == f"spiffe://{CLUSTER}/node/server"
