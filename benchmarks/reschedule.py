@@ -147,6 +147,7 @@ async def bench(directory: Path, nodes: list[dict], trials: int, replicas: int) 
 
         await wait_for(f"{victim} back and settled", settled)
         await trio.sleep(1.0)
+    final_nodes = sorted(a.node for a in live(await inspect(client)))
     await client.call("workloads.stop", WorkloadRef("bench", client.client_id, client.next_seq()), response=WorkloadReply)
 
     async def stopped():
@@ -164,6 +165,7 @@ async def bench(directory: Path, nodes: list[dict], trials: int, replicas: int) 
         "trials": trials,
         "replicas_moved": moved,
         "samples_s": [round(x, 3) for x in heal_s],
+        "final_nodes": final_nodes,
     }
 
 
@@ -187,13 +189,22 @@ def main() -> None:
         for node in up["nodes"]:
             cloudless("image", "import", str(work / "image" / "layout"), "--name", "busybox:latest", "--data-dir", node["dir"], "--json")
         figures = trio.run(bench, directory, up["nodes"], args.trials, args.replicas)
+    except BaseException:
+        keep = True
+        raise
+    else:
+        keep = False
     finally:
+        subprocess.run([sys.executable, "-m", "cloudless", "stop", "bench", "--config", str(directory / "config.yaml")], capture_output=True, timeout=60)
         containers = list(directory.glob("node*/agent/sandbox/containers"))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(c.exists() and any(c.iterdir()) for c in containers):
             time.sleep(0.3)
         subprocess.run([sys.executable, "-m", "cloudless", "dev", "down", "--dir", str(directory)], capture_output=True, timeout=60)
-        shutil.rmtree(work, ignore_errors=True)
+        if keep:
+            print(f"reschedule benchmark failed; node logs kept in {directory}/node*/node.out", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     print(json.dumps({
         "benchmark": "reschedule",
         **figures,
