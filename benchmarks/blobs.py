@@ -26,7 +26,8 @@ incompressible random bytes in a file on the same disk as the store.
 - restore: over loopback, the writer plus 3 peer processes, R = 2, 256 MiB
   (or the object size if smaller) in 16 MiB objects; a peer holding chunks
   is killed with SIGKILL and declared dead; seconds until anti-entropy rounds
-  (over RPC) have restored R. Also the same in the memory twin.
+  (over RPC; each copy is a pull by the target from a surviving holder) have
+  restored R. Also the same in the memory twin.
 """
 
 from __future__ import annotations
@@ -68,19 +69,22 @@ CLUSTER = "bench"
 
 
 def run_peer(args: argparse.Namespace) -> None:
-    from cloudless.blobs.rpc import register_chunk_service
+    from cloudless.blobs.rpc import RpcChunkPeers, register_chunk_service
     from cloudless.pki.credentials import Credentials
     from cloudless.pki.revocation import RevocationList
     from cloudless.pki.verify import PeerVerifier
-    from cloudless.transport.rpc import RpcServer
+    from cloudless.transport.rpc import RpcClient, RpcServer
     from cloudless.transport.tls import TlsCarrier
 
     credentials = Credentials.load(Path(args.pki) / args.id)
     verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), CLUSTER)
     carrier = TlsCarrier(credentials, verifier, bind=("127.0.0.1", args.port))
     store = LocalChunkStore(Path(args.dir))
+    addresses = {n: ("127.0.0.1", int(p)) for n, p in (pair.split("=") for pair in args.peers.split(","))}
+    # Anti-entropy copies are pulls: this process fetches from the source peer itself.
+    pull_peers = RpcChunkPeers(RpcClient(TlsCarrier(credentials, verifier)), addresses.__getitem__)
     server = RpcServer()
-    register_chunk_service(server, store)
+    register_chunk_service(server, store, peers=pull_peers)
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -109,16 +113,17 @@ class LoopbackPeers:
         for node_id in peer_ids:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
+                self.addresses[node_id] = ("127.0.0.1", s.getsockname()[1])
+        peer_map = ",".join(f"{n}={port}" for n, (_, port) in self.addresses.items())
+        for node_id in peer_ids:
             proc = subprocess.Popen(
-                [sys.executable, str(HERE), "peer", "--id", node_id, "--port", str(port),
-                 "--pki", str(self.pki), "--dir", str(root / node_id)],
+                [sys.executable, str(HERE), "peer", "--id", node_id, "--port", str(self.addresses[node_id][1]),
+                 "--pki", str(self.pki), "--dir", str(root / node_id), "--peers", peer_map],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
             )
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"peer {node_id} did not start")
             self.procs[node_id] = proc
-            self.addresses[node_id] = ("127.0.0.1", port)
 
     def client(self):  # type: ignore[no-untyped-def]
         from cloudless.pki.credentials import Credentials
@@ -375,7 +380,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "peer":
         peer = argparse.ArgumentParser()
         peer.add_argument("peer")
-        for name in ("--id", "--pki", "--dir"):
+        for name in ("--id", "--pki", "--dir", "--peers"):
             peer.add_argument(name, required=True)
         peer.add_argument("--port", type=int, required=True)
         run_peer(peer.parse_args())

@@ -35,6 +35,11 @@ class ChunkPeers(Protocol):
 
     async def drop(self, node: str, digests: Sequence[str]) -> None: ...
 
+    async def replicate(self, source: str, target: str, digests: Sequence[str]) -> int:
+        """Have `target` fetch `digests` from `source` itself (verified, durable before return);
+        returns how many it now holds that it did not. PeerUnavailable if either side cannot."""
+        ...
+
     async def inventory_summary(self, node: str) -> InventorySummary: ...
 
     async def inventory(self, node: str, prefixes: Sequence[str]) -> set[str]:
@@ -54,6 +59,7 @@ class MemoryChunkPeers:
         self.dead: set[str] = set()
         self.bytes_sent: dict[str, int] = {}
         self.chunks_sent: dict[str, int] = {}
+        self.pulls = 0  # replicate() calls: peer-to-peer copies that bypass the caller
         self._threaded = threaded
 
     def add(self, node: str, store: ChunkStore) -> None:
@@ -100,6 +106,15 @@ class MemoryChunkPeers:
                 store.delete(d)
 
         await self._call(op)
+
+    async def replicate(self, source: str, target: str, digests: Sequence[str]) -> int:
+        src, dst = self._store(source), self._store(target)
+        self.pulls += 1
+
+        def op() -> int:
+            return sum(dst.put(d, src.get(d)) for d in digests)
+
+        return await self._call(op)
 
     async def inventory_summary(self, node: str) -> InventorySummary:
         store = self._store(node)

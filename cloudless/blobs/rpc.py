@@ -8,6 +8,9 @@ Methods (node identities only; a client certificate is refused):
     chunks.drop      DropChunks -> Stored
     chunks.summary   SummaryRequest -> InventorySummary
     chunks.list      ListChunks -> HeldChunks       digests under some summary prefixes
+    chunks.pull      PullChunks -> Stored           fetch digests from another node, store them
+                                                    (anti-entropy copies that do not relay through
+                                                    the node that planned them)
 
 A chunk body rides as msgpack bytes in one frame (chunks are at most 8 MiB,
 frames 16 MiB). Deadlines scale with size: a floor plus bytes / `min_rate`.
@@ -25,7 +28,7 @@ import trio
 from cloudless.blobs.chunking import DigestField
 from cloudless.blobs.chunkstore import ChunkStore, InventorySummary
 from cloudless.blobs.errors import ChunkMissing, CorruptChunk
-from cloudless.blobs.peers import PeerUnavailable
+from cloudless.blobs.peers import ChunkPeers, PeerUnavailable
 from cloudless.errors import CloudlessError, InvalidInput, NotFound, Unavailable
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
@@ -66,6 +69,11 @@ class ListChunks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prefixes: Annotated[list[_Prefix], msgspec.Meta(max_length=MAX_PREFIXES)]
 
 
+class PullChunks(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    source: Annotated[str, msgspec.Meta(max_length=128)]
+    digests: Annotated[list[DigestField], msgspec.Meta(max_length=256)]
+
+
 class Stored(msgspec.Struct, frozen=True):
     count: int
 
@@ -79,8 +87,14 @@ def _require_node(ctx: RpcContext) -> None:
         raise NotPermitted(f"{ctx.peer.uri} is not a node: chunk methods are node-to-node only")
 
 
-def register_chunk_service(server: RpcServer, store: ChunkStore, *, threads: trio.CapacityLimiter | None = None) -> None:
-    """Serve this node's `store` to its peers on `server`."""
+def register_chunk_service(
+    server: RpcServer,
+    store: ChunkStore,
+    *,
+    peers: ChunkPeers | None = None,
+    threads: trio.CapacityLimiter | None = None,
+) -> None:
+    """Serve this node's `store` to its peers on `server`; with `peers`, also `chunks.pull`."""
     limiter = threads or trio.CapacityLimiter(4)
 
     async def run(fn, *args):  # type: ignore[no-untyped-def]
@@ -115,6 +129,19 @@ def register_chunk_service(server: RpcServer, store: ChunkStore, *, threads: tri
     async def summary(ctx: RpcContext, req: SummaryRequest) -> InventorySummary:
         _require_node(ctx)
         return await run(store.summary)
+
+    @server.unary("chunks.pull", request=PullChunks)
+    async def pull(ctx: RpcContext, req: PullChunks) -> Stored:
+        _require_node(ctx)
+        if peers is None:
+            raise Unavailable("this node does not pull chunks from peers")
+        stored = 0
+        for digest in req.digests:
+            if await run(store.touch, [digest]):
+                continue
+            data = await peers.get(req.source, digest)  # verified by the RpcChunkPeers client
+            stored += int(await run(lambda: store.put(digest, data, trusted=True)))
+        return Stored(stored)
 
     @server.unary("chunks.list", request=ListChunks)
     async def listing(ctx: RpcContext, req: ListChunks) -> HeldChunks:
@@ -181,6 +208,12 @@ class RpcChunkPeers:
     async def drop(self, node: str, digests: Sequence[str]) -> None:
         for i in range(0, len(digests), MAX_DIGESTS):
             await self._call(node, "chunks.drop", DropChunks(list(digests[i : i + MAX_DIGESTS])), Stored)
+
+    async def replicate(self, source: str, target: str, digests: Sequence[str]) -> int:
+        stored = await self._call(
+            target, "chunks.pull", PullChunks(source, list(digests)), Stored, nbytes=len(digests) * (8 << 20)
+        )
+        return stored.count
 
     async def inventory_summary(self, node: str) -> InventorySummary:
         return await self._call(node, "chunks.summary", SummaryRequest(), InventorySummary)

@@ -295,3 +295,20 @@ async def test_the_loop_restores_r_within_seconds_of_a_declared_death(cluster, a
         assert trio.current_time() - start < 5
         nursery.cancel_scope.cancel()
     assert loop.statistics()["rounds"] >= 1
+
+
+async def test_copies_fall_back_to_relaying_when_a_target_cannot_pull(cluster):
+    from cloudless.blobs.peers import PeerUnavailable
+
+    await cluster.service.put_object("bkt", "obj", cluster.rng.randbytes(300_000))
+    digests = await cluster.chunks_of("bkt", "obj")
+
+    async def cannot_pull(source, target, digests):
+        raise PeerUnavailable(f"{target} does not pull")
+
+    cluster.peers.replicate = cannot_pull
+    cluster.peers.kill("n1")
+    cluster.declared_dead.add("n1")
+    reports = await repair_until_stable(cluster.metadata, cluster.members(), cluster.peers)
+    assert reports[0].copied > 0
+    assert all(len(cluster.replicas(d)) == 2 for d in digests)

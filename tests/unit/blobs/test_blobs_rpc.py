@@ -33,6 +33,7 @@ class RpcCluster:
         self.addresses = {n: (n, 7000) for n in NODES}
         self.nursery = nursery
         self.dead: set[str] = set()
+        self.node_clients: list[RpcClient] = []
         carrier = MemoryCarrier(self.network, PeerIdentity("c", "node", "n0", 1), ("n0-client", 1))
         self.client = RpcClient(carrier)
         self.peers = RpcChunkPeers(self.client, self.addresses.__getitem__, timeout=5)
@@ -42,7 +43,9 @@ class RpcCluster:
     async def start(self) -> None:
         for n in NODES:
             server = RpcServer()
-            register_chunk_service(server, self.stores[n])
+            own = RpcClient(MemoryCarrier(self.network, PeerIdentity("c", "node", n, 1), (f"{n}-client", 1)))
+            self.node_clients.append(own)
+            register_chunk_service(server, self.stores[n], peers=RpcChunkPeers(own, self.addresses.__getitem__))
             carrier = MemoryCarrier(self.network, PeerIdentity("c", "node", n, 1), self.addresses[n])
             await self.nursery.start(server.serve, carrier)
 
@@ -61,6 +64,8 @@ async def cluster(nursery):
     await c.service.create_bucket("bkt", avg_chunk=16 * 1024)
     yield c
     await c.client.aclose()
+    for client in c.node_clients:
+        await client.aclose()
 
 
 async def test_put_and_get_through_rpc_with_r_replicas(cluster):
@@ -81,7 +86,13 @@ async def test_unreachable_target_falls_back_and_anti_entropy_restores_r(cluster
     more = await cluster.service.put_object("bkt", "more", random.Random(3).randbytes(200_000))
     assert all(len(cluster.holders(c.digest)) == 2 for c in more.chunks)  # fell back past the victim
     cluster.dead.add(victim)
-    await repair_until_stable(cluster.metadata, cluster.members(), cluster.peers)
+
+    async def no_relay(node, chunks):
+        raise AssertionError("anti-entropy relayed a chunk through the planning node")
+
+    cluster.peers.put = no_relay  # copies must be pulls: target fetches from source directly
+    reports = await repair_until_stable(cluster.metadata, cluster.members(), cluster.peers)
+    assert reports[0].copied > 0 and sum(r.failed for r in reports) == 0
     assert all(len(cluster.holders(c.digest)) == 2 for c in m.chunks)
     with pytest.raises(PeerUnavailable):
         await cluster.peers.has(victim, [m.chunks[0].digest])
