@@ -168,8 +168,14 @@ class NodeCluster:
             return 0
         return host_index(status.leader)
 
+    @property
+    def expected_voters(self) -> int:
+        # Autopilot's default targets (coordinator/autopilot.py): 1, 3 from 3, 5 from 7.
+        return 5 if self.size >= 7 else 3 if self.size >= 3 else 1
+
     async def wait_healthy(self, timeout_s: float) -> StatusReply:
-        """Until one status shows a leader, `size` voters, and every member alive."""
+        """Until one status shows a leader, autopilot's number of voters, and
+        every member alive."""
         last: StatusReply | None = None
         with trio.move_on_after(timeout_s):
             while True:
@@ -177,7 +183,7 @@ class NodeCluster:
                 if (
                     last is not None
                     and last.leader
-                    and len(last.voters) == self.size
+                    and len(last.voters) == self.expected_voters
                     and len(last.members) == self.size
                     and all(m.state == "alive" for m in last.members)
                 ):
@@ -283,7 +289,8 @@ class NodeVars:
         method, request, response = self._request(op, key, arg, session)
         order = [host.index] + [i for i in range(self.nodes.size) if i != host.index]
         sent = False
-        last: BaseException | None = None
+        last: BaseException | None = None  # the last failure (any attempt)
+        last_sent: BaseException | None = None  # the last failure of a sent request
         deadline = trio.current_time() + self.op_deadline_s
         attempt = 0
         while trio.current_time() < deadline:
@@ -315,7 +322,7 @@ class NodeVars:
             except (CloudlessError, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 if conn.is_closed:
                     self.nodes.rpc.pool.discard(address, conn)
-                last = exc
+                last = last_sent = exc
                 continue
             return self._outcome(op, reply)
         if not sent:
@@ -323,9 +330,9 @@ class NodeVars:
         # Indeterminate: a later request under this session must not be
         # mistaken for a retry of this one, so the client starts a new session.
         _session.set(_Session())
-        if isinstance(last, CloudlessError):
-            raise last
-        raise CloudlessError(f"{op} {key}: no answer before the deadline ({last!r})")
+        if isinstance(last_sent, CloudlessError):
+            raise last_sent
+        raise CloudlessError(f"{op} {key}: no answer before the deadline ({last_sent!r})")
 
 
 def acknowledged_writes(history: Sequence[Operation]) -> dict[str, list[tuple[int, str]]]:

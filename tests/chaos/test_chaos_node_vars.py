@@ -30,7 +30,10 @@ from cloudless.testing.chaos import (
     Loss,
     OneWay,
     Partition,
+    Pause,
     Restart,
+    Resume,
+    Stop,
     VarsWorkload,
     random_schedule,
 )
@@ -72,7 +75,7 @@ def _workload(operate, duration_s: float, clients: int = 4) -> VarsWorkload:
     )
 
 
-async def run_scenario(tmp_path: Path, seed: int, schedule_of, duration_s: float, hosts: int = 3):
+async def run_scenario(tmp_path: Path, seed: int, schedule_of, duration_s: float, hosts: int = 3, settle_s: float = SETTLE_S):
     """Bootstrap, run the workload under `schedule_of(nodes)`, heal, settle,
     read every key back through every node; assert linearizability and that
     acknowledged writes survived. Returns (result, nodes) for extra checks."""
@@ -84,7 +87,11 @@ async def run_scenario(tmp_path: Path, seed: int, schedule_of, duration_s: float
             vars_client = m.NodeVars(nodes)
             result = await cluster.run_workload(_workload(vars_client.operate, duration_s), schedule_of(nodes))
             t_end = trio.current_time()
-            healthy = await nodes.wait_healthy(SETTLE_S)
+            try:
+                healthy = await nodes.wait_healthy(settle_s)
+            except AssertionError as exc:
+                exc.add_note(result.summary())
+                raise
             t0 = t_end - result.elapsed_s
             reads = await nodes.read_back(KEYS, t0, first_client=1_000_000)
             history = result.history + reads
@@ -162,12 +169,31 @@ def _kill_leader_and_follower(nodes):
     ]
 
 
+def _pause_leader(nodes):
+    return [_at(FAULT_S[0], Pause(nodes.leader)), _at(FAULT_S[1], Resume())]
+
+
+def _kill_all(nodes):
+    return [_at(3.0, Kill9(0)), _at(3.0, Kill9(1)), _at(3.0, Kill9(2)), _at(5.0, Restart())]
+
+
+# Known bug, pinned by the strict xfail below: graceful stops stay out of the
+# soak's fault kinds until it is fixed, so the soak keeps testing everything else.
+STOP_BOOTSTRAP_BUG = (
+    "a gracefully stopped bootstrap node never rejoins after a restart: Node._seeds() "
+    "(cloudless/node/process.py) is empty for it (no --join, no seeds file, and the FSM holds "
+    "only the snapshot until the leader re-sends the commit index), so _run_gossip never joins; "
+    "peers keep it LEFT and never contact it, and autopilot removes it from Raft"
+)
+
 SCENARIOS = {
     "minority_partition": _minority_partition,
     "leader_isolated": _leader_isolated,
     "one_way": _one_way,
     "loss_20pct": _loss,
     "kill9_leader_then_follower": _kill_leader_and_follower,
+    "pause_leader": _pause_leader,
+    "kill9_all": _kill_all,
 }
 
 
@@ -184,12 +210,174 @@ async def test_vars_stay_linearizable_and_acknowledged_writes_survive(tmp_path, 
 
 
 @pytest.mark.root
+@pytest.mark.xfail(strict=True, reason=STOP_BOOTSTRAP_BUG)
+async def test_gracefully_stopped_bootstrap_node_rejoins_after_a_restart(tmp_path):
+    # The smallest reproduction: no workload, one graceful stop of host 0.
+    m = _module()
+    async with ChaosCluster(3, tmp_path, m.node_spec(), seed=5_100, extra={"join_flags": ""}) as cluster:
+        nodes = m.NodeCluster(cluster)
+        try:
+            await nodes.bootstrap()
+            await cluster.apply(Stop(0))
+            await cluster.apply(Restart())
+            # Rejoined: host 0 alive in gossip again, and back among the voters.
+            seen = []
+            with trio.move_on_after(20.0):
+                while True:
+                    status = await nodes.any_status([1, 2])
+                    state = {x.id: (x.state, x.role) for x in status.members}.get("host0") if status else None
+                    seen.append(state)
+                    if state == ("alive", "voter"):
+                        break
+                    await trio.sleep(0.5)
+            assert seen[-1] == ("alive", "voter"), f"host0 (state, role) over 20 s after its restart: {seen}"
+        finally:
+            await nodes.aclose()
+
+
+@pytest.mark.root
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [11, 12, 13, 14, 15])
-async def test_vars_stay_linearizable_under_a_random_schedule(tmp_path, seed):
+@pytest.mark.parametrize("hosts,seed", [(3, 11), (3, 12), (3, 13), (5, 14), (5, 15)])
+async def test_vars_stay_linearizable_under_a_random_schedule(tmp_path, hosts, seed):
+    # Soak: every fault kind of the harness, one at a time in a seeded order,
+    # half of the isolations/kills/stops/pauses aimed at the current leader.
     duration = float(os.environ.get("CLOUDLESS_CHAOS_NODE_S", "60"))
+    kinds = ("partition", "isolate", "one_way", "loss", "kill9", "pause")  # "stop": STOP_BOOTSTRAP_BUG
 
     def schedule(nodes):
-        return random_schedule(seed, 3, duration - 2.0, leader=nodes.leader, fault_s=(1.0, 4.0), calm_s=(1.0, 3.0))
+        return random_schedule(
+            seed, hosts, duration - 2.0, kinds=kinds, leader=nodes.leader, fault_s=(1.0, 4.0), calm_s=(1.0, 3.0)
+        )
 
-    await run_scenario(tmp_path, seed, schedule, duration)
+    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts)
+
+
+# ---------------------------------------------------------------- the adapter itself (no root)
+# The outcome rules of NodeVars.operate decide what the checker may assume, so
+# they are pinned here against a scripted RPC client.
+
+
+class _Conn:
+    is_closed = False
+
+
+class _ScriptedRpc:
+    """pool.get / call answer from per-host scripts: an exception to raise or a reply."""
+
+    def __init__(self, connect=None, answers=None):
+        self.connect = connect or {}
+        self.answers = answers or {}
+        self.requests: list[tuple[int, str, object]] = []
+        self.pool = self
+
+    def _host(self, address):
+        return int(address[0].rsplit(".", 1)[1])
+
+    async def get(self, address):
+        await trio.sleep(0.01)
+        outcome = self.connect.get(self._host(address))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        conn = _Conn()
+        conn.host = self._host(address)
+        return conn
+
+    def discard(self, address, conn=None):
+        pass
+
+    async def call(self, conn, method, request, response=None, timeout=None):
+        await trio.sleep(0.01)
+        self.requests.append((conn.host, method, request))
+        script = self.answers.get(conn.host, [])
+        outcome = script.pop(0) if len(script) > 1 else (script[0] if script else OSError("no script"))
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def _fake_nodes(rpc, size=2):
+    from types import SimpleNamespace
+
+    from cloudless.testing.netns import Host
+
+    hosts = [Host(i, f"ns{i}", f"192.0.2.{i}", f"veth{i}") for i in range(size)]
+    process = SimpleNamespace(spec=SimpleNamespace(port=7400))
+    return SimpleNamespace(rpc=rpc, size=size, cluster=SimpleNamespace(hosts=hosts, process=lambda i: process))
+
+
+async def _operate(rpc, op, key, arg, host=0):
+    m = _module()
+    vars_client = m.NodeVars(_fake_nodes(rpc), attempt_timeout_s=0.5, op_deadline_s=2.0)
+    return vars_client, await vars_client.operate(_fake_nodes(rpc).cluster.hosts[host], op, key, arg)
+
+
+async def test_operate_is_not_applied_only_when_no_request_was_ever_sent(autojump_clock):
+    from cloudless.testing.chaos import NotApplied
+
+    rpc = _ScriptedRpc(connect={0: ConnectionRefusedError(), 1: OSError("no route")})
+    with pytest.raises(NotApplied):
+        await _operate(rpc, "put", "k", "v")
+    assert rpc.requests == []
+    # One host took the request and went silent: the outcome is unknown, not "not applied".
+    from cloudless.transport.rpc import DeadlineExceeded
+
+    rpc = _ScriptedRpc(connect={1: ConnectionRefusedError()}, answers={0: [DeadlineExceeded("slow")]})
+    with pytest.raises(DeadlineExceeded):
+        await _operate(rpc, "put", "k", "v")
+    assert rpc.requests and all(h == 0 for h, _, _ in rpc.requests)
+
+
+async def test_operate_retries_a_write_on_another_host_under_the_same_session(autojump_clock):
+    from cloudless.api.messages import VarValue
+    from cloudless.transport.base import ConnectionLost
+
+    rpc = _ScriptedRpc(answers={0: [ConnectionLost("gone")], 1: [VarValue("k", "v", 42)]})
+    vars_client, out = await _operate(rpc, "put", "k", "v")
+    assert out == 42 and vars_client.retries == 1
+    (h0, _, first), (h1, _, second) = rpc.requests
+    assert (h0, h1) == (0, 1)
+    assert (first.client_id, first.seq) == (second.client_id, second.seq) and first.seq >= 1
+
+
+async def test_operate_maps_refusals_to_known_outcomes(autojump_clock):
+    from cloudless.errors import Conflict, NotFound
+
+    rpc = _ScriptedRpc(answers={0: [Conflict("index moved", current_index="7")]})
+    assert (await _operate(rpc, "cas", "k", (3, "v")))[1] == (False, 7)
+    rpc = _ScriptedRpc(answers={0: [NotFound("no variable k")]})
+    assert (await _operate(rpc, "get", "k", None))[1] is None
+    assert (await _operate(rpc, "rm", "k", None))[1] is False
+    # A conflict without the current index cannot be recorded: fail loudly.
+    rpc = _ScriptedRpc(answers={0: [Conflict("index moved")]})
+    with pytest.raises(AssertionError):
+        await _operate(rpc, "cas", "k", (3, "v"))
+
+
+async def test_operate_starts_a_new_session_after_an_indeterminate_write(autojump_clock):
+    from cloudless.api.messages import VarValue
+    from cloudless.transport.rpc import DeadlineExceeded
+
+    m = _module()
+    rpc = _ScriptedRpc(answers={0: [DeadlineExceeded("slow"), DeadlineExceeded("slow")], 1: [DeadlineExceeded("slow")]})
+    vars_client = m.NodeVars(_fake_nodes(rpc), attempt_timeout_s=0.5, op_deadline_s=1.0)
+    host0 = _fake_nodes(rpc).cluster.hosts[0]
+    with pytest.raises(DeadlineExceeded):
+        await vars_client.operate(host0, "put", "k", "a")
+    lost = rpc.requests[-1][2].client_id
+    rpc.answers = {0: [VarValue("k", "b", 9)]}
+    assert await vars_client.operate(host0, "put", "k", "b") == 9
+    assert rpc.requests[-1][2].client_id != lost
+
+
+def test_acknowledged_writes_are_the_successful_known_puts_and_cas():
+    from cloudless.testing.linearizability import Operation
+
+    m = _module()
+    history = [
+        Operation(0, "k", "put", "a", 3, 0.0, 0.1),
+        Operation(1, "k", "put", "b", None, 0.0, None),  # indeterminate
+        Operation(2, "k", "cas", (3, "c"), (True, 5), 0.2, 0.3),
+        Operation(3, "k", "cas", (3, "d"), (False, 5), 0.4, 0.5),
+        Operation(4, "j", "get", None, ("a", 3), 0.4, 0.5),
+    ]
+    assert m.acknowledged_writes(history) == {"k": [(3, "a"), (5, "c")]}
