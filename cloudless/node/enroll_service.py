@@ -8,8 +8,9 @@ follower passing a join to the leader), `pki.renew` and `pki.revocations`.
 from __future__ import annotations
 
 import logging
+import os
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -28,6 +29,22 @@ if TYPE_CHECKING:
     from cloudless.node.process import Node
 
 log = logging.getLogger(__name__)
+
+
+def node_certificate_lifetime() -> timedelta | None:
+    """Lifetime of node certificates this leader issues: the PKI default
+    (24 h) unless CLOUDLESS_NODE_CERT_LIFETIME_S says otherwise (tests and
+    deployments that want faster rotation)."""
+    raw = os.environ.get("CLOUDLESS_NODE_CERT_LIFETIME_S")
+    if not raw:
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise InvalidInput(f"CLOUDLESS_NODE_CERT_LIFETIME_S={raw!r} is not a number of seconds") from None
+    if not 10 <= seconds <= 90 * 86400:
+        raise InvalidInput("CLOUDLESS_NODE_CERT_LIFETIME_S must be between 10 s and 90 days")
+    return timedelta(seconds=seconds)
 
 
 class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -99,6 +116,7 @@ class EnrollService:
                 load_csr(req.csr_pem),
                 Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
                 datetime.fromtimestamp(now, timezone.utc),
+                node_certificate_lifetime() if req.role == "node" else None,
             )
         except PKIError as exc:
             raise InvalidInput(f"cannot sign the request: {exc.message}") from None
@@ -152,7 +170,10 @@ class EnrollService:
 
         now = time.time()
         certificate = self._ca().issue(
-            load_csr(req.csr_pem), Identity(node.cluster_id, "node", ctx.peer.name), datetime.fromtimestamp(now, timezone.utc)
+            load_csr(req.csr_pem),
+            Identity(node.cluster_id, "node", ctx.peer.name),
+            datetime.fromtimestamp(now, timezone.utc),
+            node_certificate_lifetime(),
         )
         result, _ = await replicated.propose(
             RecordCertificate(ctx.peer.name, format(certificate.serial_number, "x"), certificate.not_valid_after_utc.timestamp())

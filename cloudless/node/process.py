@@ -167,7 +167,9 @@ class Node:
         now = datetime.now(timezone.utc)
         cluster_id = f"c-{secrets.token_hex(4)}"
         ca = ClusterCA.create(cluster_id, now)
-        credentials = issue_credentials(ca, Identity(cluster_id, "node", name), now)
+        from cloudless.node.enroll_service import node_certificate_lifetime
+
+        credentials = issue_credentials(ca, Identity(cluster_id, "node", name), now, node_certificate_lifetime())
         credentials.save(self.data.tls)
         cert_pem, key_pem = ca.to_pem()
         gossip_key = os.urandom(32)
@@ -418,7 +420,9 @@ class Node:
 
     async def _renewal_loop(self) -> None:
         while True:
-            await trio.sleep(30.0)
+            credentials = self.credentials
+            lifetime = (credentials.not_after - credentials.not_before).total_seconds() if credentials else 300.0
+            await trio.sleep(min(30.0, max(1.0, lifetime / 20)))
             credentials = self.credentials
             if credentials is None or not credentials.needs_renewal(datetime.now(timezone.utc)):
                 continue

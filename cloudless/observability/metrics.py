@@ -40,6 +40,9 @@ class NodeCollector:
                 ("messages_dropped", "Raft messages dropped (peer outbox full)"),
             ):
                 yield CounterMetricFamily(f"cloudless_raft_{key}", help_text, value=stats.get(key, 0))
+        server = getattr(node, "server", None)
+        if server is not None:
+            yield CounterMetricFamily("cloudless_rpc_calls", "RPC calls served", value=getattr(server, "calls_total", 0))
         gossip = getattr(node, "gossip", None)
         if gossip is not None:
             members = GaugeMetricFamily("cloudless_gossip_members", "Members by state", labels=["state"])

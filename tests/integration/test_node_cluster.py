@@ -314,3 +314,61 @@ def test_metrics_endpoint_requires_a_cluster_certificate(nodes):
     assert "cloudless_raft_is_leader 1.0" in body
     assert 'cloudless_gossip_members{state="alive"} 1.0' in body
     assert "cloudless_raft_syncs_total" in body
+
+
+def test_autopilot_prefers_mains_and_replaces_a_dead_voter(nodes):
+    """Issue 5: a phone on battery is not chosen while a mains node is available,
+    and becomes a voter only when nothing better exists."""
+    first, config = bootstrap(nodes)
+    join_token = token(config, "--uses", "3")
+    second = nodes("node2").start("--join", first.address, "--token", join_token)
+    phone = nodes("phone", "--power", "battery", "--battery", "60", "--network", "wifi").start(
+        "--join", first.address, "--token", join_token
+    )
+    fourth = nodes("node4").start("--join", first.address, "--token", join_token)
+    wait_for(lambda: status(config)["voters"] == ["node1", "node2", "node4"], 60, "three mains voters")
+    members = {m["id"]: m for m in status(config)["members"]}
+    assert (members["phone"]["power"], members["phone"]["battery_pct"], members["phone"]["network"]) == ("battery", 60.0, "wifi")
+    assert members["phone"]["role"] != "voter"
+
+    second.kill9()
+    wait_for(lambda: sorted(status(config)["voters"]) == ["node1", "node4", "phone"], 60, "the phone to replace the dead voter")
+    events = cli_json("events", "--last", "200", config=config)
+    reasons = [e for e in events if e["kind"] == "autopilot.remove" and e["node"] == "node2"]
+    assert reasons and "dead" in reasons[0]["message"]
+
+
+def test_sigterm_hands_leadership_away_and_leaves_gracefully(nodes):
+    first, config = bootstrap(nodes)
+    join_token = token(config, "--uses", "2")
+    second = nodes("node2").start("--join", first.address, "--token", join_token)
+    nodes("node3").start("--join", first.address, "--token", join_token)
+    wait_for(lambda: len(status(config)["voters"]) == 3, 60, "three voters")
+    started = time.monotonic()
+    first.stop()
+    doc = wait_for(lambda: (d := status(config, second.address))["leader"] in ("node2", "node3") and d, 20, "new leader")
+    handoff_s = time.monotonic() - started
+    states = {m["id"]: m["state"] for m in doc["members"]}
+    # A graceful leave is "left", not a failure detected later as "dead".
+    wait_for(lambda: {m["id"]: m["state"] for m in status(config, second.address)["members"]}["node1"] == "left", 20,
+             f"node1 to be marked left (was {states.get('node1')})")
+    assert first.proc.returncode == 0, first.output()
+    assert handoff_s < 15, handoff_s
+
+
+def test_node_certificates_renew_before_they_expire(nodes, monkeypatch):
+    from cloudless.pki.credentials import Credentials
+
+    monkeypatch.setenv("CLOUDLESS_NODE_CERT_LIFETIME_S", "30")
+    first, config = bootstrap(nodes)
+    second = nodes("node2").start("--join", first.address, "--token", token(config))
+    wait_for(lambda: (second.data_dir / "tls" / "cert.pem").exists(), 30, "node2 enrolled")
+    original = Credentials.load(second.data_dir / "tls")
+    assert (original.not_after - original.not_before).total_seconds() <= 95  # 30 s + the one-minute backdate
+    wait_for(lambda: Credentials.load(second.data_dir / "tls").serial != original.serial, 60, "node2 to renew")
+    renewed = Credentials.load(second.data_dir / "tls")
+    assert renewed.identity == original.identity and renewed.not_after > original.not_after
+    # Past the original certificate's expiry the node still works with its new one.
+    time.sleep(max(0.0, original.not_after.timestamp() - time.time()) + 1)
+    wait_for(lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 20, "node2 alive")
+    cli_json("vars", "put", "after-renewal", "ok", "--endpoint", second.address, config=config)
