@@ -242,7 +242,8 @@ class Agent:
                 except CloudlessError:
                     alloc_id = self._allocation_of(cid)
             if isinstance(event, sv.Started):
-                self._observe(alloc_id, state="running", restarts=event.restart_count, exit_code=None, message="")
+                health = "starting" if self._checked(alloc_id) else ""
+                self._observe(alloc_id, state="running", restarts=event.restart_count, exit_code=None, message="", health=health)
             elif isinstance(event, sv.Adopted):
                 state = {"running": "running", "exited": "exited"}.get(event.status, "starting")
                 self._observe(alloc_id, state=state)
@@ -262,6 +263,9 @@ class Agent:
             elif isinstance(event, sv.Removed):
                 if alloc_id in self.observed and self.observed[alloc_id].state not in ("failed", "exited"):
                     self._observe(alloc_id, state="exited")
+
+    def _checked(self, alloc_id: str) -> bool:
+        return any(a.allocation.id == alloc_id and a.spec.health_check is not None for a in self.assigned.items)
 
     def _allocation_of(self, cid: str) -> str:
         for a in self.assigned.items:

@@ -226,7 +226,7 @@ def _reconcile_workload(
         return
 
     if old:
-        _rollout(rnd, spec, old, new, waiting, now, lines)
+        _rollout(rnd, spec, old, new, waiting, now, rng, lines)
     else:
         _enforce_count(rnd, spec, holding, waiting, now, rng, lines)
 
@@ -271,6 +271,7 @@ def _rollout(
     new: list[AllocationRecord],
     waiting: list[AllocationRecord],
     now: float,
+    rng: random.Random,
     lines: list[str],
 ) -> None:
     n = spec.replicas
@@ -295,9 +296,8 @@ def _rollout(
     live_after = len(old) + len(new) - len(old_bad) - len(victims)
     room = min(n - len(new), n + spec.update.max_surge - live_after)
     if room > 0:
-        plan = plan_placements(spec, room, rnd.view, [r.allocation for r in new if r.allocation.live], rng=random.Random(spec.version))
-        ids = random.Random(f"{spec.name}/{spec.version}/{len(new)}")
-        rnd.add(allocation_for(spec, p, allocation_id(spec, p.replica, ids)) for p in plan.placements)
+        plan = plan_placements(spec, room, rnd.view, [r.allocation for r in new if r.allocation.live], rng=rng)
+        rnd.add(allocation_for(spec, p, allocation_id(spec, p.replica, rng)) for p in plan.placements)
         lines.extend(plan.explain())
     lines.append(
         f"rolling out version {spec.version}: {len(healthy_new)}/{n} new replicas healthy, {len(old) - len(victims) - len(old_bad)} old remain"
@@ -450,6 +450,7 @@ class WorkloadController:
         self.rng = rng or random.Random()
         self.rounds = 0
         self._wake = None
+        self._view: tuple | None = None
 
     async def run(self, *, task_status=None) -> None:
         import trio
@@ -486,8 +487,13 @@ class WorkloadController:
         replicated = self.node.replicated
         assert replicated is not None
         fsm = replicated.fsm
-        state = ControllerState(fsm.workloads, fsm.allocations, node_infos(self.node))
-        decision = reconcile(state, _wall(), self.rng)
+        nodes = node_infos(self.node)
+        state = ControllerState(fsm.workloads, fsm.allocations, nodes)
+        # The indexed view is rebuilt only when nodes or allocations changed.
+        key = (fsm.applied_index, tuple(nodes))
+        if self._view is None or self._view[0] != key:
+            self._view = (key, build_view(state))
+        decision = reconcile(state, _wall(), self.rng, self._view[1])
         self.rounds += 1
         if decision.plan is not None:
             plan = decision.plan

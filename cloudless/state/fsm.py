@@ -414,7 +414,11 @@ class StateMachine:
                 rec.running_since = now
         else:
             rec.running_since = None
-        healthy = state == "running" and report.health in ("", "healthy")
+        workload = self.workloads.get(before.workload)
+        spec = workload.history.get(before.version, workload.spec) if workload is not None else None
+        checked = spec is not None and spec.health_check is not None
+        # With a health check only a passing check counts, never "not probed yet".
+        healthy = state == "running" and (report.health == "healthy" if checked else report.health in ("", "healthy"))
         if not healthy:
             rec.healthy_since = None
         elif rec.healthy_since is None:

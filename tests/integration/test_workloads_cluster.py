@@ -55,11 +55,11 @@ def wait_until(what: str, predicate, timeout: float = 60.0, interval: float = 0.
     raise AssertionError(f"timed out waiting for {what}; last: {last}")
 
 
-def inspect_when(bin_: str, config: Path, condition):
+def inspect_when(bin_: str, config: Path, condition, name: str = "hello"):
     """A predicate for wait_until: the inspect document once `condition(doc)` holds."""
 
     def check():
-        doc = cli_json(bin_, "inspect", "hello", config=config)
+        doc = cli_json(bin_, "inspect", name, config=config)
         return doc if condition(doc) else None
 
     return check
@@ -79,8 +79,10 @@ def live(doc: dict) -> list[dict]:
     return [a for a in doc["allocations"] if a["desired"] == "run" and a["state"] == "running"]
 
 
-@pytest.fixture
-def cluster(tmp_path, cloudless_bin):
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    cloudless_bin = shutil.which("cloudless") or os.path.join(os.path.dirname(sys.executable), "cloudless")
+    tmp_path = tmp_path_factory.mktemp("workloads")
     directory = tmp_path / "cluster"
     base = 20000 + random.Random().randrange(0, 20000)
     up = cli(cloudless_bin, "dev", "up", "--nodes", "3", "--dir", str(directory), "--base-port", str(base), "--json", timeout=120)
@@ -96,7 +98,8 @@ def cluster(tmp_path, cloudless_bin):
     try:
         yield config, info
     finally:
-        cli(cloudless_bin, "stop", "hello", config=config, check=False)
+        for name in ("hello", "canary", "island"):
+            cli(cloudless_bin, "stop", name, config=config, check=False)
         containers = list(directory.glob("node*/agent/sandbox/containers"))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(any(c.iterdir()) for c in containers if c.exists()):
@@ -172,3 +175,87 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     cli(cloudless_bin, "stop", "hello", config=config)
     wait_until("stopped", lambda: cli_json(cloudless_bin, "ps", config=config)[0]["running"] == 0, timeout=45)
     assert cli_json(cloudless_bin, "ps", config=config)[0]["state"] == "stopped"
+
+
+CANARY = """
+name: canary
+image: busybox:latest
+command: [sh, -c, "{prelude}while true; do sleep 1; done"]
+replicas: 2
+health_check: {{kind: exec, command: [sh, -c, "test ! -e /tmp/bad"], interval_s: 1, timeout_s: 1, retries: 2}}
+update: {{max_surge: 1, min_healthy_time_s: 1, healthy_deadline_s: 60, auto_revert: true}}
+"""
+
+
+def test_update_failing_its_health_check_reverts_to_the_stable_version(cluster, cloudless_bin, tmp_path):
+    config, _ = cluster
+    good = tmp_path / "good.yaml"
+    good.write_text(CANARY.format(prelude=""))
+    assert cli_json(cloudless_bin, "apply", "-f", str(good), config=config)["version"] == 1
+    wait_until(
+        "version 1 healthy and stable",
+        inspect_when(cloudless_bin, config, lambda d: d["stable_version"] == 1 and all(
+            a["health"] == "healthy" for a in live(d)), name="canary"),
+        timeout=60,
+    )
+    first = {a["id"] for a in live(cli_json(cloudless_bin, "inspect", "canary", config=config))}
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CANARY.format(prelude="touch /tmp/bad; "))
+    assert cli_json(cloudless_bin, "apply", "-f", str(bad), config=config)["version"] == 2
+    doc = wait_until(
+        "the failed version reverted",
+        inspect_when(cloudless_bin, config, lambda d: d["failed_versions"] == [2] and d["spec"]["version"] == 3
+                     and len(live(d)) == 2 and all(a["version"] != 2 for a in live(d)), name="canary"),
+        timeout=90,
+    )
+    assert "touch" not in " ".join(doc["spec"]["command"])  # the stable spec is back
+    assert {a["id"] for a in live(doc)} == first  # the stable replicas were never replaced
+    assert any("failed its health gate" in line for line in doc["explanations"]), doc["explanations"]
+    wait_until(
+        "the failed replica stopped",
+        inspect_when(cloudless_bin, config, lambda d: all(
+            a["state"] in ("exited", "failed") for a in d["allocations"] if a["version"] == 2), name="canary"),
+        timeout=45,
+    )
+    cli(cloudless_bin, "stop", "canary", config=config)
+
+
+def running_containers(node_dir: Path) -> set[str]:
+    out = subprocess.run(
+        ["runc", "--root", str(node_dir / "agent" / "sandbox" / "runc"), "list", "--format", "json"],
+        capture_output=True, text=True, timeout=30,
+    )
+    return {c["id"] for c in json.loads(out.stdout or "null") or [] if c["status"] == "running"}
+
+
+def test_node_rebooted_with_no_coordinator_restarts_its_replicas_then_the_cluster_reconciles(cluster, cloudless_bin):
+    config, info = cluster
+    dirs = {n["name"]: Path(n["dir"]) for n in info["nodes"]}
+    cli(cloudless_bin, "run", "busybox:latest", "--name", "island", "--replicas", "3", "--memory", "16Mi",
+        "--", "sh", "-c", "while true; do sleep 1; done", config=config)
+    doc = wait_until("3 running replicas", inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 3, name="island"))
+    node = live(doc)[0]["node"]
+    mine = {a["id"] for a in live(doc) if a["node"] == node}
+
+    # Power cut: every node process dies at once; on `node` the machine reboots (its containers die too).
+    for name, d in dirs.items():
+        os.kill(int((d / "node.pid").read_text()), signal.SIGKILL)
+    for cid in mine:
+        subprocess.run(["runc", "--root", str(dirs[node] / "agent" / "sandbox" / "runc"), "kill", cid, "KILL"], timeout=30)
+    wait_until("the rebooted node's containers dead", lambda: not (running_containers(dirs[node]) & mine), timeout=30)
+
+    # It comes back alone: no coordinator anywhere, yet its agent restarts its replicas from local state.
+    restart_node(dirs[node], next(n["address"] for n in info["nodes"] if n["name"] == node))
+    wait_until("replicas restarted without a coordinator", lambda: mine <= running_containers(dirs[node]), timeout=60)
+
+    # The rest of the cluster returns: exactly the desired replicas, none twice.
+    for n in info["nodes"]:
+        if n["name"] != node:
+            restart_node(dirs[n["name"]], n["address"])
+    doc = wait_until("the cluster reconciled", inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 3, name="island"), timeout=90)
+    time.sleep(3)  # let any duplicate the controller might start show up
+    everywhere = [cid for d in dirs.values() for cid in running_containers(d) if cid.startswith("island-")]
+    assert len(everywhere) == 3, everywhere
+    assert {a["replica"] for a in live(cli_json(cloudless_bin, "inspect", "island", config=config))} == {0, 1, 2}
+    cli(cloudless_bin, "stop", "island", config=config)

@@ -136,3 +136,18 @@ def test_workload_commands_round_trip_and_bad_ones_are_typed_errors():
     bad = msgspec.msgpack.encode({"command": {"c": "workload.scale", "name": "Web!", "replicas": 1}, "now": 1.0})
     with pytest.raises(InvalidCommand):
         decode_proposal(bad)
+
+
+def test_a_health_checked_replica_is_healthy_only_once_its_check_passes():
+    from cloudless.state.workload import HealthCheckSpec
+
+    m = Machine()
+    checked = msgspec.structs.replace(SPEC, health_check=HealthCheckSpec(kind="exec", command=("true",), interval_s=1, timeout_s=1))
+    m.apply(SubmitWorkload(validate(checked)))
+    m.apply(CommitPlan(create=(alloc(0, "a"),)))
+    a_id = alloc(0).id
+    m.apply(ReportAllocations("a", (AllocationReport(a_id, "running"),)))  # not probed yet
+    assert m.fsm.allocations[a_id].healthy_since is None
+    m.now = 120.0
+    m.apply(ReportAllocations("a", (AllocationReport(a_id, "running", health="healthy"),)))
+    assert m.fsm.allocations[a_id].healthy_since == 120.0
