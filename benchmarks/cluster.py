@@ -19,7 +19,9 @@ measured on this machine in the same run:
   writes through the survivors (one warm connection to each, tried in turn
   with a short per-try timeout, as ClusterClient fails over across its
   endpoints), timed from the SIGKILL. The killed node is restarted with
-  `dev up` and the next trial waits for 3 live voters.
+  `dev up` and the next trial waits for 3 live voters. etcd gets the same
+  measurement (`etcd_failover_*_ms`, Debian's default timeouts: 100 ms
+  heartbeat, 1 s election).
 - voter replacement (`voter_replace_s`): 4 nodes (3 voters + 1 standby), a
   non-leader voter is killed -9; the time until status shows 3 voters, none
   of them the dead node, and how long gossip took to declare it dead (the
@@ -125,15 +127,16 @@ class DevCluster:
             [sys.executable, "-m", "cloudless", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"cloudless {' '.join(args)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            said = (proc.stdout.strip() + " " + proc.stderr.strip()).strip()[-2000:]
+            raise RuntimeError(f"cloudless {' '.join(args[:2])} exited {proc.returncode}: {said}")
         return json.loads(proc.stdout)
 
-    def up(self) -> dict:
+    def up(self, timeout: float = 180.0) -> dict:
         from cloudless.api import client_config
 
         started = time.perf_counter()
         result = self._cli("dev", "up", "--nodes", str(self.nodes), "--dir", str(self.directory),
-                           "--base-port", str(self.base_port), "--json")
+                           "--base-port", str(self.base_port), "--json", timeout=timeout)
         self.addresses = {n["name"]: n["address"] for n in result["nodes"]}
         self.context = client_config.load(Path(result["config"])).context()
         result["up_s"] = round(time.perf_counter() - started, 2)
@@ -302,6 +305,7 @@ async def failover_trial(cluster: DevCluster, trial: int) -> dict:
     request = VarsPut("failover", f"after-kill-{trial}", client_id, seq)  # one logical write, retried
     tries = 0
     acked_by = None
+    killed_wall = time.time()
     killed_at = time.perf_counter()
     cluster.kill(leader)
     done = None
@@ -327,8 +331,10 @@ async def failover_trial(cluster: DevCluster, trial: int) -> dict:
                 after = await status(cluster, *survivors)
             except CloudlessError:
                 await trio.sleep(0.1)
+    elected = leader_seen_at(cluster, survivors, leader, killed_wall)
     return {
         "killed": leader,
+        "leader_known_ms": None if elected is None else round((elected - killed_wall) * 1000, 1),
         "term_before": before.term,
         "new_leader": after.leader if after else None,
         "term_after": after.term if after else None,
@@ -338,18 +344,144 @@ async def failover_trial(cluster: DevCluster, trial: int) -> dict:
     }
 
 
-def run_failover(cluster: DevCluster, trials: int) -> list[dict]:
+async def leader_events(cluster: DevCluster, names: list[str], since_wall: float, prefixes: tuple[str, ...]) -> list[dict]:
+    """Events recorded by the first of `names` that answers (put the leader
+    first), from `since_wall` on, whose kind starts with one of `prefixes`."""
+    from cloudless.api.messages import Event, EventsFollow
+    from cloudless.errors import CloudlessError
+
+    rows: list[dict] = []
+    client = cluster.client(*names, timeout=5.0)
+    try:
+        async with client.stream("events", EventsFollow(False, 1000), item=Event, timeout=5.0) as items:
+            async for event in items:
+                if event.ts >= since_wall and event.kind.startswith(prefixes):
+                    rows.append({"t_wall": event.ts, "kind": event.kind, "node": event.node, "message": event.message})
+    except CloudlessError as exc:
+        note(f"could not read events: {exc}")
+    finally:
+        await client.aclose()
+    return rows
+
+
+def leader_seen_at(cluster: DevCluster, names: list[str], old_leader: str, since_wall: float) -> float | None:
+    """When a survivor first logged a new leader (its `raft.leader` log
+    record, checked once per Raft tick), from the nodes' log files."""
+    first = None
+    for name in names:
+        path = cluster.directory / name / "logs" / "node.log"
+        try:
+            lines = path.read_text().splitlines()[-2000:]
+        except OSError:
+            continue
+        for line in lines:
+            if '"raft.leader"' not in line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("ts", 0) > since_wall and record.get("leader") not in (None, old_leader):
+                first = record["ts"] if first is None else min(first, record["ts"])
+                break
+    return first
+
+
+def run_failover(cluster: DevCluster, trials: int) -> tuple[list[dict], list[dict]]:
+    """Trials, and the full cluster restarts needed between them.
+
+    After a trial the killed node is restarted with `dev up` and the next
+    trial waits for 3 live voters. When that does not happen (autopilot
+    counts each kill as flaps and, past `max_flaps`, excludes the node for
+    FLAP_WINDOW_S, leaving the 3-node cluster with fewer voters; and `dev up`
+    gives up when its seed node was removed from Raft meanwhile), what the
+    cluster said and autopilot's decisions are recorded, and every node is
+    restarted, which clears the in-memory flap history.
+    """
     import trio
 
-    rows = []
+    rows, restarts = [], []
+    started_wall = time.time()
     for trial in range(trials):
         row = trio.run(failover_trial, cluster, trial)
         note(f"failover trial {trial}: killed {row['killed']}, first write after {row['ms']} ms "
-             f"({row['tries']} tries), new leader {row['new_leader']}")
+             f"({row['tries']} tries), new leader {row['new_leader']} known after {row['leader_known_ms']} ms")
         rows.append(row)
-        restart = cluster.up()  # restarts the killed node from its data dir
-        note(f"restarted {row['killed']} in {restart['up_s']} s")
-    trio.run(wait_healthy, cluster, 3)
+        try:
+            restart = cluster.up(timeout=30.0)  # restarts the killed node from its data dir
+            note(f"restarted {row['killed']} in {restart['up_s']} s")
+            trio.run(wait_healthy, cluster, 3, 0, "", 20.0)
+            continue
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            problem = str(exc)[-600:]
+        try:
+            reply = trio.run(status, cluster)
+            seen = {"leader": reply.leader, "voters": reply.voters, "learners": reply.learners}
+            names = [reply.leader] + [n for n in cluster.addresses if n != reply.leader]
+            decisions = trio.run(leader_events, cluster, names, started_wall, ("autopilot.",))
+        except Exception as exc:  # diagnosis only; the restart below is what matters
+            seen, decisions = {"error": str(exc)}, []
+        note(f"after trial {trial}: {problem}; status {seen}; autopilot "
+             f"{[(e['kind'], e['node'], e['message']) for e in decisions]}")
+        restarts.append({"after_trial": trial, "problem": problem, "status": seen,
+                         "autopilot": [{k: e[k] for k in ("kind", "node", "message")} for e in decisions][-8:]})
+        cluster.down()
+        cluster.up()
+        trio.run(wait_healthy, cluster, 3, 0, "", 90.0)
+        started_wall = time.time()
+        note("every node restarted: 3 voters again")
+    return rows, restarts
+
+
+def etcd_failover(etcd, trials: int) -> list[dict]:
+    """The same measurement on etcd (default timeouts: 100 ms heartbeat, 1 s
+    election): kill -9 the leader, write through the survivors' gateways with
+    the same per-try timeout, restart the member from its data dir."""
+    import http.client
+
+    rows = []
+    body = json.dumps({"key": "ZmFpbG92ZXI=", "value": "eA=="})  # base64 of "failover", "x"
+    for trial in range(trials):
+        leader_port = etcd.leader_port()
+        index = etcd.client_ports.index(leader_port)
+        survivors = [p for p in etcd.client_ports if p != leader_port]
+        conns = {p: http.client.HTTPConnection("127.0.0.1", p, timeout=FAILOVER_TRY_TIMEOUT) for p in survivors}
+
+        def put(port: int) -> bool:
+            try:
+                conns[port].request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
+                response = conns[port].getresponse()
+                response.read()
+                return response.status == 200
+            except (OSError, http.client.HTTPException):
+                conns[port].close()
+                conns[port] = http.client.HTTPConnection("127.0.0.1", port, timeout=FAILOVER_TRY_TIMEOUT)
+                return False
+
+        for port in survivors:  # warm connections
+            for _ in range(20):
+                if put(port):
+                    break
+                time.sleep(0.1)
+        victim = etcd.procs[index]
+        killed_at = time.perf_counter()
+        victim.send_signal(signal.SIGKILL)
+        done, tries = None, 0
+        while done is None and time.perf_counter() - killed_at < 30:
+            for port in survivors:
+                tries += 1
+                if put(port):
+                    done = time.perf_counter()
+                    break
+            else:
+                time.sleep(0.005)
+        victim.wait()
+        for conn in conns.values():
+            conn.close()
+        rows.append({"ms": None if done is None else round((done - killed_at) * 1000, 1), "tries": tries})
+        note(f"etcd failover trial {trial}: first write after {rows[-1]['ms']} ms ({tries} tries)")
+        etcd.procs[index] = subprocess.Popen(victim.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1.0)  # the restarted member catches up before the next trial
     return rows
 
 
@@ -360,7 +492,6 @@ def run_failover(cluster: DevCluster, trials: int) -> list[dict]:
 async def voter_replace(cluster: DevCluster, timeout: float) -> dict:
     import trio
 
-    from cloudless.api.messages import Event, EventsFollow
     from cloudless.errors import CloudlessError
 
     settled_from = time.perf_counter()
@@ -397,22 +528,12 @@ async def voter_replace(cluster: DevCluster, timeout: float) -> dict:
             await trio.sleep(0.1)
     # The leader's event log says when gossip declared the victim dead and
     # what autopilot did about it, with reasons.
-    events: list[Event] = []
-    client = cluster.client(*survivors, timeout=5.0)
-    try:
-        async with client.stream("events", EventsFollow(False, 1000), item=Event, timeout=5.0) as items:
-            async for event in items:
-                if event.ts >= killed_wall - 0.5:
-                    events.append(event)
-    except CloudlessError as exc:
-        note(f"could not read events: {exc}")
-    finally:
-        await client.aclose()
+    events = await leader_events(cluster, survivors, killed_wall - 0.5, ("member.", "autopilot.", "raft."))
 
     def first(kind: str, node: str) -> float | None:
         for event in events:
-            if event.kind == kind and event.node == node:
-                return round(event.ts - killed_wall, 2)
+            if event["kind"] == kind and event["node"] == node:
+                return round(event["t_wall"] - killed_wall, 2)
         return None
 
     suspect_s = first("member.suspect", victim)
@@ -431,8 +552,8 @@ async def voter_replace(cluster: DevCluster, timeout: float) -> dict:
             None if replaced is None or dead_s is None else round(replaced - dead_s, 2)
         ),
         "events": [
-            {"t_s": round(e.ts - killed_wall, 2), "kind": e.kind, "node": e.node, "message": e.message}
-            for e in events if e.kind.startswith(("member.", "autopilot.", "raft."))
+            {"t_s": round(e["t_wall"] - killed_wall, 2), "kind": e["kind"], "node": e["node"], "message": e["message"]}
+            for e in events
         ][:30],
     }
 
@@ -558,14 +679,18 @@ def main() -> None:
                         record(out, f"ours_via_follower_{k}", top, r[k])
                     out["rss_after_load_mb"] = {n: round(proc_rss_mb(cluster.pid(n)), 1) for n in cluster.addresses}
                 if "failover" in only and trials:
-                    rows = run_failover(cluster, trials)
+                    rows, restarts = run_failover(cluster, trials)
                     ok = [r["ms"] for r in rows if r["ms"] is not None]
                     out["failover_trials"] = rows
+                    out["failover_cluster_restarts"] = restarts
                     out["failover_trials_ok"] = len(ok)
                     if ok:
                         out["failover_p50_ms"] = round(percentile(ok, 0.50), 1)
                         out["failover_p95_ms"] = round(percentile(ok, 0.95), 1)
                         out["failover_max_ms"] = round(max(ok), 1)
+                    known = [r["leader_known_ms"] for r in rows if r["leader_known_ms"] is not None]
+                    if known:
+                        out["failover_leader_known_p50_ms"] = round(percentile(known, 0.50), 1)
             finally:
                 cluster.down()
 
@@ -592,6 +717,13 @@ def main() -> None:
                     note(f"etcd, {clients} clients: {r}")
                     for k in ("ops_s", "p50_ms", "p99_ms", "errors"):
                         record(out, f"etcd_{k}", clients, r[k])
+                if "failover" in only and trials:
+                    rows = etcd_failover(etcd, trials)
+                    ok = [r["ms"] for r in rows if r["ms"] is not None]
+                    out["etcd_failover_trials_ok"] = len(ok)
+                    if ok:
+                        out["etcd_failover_p50_ms"] = round(percentile(ok, 0.50), 1)
+                        out["etcd_failover_p95_ms"] = round(percentile(ok, 0.95), 1)
             finally:
                 etcd.stop()
         elif "etcd" in only:
