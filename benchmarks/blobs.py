@@ -1,9 +1,10 @@
 """Blob storage benchmark: single-node put/get beside the machine's own limit,
 replicated put, dedup on a versioned data set, time to restore R.
 
-    .venv/bin/python benchmarks/blobs.py [--size-mib N] [--dir D]
+    .venv/bin/python benchmarks/blobs.py [--size-mib N] [--trials T] [--dir D]
 
-Prints one JSON object. Workload: one object of N MiB (default 1024) of
+Prints one JSON object; the limit, put, get and R = 2 figures are medians of
+T trials (default 3), each trial measuring the limit and ours back to back. Workload: one object of N MiB (default 1024) of
 incompressible random bytes in a file on the same disk as the store.
 
 - limit: `sha256sum FILE` and `cp FILE COPY && sync COPY`, timed separately on
@@ -252,6 +253,15 @@ def machine_limit(src: Path, work: Path, size: int) -> dict:
     }
 
 
+def median_of(results: list[dict]) -> dict:
+    """Per-key median of numeric fields (other fields from the first result)."""
+    out = dict(results[0])
+    for key, value in results[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in results)
+    return out
+
+
 def members_of(nodes, dead=()):  # type: ignore[no-untyped-def]
     return [StorageMember(n, capacity_bytes=100 * GIB, free_bytes=100 * GIB, alive=n not in dead) for n in nodes]
 
@@ -388,6 +398,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir under /var/tmp)")
+    parser.add_argument("--trials", type=int, default=3, help="repetitions of the limit/put/get/R=2 figures (medians)")
     args = parser.parse_args()
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="cloudless-bench-blobs-", dir=args.dir or "/var/tmp"))
@@ -397,13 +408,21 @@ def main() -> None:
             raise SystemExit(f"need {5 * size} bytes free in {work}, have {free}")
         src = work / "object.bin"
         write_random_file(src, size)
-        limit = machine_limit(src, work, size)
-        single = trio.run(single_node, src, work / "single", size)
-        shutil.rmtree(work / "single", ignore_errors=True)
-        rep_loop = trio.run(replicated_loopback, src, work / "loopback", size)
-        shutil.rmtree(work / "loopback", ignore_errors=True)
-        rep = trio.run(replicated, src, work / "replicated", size)
-        shutil.rmtree(work / "replicated", ignore_errors=True)
+        # Trials interleave the limit and our figures so load changes hit both alike.
+        limits, singles, loops, twins = [], [], [], []
+        for trial in range(args.trials):
+            limits.append(machine_limit(src, work, size))
+            singles.append(trio.run(single_node, src, work / f"single{trial}", size))
+            shutil.rmtree(work / f"single{trial}", ignore_errors=True)
+            loops.append(trio.run(replicated_loopback, src, work / f"loopback{trial}", size))
+            shutil.rmtree(work / f"loopback{trial}", ignore_errors=True)
+            twins.append(trio.run(replicated, src, work / f"replicated{trial}", size))
+            shutil.rmtree(work / f"replicated{trial}", ignore_errors=True)
+        limit = median_of(limits)
+        single = median_of(singles)
+        rep_loop = median_of(loops)
+        rep = median_of(twins)
+        fractions = [s["put_mb_s"] / lim["limit_mb_s"] for s, lim in zip(singles, limits)]
         dd = trio.run(dedup)
         rs_loop = trio.run(restore_loopback, work / "restore", min(size, 256 * MIB))
         rs = trio.run(restore, min(size, 256 * MIB))
@@ -420,7 +439,15 @@ def main() -> None:
         },
         "limit": limit,
         "single_node": single,
-        "put_fraction_of_limit": single["put_mb_s"] / limit["limit_mb_s"],
+        "put_fraction_of_limit": statistics.median(fractions),
+        "trials": args.trials,
+        "per_trial": {
+            "limit_mb_s": [round(x["limit_mb_s"], 1) for x in limits],
+            "put_mb_s": [round(x["put_mb_s"], 1) for x in singles],
+            "get_mb_s": [round(x["get_mb_s"], 1) for x in singles],
+            "put_r2_loopback_mb_s": [round(x["put_r2_mb_s"], 1) for x in loops],
+            "put_r2_twin_mb_s": [round(x["put_r2_mb_s"], 1) for x in twins],
+        },
         "replicated_loopback": rep_loop,
         "replicated_twin": rep,
         "dedup": dd,
