@@ -290,15 +290,17 @@ class Agent:
                 if not ids:
                     break
                 batch = ReportBatch(self.node_id, tuple(self.observed[i].report(i) for i in ids))
+                # Taken out before sending: what changes while the call is in flight is marked again.
+                self._unreported -= set(ids)
                 try:
                     await self.source.report(batch)
                 except CloudlessError as exc:
+                    self._unreported |= set(ids)
                     log.info("agent.report_failed", extra={"fields": {"error": str(exc), "reports": len(ids)}})
                     await trio.sleep(delay)
                     delay = min(RECONNECT_MAX_S, delay * 2)
                     continue
                 delay = RECONNECT_INITIAL_S
-                self._unreported -= set(ids)
             if self._unreported and self.connected:
                 self._report_wake.set()
 

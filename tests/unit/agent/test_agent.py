@@ -181,3 +181,23 @@ async def test_local_state_survives_a_torn_temporary_file(tmp_path):
     assert local.load(NODE) == value
     (tmp_path / "allocations.msgpack").write_bytes(b"\xc1")
     assert local.load(NODE).items == ()  # unreadable: empty, the cluster sends the truth
+
+
+class SlowSource(MemorySource):
+    """A leader that takes a second to acknowledge each report."""
+
+    async def report(self, batch) -> None:
+        await trio.sleep(1.0)
+        await super().report(batch)
+
+
+async def test_a_change_observed_while_a_report_is_in_flight_is_reported_too(clock, tmp_path):
+    runtime, source = MemoryRuntime(), SlowSource()
+    spec = validate(WorkloadSpec(name="job", image="busybox:latest", restart=RestartPolicy(mode="never")))
+    runtime.script("job-0-aa", ScriptedRun(after=0.5, exit_code=0))
+    source.publish(NodeAllocations(NODE, 5, assigned("job-0-aa", spec=spec)))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent_for(runtime, source, tmp_path).run)
+        await settle(10)
+        assert source.latest()["job-0-aa"].state == "exited"  # not stuck at what the first batch said
+        nursery.cancel_scope.cancel()
