@@ -343,7 +343,23 @@ class Node:
             if seeds:
                 await self.gossip.join(seeds)
             task_status.started()
-            await trio.sleep_forever()
+            await self._rejoin_loop()
+
+    async def _rejoin_loop(self) -> None:
+        """Join again whenever we know of no other live member.
+
+        A node that restarts after a graceful leave (or after everyone else
+        restarted) is "left"/"dead" in its peers' tables, and they do not
+        probe such members: the rejoin is ours to make.
+        """
+        assert self.gossip is not None
+        while True:
+            await trio.sleep(2.0)
+            if len(self.gossip.core.live_members()) > 1:
+                continue
+            seeds = self._seeds()
+            if seeds:
+                await self.gossip.join(seeds)
 
     def _gossip_keys(self) -> list[bytes]:
         replicated = self.replicated
@@ -379,6 +395,13 @@ class Node:
 
     def _on_state_change(self, changes) -> None:
         kinds = {c.kind for c in changes}
+        if kinds & {"node", "snapshot"} and self.replicated is not None:
+            # Known members' addresses, so a restart can rejoin gossip before
+            # the Raft log is replayed (or when this node is outside Raft).
+            own = format_address(self.advertise)
+            known = sorted(r.address for r in self.replicated.fsm.nodes.values() if r.address != own)
+            if known:
+                write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(known))
         if kinds & {"revocation", "node", "snapshot"}:
             self._refresh_revocations()
         if "gossip_keys" in kinds and self.gossip is not None and self.replicated is not None:

@@ -177,14 +177,9 @@ def _kill_all(nodes):
     return [_at(3.0, Kill9(0)), _at(3.0, Kill9(1)), _at(3.0, Kill9(2)), _at(5.0, Restart())]
 
 
-# Known bug, pinned by the strict xfail below: graceful stops stay out of the
-# soak's fault kinds until it is fixed, so the soak keeps testing everything else.
-STOP_BOOTSTRAP_BUG = (
-    "a gracefully stopped bootstrap node never rejoins after a restart: Node._seeds() "
-    "(cloudless/node/process.py) is empty for it (no --join, no seeds file, and the FSM holds "
-    "only the snapshot until the leader re-sends the commit index), so _run_gossip never joins; "
-    "peers keep it LEFT and never contact it, and autopilot removes it from Raft"
-)
+# A gracefully stopped bootstrap node used to stay out after a restart (no
+# seeds: no --join, no seeds file, FSM not yet replayed); nodes now persist
+# known members' addresses and rejoin whenever they see no live peer.
 
 SCENARIOS = {
     "minority_partition": _minority_partition,
@@ -210,7 +205,6 @@ async def test_vars_stay_linearizable_and_acknowledged_writes_survive(tmp_path, 
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason=STOP_BOOTSTRAP_BUG)
 async def test_gracefully_stopped_bootstrap_node_rejoins_after_a_restart(tmp_path):
     # The smallest reproduction: no workload, one graceful stop of host 0.
     m = _module()
@@ -242,7 +236,7 @@ async def test_vars_stay_linearizable_under_a_random_schedule(tmp_path, hosts, s
     # Soak: every fault kind of the harness, one at a time in a seeded order,
     # half of the isolations/kills/stops/pauses aimed at the current leader.
     duration = float(os.environ.get("CLOUDLESS_CHAOS_NODE_S", "60"))
-    kinds = ("partition", "isolate", "one_way", "loss", "kill9", "pause")  # "stop": STOP_BOOTSTRAP_BUG
+    kinds = ("partition", "isolate", "one_way", "loss", "kill9", "pause", "stop")
 
     def schedule(nodes):
         return random_schedule(
