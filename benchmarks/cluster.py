@@ -114,6 +114,14 @@ class CpuWindow:
 # a dev cluster driven through the CLI, as a user drives it
 
 
+def pid_running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
 class DevCluster:
     def __init__(self, directory: Path, nodes: int, base_port: int) -> None:
         self.directory = directory
@@ -154,6 +162,24 @@ class DevCluster:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+    def stop_all(self, grace: float = 10.0) -> None:
+        """SIGTERM every node (SIGKILL after `grace`), keeping the pid files:
+        `dev up` then restarts them all. (`dev down` removes the pid files,
+        and `dev up` after it restarts nothing: cli/dev.py tests
+        `_pid_alive(pid or -1)`, and kill(-1, 0) succeeds.)"""
+        pids = [p for p in (self.pid(n) for n in self.addresses) if p]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for pid in pids:
+            while time.monotonic() < deadline and pid_running(pid):
+                time.sleep(0.05)
+            if pid_running(pid):
+                os.kill(pid, signal.SIGKILL)
 
     def pid(self, name: str) -> int | None:
         try:
@@ -413,7 +439,7 @@ def run_failover(cluster: DevCluster, trials: int) -> tuple[list[dict], list[dic
             trio.run(wait_healthy, cluster, 3, 0, "", 20.0)
             continue
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
-            problem = str(exc)[-600:]
+            problem = str(exc)[:600]
         try:
             reply = trio.run(status, cluster)
             seen = {"leader": reply.leader, "voters": reply.voters, "learners": reply.learners}
@@ -425,7 +451,7 @@ def run_failover(cluster: DevCluster, trials: int) -> tuple[list[dict], list[dic
              f"{[(e['kind'], e['node'], e['message']) for e in decisions]}")
         restarts.append({"after_trial": trial, "problem": problem, "status": seen,
                          "autopilot": [{k: e[k] for k in ("kind", "node", "message")} for e in decisions][-8:]})
-        cluster.down()
+        cluster.stop_all()
         cluster.up()
         trio.run(wait_healthy, cluster, 3, 0, "", 90.0)
         started_wall = time.time()
