@@ -189,21 +189,28 @@ class ObjectService:
                     await self.replicator.write(digest, data, policy)
                     refs[offset] = ChunkRef(digest, len(data), offset)
 
-        def consume(piece: bytes) -> list[tuple[int, memoryview]]:
-            md5.update(piece)
-            return chunker.feed(piece)
+        # MD5 (the ETag) is sequential over the whole body: it runs in its own thread task,
+        # overlapping the cutting and the per-chunk SHA-256 and writes.
+        md5_send, md5_receive = trio.open_memory_channel[bytes](4)
+
+        async def hasher() -> None:
+            async with md5_receive:
+                async for piece in md5_receive:
+                    await trio.to_thread.run_sync(md5.update, piece, limiter=self._threads)
 
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(self._workers):
                     nursery.start_soon(worker, receive.clone())
                 await receive.aclose()
-                async with send:
+                nursery.start_soon(hasher)
+                async with send, md5_send:
                     async for piece in body_pieces(body):
                         size += len(piece)
                         if expected_size is not None and size > expected_size:
                             raise IncompleteBody(f"body is longer than the declared {expected_size} bytes")
-                        ready = await trio.to_thread.run_sync(consume, piece, limiter=self._threads)
+                        await md5_send.send(piece)
+                        ready = await trio.to_thread.run_sync(chunker.feed, piece, limiter=self._threads)
                         for item in ready:
                             await send.send(item)
                     for item in await trio.to_thread.run_sync(chunker.finish, limiter=self._threads):
