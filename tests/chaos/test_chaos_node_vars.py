@@ -75,7 +75,16 @@ def _workload(operate, duration_s: float, clients: int = 4) -> VarsWorkload:
     )
 
 
-async def run_scenario(tmp_path: Path, seed: int, schedule_of, duration_s: float, hosts: int = 3, settle_s: float = SETTLE_S):
+async def run_scenario(
+    tmp_path: Path,
+    seed: int,
+    schedule_of,
+    duration_s: float,
+    hosts: int = 3,
+    settle_s: float = SETTLE_S,
+    full_voters: bool = True,
+    members_only: bool = False,
+):
     """Bootstrap, run the workload under `schedule_of(nodes)`, heal, settle,
     read every key back through every node; assert linearizability and that
     acknowledged writes survived. Returns (result, nodes) for extra checks."""
@@ -88,12 +97,15 @@ async def run_scenario(tmp_path: Path, seed: int, schedule_of, duration_s: float
             result = await cluster.run_workload(_workload(vars_client.operate, duration_s), schedule_of(nodes))
             t_end = trio.current_time()
             try:
-                healthy = await nodes.wait_healthy(settle_s)
+                healthy = await nodes.wait_healthy(settle_s, full_voters)
             except AssertionError as exc:
                 exc.add_note(result.summary())
                 raise
             t0 = t_end - result.elapsed_s
-            reads = await nodes.read_back(KEYS, t0, first_client=1_000_000)
+            readers = None
+            if members_only:  # NON_MEMBER_READ_BUG
+                readers = [m.host_index(x) for x in healthy.voters + healthy.learners]
+            reads = await nodes.read_back(KEYS, t0, first_client=1_000_000, hosts=readers)
             history = result.history + reads
             check = check_history(history, VersionedRegisterModel(), timeout_s=120)
             counts = result.counts()
@@ -102,7 +114,8 @@ async def run_scenario(tmp_path: Path, seed: int, schedule_of, duration_s: float
             report = (
                 f"seed={seed}: {ok} ok / {unknown} indeterminate / {result.not_applied} not applied; "
                 f"attempts {vars_client.attempts}, retries {vars_client.retries}, "
-                f"connect failures {vars_client.connect_failures}\n{result.summary()}\n{check.explanation}"
+                f"connect failures {vars_client.connect_failures}; after healing leader {healthy.leader}, "
+                f"voters {healthy.voters}, learners {healthy.learners}\n{result.summary()}\n{check.explanation}"
             )
             assert not check.timed_out, "checker timed out\n" + report
             assert check.linearizable, report
@@ -130,8 +143,8 @@ def _at(t: float, fault):
     return (t, fault)
 
 
-FAULT_S = (2.0, 9.0)  # fault in force from 2 s to 9 s of a 12 s workload
-DURATION_S = 12.0
+FAULT_S = (2.0, 7.5)  # fault in force from 2 s to 7.5 s of a 10 s workload
+DURATION_S = 10.0
 
 
 def _minority_partition(nodes):
@@ -163,9 +176,9 @@ def _kill_leader_and_follower(nodes):
 
     return [
         _at(1.5, Kill9(nodes.leader)),
-        _at(4.5, Restart()),
-        _at(6.5, Kill9(follower)),
-        _at(9.0, Restart()),
+        _at(3.5, Restart()),  # a restart returns once the node serves: later faults slip
+        _at(5.0, Kill9(follower)),
+        _at(7.0, Restart()),
     ]
 
 
@@ -174,7 +187,7 @@ def _pause_leader(nodes):
 
 
 def _kill_all(nodes):
-    return [_at(3.0, Kill9(0)), _at(3.0, Kill9(1)), _at(3.0, Kill9(2)), _at(5.0, Restart())]
+    return [_at(2.5, Kill9(0)), _at(2.5, Kill9(1)), _at(2.5, Kill9(2)), _at(4.5, Restart())]
 
 
 # A gracefully stopped bootstrap node used to stay out after a restart (no
@@ -229,6 +242,44 @@ async def test_gracefully_stopped_bootstrap_node_rejoins_after_a_restart(tmp_pat
             await nodes.aclose()
 
 
+NON_MEMBER_READ_BUG = (
+    "a node outside the Raft configuration (neither voter nor learner, e.g. the 4th node of a cluster) "
+    "cannot serve vars.get: ReplicatedState.linearizable (cloudless/node/replicated.py) gets a read index "
+    "from the leader, then waits to apply up to it, but a non-member never receives the log; after 5 s "
+    "fail_after's TooSlowError escapes as an 'internal' error. Stale reads there answer from an empty store."
+)
+
+
+@pytest.mark.root
+@pytest.mark.xfail(strict=True, reason=NON_MEMBER_READ_BUG)
+async def test_every_node_answers_linearizable_reads_including_non_voters(tmp_path):
+    # Four nodes: autopilot keeps three voters, so one node is outside the configuration.
+    from cloudless.api.messages import VarsGet, VarsPut, VarValue
+    from cloudless.errors import CloudlessError
+
+    m = _module()
+    async with ChaosCluster(4, tmp_path, m.node_spec(), seed=5_200, extra={"join_flags": ""}) as cluster:
+        nodes = m.NodeCluster(cluster)
+        try:
+            status = await nodes.bootstrap()
+            outsiders = [m.host_index(x.id) for x in status.members if x.role == "none"]
+            assert len(status.voters) == 3 and len(outsiders) == 1, status
+            leader = m.host_index(status.leader)
+            put = await nodes.rpc.call(
+                (cluster.hosts[leader].ip, m.PORT), "vars.put", VarsPut("k", "v", "reads", 1), response=VarValue, timeout=5.0
+            )
+            answers = {}
+            for host in range(4):
+                try:
+                    got = await nodes.rpc.call((cluster.hosts[host].ip, m.PORT), "vars.get", VarsGet("k"), response=VarValue, timeout=7.0)
+                    answers[host] = (got.value, got.index)
+                except (CloudlessError, OSError) as exc:  # recorded, asserted below
+                    answers[host] = repr(exc)
+            assert all(a == ("v", put.index) for a in answers.values()), f"outside the configuration: {outsiders}; answers {answers}"
+        finally:
+            await nodes.aclose()
+
+
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.parametrize("hosts,seed", [(3, 11), (3, 12), (3, 13), (5, 14), (5, 15)])
@@ -243,7 +294,11 @@ async def test_vars_stay_linearizable_under_a_random_schedule(tmp_path, hosts, s
             seed, hosts, duration - 2.0, kinds=kinds, leader=nodes.leader, fault_s=(1.0, 4.0), calm_s=(1.0, 3.0)
         )
 
-    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts)
+    # Many faults per node make autopilot count members as flapping and shrink
+    # the voter set for 10 minutes (by design), so any voter set is accepted
+    # here; nodes left outside the Raft configuration cannot serve reads
+    # (NON_MEMBER_READ_BUG), so the final reads go through members only.
+    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts, full_voters=False, members_only=True)
 
 
 # ---------------------------------------------------------------- the adapter itself (no root)
