@@ -78,11 +78,12 @@ class ApiService:
         return self.node.replicated
 
     def register(self, server: RpcServer) -> None:
-        server.unary("vars.get", request=VarsGet)(self.vars_get)
+        for name, request, handler in (("vars.get", VarsGet, self.vars_get), ("vars.ls", VarsList, self.vars_ls)):
+            server.unary(name, request=request)(self._member_or_leader(name, handler))
+            server.unary(f"fwd.{name}", request=request)(self._forwarded(handler))
         server.unary("vars.put", request=VarsPut)(self.vars_put)
         server.unary("vars.cas", request=VarsCas)(self.vars_cas)
         server.unary("vars.rm", request=VarsRm)(self.vars_rm)
-        server.unary("vars.ls", request=VarsList)(self.vars_ls)
         for name, request, handler in (
             ("status", StatusRequest, self.status),
             ("nodes.list", StatusRequest, self.status),
@@ -105,6 +106,22 @@ class ApiService:
             if address is None or self.node.rpc is None:
                 raise NoLeader(f"leader {leader} has no known address")
             self._check_client(ctx, name)
+            return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 10.0)))
+
+        return run
+
+    def _member_or_leader(self, name: str, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
+        """Reads need a copy of the state: a node outside the Raft
+        configuration has none, so it asks the leader."""
+
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            replicated = self.replicated
+            if replicated.is_member:
+                return await handler(ctx, req)
+            leader = await replicated.wait_leader()
+            address = self.node.address_of(leader)
+            if address is None or self.node.rpc is None:
+                raise NoLeader(f"leader {leader} has no known address")
             return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 10.0)))
 
         return run

@@ -331,9 +331,10 @@ class ReplicatedState:
                 raise NoLeader(f"leader {leader} has no known address")
             raw = await self._rpc.call(address, "raft.read_index", b"", timeout=timeout)
             index = int.from_bytes(raw, "big")
-            with trio.fail_after(timeout):
+            with trio.move_on_after(timeout):
                 await self.driver.wait_applied(index)
-            return
+                return
+            raise Unavailable(f"did not catch up to read index {index} in {timeout:.0f}s", node=self.node_id)
         raise NoLeader("leadership kept moving while reading")
 
     async def _serve_read_index(self, ctx: RpcContext, body: bytes) -> bytes:
