@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from cloudless.api.messages import (
     Deleted,
@@ -32,10 +32,9 @@ from cloudless.api.messages import (
 )
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
-from cloudless.node.replicated import NoLeader
+from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.pki.ca import ClusterCA
 from cloudless.pki.tokens import create_token
-from cloudless.raft.core import NotLeader
 from cloudless.raft.messages import ConfChange, ConfChangeType
 from cloudless.state.commands import (
     CasVar,
@@ -58,10 +57,6 @@ log = logging.getLogger(__name__)
 _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 
-class PermissionDenied(CloudlessError):
-    code = "permission_denied"
-
-
 def raise_rejected(result: Result) -> None:
     if isinstance(result, Rejected):
         error = {"conflict": Conflict, "not_found": NotFound, "invalid": InvalidInput}.get(result.kind, CloudlessError)
@@ -78,68 +73,17 @@ class ApiService:
         return self.node.replicated
 
     def register(self, server: RpcServer) -> None:
-        for name, request, handler in (("vars.get", VarsGet, self.vars_get), ("vars.ls", VarsList, self.vars_ls)):
-            server.unary(name, request=request)(self._member_or_leader(name, handler))
-            server.unary(f"fwd.{name}", request=request)(self._forwarded(handler))
+        routing = LeaderRouting(self.node)
+        routing.register_on_member(server, "vars.get", self.vars_get, VarsGet)
+        routing.register_on_member(server, "vars.ls", self.vars_ls, VarsList)
         server.unary("vars.put", request=VarsPut)(self.vars_put)
         server.unary("vars.cas", request=VarsCas)(self.vars_cas)
         server.unary("vars.rm", request=VarsRm)(self.vars_rm)
-        for name, request, handler in (
-            ("status", StatusRequest, self.status),
-            ("nodes.list", StatusRequest, self.status),
-            ("token.create", TokenCreate, self.token_create),
-            ("nodes.rm", NodeRemove, self.nodes_rm),
-        ):
-            server.unary(name, request=request)(self._leader_only(name, handler))
-            server.unary(f"fwd.{name}", request=request)(self._forwarded(handler))
+        routing.register_on_leader(server, "status", self.status, StatusRequest)
+        routing.register_on_leader(server, "nodes.list", self.status, StatusRequest)
+        routing.register_on_leader(server, "token.create", self.token_create, TokenCreate)
+        routing.register_on_leader(server, "nodes.rm", self.nodes_rm, NodeRemove)
         server.stream("events", request=EventsFollow)(self.events)
-
-    # -- leader routing ---------------------------------------------------------
-
-    def _leader_only(self, name: str, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
-        async def run(ctx: RpcContext, req: Any) -> Any:
-            replicated = self.replicated
-            leader = await replicated.wait_leader()
-            if leader == self.node.node_id:
-                return await handler(ctx, req)
-            address = self.node.address_of(leader)
-            if address is None or self.node.rpc is None:
-                raise NoLeader(f"leader {leader} has no known address")
-            self._check_client(ctx, name)
-            return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 10.0)))
-
-        return run
-
-    def _member_or_leader(self, name: str, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
-        """Reads need a copy of the state: a node outside the Raft
-        configuration has none, so it asks the leader."""
-
-        async def run(ctx: RpcContext, req: Any) -> Any:
-            replicated = self.replicated
-            if replicated.is_member:
-                return await handler(ctx, req)
-            leader = await replicated.wait_leader()
-            address = self.node.address_of(leader)
-            if address is None or self.node.rpc is None:
-                raise NoLeader(f"leader {leader} has no known address")
-            return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 10.0)))
-
-        return run
-
-    def _forwarded(self, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
-        async def run(ctx: RpcContext, req: Any) -> Any:
-            if ctx.peer.kind != "node":
-                raise PermissionDenied("fwd.* methods are for nodes")
-            if not self.replicated.is_leader:
-                raise NotLeader("not the leader", leader=self.replicated.leader or "")
-            return await handler(ctx, req)
-
-        return run
-
-    @staticmethod
-    def _check_client(ctx: RpcContext, what: str) -> None:
-        if ctx.peer.kind not in ("client", "node"):
-            raise PermissionDenied(f"{what}: callers must be clients or nodes")
 
     # -- variables -----------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""Where a client call runs: here, or on the Raft leader.
+
+Calls that need the leader's view run there; a follower forwards once, to
+`fwd.<method>`, which refuses to forward again (NotLeader), so a call never
+loops between nodes during an election. Reads need a copy of the state: a
+Raft member serves them itself (ReadIndex keeps them linearizable), a node
+outside the configuration asks the leader.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from cloudless.errors import CloudlessError
+from cloudless.node.replicated import NoLeader
+from cloudless.raft.core import NotLeader
+from cloudless.transport.rpc import RpcContext, RpcServer
+
+if TYPE_CHECKING:
+    from cloudless.node.process import Node
+
+Handler = Callable[[RpcContext, Any], Awaitable[Any]]
+
+FORWARD_TIMEOUT_CAP = 60.0
+
+
+class PermissionDenied(CloudlessError):
+    code = "permission_denied"
+
+
+class LeaderRouting:
+    def __init__(self, node: "Node") -> None:
+        self.node = node
+
+    @property
+    def replicated(self):
+        assert self.node.replicated is not None
+        return self.node.replicated
+
+    def register_on_leader(self, server: RpcServer, name: str, handler: Handler, request: Any) -> None:
+        server.unary(name, request=request)(self.on_leader(name, handler))
+        server.unary(f"fwd.{name}", request=request)(self.forwarded(handler))
+
+    def register_on_member(self, server: RpcServer, name: str, handler: Handler, request: Any) -> None:
+        server.unary(name, request=request)(self.on_member(name, handler))
+        server.unary(f"fwd.{name}", request=request)(self.forwarded(handler))
+
+    async def _forward(self, ctx: RpcContext, name: str, req: Any) -> Any:
+        if ctx.peer.kind not in ("client", "node"):
+            raise PermissionDenied(f"{name}: callers must be clients or nodes")
+        leader = await self.replicated.wait_leader()
+        address = self.node.address_of(leader)
+        if address is None or self.node.rpc is None:
+            raise NoLeader(f"leader {leader} has no known address")
+        timeout = max(1.0, min(ctx.time_left, FORWARD_TIMEOUT_CAP))
+        return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=timeout)
+
+    def on_leader(self, name: str, handler: Handler) -> Handler:
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            if await self.replicated.wait_leader() == self.node.node_id:
+                return await handler(ctx, req)
+            return await self._forward(ctx, name, req)
+
+        return run
+
+    def on_member(self, name: str, handler: Handler) -> Handler:
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            if self.replicated.is_member:
+                return await handler(ctx, req)
+            return await self._forward(ctx, name, req)
+
+        return run
+
+    def forwarded(self, handler: Handler) -> Handler:
+        async def run(ctx: RpcContext, req: Any) -> Any:
+            if ctx.peer.kind != "node":
+                raise PermissionDenied("fwd.* methods are for nodes")
+            if not self.replicated.is_leader:
+                raise NotLeader("not the leader", leader=self.replicated.leader or "")
+            return await handler(ctx, req)
+
+        return run
