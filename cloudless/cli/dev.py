@@ -34,6 +34,8 @@ READY_TIMEOUT = 60.0
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # os.kill(0 or -1, ...) would address a process group or everything
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
