@@ -108,9 +108,12 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,5000")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--parts", default="loss,stalls,real", help="any of loss, stalls, real")
+    parser.add_argument("--stall-modes", default="on,off", help="Lifeguard modes for the stall scenario")
+    parser.add_argument("--stall-duration", type=float, default=None, help="virtual seconds for stall runs")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    parts = set(args.parts.split(","))
     started = time.perf_counter()
     cfg = GossipConfig()
     out: dict = {
@@ -139,19 +142,21 @@ def main() -> None:
         "loss": {},
         "stalls": {},
     }
-    for n in sizes:
+    for n in sizes if "loss" in parts else ():
         out["loss"][str(n)] = [scenario(n, loss, args.seed, args.duration) for loss in (0.0, 0.01, 0.10)]
-    for n in sizes:
+    stall_duration = args.stall_duration or args.duration
+    for n in sizes if "stalls" in parts else ():
         runs = {
-            mode: scenario(n, 0.05, args.seed, args.duration, stall_fraction=0.05, lifeguard=mode == "on")
-            for mode in ("on", "off")
+            mode: scenario(n, 0.05, args.seed, stall_duration, stall_fraction=0.05, lifeguard=mode == "on")
+            for mode in args.stall_modes.split(",")
         }
-        on, off = runs["on"], runs["off"]
-        runs["healthy_false_positive_ratio_off_over_on"] = (
-            None if on["false_positives_healthy"] == 0 else round(off["false_positives_healthy"] / on["false_positives_healthy"], 1)
-        )
+        on, off = runs.get("on"), runs.get("off")
+        if on and off:
+            runs["healthy_false_positive_ratio_off_over_on"] = (
+                None if on["false_positives_healthy"] == 0 else round(off["false_positives_healthy"] / on["false_positives_healthy"], 1)
+            )
         out["stalls"][str(n)] = runs
-    if not args.skip_real:
+    if "real" in parts:
         out["real_idle_50"] = trio.run(idle_cluster)
     out["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(out, sort_keys=True))
