@@ -12,7 +12,7 @@ node holds an outgoing connection the relay reuses).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Annotated
 
 import msgspec
 import trio
@@ -29,7 +29,8 @@ from cloudless.agent.messages import (
     ReportBatch,
     WatchAllocations,
 )
-from cloudless.api.service import PermissionDenied, raise_rejected
+from cloudless.api.routing import LeaderRouting, PermissionDenied
+from cloudless.api.service import raise_rejected
 from cloudless.coordinator.controller import admission_error, node_infos
 from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
 from cloudless.node.replicated import NoLeader
@@ -214,6 +215,7 @@ class WorkloadService:
     def __init__(self, node: "Node", agent: "Agent | None" = None) -> None:
         self.node = node
         self.agent = agent
+        self.routing = LeaderRouting(node)
 
     @property
     def replicated(self):
@@ -230,16 +232,13 @@ class WorkloadService:
             ("workloads.stop", WorkloadRef, self.stop),
             ("workloads.exec", WorkloadExec, self.exec),
         ):
-            server.unary(name, request=request)(self._leader_only(name, handler))
-            server.unary(f"fwd.{name}", request=request)(self._forwarded(handler))
+            self.routing.register_on_leader(server, name, handler, request)
         server.stream("workloads.logs", request=WorkloadLogs)(self.logs)
-        server.stream("fwd.workloads.logs", request=WorkloadLogs)(self._forwarded(self._logs_on_leader))
+        server.stream("fwd.workloads.logs", request=WorkloadLogs)(self.routing.forwarded(self._logs_on_leader))
         server.stream("allocations.watch", request=WatchAllocations)(self.watch)
         server.unary("allocations.report", request=ReportBatch)(self.report)
         server.stream("agent.logs", request=LogsRequest)(self.agent_logs)
         server.unary("agent.exec", request=ExecRequest)(self.agent_exec)
-
-    # -- leader routing (as cloudless/api/service.py) ---------------------------
 
     async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
         leader = await self.replicated.wait_leader()
@@ -249,27 +248,6 @@ class WorkloadService:
         if address is None or self.node.rpc is None:
             raise NoLeader(f"leader {leader} has no known address")
         return leader, address
-
-    def _leader_only(self, name: str, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
-        async def run(ctx: RpcContext, req: Any) -> Any:
-            _, address = await self._leader_address()
-            if address is None:
-                return await handler(ctx, req)
-            if ctx.peer.kind not in ("client", "node"):
-                raise PermissionDenied(f"{name}: callers must be clients or nodes")
-            return await self.node.rpc.call(address, f"fwd.{name}", req, timeout=max(1.0, min(ctx.time_left, 60.0)))
-
-        return run
-
-    def _forwarded(self, handler: Callable[[RpcContext, Any], Awaitable[Any]]):
-        async def run(ctx: RpcContext, req: Any) -> Any:
-            if ctx.peer.kind != "node":
-                raise PermissionDenied("fwd.* methods are for nodes")
-            if not self.replicated.is_leader:
-                raise NotLeader("not the leader", leader=self.replicated.leader or "")
-            return await handler(ctx, req)
-
-        return run
 
     async def _propose(self, command, client_id: str, seq: int) -> int:
         result, index = await self.replicated.propose(command, client_id=client_id, seq=seq)

@@ -36,8 +36,9 @@ class Candidate:
     network: Literal["wired", "wifi", "metered"] = "wired"
     zone: str = ""
     alive_since: float = 0.0  # when gossip last saw it become alive
-    flaps: int = 0  # suspect/dead transitions in the recent window
+    flaps: int = 0  # failures (alive -> suspect/dead) in the recent window
     caught_up: bool = False  # a learner whose match index is near the leader's
+    down_since: float | None = None  # when it became suspect/dead, if it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,9 @@ class AutopilotConfig:
     min_battery_pct: float = 30.0
     max_flaps: int = 3
     zone_spread_bonus: float = 15.0
+    # A member that failed this recently still counts when sizing the voter
+    # set, so one crash in a 3-node cluster does not shrink it to 1 voter.
+    down_grace_s: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +80,7 @@ def reliability_score(c: Candidate, now: float) -> float:
     uptime = max(0.0, now - c.alive_since)
     score += min(20.0, 4.0 * math.log2(1.0 + uptime / 60.0))  # saturates after ~2 hours
     score -= 10.0 * c.flaps
-    if c.state == "suspect":
+    if c.state == "suspect" and c.raft_role != "voter":
         score -= 50.0
     return score
 
@@ -84,7 +88,9 @@ def reliability_score(c: Candidate, now: float) -> float:
 def ineligibility(c: Candidate, now: float, config: AutopilotConfig) -> str | None:
     if c.state in ("dead", "left"):
         return f"member is {c.state}"
-    if c.state == "suspect":
+    if c.state == "suspect" and c.raft_role != "voter":
+        # A suspicion is often refuted within seconds: a voter keeps its seat
+        # until it is declared dead; others wait before being promoted.
         return "member is suspect"
     if c.power == "battery" and not c.charging and (c.battery_pct or 0.0) < config.min_battery_pct:
         return f"on battery at {c.battery_pct or 0:.0f}% (< {config.min_battery_pct:.0f}%)"
@@ -101,7 +107,7 @@ def voters_wanted(eligible: int, config: AutopilotConfig) -> int:
 
 
 def choose_voters(
-    candidates: list[Candidate], now: float, config: AutopilotConfig
+    candidates: list[Candidate], now: float, config: AutopilotConfig, leader_id: str = ""
 ) -> tuple[list[str], dict[str, float], dict[str, str]]:
     scores = {c.node_id: reliability_score(c, now) for c in candidates}
     ineligible: dict[str, str] = {}
@@ -112,10 +118,17 @@ def choose_voters(
             eligible.append(c)
         else:
             ineligible[c.node_id] = why
-    wanted = min(voters_wanted(len(eligible), config), len(eligible))
+    recently_down = [
+        c
+        for c in candidates
+        if c.state in ("suspect", "dead") and c.node_id in ineligible and c.down_since is not None
+        and now - c.down_since < config.down_grace_s
+    ]
+    wanted = min(voters_wanted(len(eligible) + len(recently_down), config), len(eligible))
     # Incumbents get a small edge so near-ties do not churn the configuration.
+    # The leader breaks ties in its own favour: keeping it avoids a transfer.
     def base(c: Candidate) -> float:
-        return scores[c.node_id] + (5.0 if c.raft_role == "voter" else 0.0)
+        return scores[c.node_id] + (5.0 if c.raft_role == "voter" else 0.0) + (1.0 if c.node_id == leader_id else 0.0)
 
     chosen: list[Candidate] = []
     pool = list(eligible)
@@ -135,7 +148,7 @@ def plan(
     candidates: list[Candidate], leader_id: str, now: float, config: AutopilotConfig = AutopilotConfig()
 ) -> Plan:
     by_id = {c.node_id: c for c in candidates}
-    desired, scores, ineligible = choose_voters(candidates, now, config)
+    desired, scores, ineligible = choose_voters(candidates, now, config, leader_id)
     result = Plan(desired_voters=tuple(desired), scores=scores, ineligible=ineligible)
     desired_set = set(desired)
     voters = [c for c in candidates if c.raft_role == "voter"]

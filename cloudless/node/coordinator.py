@@ -40,6 +40,7 @@ class Coordinator:
         self.interval = interval
         self._flaps: dict[str, deque[float]] = defaultdict(deque)
         self._alive_since: dict[str, float] = {}
+        self._down_since: dict[str, float] = {}
         self._leader_since: float | None = None
         self._last_plan: tuple = ()
 
@@ -68,13 +69,17 @@ class Coordinator:
     def _on_member_event(self, event) -> None:
         now = trio.current_time()
         if isinstance(event, (MemberSuspect, MemberDead)):
-            flaps = self._flaps[event.name]
-            flaps.append(now)
+            # One failure is one flap, whether or not a suspicion preceded it.
+            if event.name not in self._down_since:
+                self._flaps[event.name].append(now)
+                self._down_since[event.name] = now
             self._alive_since.pop(event.name, None)
         elif isinstance(event, (MemberJoined, MemberAlive)):
             self._alive_since[event.name] = now
+            self._down_since.pop(event.name, None)
         elif isinstance(event, MemberLeft):
             self._alive_since.pop(event.name, None)
+            self._down_since.pop(event.name, None)
 
     def flaps(self, name: str, now: float) -> int:
         flaps = self._flaps.get(name)
@@ -128,6 +133,7 @@ class Coordinator:
                     alive_since=alive_since,
                     flaps=self.flaps(name, now),
                     caught_up=caught_up,
+                    down_since=self._down_since.get(name, member.state_change if member is not None and state in ("suspect", "dead") else None),
                 )
             )
         return out

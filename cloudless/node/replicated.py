@@ -71,6 +71,7 @@ class ReplicatedState:
         *,
         tick_interval: float = 0.05,
         election_tick: int = 10,
+        heartbeat_tick: int = 1,
         rng: random.Random | None = None,
         clock: Callable[[], float],
         leader_hint: Callable[[], str | None] = lambda: None,
@@ -82,7 +83,7 @@ class ReplicatedState:
         if snapshot.data:
             self.fsm.restore(snapshot.data)
         self.core = RaftNode(
-            RaftConfig(id=node_id, election_tick=election_tick, heartbeat_tick=1, applied=snapshot.meta.index),
+            RaftConfig(id=node_id, election_tick=election_tick, heartbeat_tick=heartbeat_tick, applied=snapshot.meta.index),
             self.storage,
             rng or random.Random(),
         )
@@ -249,10 +250,9 @@ class ReplicatedState:
         return self.node_id in conf.voters or self.node_id in conf.learners
 
     def known_leader(self) -> str | None:
-        # Outside the configuration we hear no Raft traffic: gossip says who leads.
-        if self.core.leader is not None:
-            return self.core.leader
-        return None if self.is_member else self._leader_hint()
+        # Outside the configuration we hear no Raft traffic, and a node removed
+        # while it was down still believes it is a member: gossip says who leads.
+        return self.core.leader or self._leader_hint()
 
     async def wait_leader(self, timeout: float = LEADER_WAIT) -> str:
         with trio.move_on_after(timeout):

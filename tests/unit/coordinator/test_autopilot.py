@@ -156,3 +156,22 @@ def test_no_single_step_loses_the_quorum_of_healthy_voters(seed, n):
         assert after, f"seed {seed}: no voter left"
         if healthy_before >= len(before) // 2 + 1:
             assert healthy_after >= len(after) // 2 + 1, f"seed {seed}: {a} lost quorum"
+
+
+def test_one_crash_in_a_three_node_cluster_does_not_shrink_it_to_one_voter():
+    ms = [member("n1", "voter"), member("n2", "voter"), member("n3", "voter", state="dead", down_since=NOW - 5)]
+    final, history = converge(ms)
+    assert voters(final) == ["n1", "n2"], history
+    assert not [a for a in history if a.kind == "demote"]
+
+
+def test_long_dead_member_no_longer_counts_when_sizing():
+    ms = [member("n1", "voter"), member("n2", "voter"), member("n3", "voter", state="dead", down_since=NOW - 3600)]
+    final, _ = converge(ms)
+    assert voters(final) == ["n1"]
+
+
+def test_a_suspect_voter_keeps_its_seat():
+    ms = [member("n1", "voter"), member("n2", "voter"), member("n3", "voter", state="suspect", down_since=NOW - 1), member("n4")]
+    actions = plan(ms, "n1", NOW).actions
+    assert not [a for a in actions if a.node_id == "n3"], actions
