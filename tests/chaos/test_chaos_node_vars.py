@@ -83,7 +83,6 @@ async def run_scenario(
     hosts: int = 3,
     settle_s: float = SETTLE_S,
     full_voters: bool = True,
-    members_only: bool = False,
 ):
     """Bootstrap, run the workload under `schedule_of(nodes)`, heal, settle,
     read every key back through every node; assert linearizability and that
@@ -102,10 +101,7 @@ async def run_scenario(
                 exc.add_note(result.summary())
                 raise
             t0 = t_end - result.elapsed_s
-            readers = None
-            if members_only:
-                readers = [m.host_index(x) for x in healthy.voters + healthy.learners]
-            reads = await nodes.read_back(KEYS, t0, first_client=1_000_000, hosts=readers)
+            reads = await nodes.read_back(KEYS, t0, first_client=1_000_000)
             history = result.history + reads
             check = check_history(history, VersionedRegisterModel(), timeout_s=120)
             counts = result.counts()
@@ -170,12 +166,20 @@ def _loss(nodes):
 
 
 def _kill_leader_and_follower(nodes):
+    # Two different hosts: a host killed twice within autopilot's 10-minute
+    # flap window counts as flapping and is kept out of the voters.
+    killed: list[int] = []
+
+    async def leader(cluster):
+        killed.append(await nodes.leader(cluster))
+        return killed[-1]
+
     async def follower(cluster):
-        leader = await nodes.leader(cluster)
-        return (leader + 1) % nodes.size
+        current = await nodes.leader(cluster)
+        return next(h for h in range(nodes.size) if h != current and h not in killed)
 
     return [
-        _at(1.5, Kill9(nodes.leader)),
+        _at(1.5, Kill9(leader)),
         _at(3.5, Restart()),  # a restart returns once the node serves: later faults slip
         _at(5.0, Kill9(follower)),
         _at(7.0, Restart()),
@@ -214,7 +218,7 @@ async def test_vars_stay_linearizable_and_acknowledged_writes_survive(tmp_path, 
     assert len(applied) >= len(SCENARIOS[fault](nodes)), report
     if fault == "kill9_leader_then_follower":
         starts = [nodes.cluster.process(i).starts for i in range(nodes.size)]
-        assert sorted(starts) == [1, 2, 2] or sorted(starts) == [1, 1, 3], f"{starts}\n{report}"
+        assert sorted(starts) == [1, 2, 2], f"{starts}\n{report}"
 
 
 @pytest.mark.root
@@ -243,7 +247,8 @@ async def test_gracefully_stopped_bootstrap_node_rejoins_after_a_restart(tmp_pat
 
 
 # Nodes outside the Raft configuration hold no copy of the state: they
-# forward reads to the leader (api/service.py `_member_or_leader`).
+# forward reads to the leader (api/routing.py `LeaderRouting.on_member`).
+# This used to time out as an "internal" error; pinned here as a regression.
 
 
 @pytest.mark.root
