@@ -310,16 +310,44 @@ def keys() -> None:
     pass
 
 
-@keys.command("create", help="Issue an access key; the secret is shown once.")
-@click.option("--endpoint", envvar="CLOUDLESS_S3_ENDPOINT", default=DEFAULT_S3_ENDPOINT, show_default=True,
-              help="The gateway URL to report.")
+def _keys_create_in_cluster(config: str, description: str, as_json: bool) -> dict:
+    """The key is stored through Raft by the node the client config reaches."""
+    from cloudless.api import client_config
+    from cloudless.api.blobs import S3KeyCreate, S3KeyReply
+    from cloudless.api.client import ClusterClient
+
+    async def main() -> S3KeyReply:
+        context = client_config.load(Path(config)).context(None)
+        client = ClusterClient(context)
+        try:
+            return await client.call("blobs.keys.create", S3KeyCreate(description), response=S3KeyReply)
+        finally:
+            await client.aclose()
+
+    try:
+        reply = trio.run(main)
+    except CloudlessError as exc:
+        output.fail(exc, as_json)
+    return {"endpoint": reply.endpoint, "access_key": reply.access_key, "secret_key": reply.secret_key}
+
+
+@keys.command("create", help="Issue an access key; the secret is shown once. With --config (or "
+              "$CLOUDLESS_CONFIG) the cluster issues it; otherwise the local data dir's store does.")
+@click.option("--endpoint", envvar="CLOUDLESS_S3_ENDPOINT", default=None,
+              help=f"The gateway URL to report (default: the cluster's gateway, or {DEFAULT_S3_ENDPOINT} locally).")
 @click.option("--description", default="")
+@click.option("--config", "config_path", envvar="CLOUDLESS_CONFIG", default=None, help="Client config: use the cluster.")
 @_data_dir_option
 @_json_option
-def keys_create(endpoint: str, description: str, data_dir: str, as_json: bool) -> None:
-    key = _run(as_json, data_dir, lambda service: trio.run(
-        lambda: service.create_access_key(description=description)))
-    doc = {"endpoint": endpoint, "access_key": key.access_key, "secret_key": key.secret_key}  # type: ignore[union-attr]
+def keys_create(endpoint: str | None, description: str, config_path: str | None, data_dir: str, as_json: bool) -> None:
+    if config_path:
+        doc = _keys_create_in_cluster(config_path, description, as_json)
+        if endpoint:
+            doc["endpoint"] = endpoint
+    else:
+        key = _run(as_json, data_dir, lambda service: trio.run(
+            lambda: service.create_access_key(description=description)))
+        doc = {"endpoint": endpoint or DEFAULT_S3_ENDPOINT, "access_key": key.access_key, "secret_key": key.secret_key}  # type: ignore[union-attr]
     if as_json:
         output.emit_json(doc)
         return

@@ -58,8 +58,9 @@ def default_data_dir() -> Path:
     help="Seconds a new member must stay alive before autopilot makes it a voter.",
 )
 @click.option("--metrics-listen", default=None, callback=_endpoint, help="HOST:PORT for HTTPS /metrics (mTLS).")
+@click.option("--s3-listen", default=None, callback=_endpoint, help="HOST:PORT for the HTTPS S3 gateway (default: off).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, voter_stabilization, metrics_listen, log_level) -> None:
+def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, voter_stabilization, metrics_listen, s3_listen, log_level) -> None:
     from cloudless.coordinator.autopilot import AutopilotConfig
     from cloudless.node.process import Node, NodeOptions
     from cloudless.observability.logging import configure
@@ -88,6 +89,7 @@ def node(data_dir, listen, advertise, join, token, name, region, zone, labels, p
         autopilot=AutopilotConfig(stabilization_s=voter_stabilization),
         log_level=log_level,
         metrics_listen=metrics_listen,
+        s3_listen=s3_listen,
     )
     try:
         trio.run(Node(options).run)

@@ -17,6 +17,7 @@ leadership away first.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -82,6 +83,7 @@ class NodeOptions:
     autopilot: AutopilotConfig = field(default_factory=AutopilotConfig)
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
+    s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
 
 
 class BootstrapPending(msgspec.Struct):
@@ -131,6 +133,7 @@ class Node:
         self.endpoint: UdpEndpoint | None = None
         self.server = RpcServer()
         self.enroll_server = RpcServer()
+        self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
 
     # -- identity ------------------------------------------------------------------
 
@@ -230,14 +233,15 @@ class Node:
             if self.replicated.is_leader:
                 roles.append("leader")
         d = self.device
+        blob_total, blob_free = self.blobs.disk() if self.blobs is not None else (0, 0)
         network = {"wired": "wired", "wifi": "wifi", "metered": "cellular"}[d.network]
         return Metadata(
             region=self.options.region,
             zone=self.options.zone,
-            labels=dict(self.options.labels),
+            labels=dict(self.options.labels) | (self.blobs.labels() if self.blobs is not None else {}),
             roles=tuple(roles),
-            capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes),
-            free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes),
+            capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_total),
+            free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_free),
             power=d.power,
             battery_percent=int(d.battery_pct) if d.battery_pct is not None else None,
             charging=d.charging,
@@ -302,6 +306,9 @@ class Node:
                 from cloudless.agent.boot import run_workloads  # agent, workload controller, workload API
 
                 await nursery.start(run_workloads, self)
+                from cloudless.blobs.cluster import run_blobs  # chunk store, S3 gateway, anti-entropy
+
+                await nursery.start(functools.partial(run_blobs, self, s3_listen=self.options.s3_listen))
                 nursery.start_soon(self._revocation_sync)
                 nursery.start_soon(self._renewal_loop)
                 nursery.start_soon(self._metadata_loop)

@@ -185,6 +185,12 @@ class CommitPlan(Command, tag="alloc.plan"):
     failed: dict[WorkloadNameText, int] = {}  # workload → version held after a failed rollout
 
 
+class BlobCatalogCommand(Command, tag="blob.catalog"):
+    """One blob catalog change (`cloudless.blobs.catalog.encode_command`), applied by the FSM's `Catalog`."""
+
+    command: bytes
+
+
 CommandUnion = Union[
     PutVar,
     CasVar,
@@ -202,6 +208,7 @@ CommandUnion = Union[
     StopWorkload,
     ReportAllocations,
     CommitPlan,
+    BlobCatalogCommand,
 ]
 
 
@@ -254,7 +261,14 @@ class Rejected(Result, tag="rejected"):
     current_index: int = 0
 
 
-ResultUnion = Union[VarResult, Deleted, Done, Rejected]
+class BlobResult(Result, tag="blob"):
+    """What `Catalog.apply` returned (a stored manifest, a bool or None), msgpack-encoded."""
+
+    index: int
+    value: bytes
+
+
+ResultUnion = Union[VarResult, Deleted, Done, Rejected, BlobResult]
 
 _proposal_encoder = msgspec.msgpack.Encoder()
 _proposal_decoder = msgspec.msgpack.Decoder(Proposal)

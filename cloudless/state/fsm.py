@@ -38,6 +38,8 @@ from cloudless.state.commands import (
 )
 from cloudless.state.commands import CommitPlan, ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
 from cloudless.state.workload import Allocation, WorkloadSpec
+from cloudless.state.commands import BlobCatalogCommand, BlobResult
+from cloudless.blobs.catalog import Catalog, MemoryKV, decode_command as decode_blob_command
 
 SNAPSHOT_MAGIC = b"CLSS"
 SNAPSHOT_VERSION = 1
@@ -137,6 +139,7 @@ class _Image(msgspec.Struct):
     gossip_keys: list[bytes] = []
     workloads: dict[str, WorkloadRecord] = {}
     allocations: dict[str, AllocationRecord] = {}
+    blobs: bytes = b""  # Catalog.export(); empty in images from before blob storage
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -155,6 +158,7 @@ class StateMachine:
         self.workloads: dict[str, WorkloadRecord] = {}
         self.allocations: dict[str, AllocationRecord] = {}
         self._by_node: dict[str, set[str]] = {}
+        self.catalog = Catalog(MemoryKV())  # blob buckets, manifests, uploads, access keys
         # Insertion order is least-recently-used first; eviction is
         # deterministic because every replica applies the same sequence.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
@@ -284,7 +288,18 @@ class StateMachine:
             return Done(index=index)
         if isinstance(cmd, (SubmitWorkload, ScaleWorkload, StopWorkload, ReportAllocations, CommitPlan)):
             return self._apply_workload_command(index, cmd, now)
+        if isinstance(cmd, BlobCatalogCommand):
+            return self._apply_blob_command(index, cmd)
         return Rejected(kind="invalid", message=f"unknown command {type(cmd).__name__}")
+
+    def _apply_blob_command(self, index: int, cmd: BlobCatalogCommand) -> Result:
+        # A failed precondition (no such bucket, version mismatch...) changes nothing and
+        # comes back as Rejected with the blob error's own code, so the caller can re-raise it.
+        try:
+            value = self.catalog.apply(decode_blob_command(cmd.command))
+        except CloudlessError as exc:
+            return Rejected(kind=exc.code, message=exc.message)
+        return BlobResult(index=index, value=_encoder.encode(value))
 
     # -- workloads and allocations ---------------------------------------------
 
@@ -484,6 +499,7 @@ class StateMachine:
             gossip_keys=self.gossip_keys,
             workloads=self.workloads,
             allocations=self.allocations,
+            blobs=self.catalog.export(),
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -515,6 +531,7 @@ class StateMachine:
         self._by_node = {}
         for alloc_id, rec in self.allocations.items():
             self._by_node.setdefault(rec.allocation.node, set()).add(alloc_id)
+        self.catalog = Catalog.restore(image.blobs) if image.blobs else Catalog(MemoryKV())
         self._changes = []
 
 

@@ -1,0 +1,396 @@
+"""Blob storage inside a running node: the Raft-backed `MetadataStore`, storage
+members from gossip, and `run_blobs(node)` (started from `Node.run`).
+
+    RaftMetadataStore  writes: catalog commands proposed through Raft, applied by the
+                       state machine's `Catalog` (a refusal comes back as `Rejected`
+                       carrying the blob error's code and is re-raised as that type);
+                       reads: the local Catalog after a ReadIndex, or the leader's when
+                       this node is outside the Raft configuration
+    storage_members    live gossip members, with the blob capacity each one advertises
+    run_blobs          chunk store + chunk RPC service, ObjectService, GC on every
+                       node, anti-entropy on the leader, the S3 gateway (`--s3-listen`)
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from cloudless.blobs import errors as blob_errors
+from cloudless.blobs.antientropy import AntiEntropyLoop, GarbageCollectionLoop
+from cloudless.blobs.catalog import (
+    AbortUpload,
+    BlobCommand,
+    CompleteUpload,
+    CreateBucket,
+    CreateUpload,
+    DeleteAccessKey,
+    DeleteBucket,
+    DeleteManifest,
+    InvalidBlobCommand,
+    PutAccessKey,
+    PutManifest,
+    PutPart,
+    encode_command,
+)
+from cloudless.blobs.chunkstore import LocalChunkStore
+from cloudless.blobs.manifest import (
+    AccessKey,
+    Bucket,
+    ListPage,
+    MultipartUpload,
+    ObjectManifest,
+    UploadPart,
+)
+from cloudless.blobs.placement import StorageMember
+from cloudless.blobs.rpc import RpcChunkPeers, register_chunk_service
+from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
+from cloudless.state.commands import BlobCatalogCommand, BlobResult, Rejected
+from cloudless.transport.rpc import RpcContext
+
+if TYPE_CHECKING:
+    from cloudless.node.process import Node
+
+log = logging.getLogger(__name__)
+
+# Gossip label carrying a node's S3 endpoint, so any node can tell a client where the gateways are.
+S3_LABEL = "s3-endpoint"
+# Free space is advertised in coarse steps: every change re-gossips the node's metadata.
+FREE_SPACE_STEP = 64 << 20
+
+
+_BLOB_ERRORS: dict[str, type[CloudlessError]] = {
+    cls.code: cls
+    for cls in (
+        blob_errors.NoSuchBucket,
+        blob_errors.NoSuchKey,
+        blob_errors.NoSuchUpload,
+        blob_errors.NoSuchAccessKey,
+        blob_errors.BucketAlreadyExists,
+        blob_errors.BucketNotEmpty,
+        blob_errors.PreconditionFailed,
+        blob_errors.InvalidBucketName,
+        blob_errors.InvalidObjectKey,
+        blob_errors.InvalidPart,
+        blob_errors.ChunkMissing,
+        InvalidBlobCommand,
+    )
+}
+_BY_KIND: dict[str, type[CloudlessError]] = {
+    "conflict": Conflict,
+    "not_found": NotFound,
+    "invalid": InvalidInput,
+    "unavailable": Unavailable,
+}
+
+
+def blob_error(code: str, message: str) -> CloudlessError:
+    """The blob error type a `Rejected` result or a remote failure names by its code."""
+    cls = _BLOB_ERRORS.get(code) or _BY_KIND.get(code, CloudlessError)
+    error = cls(message)
+    error.code = code
+    return error
+
+
+class CatalogRead(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    method: str
+    args: list[Any] = []
+
+
+# Reads a node outside the Raft configuration asks the leader for, with the type each returns.
+_READS: dict[str, Any] = {
+    "get_bucket": Bucket,
+    "list_buckets": list[Bucket],
+    "get_manifest": ObjectManifest,
+    "list_manifests": ListPage,
+    "get_upload": MultipartUpload,
+    "list_parts": list[UploadPart],
+    "list_uploads": list[MultipartUpload],
+    "get_access_key": AccessKey,
+    "list_access_keys": list[AccessKey],
+    "referenced_digests": set[str],
+}
+
+
+class RaftMetadataStore:
+    """`MetadataStore` over the cluster's replicated state (see module docstring)."""
+
+    def __init__(self, node: "Node", *, timeout: float = 10.0) -> None:
+        self.node = node
+        self.timeout = timeout
+
+    @property
+    def _replicated(self):  # type: ignore[no-untyped-def]
+        assert self.node.replicated is not None
+        return self.node.replicated
+
+    async def _write(self, command: BlobCommand) -> object:
+        result, _ = await self._replicated.propose(BlobCatalogCommand(encode_command(command)), timeout=self.timeout)
+        if isinstance(result, Rejected):
+            raise blob_error(result.kind, result.message)
+        if isinstance(result, BlobResult):
+            return msgspec.msgpack.decode(result.value)
+        return None  # applied before the proposer looked (snapshot race): the caller re-reads
+
+    async def _read(self, method: str, *args: Any) -> Any:
+        replicated = self._replicated
+        if replicated.is_member:
+            await replicated.linearizable(timeout=self.timeout)
+            return getattr(replicated.fsm.catalog, method)(*args)
+        leader = await replicated.wait_leader()
+        address = self.node.address_of(leader)
+        if address is None or self.node.rpc is None:
+            raise Unavailable(f"leader {leader} has no known address")
+        try:
+            raw = await self.node.rpc.call(address, "blobs.catalog.read", CatalogRead(method, list(args)), timeout=self.timeout)
+        except CloudlessError as exc:
+            raise blob_error(exc.code, exc.message) from None
+        return msgspec.msgpack.decode(raw, type=_READS[method])
+
+    async def serve_read(self, ctx: RpcContext, req: CatalogRead) -> bytes:
+        if ctx.peer.kind != "node":
+            raise InvalidInput("blobs.catalog.read is node-to-node")
+        if req.method not in _READS:
+            raise InvalidInput(f"unknown catalog read {req.method[:40]!r}")
+        replicated = self._replicated
+        if not replicated.is_member:
+            raise Unavailable("this node holds no copy of the catalog")
+        await replicated.linearizable(timeout=self.timeout)
+        value = getattr(replicated.fsm.catalog, req.method)(*req.args)
+        return msgspec.msgpack.encode(sorted(value) if isinstance(value, set) else value)
+
+    # MetadataStore -----------------------------------------------------------------
+
+    async def create_bucket(self, bucket: Bucket) -> None:
+        await self._write(CreateBucket(bucket))
+
+    async def get_bucket(self, name: str) -> Bucket:
+        return await self._read("get_bucket", name)
+
+    async def list_buckets(self) -> list[Bucket]:
+        return await self._read("list_buckets")
+
+    async def delete_bucket(self, name: str) -> None:
+        await self._write(DeleteBucket(name))
+
+    async def put_manifest(self, manifest: ObjectManifest, expected_version: int | None = None) -> ObjectManifest:
+        value = await self._write(PutManifest(manifest, expected_version))
+        if value is None:
+            return await self.get_manifest(manifest.bucket, manifest.key)
+        return msgspec.convert(value, ObjectManifest)
+
+    async def get_manifest(self, bucket: str, key: str) -> ObjectManifest:
+        return await self._read("get_manifest", bucket, key)
+
+    async def delete_manifest(self, bucket: str, key: str, expected_version: int | None = None) -> bool:
+        return bool(await self._write(DeleteManifest(bucket, key, expected_version)))
+
+    async def list_manifests(
+        self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
+    ) -> ListPage:
+        return await self._read("list_manifests", bucket, prefix, delimiter, marker, max_keys)
+
+    async def create_upload(self, upload: MultipartUpload) -> None:
+        await self._write(CreateUpload(upload))
+
+    async def get_upload(self, upload_id: str) -> MultipartUpload:
+        return await self._read("get_upload", upload_id)
+
+    async def put_part(self, part: UploadPart) -> None:
+        await self._write(PutPart(part))
+
+    async def list_parts(self, upload_id: str) -> list[UploadPart]:
+        return await self._read("list_parts", upload_id)
+
+    async def list_uploads(self, bucket: str) -> list[MultipartUpload]:
+        return await self._read("list_uploads", bucket)
+
+    async def complete_upload(self, upload_id: str, manifest: ObjectManifest) -> ObjectManifest:
+        value = await self._write(CompleteUpload(upload_id, manifest))
+        if value is None:
+            return await self.get_manifest(manifest.bucket, manifest.key)
+        return msgspec.convert(value, ObjectManifest)
+
+    async def abort_upload(self, upload_id: str) -> None:
+        await self._write(AbortUpload(upload_id))
+
+    async def put_access_key(self, key: AccessKey) -> None:
+        await self._write(PutAccessKey(key))
+
+    async def get_access_key(self, access_key: str) -> AccessKey:
+        return await self._read("get_access_key", access_key)
+
+    async def list_access_keys(self) -> list[AccessKey]:
+        return await self._read("list_access_keys")
+
+    async def delete_access_key(self, access_key: str) -> None:
+        await self._write(DeleteAccessKey(access_key))
+
+    async def referenced_digests(self) -> set[str]:
+        return set(await self._read("referenced_digests"))
+
+
+def storage_members(node: "Node", store: LocalChunkStore) -> list[StorageMember]:
+    """Live gossip members as placement candidates; a member advertising no blob
+    capacity (older metadata) is assumed to have what this node has."""
+    own_capacity, own_free = store.capacity()
+    if node.gossip is None:
+        return [StorageMember(node.node_id, zone=node.options.zone, capacity_bytes=own_capacity, free_bytes=own_free)]
+    out: list[StorageMember] = []
+    for member in node.gossip.core.live_members():
+        meta = member.meta
+        capacity = meta.capacity.disk_bytes or own_capacity
+        free = meta.free.disk_bytes if meta.capacity.disk_bytes else own_free
+        out.append(
+            StorageMember(
+                member.name,
+                zone=meta.zone,
+                capacity_bytes=capacity,
+                free_bytes=free,
+                power=meta.power,
+                metered=meta.metered,
+            )
+        )
+    return out
+
+
+class BlobNode:
+    """What `run_blobs` built, for the node's metadata and the client API."""
+
+    def __init__(self, node: "Node", store: LocalChunkStore, service: Any, s3_endpoint: str = "") -> None:
+        self.node = node
+        self.store = store
+        self.service = service
+        self.s3_endpoint = s3_endpoint
+        self.anti_entropy: AntiEntropyLoop | None = None
+
+    def disk(self) -> tuple[int, int]:
+        capacity, free = self.store.capacity()
+        return capacity, free - free % FREE_SPACE_STEP
+
+    def labels(self) -> dict[str, str]:
+        return {S3_LABEL: self.s3_endpoint} if self.s3_endpoint else {}
+
+
+def s3_endpoints(node: "Node") -> list[str]:
+    """Every gateway gossip knows of, this node's first."""
+    own = node.blobs.s3_endpoint if getattr(node, "blobs", None) is not None else ""
+    found = [own] if own else []
+    if node.gossip is not None:
+        for member in node.gossip.core.live_members():
+            endpoint = member.meta.labels.get(S3_LABEL, "")
+            if endpoint and endpoint not in found:
+                found.append(endpoint)
+    return found
+
+
+async def _gateway_tls(node: "Node", host: str) -> tuple[Any, Any]:
+    """A gateway certificate from the cluster CA (replicated to Raft members) for `host`."""
+    from cloudless.blobs.s3.server import issue_gateway_certificate
+    from cloudless.node.datadir import write_atomic
+    from cloudless.pki.ca import ClusterCA
+
+    replicated = node.replicated
+    assert replicated is not None
+    while replicated.fsm.ca is None:
+        await trio.sleep(0.2)
+    record = replicated.fsm.ca
+    ca = ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+    hosts = sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::", ""})
+    cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(timezone.utc))
+    directory = node.data.root / "blobs" / "gateway"
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / "gateway.key", key_pem)
+    write_atomic(directory / "gateway.pem", cert_pem, mode=0o644)
+    write_atomic(directory / "ca.pem", record.certificate_pem, mode=0o644)
+    return directory / "gateway.pem", directory / "gateway.key"
+
+
+async def _anti_entropy_on_leader(node: "Node", loop: AntiEntropyLoop) -> None:
+    """Run the cluster-wide repair loop while this node leads (rounds are cluster-wide)."""
+    replicated = node.replicated
+    assert replicated is not None
+    while True:
+        while not replicated.is_leader:
+            await trio.sleep(0.5)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(loop.run)
+            loop.trigger()  # a new leader checks at once
+            while replicated.is_leader:
+                await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+
+
+async def _serve_s3(node: "Node", service: Any, s3_listen: tuple[str, int], endpoint: str) -> None:
+    from cloudless.blobs.s3.app import S3Gateway
+    from cloudless.blobs.s3.server import serve_gateway
+
+    certfile, keyfile = await _gateway_tls(node, s3_listen[0])
+    gateway = S3Gateway(service, region=node.options.region or "us-east-1")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile)
+        )
+        log.info("blobs.s3_serving", extra={"fields": {"node": node.node_id, "endpoint": endpoint}})
+
+
+async def run_blobs(node: "Node", *, s3_listen: tuple[str, int] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    from cloudless.api.blobs import BlobApi
+    from cloudless.blobs.objects import ObjectService
+    from cloudless.gossip.events import MemberDead, MemberJoined
+
+    assert node.rpc is not None and node.replicated is not None
+    root = node.data.root / "blobs"
+    store = LocalChunkStore(root / "store")
+    try:
+        peers = RpcChunkPeers(node.rpc, _address_or_key_error(node))
+        register_chunk_service(node.server, store, peers=peers)
+        metadata = RaftMetadataStore(node)
+        node.server.unary("blobs.catalog.read", request=CatalogRead)(metadata.serve_read)
+        service = ObjectService(
+            metadata, store, peers, lambda: storage_members(node, store), node_id=node.node_id, replication=2
+        )
+        endpoint = ""
+        if s3_listen is not None:
+            from cloudless.node.process import format_address
+
+            endpoint = "https://" + format_address(s3_listen)
+        blobs = BlobNode(node, store, service, endpoint)
+        node.blobs = blobs
+        BlobApi(node, blobs).register(node.server)
+        anti_entropy = blobs.anti_entropy = AntiEntropyLoop(metadata, lambda: storage_members(node, store), peers)
+        if node.gossip is not None:
+
+            def on_member(event: object) -> None:
+                if isinstance(event, (MemberDead, MemberJoined)):
+                    anti_entropy.trigger()
+
+            node.gossip.add_listener(on_member)
+        gc = GarbageCollectionLoop(service.collect_garbage)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gc.run)
+            nursery.start_soon(_anti_entropy_on_leader, node, anti_entropy)
+            if s3_listen is not None:
+                # Not awaited: the certificate needs the cluster CA, which a joining node
+                # holds only once it is in the Raft configuration.
+                nursery.start_soon(_serve_s3, node, service, s3_listen, endpoint)
+            log.info("blobs.ready", extra={"fields": {"node": node.node_id}})
+            task_status.started()
+    finally:
+        store.close()
+
+
+def _address_or_key_error(node: "Node"):  # type: ignore[no-untyped-def]
+    # RpcChunkPeers reports an unknown node as PeerUnavailable when address_of raises KeyError.
+    def address_of(node_id: str) -> tuple[str, int]:
+        address = node.address_of(node_id)
+        if address is None:
+            raise KeyError(node_id)
+        return address
+
+    return address_of
