@@ -140,10 +140,11 @@ def dev() -> None:
     "--voter-stabilization", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
     help="Passed to each node: seconds before a new member may become a voter.",
 )
+@click.option("--s3-port", type=click.IntRange(0, 65535), default=0, help="Serve the S3 gateway on node1 at 127.0.0.1:PORT (0: off).")
 @click.option("--json", "as_json", is_flag=True)
-def up(count: int, directory: Path, base_port: int, voter_stabilization: float, as_json: bool) -> None:
+def up(count: int, directory: Path, base_port: int, voter_stabilization: float, s3_port: int, as_json: bool) -> None:
     try:
-        result = _up(count, directory.resolve(), base_port, voter_stabilization)
+        result = _up(count, directory.resolve(), base_port, voter_stabilization, s3_port)
     except CloudlessError as exc:
         fail(exc, as_json)
     if as_json:
@@ -153,7 +154,7 @@ def up(count: int, directory: Path, base_port: int, voter_stabilization: float, 
         stdout.print(f"export CLOUDLESS_CONFIG={result['config']}")
 
 
-def _up(count: int, directory: Path, base_port: int, voter_stabilization: float = 2.0) -> dict:
+def _up(count: int, directory: Path, base_port: int, voter_stabilization: float = 2.0, s3_port: int = 0) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     existing = sorted(
         (p for p in directory.glob("node*") if (p / "dev.json").exists()), key=lambda p: int(p.name[4:] or 0)
@@ -169,12 +170,16 @@ def _up(count: int, directory: Path, base_port: int, voter_stabilization: float 
 
     first = directory / "node1"
     seed = plans[1]["listen"]
+    if s3_port:
+        plans[1]["s3"] = f"127.0.0.1:{s3_port}"
+    s3_args = ["--s3-listen", plans[1]["s3"]] if plans[1].get("s3") else []
     if not (first / "node.json").exists():
-        pid = _start(first, ["--listen", seed, "--name", plans[1]["name"]], voter_stabilization)
+        pid = _start(first, ["--listen", seed, "--name", plans[1]["name"], *s3_args], voter_stabilization)
         (first / "dev.json").write_text(json.dumps(plans[1]))
         _wait_file(first / "admin.yaml", pid, READY_TIMEOUT)
     elif not _pid_alive(_read_pid(first) or -1):
-        _start(first, ["--listen", seed], voter_stabilization)
+        (first / "dev.json").write_text(json.dumps(plans[1]))
+        _start(first, ["--listen", seed, *s3_args], voter_stabilization)
     admin = client_config.load(first / "admin.yaml")
     context = admin.context()
 
