@@ -30,7 +30,16 @@ DEFAULT_S3_ENDPOINT = "https://127.0.0.1:9443"
 _BLOCK = 8 << 20
 
 
+def _remember_config(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    ctx.meta["cloudless.blob.config"] = value
+    return None
+
+
 def _data_dir_option(f: Callable) -> Callable:
+    f = click.option(
+        "--config", "_config", envvar="CLOUDLESS_CONFIG", default=None, expose_value=False, callback=_remember_config,
+        help="Client config: act on the cluster (default when set, unless --data-dir is given).",
+    )(f)
     return click.option(
         "--data-dir",
         envvar="CLOUDLESS_DATA_DIR",
@@ -38,6 +47,15 @@ def _data_dir_option(f: Callable) -> Callable:
         show_default=True,
         help="Node data directory (blobs are kept in <data-dir>/blobs).",
     )(f)
+
+
+def _cluster_config() -> str | None:
+    """The client config to use: given (flag or $CLOUDLESS_CONFIG) and no --data-dir on the command line."""
+    ctx = click.get_current_context()
+    config = ctx.meta.get("cloudless.blob.config")
+    if not config or ctx.get_parameter_source("data_dir") is click.core.ParameterSource.COMMANDLINE:
+        return None
+    return config
 
 
 def _json_option(f: Callable) -> Callable:
@@ -53,6 +71,12 @@ def _split(target: str, need_key: bool) -> tuple[str, str]:
 
 def _run(as_json: bool, data_dir: str, work: Callable[[ObjectService], object]) -> object:
     try:
+        config = _cluster_config()
+        if config is not None:
+            from cloudless.api import client_config
+            from cloudless.api.blobs import ClusterObjects
+
+            return work(ClusterObjects(client_config.load(Path(config)).context(None)))  # type: ignore[arg-type]
         with open_local_blobs(Path(data_dir)) as service:
             return work(service)
     except CloudlessError as exc:
@@ -336,10 +360,10 @@ def _keys_create_in_cluster(config: str, description: str, as_json: bool) -> dic
 @click.option("--endpoint", envvar="CLOUDLESS_S3_ENDPOINT", default=None,
               help=f"The gateway URL to report (default: the cluster's gateway, or {DEFAULT_S3_ENDPOINT} locally).")
 @click.option("--description", default="")
-@click.option("--config", "config_path", envvar="CLOUDLESS_CONFIG", default=None, help="Client config: use the cluster.")
 @_data_dir_option
 @_json_option
-def keys_create(endpoint: str | None, description: str, config_path: str | None, data_dir: str, as_json: bool) -> None:
+def keys_create(endpoint: str | None, description: str, data_dir: str, as_json: bool) -> None:
+    config_path = _cluster_config()
     if config_path:
         doc = _keys_create_in_cluster(config_path, description, as_json)
         if endpoint:

@@ -183,6 +183,27 @@ def test_s3_through_the_cluster_survives_kill9_of_a_chunk_holder(cluster, tmp_pa
     assert done["ETag"].strip('"').endswith("-2")
     bodies["big/multi.bin"] = b"".join(parts)
 
+    # `cloudless blob` with the client config acts on the same cluster: put (a multipart
+    # upload past 8 MiB), ls, get, rm.
+    big = tmp_path / "big.bin"
+    big.write_bytes(rng.randbytes(9 << 20))
+    put = cli_json("blob", "put", str(big), "photos/cli/big.bin", config=config, timeout=60)
+    assert put["object"]["size"] == 9 << 20 and put["object"]["etag"].endswith("-2")
+    bodies["cli/big.bin"] = big.read_bytes()
+    assert cli_json("blob", "get", "photos/a/one.txt", str(tmp_path / "one.txt"), config=config)["object"]["size"] == 16
+    assert (tmp_path / "one.txt").read_bytes() == bodies["a/one.txt"]
+    cli_json("blob", "get", "photos/cli/big.bin", str(tmp_path / "big.out"), config=config, timeout=60)
+    assert (tmp_path / "big.out").read_bytes() == bodies["cli/big.bin"]
+    listing = cli_json("blob", "ls", "photos/", config=config)
+    assert listing["prefixes"] == ["a/", "b/", "big/", "cli/"]
+    assert [b["name"] for b in cli_json("blob", "ls", config=config)["buckets"]] == ["photos"]
+    cli_json("blob", "put", str(tmp_path / "one.txt"), "photos/tmp.txt", config=config)
+    assert cli_json("blob", "rm", "photos/tmp.txt", config=config) == {"deleted": {"bucket": "photos", "key": "tmp.txt"}}
+    env = dict(os.environ, CLOUDLESS_CONFIG=str(config))
+    missing = subprocess.run([*CLI, "blob", "rm", "photos/tmp.txt", "--json"], capture_output=True, text=True, env=env, timeout=30)
+    assert missing.returncode == 3, missing.stdout + missing.stderr
+    assert [k["access_key"] for k in cli_json("s3", "keys", "ls", config=config)["keys"]] == [keys["access_key"]]
+
     # Another node's gateway sees the same objects (manifests are in Raft).
     other = s3_client(f"https://{nodes[1].s3}", keys, ca_file)
     assert other.get_object(Bucket="photos", Key="b/three.bin")["Body"].read() == bodies["b/three.bin"]
