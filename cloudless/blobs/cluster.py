@@ -332,11 +332,19 @@ async def _serve_s3(node: "Node", service: Any, s3_listen: tuple[str, int], endp
 
     certfile, keyfile = await _gateway_tls(node, s3_listen[0])
     gateway = S3Gateway(service, region=node.options.region or "us-east-1")
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            functools.partial(serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile)
-        )
-        log.info("blobs.s3_serving", extra={"fields": {"node": node.node_id, "endpoint": endpoint}})
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile)
+            )
+            log.info("blobs.s3_serving", extra={"fields": {"node": node.node_id, "endpoint": endpoint}})
+    except* OSError as group:
+        # A taken port must not take the rest of the node (Raft, storage) down with it.
+        exc: BaseException = group
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        log.error("blobs.s3_failed", extra={"fields": {"node": node.node_id, "endpoint": endpoint, "error": str(exc)}})
+        node.events.record("blobs.s3_failed", node.node_id, f"S3 gateway on {endpoint} failed: {exc}")
 
 
 async def run_blobs(node: "Node", *, s3_listen: tuple[str, int] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
