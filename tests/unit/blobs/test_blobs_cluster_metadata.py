@@ -113,3 +113,58 @@ async def test_object_service_over_the_raft_store_round_trips_and_raises_blob_er
     key = await service.create_access_key(description="d")
     assert (await meta.get_access_key(key.access_key)).secret_key == key.secret_key
     assert node.replicated.reads > 0  # reads went through ReadIndex
+
+
+class _Peer:
+    kind = "node"
+    name = "n2"
+
+
+class _Ctx:
+    peer = _Peer()
+
+
+class LeaderRpc:
+    """Delivers `blobs.catalog.read` to the leader's store in-process (the RPC client twin)."""
+
+    def __init__(self, leader_store: RaftMetadataStore) -> None:
+        self.leader_store = leader_store
+        self.calls: list[str] = []
+
+    async def call(self, address, method, request, timeout=None):  # type: ignore[no-untyped-def]
+        from cloudless.blobs.cluster import CatalogRead
+
+        self.calls.append(method)
+        decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=CatalogRead)
+        try:
+            return await self.leader_store.serve_read(_Ctx(), decoded)
+        except Exception as exc:  # the wire keeps only the code and message
+            from cloudless.errors import CloudlessError
+
+            assert isinstance(exc, CloudlessError)
+            remote = CloudlessError(exc.message)
+            remote.code = exc.code
+            raise remote from None
+
+
+async def test_a_node_outside_raft_reads_the_catalog_from_the_leader():
+    leader = TwinNode()
+    leader_store = RaftMetadataStore(leader)  # type: ignore[arg-type]
+    await leader_store.create_bucket(Bucket("photos", 1.0))
+
+    outsider = TwinNode()
+    outsider.replicated = leader.replicated.__class__()  # an empty copy it must not read from
+    outsider.replicated.is_member = False
+
+    async def wait_leader() -> str:
+        return "n1"
+
+    outsider.replicated.wait_leader = wait_leader  # type: ignore[attr-defined]
+    outsider.address_of = lambda node_id: ("127.0.0.1", 1)  # type: ignore[attr-defined]
+    outsider.rpc = LeaderRpc(leader_store)  # type: ignore[assignment]
+    store = RaftMetadataStore(outsider)  # type: ignore[arg-type]
+    assert [b.name for b in await store.list_buckets()] == ["photos"]
+    with pytest.raises(NoSuchBucket):
+        await store.get_bucket("nope")
+    assert await store.referenced_digests() == set()
+    assert outsider.rpc.calls == ["blobs.catalog.read"] * 3
