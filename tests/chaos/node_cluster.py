@@ -195,11 +195,18 @@ class NodeCluster:
         raise AssertionError(f"cluster not healthy within {timeout_s}s; last status {last!r}")
 
     async def read_back(
-        self, keys: Sequence[str], t0: float, first_client: int, hosts: Sequence[int] | None = None, timeout_s: float = 30.0
+        self,
+        keys: Sequence[str],
+        t0: float,
+        first_client: int,
+        hosts: Sequence[int] | None = None,
+        timeout_s: float = 30.0,
+        unanswered: dict[int, str] | None = None,
     ) -> list[Operation]:
         """A linearizable get of every key through every host (or `hosts`),
         retried until it answers; as history operations (times relative to
-        `t0`, one client each)."""
+        `t0`, one client each). A host that never answers fails the call, or,
+        given an `unanswered` dict, is recorded there (host -> last error)."""
         assert self.rpc is not None
         out: list[Operation] = []
         for host in hosts if hosts is not None else range(self.size):
@@ -223,7 +230,10 @@ class NodeCluster:
                         out.append(Operation(first_client + len(out), key, "get", None, output, call - t0, ret - t0))
                         answered = True
                 if not answered:
-                    raise AssertionError(f"host{host} did not answer a get of {key} within {timeout_s}s after healing: {last!r}")
+                    if unanswered is None:
+                        raise AssertionError(f"host{host} did not answer a get of {key} within {timeout_s}s after healing: {last!r}")
+                    unanswered[host] = repr(last)
+                    break
         return out
 
     async def aclose(self) -> None:

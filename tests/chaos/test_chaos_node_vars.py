@@ -83,6 +83,7 @@ async def run_scenario(
     hosts: int = 3,
     settle_s: float = SETTLE_S,
     full_voters: bool = True,
+    tolerate_removed: bool = False,
 ):
     """Bootstrap, run the workload under `schedule_of(nodes)`, heal, settle,
     read every key back through every node; assert linearizability and that
@@ -101,7 +102,8 @@ async def run_scenario(
                 exc.add_note(result.summary())
                 raise
             t0 = t_end - result.elapsed_s
-            reads = await nodes.read_back(KEYS, t0, first_client=1_000_000)
+            unanswered: dict[int, str] = {}
+            reads = await nodes.read_back(KEYS, t0, first_client=1_000_000, unanswered=unanswered)
             history = result.history + reads
             check = check_history(history, VersionedRegisterModel(), timeout_s=120)
             counts = result.counts()
@@ -129,6 +131,12 @@ async def run_scenario(
                 assert dict(writes).get(index, value) == value, f"{read.key}@{index} = {value!r}, acknowledged otherwise\n{report}"
             # The fault window really served some ops (the cluster was not simply down).
             assert ok > 50, report
+            if unanswered:
+                roles = {m.host_index(x.id): x.role for x in healthy.members}
+                message = f"after healing, no read answered through {unanswered}; roles {roles}\n{report}"
+                if tolerate_removed and all(roles.get(h) == "none" for h in unanswered):
+                    pytest.xfail(f"{REMOVED_MEMBER_READ_BUG}\n{message}")
+                raise AssertionError(message)
             print(report)  # shown with -rP: the counts of a passing run
             return result, nodes, report
         finally:
@@ -280,6 +288,57 @@ async def test_every_node_answers_linearizable_reads_including_non_voters(tmp_pa
             await nodes.aclose()
 
 
+REMOVED_MEMBER_READ_BUG = (
+    "a voter removed from the configuration while it was unreachable never learns it was removed "
+    "(Raft thesis 4.2.2): ReplicatedState.is_member (cloudless/node/replicated.py) reads its own stale "
+    "conf_state, so LeaderRouting.on_member (cloudless/api/routing.py) serves reads locally; "
+    "linearizable() gets a read index from the leader and waits to apply it, but the leader no longer "
+    "replicates to it: every read through that node fails with Unavailable until autopilot re-adds it, "
+    "which it never does when it does not need the node as a voter"
+)
+
+
+@pytest.mark.root
+@pytest.mark.xfail(strict=True, reason=REMOVED_MEMBER_READ_BUG)
+async def test_a_voter_removed_while_isolated_serves_reads_after_healing(tmp_path):
+    # Four nodes: three voters and a spare. Isolating a follower voter makes
+    # autopilot replace it with the spare; after healing it is outside the
+    # configuration but does not know it.
+    from cloudless.api.messages import VarsGet, VarsPut, VarValue
+    from cloudless.errors import CloudlessError
+
+    m = _module()
+    async with ChaosCluster(4, tmp_path, m.node_spec(), seed=5_300, extra={"join_flags": ""}) as cluster:
+        nodes = m.NodeCluster(cluster)
+        try:
+            status = await nodes.bootstrap()
+            leader = m.host_index(status.leader)
+            victim = next(m.host_index(v) for v in status.voters if m.host_index(v) != leader)
+            others = [h for h in range(4) if h != victim]
+            await cluster.isolate(victim)
+            with trio.fail_after(30):
+                while not (s := await nodes.any_status(others)) or f"host{victim}" in s.voters + s.learners:
+                    await trio.sleep(0.25)
+            await cluster.heal()
+            put = await nodes.rpc.call(
+                (cluster.hosts[leader].ip, m.PORT), "vars.put", VarsPut("k", "v", "removed", 1), response=VarValue, timeout=5.0
+            )
+            answers = []
+            with trio.move_on_after(15.0):
+                while not answers or answers[-1] != ("v", put.index):
+                    try:
+                        got = await nodes.rpc.call(
+                            (cluster.hosts[victim].ip, m.PORT), "vars.get", VarsGet("k"), response=VarValue, timeout=6.0
+                        )
+                        answers.append((got.value, got.index))
+                    except (CloudlessError, OSError) as exc:
+                        answers.append(repr(exc))
+                        await trio.sleep(0.5)
+            assert answers and answers[-1] == ("v", put.index), f"reads through removed host{victim}: {answers}"
+        finally:
+            await nodes.aclose()
+
+
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.parametrize("hosts,seed", [(3, 11), (3, 12), (3, 13), (5, 14), (5, 15)])
@@ -297,7 +356,9 @@ async def test_vars_stay_linearizable_under_a_random_schedule(tmp_path, hosts, s
     # Many faults per node make autopilot count members as flapping and shrink
     # the voter set for 10 minutes (by design), so any voter set is accepted
     # here; nodes left outside the configuration read through the leader.
-    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts, full_voters=False)
+    # A host removed while unreachable cannot serve reads (REMOVED_MEMBER_READ_BUG):
+    # when that is the only failure, the run is an expected failure.
+    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts, full_voters=False, tolerate_removed=True)
 
 
 # ---------------------------------------------------------------- the adapter itself (no root)
