@@ -51,6 +51,12 @@ def default_data_dir() -> Path:
 @click.option("--battery", type=click.FloatRange(0, 100), default=None, help="Override detected battery percent.")
 @click.option("--network", type=click.Choice(["wired", "wifi", "metered"]), default=None, help="Override detected network.")
 @click.option(
+    "--device-class",
+    type=click.Choice(["server", "pc", "laptop", "phone", "gateway"]),
+    default=None,
+    help="What this device is, for placement constraints (default: laptop when it has a battery, else server).",
+)
+@click.option(
     "--voter-stabilization",
     type=click.FloatRange(0, 3600),
     default=10.0,
@@ -60,7 +66,7 @@ def default_data_dir() -> Path:
 @click.option("--metrics-listen", default=None, callback=_endpoint, help="HOST:PORT for HTTPS /metrics (mTLS).")
 @click.option("--s3-listen", default=None, callback=_endpoint, help="HOST:PORT for the HTTPS S3 gateway (default: off).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, voter_stabilization, metrics_listen, s3_listen, log_level) -> None:
+def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, device_class, voter_stabilization, metrics_listen, s3_listen, log_level) -> None:
     from cloudless.coordinator.autopilot import AutopilotConfig
     from cloudless.node.process import Node, NodeOptions
     from cloudless.observability.logging import configure
@@ -86,6 +92,7 @@ def node(data_dir, listen, advertise, join, token, name, region, zone, labels, p
         power=power,
         battery=battery,
         network=network,
+        device_class=device_class,
         autopilot=AutopilotConfig(stabilization_s=voter_stabilization),
         log_level=log_level,
         metrics_listen=metrics_listen,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import msgspec
 
+from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
 from cloudless.scheduler import ClusterView, NodeInfo, admit, allocation_for, allocation_id, plan_placements, plan_stop
 from cloudless.state.commands import CommitPlan
 from cloudless.state.fsm import AllocationRecord, WorkloadRecord
@@ -422,10 +423,25 @@ def node_infos(node: "Node") -> list[NodeInfo]:
         labels = dict(reg.labels)
         if meta is not None:
             labels = {**meta.labels, **labels}
+        arch = labels.pop(ARCH_LABEL, "")
+        device_class = labels.pop(CLASS_LABEL, "server")
+        if device_class not in ("server", "pc", "laptop", "phone", "gateway"):
+            device_class = "server"
+        uptime_s, flaps = 0.0, 0
+        coordinator = getattr(node, "coordinator", None)
+        if coordinator is not None and state == "alive":
+            uptime_s, flaps = coordinator.uptime_and_flaps(name)
+            # Whole minutes: the controller rebuilds its view when node
+            # infos change, and uptime changes every call.
+            uptime_s = float(int(uptime_s // 60) * 60)
         out.append(
             NodeInfo(
                 node_id=name,
                 state=state,  # type: ignore[arg-type]
+                arch=arch,
+                device_class=device_class,  # type: ignore[arg-type]
+                uptime_s=uptime_s,
+                flaps=flaps,
                 region=reg.region or (meta.region if meta else ""),
                 zone=reg.zone or (meta.zone if meta else ""),
                 labels=labels,

@@ -81,6 +81,15 @@ class Coordinator:
             self._alive_since.pop(event.name, None)
             self._down_since.pop(event.name, None)
 
+    def uptime_and_flaps(self, name: str) -> tuple[float, int]:
+        """Seconds since the member was last seen becoming alive, and its recent failures."""
+        now = trio.current_time()
+        if name == self.node.node_id:
+            return node_uptime(self.node), self.flaps(name, now)
+        member = self.node.gossip.core.member(name) if self.node.gossip is not None else None
+        since = self._alive_since.get(name, member.state_change if member is not None else now)
+        return max(0.0, now - since), self.flaps(name, now)
+
     def flaps(self, name: str, now: float) -> int:
         flaps = self._flaps.get(name)
         if not flaps:

@@ -14,6 +14,18 @@ from typing import Literal
 
 Power = Literal["ac", "battery"]
 Network = Literal["wired", "wifi", "metered"]
+DeviceClass = Literal["server", "pc", "laptop", "phone", "gateway"]
+
+# Reserved gossip labels that carry what the scheduler's node attributes
+# `node.arch` and `node.class` read.
+ARCH_LABEL = "cloudless/arch"
+CLASS_LABEL = "cloudless/class"
+_ARCH_NAMES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386"}
+
+
+def oci_arch(machine: str) -> str:
+    """The OCI/Go name of a `uname -m` architecture (what image indexes use)."""
+    return _ARCH_NAMES.get(machine, machine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +37,7 @@ class DeviceProfile:
     cpu_count: int = 1
     memory_bytes: int = 0
     arch: str = ""
+    device_class: DeviceClass = "server"
 
 
 def _read(path: Path) -> str | None:
@@ -84,8 +97,10 @@ def detect(
     power: Power | None = None,
     battery_pct: float | None = None,
     network: Network | None = None,
+    device_class: DeviceClass | None = None,
 ) -> DeviceProfile:
     detected_power, detected_pct, charging = detect_power()
+    has_battery = detected_pct is not None or detected_power == "battery"
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -97,5 +112,6 @@ def detect(
         network=network or detect_network(),
         cpu_count=os.cpu_count() or 1,
         memory_bytes=memory,
-        arch=os.uname().machine,
+        arch=oci_arch(os.uname().machine),
+        device_class=device_class or ("laptop" if has_battery else "server"),
     )

@@ -75,6 +75,7 @@ class NodeOptions:
     power: str | None = None
     battery: float | None = None
     network: str | None = None
+    device_class: str | None = None
     # Election timeout 300-600 ms, heartbeats every 100 ms: fast failover on a
     # LAN without a heartbeat every tick (idle CPU).
     tick_interval: float = 0.05
@@ -116,7 +117,7 @@ class Node:
         self.data = DataDir(options.data_dir)
         self.metrics = NodeMetrics(lambda: self)
         self.events = EventLog()
-        self.device: DeviceProfile = detect(options.power, options.battery, options.network)  # type: ignore[arg-type]
+        self.device: DeviceProfile = detect(options.power, options.battery, options.network, options.device_class)  # type: ignore[arg-type]
         self.started_at = time.time()
         self.stopping = trio.Event()
         self.ready = trio.Event()
@@ -131,6 +132,7 @@ class Node:
         self.quic: QuicCarrier | None = None
         self.rpc: RpcClient | None = None
         self.endpoint: UdpEndpoint | None = None
+        self.coordinator = None
         self.server = RpcServer()
         self.enroll_server = RpcServer()
         self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
@@ -232,13 +234,17 @@ class Node:
                 roles.append("learner")
             if self.replicated.is_leader:
                 roles.append("leader")
+        from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
+
         d = self.device
         blob_total, blob_free = self.blobs.disk() if self.blobs is not None else (0, 0)
         network = {"wired": "wired", "wifi": "wifi", "metered": "cellular"}[d.network]
         return Metadata(
             region=self.options.region,
             zone=self.options.zone,
-            labels=dict(self.options.labels) | (self.blobs.labels() if self.blobs is not None else {}),
+            labels=dict(self.options.labels)
+            | (self.blobs.labels() if self.blobs is not None else {})
+            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class},
             roles=tuple(roles),
             capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_total),
             free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_free),
@@ -301,7 +307,7 @@ class Node:
                 await nursery.start(self.quic.serve, self._on_connection)
                 await nursery.start(replicated.run)
                 await nursery.start(self._run_gossip)
-                coordinator = Coordinator(self)
+                coordinator = self.coordinator = Coordinator(self)
                 await nursery.start(coordinator.run)
                 from cloudless.agent.boot import run_workloads  # agent, workload controller, workload API
 
@@ -493,7 +499,7 @@ class Node:
             await trio.sleep(1.0)
             if self.gossip is None:
                 continue
-            self.device = detect(self.options.power, self.options.battery, self.options.network)  # type: ignore[arg-type]
+            self.device = detect(self.options.power, self.options.battery, self.options.network, self.options.device_class)  # type: ignore[arg-type]
             meta = self.metadata()
             if meta != last:
                 await self.gossip.update_metadata(meta)

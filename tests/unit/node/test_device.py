@@ -44,3 +44,32 @@ def test_flags_override_detection():
     profile = detect(power="battery", battery_pct=15, network="metered")
     assert (profile.power, profile.battery_pct, profile.network) == ("battery", 15, "metered")
     assert profile.cpu_count >= 1
+
+
+def test_arch_uses_oci_names_and_class_follows_the_battery():
+    from cloudless.node.device import oci_arch
+
+    assert (oci_arch("x86_64"), oci_arch("aarch64"), oci_arch("riscv64")) == ("amd64", "arm64", "riscv64")
+    assert detect(device_class="phone").device_class == "phone"
+    assert detect().device_class in ("server", "laptop")
+
+
+def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
+    from types import SimpleNamespace
+
+    from cloudless.coordinator.controller import node_infos
+    from cloudless.gossip.metadata import Metadata
+    from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
+    from cloudless.state.fsm import NodeRecord
+
+    meta = Metadata(labels={ARCH_LABEL: "arm64", CLASS_LABEL: "phone", "gpu": "no"}, power="battery", battery_percent=40)
+    member = SimpleNamespace(state=0, meta=meta, state_change=0.0)
+    node = SimpleNamespace(
+        node_id="me",
+        replicated=SimpleNamespace(fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})})),
+        gossip=SimpleNamespace(core=SimpleNamespace(member=lambda name: member)),
+        coordinator=None,
+    )
+    (info,) = node_infos(node)
+    assert (info.arch, info.device_class, info.labels) == ("arm64", "phone", {"gpu": "no"})
+    assert (info.power, info.battery_percent, info.zone) == ("battery", 40, "z")
