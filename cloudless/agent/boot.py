@@ -19,6 +19,7 @@ import trio
 
 from cloudless.agent.agent import Agent
 from cloudless.agent.containers import ImageRootfs, MemoryRootfs
+from cloudless.agent.images_from_peers import node_oci_blobs
 from cloudless.agent.local import LocalAllocations
 from cloudless.agent.source import ClusterSource
 from cloudless.api.workloads import WorkloadService
@@ -48,7 +49,8 @@ async def run_workloads(node: "Node", *, task_status=trio.TASK_STATUS_IGNORED) -
 
         agent = Agent(
             node.node_id, RuncRuntime(root / "sandbox"), ClusterSource(node), LocalAllocations(root),
-            ImageRootfs(node.data.root / "images"), rng=random.Random(), stop_grace=5.0,
+            ImageRootfs(node.data.root / "images", oci_blobs=node_oci_blobs(node), node_id=node.node_id),
+            rng=random.Random(), stop_grace=5.0,
         )
     elif kind == "memory":
         from cloudless.sandbox.memory import MemoryRuntime
@@ -62,5 +64,8 @@ async def run_workloads(node: "Node", *, task_status=trio.TASK_STATUS_IGNORED) -
         await nursery.start(controller.run)
         if agent is not None:
             await nursery.start(agent.run)
+            peers = getattr(agent.rootfs, "peers", None)
+            if peers is not None:  # publish what `cloudless image import/pull` adds here
+                nursery.start_soon(peers.publish_loop)
         log.info("agent.ready", extra={"fields": {"node": node.node_id, "runtime": kind}})
         task_status.started()

@@ -91,13 +91,17 @@ class RootfsProvider(Protocol):
 class ImageRootfs:
     """Roots from the node's image store (`<data dir>/images`, as `cloudless image` uses)."""
 
-    def __init__(self, images_dir: Path, *, pull_timeout: float = 120.0) -> None:
+    def __init__(self, images_dir: Path, *, pull_timeout: float = 120.0, oci_blobs=None, node_id: str = "") -> None:  # type: ignore[no-untyped-def]
+        """`oci_blobs` (a callable returning the node's OciBlobs or None) enables
+        fetching missing images from peers' blob store before any registry."""
+        from cloudless.agent.images_from_peers import PeerImages
         from cloudless.sandbox.images import ImageStore
         from cloudless.sandbox.rootfs import RootfsBuilder
 
         self.store = ImageStore(images_dir)
         self.builder = RootfsBuilder(self.store)
         self.pull_timeout = pull_timeout
+        self.peers = PeerImages(self.store, oci_blobs, node_id=node_id) if oci_blobs is not None else None
 
     async def prepare(self, container_id: str, image: str) -> tuple[str, ImageConfig]:
         from cloudless.sandbox.images import ImageNotFound
@@ -105,9 +109,30 @@ class ImageRootfs:
         try:
             prepared = await self.builder.aprepare(container_id, image)
         except ImageNotFound:
-            await self._pull(image)
+            peer_error = await self._from_peers(image)
+            if peer_error is not None:
+                try:
+                    await self._pull(image)
+                except ImageUnavailable as exc:
+                    raise ImageUnavailable(f"{exc.message}; from peers: {peer_error}", image=image) from None
             prepared = await self.builder.aprepare(container_id, image)
         return str(prepared.path), prepared.config
+
+    async def _from_peers(self, image: str) -> str | None:
+        """Fetch the image from peers' blob store; None on success, else why not."""
+        import trio
+
+        if self.peers is None:
+            return "no blob store on this node"
+        try:
+            with trio.fail_after(self.pull_timeout):
+                await self.peers.fetch(image)
+        except trio.TooSlowError:
+            return f"took longer than {self.pull_timeout:g}s"
+        except CloudlessError as exc:
+            log.info("agent.peer_image_unavailable", extra={"fields": {"image": image, "error": exc.message}})
+            return exc.message
+        return None
 
     async def _pull(self, image: str) -> None:
         import trio

@@ -1,0 +1,233 @@
+"""Images shared through the blob store: a node publishes the images in its
+local ImageStore (manifest, config and layer blobs under their OCI digest via
+`OciBlobs`, replicated like any object), and a node missing an image fetches
+those blobs from its peers before any registry.
+
+The name index is one small object per image name in the `cloudless-images`
+bucket (key: canonical name, body: an `ImagePointer`); the blobs themselves
+live in `cloudless-oci` keyed by digest. Both go through ObjectService, so a
+name becomes visible atomically when its manifest commits, and only after
+every blob it points at is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import msgspec
+import trio
+
+from cloudless.blobs.errors import BucketAlreadyExists, NoSuchBucket, NoSuchKey
+from cloudless.blobs.oci import OciBlobs
+from cloudless.errors import CloudlessError, InvalidInput, NotFound
+from cloudless.sandbox import oci
+
+if TYPE_CHECKING:
+    from cloudless.sandbox.images import ImageRecord, ImageStore
+
+log = logging.getLogger(__name__)
+
+IMAGES_BUCKET = "cloudless-images"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+class ImageNotPublished(NotFound):
+    """No node has published an image under this name."""
+
+
+class BadImagePointer(InvalidInput):
+    """The cluster's record for an image name does not decode."""
+
+
+class ImagePointer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    manifest_digest: str
+    manifest_size: int
+    media_type: str
+    publisher: str = ""  # node id, for logs
+
+
+def canonical_name(image: str) -> str | None:
+    """`busybox` → `docker.io/library/busybox:latest`; None for digest references."""
+    from cloudless.sandbox.images import _as_name
+
+    return _as_name(image)
+
+
+class PeerImages:
+    """Publish local images to, and fetch missing ones from, the cluster's blob store.
+
+    `oci_blobs` returns the node's OciBlobs, or None while the blob store is
+    not up (images are then neither published nor fetched)."""
+
+    def __init__(self, store: "ImageStore", oci_blobs: Callable[[], OciBlobs | None], *, node_id: str = "") -> None:
+        self.store = store
+        self.oci_blobs = oci_blobs
+        self.node_id = node_id
+        self._published: set[tuple[str, str]] = set()  # (name, manifest digest) known to be in the cluster
+
+    # -- publishing ----------------------------------------------------------
+
+    async def _ensure_images_bucket(self, blobs: OciBlobs) -> None:
+        try:
+            await blobs.service.head_bucket(IMAGES_BUCKET)
+        except NoSuchBucket:
+            try:
+                await blobs.service.create_bucket(IMAGES_BUCKET, replicas=blobs.replicas)
+            except BucketAlreadyExists:
+                pass
+
+    async def _put_file(self, blobs: OciBlobs, digest: str, media_type: str) -> None:
+        if await blobs.has(digest):
+            return  # content-addressed: already there means already right
+        path = self.store.blob_path(digest)
+
+        async def pieces():  # type: ignore[no-untyped-def]
+            f = await trio.to_thread.run_sync(path.open, "rb")
+            try:
+                while True:
+                    piece = await trio.to_thread.run_sync(f.read, 1 << 20)
+                    if not piece:
+                        return
+                    yield piece
+            finally:
+                f.close()
+
+        await blobs.put(digest, pieces(), size=path.stat().st_size, media_type=media_type)
+
+    async def publish(self, record: "ImageRecord") -> bool:
+        """Store the image's blobs and point each of its names at its manifest.
+        Returns False when the blob store is not up."""
+        blobs = self.oci_blobs()
+        if blobs is None:
+            return False
+        todo = [n for n in record.names if (n, record.manifest_digest) not in self._published]
+        if not todo:
+            return True
+        manifest_bytes = await trio.to_thread.run_sync(self.store.blob_path(record.manifest_digest).read_bytes)
+        media_type = json.loads(manifest_bytes).get("mediaType") or OCI_MANIFEST
+        await self._put_file(blobs, record.config_digest, "application/vnd.oci.image.config.v1+json")
+        for layer in record.layers:
+            await self._put_file(blobs, layer.digest, layer.media_type)
+        await self._put_file(blobs, record.manifest_digest, media_type)
+        await self._ensure_images_bucket(blobs)
+        pointer = ImagePointer(record.manifest_digest, len(manifest_bytes), media_type, self.node_id)
+        for name in todo:
+            await blobs.service.put_object(IMAGES_BUCKET, name, msgspec.json.encode(pointer), content_type="application/json")
+            self._published.add((name, record.manifest_digest))
+            log.info("images.published", extra={"fields": {"image": name, "manifest": record.manifest_digest, "layers": len(record.layers)}})
+        return True
+
+    async def publish_all(self) -> int:
+        """Publish every local image not yet published from here; returns how many names were published."""
+        records = await trio.to_thread.run_sync(self.store.list)
+        count = 0
+        for record in records:
+            before = len(self._published)
+            try:
+                await self.publish(record)
+            except CloudlessError as exc:
+                log.warning("images.publish_failed", extra={"fields": {"image": record.names, "error": exc.message}})
+            count += len(self._published) - before
+        return count
+
+    async def publish_loop(self, interval: float = 3.0) -> None:
+        """Keeps publishing what `cloudless image import/pull` adds to this node's store."""
+        while True:
+            try:
+                await self.publish_all()
+            except Exception as exc:  # a failed round must not end the node; the next one retries
+                log.warning("images.publish_round_failed", extra={"fields": {"error": repr(exc)}})
+            await trio.sleep(interval)
+
+    # -- fetching ------------------------------------------------------------
+
+    async def lookup(self, image: str) -> ImagePointer:
+        blobs = self.oci_blobs()
+        name = canonical_name(image)
+        if blobs is None or name is None:
+            raise ImageNotPublished(f"no cluster record for {image}", image=image)
+        try:
+            data = await blobs.service.get_bytes(IMAGES_BUCKET, name)
+        except (NoSuchKey, NoSuchBucket):
+            raise ImageNotPublished(f"no node has published {name}", image=image) from None
+        try:
+            pointer = msgspec.json.decode(data, type=ImagePointer)
+            oci.check_digest(pointer.manifest_digest)
+        except (msgspec.ValidationError, msgspec.DecodeError, CloudlessError) as exc:
+            raise BadImagePointer(f"cluster record for {name} is malformed: {exc}", image=image) from None
+        return pointer
+
+    async def _fetch_blob(self, blobs: OciBlobs, digest: str, dest: Path) -> int:
+        sha = hashlib.sha256()
+        f = await trio.to_thread.run_sync(dest.open, "wb")
+        try:
+
+            async def write(piece: bytes) -> None:
+                sha.update(piece)
+                await trio.to_thread.run_sync(f.write, piece)
+
+            size = await blobs.copy_to(digest, write)
+        finally:
+            f.close()
+        if "sha256:" + sha.hexdigest() != digest:
+            raise oci.DigestMismatch(f"blob fetched from peers hashes to sha256:{sha.hexdigest()}, not {digest}", digest=digest)
+        return size
+
+    async def fetch(self, image: str) -> "ImageRecord":
+        """Fetch `image` from peers into the local store; every digest is verified
+        here and again by the store's import."""
+        blobs = self.oci_blobs()
+        if blobs is None:
+            raise ImageNotPublished(f"the blob store is not up, cannot fetch {image} from peers", image=image)
+        pointer = await self.lookup(image)
+        name = canonical_name(image)
+        assert name is not None
+        layout = self.store.tmp_dir / f"peers-{uuid.uuid4().hex}"
+        blob_dir = layout / "blobs" / "sha256"
+        await trio.to_thread.run_sync(lambda: blob_dir.mkdir(parents=True))
+        try:
+            mpath = blob_dir / pointer.manifest_digest.split(":", 1)[1]
+            await self._fetch_blob(blobs, pointer.manifest_digest, mpath)
+            manifest = oci.decode_manifest(mpath.read_bytes())
+            total = 0
+            for desc in [manifest.config, *manifest.layers]:
+                got = await self._fetch_blob(blobs, desc.digest, blob_dir / desc.digest.split(":", 1)[1])
+                if got != desc.size:
+                    raise oci.DigestMismatch(f"blob {desc.digest} is {got} bytes, manifest says {desc.size}", digest=desc.digest)
+                total += got
+            index = {
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": pointer.media_type, "digest": pointer.manifest_digest, "size": pointer.manifest_size}],
+            }
+            (layout / "index.json").write_text(json.dumps(index))
+            (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+            [record] = await trio.to_thread.run_sync(lambda: self.store.import_path(layout, name=name))
+        finally:
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(layout, ignore_errors=True))
+        self._published.add((name, pointer.manifest_digest))
+        log.info(
+            "images.fetched_from_peers",
+            extra={"fields": {"image": name, "manifest": pointer.manifest_digest, "bytes": total, "publisher": pointer.publisher}},
+        )
+        return record
+
+
+def node_oci_blobs(node) -> Callable[[], OciBlobs | None]:  # type: ignore[no-untyped-def]
+    """The node's OciBlobs once its blob store is up (`node.blobs` is set by run_blobs)."""
+    cache: list[OciBlobs] = []
+
+    def get() -> OciBlobs | None:
+        if not cache:
+            blob_node = getattr(node, "blobs", None)
+            if blob_node is None:
+                return None
+            cache.append(OciBlobs(blob_node.service))
+        return cache[0]
+
+    return get

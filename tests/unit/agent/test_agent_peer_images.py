@@ -1,0 +1,101 @@
+"""Images through the blob store (issue 7 item 6): a node publishes its local
+images and a node missing one fetches it from peers, every digest verified,
+before falling back to a registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from cloudless.agent.containers import ImageRootfs, ImageUnavailable
+from cloudless.agent.images_from_peers import IMAGES_BUCKET, ImageNotPublished, PeerImages
+from cloudless.blobs.chunkstore import MemoryChunkStore
+from cloudless.blobs.manifest import LocalMetadataStore
+from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
+from cloudless.blobs.objects import ObjectService
+from cloudless.errors import CloudlessError
+from cloudless.sandbox.images import ImageNotFound, ImageStore
+from cloudless.testing.oci_build import build_busybox_image
+
+BUSYBOX = "docker.io/library/busybox:latest"
+
+
+@pytest.fixture
+def blobs():
+    return OciBlobs(ObjectService(LocalMetadataStore(None), MemoryChunkStore(), replication=1))
+
+
+@pytest.fixture
+def source(tmp_path, blobs):
+    store = ImageStore(tmp_path / "a", unpack_layers=False)
+    store.import_path(build_busybox_image(tmp_path / "src", "layout"))
+    return PeerImages(store, lambda: blobs, node_id="a")
+
+
+@pytest.fixture
+def target(tmp_path, blobs):
+    return PeerImages(ImageStore(tmp_path / "b", unpack_layers=False), lambda: blobs, node_id="b")
+
+
+async def test_image_published_on_one_node_is_fetched_by_another(source, target, blobs):
+    assert await source.publish_all() == 1
+    original = source.store.get("busybox")
+    for digest in [original.manifest_digest, original.config_digest, *(l.digest for l in original.layers)]:
+        assert await blobs.has(digest)
+    with pytest.raises(ImageNotFound):
+        target.store.get("busybox")
+    fetched = await target.fetch("busybox")
+    assert fetched.manifest_digest == original.manifest_digest
+    assert fetched.id == original.id
+    assert target.store.get("busybox").names == [BUSYBOX]
+    for layer in original.layers:
+        assert target.store.blob_path(layer.digest).read_bytes() == source.store.blob_path(layer.digest).read_bytes()
+    assert list(target.store.tmp_dir.iterdir()) == []
+
+
+async def test_publishing_again_stores_nothing_new(source, blobs):
+    assert await source.publish_all() == 1
+    assert await source.publish_all() == 0
+    page = await blobs.service.list_objects(IMAGES_BUCKET)
+    assert [o.key for o in page.objects] == [BUSYBOX]
+
+
+async def test_unpublished_image_is_reported_as_such(target):
+    with pytest.raises(ImageNotPublished):
+        await target.fetch("busybox")
+
+
+async def test_blob_store_not_up_means_nothing_published(tmp_path):
+    store = ImageStore(tmp_path / "a", unpack_layers=False)
+    store.import_path(build_busybox_image(tmp_path / "src", "layout"))
+    peers = PeerImages(store, lambda: None)
+    assert not await peers.publish(store.get("busybox"))
+    with pytest.raises(ImageNotPublished):
+        await peers.fetch("busybox")
+
+
+async def test_layer_whose_stored_content_is_not_its_digest_is_refused(source, target, blobs):
+    await source.publish_all()
+    layer = source.store.get("busybox").layers[0]
+    # Overwrite the layer object behind OciBlobs' back: the name no longer holds its content.
+    await blobs.service.put_object(OCI_BUCKET, layer.digest, b"not the layer")
+    with pytest.raises(CloudlessError, match="not " + layer.digest):
+        await target.fetch("busybox")
+    with pytest.raises(ImageNotFound):
+        target.store.get("busybox")
+    assert list(target.store.tmp_dir.iterdir()) == []
+    assert list(target.store.blob_dir.iterdir()) == []
+
+
+async def test_rootfs_tries_peers_then_registry_and_names_both(tmp_path, blobs):
+    rootfs = ImageRootfs(tmp_path / "images", oci_blobs=lambda: blobs)
+    with pytest.raises(ImageUnavailable) as info:
+        await rootfs.prepare("c1", "busybox")
+    assert "not on this node" in info.value.message
+    assert "from peers: no node has published docker.io/library/busybox:latest" in info.value.message
+
+
+async def test_rootfs_fetches_missing_image_from_peers(tmp_path, source, blobs):
+    await source.publish_all()
+    rootfs = ImageRootfs(tmp_path / "images", oci_blobs=lambda: blobs)
+    assert await rootfs._from_peers("busybox") is None
+    assert rootfs.store.get("busybox").manifest_digest == source.store.get("busybox").manifest_digest
