@@ -49,7 +49,7 @@ async def run_workloads(node: "Node", *, task_status=trio.TASK_STATUS_IGNORED) -
 
         agent = Agent(
             node.node_id, RuncRuntime(root / "sandbox"), ClusterSource(node), LocalAllocations(root),
-            ImageRootfs(node.data.root / "images", oci_blobs=node_oci_blobs(node), node_id=node.node_id),
+            ImageRootfs(node.data.root / "images", oci_blobs=node_oci_blobs(node), node_id=node.node_id, events=node.events),
             rng=random.Random(), stop_grace=5.0,
         )
     elif kind == "memory":

@@ -82,6 +82,11 @@ def container_spec(allocation: Allocation, spec: WorkloadSpec, rootfs: str, imag
     )
 
 
+def _names_registry(image: str) -> bool:
+    """Whether a reference names a registry to pull from; a bare name ("busybox:latest") does not."""
+    return not ("/" not in image.split("@", 1)[0].split(":", 1)[0] and "." not in image.split("/", 1)[0])
+
+
 class RootfsProvider(Protocol):
     async def prepare(self, container_id: str, image: str) -> tuple[str, ImageConfig]: ...
 
@@ -91,7 +96,7 @@ class RootfsProvider(Protocol):
 class ImageRootfs:
     """Roots from the node's image store (`<data dir>/images`, as `cloudless image` uses)."""
 
-    def __init__(self, images_dir: Path, *, pull_timeout: float = 120.0, oci_blobs=None, node_id: str = "") -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, images_dir: Path, *, pull_timeout: float = 120.0, oci_blobs=None, node_id: str = "", events=None, peer_publish_wait: float = 10.0) -> None:  # type: ignore[no-untyped-def]
         """`oci_blobs` (a callable returning the node's OciBlobs or None) enables
         fetching missing images from peers' blob store before any registry."""
         from cloudless.agent.images_from_peers import PeerImages
@@ -101,7 +106,8 @@ class ImageRootfs:
         self.store = ImageStore(images_dir)
         self.builder = RootfsBuilder(self.store)
         self.pull_timeout = pull_timeout
-        self.peers = PeerImages(self.store, oci_blobs, node_id=node_id) if oci_blobs is not None else None
+        self.peer_publish_wait = peer_publish_wait
+        self.peers = PeerImages(self.store, oci_blobs, node_id=node_id, events=events) if oci_blobs is not None else None
 
     async def prepare(self, container_id: str, image: str) -> tuple[str, ImageConfig]:
         from cloudless.sandbox.images import ImageNotFound
@@ -126,7 +132,9 @@ class ImageRootfs:
             return "no blob store on this node"
         try:
             with trio.fail_after(self.pull_timeout):
-                await self.peers.fetch(image)
+                # A name no registry serves can only come from peers: give a
+                # peer that imported it moments ago time to publish it.
+                await self.peers.fetch(image, wait_for_publish=0.0 if _names_registry(image) else self.peer_publish_wait)
         except trio.TooSlowError:
             return f"took longer than {self.pull_timeout:g}s"
         except CloudlessError as exc:
@@ -141,7 +149,7 @@ class ImageRootfs:
         from cloudless.sandbox.registry import RegistryClient
 
         ref = parse_reference(image)
-        if "/" not in image.split("@", 1)[0].split(":", 1)[0] and "." not in image.split("/", 1)[0]:
+        if not _names_registry(image):
             # A bare name ("busybox:latest") is expected to be imported on the node.
             raise ImageUnavailable(f"image {image} is not on this node (import it with `cloudless image import`)", image=image)
         log.info("agent.pull", extra={"fields": {"image": image}})

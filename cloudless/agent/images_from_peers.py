@@ -65,10 +65,15 @@ class PeerImages:
     `oci_blobs` returns the node's OciBlobs, or None while the blob store is
     not up (images are then neither published nor fetched)."""
 
-    def __init__(self, store: "ImageStore", oci_blobs: Callable[[], OciBlobs | None], *, node_id: str = "") -> None:
+    def __init__(
+        self, store: "ImageStore", oci_blobs: Callable[[], OciBlobs | None], *, node_id: str = "", events=None  # type: ignore[no-untyped-def]
+    ) -> None:
+        """`events` (the node's EventLog, optional) records publishes and fetches
+        where `cloudless events` shows them; without it they are only logged."""
         self.store = store
         self.oci_blobs = oci_blobs
         self.node_id = node_id
+        self.events = events
         self._published: set[tuple[str, str]] = set()  # (name, manifest digest) known to be in the cluster
 
     # -- publishing ----------------------------------------------------------
@@ -106,7 +111,7 @@ class PeerImages:
         blobs = self.oci_blobs()
         if blobs is None:
             return False
-        todo = [n for n in record.names if (n, record.manifest_digest) not in self._published]
+        todo = [n for n in dict.fromkeys(record.names) if (n, record.manifest_digest) not in self._published]
         if not todo:
             return True
         manifest_bytes = await trio.to_thread.run_sync(self.store.blob_path(record.manifest_digest).read_bytes)
@@ -120,7 +125,7 @@ class PeerImages:
         for name in todo:
             await blobs.service.put_object(IMAGES_BUCKET, name, msgspec.json.encode(pointer), content_type="application/json")
             self._published.add((name, record.manifest_digest))
-            log.info("images.published", extra={"fields": {"image": name, "manifest": record.manifest_digest, "layers": len(record.layers)}})
+            self._record("image.published", f"published {name} to the blob store", image=name, manifest=record.manifest_digest)
         return True
 
     async def publish_all(self) -> int:
@@ -136,14 +141,31 @@ class PeerImages:
             count += len(self._published) - before
         return count
 
-    async def publish_loop(self, interval: float = 3.0) -> None:
-        """Keeps publishing what `cloudless image import/pull` adds to this node's store."""
+    async def publish_loop(self, poll: float = 0.5, retry: float = 5.0) -> None:
+        """Keeps publishing what `cloudless image import/pull` (another process)
+        adds to this node's store: a stat of the store's index every `poll`
+        seconds, a full round when it changed or `retry` seconds after a round
+        that could not publish everything."""
+        seen: int | None = None
+        next_round = 0.0
         while True:
             try:
-                await self.publish_all()
-            except Exception as exc:  # a failed round must not end the node; the next one retries
-                log.warning("images.publish_round_failed", extra={"fields": {"error": repr(exc)}})
-            await trio.sleep(interval)
+                stamp = self.store.index_path.stat().st_mtime_ns
+            except FileNotFoundError:
+                stamp = 0
+            if stamp != seen or trio.current_time() >= next_round:
+                try:
+                    records = await trio.to_thread.run_sync(self.store.list)
+                    await self.publish_all()
+                    done = self.oci_blobs() is not None and all(
+                        (n, r.manifest_digest) in self._published for r in records for n in r.names
+                    )
+                except Exception as exc:  # a failed round must not end the node; a later one retries
+                    log.warning("images.publish_round_failed", extra={"fields": {"error": repr(exc)}})
+                    done = False
+                seen = stamp
+                next_round = float("inf") if done else trio.current_time() + retry
+            await trio.sleep(poll)
 
     # -- fetching ------------------------------------------------------------
 
@@ -179,13 +201,23 @@ class PeerImages:
             raise oci.DigestMismatch(f"blob fetched from peers hashes to sha256:{sha.hexdigest()}, not {digest}", digest=digest)
         return size
 
-    async def fetch(self, image: str) -> "ImageRecord":
+    async def fetch(self, image: str, *, wait_for_publish: float = 0.0) -> "ImageRecord":
         """Fetch `image` from peers into the local store; every digest is verified
-        here and again by the store's import."""
-        blobs = self.oci_blobs()
-        if blobs is None:
-            raise ImageNotPublished(f"the blob store is not up, cannot fetch {image} from peers", image=image)
-        pointer = await self.lookup(image)
+        here and again by the store's import. `wait_for_publish` seconds are
+        given to a peer that has the image but has not published it yet (an
+        import just before `cloudless run`)."""
+        deadline = trio.current_time() + wait_for_publish
+        while True:
+            try:
+                blobs = self.oci_blobs()
+                if blobs is None:
+                    raise ImageNotPublished(f"the blob store is not up, cannot fetch {image} from peers", image=image)
+                pointer = await self.lookup(image)
+                break
+            except ImageNotPublished:
+                if trio.current_time() >= deadline:
+                    raise
+                await trio.sleep(0.5)
         name = canonical_name(image)
         assert name is not None
         layout = self.store.tmp_dir / f"peers-{uuid.uuid4().hex}"
@@ -211,11 +243,17 @@ class PeerImages:
         finally:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(layout, ignore_errors=True))
         self._published.add((name, pointer.manifest_digest))
-        log.info(
-            "images.fetched_from_peers",
-            extra={"fields": {"image": name, "manifest": pointer.manifest_digest, "bytes": total, "publisher": pointer.publisher}},
+        self._record(
+            "image.fetched_from_peers", f"fetched {name} ({total} bytes) from peers' blob store",
+            image=name, manifest=pointer.manifest_digest, publisher=pointer.publisher,
         )
         return record
+
+    def _record(self, kind: str, message: str, **fields: str) -> None:
+        if self.events is not None:
+            self.events.record(kind, self.node_id, message, **fields)  # also logs
+        else:
+            log.info(kind, extra={"fields": {"message": message, **fields}})
 
 
 def node_oci_blobs(node) -> Callable[[], OciBlobs | None]:  # type: ignore[no-untyped-def]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+import trio
+
 from cloudless.agent.containers import ImageRootfs, ImageUnavailable
 from cloudless.agent.images_from_peers import IMAGES_BUCKET, ImageNotPublished, PeerImages
 from cloudless.blobs.chunkstore import MemoryChunkStore
@@ -87,7 +89,7 @@ async def test_layer_whose_stored_content_is_not_its_digest_is_refused(source, t
 
 
 async def test_rootfs_tries_peers_then_registry_and_names_both(tmp_path, blobs):
-    rootfs = ImageRootfs(tmp_path / "images", oci_blobs=lambda: blobs)
+    rootfs = ImageRootfs(tmp_path / "images", oci_blobs=lambda: blobs, peer_publish_wait=0.0)
     with pytest.raises(ImageUnavailable) as info:
         await rootfs.prepare("c1", "busybox")
     assert "not on this node" in info.value.message
@@ -99,3 +101,41 @@ async def test_rootfs_fetches_missing_image_from_peers(tmp_path, source, blobs):
     rootfs = ImageRootfs(tmp_path / "images", oci_blobs=lambda: blobs)
     assert await rootfs._from_peers("busybox") is None
     assert rootfs.store.get("busybox").manifest_digest == source.store.get("busybox").manifest_digest
+
+
+async def test_fetch_waits_for_a_peer_that_is_about_to_publish(source, target):
+    async with trio.open_nursery() as nursery:
+
+        async def publish_later() -> None:
+            await trio.sleep(1.0)
+            await source.publish_all()
+
+        nursery.start_soon(publish_later)
+        with trio.fail_after(10):
+            fetched = await target.fetch("busybox", wait_for_publish=8.0)
+    assert fetched.manifest_digest == source.store.get("busybox").manifest_digest
+
+
+async def test_publish_loop_publishes_what_another_process_imports(tmp_path, blobs):
+    class Events:
+        def __init__(self) -> None:
+            self.kinds: list[str] = []
+
+        def record(self, kind: str, node: str, message: str, **fields: object) -> None:
+            self.kinds.append(kind)
+
+    events = Events()
+    peers = PeerImages(ImageStore(tmp_path / "a", unpack_layers=False), lambda: blobs, node_id="a", events=events)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peers.publish_loop, 0.05)
+        await trio.sleep(0.2)
+        assert events.kinds == []
+        # `cloudless image import` runs in its own process, with its own ImageStore.
+        other = ImageStore(tmp_path / "a", unpack_layers=False)
+        await trio.to_thread.run_sync(lambda: other.import_path(build_busybox_image(tmp_path / "src", "layout")))
+        with trio.fail_after(10):
+            while not events.kinds:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert events.kinds == ["image.published"]
+    assert (await peers.lookup("busybox")).publisher == "a"
