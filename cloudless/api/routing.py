@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from cloudless.errors import CloudlessError
-from cloudless.node.replicated import NoLeader
+from cloudless.node.replicated import NoLeader, NotAMember
 from cloudless.raft.core import NotLeader
 from cloudless.transport.rpc import RpcContext, RpcServer
 
@@ -66,7 +66,10 @@ class LeaderRouting:
     def on_member(self, name: str, handler: Handler) -> Handler:
         async def run(ctx: RpcContext, req: Any) -> Any:
             if self.replicated.is_member:
-                return await handler(ctx, req)
+                try:
+                    return await handler(ctx, req)
+                except NotAMember:
+                    pass  # removed while away: the leader serves it
             return await self._forward(ctx, name, req)
 
         return run

@@ -44,6 +44,18 @@ class NoLeader(Unavailable):
     pass
 
 
+class NotAMember(Unavailable):
+    """This node is not (any longer) in the leader's configuration.
+
+    A voter removed while it was unreachable never hears of its removal
+    (thesis §4.2.2): its own configuration still lists it. The leader says
+    so when it asks for a read index, and the node then routes like a
+    non-member until its configuration changes again.
+    """
+
+    code = "not_member"
+
+
 class RaftBatch(msgspec.Struct, frozen=True):
     messages: list[bytes]
 
@@ -105,6 +117,7 @@ class ReplicatedState:
         self._changed = trio.Event()
         self._leader_changed = trio.Event()
         self._last_leader: str | None = None
+        self._removed_conf = None  # our configuration when the leader said we are out of it
         self._peer_queues: dict[str, list[bytes]] = {}
         self._peer_wakeups: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -247,6 +260,10 @@ class ReplicatedState:
     @property
     def is_member(self) -> bool:
         conf = self.core.conf_state
+        if self._removed_conf is not None:
+            if conf == self._removed_conf:
+                return False
+            self._removed_conf = None  # a newer configuration: trust it again
         return self.node_id in conf.voters or self.node_id in conf.learners
 
     def known_leader(self) -> str | None:
@@ -329,7 +346,13 @@ class ReplicatedState:
                     continue
             if address is None:
                 raise NoLeader(f"leader {leader} has no known address")
-            raw = await self._rpc.call(address, "raft.read_index", b"", timeout=timeout)
+            try:
+                raw = await self._rpc.call(address, "raft.read_index", b"", timeout=timeout)
+            except CloudlessError as exc:
+                if getattr(exc, "code", "") == NotAMember.code:
+                    self._removed_conf = self.core.conf_state
+                    raise NotAMember(f"{self.node_id} is not in {leader}'s configuration") from None
+                raise
             index = int.from_bytes(raw, "big")
             with trio.move_on_after(timeout):
                 await self.driver.wait_applied(index)
@@ -340,5 +363,8 @@ class ReplicatedState:
     async def _serve_read_index(self, ctx: RpcContext, body: bytes) -> bytes:
         if ctx.peer.kind != "node":
             raise CloudlessError("only nodes ask for read indexes", peer=ctx.peer.name)
+        conf = self.core.conf_state
+        if self.is_leader and ctx.peer.name not in conf.voters and ctx.peer.name not in conf.learners:
+            raise NotAMember(f"{ctx.peer.name} is not in the configuration", peer=ctx.peer.name)
         index = await self.driver.read_index(timeout=5.0)
         return index.to_bytes(8, "big")

@@ -83,7 +83,6 @@ async def run_scenario(
     hosts: int = 3,
     settle_s: float = SETTLE_S,
     full_voters: bool = True,
-    tolerate_removed: bool = False,
 ):
     """Bootstrap, run the workload under `schedule_of(nodes)`, heal, settle,
     read every key back through every node; assert linearizability and that
@@ -134,8 +133,6 @@ async def run_scenario(
             if unanswered:
                 roles = {m.host_index(x.id): x.role for x in healthy.members}
                 message = f"after healing, no read answered through {unanswered}; roles {roles}\n{report}"
-                if tolerate_removed and all(roles.get(h) == "none" for h in unanswered):
-                    pytest.xfail(f"{REMOVED_MEMBER_READ_BUG}\n{message}")
                 raise AssertionError(message)
             print(report)  # shown with -rP: the counts of a passing run
             return result, nodes, report
@@ -288,18 +285,12 @@ async def test_every_node_answers_linearizable_reads_including_non_voters(tmp_pa
             await nodes.aclose()
 
 
-REMOVED_MEMBER_READ_BUG = (
-    "a voter removed from the configuration while it was unreachable never learns it was removed "
-    "(Raft thesis 4.2.2): ReplicatedState.is_member (cloudless/node/replicated.py) reads its own stale "
-    "conf_state, so LeaderRouting.on_member (cloudless/api/routing.py) serves reads locally; "
-    "linearizable() gets a read index from the leader and waits to apply it, but the leader no longer "
-    "replicates to it: every read through that node fails with Unavailable until autopilot re-adds it, "
-    "which it never does when it does not need the node as a voter"
-)
+# A voter removed while it was unreachable never hears of its removal (thesis
+# §4.2.2); the leader tells it when it asks for a read index (NotAMember),
+# and it then routes reads like a non-member (node/replicated.py).
 
 
 @pytest.mark.root
-@pytest.mark.xfail(strict=True, reason=REMOVED_MEMBER_READ_BUG)
 async def test_a_voter_removed_while_isolated_serves_reads_after_healing(tmp_path):
     # Four nodes: three voters and a spare. Isolating a follower voter makes
     # autopilot replace it with the spare; after healing it is outside the
@@ -356,9 +347,7 @@ async def test_vars_stay_linearizable_under_a_random_schedule(tmp_path, hosts, s
     # Many faults per node make autopilot count members as flapping and shrink
     # the voter set for 10 minutes (by design), so any voter set is accepted
     # here; nodes left outside the configuration read through the leader.
-    # A host removed while unreachable cannot serve reads (REMOVED_MEMBER_READ_BUG):
-    # when that is the only failure, the run is an expected failure.
-    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts, full_voters=False, tolerate_removed=True)
+    await run_scenario(tmp_path, seed, schedule, duration, hosts=hosts, full_voters=False)
 
 
 # ---------------------------------------------------------------- the adapter itself (no root)
