@@ -107,6 +107,7 @@ class ImageRootfs:
         self.builder = RootfsBuilder(self.store)
         self.pull_timeout = pull_timeout
         self.peer_publish_wait = peer_publish_wait
+        self._peer_misses: dict[str, float] = {}  # image → when a wait for its publication last ended empty
         self.peers = PeerImages(self.store, oci_blobs, node_id=node_id, events=events) if oci_blobs is not None else None
 
     async def prepare(self, container_id: str, image: str) -> tuple[str, ImageConfig]:
@@ -130,16 +131,24 @@ class ImageRootfs:
 
         if self.peers is None:
             return "no blob store on this node"
+        wait = 0.0
         try:
             with trio.fail_after(self.pull_timeout):
                 # A name no registry serves can only come from peers: give a
                 # peer that imported it moments ago time to publish it.
-                await self.peers.fetch(image, wait_for_publish=0.0 if _names_registry(image) else self.peer_publish_wait)
+                # (Not again for a while after a full wait found nothing: the
+                # agent starts allocations one after another.)
+                recently_missed = trio.current_time() - self._peer_misses.get(image, -1e9) < 30.0
+                wait = 0.0 if _names_registry(image) or recently_missed else self.peer_publish_wait
+                await self.peers.fetch(image, wait_for_publish=wait)
         except trio.TooSlowError:
             return f"took longer than {self.pull_timeout:g}s"
         except CloudlessError as exc:
             log.info("agent.peer_image_unavailable", extra={"fields": {"image": image, "error": exc.message}})
+            if wait:
+                self._peer_misses[image] = trio.current_time()
             return exc.message
+        self._peer_misses.pop(image, None)
         return None
 
     async def _pull(self, image: str) -> None:

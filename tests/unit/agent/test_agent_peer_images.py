@@ -139,3 +139,15 @@ async def test_publish_loop_publishes_what_another_process_imports(tmp_path, blo
         nursery.cancel_scope.cancel()
     assert events.kinds == ["image.published"]
     assert (await peers.lookup("busybox")).publisher == "a"
+
+
+async def test_rootfs_waits_for_an_unpublished_bare_name_only_once_in_a_while(tmp_path, blobs, autojump_clock):
+    rootfs = ImageRootfs(tmp_path / "images", oci_blobs=lambda: blobs, peer_publish_wait=10.0)
+    start = trio.current_time()
+    with pytest.raises(ImageUnavailable):
+        await rootfs.prepare("c1", "busybox")
+    assert trio.current_time() - start >= 10.0
+    start = trio.current_time()
+    with pytest.raises(ImageUnavailable):
+        await rootfs.prepare("c2", "busybox")
+    assert trio.current_time() - start < 1.0  # the next replica is not held up again
