@@ -50,6 +50,7 @@ class ImagePointer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     manifest_size: int
     media_type: str
     publisher: str = ""  # node id, for logs
+    created: float = 0.0  # when the publisher recorded the image; a newer import of the name wins
 
 
 def canonical_name(image: str) -> str | None:
@@ -111,7 +112,15 @@ class PeerImages:
         blobs = self.oci_blobs()
         if blobs is None:
             return False
-        todo = [n for n in dict.fromkeys(record.names) if (n, record.manifest_digest) not in self._published]
+        todo = []
+        for name in dict.fromkeys(record.names):
+            if (name, record.manifest_digest) in self._published:
+                continue
+            current = await self._pointer(blobs, name)
+            if current is not None and (current.manifest_digest == record.manifest_digest or current.created > record.created_at):
+                self._published.add((name, record.manifest_digest))  # published already, or superseded by a newer import elsewhere
+                continue
+            todo.append(name)
         if not todo:
             return True
         manifest_bytes = await trio.to_thread.run_sync(self.store.blob_path(record.manifest_digest).read_bytes)
@@ -121,7 +130,7 @@ class PeerImages:
             await self._put_file(blobs, layer.digest, layer.media_type)
         await self._put_file(blobs, record.manifest_digest, media_type)
         await self._ensure_images_bucket(blobs)
-        pointer = ImagePointer(record.manifest_digest, len(manifest_bytes), media_type, self.node_id)
+        pointer = ImagePointer(record.manifest_digest, len(manifest_bytes), media_type, self.node_id, record.created_at)
         for name in todo:
             await blobs.service.put_object(IMAGES_BUCKET, name, msgspec.json.encode(pointer), content_type="application/json")
             self._published.add((name, record.manifest_digest))
@@ -169,20 +178,26 @@ class PeerImages:
 
     # -- fetching ------------------------------------------------------------
 
+    async def _pointer(self, blobs: OciBlobs, name: str) -> ImagePointer | None:
+        try:
+            data = await blobs.service.get_bytes(IMAGES_BUCKET, name)
+        except (NoSuchKey, NoSuchBucket):
+            return None
+        try:
+            pointer = msgspec.json.decode(data, type=ImagePointer)
+            oci.check_digest(pointer.manifest_digest)
+        except (msgspec.ValidationError, msgspec.DecodeError, CloudlessError) as exc:
+            raise BadImagePointer(f"cluster record for {name} is malformed: {exc}", image=name) from None
+        return pointer
+
     async def lookup(self, image: str) -> ImagePointer:
         blobs = self.oci_blobs()
         name = canonical_name(image)
         if blobs is None or name is None:
             raise ImageNotPublished(f"no cluster record for {image}", image=image)
-        try:
-            data = await blobs.service.get_bytes(IMAGES_BUCKET, name)
-        except (NoSuchKey, NoSuchBucket):
-            raise ImageNotPublished(f"no node has published {name}", image=image) from None
-        try:
-            pointer = msgspec.json.decode(data, type=ImagePointer)
-            oci.check_digest(pointer.manifest_digest)
-        except (msgspec.ValidationError, msgspec.DecodeError, CloudlessError) as exc:
-            raise BadImagePointer(f"cluster record for {name} is malformed: {exc}", image=image) from None
+        pointer = await self._pointer(blobs, name)
+        if pointer is None:
+            raise ImageNotPublished(f"no node has published {name}", image=image)
         return pointer
 
     async def _fetch_blob(self, blobs: OciBlobs, digest: str, dest: Path) -> int:

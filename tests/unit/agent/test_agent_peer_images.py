@@ -4,8 +4,8 @@ before falling back to a registry."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
-
 import trio
 
 from cloudless.agent.containers import ImageRootfs, ImageUnavailable
@@ -151,3 +151,22 @@ async def test_rootfs_waits_for_an_unpublished_bare_name_only_once_in_a_while(tm
     with pytest.raises(ImageUnavailable):
         await rootfs.prepare("c2", "busybox")
     assert trio.current_time() - start < 1.0  # the next replica is not held up again
+
+
+async def test_a_node_restarting_with_an_older_copy_does_not_override_a_newer_import(tmp_path, source, blobs):
+    await source.publish_all()
+    newer = source.store.get("busybox")
+    old_store = ImageStore(tmp_path / "old", unpack_layers=False)
+    old_store.import_path(build_busybox_image(tmp_path / "src-old", "layout", compression="none"))
+    older = old_store.get("busybox")
+    assert older.manifest_digest != newer.manifest_digest
+    # The older copy was recorded before the published one, as on a node that was down.
+    stale = msgspec.structs.replace(older, created_at=newer.created_at - 60)
+    restarted = PeerImages(old_store, lambda: blobs, node_id="old")
+    assert await restarted.publish(stale)
+    assert (await restarted.lookup("busybox")).manifest_digest == newer.manifest_digest
+    # A newer import of the name does replace it.
+    fresh = msgspec.structs.replace(older, created_at=newer.created_at + 60)
+    restarted._published.clear()
+    await restarted.publish(fresh)
+    assert (await restarted.lookup("busybox")).manifest_digest == older.manifest_digest
