@@ -13,6 +13,8 @@ import logging
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING
 
+import trio
+
 from cloudless.api.messages import (
     Deleted,
     EventsFollow,
@@ -173,6 +175,10 @@ class ApiService:
         elif ctx.peer.kind != "client":
             raise PermissionDenied("only admin clients create tokens")
         replicated = self.replicated
+        # Right after bootstrap the new leader is still committing the CA.
+        with trio.move_on_after(min(5.0, ctx.time_left)):
+            while replicated.fsm.ca is None:
+                await replicated.wait_changed()
         ca_record = replicated.fsm.ca
         if ca_record is None:
             raise Unavailable("the cluster CA is not committed yet; retry shortly")
