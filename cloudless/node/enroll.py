@@ -29,7 +29,6 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from cloudless.errors import Conflict, InvalidInput, Unavailable
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.credentials import Credentials, make_csr, new_private_key, private_key_pem
 from cloudless.pki.errors import PeerRejected, TokenRejected
@@ -168,18 +167,3 @@ class _SingleConnection:
 
     async def connect(self, address):  # pragma: no cover - calls pass the connection
         return self._connection
-
-
-__all__ = [
-    "EnrollHello",
-    "EnrollHelloReply",
-    "EnrollReply",
-    "EnrollRequest",
-    "check_token",
-    "enroll",
-    "sign_enrollee",
-    "verify_hello",
-    "Conflict",
-    "InvalidInput",
-    "Unavailable",
-]
