@@ -110,7 +110,6 @@ async def run(args) -> dict:
             async with trio.open_nursery() as nursery:
                 await raft.start(nursery)
                 leader, fsm = await raft.leader()
-                view = None
                 for k in range(args.workloads):
                     spec = validate(
                         WorkloadSpec(

@@ -205,7 +205,6 @@ def bench_throughput(n: int, replicas: int, workloads: int, seed: int) -> dict[s
         rates.append(len(plan.placements) / elapsed)
         placed_counts.append(len(plan.placements))
         # Commit the plan into the next snapshot, as the controller would after Raft.
-        t1 = time.perf_counter()
         view = view.with_allocations(
             Allocation(id=f"{spec.name}-{p.replica}", workload=spec.name, version=0, node=p.node,
                        replica=p.replica, resources=spec.resources)

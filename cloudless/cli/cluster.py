@@ -6,7 +6,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 import click
 import msgspec

@@ -27,7 +27,7 @@ import trio
 from cloudless.api import client_config
 from cloudless.api.client import ClusterClient
 from cloudless.api.messages import StatusReply, StatusRequest, TokenCreate, TokenReply
-from cloudless.cli.output import emit_json, fail, stderr, stdout
+from cloudless.cli.output import emit_json, fail, stdout
 from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 
 READY_TIMEOUT = 60.0

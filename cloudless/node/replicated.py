@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 import msgspec
 import trio
