@@ -120,6 +120,9 @@ class ReplicatedState:
         self._removed_conf = None  # our configuration when the leader said we are out of it
         self._peer_queues: dict[str, list[bytes]] = {}
         self._peer_wakeups: dict[str, trio.Event] = {}
+        # Peers that hold a subscription stream to us: their messages flow
+        # down it, pipelined and in order, instead of one RPC per batch.
+        self._subscribers: dict[str, tuple[object, trio.Event]] = {}
         self._nursery: trio.Nursery | None = None
         self.change_listeners: list[Callable[[list[Change]], None]] = []
         self.applied_listeners: list[Callable[[], None]] = []
@@ -142,6 +145,7 @@ class ReplicatedState:
             self._nursery = nursery
             await nursery.start(self.driver.run)
             nursery.start_soon(self._watch_leader)
+            nursery.start_soon(self._maintain_subscriptions)
             task_status.started()
 
     async def _watch_leader(self) -> None:
@@ -156,22 +160,28 @@ class ReplicatedState:
 
     def register(self, server: RpcServer) -> None:
         server.unary("raft.batch", request=RaftBatch)(self._serve_batch)
+        server.stream("raft.subscribe")(self._serve_subscribe)
         server.unary("raft.propose", request=ForwardedProposal)(self._serve_propose)
         server.unary("raft.read_index")(self._serve_read_index)
 
     # -- raft transport ------------------------------------------------------------
 
     def _send(self, message: Message) -> None:
-        """Queue for the peer's sender task; never blocks the driver.
+        """Queue for the peer; never blocks the driver.
 
-        While one batch is in flight to a peer, later messages pile up and
-        leave together in the next one, so a busy leader sends few, large
-        RPCs instead of one per message.
+        A peer subscribed to us (`raft.subscribe`) gets its messages down
+        that stream, pipelined and in order. Otherwise a sender task pushes
+        them as `raft.batch` RPCs: while one is in flight, later messages
+        pile up and leave together in the next.
         """
         queue = self._peer_queues.setdefault(message.to, [])
         if len(queue) >= PEER_QUEUE_LIMIT:
             del queue[: len(queue) // 2]  # Raft recovers from lost messages
         queue.append(encode_message(message))
+        subscriber = self._subscribers.get(message.to)
+        if subscriber is not None:
+            subscriber[1].set()
+            return
         wakeup = self._peer_wakeups.get(message.to)
         if wakeup is None:
             wakeup = self._peer_wakeups[message.to] = trio.Event()
@@ -184,7 +194,7 @@ class ReplicatedState:
         while True:
             await self._peer_wakeups[peer].wait()
             self._peer_wakeups[peer] = trio.Event()
-            if not queue:
+            if not queue or peer in self._subscribers:
                 continue
             batch = list(queue)
             queue.clear()
@@ -206,6 +216,66 @@ class ReplicatedState:
                 raise CloudlessError("raft messages must come from the node they name", peer=ctx.peer.name)
             self.driver.deliver(message)
         return b""
+
+    async def _serve_subscribe(self, ctx: RpcContext, body: bytes) -> None:
+        """Stream the caller's messages to it for as long as it listens."""
+        peer = ctx.peer.name
+        if ctx.peer.kind != "node":
+            raise CloudlessError("only nodes subscribe to Raft messages", peer=peer)
+        token = object()
+        wakeup = trio.Event()
+        self._subscribers[peer] = (token, wakeup)  # a newer subscription replaces an older one
+        queue = self._peer_queues.setdefault(peer, [])
+        try:
+            while self._subscribers.get(peer, (None,))[0] is token:
+                if queue:
+                    batch = list(queue)
+                    queue.clear()
+                    await ctx.send(RaftBatch(batch))
+                    continue
+                await wakeup.wait()
+                wakeup = trio.Event()
+                if self._subscribers.get(peer, (None,))[0] is token:
+                    self._subscribers[peer] = (token, wakeup)
+        finally:
+            if self._subscribers.get(peer, (None,))[0] is token:
+                del self._subscribers[peer]
+
+    async def _maintain_subscriptions(self) -> None:
+        """Subscribe to every peer that may send us Raft messages: the
+        members of our configuration and the leader."""
+        active: dict[str, trio.CancelScope] = {}
+        async with trio.open_nursery() as nursery:
+            while True:
+                conf = self.core.conf_state
+                wanted = set(conf.voters) | set(conf.learners)
+                leader = self.known_leader()
+                if leader:
+                    wanted.add(leader)
+                wanted.discard(self.node_id)
+                for peer in wanted - set(active):
+                    scope = active[peer] = trio.CancelScope()
+                    nursery.start_soon(self._subscribe, peer, scope)
+                for peer in set(active) - wanted:
+                    active.pop(peer).cancel()
+                await trio.sleep(0.5)
+
+    async def _subscribe(self, peer: str, scope: trio.CancelScope) -> None:
+        with scope:
+            while True:
+                address = self._address_of(peer)
+                if address is not None:
+                    try:
+                        async with self._rpc.stream(address, "raft.subscribe", b"", item=RaftBatch) as items:
+                            async for batch in items:
+                                for body in batch.messages:
+                                    message = decode_message(body)
+                                    if message.frm != peer or message.to != self.node_id:
+                                        raise CloudlessError("raft message on the wrong stream", peer=peer)
+                                    self.driver.deliver(message)
+                    except CloudlessError as exc:
+                        log.debug("raft.subscription_lost", extra={"fields": {"peer": peer, "error": str(exc)}})
+                await trio.sleep(0.3)
 
     # -- applying ----------------------------------------------------------------
 
