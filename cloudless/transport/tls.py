@@ -439,6 +439,31 @@ async def connect_enrollment(address: Address, timeout: float = 10.0) -> tuple[C
     return session, leaf_box.get("leaf")
 
 
+async def serve_tcp(
+    carrier: Any, what: str, serve_one: Callable[[trio.SocketStream], Awaitable[None]], task_status
+) -> None:
+    """Listen on `carrier.bind` and run `serve_one` for each accepted TCP
+    connection in its own task; sets `carrier.local_address` once bound."""
+    listeners = await trio.open_tcp_listeners(carrier.bind[1], host=carrier.bind[0])
+    address = listeners[0].socket.getsockname()[:2]
+    carrier.local_address = (address[0], address[1])
+    log.info(f"{what}.listening", extra={"address": f"{address[0]}:{address[1]}"})
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def accept_loop(listener: trio.SocketListener) -> None:
+                while True:
+                    tcp = await listener.accept()
+                    nursery.start_soon(serve_one, tcp)
+
+            for listener in listeners:
+                nursery.start_soon(accept_loop, listener)
+            task_status.started(carrier.local_address)
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
 class TlsCarrier:
     """Mutually authenticated TLS 1.3 over TCP, multiplexed; implements `base.Carrier`."""
 
@@ -493,23 +518,7 @@ class TlsCarrier:
         return await run_detached(setup, self.handshake_timeout, f"{address[0]}:{address[1]}")
 
     async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.bind[1], host=self.bind[0])
-        address = listeners[0].socket.getsockname()[:2]
-        self.local_address = (address[0], address[1])
-        log.info("tls.listening", extra={"address": f"{address[0]}:{address[1]}"})
-        try:
-            async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, handler, nursery)
-                task_status.started(self.local_address)
-        finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-
-    async def _accept_loop(self, listener: trio.SocketListener, handler: ConnectionHandler, nursery: trio.Nursery) -> None:
-        while True:
-            tcp = await listener.accept()
-            nursery.start_soon(self._serve_one, tcp, handler)
+        await serve_tcp(self, "tls", lambda tcp: self._serve_one(tcp, handler), task_status)
 
     async def _serve_one(self, tcp: trio.SocketStream, handler: ConnectionHandler) -> None:
         try:

@@ -19,7 +19,15 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 from cloudless.pki.errors import PeerRejected
 from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost
 from cloudless.transport.mux import MuxConfig, MuxProtocolError, MuxSession, run_session
-from cloudless.transport.tls import TlsContexts, TlsTransport, client_handshake, open_tcp, run_detached, server_handshake
+from cloudless.transport.tls import (
+    TlsContexts,
+    TlsTransport,
+    client_handshake,
+    open_tcp,
+    run_detached,
+    serve_tcp,
+    server_handshake,
+)
 
 log = logging.getLogger(__name__)
 
@@ -114,23 +122,7 @@ class WebSocketCarrier:
         return await run_detached(setup, self.handshake_timeout, f"wss://{address[0]}:{address[1]}")
 
     async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.bind[1], host=self.bind[0])
-        address = listeners[0].socket.getsockname()[:2]
-        self.local_address = (address[0], address[1])
-        log.info("websocket.listening", extra={"address": f"{address[0]}:{address[1]}"})
-        try:
-            async with trio.open_nursery() as nursery:
-                for listener in listeners:
-                    nursery.start_soon(self._accept_loop, listener, handler, nursery)
-                task_status.started(self.local_address)
-        finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-
-    async def _accept_loop(self, listener: trio.SocketListener, handler: ConnectionHandler, nursery: trio.Nursery) -> None:
-        while True:
-            tcp = await listener.accept()
-            nursery.start_soon(self._serve_one, tcp, handler)
+        await serve_tcp(self, "websocket", lambda tcp: self._serve_one(tcp, handler), task_status)
 
     async def _serve_one(self, tcp: trio.SocketStream, handler: ConnectionHandler) -> None:
         try:
