@@ -278,6 +278,9 @@ class _Extractor:
         if not parts:
             return  # the "./" entry describes the root, which we own
         base = parts[-1]
+        if any(part.startswith(WHITEOUT_PREFIX) for part in parts[:-1]):
+            # A whiteout is a marker, never a directory to put things in.
+            raise UnsafeLayer(f"layer entry {m.name!r} lies under a whiteout name", entry=m.name)
         if base.startswith(WHITEOUT_PREFIX):
             self._whiteout(parts, m)
             return
