@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 # long enough that ordinary gossip about a joiner arrives first.
 STRANGER_GRACE = 2.0
 
+# Members waiting for an out-of-turn probe (see `_probe_early`); beyond this,
+# hints are dropped and the round-robin order finds them.
+MAX_EARLY_PROBES = 8
+
 
 @dataclass(frozen=True, slots=True)
 class GossipConfig:
@@ -152,6 +156,10 @@ class GossipCore:
         self._events: deque[MembershipEvent] = deque()
         self._effects: list[Effect] = []
         self._stream_probes: set[int] = set()
+        # Out-of-turn probes, in the order asked for, and when each member was
+        # last asked for (at most one early probe of a member per interval).
+        self._early: dict[str, float] = {}
+        self._early_asked: dict[str, float] = {}
         # Stagger periodic work so members started together do not beat in step.
         self._next_probe = now + rng.random() * config.probe_interval
         self._next_gossip = now + rng.random() * config.gossip_interval
@@ -223,6 +231,14 @@ class GossipCore:
         me.meta, me.meta_version = self.meta, self.meta_version
         self._encode_self()
         self._queue_broadcast(self.name, self._self_alive)
+
+    def hint_unreachable(self, name: str, now: float) -> bool:
+        """A transport saw its connection to `name` fail (the kernel resets a
+        killed process's sockets at once). Probe that member out of turn; the
+        hint never makes anyone suspect by itself, only a failed probe does.
+        True if a probe was scheduled."""
+        self._advance(now)
+        return self._probe_early(name, now)
 
     def receive(self, payload: bytes, from_addr: str, now: float) -> None:
         """Handle one (already unsealed) packet. Raises MalformedPacket, having
@@ -416,8 +432,37 @@ class GossipCore:
 
     # ---------------------------------------------------------------- probing
 
+    def _probe_early(self, name: str, now: float) -> bool:
+        """Probe `name` next, as soon as the probe in flight (if any) ends."""
+        m = self.members.rows.get(name)
+        if m is None or name == self.name or m.state > SUSPECT or self.leaving or name in self._early:
+            return False
+        asked = self._early_asked
+        last = asked.get(name)
+        if (last is not None and now - last < self.config.probe_interval) or len(self._early) >= MAX_EARLY_PROBES:
+            return False
+        if len(asked) > 4 * MAX_EARLY_PROBES:
+            for k in [k for k, t in asked.items() if now - t >= self.config.probe_interval]:
+                del asked[k]
+        p = self._probe
+        if p is not None and p.target is m:
+            return False  # the probe in flight answers it
+        asked[name] = now
+        self._early[name] = now
+        self._next_probe = min(self._next_probe, p.end if p is not None else now)
+        return True
+
+    def _early_target(self) -> Member | None:
+        while self._early:
+            name = next(iter(self._early))
+            del self._early[name]
+            m = self.members.rows.get(name)
+            if m is not None and m.state <= SUSPECT:
+                return m
+        return None
+
     def _start_probe(self, now: float) -> None:
-        target = self.members.next_probe_target(self.rng, self.name)
+        target = self._early_target() or self.members.next_probe_target(self.rng, self.name)
         if target is None:
             return
         cfg = self.config
@@ -580,6 +625,14 @@ class GossipCore:
         self._events.append(MemberSuspect(m.name, s.incarnation, s.source))
         if gossip:
             self._queue_broadcast(s.node, wire.encode(s))
+        if expected > 0 and s.source != self.name:
+            # Confirmations shrink the timeout only if they come soon; waiting
+            # for the suspect's turn in each member's round-robin order takes
+            # up to n probe intervals. About 2 x expected members (all of them
+            # in a small cluster) probe it now instead: independent evidence,
+            # sooner, and the buddy system tells a live suspect sooner too.
+            if 2 * expected >= n - 2 or self.rng.random() * (n - 2) < 2 * expected:
+                self._probe_early(s.node, now)
 
     def _on_dead(self, d: Dead, now: float, gossip: bool) -> None:
         m = self.members.rows.get(d.node)

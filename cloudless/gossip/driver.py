@@ -196,6 +196,15 @@ class GossipDriver:
     async def update_metadata(self, meta) -> None:
         await self._send_inbox.send(("call", lambda now: self.core.update_metadata(meta, now)))
 
+    def hint_unreachable(self, name: str) -> None:
+        """A connection to member `name` failed: have the core probe it out of
+        turn (`GossipCore.hint_unreachable`). Never blocks; dropped when the
+        inbox is full, like any hint."""
+        try:
+            self._send_inbox.send_nowait(("call", lambda now: self.core.hint_unreachable(name, now)))
+        except trio.WouldBlock:
+            self.counters["inbox_full"] += 1
+
     async def leave(self, timeout: float = 2.0) -> bool:
         """Announce a graceful leave and wait (at most `timeout`) until it went out."""
         await self._send_inbox.send(("call", lambda now: self.core.leave(now)))

@@ -338,8 +338,17 @@ class Node:
     async def _on_connection(self, connection: Connection) -> None:
         if connection.peer.kind == "enrollee":
             await self.enroll_server.serve_connection(connection)
-        else:
+            return
+        try:
             await self.server.serve_connection(connection)
+        finally:
+            # A node's connection ending is the first sign that it died: the
+            # kernel closes a killed process's sockets at once, long before
+            # gossip's own round-robin would probe it. Only a hint: gossip
+            # probes it now, and only a failed probe makes it suspect.
+            peer = connection.peer
+            if peer.kind == "node" and self.gossip is not None and not self.stopping.is_set():
+                self.gossip.hint_unreachable(peer.name)
 
     async def _run_gossip(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         keys = self._gossip_keys()

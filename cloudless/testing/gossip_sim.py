@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.events import MemberDead, MemberJoined, MemberLeft, PushPull, StreamProbe
 from cloudless.gossip.keyring import Keyring, PacketSealer
+from cloudless.gossip.members import SUSPECT
 from cloudless.gossip.messages import SEAL_OVERHEAD, Alive, MalformedPacket
 from cloudless.gossip.metadata import EMPTY_METADATA
 
@@ -134,6 +135,9 @@ class GossipSimulation:
         self.kill_times: dict[str, float] = {}
         self.join_times: dict[str, float] = {}
         self.leave_times: dict[str, float] = {}
+        # Who knew a member when it crashed or left: only they can notice
+        # (a member still joining may never have heard of it, rightly).
+        self.knew: dict[str, set[str]] = {}
         self.stalled_names: set[str] = set()
         self.first_dead: dict[str, dict[str, float]] = {}  # target -> observer -> t
         self.first_joined: dict[str, dict[str, float]] = {}
@@ -270,6 +274,7 @@ class GossipSimulation:
                 if node.up:
                     node.up = False
                     self.kill_times[node.core.name] = t
+                    self.knew.setdefault(node.core.name, self._knowing(node.core.name))
             elif kind == _STALL:
                 node = nodes[i]
                 if node.up:
@@ -283,6 +288,7 @@ class GossipSimulation:
                 node = nodes[i]
                 if node.up:
                     self.leave_times[node.core.name] = t
+                    self.knew[node.core.name] = self._knowing(node.core.name)
                     node.core.leave(t)
                     self._after(i)
                     self._push(t + 2.0, _KILL, i)  # the process exits after announcing
@@ -403,6 +409,15 @@ class GossipSimulation:
             self._seq += 1
             heapq.heappush(self._heap, (d, self._seq, _TIMER, i, None))
 
+    def _knowing(self, name: str) -> set[str]:
+        out = set()
+        for n in self.nodes:
+            if n.up and n.core.name != name:
+                m = n.core.members.rows.get(name)
+                if m is not None and m.state <= SUSPECT:
+                    out.add(n.core.name)
+        return out
+
     def _record(self, core: GossipCore, t: float) -> None:
         observer = core.name
         for ev in core.events():
@@ -436,7 +451,8 @@ class GossipSimulation:
             if name in self.leave_times:
                 continue
             per = self.first_dead.get(name, {})
-            observers = [n.core.name for n in survivors if n.joined_at <= tk]
+            knew = self.knew.get(name, set())
+            observers = [n.core.name for n in survivors if n.joined_at <= tk and n.core.name in knew]
             times = [per.get(o) for o in observers]
             seen = [x for x in times if x is not None]
             if seen:
@@ -449,7 +465,8 @@ class GossipSimulation:
         left_all: list[float | None] = []
         for name, tl in self.leave_times.items():
             per = self.first_dead.get(name, {})
-            observers = [n.core.name for n in survivors if n.joined_at <= tl]
+            knew = self.knew.get(name, set())
+            observers = [n.core.name for n in survivors if n.joined_at <= tl and n.core.name in knew]
             times = [per.get(o) for o in observers]
             left_all.append(max(times) - tl if times and None not in times else None)
         join_all: list[float | None] = []

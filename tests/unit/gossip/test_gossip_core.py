@@ -202,6 +202,94 @@ def test_buddy_system_piggybacks_the_suspicion_on_the_probe_to_the_suspect():
     assert any(isinstance(m, Suspect) and m.node == "p1" for m in msgs)
 
 
+def _pings(core: GossipCore) -> list[tuple[str, Ping, list]]:
+    return [(a, m, msgs) for a, msgs in sent(core) for m in msgs if isinstance(m, Ping)]
+
+
+def test_transport_hint_probes_that_member_now_and_never_suspects_by_itself():
+    cfg = GossipConfig()
+    core = make("me", PEERS, cfg)
+    a, ping, _ = probe_cycle_start(core)  # a regular probe, answered
+    core.receive(packet(Ack(ping.seq)), a, core._now + 0.01)
+    target = next(p for p in PEERS if p != ping.target)
+    t = core._now + 0.02
+    assert core.hint_unreachable(target, t)
+    assert core.next_deadline() <= t  # not a whole probe interval later
+    core.handle_timer(t)
+    ((to, hinted, _),) = _pings(core)
+    assert hinted.target == target and to == addr(target)
+    core.receive(packet(Ack(hinted.seq)), to, t + 0.01)
+    core.handle_timer(t + cfg.probe_interval)
+    assert core.member(target).state == ALIVE  # it answered: the hint changed nothing
+    assert not [e for e in core.events() if isinstance(e, MemberSuspect)]
+
+
+def test_transport_hint_waits_for_the_probe_in_flight_and_then_fails_like_any_probe():
+    cfg = GossipConfig()
+    core = make("me", PEERS, cfg)
+    a, ping, _ = probe_cycle_start(core)
+    t0 = core._now
+    target = next(p for p in PEERS if p != ping.target)
+    assert core.hint_unreachable(target, t0 + 0.01)
+    core.handle_timer(t0 + cfg.probe_timeout)  # the probe in flight goes indirect, is not cut short
+    assert not [m for _, m, _ in _pings(core) if m.target == target]
+    core.receive(packet(Ack(ping.seq)), a, t0 + cfg.probe_timeout + 0.01)
+    assert core.next_deadline() <= t0 + cfg.probe_interval
+    core.handle_timer(t0 + cfg.probe_interval)
+    ((_, hinted, _),) = _pings(core)
+    assert hinted.target == target
+    t1 = t0 + cfg.probe_interval
+    core.handle_timer(t1 + cfg.probe_timeout)
+    core.handle_timer(t1 + cfg.probe_interval)
+    assert core.member(target).state == SUSPECT
+
+
+def test_transport_hints_are_rate_limited_and_ignore_unknown_dead_and_self():
+    cfg = GossipConfig()
+    core = make("me", PEERS, cfg)
+    assert core.hint_unreachable("p1", 1.0)
+    assert not core.hint_unreachable("p1", 1.0 + cfg.probe_interval / 2)  # already waiting
+    core.handle_timer(1.0 + cfg.probe_interval / 2)
+    assert not core.hint_unreachable("p1", 1.0 + cfg.probe_interval * 0.9)  # asked within an interval
+    assert not core.hint_unreachable("me", 2.0)
+    assert not core.hint_unreachable("stranger", 2.0)
+    core.receive(packet(Dead(0, "p2", "p3")), addr("p3"), 2.0)
+    assert not core.hint_unreachable("p2", 2.0)
+
+
+def test_hearing_a_suspicion_in_a_small_cluster_probes_the_suspect_at_once_with_the_buddy_message():
+    """Independent confirmations (Lifeguard §4.2) sooner than the suspect's turn in the
+    round-robin order; the probe carries the suspicion to the suspect (§4.3)."""
+    cfg = GossipConfig()
+    core = make("me", ["p1", "p2", "p3", "p4"], cfg)
+    core.handle_timer(0.0)
+    core.packets_to_send()
+    core.receive(packet(Suspect(0, "p1", "p2")), addr("p2"), 0.05)
+    p = core._probe
+    at = p.end if p is not None else 0.05
+    assert core.next_deadline() <= at
+    if p is not None and p.target.name != "p1":
+        core.receive(packet(Ack(p.seq)), addr(p.target.name), 0.06)
+    core.handle_timer(at)
+    pings = [(m, msgs) for _, m, msgs in _pings(core) if m.target == "p1"]
+    assert pings and any(isinstance(x, Suspect) and x.node == "p1" for x in pings[0][1])
+
+
+def test_in_a_large_cluster_only_a_few_members_probe_a_suspect_out_of_turn():
+    """No herd: about 2 x expected confirmations of n members probe early."""
+    cfg = GossipConfig()
+    peers = [f"p{i}" for i in range(500)]
+    early = 0
+    trials = 300
+    for seed in range(trials):
+        core = GossipCore("me", addr("me"), rng=random.Random(seed), now=0.0, config=cfg)
+        core.bootstrap_members([Alive(0, p, addr(p), 0, EMPTY_METADATA) for p in peers], 0.0)
+        core.receive(packet(Suspect(0, "p1", "p2")), addr("p2"), 1.0)
+        early += "p1" in core._early
+    expected_rate = 2 * cfg.expected_confirmations / (len(peers) + 1 - 2)
+    assert 0 < early < trials * expected_rate * 3
+
+
 # ------------------------------------------------ Lifeguard §4.1 local health
 
 
