@@ -11,12 +11,12 @@ empty (the cluster sends the truth on reconnection).
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import msgspec
 
 from cloudless.agent.messages import NodeAllocations
+from cloudless.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +49,4 @@ class LocalAllocations:
     def save(self, allocations: NodeAllocations) -> None:
         """Durable before it returns (fsync of the file and of the directory)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(_encoder.encode(allocations))
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, self.path)
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, _encoder.encode(allocations))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from cloudless.durable import write_atomic
 from cloudless.errors import InvalidInput, NotFound
 
 CONFIG_VERSION = 1
@@ -85,13 +86,7 @@ class ClientConfig:
     def save(self, path: Path) -> None:
         """Write atomically with mode 0600: the file holds a private key."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(self.to_yaml())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, self.to_yaml().encode())
         self.path = path
 
 

@@ -33,6 +33,7 @@ import zstandard
 
 from cloudless.blobs.chunking import ChunkDigest
 from cloudless.blobs.errors import ChunkMissing, CorruptChunk, InvalidDigest
+from cloudless.durable import fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +214,13 @@ class LocalChunkStore:
             if adopted:
                 log.info("chunkstore.adopted", extra={"count": adopted, "root": str(self.root)})
         clean.unlink(missing_ok=True)
-        _fsync_dir(self.root)
+        fsync_directory(self.root)
 
     def close(self) -> None:
         self._db.flush_wal(True)
         self._db.close()
         (self.root / "clean-shutdown").touch()
-        _fsync_dir(self.root)
+        fsync_directory(self.root)
 
     # paths -----------------------------------------------------------------
 
@@ -231,8 +232,8 @@ class LocalChunkStore:
             return
         if not directory.exists():
             directory.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(directory.parent)
-            _fsync_dir(directory.parent.parent)
+            fsync_directory(directory.parent)
+            fsync_directory(directory.parent.parent)
         self._known_dirs.add(directory)
 
     # protocol ----------------------------------------------------------------
@@ -261,7 +262,7 @@ class LocalChunkStore:
             raise
         os.close(fd)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_directory(final.parent)
         info = ChunkInfo(len(data), len(payload) + 1, self._clock())
         with self._index_lock:
             previous = self._db.get(key)
@@ -363,14 +364,6 @@ class LocalChunkStore:
             self._used += st.st_size
             added += 1
         return added
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class MemoryChunkStore:

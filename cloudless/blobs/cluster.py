@@ -292,7 +292,7 @@ def s3_endpoints(node: "Node") -> list[str]:
 async def _gateway_tls(node: "Node", host: str) -> tuple[Any, Any]:
     """A gateway certificate from the cluster CA (replicated to Raft members) for `host`."""
     from cloudless.blobs.s3.server import issue_gateway_certificate
-    from cloudless.node.datadir import write_atomic
+    from cloudless.durable import write_atomic
     from cloudless.pki.ca import ClusterCA
 
     replicated = node.replicated

@@ -20,6 +20,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cloudless.durable import write_atomic
 from cloudless.errors import CloudlessError, InvalidInput
 
 FORMAT_VERSION = 1
@@ -89,26 +90,6 @@ class DataDir:
 
     def save_record(self, record: NodeRecordFile) -> None:
         write_atomic(self.record_path, json.dumps(asdict(record), indent=2).encode())
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write, fsync, rename, fsync the directory: all or nothing after a crash."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def new_node_id(hostname: str | None = None) -> str:

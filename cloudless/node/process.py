@@ -38,7 +38,8 @@ from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.metadata import Metadata, Resources
-from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name, write_atomic
+from cloudless.durable import write_atomic
+from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name
 from cloudless.node.device import DeviceProfile, detect
 from cloudless.node.events import EventLog
 from cloudless.node.replicated import ReplicatedState

@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from cloudless.durable import fsync_directory
 from cloudless.pki.ca import CURVE, ClusterCA
 from cloudless.pki.clock import as_utc
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidIdentity
@@ -155,7 +156,7 @@ class Credentials:
         _write_synced(generation / CA_FILE, self.ca_pem, 0o644)
         _write_synced(generation / CERT_FILE, self.cert_pem, 0o644)
         _write_synced(generation / KEY_FILE, self.key_pem, 0o600)
-        _fsync_directory(generation)
+        fsync_directory(generation)
         for name in (CA_FILE, CERT_FILE, KEY_FILE):
             link = directory / name
             if not link.is_symlink():
@@ -165,7 +166,7 @@ class Credentials:
         pending = directory / f".{_CURRENT}.{secrets.token_hex(4)}"
         pending.symlink_to(generation.name)
         os.replace(pending, directory / _CURRENT)
-        _fsync_directory(directory)
+        fsync_directory(directory)
         for stale in directory.glob(f"{_GENERATION_PREFIX}*"):
             if stale.name != generation.name:
                 shutil.rmtree(stale, ignore_errors=True)
@@ -212,9 +213,3 @@ def _write_synced(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
 
 
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -44,6 +44,7 @@ from typing import BinaryIO, Callable, Iterator
 
 import msgspec
 
+from cloudless.durable import fsync_directory, write_atomic
 from cloudless.errors import Conflict, NotFound
 from cloudless.sandbox import oci
 from cloudless.sandbox.oci import DigestMismatch, ImageConfig, InvalidImage, check_digest
@@ -142,14 +143,6 @@ class GcResult:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _syncfs(path: Path) -> None:
     """Flush a whole unpacked tree (one syscall, not one fsync per file)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -158,20 +151,6 @@ def _syncfs(path: Path) -> None:
             os.sync()
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -240,7 +219,7 @@ class BlobWriter:
         os.close(self._fd)
         self._fd = -1
         os.rename(self.tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_directory(dest.parent)
         return actual, True
 
     def abort(self) -> None:
@@ -435,7 +414,7 @@ class ImageStore:
         return idx
 
     def _save(self, idx: _Index) -> None:
-        _write_atomic(self.index_path, msgspec.json.encode(idx))
+        write_atomic(self.index_path, msgspec.json.encode(idx), 0o644)
 
     # -- queries -----------------------------------------------------------
 
@@ -457,7 +436,7 @@ class ImageStore:
     # -- container holds (rootfs.py) ---------------------------------------
 
     def record_use(self, use: ContainerUse) -> None:
-        _write_atomic(self.container_dir / f"{use.container_id}.json", msgspec.json.encode(use))
+        write_atomic(self.container_dir / f"{use.container_id}.json", msgspec.json.encode(use), 0o644)
 
     def release_use(self, container_id: str) -> None:
         try:
@@ -528,7 +507,7 @@ class ImageStore:
                     removed_layers += 1
             self._save(idx)
         if removed_blobs or removed_layers:
-            _fsync_dir(self.blob_dir)
+            fsync_directory(self.blob_dir)
         log.info(
             "images.gc",
             extra={"images": len(removed_images), "blobs": removed_blobs, "layers": removed_layers, "freed": freed},
@@ -713,7 +692,7 @@ class ImageStore:
             if final.exists():
                 _remove_tree(final)  # an incomplete dir without layer.json
             os.rename(work, final)
-            _fsync_dir(self.layer_dir)
+            fsync_directory(self.layer_dir)
             txn.layers.append(final)
         except BaseException:
             _remove_tree(work)

@@ -58,6 +58,7 @@ from typing import AsyncIterator
 import msgspec
 import trio
 
+from cloudless.durable import write_atomic
 from cloudless.sandbox import logs as container_logs
 from cloudless.sandbox.network import BridgeConfig, BridgeNetwork
 from cloudless.sandbox.runtime import (
@@ -99,13 +100,6 @@ def _read_inside(rootfs: str, rel: str) -> str:
             return f.read(1 << 20)
     except OSError:
         return ""
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Whole or absent, never torn: write a temporary file and rename it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.rename(tmp, path)
 
 
 def _process_alive(pid: int, start_time: int) -> bool:
@@ -228,7 +222,7 @@ class RuncRuntime:
             raise ContainerExists(f"container {spec.id!r} exists", id=spec.id) from None
         self._creating.add(spec.id)  # not an orphan for sweep() while spec.json is being written
         try:
-            _write_atomic(cdir / "spec.json", msgspec.json.encode(spec))
+            write_atomic(cdir / "spec.json", msgspec.json.encode(spec))
             (cdir / "logs").mkdir()  # exists from now on, so follow_logs can wait for the first start
             if not os.path.isdir(spec.rootfs):
                 raise SandboxError(f"rootfs {spec.rootfs} is not a directory", id=spec.id)

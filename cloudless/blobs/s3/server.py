@@ -87,7 +87,7 @@ def gateway_tls_files(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path
     and a server certificate for `hosts` re-issued on each start."""
     from datetime import timezone
 
-    from cloudless.node.datadir import write_atomic
+    from cloudless.durable import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
