@@ -363,6 +363,7 @@ class MuxSession:
         self._streams: dict[int, MuxStream] = {}
         self._accept_queue: deque[MuxStream] = deque()
         self._accept_wakeup = trio.Event()
+        self._slot_free = trio.lowlevel.ParkingLot()  # open_stream waiting at max_streams
         self._outbox: list[bytes | memoryview] = []
         self._outbox_bytes = 0
         self._control: list[bytes] = []
@@ -400,14 +401,16 @@ class MuxSession:
 
     async def open_stream(self) -> MuxStream:
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self._error is not None:
-            raise self._error
-        if self._local_goaway or self._remote_goaway:
-            raise ConnectionLost(f"connection to {self._peer.uri} is closing", peer=self._peer.uri)
-        if len(self._streams) >= self.config.max_streams:
-            raise TransportError(
-                f"too many open streams to {self._peer.uri}", limit=self.config.max_streams
-            )
+        # At the stream limit, wait for a slot (as QUIC waits for stream
+        # credit and HTTP/2 clients queue), bounded by the caller's deadline.
+        while True:
+            if self._error is not None:
+                raise self._error
+            if self._local_goaway or self._remote_goaway:
+                raise ConnectionLost(f"connection to {self._peer.uri} is closing", peer=self._peer.uri)
+            if len(self._streams) < self.config.max_streams:
+                break
+            await self._slot_free.park()
         if self._next_id > MAX_STREAM_ID:
             raise ConnectionLost(f"stream ids to {self._peer.uri} exhausted", peer=self._peer.uri)
         stream = MuxStream(self, self._next_id, local=True)
@@ -509,8 +512,11 @@ class MuxSession:
         self._cancel_scope.cancel()
 
     def _wake_accept(self) -> None:
+        # Everything that wakes acceptors (GOAWAY either way, failure) also
+        # ends the wait for a stream slot.
         self._accept_wakeup.set()
         self._accept_wakeup = trio.Event()
+        self._slot_free.unpark_all()
 
     # -- sending --
 
@@ -624,6 +630,7 @@ class MuxSession:
     def _forget(self, stream: MuxStream) -> None:
         if self._streams.get(stream.stream_id) is stream:
             del self._streams[stream.stream_id]
+            self._slot_free.unpark()
 
     # -- receiving --
 

@@ -205,6 +205,54 @@ async def test_too_many_streams_are_refused_with_reset():
         nursery.cancel_scope.cancel()
 
 
+async def test_opening_past_the_local_limit_waits_for_a_free_slot():
+    async with trio.open_nursery() as nursery:
+        client, server, _ = await session_pair(nursery, MuxConfig(max_streams=2))
+        first, second = await client.open_stream(), await client.open_stream()
+        with trio.move_on_after(0.2) as waited:
+            await client.open_stream()  # both slots taken: this waits, it does not fail
+        assert waited.cancelled_caught
+        opened = []
+
+        async def open_third():
+            opened.append(await client.open_stream())
+
+        nursery.start_soon(open_third)
+        await trio.sleep(0.05)
+        assert not opened
+        await first.send_all(b"done")
+        await first.send_eof()
+        accepted = await server.accept_stream()
+        assert await read_all(accepted) == b"done"
+        await accepted.send_eof()  # both FINs: the slot frees and the waiter proceeds
+        with trio.fail_after(2):
+            while not opened:
+                await trio.sleep(0.01)
+        assert opened[0].stream_id == 5
+        await second.reset()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_waiter_for_a_stream_slot_fails_when_the_session_ends():
+    async with trio.open_nursery() as nursery:
+        client, _, _ = await session_pair(nursery, MuxConfig(max_streams=1))
+        await client.open_stream()
+        failed = []
+
+        async def open_second():
+            with pytest.raises(ConnectionLost) as info:
+                await client.open_stream()
+            failed.append(info.value)
+
+        nursery.start_soon(open_second)
+        await trio.sleep(0.05)
+        await client.aclose()
+        with trio.fail_after(2):
+            while not failed:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+
+
 # -- hostile input, straight onto the wire --
 
 
