@@ -8,6 +8,10 @@ Prints one JSON object:
 - per size, 5 % of members stalling 2 s every 10 s under 5 % loss, Lifeguard
   on versus off in the same run: false positives split into healthy members
   and stalled members, with the detection times they came with;
+- small clusters (5, 20, 50 members), many seeds pooled: crash detection
+  with early confirmations on and off in the same run (members that hear a
+  suspicion probe the suspect at once), with healthy false positives under
+  10 % loss;
 - CPU of one real member idling in a 50-member cluster on loopback UDP
   (sealed packets, trio drivers, all in this process; CPU / 50).
 
@@ -51,6 +55,48 @@ def scenario(nodes: int, loss: float, seed: int, duration: float, **extra) -> di
     )
     print(f"# {nodes} members loss={loss} {extra}: {doc}", file=sys.stderr, flush=True)
     return doc
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return round(ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo), 3)
+
+
+def small_clusters(sizes: list[int], seeds: int, duration: float) -> dict:
+    """Detection where Cloudless clusters mostly are (a handful of devices):
+    pooled over `seeds` runs, early confirmations on vs off, same seeds."""
+    out: dict = {}
+    for n in sizes:
+        for loss in (0.0, 0.10):
+            row: dict = {}
+            for early in (True, False):
+                detect: list[float] = []
+                undetected = healthy_fp = 0
+                for seed in range(1, seeds + 1):
+                    r = simulate(SimConfig(
+                        nodes=n, seed=seed, duration=duration, loss=loss, kills=3, joins=2,
+                        gossip=GossipConfig(early_confirmations=early),
+                    ))
+                    detect += [t for t in r.detect_all if t is not None]
+                    undetected += r.undetected
+                    healthy_fp += len(r.false_positive_members) - r.false_positives_stalled
+                row["early_on" if early else "early_off"] = {
+                    "crashes": len(detect) + undetected,
+                    "detect_all_p50_s": _pct(detect, 0.5),
+                    "detect_all_p95_s": _pct(detect, 0.95),
+                    "undetected": undetected,
+                    "false_positives_healthy": healthy_fp,
+                }
+            on, off = row["early_on"], row["early_off"]
+            if on["detect_all_p50_s"] and off["detect_all_p50_s"]:
+                row["p50_ratio_on_over_off"] = round(on["detect_all_p50_s"] / off["detect_all_p50_s"], 2)
+            print(f"# small {n} members loss={loss}: {row}", file=sys.stderr, flush=True)
+            out[f"{n}@{loss}"] = row
+    return out
 
 
 async def idle_cluster(members: int = 50, settle: float = 8.0, window: float = 20.0) -> dict:
@@ -108,7 +154,9 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,5000")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--duration", type=float, default=60.0)
-    parser.add_argument("--parts", default="loss,stalls,real", help="any of loss, stalls, real")
+    parser.add_argument("--parts", default="loss,stalls,small,real", help="any of loss, stalls, small, real")
+    parser.add_argument("--small-sizes", default="5,20,50")
+    parser.add_argument("--small-seeds", type=int, default=20)
     parser.add_argument("--stall-modes", default="on,off", help="Lifeguard modes for the stall scenario")
     parser.add_argument("--stall-duration", type=float, default=None, help="virtual seconds for stall runs")
     args = parser.parse_args()
@@ -156,6 +204,8 @@ def main() -> None:
                 None if on["false_positives_healthy"] == 0 else round(off["false_positives_healthy"] / on["false_positives_healthy"], 1)
             )
         out["stalls"][str(n)] = runs
+    if "small" in parts:
+        out["small"] = small_clusters([int(x) for x in args.small_sizes.split(",") if x], args.small_seeds, 40.0)
     if "real" in parts:
         out["real_idle_50"] = trio.run(idle_cluster)
     out["wall_s"] = round(time.perf_counter() - started, 1)

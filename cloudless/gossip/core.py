@@ -70,6 +70,8 @@ class GossipConfig:
     suspicion_max_mult: float = 5.0
     suspicion_floor: float = 0.5
     expected_confirmations: int = 3
+    # Members hearing a suspicion probe the suspect out of turn (see _on_suspect).
+    early_confirmations: bool = True
     awareness_max: int = 8
     push_pull_interval: float = 30.0
     reconnect_interval: float = 10.0
@@ -625,7 +627,7 @@ class GossipCore:
         self._events.append(MemberSuspect(m.name, s.incarnation, s.source))
         if gossip:
             self._queue_broadcast(s.node, wire.encode(s))
-        if expected > 0 and s.source != self.name:
+        if expected > 0 and cfg.early_confirmations and s.source != self.name:
             # Confirmations shrink the timeout only if they come soon; waiting
             # for the suspect's turn in each member's round-robin order takes
             # up to n probe intervals. About 2 x expected members (all of them
