@@ -6,100 +6,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-CLI = [sys.executable, "-m", "cloudless"]
-
-
-def free_port() -> int:
-    """A port free for both TCP and UDP (a node serves both on one number)."""
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
-
-
-def cli(*args: str, config: Path | None = None, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    if config is not None:
-        env["CLOUDLESS_CONFIG"] = str(config)
-    proc = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cloudless {' '.join(args)} failed ({proc.returncode}): {proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def cli_json(*args: str, config: Path, timeout: float = 30):
-    proc = cli(*args, "--json", config=config, timeout=timeout, check=True)
-    return json.loads(proc.stdout)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.3):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-            if last:
-                return last
-        except (AssertionError, json.JSONDecodeError, subprocess.TimeoutExpired) as exc:
-            last = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}: last={last!r}")
-
-
-class NodeProcess:
-    def __init__(self, data_dir: Path, port: int, *extra: str) -> None:
-        self.data_dir = data_dir
-        self.port = port
-        self.address = f"127.0.0.1:{port}"
-        self.extra = list(extra)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, *join_args: str) -> "NodeProcess":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.data_dir / "node.out", "ab") as out:
-            self.proc = subprocess.Popen(
-                [*CLI, "node", "--data-dir", str(self.data_dir), "--listen", self.address, "--voter-stabilization", "1",
-                 *self.extra, *join_args],
-                stdout=out,
-                stderr=out,
-                stdin=subprocess.DEVNULL,
-            )
-        return self
-
-    def kill9(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def output(self) -> str:
-        try:
-            return (self.data_dir / "node.out").read_text()[-4000:]
-        except OSError:
-            return ""
+from cloudless.testing.node_cluster import (
+    CLI,
+    NodeProcess,
+    bootstrap,
+    cli,
+    cli_json,
+    free_port,
+    join,
+    status,
+    token,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -107,7 +31,7 @@ def nodes(tmp_path):
     started: list[NodeProcess] = []
 
     def make(name: str, *extra: str) -> NodeProcess:
-        node = NodeProcess(tmp_path / name, free_port(), "--name", name, *extra)
+        node = NodeProcess(tmp_path / name, free_port(), name, *extra)
         started.append(node)
         return node
 
@@ -116,25 +40,14 @@ def nodes(tmp_path):
         node.stop()
 
 
-def token(config: Path, *args: str) -> str:
-    return cli_json("token", "create", *args, config=config)["token"]
-
-
-def status(config: Path, endpoint: str | None = None) -> dict:
-    extra = ("--endpoint", endpoint) if endpoint else ()
-    return cli_json("status", *extra, config=config)
-
-
-def bootstrap(nodes) -> tuple[NodeProcess, Path]:
-    first = nodes("node1").start()
-    config = first.data_dir / "admin.yaml"
-    wait_for(lambda: config.exists(), 20, "admin config")
-    wait_for(lambda: status(config)["leader"] == "node1", 20, "node1 to lead")
-    return first, config
+def create_cluster(nodes) -> tuple[NodeProcess, Path]:
+    """node1, bootstrapped, and its admin config (most tests start from this)."""
+    first = nodes("node1")
+    return first, bootstrap(first)
 
 
 def test_bootstrap_writes_admin_config_and_serves_status(nodes):
-    first, config = bootstrap(nodes)
+    first, config = create_cluster(nodes)
     doc = status(config)
     assert set(doc) == {"cluster_id", "leader", "term", "commit_index", "voters", "learners", "members"}
     assert doc["voters"] == ["node1"] and doc["learners"] == []
@@ -146,7 +59,7 @@ def test_bootstrap_writes_admin_config_and_serves_status(nodes):
 
 
 def test_vars_semantics_and_exit_codes(nodes):
-    _, config = bootstrap(nodes)
+    _, config = create_cluster(nodes)
     put = cli_json("vars", "put", "app/color", "blue", config=config)
     assert put["key"] == "app/color" and put["value"] == "blue" and put["index"] > 0
     assert cli_json("vars", "get", "app/color", config=config) == put
@@ -166,10 +79,9 @@ def test_vars_semantics_and_exit_codes(nodes):
 
 
 def test_join_grow_to_three_voters_survive_leader_kill_and_rejoin(nodes):
-    first, config = bootstrap(nodes)
-    join_token = token(config, "--uses", "2")
-    second = nodes("node2").start("--join", first.address, "--token", join_token)
-    third = nodes("node3").start("--join", first.address, "--token", join_token)
+    first, config = create_cluster(nodes)
+    second = nodes("node2")
+    join(config, first, second, nodes("node3"))
     wait_for(lambda: status(config)["voters"] == ["node1", "node2", "node3"], 60, "three voters")
     acked = {f"k{i}": cli_json("vars", "put", f"k{i}", f"v{i}", config=config)["value"] for i in range(5)}
 
@@ -198,7 +110,7 @@ def test_join_grow_to_three_voters_survive_leader_kill_and_rejoin(nodes):
 
 @pytest.mark.parametrize("case", ["forged", "used_up", "expired", "wrong_role", "malformed"])
 def test_token_misuse_is_refused_and_changes_nothing(nodes, case):
-    first, config = bootstrap(nodes)
+    first, config = create_cluster(nodes)
     if case == "forged":
         good = token(config)
         parts = good.split(".")
@@ -238,7 +150,7 @@ def test_removed_node_is_revoked_cluster_wide(nodes):
     from cloudless.pki.verify import PeerVerifier
     from cloudless.transport.tls import TlsCarrier
 
-    first, config = bootstrap(nodes)
+    first, config = create_cluster(nodes)
     second = nodes("node2").start("--join", first.address, "--token", token(config))
     wait_for(lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 30, "node2 joined")
     second.stop()
@@ -299,10 +211,8 @@ def test_metrics_endpoint_requires_a_cluster_certificate(nodes):
     import urllib.request
 
     metrics_port = free_port()
-    first = nodes("node1", "--metrics-listen", f"127.0.0.1:{metrics_port}").start()
-    config = first.data_dir / "admin.yaml"
-    wait_for(lambda: config.exists(), 20, "admin config")
-    wait_for(lambda: status(config)["leader"] == "node1", 20, "node1 to lead")
+    first = nodes("node1", "--metrics-listen", f"127.0.0.1:{metrics_port}")
+    bootstrap(first)
     tls = first.data_dir / "tls"
     context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
     context.check_hostname = False
@@ -319,13 +229,10 @@ def test_metrics_endpoint_requires_a_cluster_certificate(nodes):
 def test_autopilot_prefers_mains_and_replaces_a_dead_voter(nodes):
     """Issue 5: a phone on battery is not chosen while a mains node is available,
     and becomes a voter only when nothing better exists."""
-    first, config = bootstrap(nodes)
-    join_token = token(config, "--uses", "3")
-    second = nodes("node2").start("--join", first.address, "--token", join_token)
-    phone = nodes("phone", "--power", "battery", "--battery", "60", "--network", "wifi").start(
-        "--join", first.address, "--token", join_token
-    )
-    fourth = nodes("node4").start("--join", first.address, "--token", join_token)
+    first, config = create_cluster(nodes)
+    second = nodes("node2")
+    phone = nodes("phone", "--power", "battery", "--battery", "60", "--network", "wifi")
+    join(config, first, second, phone, nodes("node4"))
     wait_for(lambda: status(config)["voters"] == ["node1", "node2", "node4"], 60, "three mains voters")
     members = {m["id"]: m for m in status(config)["members"]}
     assert (members["phone"]["power"], members["phone"]["battery_pct"], members["phone"]["network"]) == ("battery", 60.0, "wifi")
@@ -339,10 +246,9 @@ def test_autopilot_prefers_mains_and_replaces_a_dead_voter(nodes):
 
 
 def test_sigterm_hands_leadership_away_and_leaves_gracefully(nodes):
-    first, config = bootstrap(nodes)
-    join_token = token(config, "--uses", "2")
-    second = nodes("node2").start("--join", first.address, "--token", join_token)
-    nodes("node3").start("--join", first.address, "--token", join_token)
+    first, config = create_cluster(nodes)
+    second = nodes("node2")
+    join(config, first, second, nodes("node3"))
     wait_for(lambda: len(status(config)["voters"]) == 3, 60, "three voters")
     started = time.monotonic()
     first.stop()
@@ -360,7 +266,7 @@ def test_node_certificates_renew_before_they_expire(nodes, monkeypatch):
     from cloudless.pki.credentials import Credentials
 
     monkeypatch.setenv("CLOUDLESS_NODE_CERT_LIFETIME_S", "30")
-    first, config = bootstrap(nodes)
+    first, config = create_cluster(nodes)
     second = nodes("node2").start("--join", first.address, "--token", token(config))
     wait_for(lambda: (second.data_dir / "tls" / "cert.pem").exists(), 30, "node2 enrolled")
     original = Credentials.load(second.data_dir / "tls")
