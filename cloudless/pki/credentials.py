@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cloudless.durable import fsync_directory
+from cloudless.durable import fsync_directory, write_new
 from cloudless.pki.ca import CURVE, ClusterCA
 from cloudless.pki.clock import as_utc
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidIdentity
@@ -153,9 +153,9 @@ class Credentials:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         generation = directory / f"{_GENERATION_PREFIX}{secrets.token_hex(8)}"
         generation.mkdir(mode=0o700)
-        _write_synced(generation / CA_FILE, self.ca_pem, 0o644)
-        _write_synced(generation / CERT_FILE, self.cert_pem, 0o644)
-        _write_synced(generation / KEY_FILE, self.key_pem, 0o600)
+        write_new(generation / CA_FILE, self.ca_pem, 0o644)
+        write_new(generation / CERT_FILE, self.cert_pem, 0o644)
+        write_new(generation / KEY_FILE, self.key_pem, 0o600)
         fsync_directory(generation)
         for name in (CA_FILE, CERT_FILE, KEY_FILE):
             link = directory / name
@@ -200,16 +200,5 @@ def issue_credentials(
     key = new_private_key()
     certificate = ca.issue(make_csr(key, identity), identity, now, lifetime)
     return Credentials(ca.certificate_pem, certificate.public_bytes(serialization.Encoding.PEM), private_key_pem(key))
-
-
-def _write_synced(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 

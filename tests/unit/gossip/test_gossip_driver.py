@@ -38,6 +38,8 @@ async def _cluster(n: int, net: MemoryDatagramNetwork, nursery, events: list, ke
         drivers[core.addr] = d
         endpoints[core.addr] = ep
         out.append((d, ep))
+    for d, _ in out[1:]:
+        await d.join([out[0][0].core.addr])  # everyone joins through m0
     return out
 
 
@@ -46,9 +48,6 @@ async def test_driver_join_crash_and_leave_in_virtual_time(autojump_clock):
     events: list = []
     async with trio.open_nursery() as nursery:
         members = await _cluster(12, net, nursery, events)
-        seed = members[0][0].core.addr
-        for d, _ in members[1:]:
-            await d.join([seed])
         await trio.sleep(5)
         names = [d.core.name for d, _ in members]
         assert all(d.core.member(n).state == ALIVE for d, _ in members for n in names)
@@ -76,9 +75,7 @@ async def test_packets_sealed_with_another_cluster_key_are_dropped_and_counted(a
     events: list = []
     async with trio.open_nursery() as nursery:
         keys = [KEY, KEY, bytes(32)]
-        members = await _cluster(3, net, nursery, events, keys)
-        for d, _ in members[1:]:
-            await d.join([members[0][0].core.addr])  # the stream join works; datagrams do not
+        members = await _cluster(3, net, nursery, events, keys)  # the stream join works; datagrams do not
         await trio.sleep(10)
         outsider = members[2][0]
         assert outsider.counters["unsealed_dropped"] > 0
@@ -98,9 +95,6 @@ async def test_a_transport_hint_probes_the_member_at_once_and_a_crash_is_known_e
     events: list = []
     async with trio.open_nursery() as nursery:
         members = await _cluster(5, net, nursery, events)
-        seed = members[0][0].core.addr
-        for d, _ in members[1:]:
-            await d.join([seed])
         await trio.sleep(3)
         watcher = members[0][0]
         while watcher.core._probe is not None:  # between probes: the next is ~a probe interval away
