@@ -26,6 +26,7 @@ no earlier than the last completed `sync()`.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import struct
@@ -338,10 +339,14 @@ class RocksStorage:
         self._snapshot_meta = snapshot_meta
         if hard_state is not None:
             self._hard_state = hard_state
+        # Keys go in ascending (an overwritten suffix was dropped above), so the
+        # dict's insertion order is index order and the first key is the oldest.
         for entry in entries:
             self._tail[entry.index] = entry
-        while len(self._tail) > _TAIL_CACHE:
-            del self._tail[min(self._tail)]
+        excess = len(self._tail) - _TAIL_CACHE
+        if excess > 0:
+            for index in list(itertools.islice(self._tail, excess)):
+                del self._tail[index]
 
     def _put_snapshot(self, batch: WriteBatch, snapshot: Snapshot) -> None:
         batch.put(_KEY_SNAP_META, _seal(_KEY_SNAP_META, self._enc.encode(snapshot.meta)), self._snap_cf)

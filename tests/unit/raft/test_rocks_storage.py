@@ -109,6 +109,26 @@ def test_rocks_storage_answers_like_memory_storage_before_and_after_reopen(tmp_p
         same_view(rocks, mem)
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_a_small_tail_cache_evicts_the_oldest_entries_and_answers_stay_the_same(tmp_path, monkeypatch, seed):
+    # The cache holds 4096 entries; the property test above never fills it.
+    monkeypatch.setattr("cloudless.raft.rocks._TAIL_CACHE", 6)
+    rng = random.Random(seed)
+    mem, term = MemoryStorage(), [1]
+    with RocksStorage(tmp_path / "raft") as rocks:
+        for _ in range(60):
+            op = random_op(rng, mem, term)
+            apply(mem, op)
+            apply(rocks, op)
+            same_view(rocks, mem)
+            cached = list(rocks._tail)
+            assert len(cached) <= 6
+            assert cached == sorted(cached)
+            if cached:  # the newest entries are the ones kept
+                assert cached[-1] == rocks.last_index()
+                assert cached == list(range(cached[0], cached[-1] + 1))
+
+
 def test_fresh_storage_is_empty(path):
     with RocksStorage(path) as s:
         assert (s.first_index(), s.last_index(), s.term(0)) == (1, 0, 0)
