@@ -339,7 +339,7 @@ class RocksStorage:
         self._snapshot_meta = snapshot_meta
         if hard_state is not None:
             self._hard_state = hard_state
-        # Keys go in ascending (an overwritten suffix was dropped above), so the
+        # Keys are inserted in ascending order (an overwritten suffix was dropped above), so the
         # dict's insertion order is index order and the first key is the oldest.
         for entry in entries:
             self._tail[entry.index] = entry
