@@ -444,10 +444,17 @@ class _Extractor:
         # Directory modes last (a read-only directory must still receive its
         # children), deepest first.
         for parts, m in sorted(self.dir_meta, key=lambda pm: len(pm[0]), reverse=True):
-            path = self._path(parts)
+            if not self._still_a_directory(parts):
+                continue  # it or a parent was replaced or whited out later in the layer
+            self._owner_mode_time(self._path(parts), m)
+
+    def _still_a_directory(self, parts: tuple[str, ...]) -> bool:
+        # Every component, not just the last: a later entry may have turned a
+        # parent into a file or into a symlink that leads out of the root.
+        for i in range(1, len(parts) + 1):
             try:
-                if not stat.S_ISDIR(os.lstat(path).st_mode):
-                    continue  # replaced or whited out later in the layer
-            except FileNotFoundError:
-                continue
-            self._owner_mode_time(path, m)
+                if not stat.S_ISDIR(os.lstat(self._path(parts[:i])).st_mode):
+                    return False
+            except (FileNotFoundError, NotADirectoryError):
+                return False
+        return True

@@ -210,6 +210,22 @@ def test_layer_mode_writes_overlayfs_whiteouts(tmp_path):
     assert (root / "d/new").read_bytes() == b"n"
 
 
+def test_directory_modes_are_not_applied_through_a_parent_replaced_by_a_symlink(tmp_path):
+    # "a/a" gets its mode at the end of the layer; by then "a" is a symlink to
+    # a directory outside the root, which must keep its own mode.
+    outside = tmp_path / "outside"
+    (outside / "a").mkdir(parents=True)
+    os.chmod(outside / "a", 0o755)
+    a = tarfile.TarInfo("a/a")
+    a.type, a.mode = tarfile.DIRTYPE, 0o700
+    tar = TarBuilder().dir("a").raw(a).symlink("a", str(outside)).bytes()
+    try:
+        _, root = unpack(tmp_path, tar)
+    except UnsafeLayer:
+        pass
+    assert stat.S_IMODE(os.stat(outside / "a").st_mode) == 0o755
+
+
 # -- property: nothing escapes -------------------------------------------------
 
 from hypothesis import example, HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -229,6 +245,8 @@ def _entries():
 # Found by this test: a path *through* an opaque marker used to escape as IsADirectoryError.
 @example(entries=[("file", "a", ".."), ("file", ".wh..wh..opq/a", ".."), ("file", ".wh..wh..opq", "..")], mode="apply")
 @example(entries=[("file", "a", ".."), ("file", ".wh..wh..opq/a", ".."), ("file", ".wh..wh..opq", "..")], mode="layer")
+# Found in CI: a directory whose parent became a file later left finish() with NotADirectoryError.
+@example(entries=[("dir", "a/a", ".."), ("file", "a", "..")], mode="apply")
 def test_no_sequence_of_entries_writes_outside_the_root(tmp_path_factory, entries, mode):
     base = tmp_path_factory.mktemp("prop")
     root, outside = base / "root", base / "outside"
