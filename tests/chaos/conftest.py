@@ -8,26 +8,39 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from cloudless.testing.chaos import ChaosCluster, ProcessSpec, wait_tcp
 
 PORT = 7411
 
 
-async def _ready(proc) -> None:
-    await wait_tcp(proc.host.ip, proc.spec.port, timeout_s=10)
+def _ready_after(banner: str):
+    """Ready when the port answers and this start has logged its banner.
+
+    The programs listen before they log, so a connect alone can win the race
+    with the banner, and a kill -9 right after would lose the line.
+    """
+
+    async def ready(proc) -> None:
+        await wait_tcp(proc.host.ip, proc.spec.port, timeout_s=10)
+        with trio.fail_after(10):
+            while proc.log_path.read_text().count(banner) < proc.starts:
+                await trio.sleep(0.02)
+
+    return ready
 
 
 class Programs:
     path = str(Path(__file__).with_name("programs.py"))
     port = PORT
     # TCP echo + UDP sink that logs every datagram it receives.
-    serve = ProcessSpec(argv=[sys.executable, "-I", path, "serve", "{host_ip}", "{port}"], port=PORT, ready=_ready)
+    serve = ProcessSpec(argv=[sys.executable, "-I", path, "serve", "{host_ip}", "{port}"], port=PORT, ready=_ready_after("serving "))
     # A durable register; extra value `flags` turns it into a stale replica.
     register = ProcessSpec(
         argv=[sys.executable, "-I", path, "register", "{host_ip}", "{port}", "{data_dir}/register.jsonl", "{flags}"],
         port=PORT,
-        ready=_ready,
+        ready=_ready_after("register on "),
     )
 
     def run(self, cluster: ChaosCluster, host: int, *args: str, timeout: float = 10.0):
