@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -103,7 +103,7 @@ class LoopbackPeers:
         from cloudless.pki.credentials import issue_credentials
         from cloudless.pki.identity import Identity
 
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         ca = ClusterCA.create(CLUSTER, now)
         self.root = root
         self.pki = root / "pki"
@@ -118,9 +118,24 @@ class LoopbackPeers:
         peer_map = ",".join(f"{n}={port}" for n, (_, port) in self.addresses.items())
         for node_id in peer_ids:
             proc = subprocess.Popen(
-                [sys.executable, str(HERE), "peer", "--id", node_id, "--port", str(self.addresses[node_id][1]),
-                 "--pki", str(self.pki), "--dir", str(root / node_id), "--peers", peer_map],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                [
+                    sys.executable,
+                    str(HERE),
+                    "peer",
+                    "--id",
+                    node_id,
+                    "--port",
+                    str(self.addresses[node_id][1]),
+                    "--pki",
+                    str(self.pki),
+                    "--dir",
+                    str(root / node_id),
+                    "--peers",
+                    peer_map,
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
             )
             if proc.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"peer {node_id} did not start")
@@ -329,8 +344,9 @@ async def dedup(versions: int = 10, base_mib: int = 64) -> dict:
     rng = random.Random(7)
     nodes = ["n0", "n1", "n2"]
     peers = MemoryChunkPeers({n: MemoryChunkStore() for n in nodes})
-    service = ObjectService(LocalMetadataStore(None), peers.stores["n0"], peers, lambda: members_of(nodes),
-                            node_id="n0")
+    service = ObjectService(
+        LocalMetadataStore(None), peers.stores["n0"], peers, lambda: members_of(nodes), node_id="n0"
+    )
     await service.create_bucket("ver")
     data = rng.randbytes(base_mib * MIB)
     logical = 0

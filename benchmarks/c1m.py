@@ -34,23 +34,23 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scheduler import make_nodes  # noqa: E402  (benchmarks/scheduler.py)
+from scheduler import make_nodes
 
-from cloudless.coordinator.controller import ControllerState, reconcile  # noqa: E402
-from cloudless.raft.core import RaftConfig, RaftNode, Role  # noqa: E402
-from cloudless.raft.driver import RaftDriver  # noqa: E402
-from cloudless.raft.messages import Entry, EntryKind  # noqa: E402
-from cloudless.raft.rocks import RocksStorage  # noqa: E402
-from cloudless.raft.storage import bootstrap_log  # noqa: E402
-from cloudless.state.commands import (  # noqa: E402
+from cloudless.coordinator.controller import ControllerState, reconcile
+from cloudless.raft.core import RaftConfig, RaftNode, Role
+from cloudless.raft.driver import RaftDriver
+from cloudless.raft.messages import Entry, EntryKind
+from cloudless.raft.rocks import RocksStorage
+from cloudless.raft.storage import bootstrap_log
+from cloudless.state.commands import (
     AllocationReport,
     Proposal,
     ReportAllocations,
     SubmitWorkload,
     encode_proposal,
 )
-from cloudless.state.fsm import StateMachine  # noqa: E402
-from cloudless.state.workload import Resources, WorkloadSpec, validate  # noqa: E402
+from cloudless.state.fsm import StateMachine
+from cloudless.state.workload import Resources, WorkloadSpec, validate
 
 IDS = ("s1", "s2", "s3")
 
@@ -78,8 +78,11 @@ class InProcessRaft:
                 if peer is not None:
                     peer.deliver(message)
 
-            node = RaftNode(RaftConfig(id=node_id, election_tick=10, heartbeat_tick=2), self.storages[node_id],
-                            random.Random(node_id))
+            node = RaftNode(
+                RaftConfig(id=node_id, election_tick=10, heartbeat_tick=2),
+                self.storages[node_id],
+                random.Random(node_id),
+            )
             driver = self.drivers[node_id] = RaftDriver(node, self.storages[node_id], send, apply, tick_interval=0.05)
             await nursery.start(driver.run)
 
@@ -141,19 +144,27 @@ async def run(args) -> dict:
                     t_rep = time.perf_counter()
                     async with trio.open_nursery() as reporters:
                         for node_id, reports in by_node.items():
-                            reporters.start_soon(leader.propose, proposal(ReportAllocations(node_id, tuple(reports))), 60)
+                            reporters.start_soon(
+                                leader.propose, proposal(ReportAllocations(node_id, tuple(reports))), 60
+                            )
                     running_s = time.perf_counter() - t0
-                    running = sum(1 for a in fsm.allocations.values() if a.allocation.workload == spec.name and a.allocation.state == "running")
-                    results.append({
-                        "placed": len(placed),
-                        "running": running,
-                        "rounds": rounds,
-                        "plan_cpu_s": round(plan_s, 3),
-                        "committed_s": round(committed_s, 3),
-                        "reports_s": round(time.perf_counter() - t_rep, 3),
-                        "placements_per_s": round(len(placed) / committed_s),
-                        "running_per_s": round(running / running_s),
-                    })
+                    running = sum(
+                        1
+                        for a in fsm.allocations.values()
+                        if a.allocation.workload == spec.name and a.allocation.state == "running"
+                    )
+                    results.append(
+                        {
+                            "placed": len(placed),
+                            "running": running,
+                            "rounds": rounds,
+                            "plan_cpu_s": round(plan_s, 3),
+                            "committed_s": round(committed_s, 3),
+                            "reports_s": round(time.perf_counter() - t_rep, 3),
+                            "placements_per_s": round(len(placed) / committed_s),
+                            "running_per_s": round(running / running_s),
+                        }
+                    )
                     print(f"workload {k}: {results[-1]}", file=sys.stderr)
                 nursery.cancel_scope.cancel()
         finally:

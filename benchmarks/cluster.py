@@ -146,8 +146,18 @@ class DevCluster:
         from cloudless.api import client_config
 
         started = time.perf_counter()
-        result = self._cli("dev", "up", "--nodes", str(self.nodes), "--dir", str(self.directory),
-                           "--base-port", str(self.base_port), "--json", timeout=timeout)
+        result = self._cli(
+            "dev",
+            "up",
+            "--nodes",
+            str(self.nodes),
+            "--dir",
+            str(self.directory),
+            "--base-port",
+            str(self.base_port),
+            "--json",
+            timeout=timeout,
+        )
         self.addresses = {n["name"]: n["address"] for n in result["nodes"]}
         self.context = client_config.load(Path(result["config"])).context()
         result["up_s"] = round(time.perf_counter() - started, 2)
@@ -216,8 +226,7 @@ async def status(cluster: DevCluster, *names: str, timeout: float = 2.0):
         await client.aclose()
 
 
-async def wait_healthy(cluster: DevCluster, voters: int, standby: int = 0, exclude: str = "",
-                       timeout: float = 60.0):
+async def wait_healthy(cluster: DevCluster, voters: int, standby: int = 0, exclude: str = "", timeout: float = 60.0):
     """Until status shows a leader, `voters` live voters (none of them `exclude`)
     and `standby` live non-voters."""
     import trio
@@ -237,8 +246,12 @@ async def wait_healthy(cluster: DevCluster, voters: int, standby: int = 0, exclu
                 alive = {m.name for m in reply.members if m.state == "alive"}
                 live_voters = [v for v in reply.voters if v in alive and v != exclude]
                 others = [m for m in reply.members if m.state == "alive" and m.role != "voter" and m.name != exclude]
-                if (reply.leader and len(reply.voters) == voters and len(live_voters) == voters
-                        and len(others) >= standby):
+                if (
+                    reply.leader
+                    and len(reply.voters) == voters
+                    and len(live_voters) == voters
+                    and len(others) >= standby
+                ):
                     return reply
             await trio.sleep(0.2)
     raise RuntimeError(f"cluster not healthy ({voters} voters + {standby} standby) after {timeout}s: {last}")
@@ -329,7 +342,9 @@ async def failover_trial(cluster: DevCluster, trial: int) -> dict:
     seq = 0
     for name, client in clients.items():
         seq += 1
-        await client.call("vars.put", VarsPut("failover", f"warm-{name}", client_id, seq), response=VarValue, timeout=5.0)
+        await client.call(
+            "vars.put", VarsPut("failover", f"warm-{name}", client_id, seq), response=VarValue, timeout=5.0
+        )
     seq += 1
     request = VarsPut("failover", f"after-kill-{trial}", client_id, seq)  # one logical write, retried
     tries = 0
@@ -373,7 +388,9 @@ async def failover_trial(cluster: DevCluster, trial: int) -> dict:
     }
 
 
-async def leader_events(cluster: DevCluster, names: list[str], since_wall: float, prefixes: tuple[str, ...]) -> list[dict]:
+async def leader_events(
+    cluster: DevCluster, names: list[str], since_wall: float, prefixes: tuple[str, ...]
+) -> list[dict]:
     """Events recorded by the first of `names` that answers (put the leader
     first), from `since_wall` on, whose kind starts with one of `prefixes`."""
     from cloudless.api.messages import Event, EventsFollow
@@ -433,8 +450,10 @@ def run_failover(cluster: DevCluster, trials: int) -> tuple[list[dict], list[dic
     started_wall = time.time()
     for trial in range(trials):
         row = trio.run(failover_trial, cluster, trial)
-        note(f"failover trial {trial}: killed {row['killed']}, first write after {row['ms']} ms "
-             f"({row['tries']} tries), new leader {row['new_leader']} known after {row['leader_known_ms']} ms")
+        note(
+            f"failover trial {trial}: killed {row['killed']}, first write after {row['ms']} ms "
+            f"({row['tries']} tries), new leader {row['new_leader']} known after {row['leader_known_ms']} ms"
+        )
         rows.append(row)
         try:
             restart = cluster.up(timeout=30.0)  # restarts the killed node from its data dir
@@ -450,10 +469,18 @@ def run_failover(cluster: DevCluster, trials: int) -> tuple[list[dict], list[dic
             decisions = trio.run(leader_events, cluster, names, started_wall, ("autopilot.",))
         except Exception as exc:  # diagnosis only; the restart below is what matters
             seen, decisions = {"error": str(exc)}, []
-        note(f"after trial {trial}: {problem}; status {seen}; autopilot "
-             f"{[(e['kind'], e['node'], e['message']) for e in decisions]}")
-        restarts.append({"after_trial": trial, "problem": problem, "status": seen,
-                         "autopilot": [{k: e[k] for k in ("kind", "node", "message")} for e in decisions][-8:]})
+        note(
+            f"after trial {trial}: {problem}; status {seen}; autopilot "
+            f"{[(e['kind'], e['node'], e['message']) for e in decisions]}"
+        )
+        restarts.append(
+            {
+                "after_trial": trial,
+                "problem": problem,
+                "status": seen,
+                "autopilot": [{k: e[k] for k in ("kind", "node", "message")} for e in decisions][-8:],
+            }
+        )
         cluster.stop_all()
         cluster.up()
         trio.run(wait_healthy, cluster, 3, 0, "", 90.0)
@@ -577,9 +604,7 @@ async def voter_replace(cluster: DevCluster, timeout: float) -> dict:
         "dead_suspected_s": suspect_s,
         "dead_declared_s": dead_s,
         "status_seen_s": {k: round(v, 2) for k, v in seen.items()},
-        "voter_replace_after_declared_s": (
-            None if replaced is None or dead_s is None else round(replaced - dead_s, 2)
-        ),
+        "voter_replace_after_declared_s": (None if replaced is None or dead_s is None else round(replaced - dead_s, 2)),
         "events": [
             {"t_s": round(e["t_wall"] - killed_wall, 2), "kind": e["kind"], "node": e["node"], "message": e["message"]}
             for e in events
@@ -629,8 +654,7 @@ def judge(out: dict, clients: int) -> None:
         target("failover_p50_ms", p50, "<= 500", p50 is not None and p50 <= 500),
         target("failover_p95_ms", p95, "<= 1000", p95 is not None and p95 <= 1000),
         target("voter_replace_after_declared_s", after_dead, "<= 20", after_dead is not None and after_dead <= 20),
-        target(f"ours_ops_s[{c}]", ours, f">= etcd_ops_s[{c}] ({etcd})",
-               None if not (ours and etcd) else ours >= etcd),
+        target(f"ours_ops_s[{c}]", ours, f">= etcd_ops_s[{c}] ({etcd})", None if not (ours and etcd) else ours >= etcd),
         target("idle_rss_mb", rss, "<= 80", rss is not None and rss <= 80),
     ]
     if ours is None or etcd is None:
@@ -646,9 +670,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=None, help="failover trials (12; quick 3)")
     parser.add_argument("--idle-seconds", type=float, default=None, help="idle window (10; quick 5)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--only", action="append",
-                        choices=["ours", "failover", "replace", "etcd", "pysyncobj"],
-                        help="run only these parts (repeatable)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["ours", "failover", "replace", "etcd", "pysyncobj"],
+        help="run only these parts (repeatable)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working directory")
     args = parser.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 10.0)
@@ -662,21 +689,28 @@ def main() -> None:
         "benchmark": "cluster",
         "mode": "quick" if args.quick else "full",
         "workload": {
-            "value_chars": VALUE_CHARS, "keys": KEYS, "seconds_per_run": seconds, "clients": args.clients,
-            "failover_trials": trials, "failover_try_timeout_s": FAILOVER_TRY_TIMEOUT,
+            "value_chars": VALUE_CHARS,
+            "keys": KEYS,
+            "seconds_per_run": seconds,
+            "clients": args.clients,
+            "failover_trials": trials,
+            "failover_try_timeout_s": FAILOVER_TRY_TIMEOUT,
             "etcd_failover_try_timeout_s": ETCD_TRY_TIMEOUT,
             "idle_window_s": idle_seconds,
             "ours": "3 `cloudless node` processes from `cloudless dev up` on loopback, Raft log fsynced; "
-                    "each client one ClusterClient (own mTLS connection), trio tasks in the bench process, "
-                    "writes sent to the leader (vars.put with client session)",
+            "each client one ClusterClient (own mTLS connection), trio tasks in the bench process, "
+            "writes sent to the leader (vars.put with client session)",
             "etcd": "Debian /usr/bin/etcd, 3 members on loopback, default fsync; HTTP/JSON gateway /v3/kv/put, "
-                    "one keep-alive connection and thread per client (benchmarks/raft.py runner)",
+            "one keep-alive connection and thread per client (benchmarks/raft.py runner)",
             "pysyncobj": "3 processes, appendEntriesUseBatch=False; load as threads inside the leader "
-                         "process (no client protocol); in-memory log, never fsyncs",
+            "process (no client protocol); in-memory log, never fsyncs",
         },
         "machine": {
-            "cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-            "loadavg_start": loadavg(), "note": "cores shared with other jobs: figures are noisy",
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "loadavg_start": loadavg(),
+            "note": "cores shared with other jobs: figures are noisy",
         },
     }
     try:

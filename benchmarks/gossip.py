@@ -42,7 +42,9 @@ from cloudless.transport.udp import UdpEndpoint
 def scenario(nodes: int, loss: float, seed: int, duration: float, **extra) -> dict:
     kills = max(5, nodes // 250)
     started = time.process_time()
-    result = simulate(SimConfig(nodes=nodes, seed=seed, duration=duration, loss=loss, kills=kills, joins=kills, **extra))
+    result = simulate(
+        SimConfig(nodes=nodes, seed=seed, duration=duration, loss=loss, kills=kills, joins=kills, **extra)
+    )
     doc = result.summary()
     doc.update(
         loss=loss,
@@ -77,10 +79,17 @@ def small_clusters(sizes: list[int], seeds: int, duration: float) -> dict:
                 detect: list[float] = []
                 undetected = healthy_fp = 0
                 for seed in range(1, seeds + 1):
-                    r = simulate(SimConfig(
-                        nodes=n, seed=seed, duration=duration, loss=loss, kills=3, joins=2,
-                        gossip=GossipConfig(early_confirmations=early),
-                    ))
+                    r = simulate(
+                        SimConfig(
+                            nodes=n,
+                            seed=seed,
+                            duration=duration,
+                            loss=loss,
+                            kills=3,
+                            joins=2,
+                            gossip=GossipConfig(early_confirmations=early),
+                        )
+                    )
                     detect += [t for t in r.detect_all if t is not None]
                     undetected += r.undetected
                     healthy_fp += len(r.false_positive_members) - r.false_positives_stalled
@@ -115,7 +124,9 @@ async def idle_cluster(members: int = 50, settle: float = 8.0, window: float = 2
         for i in range(members):
             endpoint = UdpEndpoint("127.0.0.1", 0)
             addr = await nursery.start(endpoint.run)
-            core = GossipCore(f"m{i}", format_addr(addr), rng=random.Random(i), now=trio.current_time(), config=GossipConfig())
+            core = GossipCore(
+                f"m{i}", format_addr(addr), rng=random.Random(i), now=trio.current_time(), config=GossipConfig()
+            )
             driver = GossipDriver(core, endpoint, PacketSealer(Keyring(key)), stream_exchange)
             await nursery.start(driver.run)
             registry[core.addr] = driver
@@ -125,7 +136,9 @@ async def idle_cluster(members: int = 50, settle: float = 8.0, window: float = 2
             await d.join([drivers[0].core.addr])
         names = [d.core.name for d in drivers]
         with trio.move_on_after(30):
-            while not all(d.core.member(n) is not None and d.core.member(n).state == ALIVE for d in drivers for n in names):
+            while not all(
+                d.core.member(n) is not None and d.core.member(n).state == ALIVE for d in drivers for n in names
+            ):
                 await trio.sleep(0.1)
         await trio.sleep(settle)
         sent0 = sum(e.statistics().bytes_sent for e in endpoints)
@@ -201,7 +214,9 @@ def main() -> None:
         on, off = runs.get("on"), runs.get("off")
         if on and off:
             runs["healthy_false_positive_ratio_off_over_on"] = (
-                None if on["false_positives_healthy"] == 0 else round(off["false_positives_healthy"] / on["false_positives_healthy"], 1)
+                None
+                if on["false_positives_healthy"] == 0
+                else round(off["false_positives_healthy"] / on["false_positives_healthy"], 1)
             )
         out["stalls"][str(n)] = runs
     if "small" in parts:

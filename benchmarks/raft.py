@@ -42,7 +42,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve()
@@ -174,8 +174,13 @@ def run_node(args: argparse.Namespace) -> None:
     @server.unary("kv.status")
     async def kv_status(ctx, body: bytes) -> bytes:
         return msgspec.msgpack.encode(
-            {"id": args.id, "leader": node.role is Role.LEADER, "term": node.term, "applied": driver.applied,
-             "stats": driver.statistics()}
+            {
+                "id": args.id,
+                "leader": node.role is Role.LEADER,
+                "term": node.term,
+                "applied": driver.applied,
+                "stats": driver.statistics(),
+            }
         )
 
     async def raft_inbound(conn) -> None:
@@ -244,7 +249,7 @@ class OurCluster:
         from cloudless.pki.identity import Identity
 
         self.root = root
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         ca = ClusterCA.create(CLUSTER, now)
         self.pki = root / "pki"
         for node_id in IDS:
@@ -259,9 +264,22 @@ class OurCluster:
     def start(self, node_id: str) -> None:
         peers = ",".join(f"{i}={h}:{p}" for i, (h, p) in self.addresses.items())
         proc = subprocess.Popen(
-            [sys.executable, str(HERE), "node", "--id", node_id, "--dir", str(self.root / node_id),
-             "--pki", str(self.pki), "--peers", peers],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                str(HERE),
+                "node",
+                "--id",
+                node_id,
+                "--dir",
+                str(self.root / node_id),
+                "--pki",
+                str(self.pki),
+                "--peers",
+                peers,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"node {node_id} did not start")
@@ -354,11 +372,14 @@ async def load_ours(cluster: OurCluster, clients: int, seconds: float) -> dict:
     syncs = after["syncs"] - before["syncs"]
     written = after["entries_written"] - before["entries_written"]
     sync_ms = after["sync_ms"] - before["sync_ms"]
-    return dict(summary(latencies, seconds), errors=errors,
-                leader_entries_per_sync=round(written / syncs, 1) if syncs else None,
-                leader_syncs_s=round(syncs / seconds, 1),
-                leader_sync_ms_avg=round(sync_ms / syncs, 2) if syncs else None,
-                leader_readies_s=round((after["readies"] - before["readies"]) / seconds, 1))
+    return dict(
+        summary(latencies, seconds),
+        errors=errors,
+        leader_entries_per_sync=round(written / syncs, 1) if syncs else None,
+        leader_syncs_s=round(syncs / seconds, 1),
+        leader_sync_ms_avg=round(sync_ms / syncs, 2) if syncs else None,
+        leader_readies_s=round((after["readies"] - before["readies"]) / seconds, 1),
+    )
 
 
 async def failover_ours(cluster: OurCluster, trials: int) -> list[float]:
@@ -406,20 +427,39 @@ class EtcdCluster:
     def __init__(self, root: Path) -> None:
         ports = free_ports(2 * len(IDS))
         self.client_ports = ports[: len(IDS)]
-        self.peer_ports = ports[len(IDS):]
+        self.peer_ports = ports[len(IDS) :]
         initial = ",".join(f"e{i}=http://127.0.0.1:{p}" for i, p in enumerate(self.peer_ports))
         self.procs = []
         for i, (cport, pport) in enumerate(zip(self.client_ports, self.peer_ports)):
-            self.procs.append(subprocess.Popen(
-                ["/usr/bin/etcd", "--name", f"e{i}", "--data-dir", str(root / f"etcd{i}"),
-                 "--listen-client-urls", f"http://127.0.0.1:{cport}",
-                 "--advertise-client-urls", f"http://127.0.0.1:{cport}",
-                 "--listen-peer-urls", f"http://127.0.0.1:{pport}",
-                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{pport}",
-                 "--initial-cluster", initial, "--initial-cluster-state", "new",
-                 "--initial-cluster-token", "bench", "--log-level", "error"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            ))
+            self.procs.append(
+                subprocess.Popen(
+                    [
+                        "/usr/bin/etcd",
+                        "--name",
+                        f"e{i}",
+                        "--data-dir",
+                        str(root / f"etcd{i}"),
+                        "--listen-client-urls",
+                        f"http://127.0.0.1:{cport}",
+                        "--advertise-client-urls",
+                        f"http://127.0.0.1:{cport}",
+                        "--listen-peer-urls",
+                        f"http://127.0.0.1:{pport}",
+                        "--initial-advertise-peer-urls",
+                        f"http://127.0.0.1:{pport}",
+                        "--initial-cluster",
+                        initial,
+                        "--initial-cluster-state",
+                        "new",
+                        "--initial-cluster-token",
+                        "bench",
+                        "--log-level",
+                        "error",
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
 
     def leader_port(self, timeout: float = 30.0) -> int:
         import httpx
@@ -458,10 +498,12 @@ def load_etcd(port: int, clients: int, seconds: float) -> dict:
             start = time.perf_counter()
             if start >= end:
                 break
-            body = json.dumps({
-                "key": base64.b64encode(b"k%d" % rng.randrange(10_000)).decode(),
-                "value": base64.b64encode(rng.randbytes(VALUE_BYTES)).decode(),
-            })
+            body = json.dumps(
+                {
+                    "key": base64.b64encode(b"k%d" % rng.randrange(10_000)).decode(),
+                    "value": base64.b64encode(rng.randbytes(VALUE_BYTES)).decode(),
+                }
+            )
             try:
                 conn.request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
                 response = conn.getresponse()
@@ -553,9 +595,22 @@ def bench_pysyncobj(clients: list[int], seconds: float) -> dict[int, dict]:
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE), "pysyncobj-node", "--index", str(i), "--peers", peers,
-             "--seconds", str(seconds), "--clients", *map(str, clients)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                str(HERE),
+                "pysyncobj-node",
+                "--index",
+                str(i),
+                "--peers",
+                peers,
+                "--seconds",
+                str(seconds),
+                "--clients",
+                *map(str, clients),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         for i in range(len(IDS))
     ]
@@ -620,19 +675,37 @@ def main() -> None:
     out: dict = {
         "benchmark": "raft",
         "workload": {
-            "cluster_size": len(IDS), "value_bytes": VALUE_BYTES, "keys": 10_000, "seconds_per_run": args.seconds,
-            "clients": args.clients, "failover_trials": args.trials,
-            "ours": {"transport": "TlsCarrier (mTLS 1.3 over TCP, stream mux); client writes via RpcClient/RpcServer; "
-                              "raft messages as one-way length-prefixed batches on one mux stream per peer",
-                     "storage": "RocksStorage, WAL fsync (flush_wal(True)) per group commit",
-                     "tick_ms": TICK * 1000, "election_ticks": ELECTION_TICKS, "heartbeat_ticks": HEARTBEAT_TICKS},
-            "etcd": {"version": "3.4 (Debian)", "client": "HTTP/JSON gateway /v3/kv/put, http.client keep-alive, "
-                     "one thread per client", "fsync": "default (on)"},
-            "pysyncobj": {"config": "appendEntriesUseBatch=False", "client": "threads inside the leader process",
-                          "fsync": "never (in-memory journal)"},
+            "cluster_size": len(IDS),
+            "value_bytes": VALUE_BYTES,
+            "keys": 10_000,
+            "seconds_per_run": args.seconds,
+            "clients": args.clients,
+            "failover_trials": args.trials,
+            "ours": {
+                "transport": "TlsCarrier (mTLS 1.3 over TCP, stream mux); client writes via RpcClient/RpcServer; "
+                "raft messages as one-way length-prefixed batches on one mux stream per peer",
+                "storage": "RocksStorage, WAL fsync (flush_wal(True)) per group commit",
+                "tick_ms": TICK * 1000,
+                "election_ticks": ELECTION_TICKS,
+                "heartbeat_ticks": HEARTBEAT_TICKS,
+            },
+            "etcd": {
+                "version": "3.4 (Debian)",
+                "client": "HTTP/JSON gateway /v3/kv/put, http.client keep-alive, one thread per client",
+                "fsync": "default (on)",
+            },
+            "pysyncobj": {
+                "config": "appendEntriesUseBatch=False",
+                "client": "threads inside the leader process",
+                "fsync": "never (in-memory journal)",
+            },
         },
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(),
-                    "platform": platform.platform(), "note": "2 cores shared with other jobs: figures are noisy"},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "note": "2 cores shared with other jobs: figures are noisy",
+        },
     }
     try:
         only = set(args.only or ["ours", "etcd", "pysyncobj"])
@@ -674,7 +747,7 @@ def main() -> None:
                 etcd.stop()
 
         try:
-            import pysyncobj  # noqa: F401
+            import pysyncobj
         except ImportError:
             pysyncobj = None
         if "pysyncobj" not in only:

@@ -57,8 +57,22 @@ def cloudless(*args: str) -> str:
 def start_node(node_dir: Path, address: str) -> int:
     with open(node_dir / "node.out", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudless", "node", "--data-dir", str(node_dir), "--listen", address, "--voter-stabilization", "2"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "cloudless",
+                "node",
+                "--data-dir",
+                str(node_dir),
+                "--listen",
+                address,
+                "--voter-stabilization",
+                "2",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
         )
     (node_dir / "node.pid").write_text(f"{proc.pid}\n")
     return proc.pid
@@ -78,7 +92,7 @@ async def wait_for(what: str, predicate, timeout: float = 90.0):
     while trio.current_time() < deadline:
         try:
             last = await predicate()
-        except Exception as exc:  # noqa: BLE001 - the cluster may be re-electing; keep polling
+        except Exception as exc:
             last = exc
         else:
             if last:
@@ -91,10 +105,16 @@ async def bench(directory: Path, nodes: list[dict], trials: int, replicas: int) 
     context = client_config.load(directory / "config.yaml").context()
     client = ClusterClient(context, timeout=5.0)
     spec = from_flags(
-        "busybox:latest", name="bench", replicas=replicas, memory="16Mi", cpu="50m",
+        "busybox:latest",
+        name="bench",
+        replicas=replicas,
+        memory="16Mi",
+        cpu="50m",
         command=("sh", "-c", "while true; do sleep 1; done"),
     )
-    await client.call("workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply)
+    await client.call(
+        "workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply
+    )
 
     async def all_running():
         r = await inspect(client)
@@ -119,7 +139,7 @@ async def bench(directory: Path, nodes: list[dict], trials: int, replicas: int) 
         while True:
             try:
                 r = await inspect(client)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 await trio.sleep(POLL_S)
                 continue
             now = trio.current_time()
@@ -148,7 +168,9 @@ async def bench(directory: Path, nodes: list[dict], trials: int, replicas: int) 
         await wait_for(f"{victim} back and settled", settled)
         await trio.sleep(1.0)
     final_nodes = sorted(a.node for a in live(await inspect(client)))
-    await client.call("workloads.stop", WorkloadRef("bench", client.client_id, client.next_seq()), response=WorkloadReply)
+    await client.call(
+        "workloads.stop", WorkloadRef("bench", client.client_id, client.next_seq()), response=WorkloadReply
+    )
 
     async def stopped():
         r = await inspect(client)
@@ -181,13 +203,31 @@ def main() -> None:
     directory = work / "cluster"
     try:
         base = 21000 + random.randrange(0, 20000)
-        up = json.loads(cloudless("dev", "up", "--nodes", str(args.nodes), "--dir", str(directory), "--base-port", str(base), "--json"))
+        up = json.loads(
+            cloudless(
+                "dev", "up", "--nodes", str(args.nodes), "--dir", str(directory), "--base-port", str(base), "--json"
+            )
+        )
         subprocess.run(
-            [sys.executable, "-c", f"from pathlib import Path; from cloudless.testing.oci_build import build_busybox_image; build_busybox_image(Path({str(work / 'image')!r}), 'layout')"],
-            check=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                f"from pathlib import Path; from cloudless.sandbox.imagebuild import build_busybox_image; build_busybox_image(Path({str(work / 'image')!r}), 'layout')",
+            ],
+            check=True,
+            timeout=60,
         )
         for node in up["nodes"]:
-            cloudless("image", "import", str(work / "image" / "layout"), "--name", "busybox:latest", "--data-dir", node["dir"], "--json")
+            cloudless(
+                "image",
+                "import",
+                str(work / "image" / "layout"),
+                "--name",
+                "busybox:latest",
+                "--data-dir",
+                node["dir"],
+                "--json",
+            )
         figures = trio.run(bench, directory, up["nodes"], args.trials, args.replicas)
     except BaseException:
         keep = True
@@ -195,23 +235,42 @@ def main() -> None:
     else:
         keep = False
     finally:
-        subprocess.run([sys.executable, "-m", "cloudless", "stop", "bench", "--config", str(directory / "config.yaml")], capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "cloudless", "stop", "bench", "--config", str(directory / "config.yaml")],
+            capture_output=True,
+            timeout=60,
+        )
         containers = list(directory.glob("node*/agent/sandbox/containers"))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(c.exists() and any(c.iterdir()) for c in containers):
             time.sleep(0.3)
-        subprocess.run([sys.executable, "-m", "cloudless", "dev", "down", "--dir", str(directory)], capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "cloudless", "dev", "down", "--dir", str(directory)], capture_output=True, timeout=60
+        )
         if keep:
             print(f"reschedule benchmark failed; node logs kept in {directory}/node*/node.out", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({
-        "benchmark": "reschedule",
-        **figures,
-        "targets": {"reschedule_p50_s": 2.0, "reschedule_p95_s": 4.0},
-        "workload": {"nodes": args.nodes, "replicas": args.replicas, "runtime": "runc", "image": "busybox (local)"},
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "reschedule",
+                **figures,
+                "targets": {"reschedule_p50_s": 2.0, "reschedule_p95_s": 4.0},
+                "workload": {
+                    "nodes": args.nodes,
+                    "replicas": args.replicas,
+                    "runtime": "runc",
+                    "image": "busybox (local)",
+                },
+                "machine": {
+                    "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,10 +35,10 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cloudless.sandbox.network import BridgeConfig  # noqa: E402
-from cloudless.sandbox.runc import RuncRuntime  # noqa: E402
-from cloudless.sandbox.runtime import ContainerSpec  # noqa: E402
-from cloudless.sandbox.spec import build_config, resolve_user  # noqa: E402
+from cloudless.sandbox.network import BridgeConfig
+from cloudless.sandbox.runc import RuncRuntime
+from cloudless.sandbox.runtime import ContainerSpec
+from cloudless.sandbox.spec import build_config, resolve_user
 
 BRIDGE = BridgeConfig(bridge="clbench0", subnet="10.88.252.0/24", tag="clbench", veth_prefix="clb")
 
@@ -185,8 +185,8 @@ async def concurrent_starts(rt: RuncRuntime, rootfs: str, n: int, network: str) 
 
 def image_import(work: Path, size_mb: int) -> dict:
     try:
+        from cloudless.sandbox.imagebuild import synthetic_image
         from cloudless.sandbox.images import ImageStore
-        from cloudless.testing.oci_build import synthetic_image
     except ImportError as e:
         return {"missing": f"image modules not available: {e}"}
     image = synthetic_image(size_mb << 20, layers=4, files_per_layer=64, compressible=0.5, seed=1)
@@ -231,8 +231,13 @@ async def main_async(args: argparse.Namespace) -> dict:
             "concurrent_none": conc_none,
             "concurrent_bridge": conc_bridge,
             "image_import": images,
-            "workload": {"process": "busybox sleep", "rootfs": "busybox-static, read-only", "runs": args.runs,
-                         "concurrent": args.concurrent, "image_mb": args.image_mb},  # fmt: skip
+            "workload": {
+                "process": "busybox sleep",
+                "rootfs": "busybox-static, read-only",
+                "runs": args.runs,
+                "concurrent": args.concurrent,
+                "image_mb": args.image_mb,
+            },  # fmt: skip
             "machine": {
                 "cpu_count": os.cpu_count(),
                 "python": platform.python_version(),

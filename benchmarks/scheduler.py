@@ -24,8 +24,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from cloudless.scheduler import ClusterView, NodeInfo, plan_placements  # noqa: E402
-from cloudless.state.workload import (  # noqa: E402
+from cloudless.scheduler import ClusterView, NodeInfo, plan_placements
+from cloudless.state.workload import (
     Affinity,
     Allocation,
     Constraint,
@@ -109,14 +109,23 @@ def background_allocations(nodes: list[NodeInfo], rng: random.Random) -> list[Al
 
 def decision_specs(rng: random.Random, count: int) -> list[WorkloadSpec]:
     shapes = [
-        dict(constraints=(Constraint("node.class", "not_in", ("phone", "gateway")),),
-             affinities=(Affinity("node.power", "=", "ac", 50),), spreads=(Spread("node.zone"),)),
-        dict(constraints=(Constraint("node.region", "=", "eu-west"), Constraint("node.arch", "=", "amd64")),
-             spreads=(Spread("node.zone", max_per=5),)),
-        dict(constraints=(Constraint("node.arch", "in", ("amd64", "arm64")),),
-             affinities=(Affinity("node.class", "=", "server", 40), Affinity("label.gpu", "exists", "", -20))),
-        dict(constraints=(Constraint("node.network", "!=", "cellular"), Constraint("node.region", "regex", "^eu-")),
-             spreads=(Spread("node.region"), Spread("node", max_per=1))),
+        dict(
+            constraints=(Constraint("node.class", "not_in", ("phone", "gateway")),),
+            affinities=(Affinity("node.power", "=", "ac", 50),),
+            spreads=(Spread("node.zone"),),
+        ),
+        dict(
+            constraints=(Constraint("node.region", "=", "eu-west"), Constraint("node.arch", "=", "amd64")),
+            spreads=(Spread("node.zone", max_per=5),),
+        ),
+        dict(
+            constraints=(Constraint("node.arch", "in", ("amd64", "arm64")),),
+            affinities=(Affinity("node.class", "=", "server", 40), Affinity("label.gpu", "exists", "", -20)),
+        ),
+        dict(
+            constraints=(Constraint("node.network", "!=", "cellular"), Constraint("node.region", "regex", "^eu-")),
+            spreads=(Spread("node.region"), Spread("node", max_per=1)),
+        ),
         dict(),
     ]
     specs = []
@@ -128,7 +137,9 @@ def decision_specs(rng: random.Random, count: int) -> list[WorkloadSpec]:
                     name=f"svc-{k}",
                     image="registry.local/app:1",
                     replicas=rng.choice((1, 3, 5)),
-                    resources=Resources(cpu_millis=rng.choice((100, 250, 500)), memory_bytes=rng.choice((128, 256, 512)) << 20),
+                    resources=Resources(
+                        cpu_millis=rng.choice((100, 250, 500)), memory_bytes=rng.choice((128, 256, 512)) << 20
+                    ),
                     **shape,
                 )
             )
@@ -206,8 +217,14 @@ def bench_throughput(n: int, replicas: int, workloads: int, seed: int) -> dict[s
         placed_counts.append(len(plan.placements))
         # Commit the plan into the next snapshot, as the controller would after Raft.
         view = view.with_allocations(
-            Allocation(id=f"{spec.name}-{p.replica}", workload=spec.name, version=0, node=p.node,
-                       replica=p.replica, resources=spec.resources)
+            Allocation(
+                id=f"{spec.name}-{p.replica}",
+                workload=spec.name,
+                version=0,
+                node=p.node,
+                replica=p.replica,
+                resources=spec.resources,
+            )
             for p in plan.placements
         )
         with_update.append(len(plan.placements) / (time.perf_counter() - t0))

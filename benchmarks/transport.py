@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import trio
 
@@ -248,7 +248,7 @@ async def bench_carrier(kind: str, carrier, address, quick: bool) -> dict:
 
 
 async def client_main(quick: bool) -> dict:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     ca = ClusterCA.create(CLUSTER, now)
     server_creds = issue_credentials(ca, Identity(CLUSTER, "node", "bench-server"), now, timedelta(hours=2))
     client_creds = issue_credentials(ca, Identity(CLUSTER, "node", "bench-client"), now, timedelta(hours=2))
@@ -257,9 +257,7 @@ async def client_main(quick: bool) -> dict:
     fd = os.open(pki_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(b"\n--\n".join([server_creds.ca_pem, server_creds.cert_pem, server_creds.key_pem]))
-    process = subprocess.Popen(
-        [sys.executable, __file__, "--serve", pki_path], stdout=subprocess.PIPE, text=True
-    )
+    process = subprocess.Popen([sys.executable, __file__, "--serve", pki_path], stdout=subprocess.PIPE, text=True)
     results: dict = {}
     try:
         ports = json.loads(process.stdout.readline())

@@ -55,7 +55,11 @@ class Observed:
 
     def report(self, allocation_id: str) -> AllocationReport:
         return AllocationReport(
-            allocation_id, self.state, exit_code=self.exit_code, restarts=self.restarts, health=self.health,
+            allocation_id,
+            self.state,
+            exit_code=self.exit_code,
+            restarts=self.restarts,
+            health=self.health,
             message=self.message[:1024],
         )
 
@@ -107,7 +111,10 @@ class Agent:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._event_loop, receive)
             adopted = await nursery.start(self.supervisor.run, lambda spec: spec.id in wanted_ids)
-            log.info("agent.started", extra={"fields": {"node": self.node_id, "adopted": len(adopted), "known": len(self.assigned.items)}})
+            log.info(
+                "agent.started",
+                extra={"fields": {"node": self.node_id, "adopted": len(adopted), "known": len(self.assigned.items)}},
+            )
             nursery.start_soon(self._reconcile_loop)
             nursery.start_soon(self._watch_loop)
             nursery.start_soon(self._report_loop)
@@ -130,7 +137,9 @@ class Agent:
                             # The cluster may have missed anything while we were away: tell it all.
                             self._unreported.update(self.observed)
                             self._report_wake.set()
-                            log.info("agent.connected", extra={"fields": {"node": self.node_id, "index": allocations.index}})
+                            log.info(
+                                "agent.connected", extra={"fields": {"node": self.node_id, "index": allocations.index}}
+                            )
                         await self._accept(allocations)
             except CloudlessError as exc:
                 if self.connected:
@@ -243,7 +252,9 @@ class Agent:
                     alloc_id = self._allocation_of(cid)
             if isinstance(event, sv.Started):
                 health = "starting" if self._checked(alloc_id) else ""
-                self._observe(alloc_id, state="running", restarts=event.restart_count, exit_code=None, message="", health=health)
+                self._observe(
+                    alloc_id, state="running", restarts=event.restart_count, exit_code=None, message="", health=health
+                )
             elif isinstance(event, sv.Adopted):
                 state = {"running": "running", "exited": "exited"}.get(event.status, "starting")
                 self._observe(alloc_id, state=state)
@@ -255,7 +266,12 @@ class Agent:
                 self._observe(alloc_id, state="starting", restarts=event.attempt)
             elif isinstance(event, sv.GaveUp):
                 failed = event.exit_code != 0
-                self._observe(alloc_id, state="failed" if failed else "exited", exit_code=event.exit_code, restarts=event.restart_count)
+                self._observe(
+                    alloc_id,
+                    state="failed" if failed else "exited",
+                    exit_code=event.exit_code,
+                    restarts=event.restart_count,
+                )
             elif isinstance(event, sv.HealthChanged):
                 self._observe(alloc_id, health=event.status)
             elif isinstance(event, sv.WatchFailed):

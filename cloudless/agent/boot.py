@@ -40,7 +40,7 @@ def choose_runtime() -> str:
     return "none"
 
 
-async def run_workloads(node: "Node", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run_workloads(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
     kind = choose_runtime()
     agent: Agent | None = None
     root = node.data.root / "agent"
@@ -48,16 +48,32 @@ async def run_workloads(node: "Node", *, task_status=trio.TASK_STATUS_IGNORED) -
         from cloudless.sandbox.runc import RuncRuntime
 
         agent = Agent(
-            node.node_id, RuncRuntime(root / "sandbox"), ClusterSource(node), LocalAllocations(root),
-            ImageRootfs(node.data.root / "images", oci_blobs=node_oci_blobs(node), node_id=node.node_id, events=node.events),
-            rng=random.Random(), stop_grace=5.0,
+            node.node_id,
+            RuncRuntime(root / "sandbox"),
+            ClusterSource(node),
+            LocalAllocations(root),
+            ImageRootfs(
+                node.data.root / "images", oci_blobs=node_oci_blobs(node), node_id=node.node_id, events=node.events
+            ),
+            rng=random.Random(),
+            stop_grace=5.0,
         )
     elif kind == "memory":
         from cloudless.sandbox.memory import MemoryRuntime
 
-        agent = Agent(node.node_id, MemoryRuntime(), ClusterSource(node), LocalAllocations(root), MemoryRootfs(), rng=random.Random())
+        agent = Agent(
+            node.node_id,
+            MemoryRuntime(),
+            ClusterSource(node),
+            LocalAllocations(root),
+            MemoryRootfs(),
+            rng=random.Random(),
+        )
     else:
-        log.warning("agent.disabled", extra={"fields": {"node": node.node_id, "reason": "no container runtime (needs root and runc)"}})
+        log.warning(
+            "agent.disabled",
+            extra={"fields": {"node": node.node_id, "reason": "no container runtime (needs root and runc)"}},
+        )
     WorkloadService(node, agent).register(node.server)
     controller = WorkloadController(node)
     async with trio.open_nursery() as nursery:

@@ -59,8 +59,14 @@ def container_spec(allocation: Allocation, spec: WorkloadSpec, rootfs: str, imag
     health = None
     if hc is not None:
         health = HealthCheck(
-            kind=hc.kind, command=list(hc.command), port=hc.port, path=hc.path, interval=hc.interval_s,
-            timeout=hc.timeout_s, retries=hc.retries, start_period=hc.start_period_s,
+            kind=hc.kind,
+            command=list(hc.command),
+            port=hc.port,
+            path=hc.path,
+            interval=hc.interval_s,
+            timeout=hc.timeout_s,
+            retries=hc.retries,
+            start_period=hc.start_period_s,
         )
     return ContainerSpec(
         id=container_id(allocation.id),
@@ -76,9 +82,15 @@ def container_spec(allocation: Allocation, spec: WorkloadSpec, rootfs: str, imag
         # several nodes on one host, and a bridge per node is set up only when needed.
         network="bridge" if spec.ports else "none",
         ports=ports,
-        restart=RestartPolicy(mode=r.mode, max_retries=r.max_retries, backoff_initial=r.backoff_initial_s, backoff_max=r.backoff_max_s),
+        restart=RestartPolicy(
+            mode=r.mode, max_retries=r.max_retries, backoff_initial=r.backoff_initial_s, backoff_max=r.backoff_max_s
+        ),
         health=health,
-        labels={ALLOCATION_LABEL: allocation.id, WORKLOAD_LABEL: allocation.workload, VERSION_LABEL: str(allocation.version)},
+        labels={
+            ALLOCATION_LABEL: allocation.id,
+            WORKLOAD_LABEL: allocation.workload,
+            VERSION_LABEL: str(allocation.version),
+        },
     )
 
 
@@ -96,7 +108,16 @@ class RootfsProvider(Protocol):
 class ImageRootfs:
     """Roots from the node's image store (`<data dir>/images`, as `cloudless image` uses)."""
 
-    def __init__(self, images_dir: Path, *, pull_timeout: float = 120.0, oci_blobs=None, node_id: str = "", events=None, peer_publish_wait: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    def __init__(
+        self,
+        images_dir: Path,
+        *,
+        pull_timeout: float = 120.0,
+        oci_blobs=None,
+        node_id: str = "",
+        events=None,
+        peer_publish_wait: float = 10.0,
+    ) -> None:  # type: ignore[no-untyped-def]
         """`oci_blobs` (a callable returning the node's OciBlobs or None) enables
         fetching missing images from peers' blob store before any registry."""
         from cloudless.agent.images_from_peers import PeerImages
@@ -108,7 +129,9 @@ class ImageRootfs:
         self.pull_timeout = pull_timeout
         self.peer_publish_wait = peer_publish_wait
         self._peer_misses: dict[str, float] = {}  # image → when a wait for its publication last ended empty
-        self.peers = PeerImages(self.store, oci_blobs, node_id=node_id, events=events) if oci_blobs is not None else None
+        self.peers = (
+            PeerImages(self.store, oci_blobs, node_id=node_id, events=events) if oci_blobs is not None else None
+        )
 
     async def prepare(self, container_id: str, image: str) -> tuple[str, ImageConfig]:
         from cloudless.sandbox.images import ImageNotFound
@@ -160,7 +183,9 @@ class ImageRootfs:
         ref = parse_reference(image)
         if not _names_registry(image):
             # A bare name ("busybox:latest") is expected to be imported on the node.
-            raise ImageUnavailable(f"image {image} is not on this node (import it with `cloudless image import`)", image=image)
+            raise ImageUnavailable(
+                f"image {image} is not on this node (import it with `cloudless image import`)", image=image
+            )
         log.info("agent.pull", extra={"fields": {"image": image}})
         try:
             with trio.fail_after(self.pull_timeout):
@@ -169,7 +194,9 @@ class ImageRootfs:
         except trio.TooSlowError:
             raise ImageUnavailable(f"pulling {image} took longer than {self.pull_timeout:g}s", image=image) from None
         except CloudlessError as exc:
-            raise ImageUnavailable(f"image {image} is not on this node and pulling it failed: {exc.message}", image=image) from None
+            raise ImageUnavailable(
+                f"image {image} is not on this node and pulling it failed: {exc.message}", image=image
+            ) from None
 
     async def release(self, container_id: str) -> None:
         await self.builder.arelease(container_id)

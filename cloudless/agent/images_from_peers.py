@@ -17,8 +17,9 @@ import json
 import logging
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import msgspec
 import trio
@@ -67,7 +68,12 @@ class PeerImages:
     not up (images are then neither published nor fetched)."""
 
     def __init__(
-        self, store: "ImageStore", oci_blobs: Callable[[], OciBlobs | None], *, node_id: str = "", events=None  # type: ignore[no-untyped-def]
+        self,
+        store: ImageStore,
+        oci_blobs: Callable[[], OciBlobs | None],
+        *,
+        node_id: str = "",
+        events=None,  # type: ignore[no-untyped-def]
     ) -> None:
         """`events` (the node's EventLog, optional) records publishes and fetches
         where `cloudless events` shows them; without it they are only logged."""
@@ -106,7 +112,7 @@ class PeerImages:
 
         await blobs.put(digest, pieces(), size=path.stat().st_size, media_type=media_type)
 
-    async def publish(self, record: "ImageRecord") -> bool:
+    async def publish(self, record: ImageRecord) -> bool:
         """Store the image's blobs and point each of its names at its manifest.
         Returns False when the blob store is not up."""
         blobs = self.oci_blobs()
@@ -117,8 +123,12 @@ class PeerImages:
             if (name, record.manifest_digest) in self._published:
                 continue
             current = await self._pointer(blobs, name)
-            if current is not None and (current.manifest_digest == record.manifest_digest or current.created > record.created_at):
-                self._published.add((name, record.manifest_digest))  # published already, or superseded by a newer import elsewhere
+            if current is not None and (
+                current.manifest_digest == record.manifest_digest or current.created > record.created_at
+            ):
+                self._published.add(
+                    (name, record.manifest_digest)
+                )  # published already, or superseded by a newer import elsewhere
                 continue
             todo.append(name)
         if not todo:
@@ -132,9 +142,13 @@ class PeerImages:
         await self._ensure_images_bucket(blobs)
         pointer = ImagePointer(record.manifest_digest, len(manifest_bytes), media_type, self.node_id, record.created_at)
         for name in todo:
-            await blobs.service.put_object(IMAGES_BUCKET, name, msgspec.json.encode(pointer), content_type="application/json")
+            await blobs.service.put_object(
+                IMAGES_BUCKET, name, msgspec.json.encode(pointer), content_type="application/json"
+            )
             self._published.add((name, record.manifest_digest))
-            self._record("image.published", f"published {name} to the blob store", image=name, manifest=record.manifest_digest)
+            self._record(
+                "image.published", f"published {name} to the blob store", image=name, manifest=record.manifest_digest
+            )
         return True
 
     async def publish_all(self) -> int:
@@ -213,10 +227,12 @@ class PeerImages:
         finally:
             f.close()
         if "sha256:" + sha.hexdigest() != digest:
-            raise oci.DigestMismatch(f"blob fetched from peers hashes to sha256:{sha.hexdigest()}, not {digest}", digest=digest)
+            raise oci.DigestMismatch(
+                f"blob fetched from peers hashes to sha256:{sha.hexdigest()}, not {digest}", digest=digest
+            )
         return size
 
-    async def fetch(self, image: str, *, wait_for_publish: float = 0.0) -> "ImageRecord":
+    async def fetch(self, image: str, *, wait_for_publish: float = 0.0) -> ImageRecord:
         """Fetch `image` from peers into the local store; every digest is verified
         here and again by the store's import. `wait_for_publish` seconds are
         given to a peer that has the image but has not published it yet (an
@@ -246,11 +262,15 @@ class PeerImages:
             for desc in [manifest.config, *manifest.layers]:
                 got = await self._fetch_blob(blobs, desc.digest, blob_dir / desc.digest.split(":", 1)[1])
                 if got != desc.size:
-                    raise oci.DigestMismatch(f"blob {desc.digest} is {got} bytes, manifest says {desc.size}", digest=desc.digest)
+                    raise oci.DigestMismatch(
+                        f"blob {desc.digest} is {got} bytes, manifest says {desc.size}", digest=desc.digest
+                    )
                 total += got
             index = {
                 "schemaVersion": 2,
-                "manifests": [{"mediaType": pointer.media_type, "digest": pointer.manifest_digest, "size": pointer.manifest_size}],
+                "manifests": [
+                    {"mediaType": pointer.media_type, "digest": pointer.manifest_digest, "size": pointer.manifest_size}
+                ],
             }
             (layout / "index.json").write_text(json.dumps(index))
             (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
@@ -259,8 +279,11 @@ class PeerImages:
             await trio.to_thread.run_sync(lambda: shutil.rmtree(layout, ignore_errors=True))
         self._published.add((name, pointer.manifest_digest))
         self._record(
-            "image.fetched_from_peers", f"fetched {name} ({total} bytes) from peers' blob store",
-            image=name, manifest=pointer.manifest_digest, publisher=pointer.publisher,
+            "image.fetched_from_peers",
+            f"fetched {name} ({total} bytes) from peers' blob store",
+            image=name,
+            manifest=pointer.manifest_digest,
+            publisher=pointer.publisher,
         )
         return record
 

@@ -69,7 +69,9 @@ class LogLine(msgspec.Struct, frozen=True):
 
 class ExecRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     allocation: Annotated[str, msgspec.Meta(max_length=128)]
-    args: Annotated[tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)]
+    args: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)
+    ]
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
 
 

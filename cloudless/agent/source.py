@@ -9,8 +9,9 @@ with a switch that cuts the node off.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -31,7 +32,7 @@ class AllocationSource(Protocol):
 
 
 class ClusterSource:
-    def __init__(self, node: "Node", timeout: float = 5.0) -> None:
+    def __init__(self, node: Node, timeout: float = 5.0) -> None:
         self.node = node
         self.timeout = timeout
 
@@ -48,12 +49,16 @@ class ClusterSource:
     async def watch(self, node: str) -> AsyncIterator[AsyncIterator[NodeAllocations]]:
         assert self.node.rpc is not None
         address = self._leader_address()
-        async with self.node.rpc.stream(address, "allocations.watch", WatchAllocations(node), item=NodeAllocations) as items:
+        async with self.node.rpc.stream(
+            address, "allocations.watch", WatchAllocations(node), item=NodeAllocations
+        ) as items:
             yield _with_silence_limit(items)
 
     async def report(self, batch: ReportBatch) -> None:
         assert self.node.rpc is not None
-        await self.node.rpc.call(self._leader_address(), "allocations.report", batch, response=ReportAck, timeout=self.timeout)
+        await self.node.rpc.call(
+            self._leader_address(), "allocations.report", batch, response=ReportAck, timeout=self.timeout
+        )
 
 
 async def _with_silence_limit(items) -> AsyncIterator[NodeAllocations]:

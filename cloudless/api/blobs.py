@@ -38,7 +38,7 @@ class S3KeyRemove(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class BlobApi:
-    def __init__(self, node: "Node", blobs: "BlobNode") -> None:
+    def __init__(self, node: Node, blobs: BlobNode) -> None:
         self.node = node
         self.blobs = blobs
 
@@ -57,7 +57,9 @@ class BlobApi:
         from cloudless.blobs.cluster import s3_endpoints
 
         self._require_client(ctx)
-        key = await self.blobs.service.create_access_key(owner=ctx.peer.name or "admin", description=req.description[:200])
+        key = await self.blobs.service.create_access_key(
+            owner=ctx.peer.name or "admin", description=req.description[:200]
+        )
         endpoints = s3_endpoints(self.node)
         return S3KeyReply(endpoints[0] if endpoints else "", key.access_key, key.secret_key, endpoints)
 
@@ -129,7 +131,7 @@ class Flag(msgspec.Struct, frozen=True):
     value: bool
 
 
-def _register_objects(api: "BlobApi", server: RpcServer) -> None:
+def _register_objects(api: BlobApi, server: RpcServer) -> None:
     from cloudless.blobs.manifest import Bucket, ListPage, MultipartUpload, ObjectManifest, UploadPart
 
     service = api.blobs.service
@@ -172,7 +174,12 @@ def _register_objects(api: "BlobApi", server: RpcServer) -> None:
     @handler("blobs.object.put", ObjectPut)
     async def put_object(req: ObjectPut) -> ObjectManifest:
         return await service.put_object(
-            req.bucket, req.key, req.data, content_type=req.content_type, metadata=req.metadata, expected_size=len(req.data)
+            req.bucket,
+            req.key,
+            req.data,
+            content_type=req.content_type,
+            metadata=req.metadata,
+            expected_size=len(req.data),
         )
 
     @handler("blobs.upload.create", UploadCreate)
@@ -221,11 +228,11 @@ class ClusterObjects:
         # command runs its own trio.run, which a pooled connection must not outlive)
 
     @property
-    def metadata(self) -> "_ClusterKeys":
+    def metadata(self) -> _ClusterKeys:
         return _ClusterKeys(self.client)
 
     @property
-    def client(self) -> "_OneCall":
+    def client(self) -> _OneCall:
         return _OneCall(self.context)
 
     async def head_bucket(self, name: str):  # type: ignore[no-untyped-def]
@@ -248,7 +255,9 @@ class ClusterObjects:
 
         return await self.client.call("blobs.object.head", ObjectRef(bucket, key), response=ObjectManifest)
 
-    async def list_objects(self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000):  # type: ignore[no-untyped-def]
+    async def list_objects(
+        self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
+    ):  # type: ignore[no-untyped-def]
         from cloudless.blobs.manifest import ListPage
 
         return await self.client.call(
@@ -258,8 +267,16 @@ class ClusterObjects:
     async def delete_object(self, bucket: str, key: str) -> bool:
         return (await self.client.call("blobs.object.rm", ObjectRef(bucket, key), response=Flag)).value
 
-    async def put_object(self, bucket: str, key: str, body, *, content_type: str = "binary/octet-stream",  # type: ignore[no-untyped-def]
-                         metadata: dict[str, str] | None = None, expected_size: int | None = None):
+    async def put_object(
+        self,
+        bucket: str,
+        key: str,
+        body,
+        *,
+        content_type: str = "binary/octet-stream",  # type: ignore[no-untyped-def]
+        metadata: dict[str, str] | None = None,
+        expected_size: int | None = None,
+    ):
         from cloudless.blobs.manifest import MultipartUpload, ObjectManifest, UploadPart
 
         meta = dict(metadata or {})
@@ -269,7 +286,10 @@ class ClusterObjects:
         second = await anext(pieces, None) if len(first) == PIECE else None
         if second is None:
             return await self.client.call(
-                "blobs.object.put", ObjectPut(bucket, key, first, content_type, meta), response=ObjectManifest, timeout=timeout
+                "blobs.object.put",
+                ObjectPut(bucket, key, first, content_type, meta),
+                response=ObjectManifest,
+                timeout=timeout,
             )
         upload = await self.client.call(
             "blobs.upload.create", UploadCreate(bucket, key, content_type, meta), response=MultipartUpload
@@ -279,7 +299,10 @@ class ClusterObjects:
 
             async def send(data: bytes) -> None:
                 part = await self.client.call(
-                    "blobs.upload.part", UploadPartPut(upload.upload_id, len(parts) + 1, data), response=UploadPart, timeout=timeout
+                    "blobs.upload.part",
+                    UploadPartPut(upload.upload_id, len(parts) + 1, data),
+                    response=UploadPart,
+                    timeout=timeout,
                 )
                 parts.append((part.part_number, part.etag))
 
@@ -288,7 +311,10 @@ class ClusterObjects:
             async for data in pieces:
                 await send(data)
             return await self.client.call(
-                "blobs.upload.complete", UploadComplete(upload.upload_id, parts), response=ObjectManifest, timeout=timeout
+                "blobs.upload.complete",
+                UploadComplete(upload.upload_id, parts),
+                response=ObjectManifest,
+                timeout=timeout,
             )
         except BaseException:
             import trio
@@ -298,7 +324,9 @@ class ClusterObjects:
             raise
 
     async def copy_range(self, manifest, write) -> None:  # type: ignore[no-untyped-def]
-        async with self.client.stream("blobs.object.get", ObjectRef(manifest.bucket, manifest.key), timeout=3600) as items:
+        async with self.client.stream(
+            "blobs.object.get", ObjectRef(manifest.bucket, manifest.key), timeout=3600
+        ) as items:
             async for piece in items:
                 await write(piece)
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any, AsyncIterator, TypeVar
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import trio
-from contextlib import asynccontextmanager
 
 from cloudless.api.client_config import Context, parse_endpoint
 from cloudless.errors import Unavailable
@@ -52,7 +53,9 @@ class ClusterClient:
         last: Exception | None = None
         for i, address in enumerate(self._order()):
             try:
-                result = await self._rpc.call(address, method, request, response=response, timeout=timeout or self.timeout)
+                result = await self._rpc.call(
+                    address, method, request, response=response, timeout=timeout or self.timeout
+                )
             except Unavailable as exc:  # includes ConnectionLost and DeadlineExceeded
                 log.debug("client.failover", extra={"fields": {"endpoint": address, "error": str(exc)}})
                 last = exc
@@ -65,7 +68,9 @@ class ClusterClient:
         raise Unavailable(f"no node answered ({', '.join(f'{h}:{p}' for h, p in self.endpoints)}): {last}")
 
     @asynccontextmanager
-    async def stream(self, method: str, request: Any, item: type[T] | None = None, timeout: float | None = None) -> AsyncIterator[AsyncIterator[T]]:
+    async def stream(
+        self, method: str, request: Any, item: type[T] | None = None, timeout: float | None = None
+    ) -> AsyncIterator[AsyncIterator[T]]:
         last: Exception | None = None
         for address in self._order():
             try:

@@ -9,7 +9,8 @@ outside the configuration asks the leader.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from cloudless.errors import CloudlessError
 from cloudless.node.replicated import NoLeader, NotAMember
@@ -29,7 +30,7 @@ class PermissionDenied(CloudlessError):
 
 
 class LeaderRouting:
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     @property

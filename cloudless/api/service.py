@@ -10,7 +10,7 @@ removal, events — run on the leader: a follower forwards them once, to
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,9 +32,9 @@ from cloudless.api.messages import (
     VarsRm,
     VarValue,
 )
+from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
-from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.pki.ca import ClusterCA
 from cloudless.pki.tokens import create_token
 from cloudless.raft.messages import ConfChange, ConfChangeType
@@ -66,7 +66,7 @@ def raise_rejected(result: Result) -> None:
 
 
 class ApiService:
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     @property
@@ -183,7 +183,7 @@ class ApiService:
         if ca_record is None:
             raise Unavailable("the cluster CA is not committed yet; retry shortly")
         fingerprint = ClusterCA.from_pem(ca_record.certificate_pem, ca_record.key_pem).fingerprint
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         text, record = create_token(fingerprint, req.role, timedelta(seconds=req.ttl_s), req.uses, now)  # type: ignore[arg-type]
         result, _ = await replicated.propose(
             CreateToken(
@@ -195,7 +195,9 @@ class ApiService:
             )
         )
         raise_rejected(result)
-        self.node.events.record("token.created", self.node.node_id, f"{req.role} token {record.id} for {req.uses} use(s)")
+        self.node.events.record(
+            "token.created", self.node.node_id, f"{req.role} token {record.id} for {req.uses} use(s)"
+        )
         return TokenReply(text, record.id, record.role, record.expires_at.timestamp(), record.max_uses)
 
     async def nodes_rm(self, ctx: RpcContext, req: NodeRemove) -> StatusReply:
@@ -224,4 +226,3 @@ class ApiService:
         after = history[-1].seq if history else (log_.last(1)[0].seq if log_.last(1) else 0)
         async for event in log_.follow(after):
             await ctx.send(event)
-

@@ -141,7 +141,9 @@ class WorkloadLogs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class WorkloadExec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: WorkloadName
-    args: Annotated[tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)]
+    args: Annotated[
+        tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)
+    ]
     replica: Annotated[int, msgspec.Meta(ge=0)] | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
 
@@ -158,7 +160,10 @@ def workload_state(record: WorkloadRecord, recs: list[AllocationRecord]) -> tupl
         return "stopped", running
     if spec.version in record.failed_versions:
         return "failed", running
-    if any(r.allocation.version != spec.version for r in wanted if r.allocation.live) and record.stable_version != spec.version:
+    if (
+        any(r.allocation.version != spec.version for r in wanted if r.allocation.live)
+        and record.stable_version != spec.version
+    ):
         versions = {r.allocation.version for r in wanted if r.allocation.live}
         if len(versions) > 1:
             return "deploying", running
@@ -184,8 +189,16 @@ def node_allocations(fsm: StateMachine, node: str) -> NodeAllocations:
 def allocation_info(rec: AllocationRecord) -> AllocationInfo:
     a = rec.allocation
     return AllocationInfo(
-        id=a.id, node=a.node, replica=a.replica, version=a.version, state=a.state, desired=rec.desired,
-        exit_code=a.exit_code, restarts=a.restarts, health=rec.health, message=rec.message,
+        id=a.id,
+        node=a.node,
+        replica=a.replica,
+        version=a.version,
+        state=a.state,
+        desired=rec.desired,
+        exit_code=a.exit_code,
+        restarts=a.restarts,
+        health=rec.health,
+        message=rec.message,
     )
 
 
@@ -212,7 +225,7 @@ def pick_allocations(fsm: StateMachine, name: str, replica: int | None) -> list[
 
 
 class WorkloadService:
-    def __init__(self, node: "Node", agent: "Agent | None" = None) -> None:
+    def __init__(self, node: Node, agent: Agent | None = None) -> None:
         self.node = node
         self.agent = agent
         self.routing = LeaderRouting(node)
@@ -331,7 +344,10 @@ class WorkloadService:
         target = pick_allocations(self.replicated.fsm, req.name, req.replica)[0]
         address = self._node_address(target.allocation.node)
         return await self.node.rpc.call(
-            address, "agent.exec", ExecRequest(target.allocation.id, req.args, req.timeout_s), response=ExecReply,
+            address,
+            "agent.exec",
+            ExecRequest(target.allocation.id, req.args, req.timeout_s),
+            response=ExecReply,
             timeout=req.timeout_s + 5.0,
         )
 
@@ -404,7 +420,7 @@ class WorkloadService:
         result = await agent.runtime.exec(agent.container_of(req.allocation), list(req.args), timeout=req.timeout_s)
         return ExecReply(result.exit_code, result.stdout, result.stderr)
 
-    def _local_agent(self, ctx: RpcContext) -> "Agent":
+    def _local_agent(self, ctx: RpcContext) -> Agent:
         if ctx.peer.kind != "node":
             raise PermissionDenied("agent.* methods are for nodes (clients go through workloads.*)")
         if self.agent is None:
@@ -448,9 +464,8 @@ def _first_error(group: BaseExceptionGroup) -> BaseException:
     return group
 
 
-def _replica_of(agent: "Agent", allocation_id: str) -> int:
+def _replica_of(agent: Agent, allocation_id: str) -> int:
     for a in agent.assigned.items:
         if a.allocation.id == allocation_id:
             return a.allocation.replica
     return 0
-

@@ -16,7 +16,7 @@ has pinned it, so it never races a write whose manifest has not committed.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import msgspec
 import trio

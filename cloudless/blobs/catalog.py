@@ -21,8 +21,9 @@ Key layout (byte order = listing order):
 from __future__ import annotations
 
 import bisect
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Protocol, Union
+from typing import Protocol, Union
 
 import msgspec
 
@@ -142,6 +143,7 @@ class OrderedKV(Protocol):
     def scan(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Pairs with key >= start, in key order, while the key starts with `prefix`."""
         ...
+
     def write(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
         """One atomic (and, where the map is durable, synced) batch."""
         ...

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Annotated, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Annotated
 
 import msgspec
 from pyfastcdc import FastCDC
@@ -119,9 +120,7 @@ class StreamChunker:
         return out
 
 
-def chunk_iter(
-    pieces: Iterable[bytes], params: ChunkingParams = ChunkingParams()
-) -> Iterator[tuple[int, memoryview]]:
+def chunk_iter(pieces: Iterable[bytes], params: ChunkingParams = ChunkingParams()) -> Iterator[tuple[int, memoryview]]:
     chunker = StreamChunker(params)
     for piece in pieces:
         yield from chunker.feed(piece)

@@ -25,8 +25,9 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Protocol
 
 import msgspec
 import zstandard

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -120,7 +120,7 @@ _READS: dict[str, Any] = {
 class RaftMetadataStore:
     """`MetadataStore` over the cluster's replicated state (see module docstring)."""
 
-    def __init__(self, node: "Node", *, timeout: float = 10.0) -> None:
+    def __init__(self, node: Node, *, timeout: float = 10.0) -> None:
         self.node = node
         self.timeout = timeout
 
@@ -147,7 +147,9 @@ class RaftMetadataStore:
         if address is None or self.node.rpc is None:
             raise Unavailable(f"leader {leader} has no known address")
         try:
-            raw = await self.node.rpc.call(address, "blobs.catalog.read", CatalogRead(method, list(args)), timeout=self.timeout)
+            raw = await self.node.rpc.call(
+                address, "blobs.catalog.read", CatalogRead(method, list(args)), timeout=self.timeout
+            )
         except CloudlessError as exc:
             raise blob_error(exc.code, exc.message) from None
         return msgspec.msgpack.decode(raw, type=_READS[method])
@@ -235,7 +237,7 @@ class RaftMetadataStore:
         return set(await self._read("referenced_digests"))
 
 
-def storage_members(node: "Node", store: LocalChunkStore) -> list[StorageMember]:
+def storage_members(node: Node, store: LocalChunkStore) -> list[StorageMember]:
     """Live gossip members as placement candidates; a member advertising no blob
     capacity (older metadata) is assumed to have what this node has."""
     own_capacity, own_free = store.capacity()
@@ -262,7 +264,7 @@ def storage_members(node: "Node", store: LocalChunkStore) -> list[StorageMember]
 class BlobNode:
     """What `run_blobs` built, for the node's metadata and the client API."""
 
-    def __init__(self, node: "Node", store: LocalChunkStore, service: Any, s3_endpoint: str = "") -> None:
+    def __init__(self, node: Node, store: LocalChunkStore, service: Any, s3_endpoint: str = "") -> None:
         self.node = node
         self.store = store
         self.service = service
@@ -277,7 +279,7 @@ class BlobNode:
         return {S3_LABEL: self.s3_endpoint} if self.s3_endpoint else {}
 
 
-def s3_endpoints(node: "Node") -> list[str]:
+def s3_endpoints(node: Node) -> list[str]:
     """Every gateway gossip knows of, this node's first."""
     own = node.blobs.s3_endpoint if getattr(node, "blobs", None) is not None else ""
     found = [own] if own else []
@@ -289,7 +291,7 @@ def s3_endpoints(node: "Node") -> list[str]:
     return found
 
 
-async def _gateway_tls(node: "Node", host: str) -> tuple[Any, Any]:
+async def _gateway_tls(node: Node, host: str) -> tuple[Any, Any]:
     """A gateway certificate from the cluster CA (replicated to Raft members) for `host`."""
     from cloudless.blobs.s3.server import issue_gateway_certificate
     from cloudless.durable import write_atomic
@@ -302,7 +304,7 @@ async def _gateway_tls(node: "Node", host: str) -> tuple[Any, Any]:
     record = replicated.fsm.ca
     ca = ClusterCA.from_pem(record.certificate_pem, record.key_pem)
     hosts = sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::", ""})
-    cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(timezone.utc))
+    cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(UTC))
     directory = node.data.root / "blobs" / "gateway"
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / "gateway.key", key_pem)
@@ -311,7 +313,7 @@ async def _gateway_tls(node: "Node", host: str) -> tuple[Any, Any]:
     return directory / "gateway.pem", directory / "gateway.key"
 
 
-async def _anti_entropy_on_leader(node: "Node", loop: AntiEntropyLoop) -> None:
+async def _anti_entropy_on_leader(node: Node, loop: AntiEntropyLoop) -> None:
     """Run the cluster-wide repair loop while this node leads (rounds are cluster-wide)."""
     replicated = node.replicated
     assert replicated is not None
@@ -326,7 +328,7 @@ async def _anti_entropy_on_leader(node: "Node", loop: AntiEntropyLoop) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _serve_s3(node: "Node", service: Any, s3_listen: tuple[str, int], endpoint: str) -> None:
+async def _serve_s3(node: Node, service: Any, s3_listen: tuple[str, int], endpoint: str) -> None:
     from cloudless.blobs.s3.app import S3Gateway
     from cloudless.blobs.s3.server import serve_gateway
 
@@ -335,7 +337,9 @@ async def _serve_s3(node: "Node", service: Any, s3_listen: tuple[str, int], endp
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                functools.partial(serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile)
+                functools.partial(
+                    serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile
+                )
             )
             log.info("blobs.s3_serving", extra={"fields": {"node": node.node_id, "endpoint": endpoint}})
     except* OSError as group:
@@ -347,7 +351,9 @@ async def _serve_s3(node: "Node", service: Any, s3_listen: tuple[str, int], endp
         node.events.record("blobs.s3_failed", node.node_id, f"S3 gateway on {endpoint} failed: {exc}")
 
 
-async def run_blobs(node: "Node", *, s3_listen: tuple[str, int] | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def run_blobs(
+    node: Node, *, s3_listen: tuple[str, int] | None = None, task_status=trio.TASK_STATUS_IGNORED
+) -> None:
     from cloudless.api.blobs import BlobApi
     from cloudless.blobs.objects import ObjectService
     from cloudless.gossip.events import MemberDead, MemberJoined
@@ -393,7 +399,7 @@ async def run_blobs(node: "Node", *, s3_listen: tuple[str, int] | None = None, t
         store.close()
 
 
-def _address_or_key_error(node: "Node"):  # type: ignore[no-untyped-def]
+def _address_or_key_error(node: Node):  # type: ignore[no-untyped-def]
     # RpcChunkPeers reports an unknown node as PeerUnavailable when address_of raises KeyError.
     def address_of(node_id: str) -> tuple[str, int]:
         address = node.address_of(node_id)

@@ -11,9 +11,9 @@ chunk store with its Raft-backed metadata store and RPC peers.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from cloudless.blobs.chunkstore import LocalChunkStore
 from cloudless.blobs.manifest import LocalMetadataStore
@@ -33,9 +33,7 @@ def open_local_blobs(data_dir: Path, replication: int = 1) -> Iterator[ObjectSer
         metadata = LocalMetadataStore(root / "meta")
     except Exception as exc:  # rocksdict raises a bare Exception for a held lock
         if "lock" in str(exc).lower():
-            raise Unavailable(
-                f"{root} is in use by another process (a running node?)", path=str(root)
-            ) from None
+            raise Unavailable(f"{root} is in use by another process (a running node?)", path=str(root)) from None
         raise
     try:
         store = LocalChunkStore(root / "store")

@@ -16,7 +16,7 @@ import hashlib
 import logging
 import secrets
 import time
-from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import msgspec
 import trio
@@ -407,9 +407,7 @@ class ObjectService:
         for number, etag in parts:
             part = stored.get(number)
             if part is None or part.etag != etag.strip('"').lower():
-                raise InvalidPart(
-                    f"part {number} was not uploaded or its ETag does not match", part_number=number
-                )
+                raise InvalidPart(f"part {number} was not uploaded or its ETag does not match", part_number=number)
             chosen.append(part)
         for part in chosen[:-1]:
             if part.size < self.min_part_size:
@@ -497,9 +495,9 @@ def iter_file(path: str, block: int = _READ_BLOCK) -> AsyncIterator[bytes]:
 
 
 __all__ = [
+    "MIN_PART_SIZE",
     "ObjectService",
+    "iter_file",
     "multipart_etag",
     "parse_content_md5",
-    "iter_file",
-    "MIN_PART_SIZE",
 ]

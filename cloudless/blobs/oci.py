@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from cloudless.blobs.errors import BadDigest, BucketAlreadyExists, NoSuchBucket, NoSuchKey
 from cloudless.blobs.manifest import ObjectManifest

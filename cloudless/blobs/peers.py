@@ -6,7 +6,8 @@ repair, anti-entropy — is written against this interface only.
 
 from __future__ import annotations
 
-from typing import Iterable, Protocol, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import trio
 
@@ -128,4 +129,3 @@ class MemoryChunkPeers:
         """Test helper: live nodes that hold `digest`."""
         nodes = self.stores if among is None else among
         return {n for n in nodes if n not in self.dead and self.stores[n].has([digest])}
-

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import msgspec
 

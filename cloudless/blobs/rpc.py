@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Annotated, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Annotated
 
 import msgspec
 import trio

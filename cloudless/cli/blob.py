@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import datetime, timezone
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import AsyncIterator, Callable
 
 import click
 import trio
@@ -37,7 +37,12 @@ def _remember_config(ctx: click.Context, param: click.Parameter, value: str | No
 
 def _data_dir_option(f: Callable) -> Callable:
     f = click.option(
-        "--config", "_config", envvar="CLOUDLESS_CONFIG", default=None, expose_value=False, callback=_remember_config,
+        "--config",
+        "_config",
+        envvar="CLOUDLESS_CONFIG",
+        default=None,
+        expose_value=False,
+        callback=_remember_config,
         help="Client config: act on the cluster (default when set, unless --data-dir is given).",
     )(f)
     return click.option(
@@ -98,7 +103,7 @@ def _object_doc(m: ObjectManifest) -> dict:
         "metadata": m.metadata,
         "chunks": len(m.chunks),
         "version": m.version,
-        "last_modified": datetime.fromtimestamp(m.created, timezone.utc).isoformat(),
+        "last_modified": datetime.fromtimestamp(m.created, UTC).isoformat(),
     }
 
 
@@ -114,12 +119,16 @@ class _Bar:
     def __init__(self, enabled: bool, label: str, total: int | None) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-            console=output.stderr, transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=output.stderr,
+            transient=True,
         )
         self.task = self.progress.add_task(label, total=total)
 
-    def __enter__(self) -> "_Bar":
+    def __enter__(self) -> _Bar:
         if self.enabled:
             self.progress.start()
         return self
@@ -165,8 +174,9 @@ def blob() -> None:
 @click.option("--replicas", type=click.IntRange(1, 16), help="Replica count for a bucket created by this put.")
 @_data_dir_option
 @_json_option
-def put(file: str, target: str, content_type: str, meta: tuple[str, ...], replicas: int | None, data_dir: str,
-        as_json: bool) -> None:
+def put(
+    file: str, target: str, content_type: str, meta: tuple[str, ...], replicas: int | None, data_dir: str, as_json: bool
+) -> None:
     def work(service: ObjectService) -> ObjectManifest:
         bucket, key = _split(target, need_key=True)
         metadata = _parse_meta(meta)
@@ -182,7 +192,11 @@ def put(file: str, target: str, content_type: str, meta: tuple[str, ...], replic
                 await service.create_bucket(bucket, replicas=replicas)
             with _Bar(not as_json, f"put {key}", total) as bar:
                 return await service.put_object(
-                    bucket, key, _read_stream(f, bar), content_type=content_type, metadata=metadata,
+                    bucket,
+                    key,
+                    _read_stream(f, bar),
+                    content_type=content_type,
+                    metadata=metadata,
                     expected_size=total,
                 )
 
@@ -260,10 +274,16 @@ def ls(target: str | None, recursive: bool, data_dir: str, as_json: bool) -> Non
         async def main() -> dict:
             if not target:
                 buckets = await service.list_buckets()
-                return {"buckets": [
-                    {"name": b.name, "created": datetime.fromtimestamp(b.created, timezone.utc).isoformat(),
-                     "replicas": b.replicas} for b in buckets
-                ]}
+                return {
+                    "buckets": [
+                        {
+                            "name": b.name,
+                            "created": datetime.fromtimestamp(b.created, UTC).isoformat(),
+                            "replicas": b.replicas,
+                        }
+                        for b in buckets
+                    ]
+                }
             bucket, prefix = _split(target, need_key=False)
             objects, prefixes, marker = [], [], ""
             while True:
@@ -355,10 +375,17 @@ def _keys_create_in_cluster(config: str, description: str, as_json: bool) -> dic
     return {"endpoint": reply.endpoint, "access_key": reply.access_key, "secret_key": reply.secret_key}
 
 
-@keys.command("create", help="Issue an access key; the secret is shown once. With --config (or "
-              "$CLOUDLESS_CONFIG) the cluster issues it; otherwise the local data dir's store does.")
-@click.option("--endpoint", envvar="CLOUDLESS_S3_ENDPOINT", default=None,
-              help=f"The gateway URL to report (default: the cluster's gateway, or {DEFAULT_S3_ENDPOINT} locally).")
+@keys.command(
+    "create",
+    help="Issue an access key; the secret is shown once. With --config (or "
+    "$CLOUDLESS_CONFIG) the cluster issues it; otherwise the local data dir's store does.",
+)
+@click.option(
+    "--endpoint",
+    envvar="CLOUDLESS_S3_ENDPOINT",
+    default=None,
+    help=f"The gateway URL to report (default: the cluster's gateway, or {DEFAULT_S3_ENDPOINT} locally).",
+)
 @click.option("--description", default="")
 @_data_dir_option
 @_json_option
@@ -369,13 +396,16 @@ def keys_create(endpoint: str | None, description: str, data_dir: str, as_json: 
         if endpoint:
             doc["endpoint"] = endpoint
     else:
-        key = _run(as_json, data_dir, lambda service: trio.run(
-            lambda: service.create_access_key(description=description)))
+        key = _run(
+            as_json, data_dir, lambda service: trio.run(lambda: service.create_access_key(description=description))
+        )
         doc = {"endpoint": endpoint or DEFAULT_S3_ENDPOINT, "access_key": key.access_key, "secret_key": key.secret_key}  # type: ignore[union-attr]
     if as_json:
         output.emit_json(doc)
         return
-    output.stdout.print(f"endpoint:   {doc['endpoint']}\naccess key: {doc['access_key']}\nsecret key: {doc['secret_key']}")
+    output.stdout.print(
+        f"endpoint:   {doc['endpoint']}\naccess key: {doc['access_key']}\nsecret key: {doc['secret_key']}"
+    )
 
 
 @keys.command("ls", help="List access keys (not their secrets).")
@@ -383,8 +413,15 @@ def keys_create(endpoint: str | None, description: str, data_dir: str, as_json: 
 @_json_option
 def keys_ls(data_dir: str, as_json: bool) -> None:
     found = _run(as_json, data_dir, lambda service: trio.run(service.metadata.list_access_keys))
-    docs = [{"access_key": k.access_key, "owner": k.owner, "description": k.description,
-             "created": datetime.fromtimestamp(k.created, timezone.utc).isoformat()} for k in found]  # type: ignore[union-attr]
+    docs = [
+        {
+            "access_key": k.access_key,
+            "owner": k.owner,
+            "description": k.description,
+            "created": datetime.fromtimestamp(k.created, UTC).isoformat(),
+        }
+        for k in found
+    ]  # type: ignore[union-attr]
     if as_json:
         output.emit_json({"keys": docs})
         return
@@ -419,9 +456,16 @@ def serve(listen: str, data_dir: str) -> None:
 
             async def main() -> None:
                 async with trio.open_nursery() as nursery:
-                    await nursery.start(lambda task_status: serve_gateway(
-                        app, host=host or "127.0.0.1", port=int(port), certfile=cert, keyfile=key,
-                        task_status=task_status))
+                    await nursery.start(
+                        lambda task_status: serve_gateway(
+                            app,
+                            host=host or "127.0.0.1",
+                            port=int(port),
+                            certfile=cert,
+                            keyfile=key,
+                            task_status=task_status,
+                        )
+                    )
                     output.stderr.print(f"S3 gateway on https://{listen} (CA certificate: {ca})")
 
             trio.run(main)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 import msgspec
@@ -92,7 +93,9 @@ async def status(client: ClusterClient, as_json: bool) -> None:
     if as_json:
         emit_json(doc)
         return
-    stdout.print(f"cluster [bold]{reply.cluster_id}[/bold]  leader [bold]{reply.leader or '-'}[/bold]  term {reply.term}  commit {reply.commit_index}")
+    stdout.print(
+        f"cluster [bold]{reply.cluster_id}[/bold]  leader [bold]{reply.leader or '-'}[/bold]  term {reply.term}  commit {reply.commit_index}"
+    )
     stdout.print(f"voters: {', '.join(reply.voters) or '-'}   learners: {', '.join(reply.learners) or '-'}")
     _members_table(reply)
 
@@ -181,7 +184,9 @@ async def vars_put(client: ClusterClient, as_json: bool, key: str, value: str) -
         stdout.print(f"{reply.key} = {reply.value} (index {reply.index})", markup=False, highlight=False)
 
 
-@vars.command("cas", help="Write only if the variable's modify index is --index (0: must not exist). Exit 4 on conflict.")
+@vars.command(
+    "cas", help="Write only if the variable's modify index is --index (0: must not exist). Exit 4 on conflict."
+)
 @click.argument("key", callback=_key)
 @click.argument("value")
 @click.option("--index", type=click.IntRange(min=0), required=True, help="Expected modify index.")
@@ -241,7 +246,15 @@ async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int
         raise InvalidInput("--ttl must be between 1s and 30d", field="ttl")
     reply = await client.call("token.create", TokenCreate(seconds, uses, role), response=TokenReply)
     if as_json:
-        emit_json({"token": reply.token, "id": reply.id, "role": reply.role, "expires_at": reply.expires_at, "uses": reply.uses})
+        emit_json(
+            {
+                "token": reply.token,
+                "id": reply.id,
+                "role": reply.role,
+                "expires_at": reply.expires_at,
+                "uses": reply.uses,
+            }
+        )
     else:
         stdout.print(reply.token, markup=False, highlight=False)
 

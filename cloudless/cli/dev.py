@@ -137,10 +137,18 @@ def dev() -> None:
 @click.option("--dir", "directory", type=click.Path(path_type=Path), required=True)
 @click.option("--base-port", type=click.IntRange(1024, 64000), default=7101, show_default=True)
 @click.option(
-    "--voter-stabilization", type=click.FloatRange(0, 3600), default=2.0, show_default=True,
+    "--voter-stabilization",
+    type=click.FloatRange(0, 3600),
+    default=2.0,
+    show_default=True,
     help="Passed to each node: seconds before a new member may become a voter.",
 )
-@click.option("--s3-port", type=click.IntRange(0, 65535), default=0, help="Serve the S3 gateway on node1 at 127.0.0.1:PORT (0: off).")
+@click.option(
+    "--s3-port",
+    type=click.IntRange(0, 65535),
+    default=0,
+    help="Serve the S3 gateway on node1 at 127.0.0.1:PORT (0: off).",
+)
 @click.option("--json", "as_json", is_flag=True)
 def up(count: int, directory: Path, base_port: int, voter_stabilization: float, s3_port: int, as_json: bool) -> None:
     try:
@@ -205,7 +213,11 @@ def _up(count: int, directory: Path, base_port: int, voter_stabilization: float 
         node_dir = directory / f"node{i}"
         plan = plans[i]
         if i in joiners:
-            _start(node_dir, ["--listen", plan["listen"], "--name", plan["name"], "--join", seed, "--token", token], voter_stabilization)
+            _start(
+                node_dir,
+                ["--listen", plan["listen"], "--name", plan["name"], "--join", seed, "--token", token],
+                voter_stabilization,
+            )
             (node_dir / "dev.json").write_text(json.dumps(plan))
         elif not _pid_alive(_read_pid(node_dir) or -1):
             _start(node_dir, ["--listen", plan["listen"]], voter_stabilization)
@@ -227,7 +239,12 @@ def _up(count: int, directory: Path, base_port: int, voter_stabilization: float 
         "config": str(config_path),
         "leader": reply.leader,
         "nodes": [
-            {"name": plans[i]["name"], "address": plans[i]["listen"], "pid": _read_pid(directory / f"node{i}"), "dir": str(directory / f"node{i}")}
+            {
+                "name": plans[i]["name"],
+                "address": plans[i]["listen"],
+                "pid": _read_pid(directory / f"node{i}"),
+                "dir": str(directory / f"node{i}"),
+            }
             for i in sorted(plans)
         ],
     }

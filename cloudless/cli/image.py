@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import click
 import trio
@@ -90,7 +90,7 @@ class _ProgressBars:
         self._tasks: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
 
-    def __enter__(self) -> "_ProgressBars":
+    def __enter__(self) -> _ProgressBars:
         if self.enabled:
             self.progress.start()
         return self
@@ -150,7 +150,10 @@ def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
 @image.command(help="Pull an image from a registry.")
 @click.argument("reference")
 @click.option(
-    "--insecure-registry", "insecure", multiple=True, metavar="HOST:PORT",
+    "--insecure-registry",
+    "insecure",
+    multiple=True,
+    metavar="HOST:PORT",
     help="Use plain HTTP for this registry (repeatable). Only for registries you trust, e.g. on loopback.",
 )
 @click.option("--username", envvar="CLOUDLESS_REGISTRY_USERNAME", help="Registry user name.")
@@ -159,8 +162,13 @@ def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
 @_data_dir_option
 @_json_option
 def pull(
-    reference: str, insecure: tuple[str, ...], username: str | None, password: str | None, timeout: float,
-    data_dir: str, as_json: bool,
+    reference: str,
+    insecure: tuple[str, ...],
+    username: str | None,
+    password: str | None,
+    timeout: float,
+    data_dir: str,
+    as_json: bool,
 ) -> None:
     from cloudless.sandbox.reference import parse_reference
     from cloudless.sandbox.registry import RegistryClient
@@ -223,7 +231,9 @@ def rm(reference: str, force: bool, data_dir: str, as_json: bool) -> None:
     if as_json:
         output.emit_json(doc)
         return
-    output.stdout.print(f"removed {reference} ({doc['removed'].split(':', 1)[1][:12]}), freed {_human(doc['freed_bytes'])}")
+    output.stdout.print(
+        f"removed {reference} ({doc['removed'].split(':', 1)[1][:12]}), freed {_human(doc['freed_bytes'])}"
+    )
 
 
 @image.command(help="Delete untagged images and blobs/layers nothing references.")

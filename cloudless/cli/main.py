@@ -8,6 +8,7 @@ device, and `cloudless vars get` should not pay for `cloudless run`.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import click
 

@@ -38,9 +38,15 @@ def default_data_dir() -> Path:
 
 
 @click.command(help="Run a node in the foreground. With no --join and an empty data dir it creates a new cluster.")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="Node state (default ~/.cloudless/node).")
-@click.option("--listen", default="127.0.0.1:7946", show_default=True, callback=_endpoint, help="HOST:PORT for UDP and TCP.")
-@click.option("--advertise", default=None, callback=_endpoint, help="HOST:PORT other nodes reach us at (default: --listen).")
+@click.option(
+    "--data-dir", type=click.Path(path_type=Path), default=None, help="Node state (default ~/.cloudless/node)."
+)
+@click.option(
+    "--listen", default="127.0.0.1:7946", show_default=True, callback=_endpoint, help="HOST:PORT for UDP and TCP."
+)
+@click.option(
+    "--advertise", default=None, callback=_endpoint, help="HOST:PORT other nodes reach us at (default: --listen)."
+)
 @click.option("--join", default=None, callback=_endpoint, help="HOST:PORT of any member of the cluster to join.")
 @click.option("--token", default=None, envvar="CLOUDLESS_TOKEN", help="Bootstrap token from `cloudless token create`.")
 @click.option("--name", default=None, help="Node name (default: host name plus a random suffix).")
@@ -49,7 +55,9 @@ def default_data_dir() -> Path:
 @click.option("--label", "labels", multiple=True, callback=_labels, help="key=value node label (repeatable).")
 @click.option("--power", type=click.Choice(["ac", "battery"]), default=None, help="Override detected power source.")
 @click.option("--battery", type=click.FloatRange(0, 100), default=None, help="Override detected battery percent.")
-@click.option("--network", type=click.Choice(["wired", "wifi", "metered"]), default=None, help="Override detected network.")
+@click.option(
+    "--network", type=click.Choice(["wired", "wifi", "metered"]), default=None, help="Override detected network."
+)
 @click.option(
     "--device-class",
     type=click.Choice(["server", "pc", "laptop", "phone", "gateway"]),
@@ -64,9 +72,31 @@ def default_data_dir() -> Path:
     help="Seconds a new member must stay alive before autopilot makes it a voter.",
 )
 @click.option("--metrics-listen", default=None, callback=_endpoint, help="HOST:PORT for HTTPS /metrics (mTLS).")
-@click.option("--s3-listen", default=None, callback=_endpoint, help="HOST:PORT for the HTTPS S3 gateway (default: off).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
-def node(data_dir, listen, advertise, join, token, name, region, zone, labels, power, battery, network, device_class, voter_stabilization, metrics_listen, s3_listen, log_level) -> None:
+@click.option(
+    "--s3-listen", default=None, callback=_endpoint, help="HOST:PORT for the HTTPS S3 gateway (default: off)."
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
+def node(
+    data_dir,
+    listen,
+    advertise,
+    join,
+    token,
+    name,
+    region,
+    zone,
+    labels,
+    power,
+    battery,
+    network,
+    device_class,
+    voter_stabilization,
+    metrics_listen,
+    s3_listen,
+    log_level,
+) -> None:
     from cloudless.coordinator.autopilot import AutopilotConfig
     from cloudless.node.process import Node, NodeOptions
     from cloudless.observability.logging import configure

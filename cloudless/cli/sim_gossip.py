@@ -14,13 +14,32 @@ from cloudless.testing.gossip_sim import SimConfig, simulate
 @click.command(help="Simulate gossip membership: crash detection, joins, false positives, bandwidth.")
 @click.option("--nodes", type=click.IntRange(2, 20000), required=True, help="Members at the start.")
 @click.option("--loss", type=click.FloatRange(0.0, 0.9), default=0.0, show_default=True, help="Packet loss rate.")
-@click.option("--kill", "kills", type=click.IntRange(0), default=0, show_default=True, help="Crashes, spread over the run.")
-@click.option("--join", "joins", type=click.IntRange(0), default=None, help="Joins, spread over the run (default: as many as --kill).")
-@click.option("--stall", type=click.FloatRange(0.0, 0.5), default=0.0, show_default=True, help="Fraction of members that stall 2 s every 10 s.")
+@click.option(
+    "--kill", "kills", type=click.IntRange(0), default=0, show_default=True, help="Crashes, spread over the run."
+)
+@click.option(
+    "--join",
+    "joins",
+    type=click.IntRange(0),
+    default=None,
+    help="Joins, spread over the run (default: as many as --kill).",
+)
+@click.option(
+    "--stall",
+    type=click.FloatRange(0.0, 0.5),
+    default=0.0,
+    show_default=True,
+    help="Fraction of members that stall 2 s every 10 s.",
+)
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--duration", type=click.FloatRange(10.0), default=60.0, show_default=True, help="Virtual seconds.")
 @click.option("--lifeguard", type=click.Choice(["on", "off"]), default="on", show_default=True)
-@click.option("--seal/--no-seal", default=False, show_default=True, help="AES-GCM seal every packet (slower; sizes are counted sealed either way).")
+@click.option(
+    "--seal/--no-seal",
+    default=False,
+    show_default=True,
+    help="AES-GCM seal every packet (slower; sizes are counted sealed either way).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def gossip(nodes, loss, kills, joins, stall, seed, duration, lifeguard, seal, as_json) -> None:
     if kills >= nodes:

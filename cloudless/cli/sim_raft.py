@@ -15,7 +15,7 @@ def _nodes_for(seed: int, nodes: int | None) -> int:
     return nodes if nodes is not None else (3 if seed % 2 == 0 else 5)
 
 
-def _run_one(args: tuple[int, int | None]) -> "object":
+def _run_one(args: tuple[int, int | None]) -> object:
     from cloudless.testing.raft_sim import SimConfig, run_seed
 
     seed, nodes = args
@@ -27,7 +27,9 @@ def _run_one(args: tuple[int, int | None]) -> "object":
 @click.command(help="Simulate Raft clusters under faults; fail on any safety or linearizability violation.")
 @click.option("--seeds", type=click.IntRange(min=1), default=100, show_default=True, help="How many seeds to run.")
 @click.option("--first", type=click.IntRange(min=0), default=0, show_default=True, help="First seed.")
-@click.option("--nodes", type=click.IntRange(min=1, max=9), default=None, help="Founding voters (default: 3 or 5 by seed).")
+@click.option(
+    "--nodes", type=click.IntRange(min=1, max=9), default=None, help="Founding voters (default: 3 or 5 by seed)."
+)
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True, help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def raft(seeds: int, first: int, nodes: int | None, jobs: int, as_json: bool) -> None:

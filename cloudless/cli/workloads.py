@@ -38,7 +38,9 @@ def _name(ctx, param, value):
     try:
         return _NAME.decode(json.dumps(value))
     except msgspec.ValidationError:
-        raise click.BadParameter(f"{value!r} is not a workload name (a DNS label: lowercase letters, digits, '-')") from None
+        raise click.BadParameter(
+            f"{value!r} is not a workload name (a DNS label: lowercase letters, digits, '-')"
+        ) from None
 
 
 def _reply_doc(reply: WorkloadReply) -> dict:
@@ -55,15 +57,42 @@ def _reply_doc(reply: WorkloadReply) -> dict:
 @click.option("--env", "env", multiple=True, metavar="K=V", help="Environment variable (repeatable).")
 @click.option("--port", "ports", multiple=True, metavar="[HOST:]CONTAINER[/PROTO]", help="Port (repeatable).")
 @click.option("--restart", default=None, metavar="always|never|on-failure[:MAX]")
-@click.option("--constraint", "constraints", multiple=True, metavar="EXPR", help="e.g. zone=a, 'class in pc,server' (repeatable).")
+@click.option(
+    "--constraint", "constraints", multiple=True, metavar="EXPR", help="e.g. zone=a, 'class in pc,server' (repeatable)."
+)
 @click.option("--spread", "spreads", multiple=True, metavar="ATTR[:MAX]", help="e.g. node, zone, node:1 (repeatable).")
 @client_options
-async def run(client: ClusterClient, as_json: bool, image: str, command: tuple[str, ...], name, replicas, cpu, memory, env, ports, restart, constraints, spreads) -> None:
+async def run(
+    client: ClusterClient,
+    as_json: bool,
+    image: str,
+    command: tuple[str, ...],
+    name,
+    replicas,
+    cpu,
+    memory,
+    env,
+    ports,
+    restart,
+    constraints,
+    spreads,
+) -> None:
     spec = from_flags(
-        image, name=name, replicas=replicas, cpu=cpu, memory=memory, env=env, ports=ports, restart=restart,
-        constraints=constraints, spreads=spreads, command=command,
+        image,
+        name=name,
+        replicas=replicas,
+        cpu=cpu,
+        memory=memory,
+        env=env,
+        ports=ports,
+        restart=restart,
+        constraints=constraints,
+        spreads=spreads,
+        command=command,
     )
-    reply = await client.call("workloads.run", RunWorkload(spec, False, client.client_id, client.next_seq()), response=WorkloadReply)
+    reply = await client.call(
+        "workloads.run", RunWorkload(spec, False, client.client_id, client.next_seq()), response=WorkloadReply
+    )
     if as_json:
         emit_json(_reply_doc(reply))
     else:
@@ -79,7 +108,9 @@ async def apply(client: ClusterClient, as_json: bool, path: Path) -> None:
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc.strerror}", field="file") from None
     spec = parse_yaml(text)
-    reply = await client.call("workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply)
+    reply = await client.call(
+        "workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply
+    )
     if as_json:
         emit_json(_reply_doc(reply))
     else:
@@ -91,7 +122,12 @@ async def apply(client: ClusterClient, as_json: bool, path: Path) -> None:
 async def ps(client: ClusterClient, as_json: bool) -> None:
     reply = await client.call("workloads.ps", PsRequest(), response=PsReply)
     if as_json:
-        emit_json([{"name": i.name, "image": i.image, "desired": i.desired, "running": i.running, "state": i.state} for i in reply.items])
+        emit_json(
+            [
+                {"name": i.name, "image": i.image, "desired": i.desired, "running": i.running, "state": i.state}
+                for i in reply.items
+            ]
+        )
         return
     table = Table("NAME", "IMAGE", "VERSION", "RUNNING", "STATE")
     for i in reply.items:
@@ -105,27 +141,50 @@ async def ps(client: ClusterClient, as_json: bool) -> None:
 async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
     reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
     if as_json:
-        emit_json({
-            "name": reply.name,
-            "state": reply.state,
-            "spec": to_builtins(reply.spec),
-            "stable_version": reply.stable_version,
-            "failed_versions": reply.failed_versions,
-            "allocations": [
-                {"id": a.id, "node": a.node, "state": a.state, "exit_code": a.exit_code, "restarts": a.restarts,
-                 "replica": a.replica, "version": a.version, "desired": a.desired, "health": a.health, "message": a.message}
-                for a in reply.allocations
-            ],
-            "explanations": reply.explanations,
-        })
+        emit_json(
+            {
+                "name": reply.name,
+                "state": reply.state,
+                "spec": to_builtins(reply.spec),
+                "stable_version": reply.stable_version,
+                "failed_versions": reply.failed_versions,
+                "allocations": [
+                    {
+                        "id": a.id,
+                        "node": a.node,
+                        "state": a.state,
+                        "exit_code": a.exit_code,
+                        "restarts": a.restarts,
+                        "replica": a.replica,
+                        "version": a.version,
+                        "desired": a.desired,
+                        "health": a.health,
+                        "message": a.message,
+                    }
+                    for a in reply.allocations
+                ],
+                "explanations": reply.explanations,
+            }
+        )
         return
     s = reply.spec
     stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", highlight=False)
-    stdout.print(f"command: {' '.join(s.command) or '(image default)'}   replicas: {s.replicas}", markup=False, highlight=False)
+    stdout.print(
+        f"command: {' '.join(s.command) or '(image default)'}   replicas: {s.replicas}", markup=False, highlight=False
+    )
     table = Table("ID", "NODE", "REPLICA", "VERSION", "STATE", "DESIRED", "EXIT", "RESTARTS", "HEALTH")
     for a in reply.allocations:
-        table.add_row(a.id, a.node, str(a.replica), str(a.version), a.state, a.desired,
-                      "-" if a.exit_code is None else str(a.exit_code), str(a.restarts), a.health or "-")
+        table.add_row(
+            a.id,
+            a.node,
+            str(a.replica),
+            str(a.version),
+            a.state,
+            a.desired,
+            "-" if a.exit_code is None else str(a.exit_code),
+            str(a.restarts),
+            a.health or "-",
+        )
     stdout.print(table)
     for a in reply.allocations:
         if a.message:
@@ -140,13 +199,21 @@ async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
 @click.argument("name", callback=_name)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("--replica", type=click.IntRange(min=0), default=None, help="Only this replica.")
-@click.option("--tail", type=click.IntRange(0, 1_000_000), default=200, show_default=True, help="Lines per replica to start with.")
+@click.option(
+    "--tail", type=click.IntRange(0, 1_000_000), default=200, show_default=True, help="Lines per replica to start with."
+)
 @client_options
 async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, replica: int | None, tail: int) -> None:
     collected: list[dict] = []
     async with client.stream("workloads.logs", WorkloadLogs(name, replica, follow, tail), item=LogLine) as items:
         async for line in items:
-            doc = {"allocation": line.allocation, "replica": line.replica, "stream": line.stream, "text": line.text, "ts": line.ts}
+            doc = {
+                "allocation": line.allocation,
+                "replica": line.replica,
+                "stream": line.stream,
+                "text": line.text,
+                "ts": line.ts,
+            }
             if as_json and not follow:
                 collected.append(doc)
             elif as_json:
@@ -165,14 +232,20 @@ async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, re
 @click.option("--replica", type=click.IntRange(min=0), default=None, help="Replica index (default: the first).")
 @click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True, help="Seconds.")
 @client_options
-async def exec_(client: ClusterClient, as_json: bool, name: str, command: tuple[str, ...], replica: int | None, timeout: float) -> None:
-    reply = await client.call("workloads.exec", WorkloadExec(name, tuple(command), replica, timeout), response=ExecReply, timeout=timeout + 10)
+async def exec_(
+    client: ClusterClient, as_json: bool, name: str, command: tuple[str, ...], replica: int | None, timeout: float
+) -> None:
+    reply = await client.call(
+        "workloads.exec", WorkloadExec(name, tuple(command), replica, timeout), response=ExecReply, timeout=timeout + 10
+    )
     if as_json:
-        emit_json({
-            "exit_code": reply.exit_code,
-            "stdout": reply.stdout.decode("utf-8", "replace"),
-            "stderr": reply.stderr.decode("utf-8", "replace"),
-        })
+        emit_json(
+            {
+                "exit_code": reply.exit_code,
+                "stdout": reply.stdout.decode("utf-8", "replace"),
+                "stderr": reply.stderr.decode("utf-8", "replace"),
+            }
+        )
     else:
         sys.stdout.buffer.write(reply.stdout)
         sys.stdout.flush()
@@ -186,7 +259,9 @@ async def exec_(client: ClusterClient, as_json: bool, name: str, command: tuple[
 @click.argument("name", callback=_name)
 @client_options
 async def stop(client: ClusterClient, as_json: bool, name: str) -> None:
-    reply = await client.call("workloads.stop", WorkloadRef(name, client.client_id, client.next_seq()), response=WorkloadReply)
+    reply = await client.call(
+        "workloads.stop", WorkloadRef(name, client.client_id, client.next_seq()), response=WorkloadReply
+    )
     if as_json:
         emit_json({**_reply_doc(reply), "stopped": True})
     else:
@@ -198,7 +273,9 @@ async def stop(client: ClusterClient, as_json: bool, name: str) -> None:
 @click.argument("replicas", type=click.IntRange(0, 100_000))
 @client_options
 async def scale(client: ClusterClient, as_json: bool, name: str, replicas: int) -> None:
-    reply = await client.call("workloads.scale", ScaleRequest(name, replicas, client.client_id, client.next_seq()), response=WorkloadReply)
+    reply = await client.call(
+        "workloads.scale", ScaleRequest(name, replicas, client.client_id, client.next_seq()), response=WorkloadReply
+    )
     if as_json:
         emit_json({**_reply_doc(reply), "replicas": replicas})
     else:
@@ -210,7 +287,9 @@ async def scale(client: ClusterClient, as_json: bool, name: str, replicas: int) 
 @click.option("--image", required=True, help="The new image.")
 @client_options
 async def update(client: ClusterClient, as_json: bool, name: str, image: str) -> None:
-    reply = await client.call("workloads.update", UpdateRequest(name, image, client.client_id, client.next_seq()), response=WorkloadReply)
+    reply = await client.call(
+        "workloads.update", UpdateRequest(name, image, client.client_id, client.next_seq()), response=WorkloadReply
+    )
     if as_json:
         emit_json(_reply_doc(reply))
     else:

@@ -121,10 +121,13 @@ def choose_voters(
     recently_down = [
         c
         for c in candidates
-        if c.state in ("suspect", "dead") and c.node_id in ineligible and c.down_since is not None
+        if c.state in ("suspect", "dead")
+        and c.node_id in ineligible
+        and c.down_since is not None
         and now - c.down_since < config.down_grace_s
     ]
     wanted = min(voters_wanted(len(eligible) + len(recently_down), config), len(eligible))
+
     # Incumbents get a small edge so near-ties do not churn the configuration.
     # The leader breaks ties in its own favour: keeping it avoids a transfer.
     def base(c: Candidate) -> float:
@@ -144,9 +147,7 @@ def choose_voters(
     return sorted(c.node_id for c in chosen), scores, ineligible
 
 
-def plan(
-    candidates: list[Candidate], leader_id: str, now: float, config: AutopilotConfig = AutopilotConfig()
-) -> Plan:
+def plan(candidates: list[Candidate], leader_id: str, now: float, config: AutopilotConfig = AutopilotConfig()) -> Plan:
     by_id = {c.node_id: c for c in candidates}
     desired, scores, ineligible = choose_voters(candidates, now, config, leader_id)
     result = Plan(desired_voters=tuple(desired), scores=scores, ineligible=ineligible)
@@ -165,7 +166,11 @@ def plan(
         c = by_id[node_id]
         if c.raft_role == "none" and now - c.alive_since >= config.stabilization_s:
             acts.append(
-                Action("add_learner", node_id, f"chosen as voter (score {scores[node_id]:.0f}); joins as learner to catch up")
+                Action(
+                    "add_learner",
+                    node_id,
+                    f"chosen as voter (score {scores[node_id]:.0f}); joins as learner to catch up",
+                )
             )
 
     healthy_voters = [v for v in voters if v.state == "alive"]

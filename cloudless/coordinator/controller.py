@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -101,7 +102,16 @@ class _Round:
         self.view = self.view.with_allocations(remove=list(ids))
 
     def plan(self) -> CommitPlan | None:
-        if not (self.create or self.stop or self.lost or self.forget or self.explanations or self.stable or self.revert or self.failed):
+        if not (
+            self.create
+            or self.stop
+            or self.lost
+            or self.forget
+            or self.explanations
+            or self.stable
+            or self.revert
+            or self.failed
+        ):
             return None
         return CommitPlan(
             create=tuple(self.create),
@@ -140,9 +150,7 @@ def build_view(state: ControllerState) -> ClusterView:
     return ClusterView(state.nodes, (r.allocation for r in state.allocations.values()))
 
 
-def reconcile(
-    state: ControllerState, now: float, rng: random.Random, view: ClusterView | None = None
-) -> Decision:
+def reconcile(state: ControllerState, now: float, rng: random.Random, view: ClusterView | None = None) -> Decision:
     """One round of decisions for every workload (pure; see the module docstring).
 
     `view` may be the view a previous round returned, when neither nodes nor
@@ -198,8 +206,7 @@ def _reconcile_workload(
 
     holding = [r for r in current if r.desired == "run" and (r.allocation.live or _completed(r))]
     waiting = [
-        r for r in current
-        if r.desired == "run" and r.allocation.state in ("failed", "lost") and not r.replaced_by
+        r for r in current if r.desired == "run" and r.allocation.state in ("failed", "lost") and not r.replaced_by
     ]
     version = spec.version
     # Versions whose spec only differs in replica count run the same containers
@@ -213,7 +220,9 @@ def _reconcile_workload(
         _explain(rnd, record, lines)
         return
 
-    failure = _rollout_failure(spec, [r for r in current if r.allocation.version == version and r.desired == "run"], now)
+    failure = _rollout_failure(
+        spec, [r for r in current if r.allocation.version == version and r.desired == "run"], now
+    )
     if not old and record.stable_version is not None and record.stable_version in same:
         failure = None  # nothing rolls out: the running containers are the stable ones
     if failure is not None and (old or record.stable_version not in (None, version)):
@@ -376,10 +385,7 @@ def _without_node(view: ClusterView, node_id: str) -> ClusterView:
 
 
 def _forget_old(rnd: _Round, record: WorkloadRecord, recs: list[AllocationRecord], now: float) -> None:
-    done = [
-        r for r in recs
-        if r.allocation.state in TERMINAL and (r.desired == "stop" or r.replaced_by)
-    ]
+    done = [r for r in recs if r.allocation.state in TERMINAL and (r.desired == "stop" or r.replaced_by)]
     done.sort(key=lambda r: r.state_since)
     excess = max(0, len(done) - max(KEEP_TERMINAL, record.spec.replicas))
     for i, r in enumerate(done):
@@ -404,7 +410,7 @@ def admission_error(spec: WorkloadSpec, nodes: Sequence[NodeInfo]) -> str | None
 _STATE_NAMES = {0: "alive", 1: "suspect", 2: "dead", 3: "left"}
 
 
-def node_infos(node: "Node") -> list[NodeInfo]:
+def node_infos(node: Node) -> list[NodeInfo]:
     """Registered nodes as the scheduler sees them: attributes from the registry
     and gossip metadata, state from gossip membership."""
     replicated = node.replicated
@@ -460,7 +466,7 @@ def node_infos(node: "Node") -> list[NodeInfo]:
 class WorkloadController:
     """Runs `reconcile` on the leader whenever the state or membership changes."""
 
-    def __init__(self, node: "Node", *, interval: float = 1.0, rng: random.Random | None = None) -> None:
+    def __init__(self, node: Node, *, interval: float = 1.0, rng: random.Random | None = None) -> None:
         self.node = node
         self.interval = interval
         self.rng = rng or random.Random()
@@ -517,9 +523,13 @@ class WorkloadController:
             for a in plan.create:
                 log.info("controller.placed", extra={"fields": {"allocation": a.id, "node": a.node}})
             if plan.lost:
-                self.node.events.record("workload.lost", self.node.node_id, f"{len(plan.lost)} allocation(s) lost: {', '.join(plan.lost)}")
+                self.node.events.record(
+                    "workload.lost", self.node.node_id, f"{len(plan.lost)} allocation(s) lost: {', '.join(plan.lost)}"
+                )
             for name, version in plan.revert.items():
-                self.node.events.record("workload.rollout_failed", self.node.node_id, f"{name} version {version} failed its health gate")
+                self.node.events.record(
+                    "workload.rollout_failed", self.node.node_id, f"{name} version {version} failed its health gate"
+                )
         return decision.wake_at
 
 

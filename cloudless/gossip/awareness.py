@@ -10,7 +10,7 @@ from __future__ import annotations
 
 
 class Awareness:
-    __slots__ = ("max_score", "score", "enabled")
+    __slots__ = ("enabled", "max_score", "score")
 
     def __init__(self, max_score: int = 8, enabled: bool = True) -> None:
         self.max_score = max_score

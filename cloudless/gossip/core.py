@@ -20,8 +20,8 @@ import logging
 import math
 import random
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from cloudless.gossip import messages as wire
 from cloudless.gossip.awareness import Awareness
@@ -83,7 +83,7 @@ class GossipConfig:
 
 
 class _Probe:
-    __slots__ = ("target", "seq", "start", "ack_deadline", "end", "indirect", "expected_nacks", "nacks")
+    __slots__ = ("ack_deadline", "end", "expected_nacks", "indirect", "nacks", "seq", "start", "target")
 
     def __init__(self, target: Member, seq: int, start: float, ack_deadline: float, end: float) -> None:
         self.target = target
@@ -99,7 +99,7 @@ class _Probe:
 class _Relay:
     """An indirect ping we forward for another member (SWIM §3.1 ping-req)."""
 
-    __slots__ = ("source_addr", "seq", "nack_at", "expires")
+    __slots__ = ("expires", "nack_at", "seq", "source_addr")
 
     def __init__(self, source_addr: str, seq: int, nack_at: float | None, expires: float) -> None:
         self.source_addr = source_addr
@@ -109,7 +109,7 @@ class _Relay:
 
 
 class _Broadcast:
-    __slots__ = ("data", "transmits", "order")
+    __slots__ = ("data", "order", "transmits")
 
     def __init__(self, data: bytes, order: int) -> None:
         self.data = data

@@ -15,7 +15,8 @@ wires to its RPC layer; the other end answers with `serve_stream(request)`.
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import trio
 

@@ -46,7 +46,7 @@ class Member(msgspec.Struct, gc=False):
 class MemberTable:
     """Rows by name, plus the randomized round-robin probe order (SWIM §4.3)."""
 
-    __slots__ = ("rows", "_order", "_cursor", "live_count", "gone")
+    __slots__ = ("_cursor", "_order", "gone", "live_count", "rows")
 
     def __init__(self) -> None:
         self.rows: dict[str, Member] = {}

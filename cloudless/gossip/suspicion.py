@@ -22,7 +22,16 @@ def suspicion_bounds(
 
 
 class Suspicion:
-    __slots__ = ("incarnation", "start", "min_timeout", "max_timeout", "expected", "confirmers", "deadline", "not_before")
+    __slots__ = (
+        "confirmers",
+        "deadline",
+        "expected",
+        "incarnation",
+        "max_timeout",
+        "min_timeout",
+        "not_before",
+        "start",
+    )
 
     def __init__(
         self,

@@ -35,7 +35,7 @@ _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 
 class Coordinator:
-    def __init__(self, node: "Node", interval: float = 0.5) -> None:
+    def __init__(self, node: Node, interval: float = 0.5) -> None:
         self.node = node
         self.interval = interval
         self._flaps: dict[str, deque[float]] = defaultdict(deque)
@@ -58,7 +58,9 @@ class Coordinator:
             now = trio.current_time()
             if self._leader_since is None:
                 self._leader_since = now
-                self.node.events.record("raft.leader_elected", self.node.node_id, f"leader for term {replicated.core.term}")
+                self.node.events.record(
+                    "raft.leader_elected", self.node.node_id, f"leader for term {replicated.core.term}"
+                )
             try:
                 await self.node.complete_bootstrap()
                 if now - self._leader_since >= SETTLE_S:
@@ -135,14 +137,18 @@ class Coordinator:
                     state=state,  # type: ignore[arg-type]
                     raft_role=role,  # type: ignore[arg-type]
                     power=meta.power if meta is not None else "ac",
-                    battery_pct=float(meta.battery_percent) if meta is not None and meta.battery_percent is not None else None,
+                    battery_pct=float(meta.battery_percent)
+                    if meta is not None and meta.battery_percent is not None
+                    else None,
                     charging=bool(meta.charging) if meta is not None else False,
                     network=network,  # type: ignore[arg-type]
                     zone=meta.zone if meta is not None else "",
                     alive_since=alive_since,
                     flaps=self.flaps(name, now),
                     caught_up=caught_up,
-                    down_since=self._down_since.get(name, member.state_change if member is not None and state in ("suspect", "dead") else None),
+                    down_since=self._down_since.get(
+                        name, member.state_change if member is not None and state in ("suspect", "dead") else None
+                    ),
                 )
             )
         return out
@@ -167,11 +173,13 @@ class Coordinator:
             }[action.kind]
             await replicated.propose_conf_change(ConfChange(int(change_type), action.node_id))
         node.metrics.autopilot_decisions.labels(action.kind).inc()
-        node.events.record(f"autopilot.{action.kind}", action.node_id, action.reason, desired=",".join(result.desired_voters))
+        node.events.record(
+            f"autopilot.{action.kind}", action.node_id, action.reason, desired=",".join(result.desired_voters)
+        )
         return action
 
 
-def node_uptime(node: "Node") -> float:
+def node_uptime(node: Node) -> float:
     import time
 
     return max(0.0, time.time() - node.started_at)

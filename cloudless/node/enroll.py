@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -95,7 +95,7 @@ def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Cer
     csr = load_csr(request.csr_pem)
     kind = "node" if request.role == "node" else "client"
     identity = Identity(ca.cluster_id, kind, request.name)
-    return ca.issue(csr, identity, datetime.fromtimestamp(now, timezone.utc))
+    return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC))
 
 
 # -- the joiner's side --------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -56,7 +56,7 @@ class RenewReply(msgspec.Struct, frozen=True):
 
 
 class EnrollService:
-    def __init__(self, node: "Node") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
 
     def register(self, enroll_server: RpcServer, node_server: RpcServer) -> None:
@@ -115,7 +115,7 @@ class EnrollService:
             certificate = self._ca().issue(
                 load_csr(req.csr_pem),
                 Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
-                datetime.fromtimestamp(now, timezone.utc),
+                datetime.fromtimestamp(now, UTC),
                 node_certificate_lifetime() if req.role == "node" else None,
             )
         except PKIError as exc:
@@ -172,11 +172,13 @@ class EnrollService:
         certificate = self._ca().issue(
             load_csr(req.csr_pem),
             Identity(node.cluster_id, "node", ctx.peer.name),
-            datetime.fromtimestamp(now, timezone.utc),
+            datetime.fromtimestamp(now, UTC),
             node_certificate_lifetime(),
         )
         result, _ = await replicated.propose(
-            RecordCertificate(ctx.peer.name, format(certificate.serial_number, "x"), certificate.not_valid_after_utc.timestamp())
+            RecordCertificate(
+                ctx.peer.name, format(certificate.serial_number, "x"), certificate.not_valid_after_utc.timestamp()
+            )
         )
         if isinstance(result, Rejected):
             raise CloudlessError(f"could not record the certificate: {result.message}")

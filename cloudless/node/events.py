@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import trio
 

@@ -25,7 +25,7 @@ import secrets
 import signal
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
@@ -33,12 +33,12 @@ import trio
 
 from cloudless.api.client_config import ClientConfig, Context
 from cloudless.coordinator.autopilot import AutopilotConfig
+from cloudless.durable import write_atomic
 from cloudless.errors import CloudlessError, InvalidInput
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.metadata import Metadata, Resources
-from cloudless.durable import write_atomic
 from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name
 from cloudless.node.device import DeviceProfile, detect
 from cloudless.node.events import EventLog
@@ -109,7 +109,7 @@ def parse_address(text: str) -> tuple[str, int]:
 
 
 def utc(ts: float) -> datetime:
-    return datetime.fromtimestamp(ts, timezone.utc)
+    return datetime.fromtimestamp(ts, UTC)
 
 
 class Node:
@@ -169,11 +169,13 @@ class Node:
         write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(reply.seeds))
         write_atomic(self.data.root / "revocations", reply.revocations)
         self.data.save_record(NodeRecordFile(name, reply.cluster_id, format_address(self.advertise)))
-        self.events.record("node.joined", name, f"joined cluster {reply.cluster_id} through {format_address(opts.join)}")
+        self.events.record(
+            "node.joined", name, f"joined cluster {reply.cluster_id} through {format_address(opts.join)}"
+        )
 
     def _bootstrap(self, name: str) -> None:
         """Create a cluster: CA, this node as its only voter, an admin client config."""
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         cluster_id = f"c-{secrets.token_hex(4)}"
         ca = ClusterCA.create(cluster_id, now)
         from cloudless.node.enroll_service import node_certificate_lifetime
@@ -192,7 +194,12 @@ class Node:
         config = ClientConfig(
             contexts={
                 cluster_id: Context(
-                    cluster_id, cluster_id, [format_address(self.advertise)], admin.ca_pem, admin.cert_pem, admin.key_pem
+                    cluster_id,
+                    cluster_id,
+                    [format_address(self.advertise)],
+                    admin.ca_pem,
+                    admin.cert_pem,
+                    admin.key_pem,
                 )
             },
             current_context=cluster_id,
@@ -322,12 +329,20 @@ class Node:
                 if self.options.metrics_listen is not None:
                     from cloudless.api.http import metrics_app, serve_https
 
-                    await nursery.start(serve_https, metrics_app(self.metrics.render), self.options.metrics_listen, self.data.tls)
+                    await nursery.start(
+                        serve_https, metrics_app(self.metrics.render), self.options.metrics_listen, self.data.tls
+                    )
                 nursery.start_soon(self._signals, nursery)
                 self.ready.set()
                 log.info(
                     "node.ready",
-                    extra={"fields": {"node": self.node_id, "cluster": self.cluster_id, "address": format_address(self.advertise)}},
+                    extra={
+                        "fields": {
+                            "node": self.node_id,
+                            "cluster": self.cluster_id,
+                            "address": format_address(self.advertise),
+                        }
+                    },
                 )
                 task_status.started(self.advertise)
                 await self.stopping.wait()
@@ -452,7 +467,10 @@ class Node:
         while True:
             await trio.sleep(5.0)
             replicated = self.replicated
-            if replicated is None or self.node_id in replicated.core.conf_state.voters + replicated.core.conf_state.learners:
+            if (
+                replicated is None
+                or self.node_id in replicated.core.conf_state.voters + replicated.core.conf_state.learners
+            ):
                 continue
             leader = replicated.leader or self.leader_hint()
             address = self.address_of(leader) if leader else None
@@ -474,7 +492,7 @@ class Node:
             lifetime = (credentials.not_after - credentials.not_before).total_seconds() if credentials else 300.0
             await trio.sleep(min(30.0, max(1.0, lifetime / 20)))
             credentials = self.credentials
-            if credentials is None or not credentials.needs_renewal(datetime.now(timezone.utc)):
+            if credentials is None or not credentials.needs_renewal(datetime.now(UTC)):
                 continue
             try:
                 await self.renew_certificate()
@@ -482,8 +500,9 @@ class Node:
                 log.warning("node.renewal_failed", extra={"fields": {"error": str(exc)}})
 
     async def renew_certificate(self) -> None:
-        from cloudless.node.enroll_service import RenewReply, RenewRequest
         from cryptography.hazmat.primitives import serialization
+
+        from cloudless.node.enroll_service import RenewReply, RenewRequest
 
         assert self.credentials is not None and self.replicated is not None and self.rpc is not None
         key = new_private_key()
@@ -493,7 +512,11 @@ class Node:
         if address is None:
             raise CloudlessError(f"no address for leader {leader}")
         reply = await self.rpc.call(
-            address, "pki.renew", RenewRequest(csr.public_bytes(serialization.Encoding.PEM)), response=RenewReply, timeout=10.0
+            address,
+            "pki.renew",
+            RenewRequest(csr.public_bytes(serialization.Encoding.PEM)),
+            response=RenewReply,
+            timeout=10.0,
         )
         fresh = Credentials(self.credentials.ca_pem, reply.cert_pem, private_key_pem(key))
         fresh.save(self.data.tls)
@@ -509,7 +532,9 @@ class Node:
             await trio.sleep(1.0)
             if self.gossip is None:
                 continue
-            self.device = detect(self.options.power, self.options.battery, self.options.network, self.options.device_class)  # type: ignore[arg-type]
+            self.device = detect(
+                self.options.power, self.options.battery, self.options.network, self.options.device_class
+            )  # type: ignore[arg-type]
             meta = self.metadata()
             if meta != last:
                 await self.gossip.update_metadata(meta)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 import trio
@@ -95,7 +95,9 @@ class ReplicatedState:
         if snapshot.data:
             self.fsm.restore(snapshot.data)
         self.core = RaftNode(
-            RaftConfig(id=node_id, election_tick=election_tick, heartbeat_tick=heartbeat_tick, applied=snapshot.meta.index),
+            RaftConfig(
+                id=node_id, election_tick=election_tick, heartbeat_tick=heartbeat_tick, applied=snapshot.meta.index
+            ),
             self.storage,
             rng or random.Random(),
         )
@@ -154,7 +156,9 @@ class ReplicatedState:
             leader = self.core.leader
             if leader != self._last_leader:
                 self._last_leader = leader
-                log.info("raft.leader", extra={"fields": {"node": self.node_id, "leader": leader, "term": self.core.term}})
+                log.info(
+                    "raft.leader", extra={"fields": {"node": self.node_id, "leader": leader, "term": self.core.term}}
+                )
                 self._leader_changed.set()
                 self._leader_changed = trio.Event()
 

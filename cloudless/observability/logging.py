@@ -30,7 +30,9 @@ class JsonLineFormatter(logging.Formatter):
         }
         fields = getattr(record, "fields", None)
         if fields:
-            doc.update({k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in fields.items()})
+            doc.update(
+                {k: v if isinstance(v, (int, float, str, bool, type(None))) else str(v) for k, v in fields.items()}
+            )
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc, sort_keys=False)

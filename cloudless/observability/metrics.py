@@ -7,7 +7,7 @@ default, so several nodes can run in one test process.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,10 +28,14 @@ class NodeCollector:
             yield GaugeMetricFamily("cloudless_raft_term", "Current Raft term", value=core.term)
             yield GaugeMetricFamily("cloudless_raft_commit_index", "Raft commit index", value=core.commit_index)
             yield GaugeMetricFamily("cloudless_raft_applied_index", "Raft applied index", value=stats.get("applied", 0))
-            yield GaugeMetricFamily("cloudless_raft_is_leader", "1 when this node leads", value=1 if replicated.is_leader else 0)
+            yield GaugeMetricFamily(
+                "cloudless_raft_is_leader", "1 when this node leads", value=1 if replicated.is_leader else 0
+            )
             conf = core.conf_state
             yield GaugeMetricFamily("cloudless_raft_voters", "Voters in the configuration", value=len(conf.voters))
-            yield GaugeMetricFamily("cloudless_raft_learners", "Learners in the configuration", value=len(conf.learners))
+            yield GaugeMetricFamily(
+                "cloudless_raft_learners", "Learners in the configuration", value=len(conf.learners)
+            )
             for key, help_text in (
                 ("syncs", "Durable log syncs (group commits)"),
                 ("entries_written", "Log entries written"),
@@ -42,7 +46,9 @@ class NodeCollector:
                 yield CounterMetricFamily(f"cloudless_raft_{key}", help_text, value=stats.get(key, 0))
         server = getattr(node, "server", None)
         if server is not None:
-            yield CounterMetricFamily("cloudless_rpc_calls", "RPC calls served", value=getattr(server, "calls_total", 0))
+            yield CounterMetricFamily(
+                "cloudless_rpc_calls", "RPC calls served", value=getattr(server, "calls_total", 0)
+            )
         gossip = getattr(node, "gossip", None)
         if gossip is not None:
             members = GaugeMetricFamily("cloudless_gossip_members", "Members by state", labels=["state"])
@@ -54,7 +60,9 @@ class NodeCollector:
             yield members
             for key, value in gossip.core.stats.items():
                 yield CounterMetricFamily(f"cloudless_gossip_{key}", f"Gossip {key.replace('_', ' ')}", value=value)
-            dropped = CounterMetricFamily("cloudless_gossip_packets_dropped", "Gossip packets dropped", labels=["reason"])
+            dropped = CounterMetricFamily(
+                "cloudless_gossip_packets_dropped", "Gossip packets dropped", labels=["reason"]
+            )
             for key, value in gossip.counters.items():
                 dropped.add_metric([key], value)
             yield dropped

@@ -136,7 +136,9 @@ class ClusterCA:
         public_key = check_csr(csr)
         not_after = min(now + lifetime, self.not_after)
         if not_after <= now:
-            raise InvalidCredentials("the cluster CA has expired; rotate it before issuing", ca_not_after=self.not_after)
+            raise InvalidCredentials(
+                "the cluster CA has expired; rotate it before issuing", ca_not_after=self.not_after
+            )
         return (
             x509.CertificateBuilder()
             .subject_name(

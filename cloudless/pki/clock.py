@@ -6,11 +6,11 @@ wall clock, and only callers at the edge use it as a default.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def as_utc(instant: datetime, what: str = "now") -> datetime:
@@ -19,4 +19,4 @@ def as_utc(instant: datetime, what: str = "now") -> datetime:
         raise TypeError(f"{what} must be a datetime, got {type(instant).__name__}")
     if instant.tzinfo is None or instant.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware (UTC), got naive {instant.isoformat()}")
-    return instant.astimezone(timezone.utc)
+    return instant.astimezone(UTC)

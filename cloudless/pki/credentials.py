@@ -44,7 +44,9 @@ def new_private_key() -> ec.EllipticCurvePrivateKey:
 
 
 def private_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> x509.CertificateSigningRequest:
@@ -200,5 +202,3 @@ def issue_credentials(
     key = new_private_key()
     certificate = ca.issue(make_csr(key, identity), identity, now, lifetime)
     return Credentials(ca.certificate_pem, certificate.public_bytes(serialization.Encoding.PEM), private_key_pem(key))
-
-

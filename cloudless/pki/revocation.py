@@ -8,8 +8,9 @@ The coordinator keeps the authoritative list in Raft and nodes install copies;
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Annotated, Iterator
+from typing import Annotated
 
 import msgspec
 

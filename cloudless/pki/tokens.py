@@ -83,11 +83,17 @@ class TokenRecord(msgspec.Struct, frozen=True, kw_only=True):
         if not isinstance(secret, str) or not hmac.compare_digest(hash_secret(secret), self.secret_hash):
             raise TokenRejected("forged", "bootstrap token secret does not match", token_id=self.id)
         if now >= self.expires_at:
-            raise TokenRejected("expired", f"bootstrap token {self.id} expired at {self.expires_at.isoformat()}", token_id=self.id)
+            raise TokenRejected(
+                "expired", f"bootstrap token {self.id} expired at {self.expires_at.isoformat()}", token_id=self.id
+            )
         if self.uses >= self.max_uses:
-            raise TokenRejected("used_up", f"bootstrap token {self.id} was used {self.uses} of {self.max_uses} times", token_id=self.id)
+            raise TokenRejected(
+                "used_up", f"bootstrap token {self.id} was used {self.uses} of {self.max_uses} times", token_id=self.id
+            )
         if role != self.role:
-            raise TokenRejected("wrong_role", f"bootstrap token {self.id} grants {self.role}, not {role}", token_id=self.id)
+            raise TokenRejected(
+                "wrong_role", f"bootstrap token {self.id} grants {self.role}, not {role}", token_id=self.id
+            )
 
     def consumed(self) -> TokenRecord:
         return msgspec.structs.replace(self, uses=self.uses + 1)
@@ -207,8 +213,8 @@ __all__ = [
     "ParsedToken",
     "TokenRecord",
     "create_token",
-    "parse_token",
-    "pin_matches",
     "hash_secret",
     "is_token_id",
+    "parse_token",
+    "pin_matches",
 ]

@@ -8,8 +8,8 @@ verification: ~0.2 ms per call on this machine.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Callable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -55,7 +55,9 @@ class PeerVerifier:
         self._check_issuer(leaf)
         self._check_validity(leaf)
         if self.revocations.is_revoked(leaf.serial_number):
-            raise PeerRejected("revoked", f"peer certificate {leaf.serial_number:x} is revoked", serial=leaf.serial_number)
+            raise PeerRejected(
+                "revoked", f"peer certificate {leaf.serial_number:x} is revoked", serial=leaf.serial_number
+            )
         try:
             constraints = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
@@ -67,7 +69,9 @@ class PeerVerifier:
         try:
             identity = identity_of(leaf)
         except InvalidIdentity as exc:
-            raise PeerRejected("bad_identity", f"peer certificate carries no Cloudless identity: {exc.message}") from exc
+            raise PeerRejected(
+                "bad_identity", f"peer certificate carries no Cloudless identity: {exc.message}"
+            ) from exc
         if identity.cluster_id != self.cluster_id:
             raise PeerRejected(
                 "wrong_cluster",
@@ -100,14 +104,20 @@ class PeerVerifier:
         try:
             leaf.verify_directly_issued_by(self.ca_certificate)
         except InvalidSignature as exc:
-            raise PeerRejected("bad_signature", "peer certificate signature does not verify against the cluster CA") from exc
+            raise PeerRejected(
+                "bad_signature", "peer certificate signature does not verify against the cluster CA"
+            ) from exc
         except X509_PARSE_ERRORS as exc:
-            raise PeerRejected("bad_signature", f"peer certificate cannot be checked against the cluster CA: {exc}") from exc
+            raise PeerRejected(
+                "bad_signature", f"peer certificate cannot be checked against the cluster CA: {exc}"
+            ) from exc
 
     def _check_validity(self, leaf: x509.Certificate) -> None:
         now = as_utc(self.clock(), "clock()")
         if now < leaf.not_valid_before_utc:
-            raise PeerRejected("not_yet_valid", f"peer certificate valid only from {leaf.not_valid_before_utc.isoformat()}")
+            raise PeerRejected(
+                "not_yet_valid", f"peer certificate valid only from {leaf.not_valid_before_utc.isoformat()}"
+            )
         if now > leaf.not_valid_after_utc:
             raise PeerRejected("expired", f"peer certificate expired at {leaf.not_valid_after_utc.isoformat()}")
         if now > self.ca_certificate.not_valid_after_utc:

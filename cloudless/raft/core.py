@@ -68,14 +68,14 @@ from cloudless.raft.storage import Compacted, EntryUnavailable, LogStorage
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ConfChangeRejected",
     "NotLeader",
     "ProposalDropped",
-    "ConfChangeRejected",
-    "RaftInvariantError",
     "RaftConfig",
+    "RaftInvariantError",
     "RaftNode",
-    "Ready",
     "ReadState",
+    "Ready",
     "Role",
     "SoftState",
 ]
@@ -548,9 +548,7 @@ class RaftNode:
 
     def _handle_vote(self, m: RequestVote) -> None:
         can_vote = (
-            self._vote == m.frm
-            or (self._vote == "" and self._leader is None)
-            or (m.pre_vote and m.term > self._term)
+            self._vote == m.frm or (self._vote == "" and self._leader is None) or (m.pre_vote and m.term > self._term)
         )
         if can_vote and self.log.is_up_to_date(m.last_index, m.last_term):
             # A granted pre-vote answers in the requested term so the

@@ -30,7 +30,8 @@ import inspect
 import itertools
 import logging
 from collections import deque
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -63,7 +64,7 @@ class DriverStopped(Unavailable):
 
 
 class _Waiter:
-    __slots__ = ("done", "value", "error")
+    __slots__ = ("done", "error", "value")
 
     def __init__(self) -> None:
         self.done = trio.Event()
@@ -140,8 +141,17 @@ class RaftDriver:
         self._nursery: trio.Nursery | None = None
         self._applied_changed = trio.Event()
         self.applied = node.applied
-        self._stats = {"ticks": 0, "readies": 0, "syncs": 0, "entries_written": 0, "messages_sent": 0,
-                       "messages_dropped": 0, "entries_applied": 0, "sync_ms": 0.0, "apply_ms": 0.0}
+        self._stats = {
+            "ticks": 0,
+            "readies": 0,
+            "syncs": 0,
+            "entries_written": 0,
+            "messages_sent": 0,
+            "messages_dropped": 0,
+            "entries_applied": 0,
+            "sync_ms": 0.0,
+            "apply_ms": 0.0,
+        }
 
     # -- inputs (any task) --------------------------------------------------------
 
@@ -289,7 +299,7 @@ class RaftDriver:
             # than behind this fsync: that fsync is for the next batch.
             first_new = rd.entries[0].index if rd.entries else committed[-1].index + 1
             stable = [e for e in committed if e.index < first_new]
-            committed = committed[len(stable):]
+            committed = committed[len(stable) :]
             await self._apply_committed(stable)
         if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
             self.storage.write(rd.hard_state, rd.entries, rd.snapshot)
@@ -308,8 +318,9 @@ class RaftDriver:
             self._dispatch(message)
         if rd.snapshot is not None:
             if self._restore is None:
-                raise StorageError("snapshot received but the driver has no restore callback",
-                                   index=rd.snapshot.meta.index)
+                raise StorageError(
+                    "snapshot received but the driver has no restore callback", index=rd.snapshot.meta.index
+                )
             await self._restore(rd.snapshot)
             self._set_applied(rd.snapshot.meta.index)
         await self._apply_committed(committed)
@@ -349,8 +360,14 @@ class RaftDriver:
             if entry.term == term:
                 waiter.resolve(entry.index)
             else:
-                waiter.fail(ProposalSuperseded("another leader's entry committed at this index",
-                                               index=entry.index, term=term, committed_term=entry.term))
+                waiter.fail(
+                    ProposalSuperseded(
+                        "another leader's entry committed at this index",
+                        index=entry.index,
+                        term=term,
+                        committed_term=entry.term,
+                    )
+                )
 
     def _set_applied(self, index: int) -> None:
         if index > self.applied:
@@ -410,4 +427,4 @@ class RaftDriver:
                 log.debug("raft.driver.send_timeout", extra={"peer": peer, "timeout": self.send_timeout})
 
 
-__all__ = ["RaftDriver", "ProposalTimeout", "ProposalSuperseded", "ReadTimeout", "DriverStopped"]
+__all__ = ["DriverStopped", "ProposalSuperseded", "ProposalTimeout", "RaftDriver", "ReadTimeout"]

@@ -26,7 +26,7 @@ class ProgressState(str, Enum):
 class Inflights:
     """Last indexes of the append messages sent but not yet acknowledged."""
 
-    __slots__ = ("capacity", "_indexes")
+    __slots__ = ("_indexes", "capacity")
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
@@ -55,17 +55,17 @@ class Inflights:
 
 class Progress:
     __slots__ = (
-        "match",
-        "next",
-        "state",
-        "probe_sent",
-        "recent_active",
         "inflights",
         "is_learner",
+        "match",
+        "next",
         "pending_snapshot",
+        "probe_sent",
+        "recent_active",
         "snapshot",
-        "snapshot_offset",
         "snapshot_idle_heartbeats",
+        "snapshot_offset",
+        "state",
     )
 
     def __init__(self, next_index: int, max_inflight: int, is_learner: bool = False) -> None:

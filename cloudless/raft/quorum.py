@@ -7,8 +7,8 @@ of the new. `apply_conf_change` is the one place a ConfState changes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from enum import Enum
-from typing import Iterable, Mapping
 
 from cloudless.raft.messages import ConfChange, ConfChangeType, ConfState
 

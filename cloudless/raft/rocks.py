@@ -31,7 +31,7 @@ import logging
 import os
 import struct
 import zlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import msgspec
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -145,9 +145,7 @@ class RocksStorage:
 
     def _load(self) -> None:
         raw = self._meta.get(_KEY_HARD_STATE)
-        self._hard_state = (
-            HardState() if raw is None else self._decode(_KEY_HARD_STATE, raw, HardState, "hard state")
-        )
+        self._hard_state = HardState() if raw is None else self._decode(_KEY_HARD_STATE, raw, HardState, "hard state")
         raw = self._meta.get(_KEY_LOG_BASE)
         base = _LogBase(0, 0) if raw is None else self._decode(_KEY_LOG_BASE, raw, _LogBase, "log base")
         self._base_index, self._base_term = base.index, base.term
@@ -160,15 +158,18 @@ class RocksStorage:
             self._last_index = self._base_index
         else:
             if first != self._base_index + 1:
-                raise CorruptEntry(
-                    "log does not start right after its base", first=first, base_index=self._base_index
-                )
+                raise CorruptEntry("log does not start right after its base", first=first, base_index=self._base_index)
             self._last_index = last
             self._read_entry(last)  # a damaged tail should fail at open, not mid-election
         log.info(
             "raft.rocks.opened",
-            extra={"path": self.path, "first_index": self.first_index(), "last_index": self._last_index,
-                   "term": self._hard_state.term, "commit": self._hard_state.commit},
+            extra={
+                "path": self.path,
+                "first_index": self.first_index(),
+                "last_index": self._last_index,
+                "term": self._hard_state.term,
+                "commit": self._hard_state.commit,
+            },
         )
 
     def close(self) -> None:
@@ -180,7 +181,7 @@ class RocksStorage:
         if db is not None:
             db.close()
 
-    def __enter__(self) -> "RocksStorage":
+    def __enter__(self) -> RocksStorage:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -306,8 +307,11 @@ class RocksStorage:
                     last_index = meta.index
                     tail_drop_from = 0
                 base_index, base_term = meta.index, meta.term
-                batch.put(_KEY_LOG_BASE, _seal(_KEY_LOG_BASE, self._enc.encode(_LogBase(base_index, base_term))),
-                          self._meta_cf)
+                batch.put(
+                    _KEY_LOG_BASE,
+                    _seal(_KEY_LOG_BASE, self._enc.encode(_LogBase(base_index, base_term))),
+                    self._meta_cf,
+                )
         if entries:
             first = entries[0].index
             if first > last_index + 1:
@@ -317,8 +321,7 @@ class RocksStorage:
                 first = entries[0].index
                 for expected, entry in enumerate(entries, start=first):
                     if entry.index != expected:
-                        raise StorageError("entries to append are not contiguous", index=entry.index,
-                                           expected=expected)
+                        raise StorageError("entries to append are not contiguous", index=entry.index, expected=expected)
                 if first <= last_index:
                     batch.delete_range(index_key(first), index_key(last_index + 1), self._log_cf)
                     tail_drop_from = first if tail_drop_from is None else min(tail_drop_from, first)

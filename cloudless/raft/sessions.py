@@ -68,7 +68,7 @@ class SessionTable:
         return msgspec.msgpack.encode(self._sessions)
 
     @classmethod
-    def decode(cls, data: bytes, max_sessions: int = 10_000) -> "SessionTable":
+    def decode(cls, data: bytes, max_sessions: int = 10_000) -> SessionTable:
         table = cls(max_sessions)
         table._sessions = msgspec.msgpack.decode(data, type=dict[str, _Session])
         return table

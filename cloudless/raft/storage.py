@@ -24,7 +24,8 @@ configuration from the log like any other change.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from cloudless.errors import CloudlessError
 from cloudless.raft.messages import (
@@ -202,7 +203,7 @@ class MemoryStorage:
         self._snapshot = snapshot
         return snapshot
 
-    def clone(self) -> "MemoryStorage":
+    def clone(self) -> MemoryStorage:
         """An independent copy (entries are immutable, so this is shallow)."""
         copy = MemoryStorage()
         copy._hard_state = self._hard_state

@@ -37,10 +37,11 @@ import secrets
 import shutil
 import tarfile
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 import msgspec
 
@@ -169,7 +170,7 @@ def _pid_alive(pid: int) -> bool:
 class BlobWriter:
     """Streams one blob into the store; nothing is visible until commit()."""
 
-    def __init__(self, store: "ImageStore", expected_digest: str | None, expected_size: int | None) -> None:
+    def __init__(self, store: ImageStore, expected_digest: str | None, expected_size: int | None) -> None:
         if expected_digest is not None:
             check_digest(expected_digest)
         self.store = store
@@ -459,17 +460,13 @@ class ImageStore:
                 return rec
             users = [u.container_id for u in self.container_uses() if u.image_id == rec.id]
             if users and not force:
-                raise ImageInUse(
-                    f"image {rec.short_id} is used by container(s) {', '.join(users)}", image=rec.id
-                )
+                raise ImageInUse(f"image {rec.short_id} is used by container(s) {', '.join(users)}", image=rec.id)
             del idx.images[rec.id]
             self._save(idx)
             log.info("images.removed", extra={"image": rec.id, "names": rec.names})
             return rec
 
-    def gc(
-        self, in_use_image_ids: set[str] | frozenset[str] = frozenset(), *, prune_untagged: bool = True
-    ) -> GcResult:
+    def gc(self, in_use_image_ids: set[str] | frozenset[str] = frozenset(), *, prune_untagged: bool = True) -> GcResult:
         """Drop untagged images nobody uses (unless `prune_untagged` is False),
         then every blob and unpacked layer no image record and no container
         root references. `in_use_image_ids` are images the runtime still runs."""
@@ -478,9 +475,7 @@ class ImageStore:
             idx = self._load()
             uses = self.container_uses()
             keep_ids = set(in_use_image_ids) | {u.image_id for u in uses}
-            removed_images = [
-                i for i, r in idx.images.items() if prune_untagged and not r.names and i not in keep_ids
-            ]
+            removed_images = [i for i, r in idx.images.items() if prune_untagged and not r.names and i not in keep_ids]
             for i in removed_images:
                 del idx.images[i]
             live_blobs: set[str] = set()
@@ -563,8 +558,14 @@ class ImageStore:
         return self.commit_blob(txn, w)
 
     def copy_blob(
-        self, txn: _Ingest, src: BinaryIO, digest: str | None, size: int | None,
-        progress: ProgressCallback | None = None, phase: str = "copy", label: str | None = None,
+        self,
+        txn: _Ingest,
+        src: BinaryIO,
+        digest: str | None,
+        size: int | None,
+        progress: ProgressCallback | None = None,
+        phase: str = "copy",
+        label: str | None = None,
     ) -> str:
         if digest is not None and self.has_blob(digest):
             if progress and size:
@@ -635,7 +636,9 @@ class ImageStore:
             all_names = keep_names + [n for n in names if n not in keep_names]
             all_repo = keep_repo + [d for d in rec.repository_digests if d not in keep_repo]
             rec = msgspec.structs.replace(
-                rec, names=all_names, repository_digests=all_repo,
+                rec,
+                names=all_names,
+                repository_digests=all_repo,
                 created_at=old.created_at if old else rec.created_at,
             )
             idx.images[rec.id] = rec
@@ -646,13 +649,19 @@ class ImageStore:
         return rec
 
     def _verify_layer(
-        self, txn: _Ingest, i: int, desc: oci.Descriptor, diff_id: str, known: str | None,
+        self,
+        txn: _Ingest,
+        i: int,
+        desc: oci.Descriptor,
+        diff_id: str,
+        known: str | None,
         progress: ProgressCallback | None,
     ) -> None:
         if known is not None and known != diff_id:
             raise DigestMismatch(
                 f"layer {i} ({desc.digest}) decompresses to {known}, config says {diff_id}",
-                expected=diff_id, actual=known,
+                expected=diff_id,
+                actual=known,
             )
         blob = self.blob_path(desc.digest)
         if not blob.is_file():
@@ -737,7 +746,8 @@ class ImageStore:
         # Entries for other platforms (and buildx attestations, "unknown/unknown")
         # are skipped; the blobs of foreign platforms are often not even present.
         entries = [
-            d for d in index.manifests
+            d
+            for d in index.manifests
             if d.platform is None
             or (d.platform.os == self.platform.os and d.platform.architecture == self.platform.architecture)
         ]
@@ -795,7 +805,9 @@ class ImageStore:
                 with src.open(layer_name) as f:
                     digest = self.copy_blob(txn, f, None, None, progress, label=layer_name)
                 media_type = {
-                    "gzip": oci.OCI_LAYER_GZIP, "zstd": oci.OCI_LAYER_ZSTD, "none": oci.OCI_LAYER,
+                    "gzip": oci.OCI_LAYER_GZIP,
+                    "zstd": oci.OCI_LAYER_ZSTD,
+                    "none": oci.OCI_LAYER,
                 }[detect_compression(head)]
                 layers.append(
                     oci.Descriptor(media_type=media_type, digest=digest, size=self.blob_path(digest).stat().st_size)
@@ -818,7 +830,8 @@ def _check_diff_id(i: int, blob: str, expected: str, actual: str) -> None:
     if actual != expected:
         raise DigestMismatch(
             f"layer {i} ({blob}) uncompressed digest {actual} does not match config diff_id {expected}",
-            expected=expected, actual=actual,
+            expected=expected,
+            actual=actual,
         )
 
 

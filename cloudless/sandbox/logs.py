@@ -36,7 +36,7 @@ from _json import encode_basestring_ascii as _json_string  # C builtin: no `re`,
 
 if __name__ != "__main__":  # imported as a module; the shim skips these (start latency)
     import json
-    from typing import AsyncIterator
+    from collections.abc import AsyncIterator
 
     import trio
 

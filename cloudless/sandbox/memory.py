@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 import trio
 
@@ -95,7 +95,7 @@ class MemoryRuntime:
     def start_count(self, container_id: str) -> int:
         return self._get(container_id).start_count
 
-    def prober(self) -> "MemoryProber":
+    def prober(self) -> MemoryProber:
         return MemoryProber(self)
 
     # ------------------------------------------------------------ internals

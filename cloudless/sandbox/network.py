@@ -60,12 +60,14 @@ class BridgeConfig:
     veth_prefix: str = "clv"  # host-side veth names: prefix + hash (<= 15 chars)
 
     @classmethod
-    def for_node(cls, state_dir: Path, network_range: str = "10.88.0.0/16") -> "BridgeConfig":
+    def for_node(cls, state_dir: Path, network_range: str = "10.88.0.0/16") -> BridgeConfig:
         """A default that two nodes on one machine never share: names from a hash of the
         state directory, and a /24 of `network_range` picked by it (an agent with a
         cluster-assigned subnet passes its own config instead)."""
         digest = hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()
-        subnets = list(ipaddress.ip_network(network_range).subnets(new_prefix=24)) or [ipaddress.ip_network(network_range)]
+        subnets = list(ipaddress.ip_network(network_range).subnets(new_prefix=24)) or [
+            ipaddress.ip_network(network_range)
+        ]
         subnet = subnets[int(digest[:8], 16) % len(subnets)]
         return cls(bridge=f"cl{digest[:6]}", subnet=str(subnet), tag=f"cl{digest[:6]}", veth_prefix=f"v{digest[:3]}")
 
@@ -264,7 +266,9 @@ class BridgeNetwork:
             for p in ports:
                 if (p.host_port, p.proto) in taken:
                     owner = taken[(p.host_port, p.proto)]
-                    raise PortInUse(f"host port {p.host_port}/{p.proto} is published by {owner}", port=p.host_port, owner=owner)
+                    raise PortInUse(
+                        f"host port {p.host_port}/{p.proto} is published by {owner}", port=p.host_port, owner=owner
+                    )
             ip = self._pool.allocate()
             a = Attachment(
                 container_id=container_id,

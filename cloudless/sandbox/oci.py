@@ -183,7 +183,7 @@ class ImageConfig(msgspec.Struct, frozen=True):
     os: str = ""
 
     @classmethod
-    def from_doc(cls, doc: ImageConfigDoc) -> "ImageConfig":
+    def from_doc(cls, doc: ImageConfigDoc) -> ImageConfig:
         c = doc.config or ContainerConfigDoc()
         return cls(
             entrypoint=list(c.entrypoint or []),

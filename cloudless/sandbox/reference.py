@@ -27,9 +27,7 @@ _LEGACY_HUB_NAMES = {"index.docker.io", "registry-1.docker.io"}
 
 _PATH_COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
-_DOMAIN = re.compile(
-    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?$"
-)
+_DOMAIN = re.compile(rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?$")
 _TAG = re.compile(r"^[\w][\w.-]{0,127}$")
 _DIGEST = re.compile(r"^sha256:[a-f0-9]{64}$")
 _MAX_NAME = 255
@@ -61,7 +59,7 @@ class Reference:
         """What to ask the registry for: the digest when there is one, else the tag."""
         return self.digest or self.tag or DEFAULT_TAG
 
-    def with_digest(self, digest: str) -> "Reference":
+    def with_digest(self, digest: str) -> Reference:
         return Reference(self.registry, self.repository, self.tag, digest)
 
     @property
@@ -127,9 +125,7 @@ def parse_reference(text: str) -> Reference:
             raise InvalidReference(f"empty path component in {text!r}", reference=text)
         if not _PATH_COMPONENT.match(comp):
             if comp.lower() != comp:
-                raise InvalidReference(
-                    f"repository name must be lowercase: {comp!r} in {text!r}", reference=text
-                )
+                raise InvalidReference(f"repository name must be lowercase: {comp!r} in {text!r}", reference=text)
             raise InvalidReference(f"invalid repository path component {comp!r} in {text!r}", reference=text)
     if registry == DEFAULT_REGISTRY and len(components) == 1:
         path = f"library/{path}"
@@ -143,9 +139,7 @@ def parse_reference(text: str) -> Reference:
 def _split_registry(name: str, text: str) -> tuple[str, str]:
     slash = name.find("/")
     first = name if slash == -1 else name[:slash]
-    if slash == -1 or (
-        not any(c in first for c in ".:") and first != "localhost" and first.lower() == first
-    ):
+    if slash == -1 or (not any(c in first for c in ".:") and first != "localhost" and first.lower() == first):
         return DEFAULT_REGISTRY, name
     if not _DOMAIN.match(first):
         raise InvalidReference(f"invalid registry host {first!r} in {text!r}", reference=text)

@@ -23,9 +23,9 @@ from __future__ import annotations
 import base64
 import logging
 import re
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Mapping
 
 import httpx
 import msgspec
@@ -134,12 +134,15 @@ class RegistryClient:
         self._min_rate = max(1, min_transfer_rate)
         self._layer_limit = trio.CapacityLimiter(max_parallel_layers)
         self._http = httpx.AsyncClient(
-            timeout=self.timeout, follow_redirects=True, transport=transport, verify=verify,  # type: ignore[arg-type]
+            timeout=self.timeout,
+            follow_redirects=True,
+            transport=transport,
+            verify=verify,  # type: ignore[arg-type]
             headers={"User-Agent": "cloudless"},
         )
         self._auth: dict[str, str] = {}  # registry -> Authorization header value
 
-    async def __aenter__(self) -> "RegistryClient":
+    async def __aenter__(self) -> RegistryClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -218,7 +221,9 @@ class RegistryClient:
             try:
                 response = await self._http.send(self._http.build_request(method, url, headers=h), stream=True)
             except httpx.TimeoutException as exc:
-                raise RegistryUnavailable(f"registry {ref.registry} timed out: {exc!r}", registry=ref.registry) from None
+                raise RegistryUnavailable(
+                    f"registry {ref.registry} timed out: {exc!r}", registry=ref.registry
+                ) from None
             except httpx.TransportError as exc:
                 raise RegistryUnavailable(
                     f"registry {ref.registry} is unreachable: {exc}", registry=ref.registry
@@ -298,9 +303,7 @@ class RegistryClient:
                     raise RepositoryNotFound(
                         f"repository {ref.repository} does not exist on {ref.registry}", reference=str(ref)
                     )
-                raise ManifestNotFound(
-                    f"{ref.registry}/{ref.repository} has no manifest {what}", reference=str(ref)
-                )
+                raise ManifestNotFound(f"{ref.registry}/{ref.repository} has no manifest {what}", reference=str(ref))
             await _raise_for_status(response, ref, f"manifest {what}")
             data = await _read_capped(response, oci.MAX_DOCUMENT_BYTES, f"manifest {what}")
             media_type = response.headers.get("content-type", "")
@@ -308,10 +311,14 @@ class RegistryClient:
         finally:
             await response.aclose()
         digest = oci.sha256_digest(data)
-        expected = what if what.startswith("sha256:") else (header_digest if header_digest.startswith("sha256:") else None)
+        expected = (
+            what if what.startswith("sha256:") else (header_digest if header_digest.startswith("sha256:") else None)
+        )
         if expected is not None and digest != expected:
             raise DigestMismatch(
-                f"manifest from {ref.registry} hashes to {digest}, expected {expected}", expected=expected, actual=digest
+                f"manifest from {ref.registry} hashes to {digest}, expected {expected}",
+                expected=expected,
+                actual=digest,
             )
         if size is not None and len(data) != size:
             raise DigestMismatch(f"manifest {what} is {len(data)} bytes, descriptor says {size}")

@@ -52,8 +52,8 @@ import signal as signals
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import msgspec
 import trio
@@ -86,7 +86,9 @@ WAIT_POLL = 0.02  # seconds between exit.json checks while waiting
 def detect_cgroups(root: str = "/sys/fs/cgroup") -> HostCgroups:
     if os.path.exists(os.path.join(root, "cgroup.controllers")):
         return HostCgroups(version=2, swap_accounting=True)
-    return HostCgroups(version=1, swap_accounting=os.path.exists(os.path.join(root, "memory", "memory.memsw.limit_in_bytes")))
+    return HostCgroups(
+        version=1, swap_accounting=os.path.exists(os.path.join(root, "memory", "memory.memsw.limit_in_bytes"))
+    )
 
 
 def _read_inside(rootfs: str, rel: str) -> str:
@@ -167,9 +169,7 @@ class RuncRuntime:
         argv = [self.runc, "--root", str(self.root), *args]
         deadline = timeout or self.timeout
         with trio.move_on_after(deadline) as scope:
-            proc = await trio.run_process(
-                argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False
-            )
+            proc = await trio.run_process(argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
         if scope.cancelled_caught:
             raise RuncFailed(f"runc {args[0]} timed out after {deadline}s", command=" ".join(argv))
         if check and proc.returncode != 0:
@@ -270,9 +270,7 @@ class RuncRuntime:
         return NOFILE_LIMIT if hard == resource.RLIM_INFINITY else min(NOFILE_LIMIT, hard)
 
     def _resolve_user(self, spec: ContainerSpec) -> ResolvedUser:
-        return resolve_user(
-            spec.user, _read_inside(spec.rootfs, "etc/passwd"), _read_inside(spec.rootfs, "etc/group")
-        )
+        return resolve_user(spec.user, _read_inside(spec.rootfs, "etc/passwd"), _read_inside(spec.rootfs, "etc/group"))
 
     def _write_etc(self, spec: ContainerSpec, ip: str | None) -> dict[str, str]:
         etc = self._dir(spec.id) / "etc"
@@ -469,9 +467,11 @@ class RuncRuntime:
             return
         for line in lines:
             _, controllers, own = line.split(":", 2)
-            roots = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"] if not controllers else [
-                "/sys/fs/cgroup/" + controllers.replace("name=", "")
-            ]
+            roots = (
+                ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                if not controllers
+                else ["/sys/fs/cgroup/" + controllers.replace("name=", "")]
+            )
             for root in roots:
                 try:
                     os.rmdir(f"{root}{own.rstrip('/')}/{self._cgroup_parent}")

@@ -14,7 +14,8 @@ address and logs stay); `delete` removes every trace.
 from __future__ import annotations
 
 import re
-from typing import AsyncIterator, Literal, Protocol
+from collections.abc import AsyncIterator
+from typing import Literal, Protocol
 
 import msgspec
 
@@ -259,9 +260,7 @@ class ContainerRuntime(Protocol):
 
     async def stats(self, container_id: str) -> ContainerStats: ...
 
-    async def read_logs(
-        self, container_id: str, since_offset: int = 0, tail: int | None = None
-    ) -> list[LogRecord]: ...
+    async def read_logs(self, container_id: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]: ...
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]: ...
 

@@ -164,7 +164,12 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
         # sysfs cannot be mounted fresh from the host's network namespace without
         # a user namespace; bind the host's read-only instead (as Docker does).
         mounts.append(
-            {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "nosuid", "noexec", "nodev", "ro"]}
+            {
+                "destination": "/sys",
+                "type": "bind",
+                "source": "/sys",
+                "options": ["rbind", "nosuid", "noexec", "nodev", "ro"],
+            }
         )
     else:
         mounts.append(
@@ -213,7 +218,12 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
     for dest, source in sorted(etc_files.items()):
         if dest not in user_dests:
             mounts.append(
-                {"destination": dest, "type": "bind", "source": source, "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec", "ro"]}
+                {
+                    "destination": dest,
+                    "type": "bind",
+                    "source": source,
+                    "options": ["rbind", "rprivate", "nosuid", "nodev", "noexec", "ro"],
+                }
             )
     return mounts
 
@@ -262,7 +272,11 @@ def build_config(
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": False,
-            "user": {"uid": user.uid, "gid": user.gid, **({"additionalGids": list(user.additional_gids)} if user.additional_gids else {})},
+            "user": {
+                "uid": user.uid,
+                "gid": user.gid,
+                **({"additionalGids": list(user.additional_gids)} if user.additional_gids else {}),
+            },
             "args": list(spec.args),
             "env": _env_list(spec, hostname),
             "cwd": spec.cwd,

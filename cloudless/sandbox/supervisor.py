@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import msgspec
 import trio
@@ -114,7 +114,16 @@ class WatchFailed(msgspec.Struct, frozen=True, tag=True):
 
 
 SupervisorEvent = (
-    Started | Adopted | StartFailed | Exited | OomKilled | HealthChanged | Unhealthy | Restarting | GaveUp | Removed
+    Started
+    | Adopted
+    | StartFailed
+    | Exited
+    | OomKilled
+    | HealthChanged
+    | Unhealthy
+    | Restarting
+    | GaveUp
+    | Removed
     | WatchFailed
 )
 

@@ -1,12 +1,12 @@
 """The scheduler: a sans-IO placement pipeline (Nomad-style).
 
-    view.py      NodeInfo, ClusterView — what the scheduler reads
-    feasible.py  filters, each recording why it rejected a node
-    rank.py      scorers (locality, reliability, cost, utilization, spread,
-                 anti-affinity), weights and normalisation
-    select.py    best node with seeded tie-breaking, incremental per replica
-    plan.py      Plan, Placement, FailedPlacement, StopChoice — what it returns
-    stack.py     the wiring: plan_placements, plan_stop, admit
+view.py      NodeInfo, ClusterView — what the scheduler reads
+feasible.py  filters, each recording why it rejected a node
+rank.py      scorers (locality, reliability, cost, utilization, spread,
+             anti-affinity), weights and normalisation
+select.py    best node with seeded tie-breaking, incremental per replica
+plan.py      Plan, Placement, FailedPlacement, StopChoice — what it returns
+stack.py     the wiring: plan_placements, plan_stop, admit
 """
 
 from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice, allocation_for, allocation_id
@@ -15,8 +15,8 @@ from cloudless.scheduler.stack import admit, default_rng, plan_placements, plan_
 from cloudless.scheduler.view import ClusterView, InvalidView, NodeInfo
 
 __all__ = [
-    "ClusterView",
     "DEFAULT_CONFIG",
+    "ClusterView",
     "FailedPlacement",
     "InvalidView",
     "NodeInfo",

@@ -15,7 +15,7 @@ rejects it, so the counts add up to the node total (Nomad's
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from cloudless.scheduler.view import ClusterView, mask_indices, mask_of
 from cloudless.state.workload import Affinity, AntiAffinity, Constraint, WorkloadSpec
@@ -129,7 +129,9 @@ def static_filters(
             apply(STATE_REASONS.get(state, f"node {state}"), ~mask)
     if architectures is not None:
         rule = architecture_rule(architectures)
-        apply(f"image has no variant for the node architecture (only {', '.join(rule.value)})", rule_match(view, rule)[0])
+        apply(
+            f"image has no variant for the node architecture (only {', '.join(rule.value)})", rule_match(view, rule)[0]
+        )
     for constraint in spec.constraints:
         apply(f"constraint {rule_text(constraint)}", rule_match(view, constraint)[0])
     for rule in spec.anti_affinities:
@@ -141,7 +143,7 @@ def static_filters(
 class SpreadLimit:
     """A hard `max_per` on one spread attribute."""
 
-    __slots__ = ("attribute", "values", "max_per", "reason")
+    __slots__ = ("attribute", "max_per", "reason", "values")
 
     def __init__(self, attribute: str, values: Sequence[str | None], max_per: int) -> None:
         self.attribute = attribute

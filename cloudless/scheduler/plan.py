@@ -14,7 +14,7 @@ from cloudless.state.workload import Allocation, WorkloadSpec
 
 
 def summarise(total: int, feasible: int, rejections: dict[str, int]) -> str:
-    """"0 of 5000 nodes feasible: 4000 insufficient memory, 1000 constraint node.zone=a"."""
+    """ "0 of 5000 nodes feasible: 4000 insufficient memory, 1000 constraint node.zone=a"."""
     head = f"{feasible} of {total} nodes feasible"
     if not rejections:
         return head

@@ -20,7 +20,8 @@ identically — floats could round a sum into a tie one way and not the other.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal, Sequence
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -122,7 +123,7 @@ def spread_score(target: float, count: int) -> float:
 class SpreadTerm:
     """One spread rule prepared for a plan: per-node values and per-value targets."""
 
-    __slots__ = ("attribute", "values", "targets", "default_target", "weight", "coef", "max_per")
+    __slots__ = ("attribute", "coef", "default_target", "max_per", "targets", "values", "weight")
 
     def __init__(
         self,
@@ -314,8 +315,7 @@ class Scoring:
                 ]
         elif self.binpack:
             xs = [
-                base[i] + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
-                for i in fit
+                base[i] + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5) for i in fit
             ]
         else:
             xs = [
@@ -367,7 +367,9 @@ class Scoring:
             out["cost"] = round(self.cost[i], 4)
         if self.affinities:
             matched = sum(
-                unit for (values, matching, _), unit in zip(self.affinities, self.affinity_units) if values[i] in matching
+                unit
+                for (values, matching, _), unit in zip(self.affinities, self.affinity_units)
+                if values[i] in matching
             )
             out["locality"] = round(matched / self.locality_denominator, 4)
         if self.anti_masks:

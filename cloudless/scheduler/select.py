@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from typing import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 
 GroupKey = tuple  # type: ignore[type-arg]
 Entry = tuple[int, int, int]  # (-node part, tie-break rank, node index): min-heap order is best first

@@ -17,15 +17,15 @@ import heapq
 import logging
 import random
 import zlib
-from typing import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from cloudless.scheduler.feasible import (
     INSUFFICIENT_CPU,
     INSUFFICIENT_MEMORY,
     SpreadLimit,
     StaticFeasibility,
-    architecture_rule,
     Usage,
+    architecture_rule,
     explain_rejections,
     rule_match,
     rule_text,
@@ -94,7 +94,11 @@ class _Run:
             i, usage.used_cpu(i), usage.used_mem(i), usage.node_counts.get(i, 0), usage.value_counts
         )
         return Placement(
-            replica=replica, node=self.view.nodes[i].node_id, score=score / SCALE, components=components, feasible=feasible
+            replica=replica,
+            node=self.view.nodes[i].node_id,
+            score=score / SCALE,
+            components=components,
+            feasible=feasible,
         )
 
     def explain(self) -> tuple[dict[str, int], dict[str, str], int]:
@@ -135,7 +139,8 @@ def plan_placements(
     if count < 0:
         raise ValueError("count must be ≥ 0")
     existing = [
-        a for a in (view.live_allocations(spec.name) if existing_allocations is None else existing_allocations)
+        a
+        for a in (view.live_allocations(spec.name) if existing_allocations is None else existing_allocations)
         if a.live and a.workload == spec.name
     ]
     if replica_indexes is None:
@@ -155,15 +160,20 @@ def plan_placements(
     failures: list[FailedPlacement] = []
     if len(placements) < len(replicas):
         counts, node_reasons, feasible = run.explain()
-        for replica in replicas[len(placements):]:
+        for replica in replicas[len(placements) :]:
             failures.append(FailedPlacement(replica=replica, nodes=view.n, feasible=feasible, rejections=counts))
     elif explain_nodes:
         # Reasons as they stood at the first decision: re-run the filters on a fresh overlay.
         fresh = _Run(spec, view, existing, total, random.Random(0), config, architectures)
         _, node_reasons, _ = fresh.explain()
     if log.isEnabledFor(logging.DEBUG):
-        fields = {"workload": spec.name, "version": spec.version, "nodes": view.n,
-                  "placed": len(placements), "failed": len(failures)}
+        fields = {
+            "workload": spec.name,
+            "version": spec.version,
+            "nodes": view.n,
+            "placed": len(placements),
+            "failed": len(failures),
+        }
         log.debug("scheduler.plan", extra={"fields": fields})
     return Plan(
         workload=spec.name,
@@ -444,9 +454,7 @@ def admit(spec: WorkloadSpec, view: ClusterView, architectures: Collection[str] 
         top = max(node.memory_bytes for node in nodes)
         return f"needs {_bytes(need.memory_bytes)} memory; the largest matching node has {_bytes(top)}"
     if not any(n.cpu_millis >= need.cpu_millis and n.memory_bytes >= need.memory_bytes for n in nodes):
-        return (
-            f"no matching node has both {need.cpu_millis}m cpu and {_bytes(need.memory_bytes)} memory"
-        )
+        return f"no matching node has both {need.cpu_millis}m cpu and {_bytes(need.memory_bytes)} memory"
     return None
 
 
@@ -458,4 +466,4 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-__all__ = ["plan_placements", "plan_stop", "admit", "default_rng"]
+__all__ = ["admit", "default_rng", "plan_placements", "plan_stop"]

@@ -18,9 +18,10 @@ while sharing the node indexes.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from itertools import compress
 from operator import attrgetter
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import msgspec
 
@@ -104,7 +105,7 @@ class AttributeIndex:
     """One attribute across all nodes: per-node values and (built on first use)
     a bitmask per value."""
 
-    __slots__ = ("values", "_masks")
+    __slots__ = ("_masks", "values")
 
     def __init__(self, values: tuple[str | None, ...]) -> None:
         self.values = values
@@ -242,13 +243,25 @@ class ClusterView:
         if not per_node:
             del self.placed[allocation.workload]
 
-    def with_allocations(self, upsert: Iterable[Allocation] = (), remove: Iterable[str] = ()) -> "ClusterView":
+    def with_allocations(self, upsert: Iterable[Allocation] = (), remove: Iterable[str] = ()) -> ClusterView:
         """The next snapshot: same nodes, allocations added, replaced (by id) or
         removed; terminal ones drop out. Costs O(nodes + changes): containers
         are shared with this snapshot and copied on first write."""
         view = object.__new__(ClusterView)
-        for slot in ("nodes", "n", "index", "all_mask", "cap_cpu", "cap_mem", "state_masks", "ready_mask",
-                     "cap_cpu_f", "cap_mem_f", "_attributes", "_memo"):
+        for slot in (
+            "nodes",
+            "n",
+            "index",
+            "all_mask",
+            "cap_cpu",
+            "cap_mem",
+            "state_masks",
+            "ready_mask",
+            "cap_cpu_f",
+            "cap_mem_f",
+            "_attributes",
+            "_memo",
+        ):
             setattr(view, slot, getattr(self, slot))
         view._set_allocations(dict(self.allocations), list(self.used_cpu), list(self.used_mem))
         view.ports = dict(self.ports)

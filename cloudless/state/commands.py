@@ -110,7 +110,9 @@ class StoreClusterCA(Command, tag="ca.store"):
 class SetGossipKeyring(Command, tag="gossip.keyring"):
     """The AES-256-GCM keys gossip packets are sealed with; the first is primary."""
 
-    keys: Annotated[list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]], msgspec.Meta(min_length=1, max_length=8)]
+    keys: Annotated[
+        list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]], msgspec.Meta(min_length=1, max_length=8)
+    ]
 
 
 # Workloads and allocations -----------------------------------------------------

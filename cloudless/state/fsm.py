@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from typing import Iterable
+from collections.abc import Iterable
 
 import msgspec
 import zstandard
 
+from cloudless.blobs.catalog import Catalog, MemoryKV
+from cloudless.blobs.catalog import decode_command as decode_blob_command
 from cloudless.errors import CloudlessError
 from cloudless.state.commands import (
+    BlobCatalogCommand,
+    BlobResult,
     CasVar,
+    CommitPlan,
     ConsumeToken,
     CreateToken,
     Deleted,
@@ -25,21 +30,22 @@ from cloudless.state.commands import (
     Proposal,
     PutVar,
     RecordCertificate,
-    Rejected,
     RegisterNode,
+    Rejected,
     RemoveNode,
+    ReportAllocations,
     Result,
     RevokeCertificate,
+    ScaleWorkload,
     SetGossipKeyring,
+    StopWorkload,
     StoreClusterCA,
+    SubmitWorkload,
     VarResult,
     decode_proposal,
     decode_result,
 )
-from cloudless.state.commands import CommitPlan, ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
 from cloudless.state.workload import Allocation, WorkloadSpec
-from cloudless.state.commands import BlobCatalogCommand, BlobResult
-from cloudless.blobs.catalog import Catalog, MemoryKV, decode_command as decode_blob_command
 
 SNAPSHOT_MAGIC = b"CLSS"
 SNAPSHOT_VERSION = 1
@@ -183,7 +189,9 @@ class StateMachine:
             if session is not None and proposal.seq <= session.seq:
                 if proposal.seq == session.seq:
                     return decode_result(session.result)
-                return Rejected(kind="invalid", message=f"stale sequence {proposal.seq} for session {proposal.client_id}")
+                return Rejected(
+                    kind="invalid", message=f"stale sequence {proposal.seq} for session {proposal.client_id}"
+                )
         result = self._apply_command(index, proposal)
         if proposal.client_id:
             self._sessions[proposal.client_id] = Session(proposal.seq, _encoder.encode(result), index)
@@ -416,7 +424,11 @@ class StateMachine:
         before = rec.allocation
         if report.state == "pending" and not before.live:
             return  # an agent that just (re)started knows less than the state does
-        if before.state == "lost" and report.state not in ("exited", "failed") and (rec.replaced_by or rec.desired == "stop"):
+        if (
+            before.state == "lost"
+            and report.state not in ("exited", "failed")
+            and (rec.replaced_by or rec.desired == "stop")
+        ):
             # Replaced while its node was away: it only comes back to be stopped.
             state = before.state
         else:

@@ -15,7 +15,8 @@ health check, update strategy arithmetic).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Iterable, Literal, Sequence, get_args
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 import yaml
@@ -398,11 +399,15 @@ def validate(spec: WorkloadSpec) -> WorkloadSpec:
         raise _fail("update.min_available", "give max_unavailable or min_available, not both")
     if u.min_available is not None and u.min_available > spec.replicas:
         raise _fail("update.min_available", f"must be ≤ replicas ({spec.replicas})")
-    unavailable = u.max_unavailable if u.max_unavailable is not None else (
-        spec.replicas - u.min_available if u.min_available is not None else 0
+    unavailable = (
+        u.max_unavailable
+        if u.max_unavailable is not None
+        else (spec.replicas - u.min_available if u.min_available is not None else 0)
     )
     if u.max_surge == 0 and unavailable == 0 and spec.replicas > 0:
-        raise _fail("update.max_surge", "with no unavailability allowed, max_surge must be ≥ 1 or no update can progress")
+        raise _fail(
+            "update.max_surge", "with no unavailability allowed, max_surge must be ≥ 1 or no update can progress"
+        )
     if u.min_healthy_time_s > u.healthy_deadline_s:
         raise _fail("update.min_healthy_time_s", "must be ≤ healthy_deadline_s")
 
@@ -503,9 +508,16 @@ def to_yaml(spec: WorkloadSpec) -> str:
 _CPU = re.compile(r"^(?:(?P<m>[0-9]+)m|(?P<c>[0-9]+(?:\.[0-9]{1,3})?))$")
 _MEMORY = re.compile(r"^(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<u>[KMGT]i?|[kmgt]i?|B|b)?$")
 _MEMORY_UNITS = {
-    "": 1, "b": 1,
-    "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-    "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40,
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "ti": 1 << 40,
 }
 _PORT = re.compile(r"^(?:(?P<h>[0-9]{1,5}):)?(?P<c>[0-9]{1,5})(?:/(?P<p>[a-z]+))?$")
 _CONSTRAINT = re.compile(
@@ -516,7 +528,7 @@ _SPREAD_SHORT = {"node": "node", "zone": "node.zone", "region": "node.region"}
 
 
 def parse_cpu(text: str, *, field: str = "cpu") -> int:
-    """"0.5" / "2" cores or "500m" millicores → millicores."""
+    """ "0.5" / "2" cores or "500m" millicores → millicores."""
     m = _CPU.match(text.strip())
     if not m:
         raise _fail(field, f"{text!r} is not a CPU amount (cores like 0.5 or millicores like 500m)")
@@ -527,7 +539,7 @@ def parse_cpu(text: str, *, field: str = "cpu") -> int:
 
 
 def parse_memory(text: str, *, field: str = "memory") -> int:
-    """"256Mi", "1G", "512M", "1048576" → bytes (Ki/Mi/Gi binary, k/M/G decimal)."""
+    """ "256Mi", "1G", "512M", "1048576" → bytes (Ki/Mi/Gi binary, k/M/G decimal)."""
     m = _MEMORY.match(text.strip())
     if not m:
         raise _fail(field, f"{text!r} is not a memory size (e.g. 256Mi, 1Gi, 512M or bytes)")
@@ -538,7 +550,7 @@ def parse_memory(text: str, *, field: str = "memory") -> int:
 
 
 def parse_env_flag(text: str) -> tuple[str, str]:
-    """"KEY=VALUE" (the value may contain "=" and be empty)."""
+    """ "KEY=VALUE" (the value may contain "=" and be empty)."""
     key, sep, value = text.partition("=")
     if not sep:
         raise _fail("env", f"{text!r}: expected KEY=VALUE")
@@ -548,7 +560,7 @@ def parse_env_flag(text: str) -> tuple[str, str]:
 
 
 def parse_port_flag(text: str) -> PortSpec:
-    """"[HOST:]CONTAINER[/PROTO]", e.g. 8080:80/tcp or 53/udp."""
+    """ "[HOST:]CONTAINER[/PROTO]", e.g. 8080:80/tcp or 53/udp."""
     m = _PORT.match(text.strip())
     if not m:
         raise _fail("port", f"{text!r}: expected [HOST:]CONTAINER[/tcp|udp], e.g. 8080:80")
@@ -563,7 +575,7 @@ def parse_port_flag(text: str) -> PortSpec:
 
 
 def parse_restart_flag(text: str) -> RestartPolicy:
-    """"always" | "never" | "on-failure[:MAX]"."""
+    """ "always" | "never" | "on-failure[:MAX]"."""
     mode, _, max_text = text.strip().partition(":")
     if mode not in ("always", "on-failure", "never"):
         raise _fail("restart", f"{text!r}: expected always, never or on-failure[:MAX]")
@@ -575,14 +587,17 @@ def parse_restart_flag(text: str) -> RestartPolicy:
 
 
 def parse_constraint_flag(text: str) -> Constraint:
-    """"ATTR=V", "ATTR!=V", "ATTR=~REGEX", "ATTR in a,b", "ATTR not_in a,b", "ATTR exists".
+    """ "ATTR=V", "ATTR!=V", "ATTR=~REGEX", "ATTR in a,b", "ATTR not_in a,b", "ATTR exists".
 
     `zone`, `region`, `arch`, `class`, `power`, `network` are accepted for
     their `node.` attributes.
     """
     m = _CONSTRAINT.match(text)
     if not m:
-        raise _fail("constraint", f"{text!r}: expected ATTR=V, ATTR!=V, ATTR=~REGEX, 'ATTR in A,B', 'ATTR not_in A,B' or 'ATTR exists'")
+        raise _fail(
+            "constraint",
+            f"{text!r}: expected ATTR=V, ATTR!=V, ATTR=~REGEX, 'ATTR in A,B', 'ATTR not_in A,B' or 'ATTR exists'",
+        )
     attr = m.group("a")
     if "." not in attr and f"node.{attr}" in NODE_ATTRIBUTES:
         attr = f"node.{attr}"
@@ -604,7 +619,7 @@ def parse_constraint_flag(text: str) -> Constraint:
 
 
 def parse_spread_flag(text: str) -> Spread:
-    """"node", "zone", "region" or an attribute, optionally ":MAX" (hard limit per value).
+    """ "node", "zone", "region" or an attribute, optionally ":MAX" (hard limit per value).
 
     e.g. `--spread zone`, `--spread node:1` (distinct hosts), `--spread label.rack`.
     """

@@ -104,7 +104,7 @@ class SimResult:
 
 
 class _Node:
-    __slots__ = ("core", "up", "stalled_until", "backlog", "timer_at", "joined_at", "sealer", "group")
+    __slots__ = ("backlog", "core", "group", "joined_at", "sealer", "stalled_until", "timer_at", "up")
 
     def __init__(self, core: GossipCore, joined_at: float) -> None:
         self.core = core
@@ -150,14 +150,18 @@ class GossipSimulation:
 
     def _new_core(self, i: int, t: float) -> GossipCore:
         name = f"n{i}"
-        core = GossipCore(name, f"{name}:7946", rng=random.Random(self.cfg.seed * 1_000_003 + i), now=t, config=self.gcfg)
+        core = GossipCore(
+            name, f"{name}:7946", rng=random.Random(self.cfg.seed * 1_000_003 + i), now=t, config=self.gcfg
+        )
         return core
 
     def _add_node(self, core: GossipCore, t: float) -> int:
         i = len(self.nodes)
         node = _Node(core, t)
         if self.cfg.seal:
-            node.sealer = PacketSealer(Keyring(self._key), sender_id=i.to_bytes(8, "big"), random_bytes=self.rng.randbytes)
+            node.sealer = PacketSealer(
+                Keyring(self._key), sender_id=i.to_bytes(8, "big"), random_bytes=self.rng.randbytes
+            )
         self.nodes.append(node)
         self.by_addr[core.addr] = i
         return i
@@ -386,12 +390,7 @@ class GossipSimulation:
             for eff in core.effects_to_run():
                 if type(eff) is StreamProbe:
                     j = self.by_addr.get(eff.addr)
-                    ok = (
-                        j is not None
-                        and self.nodes[j].up
-                        and self.nodes[j].stalled_until <= t
-                        and not self._cut(i, j)
-                    )
+                    ok = j is not None and self.nodes[j].up and self.nodes[j].stalled_until <= t and not self._cut(i, j)
                     if ok:  # a reliable stream: no loss, a round trip or two
                         self._push(t + 3 * self._latency(), _PROBE_RESULT, i, (eff.seq, True))
                 elif type(eff) is PushPull:
@@ -486,7 +485,9 @@ class GossipSimulation:
             view = {m.name for m in n.core.live_members()}
             if view != live_names:
                 disagreements += 1
-        node_seconds = sum(max(0.0, (end if n.up else self.kill_times.get(n.core.name, end)) - n.joined_at) for n in self.nodes)
+        node_seconds = sum(
+            max(0.0, (end if n.up else self.kill_times.get(n.core.name, end)) - n.joined_at) for n in self.nodes
+        )
         return SimResult(
             seed=self.cfg.seed,
             nodes=self.cfg.nodes,

@@ -29,8 +29,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 from cloudless.errors import InvalidInput
 
@@ -44,9 +45,9 @@ class InvalidHistory(InvalidInput):
 class _Unknown:
     """The output of an operation whose outcome the client never learned."""
 
-    _instance: "_Unknown | None" = None
+    _instance: _Unknown | None = None
 
-    def __new__(cls) -> "_Unknown":
+    def __new__(cls) -> _Unknown:
         if cls._instance is None:
             cls._instance = super().__new__(cls)
         return cls._instance
@@ -262,7 +263,7 @@ class VersionedRegisterModel:
 
 
 class _Event:
-    __slots__ = ("op_id", "is_call", "match", "prev", "next")
+    __slots__ = ("is_call", "match", "next", "op_id", "prev")
 
     def __init__(self, op_id: int, is_call: bool) -> None:
         self.op_id = op_id

@@ -237,7 +237,7 @@ class KVStateMachine:
         return msgspec.msgpack.encode(_KVImage(dict(self.kv), self.sessions.encode()))
 
     @classmethod
-    def restore(cls, data: bytes) -> "KVStateMachine":
+    def restore(cls, data: bytes) -> KVStateMachine:
         fsm = cls()
         if data:
             image = msgspec.msgpack.decode(data, type=_KVImage)
@@ -305,7 +305,9 @@ class SimResult:
         return not self.violations and self.linearizable is not False
 
     def describe(self) -> str:
-        lines = [f"seed {self.seed}: {'ok' if self.ok else 'FAILED'} (replay: cloudless sim raft --first {self.seed} --seeds 1)"]
+        lines = [
+            f"seed {self.seed}: {'ok' if self.ok else 'FAILED'} (replay: cloudless sim raft --first {self.seed} --seeds 1)"
+        ]
         lines += [f"  violation: {v}" for v in self.violations]
         if self.linearizable is False:
             lines.append(f"  not linearizable: {self.explanation}")
@@ -564,7 +566,9 @@ class Simulation:
             if other is None:
                 seen[key] = mine
             elif other != mine:
-                self._violation(f"log matching: {node.id} holds a different entry at index {entry.index} term {entry.term}")
+                self._violation(
+                    f"log matching: {node.id} holds a different entry at index {entry.index} term {entry.term}"
+                )
 
     def _check_new_leader(self, node: SimNode) -> None:
         core = node.core
@@ -924,7 +928,12 @@ class RaftHarness:
         batch, self.in_flight = self.in_flight, []
         count = 0
         for m in batch:
-            if m.to not in self.nodes or m.to in self.down or (m.frm, m.to) in self.blocked or (drop is not None and drop(m)):
+            if (
+                m.to not in self.nodes
+                or m.to in self.down
+                or (m.frm, m.to) in self.blocked
+                or (drop is not None and drop(m))
+            ):
                 continue
             self.delivered.append(m)
             self.nodes[m.to].step(m)

@@ -12,8 +12,9 @@ and carried a Cloudless identity, which is `Connection.peer`.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 from cloudless.errors import CloudlessError, Unavailable
 

@@ -195,9 +195,7 @@ class MemoryCarrier:
         if network._partitioned(self.address, address):
             raise ConnectionLost(f"{address} is unreachable (partitioned)", address=address)
         ours, theirs, directions = memory_pipe()
-        network._links = [
-            link for link in network._links if not all(d.broken or d.closed for d in link.directions)
-        ]
+        network._links = [link for link in network._links if not all(d.broken or d.closed for d in link.directions)]
         network._links.append(_Link(self.address, address, directions))
         client = MuxSession(
             ours, is_client=True, peer=listener.carrier.identity, remote_address=address, config=self.mux_config
@@ -226,4 +224,3 @@ class MemoryCarrier:
         finally:
             del self.network._listeners[self.address]
             send.close()
-

@@ -47,8 +47,9 @@ from __future__ import annotations
 import logging
 import struct
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Protocol
 
 import trio
 

@@ -38,8 +38,9 @@ import logging
 import math
 import socket
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import trio
 from aioquic.buffer import Buffer
@@ -523,9 +524,7 @@ class QuicPeerConnection:
             elif kind is events.StreamReset:
                 stream = self._stream_for_event(event.stream_id)
                 if stream is not None:
-                    stream._receive_error = StreamReset(
-                        f"peer reset stream {event.stream_id}", code=event.error_code
-                    )
+                    stream._receive_error = StreamReset(f"peer reset stream {event.stream_id}", code=event.error_code)
                     stream._receive_buffer.clear()
                     stream._receive_waiters.unpark_all()
             elif kind is events.StopSendingReceived:
@@ -661,8 +660,10 @@ class QuicPeerConnection:
             return
         bound = self._carrier._send_buffer
         for stream in list(self._blocked_writers):
-            if stream._send_error is not None or self._error is not None or (
-                self._quic.send_buffered(stream.stream_id) < bound
+            if (
+                stream._send_error is not None
+                or self._error is not None
+                or (self._quic.send_buffered(stream.stream_id) < bound)
             ):
                 self._blocked_writers.discard(stream)
                 stream._send_waiters.unpark_all()

@@ -32,7 +32,7 @@ on any aioquic other than the pinned version.
 from __future__ import annotations
 
 import ssl
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import aioquic
 from aioquic import tls

@@ -63,9 +63,10 @@ import inspect
 import logging
 import math
 import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import trio

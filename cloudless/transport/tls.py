@@ -24,11 +24,12 @@ only itself up. There is no plaintext listener: `serve` only ever speaks TLS.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 import os
 import ssl
 import tempfile
-from typing import Any, Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -543,7 +544,10 @@ class TlsCarrier:
         except PeerRejected as exc:
             self.rejected += 1
             self.rejections[exc.reason] += 1
-            log.warning("tls.peer_rejected", extra={"remote": f"{address[0]}:{address[1]}", "reason": exc.reason, "error": exc.message})
+            log.warning(
+                "tls.peer_rejected",
+                extra={"remote": f"{address[0]}:{address[1]}", "reason": exc.reason, "error": exc.message},
+            )
             return None
         except ConnectionLost as exc:
             self.rejected += 1
@@ -551,5 +555,6 @@ class TlsCarrier:
             log.info("tls.handshake_failed", extra={"remote": f"{address[0]}:{address[1]}", "error": exc.message})
             return None
         self.accepted += 1
-        return MuxSession(TlsTransport(stream), is_client=False, peer=peer, remote_address=address, config=self.mux_config)
-
+        return MuxSession(
+            TlsTransport(stream), is_client=False, peer=peer, remote_address=address, config=self.mux_config
+        )

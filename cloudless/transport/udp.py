@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from dataclasses import dataclass
-from typing import Callable
-
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
@@ -191,4 +190,4 @@ class UdpEndpoint:
         await trio.lowlevel.checkpoint()
 
 
-__all__ = ["UdpEndpoint", "UdpEndpointStatistics", "DatagramHandler", "is_quic_datagram", "QUIC_FIXED_BIT"]
+__all__ = ["QUIC_FIXED_BIT", "DatagramHandler", "UdpEndpoint", "UdpEndpointStatistics", "is_quic_datagram"]

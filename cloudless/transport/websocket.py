@@ -117,7 +117,9 @@ class WebSocketCarrier:
             except (ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
                 await trio.aclose_forcefully(stream)
                 raise ConnectionLost(f"WebSocket upgrade with {address[0]}:{address[1]} failed: {exc!r}") from exc
-            return MuxSession(WebSocketBytes(ws), is_client=True, peer=peer, remote_address=address, config=self.mux_config)
+            return MuxSession(
+                WebSocketBytes(ws), is_client=True, peer=peer, remote_address=address, config=self.mux_config
+            )
 
         return await run_detached(setup, self.handshake_timeout, f"wss://{address[0]}:{address[1]}")
 
@@ -137,7 +139,10 @@ class WebSocketCarrier:
                     stream, peer = await server_handshake(tcp, self._contexts, self.verifier, address)
                     try:
                         request = await wrap_server_stream(
-                            nursery, TlsTransport(stream), max_message_size=2 * MAX_MESSAGE, receive_buffer_size=RECEIVE_BUFFER
+                            nursery,
+                            TlsTransport(stream),
+                            max_message_size=2 * MAX_MESSAGE,
+                            receive_buffer_size=RECEIVE_BUFFER,
                         )
                         if request.path != RESOURCE:
                             await request.reject(404)
@@ -156,7 +161,9 @@ class WebSocketCarrier:
             except PeerRejected as exc:
                 self.rejected += 1
                 self.rejections[exc.reason] += 1
-                log.warning("websocket.peer_rejected", extra={"remote": remote, "reason": exc.reason, "error": exc.message})
+                log.warning(
+                    "websocket.peer_rejected", extra={"remote": remote, "reason": exc.reason, "error": exc.message}
+                )
                 nursery.cancel_scope.cancel()
                 return
             except (ConnectionLost, ConnectionClosed, trio.BrokenResourceError, OSError) as exc:
@@ -166,6 +173,8 @@ class WebSocketCarrier:
                 nursery.cancel_scope.cancel()
                 return
             self.accepted += 1
-            session = MuxSession(WebSocketBytes(ws), is_client=False, peer=peer, remote_address=address, config=self.mux_config)
+            session = MuxSession(
+                WebSocketBytes(ws), is_client=False, peer=peer, remote_address=address, config=self.mux_config
+            )
             await run_session(session, handler)
             nursery.cancel_scope.cancel()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from cloudless.testing.chaos import ChaosCluster, ProcessSpec, wait_tcp
+from tests.harness.chaos import ChaosCluster, ProcessSpec, wait_tcp
 
 PORT = 7411
 
@@ -35,7 +35,9 @@ class Programs:
     path = str(Path(__file__).with_name("programs.py"))
     port = PORT
     # TCP echo + UDP sink that logs every datagram it receives.
-    serve = ProcessSpec(argv=[sys.executable, "-I", path, "serve", "{host_ip}", "{port}"], port=PORT, ready=_ready_after("serving "))
+    serve = ProcessSpec(
+        argv=[sys.executable, "-I", path, "serve", "{host_ip}", "{port}"], port=PORT, ready=_ready_after("serving ")
+    )
     # A durable register; extra value `flags` turns it into a stale replica.
     register = ProcessSpec(
         argv=[sys.executable, "-I", path, "register", "{host_ip}", "{port}", "{data_dir}/register.jsonl", "{flags}"],

@@ -23,14 +23,16 @@ import contextvars
 import logging
 import secrets
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import trio
 
 from cloudless.api.client import ClusterClient
-from cloudless.api.client_config import Context, load as load_client_config
+from cloudless.api.client_config import Context
+from cloudless.api.client_config import load as load_client_config
 from cloudless.api.messages import (
     Deleted,
     StatusReply,
@@ -47,11 +49,11 @@ from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.pki.credentials import Credentials
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
-from cloudless.testing.chaos import ChaosCluster, HostProcess, NotApplied, ProcessSpec, wait_tcp
 from cloudless.testing.linearizability import Operation
-from cloudless.testing.netns import Host
 from cloudless.transport.rpc import RpcClient
 from cloudless.transport.tls import TlsCarrier
+from tests.harness.chaos import ChaosCluster, HostProcess, NotApplied, ProcessSpec, wait_tcp
+from tests.harness.netns import Host
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,18 @@ def node_spec(port: int = PORT, voter_stabilization_s: float = 1.0) -> ProcessSp
     the `join_flags` template value ("" for host 0, which bootstraps)."""
     return ProcessSpec(
         argv=[
-            sys.executable, "-m", "cloudless", "node",
-            "--data-dir", "{data_dir}",
-            "--listen", "{address}",
-            "--name", "{name}",
-            "--voter-stabilization", str(voter_stabilization_s),
+            sys.executable,
+            "-m",
+            "cloudless",
+            "node",
+            "--data-dir",
+            "{data_dir}",
+            "--listen",
+            "{address}",
+            "--name",
+            "{name}",
+            "--voter-stabilization",
+            str(voter_stabilization_s),
             "{join_flags}",
         ],
         port=port,
@@ -133,7 +142,9 @@ class NodeCluster:
             while True:
                 client = self.client(0, timeout=5.0)
                 try:
-                    reply = await client.call("token.create", TokenCreate(ttl_s=900.0, uses=uses, role="node"), response=TokenReply)
+                    reply = await client.call(
+                        "token.create", TokenCreate(ttl_s=900.0, uses=uses, role="node"), response=TokenReply
+                    )
                     return reply.token
                 except CloudlessError as exc:  # e.g. the CA not committed yet
                     log.info("chaos_node.token_retry", extra={"fields": {"error": str(exc)}})
@@ -218,7 +229,9 @@ class NodeCluster:
                     while not answered:
                         call = trio.current_time()
                         try:
-                            reply = await self.rpc.call(address, "vars.get", VarsGet(key), response=VarValue, timeout=2.0)
+                            reply = await self.rpc.call(
+                                address, "vars.get", VarsGet(key), response=VarValue, timeout=2.0
+                            )
                             output: Any = (reply.value, reply.index)
                         except NotFound:
                             output = None
@@ -231,7 +244,9 @@ class NodeCluster:
                         answered = True
                 if not answered:
                     if unanswered is None:
-                        raise AssertionError(f"host{host} did not answer a get of {key} within {timeout_s}s after healing: {last!r}")
+                        raise AssertionError(
+                            f"host{host} did not answer a get of {key} within {timeout_s}s after healing: {last!r}"
+                        )
                     unanswered[host] = repr(last)
                     break
         return out
@@ -329,7 +344,9 @@ class NodeVars:
             sent = True
             left = deadline - trio.current_time()
             try:
-                reply = await self.nodes.rpc.call(conn, method, request, response=response, timeout=max(0.05, min(self.attempt_timeout_s, left)))
+                reply = await self.nodes.rpc.call(
+                    conn, method, request, response=response, timeout=max(0.05, min(self.attempt_timeout_s, left))
+                )
             except (NotFound, Conflict) as exc:
                 return self._refusal(op, exc)
             except InvalidInput as exc:

@@ -12,8 +12,8 @@ import pytest
 import trio
 
 from cloudless.errors import InvalidInput
-from cloudless.testing.chaos import ChaosCluster, Isolate, Pause, ProcessExited, ProcessSpec, Resume
-from cloudless.testing.netns import RECORD_DIR, NetnsHosts, list_links, list_netns, resources_of_run, sweep_stale
+from tests.harness.chaos import ChaosCluster, Isolate, Pause, ProcessExited, ProcessSpec, Resume
+from tests.harness.netns import RECORD_DIR, NetnsHosts, list_links, list_netns, resources_of_run, sweep_stale
 
 pytestmark = pytest.mark.root
 
@@ -161,7 +161,9 @@ async def test_graceful_stop_sends_sigterm_first(echo_cluster):
 
 
 async def test_template_values_and_extra_flags(tmp_path):
-    spec = ProcessSpec(argv=["sh", "-c", 'echo "$0 $@"; sleep 30', "{name}", "{address}", "{join}", "{flags}", "{peers}"])
+    spec = ProcessSpec(
+        argv=["sh", "-c", 'echo "$0 $@"; sleep 30', "{name}", "{address}", "{join}", "{flags}", "{peers}"]
+    )
     async with ChaosCluster(2, tmp_path, spec) as cluster:
         await cluster.start(1, flags="--a\0x\0--b")
         await cluster.start(0, flags="")
@@ -170,7 +172,9 @@ async def test_template_values_and_extra_flags(tmp_path):
         async def output(host: int) -> list[str]:
             with trio.fail_after(5):
                 while True:
-                    lines = [l for l in cluster.process(host).log_path.read_text().splitlines() if not l.startswith("===")]
+                    lines = [
+                        l for l in cluster.process(host).log_path.read_text().splitlines() if not l.startswith("===")
+                    ]
                     if lines:
                         return lines
                     await trio.sleep(0.02)
@@ -242,7 +246,7 @@ def test_sweep_removes_what_a_kill9ed_owner_left_and_spares_live_runs():
         [
             sys.executable,
             "-c",
-            "import sys, time; from cloudless.testing.netns import NetnsHosts\n"
+            "import sys, time; from tests.harness.netns import NetnsHosts\n"
             "net = NetnsHosts(2); net.create(); print(net.run_id, flush=True); time.sleep(60)",
         ],
         stdout=subprocess.PIPE,

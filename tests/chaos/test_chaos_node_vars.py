@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from cloudless.testing.chaos import (
+from cloudless.testing.linearizability import VersionedRegisterModel, check_history
+from tests.harness.chaos import (
     ChaosCluster,
     Heal,
     Isolate,
@@ -37,7 +38,6 @@ from cloudless.testing.chaos import (
     VarsWorkload,
     random_schedule,
 )
-from cloudless.testing.linearizability import VersionedRegisterModel, check_history
 
 node_cluster = None
 
@@ -127,7 +127,9 @@ async def run_scenario(
                 assert read.output is not None, f"{read.key} lost: acknowledged writes {writes[-3:]}\n{report}"
                 value, index = read.output
                 assert index >= top_index, f"{read.key} at {index} < acknowledged {top_index}\n{report}"
-                assert dict(writes).get(index, value) == value, f"{read.key}@{index} = {value!r}, acknowledged otherwise\n{report}"
+                assert dict(writes).get(index, value) == value, (
+                    f"{read.key}@{index} = {value!r}, acknowledged otherwise\n{report}"
+                )
             # The fault window really served some ops (the cluster was not simply down).
             assert ok > 50, report
             if unanswered:
@@ -271,16 +273,24 @@ async def test_every_node_answers_linearizable_reads_including_non_voters(tmp_pa
             assert len(status.voters) == 3 and len(outsiders) == 1, status
             leader = m.host_index(status.leader)
             put = await nodes.rpc.call(
-                (cluster.hosts[leader].ip, m.PORT), "vars.put", VarsPut("k", "v", "reads", 1), response=VarValue, timeout=5.0
+                (cluster.hosts[leader].ip, m.PORT),
+                "vars.put",
+                VarsPut("k", "v", "reads", 1),
+                response=VarValue,
+                timeout=5.0,
             )
             answers = {}
             for host in range(4):
                 try:
-                    got = await nodes.rpc.call((cluster.hosts[host].ip, m.PORT), "vars.get", VarsGet("k"), response=VarValue, timeout=7.0)
+                    got = await nodes.rpc.call(
+                        (cluster.hosts[host].ip, m.PORT), "vars.get", VarsGet("k"), response=VarValue, timeout=7.0
+                    )
                     answers[host] = (got.value, got.index)
                 except (CloudlessError, OSError) as exc:  # recorded, asserted below
                     answers[host] = repr(exc)
-            assert all(a == ("v", put.index) for a in answers.values()), f"outside the configuration: {outsiders}; answers {answers}"
+            assert all(a == ("v", put.index) for a in answers.values()), (
+                f"outside the configuration: {outsiders}; answers {answers}"
+            )
         finally:
             await nodes.aclose()
 
@@ -312,7 +322,11 @@ async def test_a_voter_removed_while_isolated_serves_reads_after_healing(tmp_pat
                     await trio.sleep(0.25)
             await cluster.heal()
             put = await nodes.rpc.call(
-                (cluster.hosts[leader].ip, m.PORT), "vars.put", VarsPut("k", "v", "removed", 1), response=VarValue, timeout=5.0
+                (cluster.hosts[leader].ip, m.PORT),
+                "vars.put",
+                VarsPut("k", "v", "removed", 1),
+                response=VarValue,
+                timeout=5.0,
             )
             answers = []
             with trio.move_on_after(15.0):
@@ -396,7 +410,7 @@ class _ScriptedRpc:
 def _fake_nodes(rpc, size=2):
     from types import SimpleNamespace
 
-    from cloudless.testing.netns import Host
+    from tests.harness.netns import Host
 
     hosts = [Host(i, f"ns{i}", f"192.0.2.{i}", f"veth{i}") for i in range(size)]
     process = SimpleNamespace(spec=SimpleNamespace(port=7400))
@@ -410,7 +424,7 @@ async def _operate(rpc, op, key, arg, host=0):
 
 
 async def test_operate_is_not_applied_only_when_no_request_was_ever_sent(autojump_clock):
-    from cloudless.testing.chaos import NotApplied
+    from tests.harness.chaos import NotApplied
 
     rpc = _ScriptedRpc(connect={0: ConnectionRefusedError(), 1: OSError("no route")})
     with pytest.raises(NotApplied):

@@ -8,7 +8,8 @@ import random
 import pytest
 import trio
 
-from cloudless.testing.chaos import (
+from cloudless.testing.linearizability import VersionedRegisterModel, check_history
+from tests.harness.chaos import (
     ChaosCluster,
     Heal,
     Isolate,
@@ -26,8 +27,7 @@ from cloudless.testing.chaos import (
     random_schedule,
     run_workload,
 )
-from cloudless.testing.linearizability import VersionedRegisterModel, check_history
-from cloudless.testing.netns import Host
+from tests.harness.netns import Host
 
 
 async def _register_op(port: int, host: Host, op: str, key: str, arg):
@@ -163,7 +163,9 @@ class _MemoryRegister:
 async def test_runner_records_known_unknown_and_dropped_outcomes(autojump_clock):
     register = _MemoryRegister()
     hosts = [Host(0, "none", "192.0.2.250", "none")]  # never contacted: operate is in-process
-    workload = VarsWorkload(operate=register.operate, clients=3, keys=("x", "y"), duration_s=60, max_ops=300, op_timeout_s=0.5)
+    workload = VarsWorkload(
+        operate=register.operate, clients=3, keys=("x", "y"), duration_s=60, max_ops=300, op_timeout_s=0.5
+    )
     result = await run_workload(hosts, workload, seed=11)
     assert len(result.history) + result.not_applied == 300
     assert result.not_applied == 300 // 7
@@ -186,7 +188,9 @@ async def test_one_client_history_is_a_function_of_the_seed(autojump_clock):
     hosts = [Host(0, "none", "192.0.2.250", "none")]
 
     async def history(seed):
-        workload = VarsWorkload(operate=_MemoryRegister().operate, clients=1, duration_s=60, max_ops=100, op_timeout_s=0.5)
+        workload = VarsWorkload(
+            operate=_MemoryRegister().operate, clients=1, duration_s=60, max_ops=100, op_timeout_s=0.5
+        )
         ops = (await run_workload(hosts, workload, seed=seed)).history
         # Times are relative to a start that differs between runs: compare them rounded.
         return [(o.client_id, o.op, o.key, o.input, o.output, round(o.call, 6), o.ret and round(o.ret, 6)) for o in ops]
@@ -233,7 +237,13 @@ def test_random_schedule_is_seeded_bounded_and_repairs_every_fault():
         assert type(repair) is expected and repair.__dict__.get("target") is None
         assert not isinstance(fault, (Heal, Restart, Resume))
     assert {type(f) for _, f in faults} == {Partition, Isolate, OneWay, Loss, Kill9, Stop, Pause}
-    assert {type(f) for _, f in random_schedule(5, 5, 90.0, leader=leader)[0::2]} == {Partition, Isolate, OneWay, Loss, Kill9}
+    assert {type(f) for _, f in random_schedule(5, 5, 90.0, leader=leader)[0::2]} == {
+        Partition,
+        Isolate,
+        OneWay,
+        Loss,
+        Kill9,
+    }
     assert any(getattr(f, "target", None) is leader for _, f in faults)
     for _, f in faults:
         if isinstance(f, Partition):

@@ -26,8 +26,19 @@ def test_put_ls_get_rm_with_json_and_exit_codes(cloudless_bin, tmp_path):
     data_dir = tmp_path / "node"
     src = tmp_path / "file.bin"
     src.write_bytes(os.urandom(3_000_000))
-    doc = json.loads(run(cloudless_bin, "blob", "put", str(src), "bkt/dir/file.bin", "--meta", "Owner=me",
-                         "--json", data_dir=data_dir).stdout)
+    doc = json.loads(
+        run(
+            cloudless_bin,
+            "blob",
+            "put",
+            str(src),
+            "bkt/dir/file.bin",
+            "--meta",
+            "Owner=me",
+            "--json",
+            data_dir=data_dir,
+        ).stdout
+    )
     assert doc["object"]["size"] == 3_000_000 and doc["object"]["metadata"] == {"owner": "me"}
     listing = json.loads(run(cloudless_bin, "blob", "ls", "bkt", "--json", data_dir=data_dir).stdout)
     assert listing["prefixes"] == ["dir/"] and listing["objects"] == []
@@ -63,18 +74,33 @@ def test_keys_create_then_boto3_against_s3_serve(cloudless_bin, tmp_path):
     """The 'new user' path: create keys, serve the gateway, point boto3 at the endpoint."""
     data_dir = tmp_path / "node"
     port = _free_port()
-    keys = json.loads(run(cloudless_bin, "s3", "keys", "create", "--json", "--endpoint",
-                          f"https://127.0.0.1:{port}", data_dir=data_dir).stdout)
+    keys = json.loads(
+        run(
+            cloudless_bin,
+            "s3",
+            "keys",
+            "create",
+            "--json",
+            "--endpoint",
+            f"https://127.0.0.1:{port}",
+            data_dir=data_dir,
+        ).stdout
+    )
     assert set(keys) == {"endpoint", "access_key", "secret_key"}
     server = subprocess.Popen(
         [cloudless_bin, "s3", "serve", "--listen", f"127.0.0.1:{port}", "--data-dir", str(data_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         ca = data_dir / "blobs" / "gateway" / "ca.pem"
         client = boto3.client(
-            "s3", endpoint_url=keys["endpoint"], aws_access_key_id=keys["access_key"],
-            aws_secret_access_key=keys["secret_key"], region_name="us-east-1", verify=str(ca),
+            "s3",
+            endpoint_url=keys["endpoint"],
+            aws_access_key_id=keys["access_key"],
+            aws_secret_access_key=keys["secret_key"],
+            region_name="us-east-1",
+            verify=str(ca),
             config=Config(retries={"max_attempts": 1}),
         )
         deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ import pytest
 from botocore.config import Config
 
 from cloudless.api import client_config
-from cloudless.testing.node_cluster import NodeProcess, bootstrap, cli, cli_json, free_port, join, status, wait_for
+from tests.harness.node_cluster import NodeProcess, bootstrap, cli, cli_json, free_port, join, status, wait_for
 
 R = 2
 # What the test's own waits poll through: a gateway still starting fails boto3
@@ -100,11 +100,15 @@ def test_s3_through_the_cluster_survives_kill9_of_a_chunk_holder(cluster, tmp_pa
     parts = [rng.randbytes(5 << 20), rng.randbytes(1 << 20)]
     upload = s3.create_multipart_upload(Bucket="photos", Key="big/multi.bin")
     etags = [
-        s3.upload_part(Bucket="photos", Key="big/multi.bin", UploadId=upload["UploadId"], PartNumber=i + 1, Body=p)["ETag"]
+        s3.upload_part(Bucket="photos", Key="big/multi.bin", UploadId=upload["UploadId"], PartNumber=i + 1, Body=p)[
+            "ETag"
+        ]
         for i, p in enumerate(parts)
     ]
     done = s3.complete_multipart_upload(
-        Bucket="photos", Key="big/multi.bin", UploadId=upload["UploadId"],
+        Bucket="photos",
+        Key="big/multi.bin",
+        UploadId=upload["UploadId"],
         MultipartUpload={"Parts": [{"ETag": e, "PartNumber": i + 1} for i, e in enumerate(etags)]},
     )
     assert done["ETag"].strip('"').endswith("-2")
@@ -125,7 +129,9 @@ def test_s3_through_the_cluster_survives_kill9_of_a_chunk_holder(cluster, tmp_pa
     assert listing["prefixes"] == ["a/", "b/", "big/", "cli/"]
     assert [b["name"] for b in cli_json("blob", "ls", config=config)["buckets"]] == ["photos"]
     cli_json("blob", "put", str(tmp_path / "one.txt"), "photos/tmp.txt", config=config)
-    assert cli_json("blob", "rm", "photos/tmp.txt", config=config) == {"deleted": {"bucket": "photos", "key": "tmp.txt"}}
+    assert cli_json("blob", "rm", "photos/tmp.txt", config=config) == {
+        "deleted": {"bucket": "photos", "key": "tmp.txt"}
+    }
     missing = cli("blob", "rm", "photos/tmp.txt", "--json", config=config)
     assert missing.returncode == 3, missing.stdout + missing.stderr
     assert [k["access_key"] for k in cli_json("s3", "keys", "ls", config=config)["keys"]] == [keys["access_key"]]
@@ -159,8 +165,14 @@ def test_s3_through_the_cluster_survives_kill9_of_a_chunk_holder(cluster, tmp_pa
         return all(all(d in h for h in held) for d in referenced)
 
     wait_for(restored, 45, f"anti-entropy to restore R={R} on the survivors", interval=0.5, tolerate=ANY_FAILURE)
-    print(f"R={R} restored {time.monotonic() - killed_at:.1f}s after kill -9 of {victim.name} ({len(referenced)} chunks)")
+    print(
+        f"R={R} restored {time.monotonic() - killed_at:.1f}s after kill -9 of {victim.name} ({len(referenced)} chunks)"
+    )
     for key, body in bodies.items():
-        assert survivors[1] and s3_client(f"https://{survivors[1].s3}", keys, ca_file).get_object(
-            Bucket="photos", Key=key
-        )["Body"].read() == body
+        assert (
+            survivors[1]
+            and s3_client(f"https://{survivors[1].s3}", keys, ca_file)
+            .get_object(Bucket="photos", Key=key)["Body"]
+            .read()
+            == body
+        )

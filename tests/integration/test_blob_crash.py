@@ -16,14 +16,20 @@ def test_kill_9_mid_upload_leaves_no_object_and_no_chunks_after_gc(cloudless_bin
     data_dir = tmp_path / "node"
     keep = tmp_path / "keep.bin"
     keep.write_bytes(os.urandom(2_000_000))
-    subprocess.run([cloudless_bin, "blob", "put", str(keep), "bkt/kept", "--data-dir", str(data_dir)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [cloudless_bin, "blob", "put", str(keep), "bkt/kept", "--data-dir", str(data_dir)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     chunk_dir = blobs_dir(data_dir) / "store" / "chunks"
     before = {p.name for p in chunk_dir.glob("*/*/*")}
 
     writer = subprocess.Popen(
         [cloudless_bin, "blob", "put", "-", "bkt/partial", "--data-dir", str(data_dir)],
-        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 60

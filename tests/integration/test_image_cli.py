@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from cloudless.testing.oci_build import TarBuilder, build_busybox_image, build_image, busybox_image
+from cloudless.sandbox.imagebuild import TarBuilder, build_busybox_image, build_image, busybox_image
 
 
 def run(cloudless_bin, data_dir, *args):
@@ -53,10 +53,18 @@ def test_import_errors_exit_with_design_codes_and_leave_nothing(tmp_path, cloudl
 def test_rm_and_prune(tmp_path, cloudless_bin):
     node = tmp_path / "node"
     run(cloudless_bin, node, "import", str(build_busybox_image(tmp_path / "a", "layout")))
-    run(cloudless_bin, node, "import", str(build_image(tmp_path / "b", [TarBuilder().file("v", b"1").bytes()],
-                                                           name="localhost/app:1")))
-    run(cloudless_bin, node, "import", str(build_image(tmp_path / "c", [TarBuilder().file("v", b"2").bytes()],
-                                                           name="localhost/app:1")))
+    run(
+        cloudless_bin,
+        node,
+        "import",
+        str(build_image(tmp_path / "b", [TarBuilder().file("v", b"1").bytes()], name="localhost/app:1")),
+    )
+    run(
+        cloudless_bin,
+        node,
+        "import",
+        str(build_image(tmp_path / "c", [TarBuilder().file("v", b"2").bytes()], name="localhost/app:1")),
+    )
     assert run(cloudless_bin, node, "rm", "busybox").returncode == 0
     assert run(cloudless_bin, node, "rm", "busybox").returncode == 3
     pruned = json.loads(run(cloudless_bin, node, "prune", "--json").stdout)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
 from cloudless.sandbox import oci
+from cloudless.sandbox.imagebuild import BuiltImage, TarBuilder, busybox_image
 from cloudless.sandbox.images import ImageStore
 from cloudless.sandbox.oci import DigestMismatch
 from cloudless.sandbox.registry import (
@@ -33,15 +34,7 @@ from cloudless.sandbox.registry import (
     RepositoryNotFound,
     parse_www_authenticate,
 )
-from cloudless.testing.oci_build import (
-    DOCKER_REGISTRY,
-    BuiltImage,
-    LocalRegistry,
-    TarBuilder,
-    busybox_image,
-    free_port,
-    push_image,
-)
+from tests.harness.registry import DOCKER_REGISTRY, LocalRegistry, free_port, push_image
 
 pytestmark = pytest.mark.skipif(not DOCKER_REGISTRY.exists(), reason="Debian docker-registry is not installed")
 
@@ -118,7 +111,10 @@ def test_cli_pull_ls_rm_against_the_registry(registry, tmp_path, cloudless_bin):
     ref = f"{registry.host}/team/busybox:1.0"
     pulled = subprocess.run(
         [cloudless_bin, "image", "pull", ref, "--insecure-registry", registry.host, "--json"],
-        capture_output=True, text=True, env=env, timeout=60,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert pulled.returncode == 0, pulled.stderr
     doc = json.loads(pulled.stdout)
@@ -128,9 +124,19 @@ def test_cli_pull_ls_rm_against_the_registry(registry, tmp_path, cloudless_bin):
     )
     assert [i["names"] for i in listed["images"]] == [[ref]]
     missing = subprocess.run(
-        [cloudless_bin, "image", "pull", f"{registry.host}/team/busybox:nope", "--insecure-registry", registry.host,
-         "--json"],
-        capture_output=True, text=True, env=env, timeout=60,
+        [
+            cloudless_bin,
+            "image",
+            "pull",
+            f"{registry.host}/team/busybox:nope",
+            "--insecure-registry",
+            registry.host,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
     )
     assert missing.returncode == 3 and json.loads(missing.stdout)["error"] == "not_found"
     bad = subprocess.run([cloudless_bin, "image", "pull", "UPPER/Case"], capture_output=True, text=True, env=env)
@@ -155,13 +161,17 @@ class TokenAuthority:
     """A CA (trusted by the registry) and a leaf key that signs registry tokens."""
 
     def __init__(self, workdir):
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cloudless test token CA")])
         self.ca = (
-            x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-            .public_key(self.ca_key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(self.ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(self.ca_key, hashes.SHA256())
         )
@@ -169,8 +179,11 @@ class TokenAuthority:
         self.leaf = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "token signer")]))
-            .issuer_name(ca_name).public_key(self.key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .issuer_name(ca_name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
             .sign(self.ca_key, hashes.SHA256())
         )
         self.bundle = workdir / "token-ca.pem"
@@ -178,13 +191,20 @@ class TokenAuthority:
 
     def token(self, subject: str, access: list[dict]) -> str:
         header = {
-            "typ": "JWT", "alg": "ES256",
+            "typ": "JWT",
+            "alg": "ES256",
             "x5c": [base64.b64encode(self.leaf.public_bytes(serialization.Encoding.DER)).decode()],
         }
         now = int(time.time())
         claims = {
-            "iss": ISSUER, "sub": subject, "aud": SERVICE, "exp": now + 300, "nbf": now - 10, "iat": now,
-            "jti": secrets.token_hex(8), "access": access,
+            "iss": ISSUER,
+            "sub": subject,
+            "aud": SERVICE,
+            "exp": now + 300,
+            "nbf": now - 10,
+            "iat": now,
+            "jti": secrets.token_hex(8),
+            "access": access,
         }
         signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         r, s = decode_dss_signature(self.key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
@@ -242,8 +262,11 @@ def token_registry(tmp_path_factory):
 
     def token_for(response: httpx.Response) -> str:
         [ch] = parse_www_authenticate(response.headers["www-authenticate"])
-        r = httpx.get(ch.params["realm"], params={"service": ch.params["service"], "scope": ch.params["scope"]},
-                      auth=("alice", "s3cret"))
+        r = httpx.get(
+            ch.params["realm"],
+            params={"service": ch.params["service"], "scope": ch.params["scope"]},
+            auth=("alice", "s3cret"),
+        )
         r.raise_for_status()
         return r.json()["token"]
 

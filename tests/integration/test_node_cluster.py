@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cloudless.testing.node_cluster import (
+from tests.harness.node_cluster import (
     CLI,
     NodeProcess,
     bootstrap,
@@ -53,7 +53,11 @@ def test_bootstrap_writes_admin_config_and_serves_status(nodes):
     assert doc["voters"] == ["node1"] and doc["learners"] == []
     (member,) = doc["members"]
     assert {k: member[k] for k in ("id", "name", "address", "state", "role")} == {
-        "id": "node1", "name": "node1", "address": first.address, "state": "alive", "role": "voter"
+        "id": "node1",
+        "name": "node1",
+        "address": first.address,
+        "state": "alive",
+        "role": "voter",
     }
     assert oct(os.stat(config).st_mode & 0o777) == "0o600"
 
@@ -129,12 +133,32 @@ def test_token_misuse_is_refused_and_changes_nothing(nodes, case):
         bad = "cl1.not-a-token"
     joiner = nodes("intruder")
     proc = subprocess.run(
-        [*CLI, "node", "--data-dir", str(joiner.data_dir), "--listen", joiner.address, "--name", "intruder",
-         "--join", first.address, "--token", bad],
-        capture_output=True, text=True, timeout=30,
+        [
+            *CLI,
+            "node",
+            "--data-dir",
+            str(joiner.data_dir),
+            "--listen",
+            joiner.address,
+            "--name",
+            "intruder",
+            "--join",
+            first.address,
+            "--token",
+            bad,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode != 0
-    expected = {"forged": "does not match", "used_up": "used", "expired": "expired", "wrong_role": "grants admin", "malformed": "not a bootstrap token"}[case]
+    expected = {
+        "forged": "does not match",
+        "used_up": "used",
+        "expired": "expired",
+        "wrong_role": "grants admin",
+        "malformed": "not a bootstrap token",
+    }[case]
     assert expected in proc.stderr, proc.stderr
     assert "intruder" not in [m["id"] for m in status(config)["members"]]
     assert not (joiner.data_dir / "node.json").exists()
@@ -152,7 +176,9 @@ def test_removed_node_is_revoked_cluster_wide(nodes):
 
     first, config = create_cluster(nodes)
     second = nodes("node2").start("--join", first.address, "--token", token(config))
-    wait_for(lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 30, "node2 joined")
+    wait_for(
+        lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 30, "node2 joined"
+    )
     second.stop()
     cli("nodes", "rm", "node2", config=config, check=True)
     assert "node2" not in status(config)["voters"] + status(config)["learners"]
@@ -235,11 +261,19 @@ def test_autopilot_prefers_mains_and_replaces_a_dead_voter(nodes):
     join(config, first, second, phone, nodes("node4"))
     wait_for(lambda: status(config)["voters"] == ["node1", "node2", "node4"], 60, "three mains voters")
     members = {m["id"]: m for m in status(config)["members"]}
-    assert (members["phone"]["power"], members["phone"]["battery_pct"], members["phone"]["network"]) == ("battery", 60.0, "wifi")
+    assert (members["phone"]["power"], members["phone"]["battery_pct"], members["phone"]["network"]) == (
+        "battery",
+        60.0,
+        "wifi",
+    )
     assert members["phone"]["role"] != "voter"
 
     second.kill9()
-    wait_for(lambda: sorted(status(config)["voters"]) == ["node1", "node4", "phone"], 60, "the phone to replace the dead voter")
+    wait_for(
+        lambda: sorted(status(config)["voters"]) == ["node1", "node4", "phone"],
+        60,
+        "the phone to replace the dead voter",
+    )
     events = cli_json("events", "--last", "200", config=config)
     reasons = [e for e in events if e["kind"] == "autopilot.remove" and e["node"] == "node2"]
     assert reasons and "dead" in reasons[0]["message"]
@@ -252,12 +286,17 @@ def test_sigterm_hands_leadership_away_and_leaves_gracefully(nodes):
     wait_for(lambda: len(status(config)["voters"]) == 3, 60, "three voters")
     started = time.monotonic()
     first.stop()
-    doc = wait_for(lambda: (d := status(config, second.address))["leader"] in ("node2", "node3") and d, 20, "new leader")
+    doc = wait_for(
+        lambda: (d := status(config, second.address))["leader"] in ("node2", "node3") and d, 20, "new leader"
+    )
     handoff_s = time.monotonic() - started
     states = {m["id"]: m["state"] for m in doc["members"]}
     # A graceful leave is "left", not a failure detected later as "dead".
-    wait_for(lambda: {m["id"]: m["state"] for m in status(config, second.address)["members"]}["node1"] == "left", 20,
-             f"node1 to be marked left (was {states.get('node1')})")
+    wait_for(
+        lambda: {m["id"]: m["state"] for m in status(config, second.address)["members"]}["node1"] == "left",
+        20,
+        f"node1 to be marked left (was {states.get('node1')})",
+    )
     assert first.proc.returncode == 0, first.output()
     assert handoff_s < 15, handoff_s
 
@@ -276,5 +315,7 @@ def test_node_certificates_renew_before_they_expire(nodes, monkeypatch):
     assert renewed.identity == original.identity and renewed.not_after > original.not_after
     # Past the original certificate's expiry the node still works with its new one.
     time.sleep(max(0.0, original.not_after.timestamp() - time.time()) + 1)
-    wait_for(lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 20, "node2 alive")
+    wait_for(
+        lambda: any(m["id"] == "node2" and m["state"] == "alive" for m in status(config)["members"]), 20, "node2 alive"
+    )
     cli_json("vars", "put", "after-renewal", "ok", "--endpoint", second.address, config=config)

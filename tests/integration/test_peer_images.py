@@ -19,7 +19,9 @@ import pytest
 pytestmark = [pytest.mark.root, pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")]
 
 
-def cli(bin_: str, *args: str, config: Path | None = None, check: bool = True, timeout: float = 90.0) -> subprocess.CompletedProcess:
+def cli(
+    bin_: str, *args: str, config: Path | None = None, check: bool = True, timeout: float = 90.0
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     if config is not None:
         env["CLOUDLESS_CONFIG"] = str(config)
@@ -37,23 +39,55 @@ def test_image_imported_on_one_node_runs_on_all_three(tmp_path):
     bin_ = shutil.which("cloudless") or os.path.join(os.path.dirname(sys.executable), "cloudless")
     directory = tmp_path / "cluster"
     base = 20000 + random.Random().randrange(0, 20000)
-    up = cli(bin_, "dev", "up", "--nodes", "3", "--dir", str(directory), "--base-port", str(base), "--json", timeout=120)
+    up = cli(
+        bin_, "dev", "up", "--nodes", "3", "--dir", str(directory), "--base-port", str(base), "--json", timeout=120
+    )
     info = json.loads(up.stdout)
     config = Path(info["config"])
     try:
         image = tmp_path / "image"
         subprocess.run(
-            [sys.executable, "-c", f"from pathlib import Path; from cloudless.testing.oci_build import build_busybox_image; build_busybox_image(Path({str(image)!r}), 'layout')"],
-            check=True, timeout=60,
+            [
+                sys.executable,
+                "-c",
+                f"from pathlib import Path; from cloudless.sandbox.imagebuild import build_busybox_image; build_busybox_image(Path({str(image)!r}), 'layout')",
+            ],
+            check=True,
+            timeout=60,
         )
         source = info["nodes"][0]
-        cli(bin_, "image", "import", str(image / "layout"), "--name", "busybox:latest", "--data-dir", source["dir"], "--json")
+        cli(
+            bin_,
+            "image",
+            "import",
+            str(image / "layout"),
+            "--name",
+            "busybox:latest",
+            "--data-dir",
+            source["dir"],
+            "--json",
+        )
         others = info["nodes"][1:]
         for node in others:
             assert json.loads(cli(bin_, "image", "ls", "--data-dir", node["dir"], "--json").stdout)["images"] == []
 
-        cli(bin_, "run", "busybox:latest", "--name", "peer", "--replicas", "3", "--memory", "32Mi", "--json",
-            "--", "sh", "-c", "while true; do sleep 1; done", config=config)
+        cli(
+            bin_,
+            "run",
+            "busybox:latest",
+            "--name",
+            "peer",
+            "--replicas",
+            "3",
+            "--memory",
+            "32Mi",
+            "--json",
+            "--",
+            "sh",
+            "-c",
+            "while true; do sleep 1; done",
+            config=config,
+        )
         deadline = time.monotonic() + 60
         doc: dict = {}
         while time.monotonic() < deadline:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import types
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import trio
@@ -30,7 +30,7 @@ from cloudless.transport.base import ConnectionLost, StreamReset
 from cloudless.transport.quic import QuicCarrier
 from cloudless.transport.udp import UdpEndpoint
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 class Pki:
@@ -448,7 +448,11 @@ SERVER_SCRIPT = textwrap.dedent(
 
 
 async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_path):
-    for name, data in (("ca.pem", pki.server.ca_pem), ("cert.pem", pki.server.cert_pem), ("key.pem", pki.server.key_pem)):
+    for name, data in (
+        ("ca.pem", pki.server.ca_pem),
+        ("cert.pem", pki.server.cert_pem),
+        ("key.pem", pki.server.key_pem),
+    ):
         (tmp_path / name).write_bytes(data)
     process = subprocess.Popen(
         [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -565,9 +569,10 @@ async def test_send_eof_twice_is_a_no_op_and_send_after_eof_fails(nursery, pki):
 
 async def test_idle_connection_closes_at_idle_timeout_unless_kept_alive_rfc9000_10_1(nursery, pki):
     _, address = await start_server(nursery, pki, idle_timeout=1.0)
-    async with QuicCarrier(pki.client, pki.verifier, idle_timeout=1.0) as idle, QuicCarrier(
-        pki.client, pki.verifier, idle_timeout=1.0, keepalive_interval=0.2
-    ) as kept:
+    async with (
+        QuicCarrier(pki.client, pki.verifier, idle_timeout=1.0) as idle,
+        QuicCarrier(pki.client, pki.verifier, idle_timeout=1.0, keepalive_interval=0.2) as kept,
+    ):
         idle_connection = await idle.connect(address)
         kept_connection = await kept.connect(address)
         await trio.sleep(2.5)

@@ -58,7 +58,12 @@ def schedule(seed: int):
             index = last + rng.randint(1, 20)
             term += 1
             commit = index
-            op = ("write", HardState(term, "", commit), [], Snapshot(SnapshotMeta(index, term, ConfState(("n1", "n2"))), b"x" * 300))
+            op = (
+                "write",
+                HardState(term, "", commit),
+                [],
+                Snapshot(SnapshotMeta(index, term, ConfState(("n1", "n2"))), b"x" * 300),
+            )
         apply(mem, op)
         ops.append(op)
         states.append(fingerprint(mem))
@@ -97,7 +102,9 @@ def run_trial(tmp_path, seed: int) -> None:
     path = tmp_path / f"raft-{seed}"
     proc = subprocess.Popen(
         [sys.executable, __file__, "child", str(path), str(seed)],
-        stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__),
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(__file__),
     )
     try:
         assert proc.stdout.readline().strip() == "ready", f"seed={seed}: child did not start"
@@ -114,7 +121,9 @@ def run_trial(tmp_path, seed: int) -> None:
         recovered = fingerprint(storage)
         matches = [m for m, state in enumerate(states) if state == recovered]
         assert matches, f"seed={seed}: recovered storage is not the state after any operation (acked {acked})"
-        assert max(matches) >= acked, f"seed={seed}: lost acknowledged writes: state after op {max(matches)} < ack {acked}"
+        assert max(matches) >= acked, (
+            f"seed={seed}: lost acknowledged writes: state after op {max(matches)} < ack {acked}"
+        )
         # The recovered storage keeps working.
         last = storage.last_index()
         storage.write(HardState(99, "n3", 0), [Entry(99, last + 1, 0, b"after")])

@@ -10,17 +10,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import trio
 
+from cloudless.errors import Unavailable
 from cloudless.pki.ca import ClusterCA
 from cloudless.pki.credentials import issue_credentials
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
-from cloudless.errors import Unavailable
 from cloudless.transport.base import ConnectionLost
 from cloudless.transport.rpc import DeadlineExceeded, RpcCancelled, RpcClient
 from cloudless.transport.tls import TlsCarrier
@@ -83,7 +83,7 @@ SERVER_SCRIPT = textwrap.dedent(
     """
 )
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 @pytest.fixture

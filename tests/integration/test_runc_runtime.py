@@ -25,7 +25,9 @@ from cloudless.sandbox.supervisor import Adopted, Exited, GaveUp, Started, Super
 
 pytestmark = [
     pytest.mark.root,
-    pytest.mark.skipif(shutil.which("runc") is None or not os.path.exists("/usr/bin/busybox"), reason="needs runc and busybox-static"),
+    pytest.mark.skipif(
+        shutil.which("runc") is None or not os.path.exists("/usr/bin/busybox"), reason="needs runc and busybox-static"
+    ),
 ]
 
 BRIDGE = BridgeConfig(bridge="cltest0", subnet="10.88.251.0/24", tag="cltest", veth_prefix="clt")
@@ -107,8 +109,11 @@ def leftovers(tag: str) -> list[str]:
     if os.path.isdir("/run/netns"):
         found += [f"netns {n}" for n in os.listdir("/run/netns") if n.startswith(tag + "-")]
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    found += [f"link {line.split(':')[1].strip()}" for line in links.splitlines()
-              if f": {BRIDGE.veth_prefix}" in line and f": {BRIDGE.bridge}:" not in line]
+    found += [
+        f"link {line.split(':')[1].strip()}"
+        for line in links.splitlines()
+        if f": {BRIDGE.veth_prefix}" in line and f": {BRIDGE.bridge}:" not in line
+    ]
     for table in ("nat", "filter"):
         rules = subprocess.run(["iptables-save", "-t", table], capture_output=True, text=True).stdout
         found += [f"rule {r}" for r in rules.splitlines() if f"{tag}:" in r]
@@ -119,7 +124,9 @@ def leftovers(tag: str) -> list[str]:
 
 
 async def test_stdout_stderr_are_logged_with_timestamps_and_exit_code_is_kept(runtime, rootfs):
-    final = await run_to_exit(runtime, spec(rootfs, "echo", ["sh", "-c", "echo out one; echo err one >&2; echo out two; exit 3"]))
+    final = await run_to_exit(
+        runtime, spec(rootfs, "echo", ["sh", "-c", "echo out one; echo err one >&2; echo out two; exit 3"])
+    )
     assert final.status == "exited" and final.exit_code == 3 and not final.oom_killed
     records = await runtime.read_logs("echo")
     by_stream = {s: [r.text for r in records if r.stream == s] for s in ("stdout", "stderr")}
@@ -167,7 +174,9 @@ async def test_cpu_quota_and_pids_limit_are_visible_in_the_containers_cgroup(run
     await runtime.create(spec(rootfs, "quota", ["sleep", "1000"], cpu=0.5, pids_limit=64, memory_bytes=64 << 20))
     await runtime.start("quota")
     if runtime.cgroups.version == 1:
-        r = await runtime.exec("quota", ["cat", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"])
+        r = await runtime.exec(
+            "quota", ["cat", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"]
+        )
         assert r.stdout.split() == [b"50000", b"100000"]
         host = runtime.cgroup_dir("quota", "pids")
         assert (host / "pids.max").read_text().strip() == "64"
@@ -181,7 +190,9 @@ async def test_cpu_quota_and_pids_limit_are_visible_in_the_containers_cgroup(run
 
 
 async def test_capabilities_are_dropped_and_seccomp_and_no_new_privs_apply(runtime, rootfs):
-    final = await run_to_exit(runtime, spec(rootfs, "caps", ["grep", "-E", "^(Cap|Seccomp|NoNewPrivs)", "/proc/self/status"]))
+    final = await run_to_exit(
+        runtime, spec(rootfs, "caps", ["grep", "-E", "^(Cap|Seccomp|NoNewPrivs)", "/proc/self/status"])
+    )
     assert final.exit_code == 0
     fields = dict(line.text.split(":\t") for line in await runtime.read_logs("caps"))
     expected = sum(1 << CAP_NUMBERS[c] for c in CAPABILITIES)
@@ -221,7 +232,9 @@ async def test_exec_returns_exit_code_and_output(runtime, rootfs):
 
 async def test_published_port_reachable_on_localhost_bridge_peers_talk_and_delete_leaves_nothing(runtime, rootfs):
     port = free_port()
-    web = spec(rootfs, "web", ["httpd", "-f", "-p", "80", "-h", "/www"], network="bridge", ports=[PortMapping(port, 80)])
+    web = spec(
+        rootfs, "web", ["httpd", "-f", "-p", "80", "-h", "/www"], network="bridge", ports=[PortMapping(port, 80)]
+    )
     await runtime.create(web)
     web_state = await runtime.start("web")
     assert web_state.ip and web_state.ip.startswith("10.88.251.")
@@ -248,7 +261,7 @@ async def test_published_port_reachable_on_localhost_bridge_peers_talk_and_delet
     final = await run_to_exit(runtime, client)
     assert final.exit_code == 0
     assert [r.text for r in await runtime.read_logs("client")] == ["hello from the container"]
-    assert any(f"cltest:web" in x for x in leftovers("cltest"))  # the rules exist while it runs
+    assert any("cltest:web" in x for x in leftovers("cltest"))  # the rules exist while it runs
 
     await runtime.delete("web")
     await runtime.delete("client")
@@ -341,7 +354,9 @@ async def test_adoption_after_supervisor_restart_does_not_start_a_duplicate(runt
     r = await reborn.exec("svc", ["ip", "-o", "-4", "addr", "show", "eth0"])
     assert state.ip in r.stdout.decode()
     await reborn.aclose()
-    listed = subprocess.run(["runc", "--root", str(reborn.root), "list", "-q"], capture_output=True, text=True).stdout.split()
+    listed = subprocess.run(
+        ["runc", "--root", str(reborn.root), "list", "-q"], capture_output=True, text=True
+    ).stdout.split()
     assert listed == ["svc"]
 
 
@@ -417,7 +432,12 @@ async def test_bad_spec_and_bad_rootfs_fail_clearly_and_leave_nothing(runtime, r
     with pytest.raises(RuncFailed) as e:
         await runtime.start("noexe")
     assert "no/such/binary" in e.value.message
-    assert subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout.split() == []
+    assert (
+        subprocess.run(
+            ["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True
+        ).stdout.split()
+        == []
+    )
     await runtime.delete("noexe")
     assert await runtime.list() == []
 
@@ -517,7 +537,9 @@ async def test_soak_many_lifecycles_leak_nothing(runtime, rootfs):
 
     async def cycle(i):
         cid = f"soak-{i}"
-        await runtime.create(spec(rootfs, cid, ["sleep", "1000"], network="bridge", ports=[PortMapping(free_port(), 80)]))
+        await runtime.create(
+            spec(rootfs, cid, ["sleep", "1000"], network="bridge", ports=[PortMapping(free_port(), 80)])
+        )
         await runtime.start(cid)
         assert (await runtime.exec(cid, ["true"])).exit_code == 0
         assert (await runtime.stop(cid, grace=0.1)).exit_code == 137
@@ -531,7 +553,9 @@ async def test_soak_many_lifecycles_leak_nothing(runtime, rootfs):
     assert leftovers("cltest") == []
     assert runtime.network.attachments() == {}
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 4  # the pre-started shim's pipes
-    assert subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout == ""
+    assert (
+        subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout == ""
+    )
 
 
 async def test_concurrent_first_attachments_create_the_bridge_once(runtime, rootfs):
@@ -549,7 +573,7 @@ async def test_concurrent_first_attachments_create_the_bridge_once(runtime, root
 
 async def test_end_to_end_from_an_imported_oci_image(runtime, tmp_path):
     """The image side's store and root builder feed this runtime (skipped if they are absent)."""
-    oci_build = pytest.importorskip("cloudless.testing.oci_build")
+    oci_build = pytest.importorskip("cloudless.sandbox.imagebuild")
     images = pytest.importorskip("cloudless.sandbox.images")
     rootfs_mod = pytest.importorskip("cloudless.sandbox.rootfs")
 

@@ -12,7 +12,7 @@ import os
 import ssl
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import boto3
 import httpx
@@ -33,7 +33,7 @@ MIB = 1024 * 1024
 
 class Gateway:
     def __init__(self, tmp) -> None:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         ca = ClusterCA.create("s3test", now)
         cert, key = issue_gateway_certificate(ca, ["127.0.0.1", "localhost"], now)
         self.ca_file = tmp / "ca.pem"
@@ -59,7 +59,11 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             binds = await nursery.start(
                 lambda task_status: serve_gateway(
-                    self.app, host="127.0.0.1", port=0, certfile=tmp / "gw.pem", keyfile=tmp / "gw.key",
+                    self.app,
+                    host="127.0.0.1",
+                    port=0,
+                    certfile=tmp / "gw.pem",
+                    keyfile=tmp / "gw.key",
                     task_status=task_status,
                 )
             )
@@ -120,8 +124,9 @@ def error_of(exc_info) -> tuple[str, int]:
 
 def test_put_get_roundtrip_with_md5_etag_and_user_metadata(s3, bucket):
     body = os.urandom(3 * MIB + 17)
-    put = s3.put_object(Bucket=bucket, Key="dir/obj.bin", Body=body, ContentType="application/x-test",
-                        Metadata={"Color": "blue"})
+    put = s3.put_object(
+        Bucket=bucket, Key="dir/obj.bin", Body=body, ContentType="application/x-test", Metadata={"Color": "blue"}
+    )
     assert put["ETag"] == f'"{hashlib.md5(body).hexdigest()}"'
     got = s3.get_object(Bucket=bucket, Key="dir/obj.bin")
     assert got["Body"].read() == body
@@ -229,8 +234,13 @@ def test_copy_object_shares_chunks_and_replaces_metadata(gateway, s3, bucket):
     assert len(list(gateway.store.digests())) == puts_before
     got = s3.get_object(Bucket=bucket, Key="dst")
     assert got["Body"].read() == body and got["Metadata"] == {"a": "1"}
-    s3.copy_object(Bucket=bucket, Key="dst", CopySource={"Bucket": bucket, "Key": "src"},
-                   Metadata={"b": "2"}, MetadataDirective="REPLACE")
+    s3.copy_object(
+        Bucket=bucket,
+        Key="dst",
+        CopySource={"Bucket": bucket, "Key": "src"},
+        Metadata={"b": "2"},
+        MetadataDirective="REPLACE",
+    )
     assert s3.head_object(Bucket=bucket, Key="dst")["Metadata"] == {"b": "2"}
 
 
@@ -273,9 +283,18 @@ def test_trailing_checksums_of_current_sdks_are_verified(gateway, bucket):
 
 def test_a_wrong_trailing_checksum_is_bad_digest(gateway, bucket):
     body = b"5\r\nhello\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n"
-    r = signed_request(gateway, "PUT", f"/{bucket}/badcrc", body=body, payload_hash="STREAMING-UNSIGNED-PAYLOAD-TRAILER",
-                       extra_headers={"content-encoding": "aws-chunked", "x-amz-decoded-content-length": "5",
-                                      "x-amz-trailer": "x-amz-checksum-crc32"})
+    r = signed_request(
+        gateway,
+        "PUT",
+        f"/{bucket}/badcrc",
+        body=body,
+        payload_hash="STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        extra_headers={
+            "content-encoding": "aws-chunked",
+            "x-amz-decoded-content-length": "5",
+            "x-amz-trailer": "x-amz-checksum-crc32",
+        },
+    )
     assert r.status_code == 400 and b"<Code>BadDigest</Code>" in r.content
     assert gateway.call(gateway.service.metadata.list_manifests, bucket).objects == []
 
@@ -327,10 +346,10 @@ def test_conditional_get(s3, bucket):
         s3.get_object(Bucket=bucket, Key="c", IfNoneMatch=etag)
     assert error_of(e) == ("304", 304)
     assert s3.get_object(Bucket=bucket, Key="c", IfNoneMatch='"0000"')["Body"].read() == b"data"
-    future = datetime.now(timezone.utc) + timedelta(seconds=5)
-    past = datetime.now(timezone.utc) - timedelta(days=1)
+    future = datetime.now(UTC) + timedelta(seconds=5)
+    past = datetime.now(UTC) - timedelta(days=1)
     with pytest.raises(ClientError) as e:
-        s3.get_object(Bucket=bucket, Key="c", IfModifiedSince=datetime.now(timezone.utc) - timedelta(seconds=0))
+        s3.get_object(Bucket=bucket, Key="c", IfModifiedSince=datetime.now(UTC) - timedelta(seconds=0))
     assert error_of(e) == ("304", 304)
     assert s3.get_object(Bucket=bucket, Key="c", IfModifiedSince=past)["Body"].read() == b"data"
     with pytest.raises(ClientError) as e:
@@ -385,7 +404,11 @@ def test_list_v2_pagination_with_continuation_tokens(s3, tree):
         token = r["NextContinuationToken"]
     assert pages == 3
     assert sorted(seen) == ["a.txt", "dir/", "dir2/", "e/", "zz"]
-    paginated = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, PaginationConfig={"PageSize": 3}) for o in page["Contents"]]
+    paginated = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, PaginationConfig={"PageSize": 3})
+        for o in page["Contents"]
+    ]
     assert paginated == sorted(keys)
 
 
@@ -415,7 +438,11 @@ def test_list_v1_markers(s3, tree):
     assert r["IsTruncated"] and r["NextMarker"] == "dir/"
     r = s3.list_objects(Bucket=bucket, Delimiter="/", Marker="dir/")
     assert [p["Prefix"] for p in r["CommonPrefixes"]] == ["dir2/", "e/"]
-    paginated = [o["Key"] for page in s3.get_paginator("list_objects").paginate(Bucket=bucket, PaginationConfig={"PageSize": 2}) for o in page["Contents"]]
+    paginated = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects").paginate(Bucket=bucket, PaginationConfig={"PageSize": 2})
+        for o in page["Contents"]
+    ]
     assert paginated == sorted(keys)
 
 
@@ -436,7 +463,9 @@ def test_multipart_upload_etag_rule_and_content(s3, bucket):
     uploads = s3.list_multipart_uploads(Bucket=bucket)["Uploads"]
     assert [(u["Key"], u["UploadId"]) for u in uploads] == [("mp", uid)]
     done = s3.complete_multipart_upload(
-        Bucket=bucket, Key="mp", UploadId=uid,
+        Bucket=bucket,
+        Key="mp",
+        UploadId=uid,
         MultipartUpload={"Parts": [{"PartNumber": i, "ETag": e} for i, e in enumerate(etags, 1)]},
     )
     joined = b"".join(hashlib.md5(d).digest() for d in parts_data)
@@ -468,8 +497,9 @@ def test_multipart_errors(s3, bucket):
         s3.upload_part(Bucket=bucket, Key="bad", UploadId=uid, PartNumber=10001, Body=b"x")
     assert error_of(e) == ("InvalidArgument", 400)
     # A single small part is fine: only non-last parts have a minimum.
-    s3.complete_multipart_upload(Bucket=bucket, Key="bad", UploadId=uid,
-                                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": small}]})
+    s3.complete_multipart_upload(
+        Bucket=bucket, Key="bad", UploadId=uid, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": small}]}
+    )
     assert s3.get_object(Bucket=bucket, Key="bad")["Body"].read() == b"tiny"
 
 
@@ -482,8 +512,9 @@ def test_abort_multipart_and_no_such_upload(s3, bucket):
         lambda: s3.upload_part(Bucket=bucket, Key="ab", UploadId=uid, PartNumber=2, Body=b"x"),
         lambda: s3.list_parts(Bucket=bucket, Key="ab", UploadId=uid),
         lambda: s3.abort_multipart_upload(Bucket=bucket, Key="ab", UploadId=uid),
-        lambda: s3.complete_multipart_upload(Bucket=bucket, Key="ab", UploadId=uid,
-                                             MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"x"'}]}),
+        lambda: s3.complete_multipart_upload(
+            Bucket=bucket, Key="ab", UploadId=uid, MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": '"x"'}]}
+        ),
     ):
         with pytest.raises(ClientError) as e:
             call()
@@ -499,7 +530,9 @@ def test_upload_file_uses_multipart_transfer(s3, bucket, tmp_path):
     path.write_bytes(data)
     from boto3.s3.transfer import TransferConfig
 
-    s3.upload_file(str(path), bucket, "big", Config=TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB))
+    s3.upload_file(
+        str(path), bucket, "big", Config=TransferConfig(multipart_threshold=5 * MIB, multipart_chunksize=5 * MIB)
+    )
     assert s3.head_object(Bucket=bucket, Key="big")["ETag"].endswith('-3"')
     out = tmp_path / "out.bin"
     s3.download_file(bucket, "big", str(out))
@@ -567,7 +600,9 @@ def test_expired_presigned_url_is_access_denied(gateway, bucket):
 
 
 def test_signed_payload_hash_mismatch_is_rejected(gateway, bucket):
-    r = signed_request(gateway, "PUT", f"/{bucket}/k", body=b"actual", payload_hash=hashlib.sha256(b"claimed").hexdigest())
+    r = signed_request(
+        gateway, "PUT", f"/{bucket}/k", body=b"actual", payload_hash=hashlib.sha256(b"claimed").hexdigest()
+    )
     assert r.status_code == 400 and b"XAmzContentSHA256Mismatch" in r.content
 
 
@@ -582,14 +617,23 @@ def test_streaming_signed_chunks_are_verified(gateway, bucket):
     assert sigv4.STREAMING_SIGNED  # mode under test
 
 
-def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming=False, corrupt_chunk=False,
-                   extra_headers=None, host=None):
+def signed_request(
+    gateway,
+    method,
+    path,
+    body=b"",
+    payload_hash=None,
+    streaming=False,
+    corrupt_chunk=False,
+    extra_headers=None,
+    host=None,
+):
     """A hand-signed SigV4 request (for what botocore refuses to send)."""
     from cloudless.blobs.s3 import sigv4
 
     host = host or gateway.endpoint.removeprefix("https://")
     now = time.time()
-    amz_date = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    amz_date = datetime.fromtimestamp(now, UTC).strftime("%Y%m%dT%H%M%SZ")
     scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
     headers = {"host": host, "x-amz-date": amz_date, **(extra_headers or {})}
     raw_path, _, query_text = path.partition("?")
@@ -609,7 +653,9 @@ def signed_request(gateway, method, path, body=b"", payload_hash=None, streaming
         f"Signature={signature}"
     )
     if streaming:
-        req = sigv4.SignedRequest(gateway.key.access_key, amz_date, scope, signature, key, sigv4.STREAMING_SIGNED, False)
+        req = sigv4.SignedRequest(
+            gateway.key.access_key, amz_date, scope, signature, key, sigv4.STREAMING_SIGNED, False
+        )
         out, previous = b"", signature
         pieces = [body[i : i + 65536] for i in range(0, len(body), 65536)] + [b""]
         for piece in pieces:
@@ -634,11 +680,20 @@ def aws(gateway, *args, input=None):
     exe = shutil.which("aws")
     if exe is None:
         pytest.skip("the AWS CLI is not installed")
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=gateway.key.access_key, AWS_SECRET_ACCESS_KEY=gateway.key.secret_key,
-               AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE="/dev/null", AWS_SHARED_CREDENTIALS_FILE="/dev/null")
+    env = dict(
+        os.environ,
+        AWS_ACCESS_KEY_ID=gateway.key.access_key,
+        AWS_SECRET_ACCESS_KEY=gateway.key.secret_key,
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE="/dev/null",
+        AWS_SHARED_CREDENTIALS_FILE="/dev/null",
+    )
     return subprocess.run(
         [exe, "--endpoint-url", gateway.endpoint, "--ca-bundle", str(gateway.ca_file), *args],
-        capture_output=True, env=env, timeout=120, input=input,
+        capture_output=True,
+        env=env,
+        timeout=120,
+        input=input,
     )
 
 
@@ -701,8 +756,9 @@ def test_list_parts_and_uploads_paginate(s3, bucket):
     others = [s3.create_multipart_upload(Bucket=bucket, Key=k)["UploadId"] for k in ("qa", "qb")]
     page = s3.list_multipart_uploads(Bucket=bucket, MaxUploads=2)
     assert [u["Key"] for u in page["Uploads"]] == ["pp", "qa"] and page["IsTruncated"]
-    page2 = s3.list_multipart_uploads(Bucket=bucket, KeyMarker=page["NextKeyMarker"],
-                                      UploadIdMarker=page["NextUploadIdMarker"])
+    page2 = s3.list_multipart_uploads(
+        Bucket=bucket, KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"]
+    )
     assert [u["Key"] for u in page2["Uploads"]] == ["qb"]
     assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix="q")["Uploads"]] == ["qa", "qb"]
     for k, u in zip(("qa", "qb"), others):
@@ -732,16 +788,22 @@ def test_a_stalled_upload_times_out_and_stores_nothing(gateway, bucket):
     gateway.app.body_idle_timeout = 0.5
     try:
         host = gateway.endpoint.removeprefix("https://")
-        amz_date = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        amz_date = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
-        headers = {"host": host, "x-amz-date": amz_date, "x-amz-content-sha256": sigv4.UNSIGNED_PAYLOAD,
-                   "content-length": "1000"}
+        headers = {
+            "host": host,
+            "x-amz-date": amz_date,
+            "x-amz-content-sha256": sigv4.UNSIGNED_PAYLOAD,
+            "content-length": "1000",
+        }
         signed = sorted(headers)
         canonical = sigv4.canonical_request("PUT", f"/{bucket}/stalled", [], headers, signed, sigv4.UNSIGNED_PAYLOAD)
         key = sigv4.signing_key(gateway.key.secret_key, amz_date[:8], "us-east-1", "s3")
         signature = sigv4.sign(key, sigv4.string_to_sign(amz_date, scope, canonical))
-        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={gateway.key.access_key}/{scope}, "
-                                    f"SignedHeaders={';'.join(signed)}, Signature={signature}")
+        headers["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={gateway.key.access_key}/{scope}, "
+            f"SignedHeaders={';'.join(signed)}, Signature={signature}"
+        )
         ip, port = host.rsplit(":", 1)
         with socket.create_connection((ip, int(port)), timeout=10) as raw:
             with gateway.tls.wrap_socket(raw, server_hostname=ip) as tls:

@@ -20,7 +20,9 @@ import pytest
 pytestmark = [pytest.mark.root, pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")]
 
 
-def cli(bin_: str, *args: str, config: Path | None = None, check: bool = True, timeout: float = 90.0) -> subprocess.CompletedProcess:
+def cli(
+    bin_: str, *args: str, config: Path | None = None, check: bool = True, timeout: float = 90.0
+) -> subprocess.CompletedProcess:
     argv = [bin_, *args]
     env = dict(os.environ)
     if config is not None:
@@ -83,8 +85,22 @@ def restart_node(node_dir: Path, address: str) -> None:
     """Start a dev cluster node again, as `cloudless dev up` does (it reads node.pid)."""
     with open(node_dir / "node.out", "ab") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cloudless", "node", "--data-dir", str(node_dir), "--listen", address, "--voter-stabilization", "2"],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True,
+            [
+                sys.executable,
+                "-m",
+                "cloudless",
+                "node",
+                "--data-dir",
+                str(node_dir),
+                "--listen",
+                address,
+                "--voter-stabilization",
+                "2",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            start_new_session=True,
         )
     (node_dir / "node.pid").write_text(f"{proc.pid}\n")
 
@@ -99,16 +115,43 @@ def cluster(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("workloads")
     directory = tmp_path / "cluster"
     base = 20000 + random.Random().randrange(0, 20000)
-    up = cli(cloudless_bin, "dev", "up", "--nodes", "3", "--dir", str(directory), "--base-port", str(base), "--json", timeout=120)
+    up = cli(
+        cloudless_bin,
+        "dev",
+        "up",
+        "--nodes",
+        "3",
+        "--dir",
+        str(directory),
+        "--base-port",
+        str(base),
+        "--json",
+        timeout=120,
+    )
     info = json.loads(up.stdout)
     config = Path(info["config"])
     image = tmp_path / "image"
     subprocess.run(
-        [sys.executable, "-c", f"from pathlib import Path; from cloudless.testing.oci_build import build_busybox_image; build_busybox_image(Path({str(image)!r}), 'layout')"],
-        check=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            f"from pathlib import Path; from cloudless.sandbox.imagebuild import build_busybox_image; build_busybox_image(Path({str(image)!r}), 'layout')",
+        ],
+        check=True,
+        timeout=60,
     )
     for node in info["nodes"]:
-        cli(cloudless_bin, "image", "import", str(image / "layout"), "--name", "busybox:latest", "--data-dir", node["dir"], "--json")
+        cli(
+            cloudless_bin,
+            "image",
+            "import",
+            str(image / "layout"),
+            "--name",
+            "busybox:latest",
+            "--data-dir",
+            node["dir"],
+            "--json",
+        )
     try:
         yield config, info
     finally:
@@ -127,8 +170,20 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     config, info = cluster
     pids = {n["name"]: n["pid"] for n in info["nodes"]}
     run = cli_json(
-        cloudless_bin, "run", "busybox:latest", "--name", "hello", "--replicas", "3", "--memory", "32Mi",
-        "--", "sh", "-c", "while true; do echo hello from $HOSTNAME; sleep 1; done", config=config,
+        cloudless_bin,
+        "run",
+        "busybox:latest",
+        "--name",
+        "hello",
+        "--replicas",
+        "3",
+        "--memory",
+        "32Mi",
+        "--",
+        "sh",
+        "-c",
+        "while true; do echo hello from $HOSTNAME; sleep 1; done",
+        config=config,
     )
     assert run["name"] == "hello" and run["version"] == 1
 
@@ -139,17 +194,27 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     assert ps == [{"name": "hello", "image": "busybox:latest", "desired": 3, "running": 3, "state": "running"}]
 
     # Logs come through the cluster from every replica's node; exec runs inside one.
-    logs = wait_until("log lines", lambda: [l for l in cli_json(cloudless_bin, "logs", "hello", "--tail", "1", config=config) if l["text"]])
+    logs = wait_until(
+        "log lines",
+        lambda: [l for l in cli_json(cloudless_bin, "logs", "hello", "--tail", "1", config=config) if l["text"]],
+    )
     assert {l["replica"] for l in logs} == {0, 1, 2}
     assert all(l["text"].startswith("hello from hello-") for l in logs)
-    ex = cli_json(cloudless_bin, "exec", "hello", "--replica", "1", "--", "sh", "-c", "echo $CLOUDLESS_REPLICA", config=config)
+    ex = cli_json(
+        cloudless_bin, "exec", "hello", "--replica", "1", "--", "sh", "-c", "echo $CLOUDLESS_REPLICA", config=config
+    )
     assert ex["exit_code"] == 0 and ex["stdout"].strip() == "1"
 
     cli(cloudless_bin, "scale", "hello", "1", config=config)
     doc = wait_until(
         "one replica left",
-        inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 1 and all(
-            a["state"] == "exited" for a in d["allocations"] if a["desired"] == "stop")),
+        inspect_when(
+            cloudless_bin,
+            config,
+            lambda d: (
+                len(live(d)) == 1 and all(a["state"] == "exited" for a in d["allocations"] if a["desired"] == "stop")
+            ),
+        ),
         timeout=45,
     )
     status = cli_json(cloudless_bin, "status", config=config)
@@ -208,8 +273,12 @@ def test_update_failing_its_health_check_reverts_to_the_stable_version(cluster, 
     assert cli_json(cloudless_bin, "apply", "-f", str(good), config=config)["version"] == 1
     wait_until(
         "version 1 healthy and stable",
-        inspect_when(cloudless_bin, config, lambda d: d["stable_version"] == 1 and all(
-            a["health"] == "healthy" for a in live(d)), name="canary"),
+        inspect_when(
+            cloudless_bin,
+            config,
+            lambda d: d["stable_version"] == 1 and all(a["health"] == "healthy" for a in live(d)),
+            name="canary",
+        ),
         timeout=60,
     )
     first = {a["id"] for a in live(cli_json(cloudless_bin, "inspect", "canary", config=config))}
@@ -219,8 +288,17 @@ def test_update_failing_its_health_check_reverts_to_the_stable_version(cluster, 
     assert cli_json(cloudless_bin, "apply", "-f", str(bad), config=config)["version"] == 2
     doc = wait_until(
         "the failed version reverted",
-        inspect_when(cloudless_bin, config, lambda d: d["failed_versions"] == [2] and d["spec"]["version"] == 3
-                     and len(live(d)) == 2 and all(a["version"] != 2 for a in live(d)), name="canary"),
+        inspect_when(
+            cloudless_bin,
+            config,
+            lambda d: (
+                d["failed_versions"] == [2]
+                and d["spec"]["version"] == 3
+                and len(live(d)) == 2
+                and all(a["version"] != 2 for a in live(d))
+            ),
+            name="canary",
+        ),
         timeout=90,
     )
     assert "touch" not in " ".join(doc["spec"]["command"])  # the stable spec is back
@@ -229,8 +307,12 @@ def test_update_failing_its_health_check_reverts_to_the_stable_version(cluster, 
     assert any(e["kind"] == "workload.rollout_failed" and "canary version 2" in e["message"] for e in events)
     wait_until(
         "the failed replica stopped",
-        inspect_when(cloudless_bin, config, lambda d: all(
-            a["state"] in ("exited", "failed") for a in d["allocations"] if a["version"] == 2), name="canary"),
+        inspect_when(
+            cloudless_bin,
+            config,
+            lambda d: all(a["state"] in ("exited", "failed") for a in d["allocations"] if a["version"] == 2),
+            name="canary",
+        ),
         timeout=45,
     )
     cli(cloudless_bin, "stop", "canary", config=config)
@@ -239,7 +321,9 @@ def test_update_failing_its_health_check_reverts_to_the_stable_version(cluster, 
 def running_containers(node_dir: Path) -> set[str]:
     out = subprocess.run(
         ["runc", "--root", str(node_dir / "agent" / "sandbox" / "runc"), "list", "--format", "json"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return {c["id"] for c in json.loads(out.stdout or "null") or [] if c["status"] == "running"}
 
@@ -247,9 +331,25 @@ def running_containers(node_dir: Path) -> set[str]:
 def test_node_rebooted_with_no_coordinator_restarts_its_replicas_then_the_cluster_reconciles(cluster, cloudless_bin):
     config, info = cluster
     dirs = {n["name"]: Path(n["dir"]) for n in info["nodes"]}
-    cli(cloudless_bin, "run", "busybox:latest", "--name", "island", "--replicas", "3", "--memory", "16Mi",
-        "--", "sh", "-c", "while true; do sleep 1; done", config=config)
-    doc = wait_until("3 running replicas", inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 3, name="island"))
+    cli(
+        cloudless_bin,
+        "run",
+        "busybox:latest",
+        "--name",
+        "island",
+        "--replicas",
+        "3",
+        "--memory",
+        "16Mi",
+        "--",
+        "sh",
+        "-c",
+        "while true; do sleep 1; done",
+        config=config,
+    )
+    doc = wait_until(
+        "3 running replicas", inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 3, name="island")
+    )
     node = live(doc)[0]["node"]
     mine = {a["id"] for a in live(doc) if a["node"] == node}
 
@@ -257,7 +357,9 @@ def test_node_rebooted_with_no_coordinator_restarts_its_replicas_then_the_cluste
     for name, d in dirs.items():
         os.kill(int((d / "node.pid").read_text()), signal.SIGKILL)
     for cid in mine:
-        subprocess.run(["runc", "--root", str(dirs[node] / "agent" / "sandbox" / "runc"), "kill", cid, "KILL"], timeout=30)
+        subprocess.run(
+            ["runc", "--root", str(dirs[node] / "agent" / "sandbox" / "runc"), "kill", cid, "KILL"], timeout=30
+        )
     wait_until("the rebooted node's containers dead", lambda: not (running_containers(dirs[node]) & mine), timeout=30)
 
     # It comes back alone: no coordinator anywhere, yet its agent restarts its replicas from local state.
@@ -268,7 +370,11 @@ def test_node_rebooted_with_no_coordinator_restarts_its_replicas_then_the_cluste
     for n in info["nodes"]:
         if n["name"] != node:
             restart_node(dirs[n["name"]], n["address"])
-    doc = wait_until("the cluster reconciled", inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 3, name="island"), timeout=90)
+    doc = wait_until(
+        "the cluster reconciled",
+        inspect_when(cloudless_bin, config, lambda d: len(live(d)) == 3, name="island"),
+        timeout=90,
+    )
     time.sleep(3)  # let any duplicate the controller might start show up
     everywhere = [cid for d in dirs.values() for cid in running_containers(d) if cid.startswith("island-")]
     assert len(everywhere) == 3, everywhere

@@ -25,7 +25,7 @@ import trio
 from cloudless.api.workloads import InspectReply, RunWorkload, WorkloadRef, WorkloadReply
 from cloudless.errors import CloudlessError
 from cloudless.state.workload import from_flags
-from cloudless.testing.chaos import ChaosCluster
+from tests.harness.chaos import ChaosCluster
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")]
 
@@ -48,7 +48,9 @@ def _node_cluster():
 def running_containers(data_dir: Path) -> set[str]:
     out = subprocess.run(
         ["runc", "--root", str(data_dir / "agent" / "sandbox" / "runc"), "list", "--format", "json"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     return {c["id"] for c in json.loads(out.stdout or "null") or [] if c["status"] == "running"}
 
@@ -76,7 +78,11 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
     nc_module = _node_cluster()
     image = tmp_path / "image"
     await trio.run_process(
-        [sys.executable, "-c", f"from pathlib import Path; from cloudless.testing.oci_build import build_busybox_image; build_busybox_image(Path({str(image)!r}), 'layout')"]
+        [
+            sys.executable,
+            "-c",
+            f"from pathlib import Path; from cloudless.sandbox.imagebuild import build_busybox_image; build_busybox_image(Path({str(image)!r}), 'layout')",
+        ]
     )
     # `ip netns exec` also gives the process a mount namespace whose /sys has no
     # cgroup mounts, which runc needs: go back to this process's mount
@@ -89,16 +95,36 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
         data = {i: cluster.process(i).data_dir for i in range(3)}
         for i in range(3):
             await trio.run_process(
-                [sys.executable, "-m", "cloudless", "image", "import", str(image / "layout"), "--name", "busybox:latest",
-                 "--data-dir", str(data[i]), "--json"],
+                [
+                    sys.executable,
+                    "-m",
+                    "cloudless",
+                    "image",
+                    "import",
+                    str(image / "layout"),
+                    "--name",
+                    "busybox:latest",
+                    "--data-dir",
+                    str(data[i]),
+                    "--json",
+                ],
                 capture_stdout=True,
             )
         client = nodes.client(0, timeout=5.0)
         clients = [client]
         try:
-            workload = from_flags("busybox:latest", name="island", replicas=REPLICAS, memory="16Mi",
-                                  command=("sh", "-c", "while true; do sleep 1; done"))
-            await client.call("workloads.run", RunWorkload(workload, True, client.client_id, client.next_seq()), response=WorkloadReply)
+            workload = from_flags(
+                "busybox:latest",
+                name="island",
+                replicas=REPLICAS,
+                memory="16Mi",
+                command=("sh", "-c", "while true; do sleep 1; done"),
+            )
+            await client.call(
+                "workloads.run",
+                RunWorkload(workload, True, client.client_id, client.next_seq()),
+                response=WorkloadReply,
+            )
 
             async def inspect() -> InspectReply:
                 # Through any host that answers (the isolated one cannot reach the leader).
@@ -134,7 +160,10 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
 
             # Rebooted while isolated: node process and containers gone, then the node starts alone.
             await cluster.kill9(victim)
-            subprocess.run(["runc", "--root", str(data[victim] / "agent" / "sandbox" / "runc"), "kill", victim_alloc.id, "KILL"], timeout=30)
+            subprocess.run(
+                ["runc", "--root", str(data[victim] / "agent" / "sandbox" / "runc"), "kill", victim_alloc.id, "KILL"],
+                timeout=30,
+            )
 
             async def dead():
                 return victim_alloc.id not in running_containers(data[victim])

@@ -66,15 +66,24 @@ def test_a_seed_replays_exactly():
 
 def test_the_simulator_exercises_every_fault_and_feature():
     total = None
-    for seed in range(0, 20):
+    for seed in range(20):
         stats = run_seed(seed, SimConfig(nodes=_nodes(seed), check_linearizability=False)).stats
         if total is None:
             total = stats
             continue
         for name, value in vars(stats).items():
             setattr(total, name, getattr(total, name) + value)
-    for name in ("crashes", "lost_writes", "partitions", "transfers", "conf_changes",
-                 "snapshots_installed", "snapshots_taken", "ops_completed", "elections"):
+    for name in (
+        "crashes",
+        "lost_writes",
+        "partitions",
+        "transfers",
+        "conf_changes",
+        "snapshots_installed",
+        "snapshots_taken",
+        "ops_completed",
+        "elections",
+    ):
         assert getattr(total, name) > 0, name
 
 
@@ -82,7 +91,7 @@ def test_the_checks_catch_a_broken_election_restriction(monkeypatch):
     # Mutation check: with §5.4.1 disabled, committed entries get lost and
     # the simulator must notice within a few seeds.
     monkeypatch.setattr(raft_log.RaftLog, "is_up_to_date", lambda self, index, term: True)
-    failures, _ = _run(range(0, 30))
+    failures, _ = _run(range(30))
     assert failures
     assert any("seed" in f for f in failures)
 

@@ -16,8 +16,8 @@ import secrets
 import time
 import zlib
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import quote, unquote
 
 import trio
@@ -39,10 +39,33 @@ _DRAIN_SECONDS = 10.0
 MAX_METADATA_BYTES = 2048
 _BODY_BLOCK = 4 << 20
 _SUBRESOURCES_NOT_IMPLEMENTED = {
-    "acl", "policy", "cors", "lifecycle", "tagging", "versioning", "website", "logging", "notification",
-    "replication", "encryption", "object-lock", "retention", "legal-hold", "torrent", "restore", "select",
-    "versions", "accelerate", "analytics", "inventory", "metrics", "ownershipControls", "publicAccessBlock",
-    "requestPayment", "intelligent-tiering", "attributes",
+    "acl",
+    "policy",
+    "cors",
+    "lifecycle",
+    "tagging",
+    "versioning",
+    "website",
+    "logging",
+    "notification",
+    "replication",
+    "encryption",
+    "object-lock",
+    "retention",
+    "legal-hold",
+    "torrent",
+    "restore",
+    "select",
+    "versions",
+    "accelerate",
+    "analytics",
+    "inventory",
+    "metrics",
+    "ownershipControls",
+    "publicAccessBlock",
+    "requestPayment",
+    "intelligent-tiering",
+    "attributes",
 }
 
 
@@ -444,8 +467,11 @@ class S3Gateway:
             if m == "GET":
                 if "location" in p:
                     await self.service.head_bucket(request.bucket)
-                    return Response(200, [("content-type", "application/xml")],
-                                    document("LocationConstraint", [] if self.region == "us-east-1" else [self.region]))
+                    return Response(
+                        200,
+                        [("content-type", "application/xml")],
+                        document("LocationConstraint", [] if self.region == "us-east-1" else [self.region]),
+                    )
                 if "uploads" in p:
                     return await self.list_uploads(request)
                 if p.get("list-type") == "2":
@@ -563,7 +589,11 @@ class S3Gateway:
         parts.append(el("IsTruncated", page.truncated))
         fetch_owner = not v2 or p.get("fetch-owner") == "true"
         for o in page.objects:
-            owner = ("<Owner>" + el("ID", request.owner) + el("DisplayName", request.owner) + "</Owner>") if fetch_owner else ""
+            owner = (
+                ("<Owner>" + el("ID", request.owner) + el("DisplayName", request.owner) + "</Owner>")
+                if fetch_owner
+                else ""
+            )
             parts.append(
                 "<Contents>"
                 + el("Key", enc(o.key))
@@ -623,7 +653,9 @@ class S3Gateway:
         src_bucket, _, src_key = source.partition("/")
         src_key = src_key.split("?versionId=")[0]
         if not src_bucket or not src_key:
-            raise S3Error("InvalidArgument", "Copy Source must mention the source bucket and key: sourcebucket/sourcekey")
+            raise S3Error(
+                "InvalidArgument", "Copy Source must mention the source bucket and key: sourcebucket/sourcekey"
+            )
         await self.service.head_bucket(request.bucket)
         src = await self.service.head_object(src_bucket, src_key)
         self._check_conditions(request, src, prefix="x-amz-copy-source-")
@@ -639,12 +671,21 @@ class S3Gateway:
         meta = src.metadata if directive == "COPY" else _user_metadata(request.headers)
         ctype = src.content_type if directive == "COPY" else request.headers.get("content-type", src.content_type)
         new = ObjectManifest(
-            bucket=request.bucket, key=request.key, size=src.size, etag=src.etag, content_type=ctype,
-            metadata=dict(meta), chunks=list(src.chunks), version=0, created=self.service.clock(),
+            bucket=request.bucket,
+            key=request.key,
+            size=src.size,
+            etag=src.etag,
+            content_type=ctype,
+            metadata=dict(meta),
+            chunks=list(src.chunks),
+            version=0,
+            created=self.service.clock(),
             part_count=src.part_count,
         )
         stored = await self.service.metadata.put_manifest(new)
-        body = document("CopyObjectResult", [el("LastModified", iso8601(stored.created)), el("ETag", _etag(stored.etag))])
+        body = document(
+            "CopyObjectResult", [el("LastModified", iso8601(stored.created)), el("ETag", _etag(stored.etag))]
+        )
         return _xml(body)
 
     def _check_conditions(self, request: Request, m: ObjectManifest, prefix: str = "") -> None:
@@ -728,7 +769,9 @@ class S3Gateway:
                     parts.append("<Deleted>" + el("Key", key) + "</Deleted>")
             except CloudlessError as exc:
                 err = from_blob_error(exc)
-                parts.append("<Error>" + el("Key", key) + el("Code", err.code) + el("Message", err.message) + "</Error>")
+                parts.append(
+                    "<Error>" + el("Key", key) + el("Code", err.code) + el("Message", err.message) + "</Error>"
+                )
         return _xml(document("DeleteResult", parts))
 
     # multipart -----------------------------------------------------------------
@@ -837,7 +880,9 @@ class S3Gateway:
             u
             for u in await self.service.list_uploads(request.bucket)
             if u.key.startswith(prefix)
-            and (not key_marker or (u.key, u.upload_id if id_marker else "\uffff") > (key_marker, id_marker or "\uffff"))
+            and (
+                not key_marker or (u.key, u.upload_id if id_marker else "\uffff") > (key_marker, id_marker or "\uffff")
+            )
         ]
         shown, truncated = uploads[:max_uploads], len(uploads) > max_uploads
         out = [
@@ -854,8 +899,14 @@ class S3Gateway:
             "<Upload>"
             + el("Key", u.key)
             + el("UploadId", u.upload_id)
-            + "<Initiator>" + el("ID", request.owner) + el("DisplayName", request.owner) + "</Initiator>"
-            + "<Owner>" + el("ID", request.owner) + el("DisplayName", request.owner) + "</Owner>"
+            + "<Initiator>"
+            + el("ID", request.owner)
+            + el("DisplayName", request.owner)
+            + "</Initiator>"
+            + "<Owner>"
+            + el("ID", request.owner)
+            + el("DisplayName", request.owner)
+            + "</Owner>"
             + el("StorageClass", "STANDARD")
             + el("Initiated", iso8601(u.initiated))
             + "</Upload>"
@@ -899,7 +950,9 @@ class _Checksums:
         self._crc32 = 0
         self._sha1 = hashlib.sha1()
         self._sha256 = hashlib.sha256()
-        self.expected = {k: v for k, v in headers.items() if k.startswith("x-amz-checksum-") and k != "x-amz-checksum-mode"}
+        self.expected = {
+            k: v for k, v in headers.items() if k.startswith("x-amz-checksum-") and k != "x-amz-checksum-mode"
+        }
         trailer = headers.get("x-amz-trailer", "")
         self._wanted = set(self.expected) | {t.strip().lower() for t in trailer.split(",") if t.strip()}
 

@@ -13,7 +13,10 @@ CODES: dict[str, tuple[int, str]] = {
     "AuthorizationQueryParametersError": (400, "Error parsing the X-Amz-Credential parameter."),
     "BadDigest": (400, "The Content-MD5 you specified did not match what we received."),
     "BucketAlreadyExists": (409, "The requested bucket name is not available."),
-    "BucketAlreadyOwnedByYou": (409, "Your previous request to create the named bucket succeeded and you already own it."),
+    "BucketAlreadyOwnedByYou": (
+        409,
+        "Your previous request to create the named bucket succeeded and you already own it.",
+    ),
     "BucketNotEmpty": (409, "The bucket you tried to delete is not empty"),
     "EntityTooLarge": (400, "Your proposed upload exceeds the maximum allowed size"),
     "EntityTooSmall": (400, "Your proposed upload is smaller than the minimum allowed object size."),

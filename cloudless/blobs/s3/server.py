@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-from datetime import datetime, timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Sequence
 
 import trio
 from cryptography import x509
@@ -51,7 +51,9 @@ def issue_gateway_certificate(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca.private_key, hashes.SHA256())
     )
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
@@ -85,13 +87,12 @@ async def serve_gateway(
 def gateway_tls_files(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     """(cert, key, CA cert) for a stand-alone gateway: a local CA made once in `directory`,
     and a server certificate for `hosts` re-issued on each start."""
-    from datetime import timezone
 
     from cloudless.durable import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     if ca_cert.exists() and ca_key.exists():
         ca = ClusterCA.from_pem(ca_cert.read_bytes(), ca_key.read_bytes())
     else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from urllib.parse import unquote
 
 from cloudless.blobs.s3.errors import S3Error
@@ -80,8 +80,10 @@ def verify(
         try:
             expires = int(date)
         except ValueError:
-            raise S3Error("AccessDenied", "Query-string authentication requires the Signature, Expires and "
-                          "AWSAccessKeyId parameters") from None
+            raise S3Error(
+                "AccessDenied",
+                "Query-string authentication requires the Signature, Expires and AWSAccessKeyId parameters",
+            ) from None
         if now > expires:
             raise S3Error("AccessDenied", "Request has expired")
     query_wo_sig = [(k, v) for k, v in query if k not in ("Signature", "AWSAccessKeyId", "Expires")]

@@ -14,9 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from urllib.parse import quote, unquote
 
 from cloudless.blobs.s3.errors import S3Error
@@ -127,7 +127,9 @@ def parse_authorization(value: str) -> AuthHeader:
         raise S3Error("AuthorizationHeaderMalformed", f"The authorization header is missing {exc.args[0]}") from None
     match = _CREDENTIAL.fullmatch(credential)
     if not match:
-        raise S3Error("AuthorizationHeaderMalformed", f"The authorization header is malformed; credential {credential!r}")
+        raise S3Error(
+            "AuthorizationHeaderMalformed", f"The authorization header is malformed; credential {credential!r}"
+        )
     access_key, date, region, service = match.groups()
     return AuthHeader(access_key, date, region, service, signed.split(";"), signature)
 
@@ -145,7 +147,7 @@ def access_key_of(headers: Mapping[str, str], query: Sequence[tuple[str, str]]) 
 
 def parse_amz_date(value: str) -> float:
     try:
-        return datetime.strptime(value, _AMZ_DATE).replace(tzinfo=timezone.utc).timestamp()
+        return datetime.strptime(value, _AMZ_DATE).replace(tzinfo=UTC).timestamp()
     except (ValueError, TypeError):
         raise S3Error("AccessDenied", f"X-Amz-Date {str(value)[:40]!r} is not in ISO 8601 basic format") from None
 
@@ -183,7 +185,9 @@ def verify(
         if not payload_hash:
             raise S3Error("InvalidRequest", "Missing required header for this request: x-amz-content-sha256")
         if not (_is_hex_sha256(payload_hash) or payload_hash in _PAYLOAD_MODES):
-            raise S3Error("InvalidArgument", "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, a streaming mode or a SHA-256")
+            raise S3Error(
+                "InvalidArgument", "x-amz-content-sha256 must be UNSIGNED-PAYLOAD, a streaming mode or a SHA-256"
+            )
         _check_signed_headers(auth.signed_headers)
         presigned = False
         exclude = None
@@ -246,8 +250,13 @@ def chunk_signature(request: SignedRequest, previous: str, chunk_sha256: str) ->
 
 def trailer_signature(request: SignedRequest, previous: str, trailer_text: str) -> str:
     text = "\n".join(
-        ["AWS4-HMAC-SHA256-TRAILER", request.amz_date, request.scope, previous,
-         hashlib.sha256(trailer_text.encode()).hexdigest()]
+        [
+            "AWS4-HMAC-SHA256-TRAILER",
+            request.amz_date,
+            request.scope,
+            previous,
+            hashlib.sha256(trailer_text.encode()).hexdigest(),
+        ]
     )
     return sign(request.signing_key, text)
 
@@ -265,15 +274,23 @@ def _is_hex_sha256(value: str) -> bool:
 
 
 def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def presign_url(
-    *, method: str, host: str, path: str, access_key: str, secret: str, now: float,
-    expires: int = 3600, region: str = "us-east-1", scheme: str = "https",
+    *,
+    method: str,
+    host: str,
+    path: str,
+    access_key: str,
+    secret: str,
+    now: float,
+    expires: int = 3600,
+    region: str = "us-east-1",
+    scheme: str = "https",
 ) -> str:
     """A presigned URL (for tests and `cloudless blob` share links)."""
-    amz_date = datetime.fromtimestamp(now, timezone.utc).strftime(_AMZ_DATE)
+    amz_date = datetime.fromtimestamp(now, UTC).strftime(_AMZ_DATE)
     date = amz_date[:8]
     scope = f"{date}/{region}/s3/aws4_request"
     query = [
@@ -286,4 +303,3 @@ def presign_url(
     canonical = canonical_request(method, path, query, {"host": host}, ["host"], UNSIGNED_PAYLOAD)
     signature = sign(signing_key(secret, date, region, "s3"), string_to_sign(amz_date, scope, canonical))
     return f"{scheme}://{host}{canonical_uri(path)}?{canonical_query(query)}&X-Amz-Signature={signature}"
-

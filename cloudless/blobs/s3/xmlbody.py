@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from datetime import datetime, timezone
-from typing import Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from xml.sax.saxutils import escape
 
 from cloudless.blobs.s3.errors import S3Error
@@ -15,7 +15,7 @@ MAX_XML_BODY = 2 << 20
 
 
 def iso8601(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + "000Z"
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + "000Z"
 
 
 def el(name: str, value: object) -> str:

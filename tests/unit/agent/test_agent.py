@@ -32,7 +32,9 @@ SPEC = validate(WorkloadSpec(name="web", image="busybox:latest", command=("sleep
 
 def assigned(*ids: str, desired: str = "run", spec: WorkloadSpec = SPEC) -> tuple[AssignedAllocation, ...]:
     return tuple(
-        AssignedAllocation(Allocation(id=i, workload=spec.name, version=spec.version, node=NODE, replica=n), desired, spec)
+        AssignedAllocation(
+            Allocation(id=i, workload=spec.name, version=spec.version, node=NODE, replica=n), desired, spec
+        )
         for n, i in enumerate(ids)
     )
 
@@ -43,8 +45,14 @@ async def inline(fn, *args):
 
 def agent_for(runtime: MemoryRuntime, source: MemorySource, tmp_path) -> Agent:
     return Agent(
-        NODE, runtime, source, LocalAllocations(tmp_path / "agent"), MemoryRootfs(), rng=random.Random(1),
-        stop_grace=1.0, in_thread=inline,
+        NODE,
+        runtime,
+        source,
+        LocalAllocations(tmp_path / "agent"),
+        MemoryRootfs(),
+        rng=random.Random(1),
+        stop_grace=1.0,
+        in_thread=inline,
     )
 
 
@@ -91,7 +99,9 @@ async def test_unassigned_or_stopped_allocations_are_removed_and_reported_exited
 
 async def test_failing_container_is_reported_failed_once_the_restart_policy_gives_up(clock, tmp_path):
     runtime, source = MemoryRuntime(), MemorySource()
-    spec = validate(WorkloadSpec(name="job", image="busybox:latest", restart=RestartPolicy(mode="on-failure", max_retries=2)))
+    spec = validate(
+        WorkloadSpec(name="job", image="busybox:latest", restart=RestartPolicy(mode="on-failure", max_retries=2))
+    )
     runtime.script("job-0-aa", *(ScriptedRun(after=1.0, exit_code=3) for _ in range(5)))
     source.publish(NodeAllocations(NODE, 5, assigned("job-0-aa", spec=spec)))
     async with trio.open_nursery() as nursery:

@@ -8,7 +8,15 @@ import pytest
 
 from cloudless.api.workloads import node_allocations, pick_allocations, workload_state
 from cloudless.errors import NotFound
-from cloudless.state.commands import AllocationReport, CommitPlan, Proposal, ReportAllocations, StopWorkload, SubmitWorkload, encode_proposal
+from cloudless.state.commands import (
+    AllocationReport,
+    CommitPlan,
+    Proposal,
+    ReportAllocations,
+    StopWorkload,
+    SubmitWorkload,
+    encode_proposal,
+)
 from cloudless.state.fsm import StateMachine
 from cloudless.state.workload import Allocation, WorkloadSpec, validate
 
@@ -29,8 +37,18 @@ def alloc(replica: int, node: str, suffix: str = "00000000", version: int = 1) -
 def test_ps_state_follows_the_replicas():
     fsm = machine(SubmitWorkload(SPEC), CommitPlan(create=(alloc(0, "a"), alloc(1, "b"))))
     assert workload_state(fsm.workloads["web"], fsm.allocations_of_workload("web")) == ("pending", 0)
-    fsm.apply(10, encode_proposal(Proposal(command=ReportAllocations("a", (AllocationReport("web-0-00000000", "running"),)), now=10.0)))
-    fsm.apply(11, encode_proposal(Proposal(command=ReportAllocations("b", (AllocationReport("web-1-00000000", "running"),)), now=11.0)))
+    fsm.apply(
+        10,
+        encode_proposal(
+            Proposal(command=ReportAllocations("a", (AllocationReport("web-0-00000000", "running"),)), now=10.0)
+        ),
+    )
+    fsm.apply(
+        11,
+        encode_proposal(
+            Proposal(command=ReportAllocations("b", (AllocationReport("web-1-00000000", "running"),)), now=11.0)
+        ),
+    )
     assert workload_state(fsm.workloads["web"], fsm.allocations_of_workload("web")) == ("running", 2)
     fsm.apply(12, encode_proposal(Proposal(command=StopWorkload("web"), now=12.0)))
     assert workload_state(fsm.workloads["web"], fsm.allocations_of_workload("web"))[0] == "stopped"

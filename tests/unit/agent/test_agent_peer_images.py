@@ -12,11 +12,11 @@ from cloudless.agent.containers import ImageRootfs, ImageUnavailable
 from cloudless.agent.images_from_peers import IMAGES_BUCKET, ImageNotPublished, PeerImages
 from cloudless.blobs.chunkstore import MemoryChunkStore
 from cloudless.blobs.manifest import LocalMetadataStore
-from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.blobs.objects import ObjectService
+from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.errors import CloudlessError
+from cloudless.sandbox.imagebuild import build_busybox_image
 from cloudless.sandbox.images import ImageNotFound, ImageStore
-from cloudless.testing.oci_build import build_busybox_image
 
 BUSYBOX = "docker.io/library/busybox:latest"
 

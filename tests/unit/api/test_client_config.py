@@ -37,7 +37,10 @@ def test_missing_file_is_not_found_with_a_hint(tmp_path):
     [
         ("- a\n- b\n", "mapping"),
         ("contexts: [{name: x}]\n", "missing field"),
-        ("contexts: [{name: x, cluster-id: c, endpoints: ['nohost'], ca: a, certificate: b, key: c}]\n", "invalid endpoint"),
+        (
+            "contexts: [{name: x, cluster-id: c, endpoints: ['nohost'], ca: a, certificate: b, key: c}]\n",
+            "invalid endpoint",
+        ),
         ("version: 9\n", "unsupported"),
         ("a: [\n", "YAML"),
     ],

@@ -25,8 +25,8 @@ from cloudless.blobs.catalog import (
 )
 from cloudless.blobs.chunking import ChunkRef
 from cloudless.blobs.errors import PreconditionFailed
-from cloudless.errors import CloudlessError
 from cloudless.blobs.manifest import Bucket, MultipartUpload, ObjectManifest, UploadPart
+from cloudless.errors import CloudlessError
 
 
 def manifest(key: str, n: int = 0) -> ObjectManifest:
@@ -50,8 +50,13 @@ def random_commands(seed: int, n: int = 200) -> list:
             uploads.append(f"u{i}")
             cmds.append(CreateUpload(MultipartUpload(f"u{i}", "bkt", key, float(i))))
         elif uploads and kind == "part":
-            cmds.append(PutPart(UploadPart(rng.choice(uploads), rng.randrange(1, 4), 1, "e",
-                                           [ChunkRef(f"{i:064x}", 1, 0)], float(i))))
+            cmds.append(
+                PutPart(
+                    UploadPart(
+                        rng.choice(uploads), rng.randrange(1, 4), 1, "e", [ChunkRef(f"{i:064x}", 1, 0)], float(i)
+                    )
+                )
+            )
         elif uploads and kind == "complete":
             cmds.append(CompleteUpload(rng.choice(uploads), manifest(key, i)))
         elif uploads:

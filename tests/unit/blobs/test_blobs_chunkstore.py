@@ -60,7 +60,7 @@ def test_summary_tracks_puts_and_deletes(store):
 def test_compression_only_when_it_clearly_helps():
     assert encode_chunk(b"a" * 100_000)[0] == CODEC_ZSTD
     assert encode_chunk(os.urandom(100_000))[0] == CODEC_RAW
-    assert encode_chunk(os.urandom(200) )[0] == CODEC_RAW
+    assert encode_chunk(os.urandom(200))[0] == CODEC_RAW
 
 
 def test_on_disk_layout_is_fanned_out_with_codec_header(tmp_path):
@@ -175,7 +175,9 @@ def test_delete_older_than_spares_a_chunk_touched_meanwhile(kind, tmp_path):
     """GC decides on age, then deletes only if the chunk is still that old: a write that
     dedups against it in between (touch) wins."""
     now = [100.0]
-    store = LocalChunkStore(tmp_path, clock=lambda: now[0]) if kind == "local" else MemoryChunkStore(clock=lambda: now[0])
+    store = (
+        LocalChunkStore(tmp_path, clock=lambda: now[0]) if kind == "local" else MemoryChunkStore(clock=lambda: now[0])
+    )
     data = os.urandom(1000)
     d = ChunkDigest.of(data)
     store.put(d, data)

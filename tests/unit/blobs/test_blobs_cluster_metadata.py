@@ -72,7 +72,9 @@ def test_snapshot_carries_the_catalog_and_images_without_it_still_load():
     body = zstandard.ZstdCompressor().compress(old)
     import zlib
 
-    header = fsm_module.SNAPSHOT_MAGIC + fsm_module.SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
+    header = (
+        fsm_module.SNAPSHOT_MAGIC + fsm_module.SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
+    )
     legacy = StateMachine()
     legacy.restore(header + body)
     assert legacy.applied_index == 3 and legacy.catalog.list_buckets() == []
@@ -80,8 +82,13 @@ def test_snapshot_carries_the_catalog_and_images_without_it_still_load():
 
 @pytest.mark.parametrize(
     "code, kind",
-    [("no_such_bucket", NoSuchBucket), ("no_such_key", NoSuchKey), ("bucket_not_empty", BucketNotEmpty),
-     ("precondition_failed", PreconditionFailed), ("bucket_exists", BucketAlreadyExists)],
+    [
+        ("no_such_bucket", NoSuchBucket),
+        ("no_such_key", NoSuchKey),
+        ("bucket_not_empty", BucketNotEmpty),
+        ("precondition_failed", PreconditionFailed),
+        ("bucket_exists", BucketAlreadyExists),
+    ],
 )
 def test_rejections_map_back_to_blob_error_types(code, kind):
     error = blob_error(code, "msg")

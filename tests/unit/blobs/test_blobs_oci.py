@@ -10,8 +10,8 @@ import pytest
 from cloudless.blobs.chunkstore import MemoryChunkStore
 from cloudless.blobs.errors import BadDigest
 from cloudless.blobs.manifest import LocalMetadataStore
-from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.blobs.objects import ObjectService
+from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.errors import InvalidInput
 
 

@@ -53,9 +53,11 @@ class Cluster:
 
     def members(self) -> list[StorageMember]:
         return [
-            StorageMember(n, zone=self.zones[n], capacity_bytes=100 * GIB, free_bytes=100 * GIB,
-                          alive=n not in self.declared_dead)
-            for n in self.peers.stores if n not in self.departed
+            StorageMember(
+                n, zone=self.zones[n], capacity_bytes=100 * GIB, free_bytes=100 * GIB, alive=n not in self.declared_dead
+            )
+            for n in self.peers.stores
+            if n not in self.departed
         ]
 
     def replicas(self, digest: str) -> set[str]:

@@ -50,8 +50,9 @@ class RpcCluster:
             await self.nursery.start(server.serve, carrier)
 
     def members(self) -> list[StorageMember]:
-        return [StorageMember(n, capacity_bytes=100 * GIB, free_bytes=100 * GIB, alive=n not in self.dead)
-                for n in NODES]
+        return [
+            StorageMember(n, capacity_bytes=100 * GIB, free_bytes=100 * GIB, alive=n not in self.dead) for n in NODES
+        ]
 
     def holders(self, digest: str) -> set[str]:
         return {n for n in NODES if n not in self.dead and self.stores[n].has([digest])}

@@ -5,7 +5,7 @@ Authentication", "Transferring Payload in Multiple Chunks")."""
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -15,7 +15,7 @@ from cloudless.blobs.s3.errors import S3Error
 
 AK = "AKIAIOSFODNN7EXAMPLE"
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
-NOW = datetime(2013, 5, 24, 0, 0, 0, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2013, 5, 24, 0, 0, 0, tzinfo=UTC).timestamp()
 SCOPE = f"{AK}/20130524/us-east-1/s3/aws4_request"
 
 
@@ -34,8 +34,9 @@ def test_get_object_example():
             "f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41",
         ),
     }
-    signed = sigv4.verify(method="GET", raw_path="/test.txt", query=[], headers=headers,
-                          secret_for=lambda k: SECRET, now=NOW)
+    signed = sigv4.verify(
+        method="GET", raw_path="/test.txt", query=[], headers=headers, secret_for=lambda k: SECRET, now=NOW
+    )
     assert signed.access_key == AK and not signed.presigned
 
 
@@ -51,8 +52,9 @@ def test_put_object_example_with_encoded_path():
             "98ad721746da40c64f1a55b78f14c238d841ea1380cd77a1b5971af0ece108bd",
         ),
     }
-    sigv4.verify(method="PUT", raw_path="/test%24file.text", query=[], headers=headers,
-                 secret_for=lambda k: SECRET, now=NOW)
+    sigv4.verify(
+        method="PUT", raw_path="/test%24file.text", query=[], headers=headers, secret_for=lambda k: SECRET, now=NOW
+    )
     assert hashlib.sha256(b"Welcome to Amazon S3.").hexdigest() == headers["x-amz-content-sha256"]
 
 
@@ -66,12 +68,19 @@ def test_presigned_url_example_and_its_expiry():
         ("X-Amz-Signature", "aeeed9bbccd4d02ee5c0109b86d86835f995330da4c265957d157751f604d404"),
     ]
     headers = {"host": "examplebucket.s3.amazonaws.com"}
-    signed = sigv4.verify(method="GET", raw_path="/test.txt", query=query, headers=headers,
-                          secret_for=lambda k: SECRET, now=NOW + 3600)
+    signed = sigv4.verify(
+        method="GET", raw_path="/test.txt", query=query, headers=headers, secret_for=lambda k: SECRET, now=NOW + 3600
+    )
     assert signed.presigned
     with pytest.raises(S3Error) as e:
-        sigv4.verify(method="GET", raw_path="/test.txt", query=query, headers=headers,
-                     secret_for=lambda k: SECRET, now=NOW + 86401)
+        sigv4.verify(
+            method="GET",
+            raw_path="/test.txt",
+            query=query,
+            headers=headers,
+            secret_for=lambda k: SECRET,
+            now=NOW + 86401,
+        )
     assert e.value.code == "AccessDenied"
 
 
@@ -83,8 +92,9 @@ def test_request_outside_the_fifteen_minute_window_is_too_skewed():
         "authorization": auth("host;x-amz-content-sha256;x-amz-date", "0" * 64),
     }
     with pytest.raises(S3Error) as e:
-        sigv4.verify(method="GET", raw_path="/", query=[], headers=headers, secret_for=lambda k: SECRET,
-                     now=NOW + 16 * 60)
+        sigv4.verify(
+            method="GET", raw_path="/", query=[], headers=headers, secret_for=lambda k: SECRET, now=NOW + 16 * 60
+        )
     assert e.value.code == "RequestTimeTooSkewed" and e.value.status == 403
 
 
@@ -100,8 +110,9 @@ def test_a_changed_header_breaks_the_signature():
         ),
     }
     with pytest.raises(S3Error) as e:
-        sigv4.verify(method="GET", raw_path="/test.txt", query=[], headers=headers, secret_for=lambda k: SECRET,
-                     now=NOW)
+        sigv4.verify(
+            method="GET", raw_path="/test.txt", query=[], headers=headers, secret_for=lambda k: SECRET, now=NOW
+        )
     assert e.value.code == "SignatureDoesNotMatch"
 
 
@@ -131,13 +142,21 @@ def test_streaming_chunk_signatures_example():
             "4f232c4386841ef735655705268965c44a0e4690baa4adea153f7db9fa80a0a9",
         ),
     }
-    signed = sigv4.verify(method="PUT", raw_path="/examplebucket/chunkObject.txt", query=[], headers=headers,
-                          secret_for=lambda k: SECRET, now=NOW)
+    signed = sigv4.verify(
+        method="PUT",
+        raw_path="/examplebucket/chunkObject.txt",
+        query=[],
+        headers=headers,
+        secret_for=lambda k: SECRET,
+        now=NOW,
+    )
     body = (
         b"10000;chunk-signature=ad80c730a21e5b8d04586a2213dd63b9a0e99e0e2307b0ade35a65485a288648\r\n"
-        + b"a" * 65536 + b"\r\n"
+        + b"a" * 65536
+        + b"\r\n"
         + b"400;chunk-signature=0055627c9e194cb4542bae2aa5492e3c1575bbb81b612b7d234b86a503ef5497\r\n"
-        + b"a" * 1024 + b"\r\n"
+        + b"a" * 1024
+        + b"\r\n"
         + b"0;chunk-signature=b6c6ea8a5354eaf15b3cb7646744f4275b71ea724fed81ceb9323e279d449df9\r\n\r\n"
     )
     assert len(body) == 66824
@@ -180,13 +199,33 @@ def test_sigv2_header_example():
     from cloudless.blobs.s3 import sigv2
 
     date = "Tue, 27 Mar 2007 19:36:42 +0000"
-    headers = {"host": "johnsmith.s3.amazonaws.com", "date": date,
-               "authorization": f"AWS {AK}:bWq2s1WEIj+Ydj0vQ697zp+IXMU="}
-    assert sigv2.verify(method="GET", raw_path="/johnsmith/photos/puppy.jpg", query=[], headers=headers,
-                        secret=SECRET, now=_http_date(date) + 60, parse_http_date=_http_date) == AK
+    headers = {
+        "host": "johnsmith.s3.amazonaws.com",
+        "date": date,
+        "authorization": f"AWS {AK}:bWq2s1WEIj+Ydj0vQ697zp+IXMU=",
+    }
+    assert (
+        sigv2.verify(
+            method="GET",
+            raw_path="/johnsmith/photos/puppy.jpg",
+            query=[],
+            headers=headers,
+            secret=SECRET,
+            now=_http_date(date) + 60,
+            parse_http_date=_http_date,
+        )
+        == AK
+    )
     with pytest.raises(S3Error) as e:
-        sigv2.verify(method="GET", raw_path="/johnsmith/photos/kitten.jpg", query=[], headers=headers,
-                     secret=SECRET, now=_http_date(date) + 60, parse_http_date=_http_date)
+        sigv2.verify(
+            method="GET",
+            raw_path="/johnsmith/photos/kitten.jpg",
+            query=[],
+            headers=headers,
+            secret=SECRET,
+            now=_http_date(date) + 60,
+            parse_http_date=_http_date,
+        )
     assert e.value.code == "SignatureDoesNotMatch"
 
 
@@ -195,9 +234,26 @@ def test_sigv2_query_example_and_expiry():
 
     query = [("AWSAccessKeyId", AK), ("Expires", "1175139620"), ("Signature", "NpgCjnDzrM+WFzoENXmpNDUsSn8=")]
     headers = {"host": "johnsmith.s3.amazonaws.com"}
-    assert sigv2.verify(method="GET", raw_path="/johnsmith/photos/puppy.jpg", query=query, headers=headers,
-                        secret=SECRET, now=1175139000, parse_http_date=_http_date) == AK
+    assert (
+        sigv2.verify(
+            method="GET",
+            raw_path="/johnsmith/photos/puppy.jpg",
+            query=query,
+            headers=headers,
+            secret=SECRET,
+            now=1175139000,
+            parse_http_date=_http_date,
+        )
+        == AK
+    )
     with pytest.raises(S3Error) as e:
-        sigv2.verify(method="GET", raw_path="/johnsmith/photos/puppy.jpg", query=query, headers=headers,
-                     secret=SECRET, now=1175139621, parse_http_date=_http_date)
+        sigv2.verify(
+            method="GET",
+            raw_path="/johnsmith/photos/puppy.jpg",
+            query=query,
+            headers=headers,
+            secret=SECRET,
+            now=1175139621,
+            parse_http_date=_http_date,
+        )
     assert e.value.code == "AccessDenied"

@@ -40,8 +40,10 @@ async def simulate(seed: int, steps: int = 30) -> None:
         return node
 
     def members() -> list[StorageMember]:
-        return [StorageMember(n, zone=zones[n], capacity_bytes=capacity[n], free_bytes=capacity[n],
-                              alive=n not in down) for n in peers.stores]
+        return [
+            StorageMember(n, zone=zones[n], capacity_bytes=capacity[n], free_bytes=capacity[n], alive=n not in down)
+            for n in peers.stores
+        ]
 
     for _ in range(4):
         join()

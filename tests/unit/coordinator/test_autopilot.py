@@ -1,8 +1,9 @@
 import random
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cloudless.coordinator.autopilot import AutopilotConfig, Candidate, plan
+from cloudless.coordinator.autopilot import Candidate, plan
 
 NOW = 10_000.0
 
@@ -119,7 +120,13 @@ def test_leader_hands_off_before_being_demoted():
 
 
 def test_voters_spread_across_zones():
-    ms = [member("a1", "voter", zone="a"), member("a2", zone="a"), member("a3", zone="a"), member("b1", zone="b"), member("c1", zone="c")]
+    ms = [
+        member("a1", "voter", zone="a"),
+        member("a2", zone="a"),
+        member("a3", zone="a"),
+        member("b1", zone="b"),
+        member("c1", zone="c"),
+    ]
     final, _ = converge(ms, leader="a1")
     zones = {final[v].zone for v in voters(final)}
     assert zones == {"a", "b", "c"}
@@ -172,6 +179,11 @@ def test_long_dead_member_no_longer_counts_when_sizing():
 
 
 def test_a_suspect_voter_keeps_its_seat():
-    ms = [member("n1", "voter"), member("n2", "voter"), member("n3", "voter", state="suspect", down_since=NOW - 1), member("n4")]
+    ms = [
+        member("n1", "voter"),
+        member("n2", "voter"),
+        member("n3", "voter", state="suspect", down_since=NOW - 1),
+        member("n4"),
+    ]
     actions = plan(ms, "n1", NOW).actions
     assert not [a for a in actions if a.node_id == "n3"], actions

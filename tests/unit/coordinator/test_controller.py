@@ -27,7 +27,8 @@ GIB = 1 << 30
 
 def nodes(*names: str, dead: tuple[str, ...] = ()) -> list[NodeInfo]:
     return [
-        NodeInfo(node_id=n, state="dead" if n in dead else "alive", cpu_millis=4000, memory_bytes=8 * GIB) for n in names
+        NodeInfo(node_id=n, state="dead" if n in dead else "alive", cpu_millis=4000, memory_bytes=8 * GIB)
+        for n in names
     ]
 
 
@@ -59,7 +60,9 @@ class Cluster:
                 return
 
     def live(self, name: str) -> list:
-        return [r.allocation for r in self.fsm.allocations_of_workload(name) if r.allocation.live and r.desired == "run"]
+        return [
+            r.allocation for r in self.fsm.allocations_of_workload(name) if r.allocation.live and r.desired == "run"
+        ]
 
     def report_all(self, state: str = "running", health: str = "", only=None, **kw) -> None:
         """Every node's agent reports its desired allocations (stopped ones as exited)."""
@@ -159,7 +162,19 @@ def test_stopped_workload_stops_every_replica():
 
 def test_unplaceable_replicas_are_explained():
     c = Cluster("a")
-    c.apply(SubmitWorkload(spec(replicas=2, spreads=(msgspec.convert({"attribute": "node", "max_per": 1}, type=__import__("cloudless.state.workload", fromlist=["Spread"]).Spread),))))
+    c.apply(
+        SubmitWorkload(
+            spec(
+                replicas=2,
+                spreads=(
+                    msgspec.convert(
+                        {"attribute": "node", "max_per": 1},
+                        type=__import__("cloudless.state.workload", fromlist=["Spread"]).Spread,
+                    ),
+                ),
+            )
+        )
+    )
     plan = c.step()
     assert plan is not None and len(plan.create) == 1
     lines = c.fsm.workloads["web"].explanations
@@ -281,4 +296,6 @@ def test_snapshot_round_trip_keeps_workloads_and_allocations():
     restored.restore(c.fsm.snapshot())
     assert restored.workloads == c.fsm.workloads
     assert restored.allocations == c.fsm.allocations
-    assert [r.allocation.id for r in restored.allocations_of_node("a")] == [r.allocation.id for r in c.fsm.allocations_of_node("a")]
+    assert [r.allocation.id for r in restored.allocations_of_node("a")] == [
+        r.allocation.id for r in c.fsm.allocations_of_node("a")
+    ]

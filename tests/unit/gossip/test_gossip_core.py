@@ -76,7 +76,9 @@ def test_incarnation_ordering_alive_suspect_dead():
     assert core.member("p1").state == ALIVE
     core.receive(packet(Suspect(2, "p1", "p2")), addr("p2"), 0.3)
     assert core.member("p1").state == SUSPECT
-    core.receive(packet(Alive(2, "p1", addr("p1"), 0, EMPTY_METADATA)), addr("p1"), 0.4)  # same incarnation: no refutation
+    core.receive(
+        packet(Alive(2, "p1", addr("p1"), 0, EMPTY_METADATA)), addr("p1"), 0.4
+    )  # same incarnation: no refutation
     assert core.member("p1").state == SUSPECT
     core.receive(packet(Alive(3, "p1", addr("p1"), 0, EMPTY_METADATA)), addr("p1"), 0.5)
     assert core.member("p1").state == ALIVE
@@ -173,7 +175,7 @@ def test_relay_forwards_ack_and_sends_nack_when_target_is_silent():
     cfg = GossipConfig()
     relay = make("relay", ["src", "tgt"], cfg)
     relay.receive(packet(IndirectPing(77, "tgt", addr("tgt"), "src", addr("src"), True)), addr("src"), 1.0)
-    (to, msgs), = sent(relay)
+    ((to, msgs),) = sent(relay)
     fwd = msgs[0]
     assert to == addr("tgt") and isinstance(fwd, Ping) and fwd.target == "tgt"
     relay.handle_timer(1.0 + cfg.probe_timeout * 0.8)
@@ -429,7 +431,15 @@ def test_malformed_packet_raises_and_changes_nothing():
 def test_metadata_update_spreads_with_a_versioned_counter():
     a = make("a", ["b"])
     b = make("b", ["a"])
-    meta = Metadata(region="eu-west", zone="z1", labels={"gpu": "no"}, power="battery", battery_percent=55, network="wifi", metered=True)
+    meta = Metadata(
+        region="eu-west",
+        zone="z1",
+        labels={"gpu": "no"},
+        power="battery",
+        battery_percent=55,
+        network="wifi",
+        metered=True,
+    )
     a.update_metadata(meta, 1.0)
     a.handle_timer(1.5)
     for _, p in a.packets_to_send():

@@ -62,11 +62,15 @@ def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
     from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
     from cloudless.state.fsm import NodeRecord
 
-    meta = Metadata(labels={ARCH_LABEL: "arm64", CLASS_LABEL: "phone", "gpu": "no"}, power="battery", battery_percent=40)
+    meta = Metadata(
+        labels={ARCH_LABEL: "arm64", CLASS_LABEL: "phone", "gpu": "no"}, power="battery", battery_percent=40
+    )
     member = SimpleNamespace(state=0, meta=meta, state_change=0.0)
     node = SimpleNamespace(
         node_id="me",
-        replicated=SimpleNamespace(fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})})),
+        replicated=SimpleNamespace(
+            fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})})
+        ),
         gossip=SimpleNamespace(core=SimpleNamespace(member=lambda name: member)),
         coordinator=None,
     )

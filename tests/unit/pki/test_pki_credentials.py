@@ -1,12 +1,12 @@
 import base64
 import os
 import stat
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from cryptography.hazmat.primitives import serialization
 
 from cloudless.pki.ca import ClusterCA
 from cloudless.pki.credentials import (
@@ -22,7 +22,7 @@ from cloudless.pki.credentials import (
 from cloudless.pki.errors import InvalidCredentials
 from cloudless.pki.identity import Identity
 
-NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -10,7 +10,7 @@ from cloudless.pki.ca import ClusterCA
 from cloudless.pki.errors import InvalidCredentials, TokenRejected
 from cloudless.pki.tokens import TokenRecord, create_token, hash_secret, parse_token, pin_matches
 
-NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,12 @@
 """PeerVerifier: the checks every transport runs on a peer's certificate after the handshake."""
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloudless.pki.ca import ClusterCA
 from cloudless.pki.credentials import issue_credentials, new_private_key
@@ -16,7 +16,7 @@ from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
 from cloudless.transport.base import PeerIdentity
 
-NOW = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,9 @@ def leaf(ca, uris, *, extra_san=(), signer=None, aki_from=None, ca_flag=False):
         .not_valid_before(NOW - timedelta(hours=1))
         .not_valid_after(NOW + timedelta(hours=1))
         .add_extension(x509.BasicConstraints(ca=ca_flag, path_length=None), critical=True)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key((aki_from or signer).public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key((aki_from or signer).public_key()), critical=False
+        )
     )
     names = [x509.UniformResourceIdentifier(u) for u in uris] + list(extra_san)
     if names:

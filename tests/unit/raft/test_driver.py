@@ -32,8 +32,15 @@ class SlowSyncStorage(MemoryStorage):
 
 
 class Cluster:
-    def __init__(self, storages: dict, *, async_send: bool = False, tick: float = 0.05, seed: int = 1,
-                 sync_in_thread: bool = True) -> None:
+    def __init__(
+        self,
+        storages: dict,
+        *,
+        async_send: bool = False,
+        tick: float = 0.05,
+        seed: int = 1,
+        sync_in_thread: bool = True,
+    ) -> None:
         # Under MockClock, worker threads let virtual time race ahead while
         # they run (the autojump sees an idle run loop), so those tests sync inline.
         self.sync_in_thread = sync_in_thread
@@ -60,8 +67,9 @@ class Cluster:
 
     async def start(self, nursery: trio.Nursery, node_id: str) -> RaftDriver:
         storage = self.storages[node_id]
-        node = RaftNode(RaftConfig(id=node_id, election_tick=10, heartbeat_tick=1), storage,
-                        random.Random(f"{self.seed}-{node_id}"))
+        node = RaftNode(
+            RaftConfig(id=node_id, election_tick=10, heartbeat_tick=1), storage, random.Random(f"{self.seed}-{node_id}")
+        )
         applied = self.fsm[node_id] = []
 
         async def apply(entries: list[Entry]) -> None:
@@ -69,8 +77,9 @@ class Cluster:
             if self.events is not None:
                 self.events.extend(("apply", node_id, e.index, e.term) for e in entries)
 
-        driver = RaftDriver(node, storage, self._sender(node_id), apply, tick_interval=self.tick,
-                            sync_in_thread=self.sync_in_thread)
+        driver = RaftDriver(
+            node, storage, self._sender(node_id), apply, tick_interval=self.tick, sync_in_thread=self.sync_in_thread
+        )
         self.drivers[node_id] = driver
 
         async def run(task_status=trio.TASK_STATUS_IGNORED) -> None:

@@ -3,6 +3,7 @@
 import msgspec
 import pytest
 
+from cloudless.errors import InvalidInput
 from cloudless.raft.messages import (
     AppendEntries,
     AppendResponse,
@@ -23,7 +24,6 @@ from cloudless.raft.messages import (
     encode_conf_change,
     encode_message,
 )
-from cloudless.errors import InvalidInput
 
 
 @pytest.mark.parametrize(

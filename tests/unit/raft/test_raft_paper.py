@@ -118,7 +118,9 @@ def test_5_3_a_follower_with_a_conflicting_suffix_is_overwritten_by_the_leader()
     for n in ABC:
         assert b"kept" in h.applied_data(n)
         assert not any(d.startswith(b"lost") for d in h.applied_data(n))
-    assert h.disks["a"].entries(1, h.disks["a"].last_index() + 1) == h.disks["b"].entries(1, h.disks["b"].last_index() + 1)
+    assert h.disks["a"].entries(1, h.disks["a"].last_index() + 1) == h.disks["b"].entries(
+        1, h.disks["b"].last_index() + 1
+    )
 
 
 def test_5_3_fast_backoff_finds_the_match_point_in_few_round_trips():
@@ -214,7 +216,9 @@ def test_5_4_2_figure_8_a_leader_never_commits_an_old_term_entry_by_counting():
     noop_index = old_index + 1
     # Now let exactly one message through to s3: the old-term entry alone.
     # s3 rejects the probe at old_index (it lacks that entry), hinting at old_index - 1.
-    h["s1"].step(AppendResponse("s3", "s1", h["s1"].term, old_index, reject=True, hint_index=old_index - 1, hint_term=2))
+    h["s1"].step(
+        AppendResponse("s3", "s1", h["s1"].term, old_index, reject=True, hint_index=old_index - 1, hint_term=2)
+    )
     h.process("s1")
     to_s3 = [m for m in h.in_flight if isinstance(m, AppendEntries) and m.to == "s3" and m.entries]
     assert to_s3 and to_s3[0].entries[0].index == old_index and len(to_s3[0].entries) == 1

@@ -61,7 +61,12 @@ def random_op(rng: random.Random, mem: MemoryStorage, term: list[int]):
     snap_index = mem.snapshot().meta.index
     kind = rng.choices(["append", "conflict", "hard", "compact", "create_snap", "install"], [5, 2, 2, 1, 1, 1])[0]
     if kind == "append":
-        return ("write", HardState(term[0], "n1", rng.randint(0, last)), ents(term[0], last + 1, last + 1 + rng.randint(1, 8)), None)
+        return (
+            "write",
+            HardState(term[0], "n1", rng.randint(0, last)),
+            ents(term[0], last + 1, last + 1 + rng.randint(1, 8)),
+            None,
+        )
     if kind == "conflict":
         term[0] += 1
         start = rng.randint(max(1, first - 2, snap_index + 1), max(last + 1, snap_index + 1))
@@ -75,7 +80,12 @@ def random_op(rng: random.Random, mem: MemoryStorage, term: list[int]):
         lo = max(snap_index, first - 1)
         if lo > last:
             return ("compact", first - 1)
-        return ("create_snapshot", rng.randint(lo, last), ConfState(voters=("n1", "n2")), rng.randbytes(rng.randint(0, 50)))
+        return (
+            "create_snapshot",
+            rng.randint(lo, last),
+            ConfState(voters=("n1", "n2")),
+            rng.randbytes(rng.randint(0, 50)),
+        )
     index = rng.randint(max(0, snap_index - 1), last + 4)
     matching = first - 1 <= index <= last and rng.random() < 0.5
     t = mem.term(index) if matching else term[0]
@@ -92,7 +102,9 @@ def apply(storage, op):
         storage.create_snapshot(*op[1:])
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(seed=st.integers(0, 2**32))
 def test_rocks_storage_answers_like_memory_storage_before_and_after_reopen(tmp_path_factory, seed):
     rng = random.Random(seed)

@@ -12,10 +12,10 @@ import pytest
 
 from cloudless.errors import NotFound
 from cloudless.sandbox import oci
+from cloudless.sandbox.imagebuild import BuiltImage, TarBuilder, build_busybox_image, build_image, busybox_image
 from cloudless.sandbox.images import ContainerUse, ImageInUse, ImageNotFound, ImageStore
 from cloudless.sandbox.oci import DigestMismatch, InvalidImage
 from cloudless.sandbox.unpack import UnsafeLayer
-from cloudless.testing.oci_build import BuiltImage, TarBuilder, build_busybox_image, build_image, busybox_image
 
 BUSYBOX = "docker.io/library/busybox:latest"
 
@@ -267,7 +267,9 @@ def test_image_record_round_trips_through_msgspec(tmp_path, store):
 def test_layout_entries_for_other_platforms_are_skipped(tmp_path, store):
     layout = build_busybox_image(tmp_path / "src", "layout")
     index = json.loads((layout / "index.json").read_text())
-    foreign = dict(index["manifests"][0], digest="sha256:" + "ee" * 32, platform={"os": "linux", "architecture": "s390x"})
+    foreign = dict(
+        index["manifests"][0], digest="sha256:" + "ee" * 32, platform={"os": "linux", "architecture": "s390x"}
+    )
     index["manifests"].insert(0, foreign)  # its blobs are absent, as in single-arch exports of multi-arch images
     (layout / "index.json").write_text(json.dumps(index))
     [rec] = store.import_path(layout)

@@ -15,7 +15,10 @@ def test_records_have_timestamps_streams_and_increasing_offsets(tmp_path):
     o2 = w.write(101.0, "stderr", "oops")
     w.close()
     recs = logs.read(str(tmp_path))
-    assert [(r.offset, r.ts, r.stream, r.text) for r in recs] == [(o1, 100.5, "stdout", "hello"), (o2, 101.0, "stderr", "oops")]
+    assert [(r.offset, r.ts, r.stream, r.text) for r in recs] == [
+        (o1, 100.5, "stdout", "hello"),
+        (o2, 101.0, "stderr", "oops"),
+    ]
     assert o1 == 0 and o2 > o1
 
 
@@ -129,7 +132,9 @@ async def test_shim_reports_runc_create_failure_and_leaves_no_daemon(tmp_path):
     assert not (tmp_path / "exit.json").exists()
     shim_pid = int((tmp_path / "shim.pid").read_text().split()[0])
     with trio.fail_after(5):
-        while os.path.exists(f"/proc/{shim_pid}") and "Z" not in open(f"/proc/{shim_pid}/stat").read().split(")")[1][:3]:
+        while (
+            os.path.exists(f"/proc/{shim_pid}") and "Z" not in open(f"/proc/{shim_pid}/stat").read().split(")")[1][:3]
+        ):
             await trio.sleep(0.02)
 
 

@@ -36,12 +36,20 @@ def test_names_fit_kernel_limits_and_are_stable(tmp_path):
 
 def test_port_rules_dnat_from_outside_and_from_this_host_with_hairpin(tmp_path):
     net = BridgeNetwork(tmp_path, BridgeConfig(tag="cl"))
-    a = Attachment("web", "cl-web", "10.88.0.5", "10.88.0.1", 24, "clvabc", [PortMapping(8080, 80), PortMapping(5353, 53, "udp")])
+    a = Attachment(
+        "web", "cl-web", "10.88.0.5", "10.88.0.1", 24, "clvabc", [PortMapping(8080, 80), PortMapping(5353, 53, "udp")]
+    )
     nat = net._port_rules(a)["nat"]
     assert len(nat) == 6
-    assert any(r.startswith("-A PREROUTING -p tcp") and "--dport 8080" in r and "--to-destination 10.88.0.5:80" in r for r in nat)
+    assert any(
+        r.startswith("-A PREROUTING -p tcp") and "--dport 8080" in r and "--to-destination 10.88.0.5:80" in r
+        for r in nat
+    )
     assert any(r.startswith("-A OUTPUT -p tcp") and "--dst-type LOCAL" in r and "--dport 8080" in r for r in nat)
-    assert any(r.startswith("-A POSTROUTING -s 10.88.0.5/32 -d 10.88.0.5/32 -p udp") and r.endswith("-j MASQUERADE") for r in nat)
+    assert any(
+        r.startswith("-A POSTROUTING -s 10.88.0.5/32 -d 10.88.0.5/32 -p udp") and r.endswith("-j MASQUERADE")
+        for r in nat
+    )
     assert all('--comment "cl:web"' in r for r in nat)
     assert net._port_rules(Attachment("x", "n", "10.88.0.6", "10.88.0.1", 24, "v")) == {}
 
@@ -49,7 +57,7 @@ def test_port_rules_dnat_from_outside_and_from_this_host_with_hairpin(tmp_path):
 def test_bridge_rules_masquerade_egress_and_loopback_hairpin(tmp_path):
     net = BridgeNetwork(tmp_path, BridgeConfig(bridge="cl0", subnet="10.88.0.0/24", tag="cl"))
     rules = net._bridge_rules()
-    assert "-A POSTROUTING -s 10.88.0.0/24 ! -o cl0 -m comment --comment \"cl\" -j MASQUERADE" in rules["nat"]
+    assert '-A POSTROUTING -s 10.88.0.0/24 ! -o cl0 -m comment --comment "cl" -j MASQUERADE' in rules["nat"]
     assert any("-s 127.0.0.0/8 -o cl0" in r for r in rules["nat"])
     assert {r.split()[2] + r.split()[3] for r in rules["filter"]} == {"-icl0", "-ocl0"}
 

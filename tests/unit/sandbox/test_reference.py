@@ -1,7 +1,8 @@
 """Image references normalise the way Docker's do (distribution/reference grammar)."""
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cloudless.errors import InvalidInput
 from cloudless.sandbox.reference import InvalidReference, parse_reference

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from cloudless.sandbox import oci
+from cloudless.sandbox.imagebuild import BuiltImage, TarBuilder, host_architecture
 from cloudless.sandbox.images import ImageStore
 from cloudless.sandbox.oci import DigestMismatch, InvalidImage
 from cloudless.sandbox.registry import (
@@ -20,7 +21,6 @@ from cloudless.sandbox.registry import (
     RepositoryNotFound,
     parse_www_authenticate,
 )
-from cloudless.testing.oci_build import TarBuilder, BuiltImage, host_architecture
 
 HOST = "registry.test"
 
@@ -62,16 +62,30 @@ class FakeRegistry:
         self.manifests = {image.manifest_digest: (image.manifest, oci.OCI_MANIFEST)}
         self.top = image.manifest_digest
         if index:
-            other = json.dumps({"schemaVersion": 2, "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + "0" * 64, "size": 1}, "layers": []}).encode()
+            other = json.dumps(
+                {
+                    "schemaVersion": 2,
+                    "config": {"mediaType": oci.OCI_CONFIG, "digest": "sha256:" + "0" * 64, "size": 1},
+                    "layers": [],
+                }
+            ).encode()
             doc = json.dumps(
                 {
                     "schemaVersion": 2,
                     "mediaType": oci.OCI_INDEX,
                     "manifests": [
-                        {"mediaType": oci.OCI_MANIFEST, "digest": oci.sha256_digest(other), "size": len(other),
-                         "platform": {"os": "linux", "architecture": "s390x"}},
-                        {"mediaType": oci.OCI_MANIFEST, "digest": image.manifest_digest, "size": len(image.manifest),
-                         "platform": {"os": "linux", "architecture": host_architecture()}},
+                        {
+                            "mediaType": oci.OCI_MANIFEST,
+                            "digest": oci.sha256_digest(other),
+                            "size": len(other),
+                            "platform": {"os": "linux", "architecture": "s390x"},
+                        },
+                        {
+                            "mediaType": oci.OCI_MANIFEST,
+                            "digest": image.manifest_digest,
+                            "size": len(image.manifest),
+                            "platform": {"os": "linux", "architecture": host_architecture()},
+                        },
                     ],
                 }
             ).encode()
@@ -92,15 +106,20 @@ class FakeRegistry:
         if self.auth == "bearer" and request.headers.get("authorization") != f"Bearer tok-repository:{self.repo}:pull":
             return httpx.Response(
                 401,
-                headers={"WWW-Authenticate": f'Bearer realm="https://auth.test/token",service="{HOST}",scope="repository:{self.repo}:pull"'},
+                headers={
+                    "WWW-Authenticate": f'Bearer realm="https://auth.test/token",service="{HOST}",scope="repository:{self.repo}:pull"'
+                },
             )
-        if self.auth == "basic" and request.headers.get("authorization") != "Basic " + base64.b64encode(b"alice:pw").decode():
+        if (
+            self.auth == "basic"
+            and request.headers.get("authorization") != "Basic " + base64.b64encode(b"alice:pw").decode()
+        ):
             return httpx.Response(401, headers={"WWW-Authenticate": 'Basic realm="registry"'})
         path = url.path
         prefix = f"/v2/{self.repo}/"
         if not path.startswith(prefix):
             return httpx.Response(404, json={"errors": [{"code": "NAME_UNKNOWN"}]})
-        kind, _, ref = path[len(prefix):].partition("/")
+        kind, _, ref = path[len(prefix) :].partition("/")
         if kind == "manifests":
             digest = self.top if ref == self.tag else ref
             if digest not in self.manifests:
@@ -292,8 +311,9 @@ async def test_a_registry_that_trickles_a_layer_hits_the_transfer_deadline(tmp_p
         return fake.handler(request)
 
     store = ImageStore(tmp_path)
-    async with RegistryClient(store, transport=httpx.MockTransport(handler), timeout=0.3,
-                              min_transfer_rate=1_000_000) as c:
+    async with RegistryClient(
+        store, transport=httpx.MockTransport(handler), timeout=0.3, min_transfer_rate=1_000_000
+    ) as c:
         with trio.fail_after(10):  # the client's own deadline must fire well before this
             with pytest.raises(RegistryUnavailable, match="too slow"):
                 await c.pull(f"{HOST}/team/app:v1")

@@ -8,10 +8,10 @@ import pytest
 
 from cloudless.errors import InvalidInput
 from cloudless.sandbox import rootfs as rootfs_mod
+from cloudless.sandbox.imagebuild import TarBuilder, build_image, busybox_layer
 from cloudless.sandbox.images import ImageInUse, ImageStore
 from cloudless.sandbox.rootfs import RootfsBuilder, RootfsError, is_mounted
 from cloudless.sandbox.unpack import UnsafeLayer
-from cloudless.testing.oci_build import TarBuilder, build_image, busybox_layer
 
 NAME = "localhost/layered:1"
 
@@ -26,8 +26,12 @@ def layered_image(tmp_path):
         .file("usr/sbin/only", b"x", 0o755)
         .bytes()
     )
-    return build_image(tmp_path / "src", [busybox_layer(), upper], name=NAME,
-                       container_config={"Entrypoint": ["/bin/sh"], "Cmd": ["-c", "echo hi"], "WorkingDir": "/tmp"})
+    return build_image(
+        tmp_path / "src",
+        [busybox_layer(), upper],
+        name=NAME,
+        container_config={"Entrypoint": ["/bin/sh"], "Cmd": ["-c", "echo hi"], "WorkingDir": "/tmp"},
+    )
 
 
 def tree(root):
@@ -79,8 +83,12 @@ def test_busybox_runs_in_the_prepared_root(store):
     b = RootfsBuilder(store)
     p = b.prepare("c2", NAME)
     try:
-        out = subprocess.run(["chroot", str(p.path), "/bin/sh", "-c", "cat /etc/hostname; ls /usr/sbin"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["chroot", str(p.path), "/bin/sh", "-c", "cat /etc/hostname; ls /usr/sbin"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         assert out.stdout.split() == ["layered", "only"]
     finally:
         b.release("c2")

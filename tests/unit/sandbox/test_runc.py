@@ -5,9 +5,15 @@ import os
 
 import pytest
 
-from cloudless.sandbox.runc import RuncRuntime, _process_alive, _read_inside, detect_cgroups
 from cloudless.sandbox.logs import process_start_time
-from cloudless.sandbox.runtime import ContainerExists, ContainerNotFound, ContainerSpec, InvalidContainerSpec, SandboxError
+from cloudless.sandbox.runc import RuncRuntime, _process_alive, _read_inside, detect_cgroups
+from cloudless.sandbox.runtime import (
+    ContainerExists,
+    ContainerNotFound,
+    ContainerSpec,
+    InvalidContainerSpec,
+    SandboxError,
+)
 
 
 def test_detect_cgroups_v1_with_and_without_swap_accounting_and_v2(tmp_path):

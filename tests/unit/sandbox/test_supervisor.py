@@ -28,7 +28,13 @@ SEED = 1234
 
 def spec(cid="web", restart=RestartPolicy(), health=None, labels=None):
     return ContainerSpec(
-        id=cid, rootfs="/nonexistent", args=["server"], network="host", restart=restart, health=health, labels=labels or {}
+        id=cid,
+        rootfs="/nonexistent",
+        args=["server"],
+        network="host",
+        restart=restart,
+        health=health,
+        labels=labels or {},
     )
 
 
@@ -36,7 +42,9 @@ class Harness:
     def __init__(self, runtime=None, name="node"):
         self.runtime = runtime or MemoryRuntime()
         self.send, self.recv = trio.open_memory_channel(math.inf)
-        self.sup = Supervisor(self.runtime, name=name, rng=random.Random(SEED), events=self.send, prober=self.runtime.prober())
+        self.sup = Supervisor(
+            self.runtime, name=name, rng=random.Random(SEED), events=self.send, prober=self.runtime.prober()
+        )
 
     def drain(self):
         out = []
@@ -106,7 +114,9 @@ async def test_on_failure_restarts_up_to_max_then_gives_up(autojump_clock):
     h.runtime.script("web", *[ScriptedRun(after=1.0, exit_code=2)] * 5)
     async with trio.open_nursery() as n:
         await n.start(h.sup.run)
-        await h.sup.ensure(spec(restart=RestartPolicy(mode="on-failure", max_retries=2, backoff_initial=1, backoff_max=4)))
+        await h.sup.ensure(
+            spec(restart=RestartPolicy(mode="on-failure", max_retries=2, backoff_initial=1, backoff_max=4))
+        )
         events = await h.until(lambda e: isinstance(e, GaveUp))
         n.cancel_scope.cancel()
     starts = [e for e in events if isinstance(e, Started)]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cloudless.sandbox.imagebuild import TarBuilder, compress
 from cloudless.sandbox.oci import InvalidImage
 from cloudless.sandbox.unpack import UnpackLimits, UnsafeLayer, hash_layer, unpack_layer
-from cloudless.testing.oci_build import TarBuilder, compress
 
 IS_ROOT = os.geteuid() == 0
 
@@ -228,7 +228,8 @@ def test_directory_modes_are_not_applied_through_a_parent_replaced_by_a_symlink(
 
 # -- property: nothing escapes -------------------------------------------------
 
-from hypothesis import example, HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings  # noqa: E402
+from hypothesis import strategies as st
 
 _COMPONENTS = st.sampled_from(["a", "b", "..", ".", "", ".wh.a", ".wh..wh..opq", "lnk"])
 _NAMES = st.lists(_COMPONENTS, min_size=1, max_size=4).map("/".join)
@@ -236,8 +237,9 @@ _NAMES = st.lists(_COMPONENTS, min_size=1, max_size=4).map("/".join)
 
 def _entries():
     kind = st.sampled_from(["file", "dir", "symlink", "hardlink"])
-    return st.lists(st.tuples(kind, _NAMES, st.sampled_from(["..", "../outside", "/", "OUTSIDE", "a", "a/b", "lnk"])),
-                    max_size=8)
+    return st.lists(
+        st.tuples(kind, _NAMES, st.sampled_from(["..", "../outside", "/", "OUTSIDE", "a", "a/b", "lnk"])), max_size=8
+    )
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

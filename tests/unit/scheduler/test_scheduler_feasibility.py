@@ -34,15 +34,26 @@ def spec(**kw) -> WorkloadSpec:
 
 def alloc(workload: str, node_id: str, replica: int = 0, **kw) -> Allocation:
     kw.setdefault("state", "running")
-    return Allocation(id=f"{workload}-{replica}-{node_id}", workload=workload, version=0, node=node_id, replica=replica, **kw)
+    return Allocation(
+        id=f"{workload}-{replica}-{node_id}", workload=workload, version=0, node=node_id, replica=replica, **kw
+    )
 
 
 FLEET = ClusterView(
     [
         node("pc-1", region="eu", zone="eu-a", arch="amd64", device_class="pc", labels={"gpu": "nvidia"}),
         node("pc-2", region="eu", zone="eu-b", arch="amd64", device_class="pc"),
-        node("phone-1", region="eu", zone="eu-a", arch="arm64", device_class="phone", power="battery",
-             battery_percent=80, network="cellular", metered=True),
+        node(
+            "phone-1",
+            region="eu",
+            zone="eu-a",
+            arch="arm64",
+            device_class="phone",
+            power="battery",
+            battery_percent=80,
+            network="cellular",
+            metered=True,
+        ),
         node("vps-1", region="us", zone="us-a", arch="amd64", device_class="server", labels={"gpu": ""}),
         node("pi-1", region="", zone="", arch="armv7", device_class="gateway"),
     ]
@@ -116,7 +127,9 @@ def test_resource_exhaustion_is_explained_with_counts_by_reason():
     nodes += [node("elsewhere", zone="b", memory_bytes=64 * GiB)]
     nodes += [node("slow", zone="a", cpu_millis=500, memory_bytes=64 * GiB)]
     view = ClusterView(nodes)
-    s = spec(resources=Resources(cpu_millis=1000, memory_bytes=4 * GiB), constraints=(Constraint("node.zone", "=", "a"),))
+    s = spec(
+        resources=Resources(cpu_millis=1000, memory_bytes=4 * GiB), constraints=(Constraint("node.zone", "=", "a"),)
+    )
     plan = plan_placements(s, 2, view)
     assert not plan.placements
     assert [f.replica for f in plan.failures] == [0, 1]
@@ -144,8 +157,10 @@ def test_existing_allocations_reserve_resources_and_replicas_fill_nodes_until_ex
 def test_terminal_allocations_reserve_nothing():
     view = ClusterView(
         [node("a", cpu_millis=1000)],
-        [alloc("other", "a", state="exited", resources=Resources(cpu_millis=1000)),
-         alloc("other", "a", replica=1, state="lost", resources=Resources(cpu_millis=1000))],
+        [
+            alloc("other", "a", state="exited", resources=Resources(cpu_millis=1000)),
+            alloc("other", "a", replica=1, state="lost", resources=Resources(cpu_millis=1000)),
+        ],
     )
     assert plan_placements(spec(resources=Resources(cpu_millis=1000)), 1, view).placements[0].node == "a"
 
@@ -204,7 +219,10 @@ def test_hard_anti_affinity_per_node_and_per_zone():
     assert feasible_nodes(per_node, view) == {"a2", "b1", "b2"}
     per_zone = spec(anti_affinities=(AntiAffinity("db", "node.zone", hard=True),))
     plan = plan_placements(per_zone, 1, view, explain_nodes=True)
-    assert plan.node_reasons == {"a1": "anti-affinity with db per node.zone", "a2": "anti-affinity with db per node.zone"}
+    assert plan.node_reasons == {
+        "a1": "anti-affinity with db per node.zone",
+        "a2": "anti-affinity with db per node.zone",
+    }
 
 
 def test_every_node_is_accounted_for_exactly_once():
@@ -230,7 +248,13 @@ def test_the_scheduler_never_mutates_its_input():
     existing = [alloc("web", "a", replica=0)]
     view = ClusterView([node("a"), node("b")], existing + [alloc("other", "b")])
     s = spec(replicas=3, spreads=(Spread("node.zone"),), ports=(PortSpec(80, 80),))
-    before = (list(view.used_cpu), list(view.used_mem), dict(view.allocations), msgspec.json.encode(s), dict(view.ports))
+    before = (
+        list(view.used_cpu),
+        list(view.used_mem),
+        dict(view.allocations),
+        msgspec.json.encode(s),
+        dict(view.ports),
+    )
     plan_placements(s, 2, view, existing)
     plan_placements(s, 2, view, existing, incremental=False)
     after = (list(view.used_cpu), list(view.used_mem), dict(view.allocations), msgspec.json.encode(s), dict(view.ports))

@@ -117,24 +117,40 @@ def scenarios(draw):
     for k in range(draw(st.integers(0, 6))):
         others.append(
             Allocation(
-                id=f"db-{k}", workload="db", version=0, node=f"n{draw(st.integers(0, n - 1)):02d}", replica=k,
-                state="running", resources=Resources(cpu_millis=draw(st.sampled_from((100, 500))), memory_bytes=256 << 20),
+                id=f"db-{k}",
+                workload="db",
+                version=0,
+                node=f"n{draw(st.integers(0, n - 1)):02d}",
+                replica=k,
+                state="running",
+                resources=Resources(cpu_millis=draw(st.sampled_from((100, 500))), memory_bytes=256 << 20),
                 ports=(PortSpec(80, 8080),) if draw(st.booleans()) and k == 0 else (),
             )
         )
     spreads = []
     if draw(st.booleans()):
-        spreads.append(Spread("node.zone", weight=draw(st.integers(1, 100)), max_per=draw(st.integers(0, 3)),
-                              targets=(SpreadTarget("a", 50),) if draw(st.booleans()) else ()))
+        spreads.append(
+            Spread(
+                "node.zone",
+                weight=draw(st.integers(1, 100)),
+                max_per=draw(st.integers(0, 3)),
+                targets=(SpreadTarget("a", 50),) if draw(st.booleans()) else (),
+            )
+        )
     if draw(st.booleans()):
         spreads.append(Spread("node.region", weight=draw(st.integers(1, 100))))
     if draw(st.booleans()):
         spreads.append(Spread("node", weight=draw(st.integers(1, 100)), max_per=draw(st.integers(0, 2))))
     s = spec(
         replicas=draw(st.integers(1, 12)),
-        resources=Resources(cpu_millis=draw(st.sampled_from((100, 250, 700))), memory_bytes=draw(st.sampled_from((128, 512, 1024))) << 20),
+        resources=Resources(
+            cpu_millis=draw(st.sampled_from((100, 250, 700))),
+            memory_bytes=draw(st.sampled_from((128, 512, 1024))) << 20,
+        ),
         spreads=tuple(spreads),
-        affinities=(Affinity("node.class", "=", "server", draw(st.sampled_from((-60, 30, 90)))),) if draw(st.booleans()) else (),
+        affinities=(Affinity("node.class", "=", "server", draw(st.sampled_from((-60, 30, 90)))),)
+        if draw(st.booleans())
+        else (),
         anti_affinities=(AntiAffinity("db", "node.zone", weight=40),) if draw(st.booleans()) else (),
         constraints=(Constraint("node.class", "!=", "phone"),) if draw(st.booleans()) else (),
         ports=(PortSpec(80, 8080),) if draw(st.booleans()) else (),
@@ -175,14 +191,23 @@ def check_incremental_equals_full(scenario) -> None:
 def test_incremental_equals_full_rescore_on_a_larger_mixed_cluster():
     rng = random.Random(7)
     nodes = [
-        node(f"n{i:03d}", zone=rng.choice("abcde"), region=rng.choice(("eu", "us")), flaps=rng.randrange(3),
-             cpu_millis=rng.choice((1000, 2000)), memory_bytes=rng.choice((2, 4, 8)) * GiB,
-             device_class=rng.choice(("pc", "server", "laptop")))
+        node(
+            f"n{i:03d}",
+            zone=rng.choice("abcde"),
+            region=rng.choice(("eu", "us")),
+            flaps=rng.randrange(3),
+            cpu_millis=rng.choice((1000, 2000)),
+            memory_bytes=rng.choice((2, 4, 8)) * GiB,
+            device_class=rng.choice(("pc", "server", "laptop")),
+        )
         for i in range(150)
     ]
-    s = spec(replicas=500, resources=Resources(cpu_millis=500, memory_bytes=GiB),
-             spreads=(Spread("node.zone"), Spread("node.region", weight=20)),
-             affinities=(Affinity("node.class", "=", "server", 40),))
+    s = spec(
+        replicas=500,
+        resources=Resources(cpu_millis=500, memory_bytes=GiB),
+        spreads=(Spread("node.zone"), Spread("node.region", weight=20)),
+        affinities=(Affinity("node.class", "=", "server", 40),),
+    )
     view = ClusterView(nodes)
     fast = plan_placements(s, 500, view, rng=random.Random(1))
     slow = plan_placements(s, 500, view, rng=random.Random(1), incremental=False)
@@ -273,7 +298,12 @@ def test_scale_down_picks_the_least_suitable_node_among_equals():
 
 
 def test_scale_down_to_zero_stops_everything_and_nothing_for_zero():
-    allocations = [alloc("web", "a", 0), alloc("web", "b", 1), alloc("other", "a", 0), alloc("web", "c", 2, state="exited")]
+    allocations = [
+        alloc("web", "a", 0),
+        alloc("web", "b", 1),
+        alloc("other", "a", 0),
+        alloc("web", "c", 2, state="exited"),
+    ]
     view = ClusterView([node(n) for n in "abc"])
     assert {x.allocation for x in plan_stop(spec(replicas=0), 9, allocations, view)} == {"web-0", "web-1"}
     assert plan_stop(spec(), 0, allocations, view) == []
@@ -286,8 +316,17 @@ def test_scale_down_to_zero_stops_everything_and_nothing_for_zero():
 def test_admission_accepts_what_an_empty_node_could_run_even_if_all_are_busy_or_down():
     view = ClusterView(
         [node("a", state="dead"), node("b")],
-        [Allocation(id="x-0", workload="x", version=0, node="b", replica=0, state="running",
-                    resources=Resources(cpu_millis=4000, memory_bytes=8 * GiB))],
+        [
+            Allocation(
+                id="x-0",
+                workload="x",
+                version=0,
+                node="b",
+                replica=0,
+                state="running",
+                resources=Resources(cpu_millis=4000, memory_bytes=8 * GiB),
+            )
+        ],
     )
     assert admit(spec(resources=Resources(cpu_millis=4000, memory_bytes=8 * GiB)), view) is None
 
@@ -349,9 +388,18 @@ def _view_state(view: ClusterView):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 9), st.sampled_from(("a", "b", "c", "gone")), st.sampled_from(("web", "db")),
-                          st.sampled_from(("running", "pending", "exited", "lost", "remove")), st.booleans()),
-                max_size=25))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 9),
+            st.sampled_from(("a", "b", "c", "gone")),
+            st.sampled_from(("web", "db")),
+            st.sampled_from(("running", "pending", "exited", "lost", "remove")),
+            st.booleans(),
+        ),
+        max_size=25,
+    )
+)
 def test_with_allocations_matches_a_fresh_view_and_leaves_every_earlier_snapshot_intact(steps):
     nodes = [node(n) for n in "abc"]
     views = [ClusterView(nodes)]
@@ -363,9 +411,16 @@ def test_with_allocations_matches_a_fresh_view_and_leaves_every_earlier_snapshot
             views.append(views[-1].with_allocations(remove=[alloc_id]))
             live.pop(alloc_id, None)
         else:
-            a = Allocation(id=alloc_id, workload=workload, version=0, node=node_id, replica=k, state=state,
-                           resources=Resources(cpu_millis=100 + k, memory_bytes=(1 + k) << 20),
-                           ports=(PortSpec(80, 8080),) if port else ())
+            a = Allocation(
+                id=alloc_id,
+                workload=workload,
+                version=0,
+                node=node_id,
+                replica=k,
+                state=state,
+                resources=Resources(cpu_millis=100 + k, memory_bytes=(1 + k) << 20),
+                ports=(PortSpec(80, 8080),) if port else (),
+            )
             views.append(views[-1].with_allocations([a]))
             live.pop(alloc_id, None)
             if a.live:
@@ -379,7 +434,9 @@ def test_committed_placements_hold_their_ports_and_resources_for_the_next_plan()
     from cloudless.scheduler import allocation_for, allocation_id
 
     view = ClusterView([node(n, cpu_millis=1000) for n in "ab"])
-    web = spec(replicas=1, ports=(PortSpec(80, 8080), PortSpec(81)), resources=Resources(cpu_millis=600, memory_bytes=GiB))
+    web = spec(
+        replicas=1, ports=(PortSpec(80, 8080), PortSpec(81)), resources=Resources(cpu_millis=600, memory_bytes=GiB)
+    )
     rng = random.Random(5)
     first = plan_placements(web, 1, view).placements[0]
     committed = allocation_for(web, first, allocation_id(web, first.replica, rng))

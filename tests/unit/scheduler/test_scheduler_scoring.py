@@ -38,8 +38,15 @@ def spec(**kw) -> WorkloadSpec:
 
 
 def alloc(workload: str, node_id: str, replica: int = 0, **kw) -> Allocation:
-    return Allocation(id=f"{workload}-{replica}-{node_id}", workload=workload, version=0, node=node_id,
-                      replica=replica, state="running", **kw)
+    return Allocation(
+        id=f"{workload}-{replica}-{node_id}",
+        workload=workload,
+        version=0,
+        node=node_id,
+        replica=replica,
+        state="running",
+        **kw,
+    )
 
 
 def placed(s: WorkloadSpec, view: ClusterView, count: int | None = None, **kw) -> list[str]:
@@ -68,7 +75,12 @@ def test_negative_affinity_avoids_matching_nodes_without_forbidding_them():
 
 
 def test_heavier_affinity_wins_over_lighter_one():
-    view = ClusterView([node("ac", power="ac", zone="b"), node("zone-a", power="battery", battery_percent=100, charging=True, zone="a")])
+    view = ClusterView(
+        [
+            node("ac", power="ac", zone="b"),
+            node("zone-a", power="battery", battery_percent=100, charging=True, zone="a"),
+        ]
+    )
     s = spec(affinities=(Affinity("node.zone", "=", "a", 10), Affinity("node.power", "=", "ac", 90)))
     assert placed(s, view, 1) == ["ac"]
 
@@ -113,7 +125,10 @@ def test_flapping_and_fresh_nodes_score_below_stable_ones():
 
 def test_a_replica_set_lands_on_mains_devices_before_phones():
     nodes = [node(f"pc{i}", device_class="pc") for i in range(3)]
-    nodes += [node(f"phone{i}", device_class="phone", power="battery", battery_percent=70, network="cellular", metered=True) for i in range(3)]
+    nodes += [
+        node(f"phone{i}", device_class="phone", power="battery", battery_percent=70, network="cellular", metered=True)
+        for i in range(3)
+    ]
     got = placed(spec(replicas=3, spreads=(Spread("node", max_per=1),)), ClusterView(nodes))
     assert sorted(got) == ["pc0", "pc1", "pc2"]
 
@@ -203,7 +218,9 @@ def test_spread_per_zone_counts_replicas_that_already_run():
 
 def test_spread_targets_follow_percentages():
     view = ClusterView([node(f"{z}{i}", zone=z) for z in "ab" for i in range(10)])
-    s = spec(replicas=10, spreads=(Spread("node.zone", weight=100, targets=(SpreadTarget("a", 70), SpreadTarget("b", 30))),))
+    s = spec(
+        replicas=10, spreads=(Spread("node.zone", weight=100, targets=(SpreadTarget("a", 70), SpreadTarget("b", 30))),)
+    )
     got = placed(s, view)
     assert Counter(n[0] for n in got) == {"a": 7, "b": 3}
 

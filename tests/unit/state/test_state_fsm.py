@@ -1,8 +1,7 @@
-import random
-
 import msgspec
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cloudless.state.commands import (
     CasVar,
@@ -124,7 +123,9 @@ def test_snapshot_round_trip_and_corruption_detected():
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["put", "cas", "rm"]), st.sampled_from("abc"), st.integers(0, 30)), max_size=60))
+@given(
+    st.lists(st.tuples(st.sampled_from(["put", "cas", "rm"]), st.sampled_from("abc"), st.integers(0, 30)), max_size=60)
+)
 def test_replicas_applying_the_same_log_agree_byte_for_byte(ops):
     replicas = [StateMachine(), StateMachine()]
     for i, (op, key, n) in enumerate(ops, start=1):

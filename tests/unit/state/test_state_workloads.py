@@ -142,7 +142,9 @@ def test_a_health_checked_replica_is_healthy_only_once_its_check_passes():
     from cloudless.state.workload import HealthCheckSpec
 
     m = Machine()
-    checked = msgspec.structs.replace(SPEC, health_check=HealthCheckSpec(kind="exec", command=("true",), interval_s=1, timeout_s=1))
+    checked = msgspec.structs.replace(
+        SPEC, health_check=HealthCheckSpec(kind="exec", command=("true",), interval_s=1, timeout_s=1)
+    )
     m.apply(SubmitWorkload(validate(checked)))
     m.apply(CommitPlan(create=(alloc(0, "a"),)))
     a_id = alloc(0).id

@@ -82,15 +82,30 @@ def test_minimal_spec_gets_defaults():
             dict(constraints=(Constraint("node.zone", "=", "a"), Constraint("node.zone", "like", "a"))),  # type: ignore[arg-type]
             "constraints[1].operator: invalid enum value 'like'",
         ),
-        (dict(constraints=(Constraint("node.colour", "=", "a"),)), "constraints[0].attribute: unknown attribute 'node.colour'"),
+        (
+            dict(constraints=(Constraint("node.colour", "=", "a"),)),
+            "constraints[0].attribute: unknown attribute 'node.colour'",
+        ),
         (dict(constraints=(Constraint("node.zone", "in", ()),)), "constraints[0].value: operator in needs"),
-        (dict(constraints=(Constraint("node.zone", "=", ("a", "b")),)), "constraints[0].value: operator = needs a single value"),
-        (dict(constraints=(Constraint("label.gpu", "exists", "yes"),)), "constraints[0].value: operator exists takes no value"),
-        (dict(constraints=(Constraint("node.zone", "regex", "(unclosed"),)), "constraints[0].value: invalid regular expression"),
+        (
+            dict(constraints=(Constraint("node.zone", "=", ("a", "b")),)),
+            "constraints[0].value: operator = needs a single value",
+        ),
+        (
+            dict(constraints=(Constraint("label.gpu", "exists", "yes"),)),
+            "constraints[0].value: operator exists takes no value",
+        ),
+        (
+            dict(constraints=(Constraint("node.zone", "regex", "(unclosed"),)),
+            "constraints[0].value: invalid regular expression",
+        ),
         (dict(constraints=(Constraint("node.zone", "=", ""),)), "constraints[0].value: operator = needs a value"),
         (dict(affinities=(Affinity("node.class", "=", "server", 0),)), "affinities[0].weight: must not be 0"),
         (dict(affinities=(Affinity("node.class", "=", "server", 101),)), "affinities[0].weight: must be ≤ 100"),
-        (dict(spreads=(Spread("node.zone"), Spread("node.zone"))), "spreads[1].attribute: node.zone is spread over twice"),
+        (
+            dict(spreads=(Spread("node.zone"), Spread("node.zone"))),
+            "spreads[1].attribute: node.zone is spread over twice",
+        ),
         (dict(spreads=(Spread("rack"),)), "spreads[0].attribute: unknown attribute 'rack'"),
         (
             dict(spreads=(Spread("node.zone", targets=(SpreadTarget("a", 70), SpreadTarget("b", 40))),)),
@@ -100,21 +115,33 @@ def test_minimal_spec_gets_defaults():
             dict(spreads=(Spread("node.zone", targets=(SpreadTarget("a", 50), SpreadTarget("a", 10))),)),
             "spreads[0].targets[1].value: 'a' is listed twice",
         ),
-        (dict(anti_affinities=(AntiAffinity("web"),)), "anti_affinities[0].workload: anti-affinity with the workload itself"),
+        (
+            dict(anti_affinities=(AntiAffinity("web"),)),
+            "anti_affinities[0].workload: anti-affinity with the workload itself",
+        ),
         (
             dict(update=UpdateStrategy(max_unavailable=1, min_available=1)),
             "update.min_available: give max_unavailable or min_available, not both",
         ),
         (dict(update=UpdateStrategy(max_surge=0, max_unavailable=0)), "update.max_surge: with no unavailability"),
         (dict(update=UpdateStrategy(min_available=5)), "update.min_available: must be ≤ replicas (1)"),
-        (dict(update=UpdateStrategy(min_healthy_time_s=600)), "update.min_healthy_time_s: must be ≤ healthy_deadline_s"),
+        (
+            dict(update=UpdateStrategy(min_healthy_time_s=600)),
+            "update.min_healthy_time_s: must be ≤ healthy_deadline_s",
+        ),
         (dict(health_check=HealthCheckSpec(kind="exec")), "health_check.command: an exec health check needs a command"),
-        (dict(health_check=HealthCheckSpec(kind="http")), "health_check.port: a http health check needs a container port"),
+        (
+            dict(health_check=HealthCheckSpec(kind="http")),
+            "health_check.port: a http health check needs a container port",
+        ),
         (
             dict(ports=(PortSpec(80),), health_check=HealthCheckSpec(kind="tcp", port=81)),
             "health_check.port: 81 is not one of the workload's tcp ports",
         ),
-        (dict(health_check=HealthCheckSpec(kind="tcp", port=80, timeout_s=20)), "health_check.timeout_s: must be ≤ interval_s"),
+        (
+            dict(health_check=HealthCheckSpec(kind="tcp", port=80, timeout_s=20)),
+            "health_check.timeout_s: must be ≤ interval_s",
+        ),
         (dict(format=2), "format: unsupported spec format 2"),
     ],
 )
@@ -247,9 +274,7 @@ def test_run_without_name_uses_the_image_name():
     assert default_name("127.0.0.1:5000/team/My_App@sha256:" + "a" * 64) == "my-app"
 
 
-@pytest.mark.parametrize(
-    "text, millis", [("0.5", 500), ("2", 2000), ("250m", 250), ("1.25", 1250), ("0.001", 1)]
-)
+@pytest.mark.parametrize("text, millis", [("0.5", 500), ("2", 2000), ("250m", 250), ("1.25", 1250), ("0.001", 1)])
 def test_cpu_flag(text, millis):
     assert parse_cpu(text) == millis
 
@@ -262,7 +287,14 @@ def test_bad_cpu_flag(text):
 
 @pytest.mark.parametrize(
     "text, size",
-    [("256Mi", 256 << 20), ("1Gi", 1 << 30), ("512M", 512_000_000), ("1G", 10**9), ("1048576", 1 << 20), ("1.5Gi", 3 << 29)],
+    [
+        ("256Mi", 256 << 20),
+        ("1Gi", 1 << 30),
+        ("512M", 512_000_000),
+        ("1G", 10**9),
+        ("1048576", 1 << 20),
+        ("1.5Gi", 3 << 29),
+    ],
 )
 def test_memory_flag(text, size):
     assert parse_memory(text) == size
@@ -276,7 +308,12 @@ def test_bad_memory_flag(text):
 
 @pytest.mark.parametrize(
     "text, port",
-    [("80", PortSpec(80)), ("8080:80", PortSpec(80, 8080)), ("53/udp", PortSpec(53, None, "udp")), ("5353:53/udp", PortSpec(53, 5353, "udp"))],
+    [
+        ("80", PortSpec(80)),
+        ("8080:80", PortSpec(80, 8080)),
+        ("53/udp", PortSpec(53, None, "udp")),
+        ("5353:53/udp", PortSpec(53, 5353, "udp")),
+    ],
 )
 def test_port_flag(text, port):
     assert parse_port_flag(text) == port
@@ -284,7 +321,12 @@ def test_port_flag(text, port):
 
 @pytest.mark.parametrize(
     "text, why",
-    [("80/sctp", "protocol must be tcp or udp"), ("70000", "ports are 1-65535"), ("0:80", "ports are 1-65535"), ("a:b", "expected [HOST:]CONTAINER")],
+    [
+        ("80/sctp", "protocol must be tcp or udp"),
+        ("70000", "ports are 1-65535"),
+        ("0:80", "ports are 1-65535"),
+        ("a:b", "expected [HOST:]CONTAINER"),
+    ],
 )
 def test_bad_port_flag(text, why):
     with pytest.raises(InvalidWorkload, match="^port: ") as info:
@@ -364,7 +406,9 @@ def test_flags_are_validated_as_a_whole():
 def test_spec_and_allocation_round_trip_the_wire():
     spec = parse_yaml(FULL_YAML)
     assert decode_spec(encode_spec(spec)) == spec
-    alloc = Allocation(id="api-0-1a2b", workload="api", version=3, node="node-1", replica=0, state="running", restarts=2)
+    alloc = Allocation(
+        id="api-0-1a2b", workload="api", version=3, node="node-1", replica=0, state="running", restarts=2
+    )
     assert decode_allocation(encode_allocation(alloc)) == alloc
     assert alloc.live and not msgspec.structs.replace(alloc, state="lost").live
 
@@ -376,13 +420,25 @@ def test_decoding_a_spec_validates_it():
     with pytest.raises(InvalidWorkload, match="^spec: undecodable"):
         decode_spec(b"\xc1garbage")
     with pytest.raises(InvalidWorkload, match="^allocation"):
-        decode_allocation(msgspec.msgpack.encode({"id": "x", "workload": "w", "version": 0, "node": "n", "replica": 0, "state": "zombie"}))
+        decode_allocation(
+            msgspec.msgpack.encode(
+                {"id": "x", "workload": "w", "version": 0, "node": "n", "replica": 0, "state": "zombie"}
+            )
+        )
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=30))
 def test_flag_parsers_reject_garbage_with_invalid_workload_only(text):
-    for parser in (parse_cpu, parse_memory, parse_port_flag, parse_restart_flag, parse_constraint_flag, parse_spread_flag, parse_env_flag):
+    for parser in (
+        parse_cpu,
+        parse_memory,
+        parse_port_flag,
+        parse_restart_flag,
+        parse_constraint_flag,
+        parse_spread_flag,
+        parse_env_flag,
+    ):
         try:
             parser(text)
         except InvalidWorkload:

@@ -25,8 +25,12 @@ def op(client, kind, inp, out, call, ret, key="k"):
 
 
 def test_sequential_history_is_linearizable():
-    h = [op(0, "put", 1, None, 0, 1), op(0, "get", None, 1, 2, 3), op(0, "cas", (1, 2), True, 4, 5),
-         op(0, "get", None, 2, 6, 7)]
+    h = [
+        op(0, "put", 1, None, 0, 1),
+        op(0, "get", None, 1, 2, 3),
+        op(0, "cas", (1, 2), True, 4, 5),
+        op(0, "get", None, 2, 6, 7),
+    ]
     r = check_history(h)
     assert r.linearizable and r.ops_checked == 4 and r.key is None
 
@@ -56,8 +60,12 @@ def test_read_concurrent_with_write_may_see_either_value():
 
 def test_reads_cannot_see_new_then_old_value_during_one_write():
     # Once a read observed the new value, a later read (real-time after it) cannot see the old one.
-    h = [op(0, "put", 1, None, 0, 1), op(0, "put", 2, None, 2, 10),
-         op(1, "get", None, 2, 3, 4), op(2, "get", None, 1, 5, 6)]
+    h = [
+        op(0, "put", 1, None, 0, 1),
+        op(0, "put", 2, None, 2, 10),
+        op(1, "get", None, 2, 3, 4),
+        op(2, "get", None, 1, 5, 6),
+    ]
     assert not check_history(h).linearizable
 
 
@@ -90,8 +98,12 @@ def test_indeterminate_write_cannot_take_effect_before_its_call():
 
 def test_indeterminate_write_takes_effect_at_most_once():
     # Seen at t=3, so it took effect; the value cannot revert at t=5 without another write.
-    h = [op(0, "put", 1, None, 0, 1), op(1, "put", 5, None, 2, None),
-         op(2, "get", None, 5, 3, 4), op(2, "get", None, 1, 5, 6)]
+    h = [
+        op(0, "put", 1, None, 0, 1),
+        op(1, "put", 5, None, 2, None),
+        op(2, "get", None, 5, 3, 4),
+        op(2, "get", None, 1, 5, 6),
+    ]
     assert not check_history(h).linearizable
 
 
@@ -101,8 +113,12 @@ def test_indeterminate_cas_that_did_not_match_cannot_explain_a_value():
 
 
 def test_keys_are_checked_independently_and_the_failing_key_is_named():
-    h = [op(0, "put", 1, None, 0, 1, key="a"), op(0, "get", None, 1, 2, 3, key="a"),
-         op(1, "put", 1, None, 0, 1, key="b"), op(1, "get", None, 2, 2, 3, key="b")]
+    h = [
+        op(0, "put", 1, None, 0, 1, key="a"),
+        op(0, "get", None, 1, 2, 3, key="a"),
+        op(1, "put", 1, None, 0, 1, key="b"),
+        op(1, "get", None, 2, 2, 3, key="b"),
+    ]
     r = check_history(h)
     assert not r.linearizable and r.key == "b"
     assert "'b'" in r.explanation
@@ -141,10 +157,16 @@ V = VersionedRegisterModel()
 
 
 def test_versioned_sequential_history():
-    h = [op(0, "put", "a", 5, 0, 1), op(0, "get", None, ("a", 5), 2, 3),
-         op(0, "cas", (5, "b"), (True, 9), 4, 5), op(0, "get", None, ["b", 9], 6, 7),
-         op(0, "rm", None, True, 8, 9), op(0, "get", None, None, 10, 11),
-         op(0, "cas", (0, "c"), (True, 12), 12, 13), op(0, "get", None, ("c", 12), 14, 15)]
+    h = [
+        op(0, "put", "a", 5, 0, 1),
+        op(0, "get", None, ("a", 5), 2, 3),
+        op(0, "cas", (5, "b"), (True, 9), 4, 5),
+        op(0, "get", None, ["b", 9], 6, 7),
+        op(0, "rm", None, True, 8, 9),
+        op(0, "get", None, None, 10, 11),
+        op(0, "cas", (0, "c"), (True, 12), 12, 13),
+        op(0, "get", None, ("c", 12), 14, 15),
+    ]
     assert check_history(h, V).linearizable
 
 
@@ -177,8 +199,12 @@ def test_versioned_rm_reports_whether_key_existed():
 
 
 def test_versioned_indeterminate_put_is_revealed_by_a_read():
-    h = [op(0, "put", "a", 5, 0, 1), op(1, "put", "b", None, 2, None),
-         op(2, "get", None, ("b", 8), 3, 4), op(2, "cas", (8, "c"), (True, 10), 5, 6)]
+    h = [
+        op(0, "put", "a", 5, 0, 1),
+        op(1, "put", "b", None, 2, None),
+        op(2, "get", None, ("b", 8), 3, 4),
+        op(2, "cas", (8, "c"), (True, 10), 5, 6),
+    ]
     assert check_history(h, V).linearizable
     # the revealed index must be newer than what the key already had
     h[2] = op(2, "get", None, ("b", 4), 3, 4)
@@ -195,8 +221,9 @@ def test_versioned_indeterminate_cas_may_or_may_not_apply():
 # --- generated histories ---------------------------------------------------------------------------
 
 
-def run_register(rng: random.Random, clients: int, n_ops: int, keys: int, versioned: bool,
-                 indeterminate: float = 0.1) -> list[Operation]:
+def run_register(
+    rng: random.Random, clients: int, n_ops: int, keys: int, versioned: bool, indeterminate: float = 0.1
+) -> list[Operation]:
     """A real sequential execution: each op takes effect at one instant inside its interval."""
     plans = []
     clock = [0.0] * clients
@@ -285,8 +312,12 @@ def test_versioned_write_overtaken_by_a_newer_index_is_refuted_quickly():
     # Concurrent puts must take effect in index order; a read that saw the
     # higher index before the lower one was written cannot be followed by
     # a read of the lower one (the never_legal pruning keeps this fast).
-    h = [op(0, "put", "a", 5, 0, 10), op(1, "put", "b", 9, 0, 10),
-         op(2, "get", None, ("b", 9), 1, 2), op(3, "get", None, ("a", 5), 3, 4)]
+    h = [
+        op(0, "put", "a", 5, 0, 10),
+        op(1, "put", "b", 9, 0, 10),
+        op(2, "get", None, ("b", 9), 1, 2),
+        op(3, "get", None, ("a", 5), 3, 4),
+    ]
     assert not check_history(h, V).linearizable
     h[3] = op(3, "get", None, ("b", 9), 3, 4)
     assert check_history(h, V).linearizable

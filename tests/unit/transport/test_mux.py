@@ -399,7 +399,11 @@ def test_random_bytes_never_crash_the_session_or_grow_memory(data):
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.integers(0, 2**32 - 1), st.integers(1, 40), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8))
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 40),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=8),
+)
 def test_mutated_valid_frames_never_crash_the_session_or_grow_memory(seed, count, mutations):
     rng = random.Random(seed)
     data = bytearray(b"".join(valid_frames(rng, count)))

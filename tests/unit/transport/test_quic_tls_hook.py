@@ -6,7 +6,7 @@ memory (no sockets, no trio), so every handshake flight is deterministic.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aioquic import tls
@@ -28,7 +28,7 @@ from cloudless.transport.quic_tls_hook import (
     rejection_from_close,
 )
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 CLIENT_ADDR = ("10.0.0.1", 4433)
 SERVER_ADDR = ("10.0.0.2", 4433)
 

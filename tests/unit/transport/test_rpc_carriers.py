@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import msgspec
 import pytest
@@ -46,7 +46,7 @@ class Line(msgspec.Struct, frozen=True):
     text: str
 
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 CA = ClusterCA.create("rpc-test", NOW)
 SERVER_CREDS = issue_credentials(CA, Identity("rpc-test", "node", "server"), NOW)
 CLIENT_CREDS = issue_credentials(CA, Identity("rpc-test", "client", "alice"), NOW)

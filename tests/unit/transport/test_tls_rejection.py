@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import ssl
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +26,7 @@ from cloudless.transport.base import ConnectionLost
 from cloudless.transport.tls import TlsCarrier
 from cloudless.transport.websocket import WebSocketCarrier
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 CLUSTER = "tls-test"
 CA = ClusterCA.create(CLUSTER, NOW)
 OTHER_CA = ClusterCA.create(CLUSTER, NOW)  # same cluster id and name, different key
@@ -53,7 +53,9 @@ def forged(san: x509.GeneralName) -> SimpleNamespace:
     return SimpleNamespace(
         ca_pem=CA.certificate_pem,
         cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-        key_pem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        key_pem=key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ),
     )
 
 
@@ -75,7 +77,11 @@ def bad_clients(revocations: RevocationList) -> dict[str, object]:
 
 # "tls-enrollment": a node's listener that also serves token enrollment, where
 # the main context only *asks* for a client certificate; the matrix must hold there too.
-CARRIERS = {"tls": TlsCarrier, "tls-enrollment": functools.partial(TlsCarrier, enrollment=True), "websocket": WebSocketCarrier}
+CARRIERS = {
+    "tls": TlsCarrier,
+    "tls-enrollment": functools.partial(TlsCarrier, enrollment=True),
+    "websocket": WebSocketCarrier,
+}
 
 
 @pytest.fixture(params=sorted(CARRIERS))

@@ -3,7 +3,7 @@ messages are accepted, and the mux rides wss with mutual authentication."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import trio
@@ -18,7 +18,7 @@ from cloudless.transport.base import ConnectionLost
 from cloudless.transport.tls import TlsContexts, client_handshake, open_tcp
 from cloudless.transport.websocket import RESOURCE, WebSocketCarrier
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 CA = ClusterCA.create("ws-test", NOW)
 SERVER = issue_credentials(CA, Identity("ws-test", "node", "server"), NOW)
 CLIENT = issue_credentials(CA, Identity("ws-test", "node", "client"), NOW)

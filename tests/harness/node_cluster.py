@@ -17,8 +17,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CLI = [sys.executable, "-m", "cloudless"]
 
@@ -43,7 +44,9 @@ def free_port() -> int:
     raise RuntimeError("no free port")
 
 
-def cli(*args: str, config: Path | None = None, timeout: float = 30, check: bool = False) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, config: Path | None = None, timeout: float = 30, check: bool = False
+) -> subprocess.CompletedProcess:
     """`cloudless <args>` as a user runs it, with `config` as CLOUDLESS_CONFIG."""
     env = dict(os.environ)
     if config is not None:
@@ -95,12 +98,22 @@ class NodeProcess:
         self.extra = ["--name", name, *extra]
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *join_args: str) -> "NodeProcess":
+    def start(self, *join_args: str) -> NodeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.data_dir / "node.out", "ab") as out:
             self.proc = subprocess.Popen(
-                [*CLI, "node", "--data-dir", str(self.data_dir), "--listen", self.address, "--voter-stabilization", "1",
-                 *self.extra, *join_args],
+                [
+                    *CLI,
+                    "node",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--listen",
+                    self.address,
+                    "--voter-stabilization",
+                    "1",
+                    *self.extra,
+                    *join_args,
+                ],
                 stdout=out,
                 stderr=out,
                 stdin=subprocess.DEVNULL,

@@ -1,4 +1,4 @@
-"""Build small OCI images for tests, benchmarks and the demo, and push them.
+"""Build small OCI images for the demo, benchmarks and tests.
 
 The busybox image is made from Debian's static /usr/bin/busybox plus one
 symlink per applet, so it runs under runc with no network access at build
@@ -24,10 +24,9 @@ import platform as _platform
 import random
 import subprocess
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
-import httpx
 import zstandard
 
 from cloudless.sandbox import oci
@@ -57,46 +56,46 @@ class TarBuilder:
         ti.mtime = MTIME
         return ti
 
-    def dir(self, name: str, mode: int = 0o755, **kw) -> "TarBuilder":
+    def dir(self, name: str, mode: int = 0o755, **kw) -> TarBuilder:
         self.tar.addfile(self._info(name, tarfile.DIRTYPE, mode, **kw))
         return self
 
-    def file(self, name: str, data: bytes, mode: int = 0o644, **kw) -> "TarBuilder":
+    def file(self, name: str, data: bytes, mode: int = 0o644, **kw) -> TarBuilder:
         ti = self._info(name, tarfile.REGTYPE, mode, **kw)
         ti.size = len(data)
         self.tar.addfile(ti, io.BytesIO(data))
         return self
 
-    def file_from(self, name: str, path: Path, mode: int = 0o755, **kw) -> "TarBuilder":
+    def file_from(self, name: str, path: Path, mode: int = 0o755, **kw) -> TarBuilder:
         ti = self._info(name, tarfile.REGTYPE, mode, **kw)
         ti.size = path.stat().st_size
         with open(path, "rb") as f:
             self.tar.addfile(ti, f)
         return self
 
-    def symlink(self, name: str, target: str) -> "TarBuilder":
+    def symlink(self, name: str, target: str) -> TarBuilder:
         ti = self._info(name, tarfile.SYMTYPE, 0o777)
         ti.linkname = target
         self.tar.addfile(ti)
         return self
 
-    def hardlink(self, name: str, target: str) -> "TarBuilder":
+    def hardlink(self, name: str, target: str) -> TarBuilder:
         ti = self._info(name, tarfile.LNKTYPE, 0o644)
         ti.linkname = target
         self.tar.addfile(ti)
         return self
 
-    def device(self, name: str, kind: str = "char", major: int = 1, minor: int = 3) -> "TarBuilder":
+    def device(self, name: str, kind: str = "char", major: int = 1, minor: int = 3) -> TarBuilder:
         ti = self._info(name, tarfile.CHRTYPE if kind == "char" else tarfile.BLKTYPE, 0o666)
         ti.devmajor, ti.devminor = major, minor
         self.tar.addfile(ti)
         return self
 
-    def fifo(self, name: str) -> "TarBuilder":
+    def fifo(self, name: str) -> TarBuilder:
         self.tar.addfile(self._info(name, tarfile.FIFOTYPE, 0o644))
         return self
 
-    def raw(self, info: tarfile.TarInfo, data: bytes | None = None) -> "TarBuilder":
+    def raw(self, info: tarfile.TarInfo, data: bytes | None = None) -> TarBuilder:
         self.tar.addfile(info, io.BytesIO(data) if data is not None else None)
         return self
 
@@ -165,7 +164,7 @@ class BuiltImage:
                 "created": "2023-11-14T22:13:20Z",
                 "config": container_config,
                 "rootfs": {"type": "layers", "diff_ids": [_sha(layer) for layer in layers]},
-                "history": [{"created_by": "cloudless.testing.oci_build"} for _ in layers],
+                "history": [{"created_by": "cloudless.sandbox.imagebuild"} for _ in layers],
             },
             sort_keys=True,
         ).encode()
@@ -271,8 +270,14 @@ def build_busybox_image(
 
 
 def synthetic_image(
-    total_bytes: int, *, layers: int = 4, files_per_layer: int = 64, compressible: float = 0.5, seed: int = 0,
-    compression: str = "gzip", name: str = "localhost/synthetic:latest",
+    total_bytes: int,
+    *,
+    layers: int = 4,
+    files_per_layer: int = 64,
+    compressible: float = 0.5,
+    seed: int = 0,
+    compression: str = "gzip",
+    name: str = "localhost/synthetic:latest",
 ) -> BuiltImage:
     """Layers of random-sized files; `compressible` is the share of text-like content."""
     rng = random.Random(seed)
@@ -294,133 +299,14 @@ def synthetic_image(
 
 
 def build_image(
-    dest_dir: Path, layers: Iterable[bytes], form: str = "layout", *, name: str = "localhost/test:latest",
-    compression: str = "gzip", container_config: dict | None = None,
+    dest_dir: Path,
+    layers: Iterable[bytes],
+    form: str = "layout",
+    *,
+    name: str = "localhost/test:latest",
+    compression: str = "gzip",
+    container_config: dict | None = None,
 ) -> Path:
     """An image from given uncompressed layer tars (e.g. malicious ones in tests)."""
     img = BuiltImage(list(layers), compression, container_config or {"Cmd": ["sh"]}, name)
     return img.write(Path(dest_dir), form)
-
-
-# Pushing to a registry (distribution v2, monolithic uploads) ----------------
-
-
-def push_image(
-    image: BuiltImage, base_url: str, repository: str, tag: str, *,
-    token_source: Callable[[httpx.Response], str] | None = None, timeout: float = 30.0,
-) -> str:
-    """Push `image` to `base_url` (e.g. "http://127.0.0.1:5000"); returns the manifest digest.
-
-    `token_source(response_401)` returns a bearer token for registries that
-    demand one.
-    """
-    headers: dict[str, str] = {}
-    with httpx.Client(base_url=base_url, timeout=timeout) as client:
-
-        def request(method: str, url: str, **kw) -> httpx.Response:
-            extra = kw.pop("headers", {})
-            r = client.request(method, url, headers={**headers, **extra}, **kw)
-            if r.status_code == 401 and token_source is not None:
-                headers["Authorization"] = f"Bearer {token_source(r)}"
-                r = client.request(method, url, headers={**headers, **extra}, **kw)
-            return r
-
-        for digest, data in image.blobs().items():
-            if digest == image.manifest_digest:
-                continue
-            if request("HEAD", f"/v2/{repository}/blobs/{digest}").status_code == 200:
-                continue
-            r = request("POST", f"/v2/{repository}/blobs/uploads/")
-            r.raise_for_status()
-            location = r.headers["Location"]
-            sep = "&" if "?" in location else "?"
-            r = request(
-                "PUT", f"{location}{sep}digest={digest}", content=data,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            r.raise_for_status()
-        r = request(
-            "PUT", f"/v2/{repository}/manifests/{tag}", content=image.manifest,
-            headers={"Content-Type": oci.OCI_MANIFEST},
-        )
-        r.raise_for_status()
-    return image.manifest_digest
-
-
-# A real registry on loopback (Debian's docker-registry) ----------------------
-
-DOCKER_REGISTRY = Path("/usr/bin/docker-registry")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LocalRegistry:
-    """A docker-registry process on 127.0.0.1 with filesystem storage in `workdir`.
-
-    `auth` is inserted as the config's `auth:` section (e.g. a token section).
-    """
-
-    def __init__(self, workdir: Path, auth: dict | None = None) -> None:
-        self.workdir = Path(workdir)
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
-        self.auth = auth
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 15.0) -> "LocalRegistry":
-        import time
-
-        import yaml
-
-        if not DOCKER_REGISTRY.exists():
-            raise FileNotFoundError(f"{DOCKER_REGISTRY} is missing: install Debian's docker-registry")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "version": 0.1,
-            "log": {"level": "warn"},
-            "storage": {"filesystem": {"rootdirectory": str(self.workdir / "storage")}, "delete": {"enabled": True}},
-            "http": {"addr": self.host, "secret": "cloudless-test"},
-        }
-        if self.auth:
-            config["auth"] = self.auth
-        cfg = self.workdir / "config.yml"
-        cfg.write_text(yaml.safe_dump(config))
-        self._log = open(self.workdir / "registry.log", "wb")
-        self.proc = subprocess.Popen([str(DOCKER_REGISTRY), "serve", str(cfg)], stdout=self._log, stderr=self._log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry exited: {(self.workdir / 'registry.log').read_text()[-2000:]}")
-            try:
-                r = httpx.get(f"{self.url}/v2/", timeout=1.0)
-                if r.status_code in (200, 401):
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError("docker-registry did not start listening in time")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if getattr(self, "_log", None):
-            self._log.close()
-
-    def __enter__(self) -> "LocalRegistry":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

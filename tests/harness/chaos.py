@@ -45,15 +45,16 @@ import random
 import signal
 import subprocess
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
+from typing import Any, Union
 
 import trio
 
 from cloudless.errors import CloudlessError, InvalidInput
 from cloudless.testing.linearizability import CheckResult, Model, Operation, VersionedRegisterModel, check_history
-from cloudless.testing.netns import Host, NetnsHosts
+from tests.harness.netns import Host, NetnsHosts
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +92,14 @@ class ProcessSpec:
     env: Mapping[str, str] = field(default_factory=dict)
     stop_grace_s: float = 5.0
     # Awaited after each start until it returns; raising fails the start.
-    ready: Callable[["HostProcess"], Awaitable[None]] | None = None
+    ready: Callable[[HostProcess], Awaitable[None]] | None = None
     ready_timeout_s: float = 30.0
 
 
 class HostProcess:
     """The process of one host: start, stop, kill -9, restart; logs to a file."""
 
-    def __init__(self, cluster: "ChaosCluster", host: Host) -> None:
+    def __init__(self, cluster: ChaosCluster, host: Host) -> None:
         self.cluster = cluster
         self.host = host
         self.spec = cluster.spec
@@ -172,7 +173,10 @@ class HostProcess:
                 env=env,
                 start_new_session=True,
             )
-        log.info("chaos.process_started", extra={"fields": {"host": self.host.index, "pid": self.proc.pid, "start": self.starts}})
+        log.info(
+            "chaos.process_started",
+            extra={"fields": {"host": self.host.index, "pid": self.proc.pid, "start": self.starts}},
+        )
         if self.spec.ready is not None:
             await self._wait_ready()
 
@@ -280,7 +284,7 @@ class HostProcess:
 Target = Union[int, Callable[["ChaosCluster"], Awaitable[int]]]
 
 
-async def _resolve(cluster: "ChaosCluster", target: Target) -> int:
+async def _resolve(cluster: ChaosCluster, target: Target) -> int:
     return target if isinstance(target, int) else int(await target(cluster))
 
 
@@ -288,7 +292,7 @@ async def _resolve(cluster: "ChaosCluster", target: Target) -> int:
 class Partition:
     groups: Sequence[Sequence[int]]
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         await cluster.partition(self.groups)
         return f"partition {[list(g) for g in self.groups]}"
 
@@ -297,7 +301,7 @@ class Partition:
 class Isolate:
     target: Target
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         host = await _resolve(cluster, self.target)
         await cluster.isolate(host)
         return f"isolate host{host}"
@@ -308,7 +312,7 @@ class OneWay:
     src: Target
     dst: Target
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         src, dst = await _resolve(cluster, self.src), await _resolve(cluster, self.dst)
         await cluster.one_way(src, dst)
         return f"one-way drop host{src} -> host{dst}"
@@ -320,7 +324,7 @@ class Loss:
     p: float
     direction: str = "in"
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         host = await _resolve(cluster, self.target)
         await cluster.loss(host, self.p, self.direction)
         return f"loss host{host} p={self.p} {self.direction}"
@@ -328,7 +332,7 @@ class Loss:
 
 @dataclass(frozen=True)
 class Heal:
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         await cluster.heal()
         return "heal"
 
@@ -337,7 +341,7 @@ class Heal:
 class Kill9:
     target: Target
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         host = await _resolve(cluster, self.target)
         await cluster.kill9(host)
         return f"kill -9 host{host}"
@@ -349,7 +353,7 @@ class Restart:
 
     target: Target | None = None
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         if self.target is None:
             down = [p.host.index for p in cluster.processes if p.proc is not None and not p.running]
         else:
@@ -366,7 +370,7 @@ class Stop:
     target: Target
     grace_s: float = 5.0
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         host = await _resolve(cluster, self.target)
         await cluster.stop(host, self.grace_s)
         return f"stop host{host}"
@@ -376,7 +380,7 @@ class Stop:
 class Pause:
     target: Target
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         host = await _resolve(cluster, self.target)
         paused = cluster.process(host).pause()
         return f"pause host{host}" + ("" if paused else " (not running)")
@@ -388,7 +392,7 @@ class Resume:
 
     target: Target | None = None
 
-    async def apply(self, cluster: "ChaosCluster") -> str:
+    async def apply(self, cluster: ChaosCluster) -> str:
         if self.target is None:
             hosts = [p.host.index for p in cluster.processes if p.paused]
         else:
@@ -412,7 +416,7 @@ def random_schedule(
     fault_s: tuple[float, float] = (1.0, 3.0),
     calm_s: tuple[float, float] = (0.5, 2.0),
     loss_p: tuple[float, float] = (0.1, 0.5),
-    leader: Callable[["ChaosCluster"], Awaitable[int]] | None = None,
+    leader: Callable[[ChaosCluster], Awaitable[int]] | None = None,
 ) -> list[tuple[float, Fault]]:
     """Faults one at a time, each repaired before the next (Heal; Restart
     after kill9 or stop; Resume after pause); the last repair lands by
@@ -550,7 +554,7 @@ async def run_workload(
     *,
     seed: int,
     schedule: Schedule = (),
-    cluster: "ChaosCluster | None" = None,
+    cluster: ChaosCluster | None = None,
     heal_at_end: bool = True,
 ) -> WorkloadResult:
     """Run the clients for `workload.duration_s` (or `max_ops` ops) while the
@@ -576,7 +580,14 @@ async def run_workload(
     end = t0 + workload.duration_s
     log.info(
         "chaos.workload_started",
-        extra={"fields": {"seed": seed, "clients": workload.clients, "duration_s": workload.duration_s, "faults": len(schedule)}},
+        extra={
+            "fields": {
+                "seed": seed,
+                "clients": workload.clients,
+                "duration_s": workload.duration_s,
+                "faults": len(schedule),
+            }
+        },
     )
 
     def fresh_client_id() -> int:
@@ -698,7 +709,7 @@ class ChaosCluster:
     def hosts(self) -> list[Host]:
         return self.net.hosts
 
-    async def __aenter__(self) -> "ChaosCluster":
+    async def __aenter__(self) -> ChaosCluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         await trio.to_thread.run_sync(self.net.create)
         self.processes = [HostProcess(self, h) for h in self.hosts]
@@ -787,7 +798,9 @@ class ChaosCluster:
         self, workload: VarsWorkload, schedule: Schedule = (), *, seed: int | None = None, heal_at_end: bool = True
     ) -> WorkloadResult:
         seed = self.seed if seed is None else seed
-        result = await run_workload(self.hosts, workload, seed=seed, schedule=schedule, cluster=self, heal_at_end=heal_at_end)
+        result = await run_workload(
+            self.hosts, workload, seed=seed, schedule=schedule, cluster=self, heal_at_end=heal_at_end
+        )
         result.save(self.run_dir / f"history-{seed}.jsonl")
         return result
 
@@ -814,4 +827,3 @@ async def wait_tcp(ip: str, port: int, timeout_s: float = 10.0, interval_s: floa
                 continue
             await stream.aclose()
             return
-

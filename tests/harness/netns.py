@@ -44,10 +44,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from cloudless.errors import CloudlessError, InvalidInput
 
@@ -291,10 +291,10 @@ def _as_probability(p: float) -> float:
 class NetnsHosts:
     """K hosts on one bridge; a context manager that always tears them down.
 
-        with NetnsHosts(3) as net:
-            proc = net.run_in(net.hosts[0], ["python3", "-m", "http.server"])
-            net.partition([[0], [1, 2]])
-            net.heal()
+    with NetnsHosts(3) as net:
+        proc = net.run_in(net.hosts[0], ["python3", "-m", "http.server"])
+        net.partition([[0], [1, 2]])
+        net.heal()
     """
 
     def __init__(
@@ -328,7 +328,7 @@ class NetnsHosts:
 
     # ------------------------------------------------------------ lifecycle
 
-    def __enter__(self) -> "NetnsHosts":
+    def __enter__(self) -> NetnsHosts:
         self.create()
         return self
 
@@ -379,7 +379,14 @@ class NetnsHosts:
             raise
         log.info(
             "netns.hosts_created",
-            extra={"fields": {"run": self.run_id, "hosts": self.count, "subnet": str(self.subnet), "iptables": self.iptables}},
+            extra={
+                "fields": {
+                    "run": self.run_id,
+                    "hosts": self.count,
+                    "subnet": str(self.subnet),
+                    "iptables": self.iptables,
+                }
+            },
         )
 
     def _choose_subnet(self) -> ipaddress.IPv4Network:
@@ -426,7 +433,18 @@ class NetnsHosts:
         rules = _command([self.iptables, "-w", "-S", "FORWARD"], timeout=self.timeout, check=False)
         if "-P FORWARD ACCEPT" in rules and " DROP" not in rules and " REJECT" not in rules:
             return
-        rule = ["-i", self.bridge, "-o", self.bridge, "-m", "comment", "--comment", f"{PREFIX}{self.run_id}", "-j", "ACCEPT"]
+        rule = [
+            "-i",
+            self.bridge,
+            "-o",
+            self.bridge,
+            "-m",
+            "comment",
+            "--comment",
+            f"{PREFIX}{self.run_id}",
+            "-j",
+            "ACCEPT",
+        ]
         _command([self.iptables, "-w", "-I", "FORWARD", "1", *rule], timeout=self.timeout)
         self._forward_rule = rule
 
@@ -475,12 +493,12 @@ class NetnsHosts:
     def _teardown_at_exit(self) -> None:
         try:
             self.teardown(raise_errors=False)
-        except Exception:  # noqa: BLE001 - at interpreter exit, report and go on
+        except Exception:
             log.exception("netns.teardown_at_exit_failed", extra={"fields": {"run": self.run_id}})
 
     # ------------------------------------------------------------ processes
 
-    def host(self, ref: "Host | int") -> Host:
+    def host(self, ref: Host | int) -> Host:
         if isinstance(ref, Host):
             return ref
         try:
@@ -488,11 +506,11 @@ class NetnsHosts:
         except (IndexError, TypeError) as exc:
             raise InvalidInput(f"no host {ref!r} (have {len(self.hosts)})", host=ref) from exc
 
-    def exec_argv(self, host: "Host | int", argv: Sequence[str]) -> list[str]:
+    def exec_argv(self, host: Host | int, argv: Sequence[str]) -> list[str]:
         """`argv` prefixed to run inside the host's namespace (for any launcher)."""
         return ["ip", "netns", "exec", self.host(host).netns, *argv]
 
-    def run_in(self, host: "Host | int", argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
+    def run_in(self, host: Host | int, argv: Sequence[str], **popen_kwargs) -> subprocess.Popen:
         """Start `argv` inside the host, in its own session (so `kill9` takes its
         children too). The process is killed at teardown if still running."""
         popen_kwargs.setdefault("start_new_session", True)
@@ -501,7 +519,7 @@ class NetnsHosts:
         return proc
 
     def run(
-        self, host: "Host | int", argv: Sequence[str], *, timeout: float = 10.0, check: bool = True
+        self, host: Host | int, argv: Sequence[str], *, timeout: float = 10.0, check: bool = True
     ) -> subprocess.CompletedProcess:
         """Run `argv` to completion inside the host (text output captured).
         With `check`, a non-zero exit raises NetnsError carrying its stderr."""
@@ -509,7 +527,9 @@ class NetnsHosts:
         try:
             proc = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as exc:
-            raise NetnsError(f"{argv[0]} in {self.host(host).name} timed out after {timeout}s", command=" ".join(full)) from exc
+            raise NetnsError(
+                f"{argv[0]} in {self.host(host).name} timed out after {timeout}s", command=" ".join(full)
+            ) from exc
         if check and proc.returncode != 0:
             raise NetnsError(
                 f"{' '.join(argv[:6])} in {self.host(host).name} failed: {proc.stderr.strip()}",
@@ -526,7 +546,7 @@ class NetnsHosts:
             lines += [f"-A {PART_CHAIN} {rule} -j DROP" for rule in self._faults[host.index].part]
             self._restore(host, "\n".join([*lines, "COMMIT", ""]))
 
-    def partition(self, groups: Sequence[Sequence["Host | int"]]) -> None:
+    def partition(self, groups: Sequence[Sequence[Host | int]]) -> None:
         """Symmetric partition: hosts in different groups exchange no packets.
         Hosts named in no group form one more group together. Replaces any
         previous partition or one-way rule."""
@@ -542,13 +562,15 @@ class NetnsHosts:
             others = [o for o in self.hosts if group_of[o.index] != group_of[host.index]]
             self._faults[host.index].part = [f"-s {o.ip}/32" for o in others] + [f"-d {o.ip}/32" for o in others]
         self._apply_part(self.hosts)
-        log.info("netns.partition", extra={"fields": {"run": self.run_id, "groups": [[h.index for h in g] for g in named]}})
+        log.info(
+            "netns.partition", extra={"fields": {"run": self.run_id, "groups": [[h.index for h in g] for g in named]}}
+        )
 
-    def isolate(self, host: "Host | int") -> None:
+    def isolate(self, host: Host | int) -> None:
         """Cut one host off from every other host (clients in the root namespace still reach it)."""
         self.partition([[self.host(host)]])
 
-    def one_way(self, src: "Host | int", dst: "Host | int") -> None:
+    def one_way(self, src: Host | int, dst: Host | int) -> None:
         """Asymmetric fault: packets from src to dst are dropped (at dst's INPUT);
         dst to src still flows. Adds to the current rules."""
         src, dst = self.host(src), self.host(dst)
@@ -560,7 +582,7 @@ class NetnsHosts:
         self._apply_part([dst])
         log.info("netns.one_way", extra={"fields": {"run": self.run_id, "src": src.index, "dst": dst.index}})
 
-    def loss(self, host: "Host | int", p: float, direction: str = "in") -> None:
+    def loss(self, host: Host | int, p: float, direction: str = "in") -> None:
         """Drop each non-loopback packet the host receives ("in"), sends ("out")
         or both with probability p. Replaces the host's previous loss setting
         for those directions; p=0 keeps a rule that never matches."""
@@ -572,17 +594,21 @@ class NetnsHosts:
         for chain, d in ((LOSS_IN_CHAIN, "in"), (LOSS_OUT_CHAIN, "out")):
             if direction not in (d, "both"):
                 continue
-            lines += [f":{chain} - [0:0]", f"-F {chain}", f"-A {chain} -m statistic --mode random --probability {p:.6f} -j DROP"]
+            lines += [
+                f":{chain} - [0:0]",
+                f"-F {chain}",
+                f"-A {chain} -m statistic --mode random --probability {p:.6f} -j DROP",
+            ]
             setattr(faults, f"loss_{d}", p)
             setattr(faults, f"loss_rule_{d}", True)
         self._restore(host, "\n".join([*lines, "COMMIT", ""]))
-        log.info("netns.loss", extra={"fields": {"run": self.run_id, "host": host.index, "p": p, "direction": direction}})
+        log.info(
+            "netns.loss", extra={"fields": {"run": self.run_id, "host": host.index, "p": p, "direction": direction}}
+        )
 
     def heal(self) -> None:
         """Remove every partition, one-way and loss rule from every host."""
-        script = "\n".join(
-            ["*filter", *(f"-F {c}" for c in (PART_CHAIN, LOSS_IN_CHAIN, LOSS_OUT_CHAIN)), "COMMIT", ""]
-        )
+        script = "\n".join(["*filter", *(f"-F {c}" for c in (PART_CHAIN, LOSS_IN_CHAIN, LOSS_OUT_CHAIN)), "COMMIT", ""])
         for host in self.hosts:
             self._restore(host, script)
             self._faults[host.index] = _HostFaults()
@@ -596,7 +622,7 @@ class NetnsHosts:
             if f.part or f.loss_in or f.loss_out
         }
 
-    def rule_counters(self, host: "Host | int") -> list[RuleCounter]:
+    def rule_counters(self, host: Host | int) -> list[RuleCounter]:
         """Packet/byte counters of the harness's fault rules in the host."""
         host = self.host(host)
         out = self.run(host, [f"{self.iptables}-save", "-c", "-t", "filter"], timeout=self.timeout).stdout
@@ -623,7 +649,9 @@ def kill9(proc: subprocess.Popen, timeout: float = 10.0) -> int:
 
 
 def _print_hosts(net: NetnsHosts) -> None:
-    sys.stdout.write(f"run {net.run_id}: bridge {net.bridge} {net.gateway_ip}/{net.subnet.prefixlen}, iptables {net.iptables}\n")
+    sys.stdout.write(
+        f"run {net.run_id}: bridge {net.bridge} {net.gateway_ip}/{net.subnet.prefixlen}, iptables {net.iptables}\n"
+    )
     for h in net.hosts:
         sys.stdout.write(f"  {h.name}  {h.ip:<15}  ip netns exec {h.netns} <command>\n")
 
@@ -664,7 +692,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for run_id, record in sorted(_read_records(RECORD_DIR).items()):
             owner = "manual" if record.get("manual") else f"pid {record.get('pid')}"
             alive = "live" if _record_alive(record) else "stale"
-            sys.stdout.write(f"{run_id}  {record.get('subnet')}  {len(record.get('hosts', []))} hosts  {owner} ({alive})\n")
+            sys.stdout.write(
+                f"{run_id}  {record.get('subnet')}  {len(record.get('hosts', []))} hosts  {owner} ({alive})\n"
+            )
         return 0
     stale = sweep_stale()
     sys.stdout.write(f"swept {len(stale)} run(s) {' '.join(stale)}\n")
