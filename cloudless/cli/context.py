@@ -16,6 +16,7 @@ from cloudless.api import client_config
 from cloudless.api.client_config import Context
 from cloudless.cli import output
 from cloudless.cli.output import Column, OutputFormat
+from cloudless.errors import NotFound
 
 
 def _config_option(fn):
@@ -77,6 +78,8 @@ def ls(config_path: Path | None, out: OutputFormat) -> None:
 @output.output_options
 def current(config_path: Path | None, out: OutputFormat) -> None:
     config = client_config.load(config_path)
+    if not config.current_context:
+        raise NotFound(f"{config.path}: no current context; choose one with `cloudless context use NAME`")
     ctx = config.context()
     if out.structured:
         out.emit(_doc(ctx, config.current_context))
