@@ -36,6 +36,7 @@ from cloudless.cli.output import (
     Column,
     OutputFormat,
     emit_json,
+    emit_raw,
     emit_yaml,
     json_option,
     one_line,
@@ -203,7 +204,7 @@ async def vars_get(client: ClusterClient, out: OutputFormat, key: str, stale: bo
     if out.structured:
         out.emit(_var_doc(value))
     else:
-        stdout.print(value.value)
+        emit_raw(value.value)
 
 
 @vars.command("put", help="Write a variable.")
@@ -311,7 +312,7 @@ async def events(client: ClusterClient, out: OutputFormat, follow: bool, last: i
                 emit_json(to_builtins(event))  # following: one document per line
             elif out.structured:
                 emit_yaml(to_builtins(event))
-                stdout.print("---")  # following: a YAML stream, one document per event
+                emit_raw("---")  # following: a YAML stream, one document per event
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
                 stdout.print(f"{stamp} {event.kind:28} {event.node:20} {one_line(event.message)}")

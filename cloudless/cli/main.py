@@ -68,7 +68,7 @@ class LazyGroup(click.Group):
         # Every error a command raises ends here: one line (or the -o json|yaml document) and its exit code.
         try:
             return super().invoke(ctx)
-        except click.exceptions.Exit:
+        except (click.exceptions.Exit, click.Abort):
             raise
         except Exception as exc:
             raise click.exceptions.Exit(output.report(exc, ctx.meta.get(output.FORMAT_META))) from None
@@ -85,8 +85,12 @@ class LazyGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.Abort:  # Ctrl-C (click turns KeyboardInterrupt into Abort)
-            code = output.EXIT_INTERRUPTED
+        except click.Abort as exc:  # click turns Ctrl-C (KeyboardInterrupt) and EOF into Abort
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                code = output.EXIT_INTERRUPTED
+            else:
+                output.print_error("aborted")
+                code = 1
         except Exception as exc:  # errors before a command runs, e.g. `cloudless --bogus`
             code = output.report(exc)
         else:

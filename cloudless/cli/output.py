@@ -50,8 +50,8 @@ class _Console(Console):
 
 _UNBOUNDED = 1 << 20
 # soft_wrap: print() never breaks a long line (a token, an ID) on a terminal either.
-stdout = _Console(markup=False, highlight=False, soft_wrap=True)
-stderr = _Console(stderr=True, markup=False, highlight=False, soft_wrap=True)
+stdout = _Console(markup=False, highlight=False, emoji=False, soft_wrap=True)
+stderr = _Console(stderr=True, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 FORMATS = ("json", "yaml", "wide")
 # click's Context.meta is shared by a command and its parents, so the group's
@@ -95,6 +95,12 @@ TEXT = OutputFormat()
 def list_document(items: Sequence[Any], **fields: Any) -> dict[str, Any]:
     """The one shape of a list: `{"items": [...]}`, list-level fields beside it."""
     return {**fields, "items": list(items)}
+
+
+def emit_raw(text: str) -> None:
+    """User data exactly as stored (a variable's value): no rich rendering, no tab expansion."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 def emit_json(document: Any) -> None:

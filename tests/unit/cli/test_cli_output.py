@@ -266,3 +266,13 @@ def test_completion_refuses_an_unknown_shell():
 def test_click_usage_hint_names_the_command():
     error = output.as_cloudless_error(click.UsageError("Missing argument 'KEY'.", ctx=None))
     assert (error.exit_code, error.code, error.message) == (2, "invalid", "Missing argument 'KEY'")
+
+
+def test_ctrl_c_exits_130_without_a_traceback(config, monkeypatch):
+    def interrupted(path=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("cloudless.api.client_config.load", interrupted)
+    result = invoke("status", config=config)
+    assert result.exit_code == 130
+    assert "Traceback" not in result.output and result.stdout == ""
