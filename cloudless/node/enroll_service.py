@@ -117,6 +117,7 @@ class EnrollService:
                 Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
                 datetime.fromtimestamp(now, UTC),
                 node_certificate_lifetime() if req.role == "node" else None,
+                role=None if req.role == "node" else req.role,
             )
         except PKIError as exc:
             raise InvalidInput(f"cannot sign the request: {exc.message}") from None

@@ -31,6 +31,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from cloudless.authz import CallGate, ProofVerifier
 from cloudless.api.client_config import ClientConfig, Context
 from cloudless.coordinator.autopilot import AutopilotConfig
 from cloudless.durable import write_atomic
@@ -190,7 +191,9 @@ class Node:
         )
         write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
         ReplicatedState.bootstrap(self.data.raft, name)
-        admin = issue_credentials(ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365))
+        admin = issue_credentials(
+            ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365), role="admin"
+        )
         config = ClientConfig(
             contexts={
                 cluster_id: Context(
@@ -276,6 +279,11 @@ class Node:
         if revocations_file.exists():
             self.revocations.install(RevocationList.from_bytes(revocations_file.read_bytes()))
         verifier = PeerVerifier(self.credentials.ca_certificate, self.revocations, self.cluster_id)
+        # Default deny on every call: authz's permission table, with forwarded
+        # client calls authorized by the client's own signed proof.
+        gate = CallGate(ProofVerifier(verifier))
+        self.server.authorize = gate
+        self.enroll_server.authorize = gate
 
         if self.options.listen[1] == 0:
             raise InvalidInput("--listen needs an explicit port: UDP and TCP must share it", field="listen")
