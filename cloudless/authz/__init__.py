@@ -17,7 +17,7 @@ from cloudless.authz.roles import (
     Role,
     principal_of,
 )
-from cloudless.authz.table import PERMISSIONS, Authorizer, PermissionDenied, Rule
+from cloudless.authz.table import PERMISSIONS, Authorizer, PermissionDenied, Rule, is_listed
 
 __all__ = [
     "CLIENT_ROLES",
@@ -31,5 +31,6 @@ __all__ = [
     "ProofVerifier",
     "Role",
     "Rule",
+    "is_listed",
     "principal_of",
 ]

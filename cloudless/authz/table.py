@@ -125,6 +125,13 @@ PERMISSIONS: dict[str, Rule] = {
 }
 
 
+def is_listed(method: str) -> bool:
+    """Whether `method` (or, for `fwd.<m>`, `m`) has a rule: RpcServer's `listed` check."""
+    if method.startswith(FORWARD_PREFIX):
+        method = method[len(FORWARD_PREFIX) :]
+    return method in PERMISSIONS
+
+
 def denied(principal: Principal, action: str) -> PermissionDenied:
     return PermissionDenied(
         f"permission denied: {principal} may not {action}", identity=principal.uri, role=principal.role or "none"

@@ -95,9 +95,7 @@ def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Cer
     csr = load_csr(request.csr_pem)
     kind = "node" if request.role == "node" else "client"
     identity = Identity(ca.cluster_id, kind, request.name)
-    return ca.issue(
-        csr, identity, datetime.fromtimestamp(now, UTC), role=None if kind == "node" else request.role
-    )
+    return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC), role=None if kind == "node" else request.role)
 
 
 # -- the joiner's side --------------------------------------------------------

@@ -31,7 +31,7 @@ from pathlib import Path
 import msgspec
 import trio
 
-from cloudless.authz import CallGate, ProofVerifier
+from cloudless.authz import CallGate, ProofVerifier, is_listed
 from cloudless.api.client_config import ClientConfig, Context
 from cloudless.coordinator.autopilot import AutopilotConfig
 from cloudless.durable import write_atomic
@@ -135,8 +135,8 @@ class Node:
         self.rpc: RpcClient | None = None
         self.endpoint: UdpEndpoint | None = None
         self.coordinator = None
-        self.server = RpcServer()
-        self.enroll_server = RpcServer()
+        self.server = RpcServer(listed=is_listed)
+        self.enroll_server = RpcServer(listed=is_listed)
         self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
 
     # -- identity ------------------------------------------------------------------

@@ -58,7 +58,7 @@ class DeleteVar(Command, tag="var.rm"):
 class CreateToken(Command, tag="token.create"):
     token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
     secret_hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
     expires_at: float
     max_uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
@@ -67,7 +67,7 @@ class ConsumeToken(Command, tag="token.consume"):
     """Spend one use of a token; the leader checked the secret before proposing."""
 
     token_id: str
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
 
 
 class RegisterNode(Command, tag="node.register"):

@@ -328,11 +328,15 @@ class RpcServer:
         max_timeout: float | None = None,
         request_timeout: float = REQUEST_READ_TIMEOUT,
         authorize: Authorize | None = None,
+        listed: Callable[[str], bool] | None = None,
     ) -> None:
         self._methods: dict[str, _Method] = {}
         # Every call passes this before its body is decoded; a node's servers
         # use cloudless.authz (default deny), bare test servers none.
         self.authorize = authorize
+        # Registering a method the permission table does not list fails at
+        # start-up, so no RPC can exist without a declared policy.
+        self.listed = listed
         self.max_frame_size = max_frame_size
         self.request_timeout = request_timeout  # a client must deliver its request this fast
         self.max_timeout = max_timeout  # caps what clients may ask for
@@ -352,6 +356,8 @@ class RpcServer:
             raise ValueError(f"method name must be 1..{MAX_METHOD_LENGTH} characters")
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered")
+        if self.listed is not None and not self.listed(name):
+            raise ValueError(f"method {name!r} has no entry in the permission table (cloudless/authz/table.py)")
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {name!r} must be an async function")
         self._methods[name] = _Method(name, handler, request, streaming)
