@@ -227,6 +227,10 @@ class Proposal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
     seq: Index = 0
     version: int = FORMAT_VERSION
+    # "" when the leader proposed it; the node's name when a node forwarded it
+    # (stamped by the leader, never by the node): the FSM then applies only
+    # what `node_may_propose` allows that node.
+    proposer: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 # Results --------------------------------------------------------------------
@@ -279,6 +283,23 @@ _result_decoder = msgspec.msgpack.Decoder(ResultUnion)
 
 class InvalidCommand(InvalidInput):
     pass
+
+
+def node_may_propose(command: Command, node: str) -> str | None:
+    """Why node `node` may not forward `command` (None: it may).
+
+    A node is trusted with nothing but itself: it reports its own
+    allocations and commits the blob catalog entries of the writes it served.
+    Everything else (variables, tokens, workloads, membership, the CA) is
+    proposed by the leader on behalf of a caller it has authorized.
+    """
+    if isinstance(command, ReportAllocations):
+        if command.node != node:
+            return f"node {node} may report only its own allocations, not {command.node}'s"
+        return None
+    if isinstance(command, BlobCatalogCommand):
+        return None
+    return f"node {node} may not propose {type(command).__name__}"
 
 
 def encode_proposal(proposal: Proposal) -> bytes:

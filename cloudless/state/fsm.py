@@ -44,6 +44,7 @@ from cloudless.state.commands import (
     VarResult,
     decode_proposal,
     decode_result,
+    node_may_propose,
 )
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -203,6 +204,12 @@ class StateMachine:
     def _apply_command(self, index: int, proposal: Proposal) -> Result:
         cmd = proposal.command
         now = proposal.now
+        if proposal.proposer:
+            # Checked at the leader too; again here so that no path into the
+            # log (a bug, an old leader) can apply a node's overreach.
+            refusal = node_may_propose(cmd, proposal.proposer)
+            if refusal is not None:
+                return Rejected(kind="permission_denied", message=refusal)
         if isinstance(cmd, PutVar):
             return self._write_var(index, cmd.key, cmd.value)
         if isinstance(cmd, CasVar):

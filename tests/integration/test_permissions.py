@@ -256,3 +256,32 @@ async def test_forwarded_calls_act_for_the_proven_client_and_cannot_be_replayed(
 
 def trio_time_offset(seconds: float) -> float:
     return (datetime.now(UTC) + timedelta(seconds=seconds)).timestamp()
+
+
+async def test_a_node_may_forward_only_proposals_about_itself(cluster: Cluster) -> None:
+    """The issue's forged proposals: a 10-year admin token and another node's allocation report."""
+    from cloudless.node.replicated import ForwardedProposal
+    from cloudless.state.commands import CreateToken, Proposal, PutVar, ReportAllocations, encode_proposal
+
+    rogue = cluster.identities["rogue"]
+    verifier = PeerVerifier(rogue.ca_certificate, RevocationList(), cluster.cluster_id)
+    as_rogue = RpcClient(TlsCarrier(rogue, verifier))
+    forged = {
+        "token": CreateToken("forged01", "0" * 64, "admin", trio_time_offset(10 * 365 * 86400), 1),
+        "var": PutVar("forged", "1"),
+        "report": ReportAllocations("node1", ()),
+    }
+    try:
+        for what, command in forged.items():
+            proposal = encode_proposal(Proposal(command=command, now=trio_time_offset(0)))
+            with pytest.raises(CloudlessError, match="permission denied") as info:
+                await as_rogue.call(
+                    _address(cluster.leader), "raft.propose", ForwardedProposal(proposal), timeout=CALL_TIMEOUT
+                )
+            assert "may" in info.value.message, what
+        # Its own (empty) report is fine.
+        own = encode_proposal(Proposal(command=ReportAllocations("rogue", ()), now=0.0))
+        await as_rogue.call(_address(cluster.leader), "raft.propose", ForwardedProposal(own), timeout=CALL_TIMEOUT)
+    finally:
+        await as_rogue.aclose()
+    assert cli("vars", "get", "forged", config=cluster.config).returncode == 3

@@ -172,3 +172,31 @@ def test_arbitrary_proof_bytes_are_refused_cleanly(data: bytes) -> None:
     gate = _gate(verifier=None, clock=lambda: 0.0)  # type: ignore[arg-type]
     with pytest.raises(PermissionDenied):
         gate(peer("node"), "fwd.status", b"", data or b"\x00")
+
+
+def test_the_state_machine_applies_only_what_the_proposing_node_may_propose() -> None:
+    from cloudless.state.commands import (
+        CreateToken,
+        Proposal,
+        PutVar,
+        Rejected,
+        ReportAllocations,
+        encode_proposal,
+        node_may_propose,
+    )
+    from cloudless.state.fsm import StateMachine
+
+    assert node_may_propose(ReportAllocations("n1", ()), "n1") is None
+    assert "only its own" in node_may_propose(ReportAllocations("n2", ()), "n1")
+    assert "may not propose PutVar" in node_may_propose(PutVar("k", "v"), "n1")
+    fsm = StateMachine()
+    forged = Proposal(command=PutVar("k", "v"), now=1.0, proposer="n1")
+    result = fsm.apply(1, encode_proposal(forged))
+    assert isinstance(result, Rejected) and result.kind == "permission_denied"
+    assert fsm.get_var("k") is None
+    token = Proposal(command=CreateToken("abcdef", "0" * 64, "admin", 2e9, 1), now=1.0, proposer="n1")
+    assert isinstance(fsm.apply(2, encode_proposal(token)), Rejected)
+    assert not fsm.tokens
+    # The same command from the leader (no proposer) applies.
+    fsm.apply(3, encode_proposal(Proposal(command=PutVar("k", "v"), now=1.0)))
+    assert fsm.get_var("k") is not None
