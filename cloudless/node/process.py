@@ -52,6 +52,7 @@ from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
 from cloudless.state.commands import RegisterNode, SetGossipKeyring, StoreClusterCA
 from cloudless.transport.base import Connection
+from cloudless.transport.live import LiveConnections
 from cloudless.transport.quic import QuicCarrier
 from cloudless.transport.rpc import RpcClient, RpcServer
 from cloudless.transport.tls import TlsCarrier
@@ -128,6 +129,8 @@ class Node:
         self.advertise: tuple[str, int] = options.advertise or options.listen
         self.credentials: Credentials | None = None
         self.revocations = RevocationList()
+        self.live = LiveConnections()
+        self._revocations_changed = trio.Event()
         self.replicated: ReplicatedState | None = None
         self.gossip: GossipDriver | None = None
         self.tls: TlsCarrier | None = None
@@ -332,6 +335,7 @@ class Node:
 
                 await nursery.start(functools.partial(run_blobs, self, s3_listen=self.options.s3_listen))
                 nursery.start_soon(self._revocation_sync)
+                nursery.start_soon(self._cut_revoked_connections)
                 nursery.start_soon(self._renewal_loop)
                 nursery.start_soon(self._metadata_loop)
                 if self.options.metrics_listen is not None:
@@ -364,7 +368,8 @@ class Node:
             await self.enroll_server.serve_connection(connection)
             return
         try:
-            await self.server.serve_connection(connection)
+            with self.live.tracking(connection):
+                await self.server.serve_connection(connection)
         finally:
             # A node's connection ending is the first sign that it died: the
             # kernel closes a killed process's sockets at once, long before
@@ -469,6 +474,15 @@ class Node:
         if set(fresh) != set(self.revocations):
             self.revocations.install(fresh)
             write_atomic(self.data.root / "revocations", fresh.to_bytes())
+            self._revocations_changed.set()
+
+    async def _cut_revoked_connections(self) -> None:
+        """Revocation bites at once: end the open connections of identities revoked since they connected."""
+        while True:
+            await self._revocations_changed.wait()
+            self._revocations_changed = trio.Event()
+            outgoing = self.rpc.pool.connections() if self.rpc is not None else []
+            await self.live.close_revoked(self.revocations.is_revoked, outgoing)
 
     async def _revocation_sync(self) -> None:
         """Nodes outside Raft learn revocations from the leader."""
@@ -493,6 +507,7 @@ class Node:
             if set(fresh) != set(self.revocations):
                 self.revocations.install(fresh)
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
+                self._revocations_changed.set()
 
     async def _renewal_loop(self) -> None:
         while True:

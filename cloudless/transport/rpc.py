@@ -583,6 +583,9 @@ class PeerPool:
         self._locks: dict[Address, trio.Lock] = {}
         self.connects = 0
 
+    def connections(self) -> list[Connection]:
+        return [c for c in self._connections.values() if not c.is_closed]
+
     async def get(self, address: Address) -> Connection:
         address = (address[0], int(address[1]))
         conn = self._connections.get(address)

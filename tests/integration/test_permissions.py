@@ -285,3 +285,36 @@ async def test_a_node_may_forward_only_proposals_about_itself(cluster: Cluster) 
     finally:
         await as_rogue.aclose()
     assert cli("vars", "get", "forged", config=cluster.config).returncode == 3
+
+
+@pytest.mark.parametrize("carrier", ["tls", "quic"])
+async def test_removing_a_node_ends_its_open_connections_within_seconds(cluster: Cluster, carrier: str) -> None:
+    name = f"doomed-{carrier}"
+    address = _address(cluster.leader)
+    token = await _token(cluster.config, cluster.admin, cluster.cluster_id, address, "node")
+    creds, _ = await enroll(address, token, name=name, role="node", advertise=f"127.0.0.1:{free_port()}")
+    transport = _carrier(carrier, creds, cluster.cluster_id)
+    rpc = RpcClient(transport)
+    try:
+        if carrier == "quic":
+            await transport.__aenter__()
+        connections = {}
+        for node in (cluster.leader, cluster.follower):
+            connections[node.name] = conn = await transport.connect(_address(node))
+            await rpc.call(conn, "pki.revocations", b"", timeout=CALL_TIMEOUT)  # in use, and allowed
+        await trio.to_thread.run_sync(lambda: cli("nodes", "rm", name, config=cluster.config, check=True))
+        with trio.fail_after(5):
+            for conn in connections.values():
+                # Nodes never open streams to us: this returns only once the connection ends.
+                with pytest.raises(ConnectionLost):
+                    await conn.accept_stream()
+        for conn in connections.values():
+            with pytest.raises(CloudlessError):
+                await rpc.call(conn, "pki.revocations", b"", timeout=CALL_TIMEOUT)
+        # And it cannot come back on a new connection.
+        with pytest.raises((PeerRejected, ConnectionLost)):
+            await transport.connect(_address(cluster.follower))
+    finally:
+        await rpc.aclose()
+        if carrier == "quic":
+            await transport.__aexit__(None, None, None)
