@@ -61,7 +61,12 @@ _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 def raise_rejected(result: Result) -> None:
     if isinstance(result, Rejected):
-        error = {"conflict": Conflict, "not_found": NotFound, "invalid": InvalidInput}.get(result.kind, CloudlessError)
+        error = {
+            "conflict": Conflict,
+            "not_found": NotFound,
+            "invalid": InvalidInput,
+            "permission_denied": PermissionDenied,
+        }.get(result.kind, CloudlessError)
         raise error(result.message, current_index=result.current_index)
 
 

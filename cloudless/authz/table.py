@@ -117,6 +117,11 @@ PERMISSIONS: dict[str, Rule] = {
     **_rules(
         ADMIN,
         token__create="create bootstrap tokens",
+        token__list="list bootstrap tokens",
+        token__rm="withdraw bootstrap tokens",
+        users__add="add users",
+        users__list="list users",
+        users__rm="remove users",
         nodes__rm="remove nodes",
         blobs__keys__create="create S3 access keys",
         blobs__keys__list="list S3 access keys",

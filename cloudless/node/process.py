@@ -50,7 +50,7 @@ from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, 
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
-from cloudless.state.commands import RegisterNode, SetGossipKeyring, StoreClusterCA
+from cloudless.state.commands import RecordClientCertificate, RegisterNode, SetGossipKeyring, StoreClusterCA
 from cloudless.transport.base import Connection
 from cloudless.transport.live import LiveConnections
 from cloudless.transport.quic import QuicCarrier
@@ -97,6 +97,8 @@ class BootstrapPending(msgspec.Struct):
     ca_cert_pem: bytes
     ca_key_pem: bytes
     gossip_key: bytes
+    admin_serial: str = ""  # the bootstrap admin's certificate, recorded so `users rm admin` can revoke it
+    admin_not_after: float = 0.0
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -188,15 +190,15 @@ class Node:
         credentials.save(self.data.tls)
         cert_pem, key_pem = ca.to_pem()
         gossip_key = os.urandom(32)
-        write_atomic(
-            self.data.root / BOOTSTRAP_PENDING_FILE,
-            msgspec.msgpack.encode(BootstrapPending(cluster_id, cert_pem, key_pem, gossip_key)),
-        )
-        write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
-        ReplicatedState.bootstrap(self.data.raft, name)
         admin = issue_credentials(
             ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365), role="admin"
         )
+        pending = BootstrapPending(
+            cluster_id, cert_pem, key_pem, gossip_key, format(admin.serial, "x"), admin.not_after.timestamp()
+        )
+        write_atomic(self.data.root / BOOTSTRAP_PENDING_FILE, msgspec.msgpack.encode(pending))
+        write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
+        ReplicatedState.bootstrap(self.data.raft, name)
         config = ClientConfig(
             contexts={
                 cluster_id: Context(
@@ -308,12 +310,14 @@ class Node:
         replicated.change_listeners.append(self._on_state_change)
         self._refresh_revocations()
 
+        from cloudless.api.identities import IdentityApi
         from cloudless.api.service import ApiService
         from cloudless.node.coordinator import Coordinator
         from cloudless.node.enroll_service import EnrollService
 
         api = ApiService(self)
         api.register(self.server)
+        IdentityApi(self).register(self.server)
         enroll_service = EnrollService(self)
         enroll_service.register(self.enroll_server, self.server)
         self.server.unary("gossip.stream")(self._serve_gossip_stream)
@@ -609,6 +613,10 @@ class Node:
             await replicated.propose(SetGossipKeyring([pending.gossip_key]))
         if self.node_id not in fsm.nodes:
             await replicated.propose(self.register_command(self.credentials))
+        if pending.admin_serial and "admin" not in fsm.clients:
+            await replicated.propose(
+                RecordClientCertificate("admin", "admin", pending.admin_serial, pending.admin_not_after)
+            )
         (self.data.root / BOOTSTRAP_PENDING_FILE).unlink(missing_ok=True)
         log.info("node.bootstrap_committed", extra={"fields": {"node": self.node_id}})
 

@@ -187,6 +187,25 @@ class CommitPlan(Command, tag="alloc.plan"):
     failed: dict[WorkloadNameText, int] = {}  # workload → version held after a failed rollout
 
 
+class DeleteToken(Command, tag="token.rm"):
+    token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
+
+
+class RecordClientCertificate(Command, tag="client.cert"):
+    """A client certificate the CA issued (a user added, a client enrolled), so it can be listed and revoked."""
+
+    name: Name
+    role: Annotated[str, msgspec.Meta(pattern=r"^(admin|operator|viewer)$")]
+    serial: Serial
+    not_after: float
+
+
+class RemoveClient(Command, tag="client.remove"):
+    """Forget a client identity and revoke every certificate it holds."""
+
+    name: Name
+
+
 class BlobCatalogCommand(Command, tag="blob.catalog"):
     """One blob catalog change (`cloudless.blobs.catalog.encode_command`), applied by the FSM's `Catalog`."""
 
@@ -199,6 +218,9 @@ CommandUnion = Union[
     DeleteVar,
     CreateToken,
     ConsumeToken,
+    DeleteToken,
+    RecordClientCertificate,
+    RemoveClient,
     RegisterNode,
     RemoveNode,
     RecordCertificate,

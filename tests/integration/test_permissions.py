@@ -6,6 +6,10 @@ client's own proof, which a node can neither forge nor replay."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +34,7 @@ from cloudless.transport.base import ConnectionLost, PeerIdentity
 from cloudless.transport.quic import QuicCarrier
 from cloudless.transport.rpc import RpcClient
 from cloudless.transport.tls import TlsCarrier, connect_enrollment
-from tests.harness.node_cluster import NodeProcess, bootstrap, cli, free_port, join, status, wait_for
+from tests.harness.node_cluster import CLI, NodeProcess, bootstrap, cli, free_port, join, status, wait_for
 
 CALL_TIMEOUT = 2.0
 
@@ -318,3 +322,79 @@ async def test_removing_a_node_ends_its_open_connections_within_seconds(cluster:
         await rpc.aclose()
         if carrier == "quic":
             await transport.__aexit__(None, None, None)
+
+
+def test_users_get_role_scoped_certificates_and_removal_revokes_them(cluster: Cluster, tmp_path: Path) -> None:
+    alice = tmp_path / "alice.yaml"
+    added = json.loads(
+        cli(
+            "users",
+            "add",
+            "alice",
+            "--role",
+            "viewer",
+            "--out",
+            str(alice),
+            "--json",
+            config=cluster.config,
+            check=True,
+        ).stdout
+    )
+    assert added["role"] == "viewer" and alice.exists()
+    assert (alice.stat().st_mode & 0o777) == 0o600
+    assert cli("status", config=alice).returncode == 0
+    denied = cli("vars", "put", "k", "v", config=alice)
+    assert denied.returncode == 1 and "permission denied" in denied.stderr and "viewer" in denied.stderr
+    listed = json.loads(cli("users", "ls", "--json", config=cluster.config, check=True).stdout)["items"]
+    assert {(u["name"], u["role"]) for u in listed} >= {("admin", "admin"), ("alice", "viewer")}
+    # A viewer cannot add users.
+    assert (
+        cli("users", "add", "mallory", "--role", "admin", "--out", str(tmp_path / "m.yaml"), config=alice).returncode
+        == 1
+    )
+    # An open stream of alice's ends when she is removed.
+    env = dict(os.environ, CLOUDLESS_CONFIG=str(alice))
+    stream = subprocess.Popen(
+        [*CLI, "events", "-f"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: cli("events", "--last", "1", config=alice).returncode == 0, 20, "alice reads events")
+        time.sleep(1.0)  # the follower is connected by now
+        assert stream.poll() is None
+        cli("users", "rm", "alice", config=cluster.config, check=True)
+        stream.wait(timeout=10)
+        assert stream.returncode != 0
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.wait()
+    assert cli("status", config=alice).returncode != 0
+    # The name is not reusable while her certificate could still be valid.
+    again = cli("users", "add", "alice", "--role", "admin", "--out", str(tmp_path / "a2.yaml"), config=cluster.config)
+    assert again.returncode == 4, again.stderr
+
+
+async def test_a_removed_node_name_cannot_be_reused(cluster: Cluster) -> None:
+    address = _address(cluster.leader)
+    token = await _token(cluster.config, cluster.admin, cluster.cluster_id, address, "node")
+    await enroll(address, token, name="phoenix", role="node", advertise=f"127.0.0.1:{free_port()}")
+    await trio.to_thread.run_sync(lambda: cli("nodes", "rm", "phoenix", config=cluster.config, check=True))
+    token = await _token(cluster.config, cluster.admin, cluster.cluster_id, address, "node")
+    with pytest.raises(CloudlessError, match="removed"):
+        await enroll(address, token, name="phoenix", role="node", advertise=f"127.0.0.1:{free_port()}")
+
+
+def test_tokens_can_be_listed_without_secrets_and_withdrawn(cluster: Cluster) -> None:
+    created = json.loads(cli("token", "create", "--json", config=cluster.config, check=True).stdout)
+    listed = json.loads(cli("token", "ls", "--json", config=cluster.config, check=True).stdout)["items"]
+    assert created["id"] in [t["id"] for t in listed]
+    assert created["token"].split(".")[2] not in json.dumps(listed)  # the secret is nowhere
+    cli("token", "rm", created["id"], config=cluster.config, check=True)
+    listed = json.loads(cli("token", "ls", "--json", config=cluster.config, check=True).stdout)["items"]
+    assert created["id"] not in [t["id"] for t in listed]
+
+    async def use() -> None:
+        await enroll(_address(cluster.leader), created["token"], name="late", role="node", advertise="127.0.0.1:9")
+
+    with pytest.raises(CloudlessError):
+        trio.run(use)
