@@ -90,6 +90,7 @@ class OutputFormat:
 
 
 TEXT = OutputFormat()
+JSON = OutputFormat("json")
 
 
 def list_document(items: Sequence[Any], **fields: Any) -> dict[str, Any]:
