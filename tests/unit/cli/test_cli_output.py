@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
@@ -276,3 +277,22 @@ def test_ctrl_c_exits_130_without_a_traceback(config, monkeypatch):
     result = invoke("status", config=config)
     assert result.exit_code == 130
     assert "Traceback" not in result.output and result.stdout == ""
+
+
+def _leaf_commands(command: click.Command, path: tuple[str, ...] = ()):
+    if isinstance(command, click.Group):
+        for name in command.list_commands(click.Context(command)):
+            yield from _leaf_commands(command.get_command(click.Context(command), name), (*path, name))
+    else:
+        yield " ".join(path), command
+
+
+def test_docs_cli_md_covers_every_command_and_its_output_formats():
+    docs = (Path(__file__).parents[3] / "docs" / "cli.md").read_text()
+    for path, command in _leaf_commands(cli):
+        name = re.compile(rf"`{re.escape(path)}[` ]")
+        rows = [line for line in docs.splitlines() if line.startswith("|") and name.search(line.split("|")[1])]
+        assert rows, f"docs/cli.md has no table row for `cloudless {path}`"
+        takes_o = any("--output" in getattr(p, "opts", ()) for p in command.params)
+        row = rows[0]
+        assert takes_o == ("-o json" in row), f"docs/cli.md: the -o of `{path}` ({takes_o}) is not as documented"
