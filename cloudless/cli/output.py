@@ -47,6 +47,10 @@ class _Console(Console):
             return ConsoleDimensions(_UNBOUNDED, 25)
         return super().size
 
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
 
 _UNBOUNDED = 1 << 20
 # soft_wrap: print() never breaks a long line (a token, an ID) on a terminal either.
