@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from cloudless.durable import write_atomic
-from cloudless.errors import Conflict, InvalidInput, NotFound
+from cloudless.errors import Conflict, InvalidInput, NotFound, Unavailable
 
 CONFIG_VERSION = 1
 _ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
@@ -203,7 +204,7 @@ def editing(path: Path | None = None, *, create: bool = False) -> Iterator[Clien
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock, path)
         if create and not path.exists():
             config = ClientConfig(path=path)
         else:
@@ -212,6 +213,22 @@ def editing(path: Path | None = None, *, create: bool = False) -> Iterator[Clien
         config.save(path)
     finally:
         os.close(lock)
+
+
+LOCK_WAIT_S = 10.0
+
+
+def _lock(fd: int, path: Path) -> None:
+    """An exclusive flock, waiting a bounded time: a stuck editor must not hang a starting node."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{path} is locked by another editor (for over {LOCK_WAIT_S:.0f}s)") from None
+            time.sleep(0.05)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from cloudless.api import client_config
 from cloudless.api.client_config import ClientConfig
 from cloudless.cli.main import cli
 from cloudless.cli.node import announce_bootstrap, client_config_target
-from cloudless.errors import Conflict, NotFound
+from cloudless.errors import Conflict, NotFound, Unavailable
 
 from .test_cli_output import make_context
 
@@ -198,3 +200,15 @@ def test_announce_bootstrap_reports_a_broken_config_and_does_not_raise(tmp_path,
 def test_not_found_is_raised_for_a_missing_context():
     with pytest.raises(NotFound):
         ClientConfig(path=Path("x")).context("nope")
+
+
+def test_an_editor_holding_the_lock_too_long_is_unavailable_not_a_hang(config, monkeypatch):
+    monkeypatch.setattr(client_config, "LOCK_WAIT_S", 0.2)
+    fd = os.open(config.with_name(f".{config.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # flock locks are per open file: this one blocks the editor below
+        with pytest.raises(Unavailable), client_config.editing(config) as loaded:
+            loaded.use("work")
+    finally:
+        os.close(fd)
+    assert client_config.load(config).current_context == "home"
