@@ -62,6 +62,8 @@ FORMATS = ("json", "yaml", "wide")
 # error handling sees the format the command was asked for.
 FORMAT_META = "cloudless.output.format"
 EXIT_INTERRUPTED = 130
+# click >= 8.2 raises this for a group called without a command (older versions print the help themselves).
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 @dataclass(frozen=True)
@@ -278,6 +280,10 @@ def as_cloudless_error(exc: BaseException) -> CloudlessError:
 def report(exc: BaseException, format_name: str | None = None) -> int:
     """Print `exc` as the user sees it (a line on stderr, or the -o json|yaml document); return the exit code."""
     leaf = _leaf(exc)
+    if isinstance(leaf, _NO_ARGS_IS_HELP) and leaf.ctx is not None:
+        # `cloudless` or `cloudless vars` alone: the help, as docker and kubectl print it.
+        sys.stdout.write(leaf.ctx.get_help() + "\n")
+        return 0
     if isinstance(leaf, BrokenPipeError):
         # The reader went away (`| head`): nothing more to say; stop writing to the closed pipe.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

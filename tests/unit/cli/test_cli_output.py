@@ -296,3 +296,11 @@ def test_docs_cli_md_covers_every_command_and_its_output_formats():
         takes_o = any("--output" in getattr(p, "opts", ()) for p in command.params)
         row = rows[0]
         assert takes_o == ("-o json" in row), f"docs/cli.md: the -o of `{path}` ({takes_o}) is not as documented"
+
+
+def test_a_group_alone_prints_its_help():
+    for args in ([], ["vars"], ["context"]):
+        result = invoke(*args)
+        assert result.exit_code == 0, (args, result.stderr)
+        assert result.stdout.startswith("Usage: ") and "Commands:" in result.stdout
+        assert result.stderr == ""
