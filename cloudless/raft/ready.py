@@ -166,7 +166,7 @@ class Ready:
         out: list[Step] = []
         messages = self.messages
         committed = self.committed_entries
-        if self.must_sync and replicate_before_sync and self.replicate_before_sync:
+        if self.must_sync and replicate_before_sync and self.replicate_before_sync and self.snapshot is None:
             # Thesis §10.2.1: a leader may write its log in parallel with
             # replicating it, because it counts itself toward a commit
             # quorum only through its own match index, which the core
