@@ -29,6 +29,7 @@ from enum import Enum
 from cloudless.raft.messages import AppendEntries, Entry, HardState, Heartbeat, Message, Snapshot
 
 __all__ = [
+    "STEP_NAMES",
     "Apply",
     "ReadState",
     "Ready",
@@ -173,7 +174,7 @@ class Ready:
             # consults only when it next steps a response: after this sync,
             # since nothing reaches the core until advance(). Votes and
             # acknowledgements still wait.
-            early = [m for m in messages if isinstance(m, (AppendEntries, Heartbeat))]
+            early: list[Message] = [m for m in messages if isinstance(m, (AppendEntries, Heartbeat))]
             if early:
                 messages = [m for m in messages if not isinstance(m, (AppendEntries, Heartbeat))]
                 out.append(Send(early, before_sync=True))

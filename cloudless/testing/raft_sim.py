@@ -279,6 +279,11 @@ class SimConfig:
     crash_point_names: tuple[str, ...] = CRASH_POINTS
     check_linearizability: bool = True
 
+    def __post_init__(self) -> None:
+        unknown = set(self.crash_point_names) - set(CRASH_POINTS)
+        if unknown:
+            raise ValueError(f"unknown crash points {sorted(unknown)}; one of {CRASH_POINTS}")
+
 
 @dataclass
 class SimStats:
@@ -955,6 +960,8 @@ class RaftHarness:
         crashes, losing every unsynced write, right after the first step of
         that name; `restart` brings it back.
         """
+        if crash_after is not None and crash_after not in STEP_NAMES:
+            raise ValueError(f"unknown step {crash_after!r}; one of {STEP_NAMES}")
         if node_id in self.down:
             return
         node, disk = self.nodes[node_id], self.disks[node_id]

@@ -86,6 +86,11 @@ def test_a_crash_after_any_step_of_a_ready_many_seeds_long_mode(point):
     assert crashes > 0
 
 
+def test_an_unknown_crash_point_is_refused():
+    with pytest.raises(ValueError, match="unknown crash points"):
+        SimConfig(crash_point_names=("after_lunch",))
+
+
 def _reordered_steps(original, kind):
     # A broken driver: every step of `kind` moved ahead of the write and sync.
     def steps(self, **kwargs):

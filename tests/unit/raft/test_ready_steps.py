@@ -5,6 +5,8 @@ node right after one step (`process(..., crash_after=...)`), losing every
 write it had not synced, and check that nothing committed is lost.
 """
 
+import pytest
+
 from cloudless.raft.core import Role
 from cloudless.raft.messages import (
     AppendEntries,
@@ -242,3 +244,11 @@ def test_3_8_a_follower_that_crashes_after_its_sync_keeps_what_it_may_acknowledg
     assert h.disks["b"].term(index) == h["a"].term
     h.restart("b")
     assert h["b"].log.last_index() >= index
+
+
+def test_an_unknown_crash_point_is_refused_and_nothing_runs():
+    h = elected()
+    h["a"].propose(b"x")
+    with pytest.raises(ValueError, match="unknown step"):
+        h.process("a", crash_after="after_lunch")
+    assert h["a"].has_ready() and "a" not in h.down
