@@ -61,7 +61,12 @@ _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 def raise_rejected(result: Result) -> None:
     if isinstance(result, Rejected):
-        error = {"conflict": Conflict, "not_found": NotFound, "invalid": InvalidInput}.get(result.kind, CloudlessError)
+        error = {
+            "conflict": Conflict,
+            "not_found": NotFound,
+            "invalid": InvalidInput,
+            "permission_denied": PermissionDenied,
+        }.get(result.kind, CloudlessError)
         raise error(result.message, current_index=result.current_index)
 
 
@@ -78,9 +83,12 @@ class ApiService:
         routing = LeaderRouting(self.node)
         routing.register_on_member(server, "vars.get", self.vars_get, VarsGet)
         routing.register_on_member(server, "vars.ls", self.vars_ls, VarsList)
-        server.unary("vars.put", request=VarsPut)(self.vars_put)
-        server.unary("vars.cas", request=VarsCas)(self.vars_cas)
-        server.unary("vars.rm", request=VarsRm)(self.vars_rm)
+        # Writes run on the leader, which authorizes the caller itself (a
+        # follower passes the call on with the caller's proof): a node may
+        # not propose variables (state.commands.node_may_propose).
+        routing.register_on_leader(server, "vars.put", self.vars_put, VarsPut)
+        routing.register_on_leader(server, "vars.cas", self.vars_cas, VarsCas)
+        routing.register_on_leader(server, "vars.rm", self.vars_rm, VarsRm)
         routing.register_on_leader(server, "status", self.status, StatusRequest)
         routing.register_on_leader(server, "nodes.list", self.status, StatusRequest)
         routing.register_on_leader(server, "token.create", self.token_create, TokenCreate)

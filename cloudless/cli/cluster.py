@@ -238,7 +238,13 @@ def token() -> None:
 @token.command("create", help="Create a bootstrap token; shown once.")
 @click.option("--ttl", default="15m", show_default=True, help="Lifetime, e.g. 90s, 15m, 2h.")
 @click.option("--uses", type=click.IntRange(1, 1_000_000), default=1, show_default=True)
-@click.option("--role", type=click.Choice(["node", "admin"]), default="node", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["node", "admin", "operator", "viewer"]),
+    default="node",
+    show_default=True,
+    help="node: enrolls a device; admin/operator/viewer: a client with that role.",
+)
 @client_options
 async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int, role: str) -> None:
     seconds = duration(ttl)

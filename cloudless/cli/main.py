@@ -21,7 +21,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("cloudless.cli.cluster", "status", "Show the cluster: leader, term, voters and members."),
     "nodes": ("cloudless.cli.cluster", "nodes", "List and remove nodes."),
     "vars": ("cloudless.cli.cluster", "vars", "The cluster's linearizable key-value store."),
-    "token": ("cloudless.cli.cluster", "token", "Bootstrap tokens for joining nodes and admins."),
+    # cli.users attaches `token ls|rm` to cli.cluster's group, so `token` loads from there.
+    "token": ("cloudless.cli.users", "token", "Bootstrap tokens for joining nodes and clients."),
+    "users": ("cloudless.cli.users", "users", "Users: client certificates with a role."),
     "events": ("cloudless.cli.cluster", "events", "Show cluster events (autopilot decisions, membership, joins)."),
     "run": ("cloudless.cli.workloads", "run", "Run a workload: keep N replicas of an image running."),
     "apply": ("cloudless.cli.workloads", "apply", "Create or update a workload from a YAML file."),

@@ -54,7 +54,7 @@ class EnrollHelloReply(msgspec.Struct, frozen=True):
 class EnrollRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z2-7]{8}$")]
     secret: Annotated[str, msgspec.Meta(max_length=64)]
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
     name: NodeName
     csr_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
     address: Annotated[str, msgspec.Meta(max_length=300)] = ""
@@ -95,7 +95,7 @@ def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Cer
     csr = load_csr(request.csr_pem)
     kind = "node" if request.role == "node" else "client"
     identity = Identity(ca.cluster_id, kind, request.name)
-    return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC))
+    return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC), role=None if kind == "node" else request.role)
 
 
 # -- the joiner's side --------------------------------------------------------

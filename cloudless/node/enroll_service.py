@@ -22,7 +22,7 @@ from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.errors import PKIError, TokenRejected
 from cloudless.pki.identity import Identity
 from cloudless.raft.core import NotLeader
-from cloudless.state.commands import ConsumeToken, RecordCertificate, RegisterNode, Rejected
+from cloudless.state.commands import ConsumeToken, RecordCertificate, RecordClientCertificate, RegisterNode, Rejected
 from cloudless.transport.rpc import RpcContext, RpcServer
 
 if TYPE_CHECKING:
@@ -111,12 +111,20 @@ class EnrollService:
             raise
         if req.role == "node" and req.name in replicated.fsm.nodes:
             raise Conflict(f"a node named {req.name} is already registered; pick another --name")
+        kind = "node" if req.role == "node" else "client"
+        if replicated.fsm.retired.get(f"{kind}/{req.name}", 0.0) > now:
+            # Identity is name + key: a removed name stays unusable while any of its certificates could still work.
+            raise Conflict(f"the name {req.name} belonged to a removed {kind}; pick another --name")
+        client = replicated.fsm.clients.get(req.name) if kind == "client" else None
+        if client is not None and client.role != req.role:
+            raise Conflict(f"client {req.name} exists with role {client.role}; pick another name")
         try:
             certificate = self._ca().issue(
                 load_csr(req.csr_pem),
                 Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
                 datetime.fromtimestamp(now, UTC),
                 node_certificate_lifetime() if req.role == "node" else None,
+                role=None if req.role == "node" else req.role,
             )
         except PKIError as exc:
             raise InvalidInput(f"cannot sign the request: {exc.message}") from None
@@ -142,6 +150,17 @@ class EnrollService:
             )
             if isinstance(result, Rejected):
                 raise CloudlessError(f"could not register {req.name}: {result.message}")
+        else:
+            result, _ = await replicated.propose(
+                RecordClientCertificate(
+                    req.name,
+                    req.role,
+                    format(certificate.serial_number, "x"),
+                    certificate.not_valid_after_utc.timestamp(),
+                )
+            )
+            if isinstance(result, Rejected):
+                raise CloudlessError(f"could not record {req.name}: {result.message}")
         from cryptography.hazmat.primitives import serialization
 
         node.events.record("enroll.accepted", req.name, f"{req.role} {req.name} joined", address=req.address)

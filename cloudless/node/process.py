@@ -31,6 +31,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from cloudless.authz import CallGate, ProofVerifier, is_listed
 from cloudless.api.client_config import ClientConfig, Context
 from cloudless.coordinator.autopilot import AutopilotConfig
 from cloudless.durable import write_atomic
@@ -49,8 +50,9 @@ from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, 
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
-from cloudless.state.commands import RegisterNode, SetGossipKeyring, StoreClusterCA
+from cloudless.state.commands import RecordClientCertificate, RegisterNode, SetGossipKeyring, StoreClusterCA
 from cloudless.transport.base import Connection
+from cloudless.transport.live import LiveConnections
 from cloudless.transport.quic import QuicCarrier
 from cloudless.transport.rpc import RpcClient, RpcServer
 from cloudless.transport.tls import TlsCarrier
@@ -95,6 +97,8 @@ class BootstrapPending(msgspec.Struct):
     ca_cert_pem: bytes
     ca_key_pem: bytes
     gossip_key: bytes
+    admin_serial: str = ""  # the bootstrap admin's certificate, recorded so `users rm admin` can revoke it
+    admin_not_after: float = 0.0
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -127,6 +131,8 @@ class Node:
         self.advertise: tuple[str, int] = options.advertise or options.listen
         self.credentials: Credentials | None = None
         self.revocations = RevocationList()
+        self.live = LiveConnections()
+        self._revocations_changed = trio.Event()
         self.replicated: ReplicatedState | None = None
         self.gossip: GossipDriver | None = None
         self.tls: TlsCarrier | None = None
@@ -134,8 +140,8 @@ class Node:
         self.rpc: RpcClient | None = None
         self.endpoint: UdpEndpoint | None = None
         self.coordinator = None
-        self.server = RpcServer()
-        self.enroll_server = RpcServer()
+        self.server = RpcServer(listed=is_listed)
+        self.enroll_server = RpcServer(listed=is_listed)
         self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
 
     # -- identity ------------------------------------------------------------------
@@ -184,13 +190,15 @@ class Node:
         credentials.save(self.data.tls)
         cert_pem, key_pem = ca.to_pem()
         gossip_key = os.urandom(32)
-        write_atomic(
-            self.data.root / BOOTSTRAP_PENDING_FILE,
-            msgspec.msgpack.encode(BootstrapPending(cluster_id, cert_pem, key_pem, gossip_key)),
+        admin = issue_credentials(
+            ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365), role="admin"
         )
+        pending = BootstrapPending(
+            cluster_id, cert_pem, key_pem, gossip_key, format(admin.serial, "x"), admin.not_after.timestamp()
+        )
+        write_atomic(self.data.root / BOOTSTRAP_PENDING_FILE, msgspec.msgpack.encode(pending))
         write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
         ReplicatedState.bootstrap(self.data.raft, name)
-        admin = issue_credentials(ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365))
         config = ClientConfig(
             contexts={
                 cluster_id: Context(
@@ -276,6 +284,11 @@ class Node:
         if revocations_file.exists():
             self.revocations.install(RevocationList.from_bytes(revocations_file.read_bytes()))
         verifier = PeerVerifier(self.credentials.ca_certificate, self.revocations, self.cluster_id)
+        # Default deny on every call: authz's permission table, with forwarded
+        # client calls authorized by the client's own signed proof.
+        gate = CallGate(ProofVerifier(verifier))
+        self.server.authorize = gate
+        self.enroll_server.authorize = gate
 
         if self.options.listen[1] == 0:
             raise InvalidInput("--listen needs an explicit port: UDP and TCP must share it", field="listen")
@@ -297,12 +310,14 @@ class Node:
         replicated.change_listeners.append(self._on_state_change)
         self._refresh_revocations()
 
+        from cloudless.api.identities import IdentityApi
         from cloudless.api.service import ApiService
         from cloudless.node.coordinator import Coordinator
         from cloudless.node.enroll_service import EnrollService
 
         api = ApiService(self)
         api.register(self.server)
+        IdentityApi(self).register(self.server)
         enroll_service = EnrollService(self)
         enroll_service.register(self.enroll_server, self.server)
         self.server.unary("gossip.stream")(self._serve_gossip_stream)
@@ -324,6 +339,7 @@ class Node:
 
                 await nursery.start(functools.partial(run_blobs, self, s3_listen=self.options.s3_listen))
                 nursery.start_soon(self._revocation_sync)
+                nursery.start_soon(self._cut_revoked_connections)
                 nursery.start_soon(self._renewal_loop)
                 nursery.start_soon(self._metadata_loop)
                 if self.options.metrics_listen is not None:
@@ -356,7 +372,8 @@ class Node:
             await self.enroll_server.serve_connection(connection)
             return
         try:
-            await self.server.serve_connection(connection)
+            with self.live.tracking(connection):
+                await self.server.serve_connection(connection)
         finally:
             # A node's connection ending is the first sign that it died: the
             # kernel closes a killed process's sockets at once, long before
@@ -461,6 +478,15 @@ class Node:
         if set(fresh) != set(self.revocations):
             self.revocations.install(fresh)
             write_atomic(self.data.root / "revocations", fresh.to_bytes())
+            self._revocations_changed.set()
+
+    async def _cut_revoked_connections(self) -> None:
+        """Revocation bites at once: end the open connections of identities revoked since they connected."""
+        while True:
+            await self._revocations_changed.wait()
+            self._revocations_changed = trio.Event()
+            outgoing = self.rpc.pool.connections() if self.rpc is not None else []
+            await self.live.close_revoked(self.revocations.is_revoked, outgoing)
 
     async def _revocation_sync(self) -> None:
         """Nodes outside Raft learn revocations from the leader."""
@@ -485,6 +511,7 @@ class Node:
             if set(fresh) != set(self.revocations):
                 self.revocations.install(fresh)
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
+                self._revocations_changed.set()
 
     async def _renewal_loop(self) -> None:
         while True:
@@ -586,6 +613,10 @@ class Node:
             await replicated.propose(SetGossipKeyring([pending.gossip_key]))
         if self.node_id not in fsm.nodes:
             await replicated.propose(self.register_command(self.credentials))
+        if pending.admin_serial and "admin" not in fsm.clients:
+            await replicated.propose(
+                RecordClientCertificate("admin", "admin", pending.admin_serial, pending.admin_not_after)
+            )
         (self.data.root / BOOTSTRAP_PENDING_FILE).unlink(missing_ok=True)
         log.info("node.bootstrap_committed", extra={"fields": {"node": self.node_id}})
 

@@ -27,7 +27,17 @@ from cloudless.raft.driver import RaftDriver
 from cloudless.raft.messages import ConfChange, Entry, EntryKind, Message, Snapshot, decode_message, encode_message
 from cloudless.raft.rocks import RocksStorage
 from cloudless.raft.storage import bootstrap_log
-from cloudless.state.commands import Command, Proposal, Result, decode_result, encode_proposal, encode_result
+from cloudless.authz import PermissionDenied
+from cloudless.state.commands import (
+    Command,
+    Proposal,
+    Result,
+    decode_proposal,
+    decode_result,
+    encode_proposal,
+    encode_result,
+    node_may_propose,
+)
 from cloudless.state.fsm import Change, StateMachine
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
@@ -391,10 +401,16 @@ class ReplicatedState:
 
     async def _serve_propose(self, ctx: RpcContext, req: ForwardedProposal) -> ForwardedResult:
         if ctx.peer.kind != "node":
-            raise CloudlessError("only nodes forward proposals", peer=ctx.peer.name)
+            raise PermissionDenied("only nodes forward proposals", peer=ctx.peer.name)
         if not self.is_leader:
             raise NotLeader("not the leader", leader=self.core.leader or "")
-        index = await self.driver.propose(req.proposal, timeout=5.0)
+        proposal = decode_proposal(req.proposal)
+        refusal = node_may_propose(proposal.command, ctx.peer.name)
+        if refusal is not None:
+            raise PermissionDenied(f"permission denied: {refusal}", peer=ctx.peer.name)
+        # The leader's clock and the proven sender, never what the node wrote.
+        stamped = msgspec.structs.replace(proposal, now=self._clock(), proposer=ctx.peer.name)
+        index = await self.driver.propose(encode_proposal(stamped), timeout=5.0)
         result = self._results.pop(index, None) or self._result_from_log(index)
         return ForwardedResult(encode_result(result), index)
 

@@ -277,6 +277,10 @@ async def client_handshake(
         await stream.do_handshake()
         leaf = _peer_leaf(stream)
         peer = verifier.verify_der([leaf] if leaf else [])
+        # In place of a hostname check: only nodes serve, so a client
+        # certificate (a CLI user's, perhaps stolen) cannot pose as a server.
+        if peer.kind != "node":
+            raise PeerRejected("bad_identity", f"server presented {peer.uri}, not a node identity")
         buffer = bytearray()
         verdict = await _read_exactly(stream, 1, buffer)
         if verdict == VERDICT_REJECT:
