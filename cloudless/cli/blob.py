@@ -63,7 +63,7 @@ def _cluster_config() -> str | None:
 
 
 def _json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+    return output.json_option(f)
 
 
 def _split(target: str, need_key: bool) -> tuple[str, str]:

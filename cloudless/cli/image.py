@@ -35,7 +35,7 @@ def _data_dir_option(f: Callable) -> Callable:
 
 
 def _json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+    return output.json_option(f)
 
 
 def _store(data_dir: str) -> ImageStore:

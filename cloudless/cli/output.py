@@ -302,6 +302,8 @@ def print_error(message: str) -> None:
     stderr.print(Text.assemble(("error:", "bold red"), " ", one_line(message)))
 
 
-def fail(error: CloudlessError, as_json: bool) -> NoReturn:
-    """Report an error and exit with its code; with --json the error is the document."""
-    raise SystemExit(report(error, "json" if as_json else None))
+def fail(error: CloudlessError, as_json: bool = False) -> NoReturn:
+    """Report an error and exit with its code; with --json (or the command's -o json|yaml) the error is the document."""
+    ctx = click.get_current_context(silent=True)
+    asked = ctx.meta.get(FORMAT_META) if ctx is not None else None
+    raise SystemExit(report(error, "json" if as_json else asked))

@@ -304,3 +304,15 @@ def test_a_group_alone_prints_its_help():
         assert result.exit_code == 0, (args, result.stderr)
         assert result.stdout.startswith("Usage: ") and "Commands:" in result.stdout
         assert result.stderr == ""
+
+
+def test_local_store_commands_report_errors_in_the_format_asked(tmp_path):
+    # `image ls` on a data dir it cannot use: the error in the -o format, like the cluster commands.
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    for args, parse in ((["-o", "yaml"], yaml.safe_load), (["--json"], json.loads)):
+        result = CliRunner().invoke(cli, ["image", "ls", "--data-dir", str(blocked), *args])
+        assert result.exit_code != 0
+        assert parse(result.stdout)["error"], result.output
+    text = CliRunner().invoke(cli, ["image", "ls", "--data-dir", str(blocked)])
+    assert text.stdout == "" and text.stderr.startswith("error: ")
