@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from cloudless.pki.identity import CLIENT_ROLES
+from cloudless.pki.identity import CLIENT_ROLES as CLIENT_ROLES
 
 Role = Literal["node", "admin", "operator", "viewer", "enrollee"]
 ROLES: tuple[str, ...] = ("node", *CLIENT_ROLES)

@@ -37,12 +37,12 @@ class Command(msgspec.Struct, frozen=True, tag_field="c", forbid_unknown_fields=
     pass
 
 
-class PutVar(Command, tag="var.put"):
+class PutVar(Command, tag="var.put", frozen=True):
     key: VarKey
     value: VarValue
 
 
-class CasVar(Command, tag="var.cas"):
+class CasVar(Command, tag="var.cas", frozen=True):
     """Write only if the key's modify index is `expected_index` (0: must not exist)."""
 
     key: VarKey
@@ -50,12 +50,12 @@ class CasVar(Command, tag="var.cas"):
     expected_index: Index
 
 
-class DeleteVar(Command, tag="var.rm"):
+class DeleteVar(Command, tag="var.rm", frozen=True):
     key: VarKey
     expected_index: Index | None = None
 
 
-class CreateToken(Command, tag="token.create"):
+class CreateToken(Command, tag="token.create", frozen=True):
     token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
     secret_hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
     role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
@@ -63,14 +63,14 @@ class CreateToken(Command, tag="token.create"):
     max_uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
 
 
-class ConsumeToken(Command, tag="token.consume"):
+class ConsumeToken(Command, tag="token.consume", frozen=True):
     """Spend one use of a token; the leader checked the secret before proposing."""
 
     token_id: str
     role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
 
 
-class RegisterNode(Command, tag="node.register"):
+class RegisterNode(Command, tag="node.register", frozen=True):
     node_id: Name
     address: Annotated[str, msgspec.Meta(max_length=300)]
     certificate_serial: Serial
@@ -80,13 +80,13 @@ class RegisterNode(Command, tag="node.register"):
     labels: Labels = {}
 
 
-class RemoveNode(Command, tag="node.remove"):
+class RemoveNode(Command, tag="node.remove", frozen=True):
     """Forget a node and revoke every certificate it was issued."""
 
     node_id: Name
 
 
-class RecordCertificate(Command, tag="cert.record"):
+class RecordCertificate(Command, tag="cert.record", frozen=True):
     """A renewed certificate for a known node (so removal can revoke it)."""
 
     node_id: Name
@@ -94,12 +94,12 @@ class RecordCertificate(Command, tag="cert.record"):
     not_after: float
 
 
-class RevokeCertificate(Command, tag="cert.revoke"):
+class RevokeCertificate(Command, tag="cert.revoke", frozen=True):
     serial: Serial
     not_after: float
 
 
-class StoreClusterCA(Command, tag="ca.store"):
+class StoreClusterCA(Command, tag="ca.store", frozen=True):
     """The cluster CA, replicated so any coordinator can issue certificates."""
 
     cluster_id: Name
@@ -107,7 +107,7 @@ class StoreClusterCA(Command, tag="ca.store"):
     key_pem: bytes
 
 
-class SetGossipKeyring(Command, tag="gossip.keyring"):
+class SetGossipKeyring(Command, tag="gossip.keyring", frozen=True):
     """The AES-256-GCM keys gossip packets are sealed with; the first is primary."""
 
     keys: Annotated[
@@ -125,7 +125,7 @@ WorkloadNameText = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]([a-z0-9-]{0,6
 MAX_BATCH = 100_000
 
 
-class SubmitWorkload(Command, tag="workload.submit"):
+class SubmitWorkload(Command, tag="workload.submit", frozen=True):
     """Create a workload or change its spec; the state machine numbers the version.
 
     An identical spec (apart from `version`) is a no-op; a stopped workload
@@ -135,12 +135,12 @@ class SubmitWorkload(Command, tag="workload.submit"):
     spec: WorkloadSpec
 
 
-class ScaleWorkload(Command, tag="workload.scale"):
+class ScaleWorkload(Command, tag="workload.scale", frozen=True):
     name: WorkloadNameText
     replicas: Annotated[int, msgspec.Meta(ge=0, le=100_000)]
 
 
-class StopWorkload(Command, tag="workload.stop"):
+class StopWorkload(Command, tag="workload.stop", frozen=True):
     """Stop every replica; the workload stays listed as stopped until submitted again."""
 
     name: WorkloadNameText
@@ -157,14 +157,14 @@ class AllocationReport(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     message: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
-class ReportAllocations(Command, tag="alloc.report"):
+class ReportAllocations(Command, tag="alloc.report", frozen=True):
     """A batch of one node's observations; reports for allocations of another node are ignored."""
 
     node: Name
     reports: Annotated[tuple[AllocationReport, ...], msgspec.Meta(max_length=MAX_BATCH)]
 
 
-class CommitPlan(Command, tag="alloc.plan"):
+class CommitPlan(Command, tag="alloc.plan", frozen=True):
     """One controller decision round, committed as one entry.
 
     `create`: new pending allocations (`replaces`: allocation id → the one it
@@ -187,11 +187,11 @@ class CommitPlan(Command, tag="alloc.plan"):
     failed: dict[WorkloadNameText, int] = {}  # workload → version held after a failed rollout
 
 
-class DeleteToken(Command, tag="token.rm"):
+class DeleteToken(Command, tag="token.rm", frozen=True):
     token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
 
 
-class RecordClientCertificate(Command, tag="client.cert"):
+class RecordClientCertificate(Command, tag="client.cert", frozen=True):
     """A client certificate the CA issued (a user added, a client enrolled), so it can be listed and revoked."""
 
     name: Name
@@ -200,13 +200,13 @@ class RecordClientCertificate(Command, tag="client.cert"):
     not_after: float
 
 
-class RemoveClient(Command, tag="client.remove"):
+class RemoveClient(Command, tag="client.remove", frozen=True):
     """Forget a client identity and revoke every certificate it holds."""
 
     name: Name
 
 
-class BlobCatalogCommand(Command, tag="blob.catalog"):
+class BlobCatalogCommand(Command, tag="blob.catalog", frozen=True):
     """One blob catalog change (`cloudless.blobs.catalog.encode_command`), applied by the FSM's `Catalog`."""
 
     command: bytes
@@ -262,22 +262,22 @@ class Result(msgspec.Struct, frozen=True, tag_field="r"):
     pass
 
 
-class VarResult(Result, tag="var"):
+class VarResult(Result, tag="var", frozen=True):
     key: str
     value: str
     index: int
 
 
-class Deleted(Result, tag="deleted"):
+class Deleted(Result, tag="deleted", frozen=True):
     key: str
     index: int
 
 
-class Done(Result, tag="done"):
+class Done(Result, tag="done", frozen=True):
     index: int
 
 
-class Rejected(Result, tag="rejected"):
+class Rejected(Result, tag="rejected", frozen=True):
     """The command was valid but its precondition failed; nothing changed.
 
     `kind` maps to an exit code: conflict (4), not_found (3), invalid (2),
@@ -289,7 +289,7 @@ class Rejected(Result, tag="rejected"):
     current_index: int = 0
 
 
-class BlobResult(Result, tag="blob"):
+class BlobResult(Result, tag="blob", frozen=True):
     """What `Catalog.apply` returned (a stored manifest, a bool or None), msgpack-encoded."""
 
     index: int

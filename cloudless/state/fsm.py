@@ -18,6 +18,7 @@ from cloudless.blobs.catalog import Catalog, MemoryKV
 from cloudless.blobs.catalog import decode_command as decode_blob_command
 from cloudless.errors import CloudlessError
 from cloudless.state.commands import (
+    AllocationReport,
     BlobCatalogCommand,
     BlobResult,
     CasVar,
@@ -363,7 +364,12 @@ class StateMachine:
 
     # -- workloads and allocations ---------------------------------------------
 
-    def _apply_workload_command(self, index: int, cmd, now: float) -> Result:
+    def _apply_workload_command(
+        self,
+        index: int,
+        cmd: SubmitWorkload | ScaleWorkload | StopWorkload | ReportAllocations | CommitPlan,
+        now: float,
+    ) -> Result:
         if isinstance(cmd, SubmitWorkload):
             record = self.workloads.get(cmd.spec.name)
             if record is None:
@@ -472,7 +478,7 @@ class StateMachine:
         rec.desired = "stop"
         self._changes.append(Change(index, "allocation", rec.allocation.node))
 
-    def _record_report(self, index: int, rec: AllocationRecord, report, now: float) -> None:
+    def _record_report(self, index: int, rec: AllocationRecord, report: AllocationReport, now: float) -> None:
         before = rec.allocation
         if report.state == "pending" and not before.live:
             return  # an agent that just (re)started knows less than the state does
@@ -482,7 +488,7 @@ class StateMachine:
             and (rec.replaced_by or rec.desired == "stop")
         ):
             # Replaced while its node was away: it only comes back to be stopped.
-            state = before.state
+            state: str = before.state
         else:
             state = report.state
         after = msgspec.structs.replace(before, state=state, exit_code=report.exit_code, restarts=report.restarts)

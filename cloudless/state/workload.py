@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import msgspec
 import yaml
@@ -48,6 +48,7 @@ PositiveWeight = Annotated[int, msgspec.Meta(ge=1, le=100)]
 AttrValue = Annotated[str, msgspec.Meta(max_length=253)]
 
 Protocol = Literal["tcp", "udp"]
+_PROTOCOLS: dict[str, Protocol] = {"tcp": "tcp", "udp": "udp"}
 RestartMode = Literal["always", "on-failure", "never"]
 Operator = Literal["=", "!=", "in", "not_in", "regex", "exists"]
 DeviceClass = Literal["server", "pc", "laptop", "phone", "gateway"]
@@ -299,7 +300,10 @@ def check_attribute(attribute: str, field: str, *, allow_node: bool = False) -> 
     raise _fail(field, f"unknown attribute {attribute!r}; expected one of {allowed}")
 
 
-def _normalise_rule(rule: Constraint | Affinity, field: str) -> Constraint | Affinity:
+_Rule = TypeVar("_Rule", Constraint, Affinity)
+
+
+def _normalise_rule(rule: _Rule, field: str) -> _Rule:
     """Check the operator/value pairing; a comma string for in/not_in becomes a list."""
     check_attribute(rule.attribute, f"{field}.attribute")
     op, value = rule.operator, rule.value
@@ -524,6 +528,10 @@ _CONSTRAINT = re.compile(
     r"^\s*(?P<a>[A-Za-z0-9_.:/-]+)\s*(?:(?P<op>!=|=~|==|=)\s*(?P<v>.*?)"
     r"|\s+(?P<word>in|not_in|regex)\s+(?P<wv>.+?)|\s+(?P<ex>exists))?\s*$"
 )
+# The operators the flag's regex admits, typed.
+_SYMBOL_OPERATORS: dict[str, Operator] = {"=": "=", "==": "=", "!=": "!=", "=~": "regex"}
+_WORD_OPERATORS: dict[str, Operator] = {"in": "in", "not_in": "not_in", "regex": "regex"}
+_RESTART_MODES: dict[str, RestartMode] = {m: m for m in get_args(RestartMode)}
 _SPREAD_SHORT = {"node": "node", "zone": "node.zone", "region": "node.region"}
 
 
@@ -565,25 +573,27 @@ def parse_port_flag(text: str) -> PortSpec:
     if not m:
         raise _fail("port", f"{text!r}: expected [HOST:]CONTAINER[/tcp|udp], e.g. 8080:80")
     proto = m.group("p") or "tcp"
-    if proto not in ("tcp", "udp"):
+    protocol = _PROTOCOLS.get(proto)
+    if protocol is None:
         raise _fail("port", f"{text!r}: protocol must be tcp or udp, not {proto!r}")
     numbers = [int(m.group("c"))] + ([int(m.group("h"))] if m.group("h") else [])
     if any(not 1 <= n <= 65535 for n in numbers):
         raise _fail("port", f"{text!r}: ports are 1-65535")
     host = int(m.group("h")) if m.group("h") else None
-    return PortSpec(container_port=int(m.group("c")), host_port=host, protocol=proto)
+    return PortSpec(container_port=int(m.group("c")), host_port=host, protocol=protocol)
 
 
 def parse_restart_flag(text: str) -> RestartPolicy:
     """ "always" | "never" | "on-failure[:MAX]"."""
-    mode, _, max_text = text.strip().partition(":")
-    if mode not in ("always", "on-failure", "never"):
+    mode_text, _, max_text = text.strip().partition(":")
+    mode = _RESTART_MODES.get(mode_text)
+    if mode is None:
         raise _fail("restart", f"{text!r}: expected always, never or on-failure[:MAX]")
     if max_text and mode != "on-failure":
         raise _fail("restart", f"{text!r}: only on-failure takes a maximum")
     if max_text and not max_text.isdigit():
         raise _fail("restart", f"{text!r}: the maximum must be a whole number")
-    return RestartPolicy(mode=mode, max_retries=int(max_text or 0))  # type: ignore[arg-type]
+    return RestartPolicy(mode=mode, max_retries=int(max_text or 0))
 
 
 def parse_constraint_flag(text: str) -> Constraint:
@@ -602,18 +612,18 @@ def parse_constraint_flag(text: str) -> Constraint:
     if "." not in attr and f"node.{attr}" in NODE_ATTRIBUTES:
         attr = f"node.{attr}"
     if m.group("op"):
-        op = {"=": "=", "==": "=", "!=": "!=", "=~": "regex"}[m.group("op")]
+        op: Operator = _SYMBOL_OPERATORS[m.group("op")]
         value: str | tuple[str, ...] = m.group("v")
     elif m.group("word"):
-        op = m.group("word")
+        op = _WORD_OPERATORS[m.group("word")]
         value = m.group("wv")
         if op != "regex":
             value = tuple(v.strip() for v in value.split(","))
     else:
         op, value = "exists", ""
-    constraint = Constraint(attribute=attr, operator=op, value=value)  # type: ignore[arg-type]
+    constraint = Constraint(attribute=attr, operator=op, value=value)
     try:
-        return _normalise_rule(constraint, "constraint")  # type: ignore[return-value]
+        return _normalise_rule(constraint, "constraint")
     except InvalidWorkload as exc:
         raise _fail("constraint", f"{text!r}: {exc.message.split(': ', 1)[1]}") from None
 

@@ -20,7 +20,7 @@ anything else bumps `WIRE_VERSION`.
 from __future__ import annotations
 
 import re
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import msgspec
 
@@ -84,7 +84,7 @@ class Codec(Generic[T]):
         self.message_type = message_type
         self.versions = frozenset(versions)
         self.max_size = max_size
-        self._decoder = msgspec.msgpack.Decoder(Envelope[message_type])  # type: ignore[valid-type]
+        self._decoder = msgspec.msgpack.Decoder(Envelope[message_type])
 
     def encode(self, message: T, version: int = WIRE_VERSION) -> bytes:
         return _encoder.encode(Envelope(version, message))
@@ -107,7 +107,8 @@ class Codec(Generic[T]):
             raise WireError("malformed message: nested too deeply") from exc
         if envelope.version not in self.versions:
             raise UnsupportedVersion(envelope.version, self.versions)
-        return envelope.body
+        # The decoder validated the body against `message_type`, which is T.
+        return cast(T, envelope.body)
 
     def _check_version(self, data: bytes) -> None:
         """Report an unknown version rather than the body errors it causes."""
