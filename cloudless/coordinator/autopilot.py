@@ -197,6 +197,5 @@ def plan(candidates: list[Candidate], leader_id: str, now: float, config: Autopi
             if successor is not None:
                 acts.append(Action("transfer_leadership", successor.node_id, f"leader {leader_id} steps down: {why}"))
             continue
-        kind = "remove" if v.state in ("dead", "left") else "demote"
-        acts.append(Action(kind, v.node_id, why))
+        acts.append(Action("remove" if v.state in ("dead", "left") else "demote", v.node_id, why))
     return result

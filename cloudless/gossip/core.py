@@ -249,20 +249,19 @@ class GossipCore:
         self._advance(now)
         self.stats["packets_in"] += 1
         for msg in msgs:
-            t = type(msg)
-            if t is Ping:
+            if isinstance(msg, Ping):
                 self._on_ping(msg, from_addr)
-            elif t is Ack:
+            elif isinstance(msg, Ack):
                 self._on_ack(msg, now)
-            elif t is Alive:
+            elif isinstance(msg, Alive):
                 self._on_alive(msg, now, True)
-            elif t is Suspect:
+            elif isinstance(msg, Suspect):
                 self._on_suspect(msg, now, True)
-            elif t is Dead:
+            elif isinstance(msg, Dead):
                 self._on_dead(msg, now, True)
-            elif t is IndirectPing:
+            elif isinstance(msg, IndirectPing):
                 self._on_indirect_ping(msg, now)
-            elif t is Nack:
+            elif isinstance(msg, Nack):
                 p = self._probe
                 if p is not None and p.seq == msg.seq:
                     p.nacks += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import trio
 
@@ -25,6 +25,7 @@ from cloudless.gossip.core import GossipCore
 from cloudless.gossip.events import MembershipEvent, PushPull, StreamProbe
 from cloudless.gossip.keyring import PacketSealer, UnsealError
 from cloudless.gossip.messages import MalformedPacket
+from cloudless.gossip.metadata import Metadata
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,14 @@ STREAM_PUSH_PULL = b"P"
 STREAM_PROBE = b"I"
 STREAM_PROBE_ACK = b"A"
 INBOX_SIZE = 1024
+
+# What the loop receives: a datagram, a stream result, or a call on the core.
+InboxItem = (
+    tuple[Literal["packet"], bytes, tuple[str, int]]
+    | tuple[Literal["probe"], int, bool]
+    | tuple[Literal["exchange"], str, bytes | None]
+    | tuple[Literal["call"], Callable[[float], object]]
+)
 
 
 class DatagramEndpoint(Protocol):
@@ -73,7 +82,7 @@ class GossipDriver:
         self.sealer = sealer
         self.stream_exchange = stream_exchange
         self.stream_timeout = stream_timeout
-        self._send_inbox, self._inbox = trio.open_memory_channel[tuple](INBOX_SIZE)
+        self._send_inbox, self._inbox = trio.open_memory_channel[InboxItem](INBOX_SIZE)
         self._listeners: list[EventListener] = []
         self._nursery: trio.Nursery | None = None
         self.counters = {"inbox_full": 0, "malformed": 0, "unsealed_dropped": 0, "send_blocked": 0}
@@ -88,7 +97,7 @@ class GossipDriver:
         except trio.WouldBlock:
             self.counters["inbox_full"] += 1
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.endpoint.set_datagram_handler(self._on_datagram)
         try:
             async with trio.open_nursery() as nursery:
@@ -103,7 +112,7 @@ class GossipDriver:
         core = self.core
         while True:
             deadline = core.next_deadline()
-            item = None
+            item: InboxItem | None = None
             with trio.move_on_at(deadline if deadline is not None else float("inf")):
                 item = await self._inbox.receive()
             now = trio.current_time()
@@ -113,28 +122,28 @@ class GossipDriver:
                 core.handle_timer(now)
             await self._flush()
 
-    def _handle(self, item: tuple, now: float) -> None:
-        kind = item[0]
-        if kind == "packet":
-            try:
-                payload = self.sealer.open(item[1])
-                self.core.receive(payload, format_addr(item[2]), now)
-            except UnsealError as exc:
-                self.counters["unsealed_dropped"] += 1
-                log.debug("gossip.packet_dropped", extra={"peer": item[2], "reason": exc.reason})
-            except MalformedPacket as exc:
-                self.counters["malformed"] += 1
-                log.warning("gossip.packet_malformed", extra={"peer": item[2], "error": exc.message})
-        elif kind == "probe":
-            self.core.stream_probe_result(item[1], item[2], now)
-        elif kind == "exchange":
-            try:
-                self.core.stream_exchange_result(item[1], item[2], now)
-            except MalformedPacket as exc:
-                self.counters["malformed"] += 1
-                log.warning("gossip.state_malformed", extra={"peer": item[1], "error": exc.message})
-        elif kind == "call":
-            item[1](now)
+    def _handle(self, item: InboxItem, now: float) -> None:
+        match item:
+            case ("packet", data, addr):
+                try:
+                    payload = self.sealer.open(data)
+                    self.core.receive(payload, format_addr(addr), now)
+                except UnsealError as exc:
+                    self.counters["unsealed_dropped"] += 1
+                    log.debug("gossip.packet_dropped", extra={"peer": addr, "reason": exc.reason})
+                except MalformedPacket as exc:
+                    self.counters["malformed"] += 1
+                    log.warning("gossip.packet_malformed", extra={"peer": addr, "error": exc.message})
+            case ("probe", seq, ok):
+                self.core.stream_probe_result(seq, ok, now)
+            case ("exchange", peer, reply):
+                try:
+                    self.core.stream_exchange_result(peer, reply, now)
+                except MalformedPacket as exc:
+                    self.counters["malformed"] += 1
+                    log.warning("gossip.state_malformed", extra={"peer": peer, "error": exc.message})
+            case ("call", call):
+                call(now)
 
     async def _flush(self) -> None:
         core = self.core
@@ -194,7 +203,7 @@ class GossipDriver:
     async def join(self, seeds: list[str]) -> None:
         await self._send_inbox.send(("call", lambda now: self.core.join(seeds, now)))
 
-    async def update_metadata(self, meta) -> None:
+    async def update_metadata(self, meta: Metadata) -> None:
         await self._send_inbox.send(("call", lambda now: self.core.update_metadata(meta, now)))
 
     def hint_unreachable(self, name: str) -> None:

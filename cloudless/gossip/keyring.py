@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -152,7 +153,9 @@ class PacketSealer:
     counts what it drops. Used by the driver (and by the simulator when
     sealing is on)."""
 
-    def __init__(self, keyring: Keyring, sender_id: bytes | None = None, random_bytes=os.urandom) -> None:
+    def __init__(
+        self, keyring: Keyring, sender_id: bytes | None = None, random_bytes: Callable[[int], bytes] = os.urandom
+    ) -> None:
         self.keyring = keyring
         self.sender_id = sender_id if sender_id is not None else random_bytes(8)
         self._random = random_bytes

@@ -134,9 +134,9 @@ def static_filters(
         )
     for constraint in spec.constraints:
         apply(f"constraint {rule_text(constraint)}", rule_match(view, constraint)[0])
-    for rule in spec.anti_affinities:
-        if rule.hard:
-            apply(anti_affinity_text(rule), ~scope_mask(view, rule.workload, rule.attribute))
+    for anti in spec.anti_affinities:
+        if anti.hard:
+            apply(anti_affinity_text(anti), ~scope_mask(view, anti.workload, anti.attribute))
     return StaticFeasibility(remaining, rejected)
 
 

@@ -292,10 +292,12 @@ class Scoring:
         )
         cap_cpu, cap_mem = view.cap_cpu_f, view.cap_mem_f
         nc, nm, wu = self.cpu_need_f, self.mem_need_f, self.w_util
+        ucpu: Sequence[float]
+        umem: Sequence[float]
         if used_cpu is view.used_cpu and used_mem is view.used_mem:
-            used_cpu, used_mem = view.used_floats()
+            ucpu, umem = view.used_floats()
         else:
-            used_cpu, used_mem = [float(u) for u in used_cpu], [float(u) for u in used_mem]
+            ucpu, umem = [float(u) for u in used_cpu], [float(u) for u in used_mem]
         if self.affinities or self.anti_penalty:
             st = [base[i] for i in fit]
             for values, matching, coef in self.affinities:
@@ -305,23 +307,18 @@ class Scoring:
                 st = [s + penalty.get(i, 0.0) for s, i in zip(st, fit)]
             if self.binpack:
                 xs = [
-                    s + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                    s + wu * (((ucpu[i] + nc) / cap_cpu[i] + (umem[i] + nm) / cap_mem[i]) * 0.5)
                     for s, i in zip(st, fit)
                 ]
             else:
                 xs = [
-                    s + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
+                    s + wu * (1.0 - ((ucpu[i] + nc) / cap_cpu[i] + (umem[i] + nm) / cap_mem[i]) * 0.5)
                     for s, i in zip(st, fit)
                 ]
         elif self.binpack:
-            xs = [
-                base[i] + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5) for i in fit
-            ]
+            xs = [base[i] + wu * (((ucpu[i] + nc) / cap_cpu[i] + (umem[i] + nm) / cap_mem[i]) * 0.5) for i in fit]
         else:
-            xs = [
-                base[i] + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
-                for i in fit
-            ]
+            xs = [base[i] + wu * (1.0 - ((ucpu[i] + nc) / cap_cpu[i] + (umem[i] + nm) / cap_mem[i]) * 0.5) for i in fit]
         k, a, b, m = self.k, tie.a, tie.b, tie.mask
         if not self.node_spreads:
             return [(-int(x * k), (i * a + b) & m, i) for x, i in zip(xs, fit)]

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Iterable
 
-GroupKey = tuple  # type: ignore[type-arg]
+GroupKey = tuple[str | None, ...]  # one value per grouping spread attribute
 Entry = tuple[int, int, int]  # (-node part, tie-break rank, node index): min-heap order is best first
 
 
@@ -76,7 +76,7 @@ class GroupedHeaps:
         best_i = -1
         best_key: GroupKey = ()
         changed = self.changed
-        empty = []
+        empty: list[GroupKey] = []
         for key, heap in self.heaps.items():
             while heap:
                 neg, tb, i = heap[0]
@@ -107,7 +107,7 @@ class GroupedHeaps:
         for other in self._keys_sharing(key):
             self._group_cache.pop(other, None)
 
-    def close(self, keys: Iterable[Hashable]) -> None:
+    def close(self, keys: Iterable[GroupKey]) -> None:
         """Groups that reached a hard spread limit: none of their nodes is a candidate any more."""
         changed = self.changed
         for key in keys:

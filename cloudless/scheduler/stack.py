@@ -33,7 +33,7 @@ from cloudless.scheduler.feasible import (
 )
 from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice
 from cloudless.scheduler.rank import DEFAULT_CONFIG, SCALE, SchedulerConfig, Scoring
-from cloudless.scheduler.select import GroupedHeaps, TieBreak
+from cloudless.scheduler.select import Entry, GroupedHeaps, GroupKey, TieBreak
 from cloudless.scheduler.view import ClusterView, mask_indices
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -220,7 +220,7 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
                 counts[why] = counts.get(why, 0) + 1
         fit = kept
     entries_flat = scoring.entries(fit, used_cpu, used_mem, node_counts, tie)
-    entries: dict[tuple, list[tuple[int, int, int]]] = {}  # type: ignore[type-arg]
+    entries: dict[GroupKey, list[Entry]] = {}
     if grouped:
         keys = zip(*[[term.values[i] for i in fit] for term in scoring.group_spreads])
         for key, entry in zip(keys, entries_flat):
@@ -233,12 +233,12 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
         entries[()] = entries_flat
 
     # (spread position, value) -> group keys holding it, to invalidate group terms and close groups.
-    holding: dict[tuple[int, str | None], list[tuple]] = {}  # type: ignore[type-arg]
+    holding: dict[tuple[int, str | None], list[GroupKey]] = {}
     for key in entries:
         for pos, value in enumerate(key):
             holding.setdefault((pos, value), []).append(key)
 
-    def keys_sharing(key: tuple) -> Iterable[tuple]:  # type: ignore[type-arg]
+    def keys_sharing(key: GroupKey) -> Iterable[GroupKey]:
         for pos, value in enumerate(key):
             yield from holding.get((pos, value), ())
 

@@ -18,15 +18,17 @@ while sharing the node indexes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from itertools import compress
 from operator import attrgetter
-from typing import Literal
+from typing import Literal, TypeVar, cast
 
 import msgspec
 
 from cloudless.errors import InvalidInput
 from cloudless.state.workload import LIVE_STATES, Allocation, DeviceClass
+
+_T = TypeVar("_T")
 
 MemberState = Literal["alive", "suspect", "dead", "left"]
 
@@ -154,6 +156,7 @@ class ClusterView:
         self.cap_mem_f: tuple[float, ...] = tuple(float(c) for c in self.cap_mem)
         by_state: dict[str, list[int]] = {}
         for i, node in enumerate(ordered):
+            key: str
             if node.state != "alive":
                 key = node.state
             elif not node.eligible:
@@ -166,7 +169,7 @@ class ClusterView:
         self.state_masks: dict[str, int] = {k: mask_of(v, self.n) for k, v in by_state.items()}
         self.ready_mask = self.state_masks.get("alive", 0)
         self._attributes: dict[str, AttributeIndex] = {}
-        self._memo: dict[tuple, object] = {}  # type: ignore[type-arg]
+        self._memo: dict[tuple[Hashable, ...], object] = {}
         self._set_allocations({}, [0] * self.n, [0] * self.n)
         for allocation in allocations:
             self._add(allocation)
@@ -305,13 +308,15 @@ class ClusterView:
             self._attributes[attribute] = index
         return index
 
-    def memo(self, key: tuple, compute):  # type: ignore[no-untyped-def,type-arg]
+    def memo(self, key: tuple[Hashable, ...], compute: Callable[[], _T]) -> _T:
         """Memoise a pure per-node derivation (scorers' static parts) on this snapshot's nodes."""
         value = self._memo.get(key, _MISSING)
         if value is _MISSING:
-            value = compute()
-            self._memo[key] = value
-        return value
+            computed = compute()
+            self._memo[key] = computed
+            return computed
+        # Each key names one derivation, so its cached value has that derivation's type.
+        return cast(_T, value)
 
 
 _MISSING = object()
