@@ -66,10 +66,10 @@ class _Waiter:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.value: Any = None
+        self.value = 0  # a log index
         self.error: BaseException | None = None
 
-    def resolve(self, value: Any) -> None:
+    def resolve(self, value: int) -> None:
         if not self.done.is_set():
             self.value = value
             self.done.set()
@@ -79,7 +79,7 @@ class _Waiter:
             self.error = error
             self.done.set()
 
-    async def wait(self, timeout: float, timeout_error: Unavailable) -> Any:
+    async def wait(self, timeout: float, timeout_error: Unavailable) -> int:
         with trio.move_on_after(timeout):
             await self.done.wait()
         if not self.done.is_set():
@@ -133,7 +133,7 @@ class RaftDriver:
         self._reads: dict[bytes, _Waiter] = {}  # ctx -> waiter, until a ReadState arrives
         self._reads_to_apply: list[tuple[int, _Waiter]] = []  # (read index, waiter)
         self._read_ids = itertools.count(1)
-        self._outboxes: dict[str, trio.MemorySendChannel] = {}
+        self._outboxes: dict[str, trio.MemorySendChannel[Message]] = {}
         self._nursery: trio.Nursery | None = None
         self._applied_changed = trio.Event()
         self.applied = node.applied
@@ -240,7 +240,7 @@ class RaftDriver:
 
     # -- the loop ------------------------------------------------------------------
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
@@ -374,7 +374,8 @@ class RaftDriver:
             return
         outbox = self._outboxes.get(message.to)
         if outbox is None:
-            outbox, inbox = trio.open_memory_channel(OUTBOX_LIMIT)
+            assert self._nursery is not None, "messages are dispatched only while run() is running"
+            outbox, inbox = trio.open_memory_channel[Message](OUTBOX_LIMIT)
             self._outboxes[message.to] = outbox
             self._nursery.start_soon(self._drain_outbox, message.to, inbox)
         try:
@@ -382,7 +383,7 @@ class RaftDriver:
         except trio.WouldBlock:
             self._stats["messages_dropped"] += 1
 
-    async def _drain_outbox(self, peer: str, inbox: trio.MemoryReceiveChannel) -> None:
+    async def _drain_outbox(self, peer: str, inbox: trio.MemoryReceiveChannel[Message]) -> None:
         async for message in inbox:
             with trio.move_on_after(self.send_timeout) as scope:
                 try:

@@ -32,6 +32,7 @@ import os
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import TypeVar
 
 import msgspec
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
@@ -60,6 +61,8 @@ _INDEX = struct.Struct(">Q")
 # Recently written entries kept decoded: the leader reads what it just
 # appended to send it, and term() of the tail is asked on every message.
 _TAIL_CACHE = 4096
+
+_T = TypeVar("_T")
 
 
 class UnsupportedFormat(StorageError):
@@ -105,7 +108,8 @@ class RocksStorage:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.create_missing_column_families(True)
-        self._db: Rdict | None = Rdict(self.path, options=options, column_families=_column_families())
+        self._db = Rdict(self.path, options=options, column_families=_column_families())
+        self._closed = False
         self._log = self._db.get_column_family(_CF_LOG)
         self._meta = self._db.get_column_family(_CF_META)
         self._snap = self._db.get_column_family(_CF_SNAP)
@@ -114,7 +118,8 @@ class RocksStorage:
         self._snap_cf = self._db.get_column_family_handle(_CF_SNAP)
         self._write_options = WriteOptions()
         self._write_options.sync = False
-        self._write_options.disable_wal = False
+        # rocksdict's stub declares disable_wal a method; at runtime it is a property.
+        self._write_options.disable_wal = False  # type: ignore[method-assign,assignment]
         self._enc = msgspec.msgpack.Encoder()
         self._entry_dec = msgspec.msgpack.Decoder(Entry)
         self._tail: dict[int, Entry] = {}
@@ -154,7 +159,7 @@ class RocksStorage:
             EMPTY_SNAPSHOT.meta if raw is None else self._decode(_KEY_SNAP_META, raw, SnapshotMeta, "snapshot meta")
         )
         first, last = self._first_key(), self._last_key()
-        if first is None:
+        if first is None or last is None:
             self._last_index = self._base_index
         else:
             if first != self._base_index + 1:
@@ -174,12 +179,12 @@ class RocksStorage:
 
     def close(self) -> None:
         """Release the database (and its lock); the instance is unusable afterwards."""
-        db, self._db = self._db, None
+        if self._closed:
+            return
+        self._closed = True
         # Column-family objects keep the database (and its file lock) alive.
-        self._log = self._meta = self._snap = None
-        self._log_cf = self._meta_cf = self._snap_cf = None
-        if db is not None:
-            db.close()
+        del self._log, self._meta, self._snap, self._log_cf, self._meta_cf, self._snap_cf
+        self._db.close()
 
     def __enter__(self) -> RocksStorage:
         return self
@@ -189,7 +194,7 @@ class RocksStorage:
 
     # -- records -------------------------------------------------------------
 
-    def _decode(self, key: bytes, record: bytes, type_: type, where: str):
+    def _decode(self, key: bytes, record: bytes, type_: type[_T], where: str) -> _T:
         payload = _open(key, record, where)
         try:
             return msgspec.msgpack.decode(payload, type=type_)
