@@ -91,7 +91,7 @@ class InvalidRevocationList(PKIError, InvalidInput):
 
 # What cryptography raises on malformed certificate/CSR/key bytes. Fields parse
 # lazily, so these can surface on first attribute access, not only at load.
-X509_PARSE_ERRORS: tuple[type[Exception], ...] = (
+X509_PARSE_ERRORS = (
     ValueError,
     TypeError,
     x509.InvalidVersion,

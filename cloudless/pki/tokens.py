@@ -139,7 +139,7 @@ def create_token(
     ttl: timedelta,
     max_uses: int,
     now: datetime,
-    rng: RandomBytes = secrets,  # type: ignore[assignment]
+    rng: RandomBytes = secrets,
 ) -> tuple[str, TokenRecord]:
     """A new token string (show it once) and the record to store."""
     now = as_utc(now)

@@ -27,6 +27,7 @@ exclusively, so gc never deletes a blob an import is about to reference.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import fcntl
 import hashlib
@@ -37,7 +38,7 @@ import secrets
 import shutil
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,9 +240,11 @@ class BlobWriter:
 class _Source:
     """Read-only access to named files in an image layout dir or archive."""
 
-    def exists(self, name: str) -> bool: ...
+    def exists(self, name: str) -> bool:
+        raise NotImplementedError
 
-    def open(self, name: str) -> BinaryIO: ...
+    def open(self, name: str) -> BinaryIO:
+        raise NotImplementedError
 
     def read(self, name: str, limit: int = oci.MAX_DOCUMENT_BYTES) -> bytes:
         with self.open(name) as f:
@@ -255,7 +258,7 @@ class _Source:
 
 
 def _normalise(name: str) -> str:
-    parts = []
+    parts: list[str] = []
     for comp in name.split("/"):
         if comp in ("", "."):
             continue
@@ -425,7 +428,7 @@ class ImageStore:
     def get(self, ref: str) -> ImageRecord:
         return _resolve(self._load(), ref)
 
-    def container_uses(self) -> list[ContainerUse]:
+    def container_uses(self) -> builtins.list[ContainerUse]:
         out = []
         for path in sorted(self.container_dir.glob("*.json")):
             try:
@@ -589,9 +592,9 @@ class ImageStore:
         self,
         txn: _Ingest,
         manifest_bytes: bytes,
-        names: list[str],
+        names: builtins.list[str],
         *,
-        repository_digests: list[str] = (),  # type: ignore[assignment]
+        repository_digests: Sequence[str] = (),
         progress: ProgressCallback | None = None,
     ) -> ImageRecord:
         """Record an image whose manifest, config and layer blobs are already
@@ -713,7 +716,7 @@ class ImageStore:
 
     def import_path(
         self, path: Path, *, name: str | None = None, progress: ProgressCallback | None = None
-    ) -> list[ImageRecord]:
+    ) -> builtins.list[ImageRecord]:
         """Import an OCI image layout (directory or tar) or a `docker save`
         tarball. `name` tags the image (required only when the archive names
         none and more than one image is inside). Blocking."""
@@ -738,8 +741,8 @@ class ImageStore:
         return records
 
     def _import_layout(
-        self, txn: _Ingest, src: _Source, extra_names: list[str], progress: ProgressCallback | None
-    ) -> list[ImageRecord]:
+        self, txn: _Ingest, src: _Source, extra_names: builtins.list[str], progress: ProgressCallback | None
+    ) -> builtins.list[ImageRecord]:
         index = oci.decode_index(src.read("index.json"))
         if not index.manifests:
             raise InvalidImage("image layout index.json lists no manifests")
@@ -784,8 +787,8 @@ class ImageStore:
         return data
 
     def _import_docker_save(
-        self, txn: _Ingest, src: _Source, extra_names: list[str], progress: ProgressCallback | None
-    ) -> list[ImageRecord]:
+        self, txn: _Ingest, src: _Source, extra_names: builtins.list[str], progress: ProgressCallback | None
+    ) -> builtins.list[ImageRecord]:
         entries = oci.decode_docker_save_manifest(src.read("manifest.json"))
         if not entries:
             raise InvalidImage("docker save manifest.json lists no images")

@@ -40,12 +40,14 @@ if __name__ != "__main__":  # imported as a module; the shim skips these (start 
 
     import trio
 
-    from cloudless.sandbox.runtime import LogRecord
+    from cloudless.sandbox.runtime import LogRecord, LogStream
 
 SEGMENT_SUFFIX = ".log"
 MAX_LINE = 16 * 1024  # longer lines are split into several records
 _STREAM_CODE = {"stdout": "o", "stderr": "e"}
-_STREAM_NAME = {"o": "stdout", "e": "stderr"}
+_STREAM_NAME: dict[str, LogStream] = {"o": "stdout", "e": "stderr"}
+# (offset, ts, stream, text)
+RawRecord = tuple[int, float, "LogStream", str]
 
 
 def _segments(log_dir: str) -> list[tuple[int, str]]:
@@ -152,7 +154,7 @@ class LineSplitter:
         return [rest.decode("utf-8", "replace")] if rest else []
 
 
-def _parse_lines(data: bytes, base: int) -> tuple[list[tuple[int, float, str, str]], int]:
+def _parse_lines(data: bytes, base: int) -> tuple[list[RawRecord], int]:
     """Complete records in `data` (which starts at offset `base`) and the bytes consumed."""
     out = []
     pos = 0
@@ -170,13 +172,13 @@ def _parse_lines(data: bytes, base: int) -> tuple[list[tuple[int, float, str, st
     return out, pos
 
 
-def _scan(log_dir: str, since_offset: int) -> tuple[list[tuple[int, float, str, str]], int]:
+def _scan(log_dir: str, since_offset: int) -> tuple[list[RawRecord], int]:
     """Complete records at or after `since_offset`, and the offset just past the last one.
 
     If `since_offset` points into a segment already rotated away, reading starts
     at the oldest record still kept.
     """
-    out: list[tuple[int, float, str, str]] = []
+    out: list[RawRecord] = []
     next_offset = since_offset
     segs = _segments(log_dir)
     for i, (start, path) in enumerate(segs):
@@ -196,7 +198,7 @@ def _scan(log_dir: str, since_offset: int) -> tuple[list[tuple[int, float, str, 
     return out, next_offset
 
 
-def read_raw(log_dir: str, since_offset: int = 0, tail: int | None = None) -> list[tuple[int, float, str, str]]:
+def read_raw(log_dir: str, since_offset: int = 0, tail: int | None = None) -> list[RawRecord]:
     """Records at or after `since_offset` as (offset, ts, stream, text); only the last `tail` if given."""
     out, _ = _scan(log_dir, since_offset)
     if tail is not None:
@@ -351,10 +353,10 @@ def _shim_main(argv: list[str]) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     if argv == ["--args-from-stdin"]:
         # Pre-started ("warm") by the runtime so interpreter start-up is off the start path.
-        got = _read_args_from_stdin()
-        if got is None:
+        args_in = _read_args_from_stdin()
+        if args_in is None:
             return 0
-        argv = got
+        argv = args_in
     a = _ShimOptions(_parse_shim_args(argv))
 
     ready_r, ready_w = os.pipe()
@@ -366,10 +368,10 @@ def _shim_main(argv: list[str]) -> int:
             if not chunk:
                 break
             chunks.append(chunk)
-        report = b"".join(chunks).decode("utf-8", "replace")
-        os.write(1, report.encode() or b"error shim died before reporting\n")
+        started = b"".join(chunks).decode("utf-8", "replace")
+        os.write(1, started.encode() or b"error shim died before reporting\n")
         # The caller waits for our exit: skip interpreter teardown, it is on the start path.
-        os._exit(0 if report.startswith("ok ") else 1)
+        os._exit(0 if started.startswith("ok ") else 1)
     os.close(ready_r)
     os.setsid()
     # pid plus kernel start time: the runtime's liveness check must not be fooled by pid reuse.
@@ -503,7 +505,7 @@ def _shim_main(argv: list[str]) -> int:
     drain_deadline: float | None = None
     while open_fds:
         timeout = None
-        if status is not None:
+        if drain_deadline is not None:
             # Init is gone; stragglers holding the pipes get 2 s, then we stop reading.
             timeout = max(0.0, drain_deadline - time.monotonic())
             if timeout == 0:

@@ -10,6 +10,7 @@ deadlines, so the twin needs no background tasks.
 
 from __future__ import annotations
 
+import builtins
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from cloudless.sandbox.runtime import (
     ExecResult,
     HealthCheck,
     LogRecord,
+    LogStream,
     validate_spec,
 )
 
@@ -38,7 +40,7 @@ class ScriptedRun:
     after: float | None = None  # seconds until it exits on its own; None: runs until killed
     exit_code: int = 0
     oom_killed: bool = False
-    logs: tuple[tuple[str, str], ...] = ()  # (stream, text) written at start
+    logs: tuple[tuple[LogStream, str], ...] = ()  # (stream, text) written at start
     start_error: Exception | None = None  # start raises this instead
 
 
@@ -87,7 +89,7 @@ class MemoryRuntime:
         if then is not None:
             c.health_default = then
 
-    def emit_log(self, container_id: str, stream: str, text: str) -> None:
+    def emit_log(self, container_id: str, stream: LogStream, text: str) -> None:
         c = self._get(container_id)
         c.logs.append(LogRecord(offset=c.log_offset, ts=trio.current_time(), stream=stream, text=text))
         c.log_offset += len(text) + 1
@@ -220,7 +222,7 @@ class MemoryRuntime:
             self._finish(c, 137, False)
         del self._containers[container_id]
 
-    async def exec(self, container_id: str, args: list[str], timeout: float = 30.0) -> ExecResult:
+    async def exec(self, container_id: str, args: builtins.list[str], timeout: float = 30.0) -> ExecResult:
         c = self._get(container_id)
         await trio.lowlevel.checkpoint()
         self._settle(c)
@@ -233,7 +235,9 @@ class MemoryRuntime:
         await trio.lowlevel.checkpoint()
         return ContainerStats(cpu_usage_ns=0, memory_bytes=0, memory_limit_bytes=c.spec.memory_bytes, pids=1)
 
-    async def read_logs(self, container_id: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]:
+    async def read_logs(
+        self, container_id: str, since_offset: int = 0, tail: int | None = None
+    ) -> builtins.list[LogRecord]:
         c = self._get(container_id)
         await trio.lowlevel.checkpoint()
         out = [r for r in c.logs if r.offset >= since_offset]
@@ -252,7 +256,7 @@ class MemoryRuntime:
             else:
                 await trio.sleep(0.05)
 
-    async def sweep(self) -> list[str]:
+    async def sweep(self) -> builtins.list[str]:
         await trio.lowlevel.checkpoint()
         return []
 

@@ -42,6 +42,7 @@ is swept as an orphan. Only the shim's exit.json is fsynced, off the start path.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import logging
@@ -361,8 +362,8 @@ class RuncRuntime:
         if proc is None or proc.returncode is not None:
             proc = await self._spawn_shim()
         out = b""
+        assert proc.stdin is not None and proc.stdout is not None
         with trio.move_on_after(self.timeout) as scope:
-            assert proc.stdin is not None and proc.stdout is not None
             await proc.stdin.send_all(("\0".join(args) + "\n").encode())
             await proc.stdin.aclose()
             while chunk := await proc.stdout.receive_some(65536):
@@ -399,8 +400,9 @@ class RuncRuntime:
     async def state(self, container_id: str) -> ContainerState:
         spec = self._load_spec(container_id)
         attachment = self.network.attachment(container_id)
-        common = dict(
+        created = ContainerState(
             id=container_id,
+            status="created",
             ip=attachment.ip if attachment else None,
             labels=dict(spec.labels),
             pid=self._read_int(container_id, "init.pid"),
@@ -408,22 +410,22 @@ class RuncRuntime:
         )
         record = self._exit_record(container_id)
         if record is not None:
-            return ContainerState(
+            return msgspec.structs.replace(
+                created,
                 status="exited",
                 exit_code=record["exit_code"],
                 oom_killed=record["oom_killed"],
                 finished_at=record["finished_at"],
-                **common,
             )
-        if common["pid"] is None:
-            return ContainerState(status="created", **common)
+        if created.pid is None:
+            return created
         if self._shim_alive(container_id):
-            return ContainerState(status="running", **common)
+            return msgspec.structs.replace(created, status="running")
         # Shim gone without a verdict (killed, or the machine rebooted): ask runc.
         st = await self._runc_state(container_id)
         if st is not None and st.get("status") in ("running", "paused"):
-            return ContainerState(status="running", **common)
-        return ContainerState(status="exited", exit_code=None, **common)
+            return msgspec.structs.replace(created, status="running")
+        return msgspec.structs.replace(created, status="exited", exit_code=None)
 
     async def list(self) -> list[ContainerState]:
         out = []
@@ -434,7 +436,7 @@ class RuncRuntime:
                 continue  # a half-created directory without spec.json
         return out
 
-    def orphans(self) -> list[str]:
+    def orphans(self) -> builtins.list[str]:
         """Container directories without a readable spec (a crash mid-create)."""
         return [
             name
@@ -442,7 +444,7 @@ class RuncRuntime:
             if name not in self._creating and not (self.containers_dir / name / "spec.json").exists()
         ]
 
-    async def sweep(self) -> list[str]:
+    async def sweep(self) -> builtins.list[str]:
         removed = set()
         for name in self.orphans():
             await self._remove_everything(name)
@@ -547,7 +549,7 @@ class RuncRuntime:
 
     # ------------------------------------------------------------ exec, stats, logs
 
-    async def exec(self, container_id: str, args: list[str], timeout: float = 30.0) -> ExecResult:
+    async def exec(self, container_id: str, args: builtins.list[str], timeout: float = 30.0) -> ExecResult:
         if not args:
             raise ContainerStateError("exec needs a command", id=container_id)
         st = await self.state(container_id)
@@ -608,7 +610,9 @@ class RuncRuntime:
     def log_dir(self, container_id: str) -> Path:
         return self._dir(container_id) / "logs"
 
-    async def read_logs(self, container_id: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]:
+    async def read_logs(
+        self, container_id: str, since_offset: int = 0, tail: int | None = None
+    ) -> builtins.list[LogRecord]:
         self._load_spec(container_id)
         return await trio.to_thread.run_sync(container_logs.read, str(self.log_dir(container_id)), since_offset, tail)
 

@@ -13,6 +13,7 @@ address and logs stay); `delete` removes every trace.
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import AsyncIterator
 from typing import Literal, Protocol
@@ -63,6 +64,7 @@ class ExecTimeout(SandboxError):
 # ---------------------------------------------------------------- spec
 
 NetworkMode = Literal["bridge", "host", "none"]
+LogStream = Literal["stdout", "stderr"]
 RestartMode = Literal["always", "on-failure", "never"]
 HealthKind = Literal["exec", "tcp", "http"]
 Status = Literal["created", "running", "exited", "unknown"]
@@ -162,12 +164,12 @@ def validate_spec(spec: ContainerSpec) -> ContainerSpec:
     if spec.pids_limit is not None and spec.pids_limit < 1:
         raise bad("pids_limit", "must be positive")
     seen_dest: set[str] = set()
-    for m in [*spec.tmpfs, *spec.mounts]:
-        if not m.destination.startswith("/") or ".." in m.destination.split("/"):
-            raise bad("mounts", f"destination {m.destination!r} must be absolute without '..'")
-        if m.destination in seen_dest:
-            raise bad("mounts", f"destination {m.destination!r} mounted twice")
-        seen_dest.add(m.destination)
+    for destination in [*(t.destination for t in spec.tmpfs), *(m.destination for m in spec.mounts)]:
+        if not destination.startswith("/") or ".." in destination.split("/"):
+            raise bad("mounts", f"destination {destination!r} must be absolute without '..'")
+        if destination in seen_dest:
+            raise bad("mounts", f"destination {destination!r} mounted twice")
+        seen_dest.add(destination)
     for b in spec.mounts:
         if not b.source.startswith("/"):
             raise bad("mounts", f"source {b.source!r} must be absolute")
@@ -229,7 +231,7 @@ class ExecResult(msgspec.Struct, frozen=True):
 class LogRecord(msgspec.Struct, frozen=True):
     offset: int  # position of the record in the container's whole log stream
     ts: float  # wall-clock seconds when the line was read from the container
-    stream: Literal["stdout", "stderr"]
+    stream: LogStream
     text: str
 
 
@@ -256,17 +258,19 @@ class ContainerRuntime(Protocol):
     async def delete(self, container_id: str) -> None:
         """Kill if running and remove everything: process, cgroup, bundle, network, logs."""
 
-    async def exec(self, container_id: str, args: list[str], timeout: float = 30.0) -> ExecResult: ...
+    async def exec(self, container_id: str, args: builtins.list[str], timeout: float = 30.0) -> ExecResult: ...
 
     async def stats(self, container_id: str) -> ContainerStats: ...
 
-    async def read_logs(self, container_id: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]: ...
+    async def read_logs(
+        self, container_id: str, since_offset: int = 0, tail: int | None = None
+    ) -> builtins.list[LogRecord]: ...
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]: ...
 
     async def aclose(self) -> None:
         """Release what the runtime object holds (not the containers: they keep running)."""
 
-    async def sweep(self) -> list[str]:
+    async def sweep(self) -> builtins.list[str]:
         """Remove leftovers of containers this runtime no longer knows (crash mid-create,
         runc state without a container, network rules); return their ids."""

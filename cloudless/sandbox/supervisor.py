@@ -176,7 +176,7 @@ class Supervisor:
         *,
         name: str = "node",
         rng: random.Random,
-        events: trio.MemorySendChannel | None = None,
+        events: trio.MemorySendChannel[SupervisorEvent] | None = None,
         prober: HealthProber | None = None,
         stop_grace: float = 10.0,
     ) -> None:
@@ -284,7 +284,7 @@ class Supervisor:
         self._watched[spec.id] = entry
         self._nursery.start_soon(self._watch, entry, state)
 
-    async def _emit(self, event: object) -> None:
+    async def _emit(self, event: SupervisorEvent) -> None:
         log.info(f"sandbox.{type(event).__name__.lower()}", extra={"fields": msgspec.structs.asdict(event)})
         if self._events is not None:
             await self._events.send(event)

@@ -49,7 +49,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import zstandard
 
@@ -92,10 +92,14 @@ def detect_compression(head: bytes) -> str:
     return "none"
 
 
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
 class _CountingHasher:
     """A read-only stream that hashes and counts what passes through it."""
 
-    def __init__(self, raw: BinaryIO, limit: int, progress: Callable[[int], None] | None) -> None:
+    def __init__(self, raw: _Readable, limit: int, progress: Callable[[int], None] | None) -> None:
         self._raw = raw
         self._limit = limit
         self._progress = progress
@@ -120,15 +124,15 @@ class _CountingHasher:
             pass
 
 
-def _decompressed(raw: BinaryIO, compression: str) -> BinaryIO:
+def _decompressed(raw: BinaryIO, compression: str) -> _Readable:
     if compression == "auto":
         head = raw.read(4)
         raw.seek(0)
         compression = detect_compression(head)
     if compression == "gzip":
-        return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
+        return gzip.GzipFile(fileobj=raw, mode="rb")
     if compression == "zstd":
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)  # type: ignore[return-value]
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
     if compression == "none":
         return raw
     raise InvalidImage(f"unknown layer compression {compression!r}")
@@ -173,6 +177,7 @@ def unpack_layer(
         reader = _CountingHasher(_decompressed(raw, compression), limits.max_layer_bytes, progress)
         extractor = _Extractor(Path(dest), mode, whiteouts, limits)
         try:
+            # typeshed wants a seekable, writable file even for stream mode ("r|"), which only reads.
             with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     extractor.add(tar, member)
