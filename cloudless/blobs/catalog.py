@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol, TypeVar, Union, cast
 
 import msgspec
 
@@ -55,51 +55,51 @@ class BlobCommand(msgspec.Struct, frozen=True, tag_field="c", forbid_unknown_fie
     pass
 
 
-class CreateBucket(BlobCommand, tag="blob.bucket.create"):
+class CreateBucket(BlobCommand, tag="blob.bucket.create", frozen=True):
     bucket: Bucket
 
 
-class DeleteBucket(BlobCommand, tag="blob.bucket.rm"):
+class DeleteBucket(BlobCommand, tag="blob.bucket.rm", frozen=True):
     """Refused while the bucket holds objects; open uploads go with it."""
 
     name: str
 
 
-class PutManifest(BlobCommand, tag="blob.put"):
+class PutManifest(BlobCommand, tag="blob.put", frozen=True):
     """`expected_version` None: unconditional; 0: the key must not exist; n: it must be at version n."""
 
     manifest: ObjectManifest
     expected_version: int | None = None
 
 
-class DeleteManifest(BlobCommand, tag="blob.rm"):
+class DeleteManifest(BlobCommand, tag="blob.rm", frozen=True):
     bucket: str
     key: str
     expected_version: int | None = None
 
 
-class CreateUpload(BlobCommand, tag="blob.upload.create"):
+class CreateUpload(BlobCommand, tag="blob.upload.create", frozen=True):
     upload: MultipartUpload
 
 
-class PutPart(BlobCommand, tag="blob.upload.part"):
+class PutPart(BlobCommand, tag="blob.upload.part", frozen=True):
     part: UploadPart
 
 
-class CompleteUpload(BlobCommand, tag="blob.upload.complete"):
+class CompleteUpload(BlobCommand, tag="blob.upload.complete", frozen=True):
     upload_id: str
     manifest: ObjectManifest
 
 
-class AbortUpload(BlobCommand, tag="blob.upload.abort"):
+class AbortUpload(BlobCommand, tag="blob.upload.abort", frozen=True):
     upload_id: str
 
 
-class PutAccessKey(BlobCommand, tag="blob.key.put"):
+class PutAccessKey(BlobCommand, tag="blob.key.put", frozen=True):
     key: AccessKey
 
 
-class DeleteAccessKey(BlobCommand, tag="blob.key.rm"):
+class DeleteAccessKey(BlobCommand, tag="blob.key.rm", frozen=True):
     access_key: str
 
 
@@ -196,7 +196,9 @@ class RocksKV:
         return self._db.get(key)
 
     def scan(self, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
-        for k, v in self._db.items(from_key=start):
+        # A raw_mode database holds bytes keys and values; rocksdict types them as any key type.
+        items = cast(Iterator[tuple[bytes, bytes]], self._db.items(from_key=start))
+        for k, v in items:
             if not k.startswith(prefix):
                 return
             yield k, v
@@ -218,7 +220,10 @@ class RocksKV:
 # The state machine ------------------------------------------------------------------
 
 
-def _dec(kind: type, raw: bytes):  # type: ignore[no-untyped-def]
+_T = TypeVar("_T")
+
+
+def _dec(kind: type[_T], raw: bytes) -> _T:
     return msgspec.msgpack.decode(raw, type=kind)
 
 

@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import msgspec
 import zstandard
@@ -75,9 +75,9 @@ def encode_chunk(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     return CODEC_RAW, data
 
 
-def decode_chunk(codec: int, payload: bytes, size_hint: int = 0) -> bytes:
+def decode_chunk(codec: int, payload: bytes | memoryview, size_hint: int = 0) -> bytes:
     if codec == CODEC_RAW:
-        return payload
+        return bytes(payload)  # the same object when it is bytes already
     if codec == CODEC_ZSTD:
         try:
             return _decompressor().decompress(payload, max_output_size=size_hint or 0)
@@ -204,7 +204,7 @@ class LocalChunkStore:
         self._index_lock = threading.Lock()
         self._known_dirs: set[Path] = set()
         self._used = 0  # stored bytes, for the capacity a placement sees
-        for key, raw in self._db.items():
+        for key, raw in self._raw_items():
             self._summary.toggle(key.decode(), True)
             self._used += msgspec.msgpack.decode(raw, type=ChunkInfo).stored_size
         # A crash between a chunk's rename and its index write leaves a file GC cannot see;
@@ -325,9 +325,13 @@ class LocalChunkStore:
             self.path_of(digest).unlink(missing_ok=True)
         return previous is not None
 
+    def _raw_items(self, from_key: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        # A raw_mode database holds bytes keys and values; rocksdict types them as any key type.
+        items = self._db.items() if from_key is None else self._db.items(from_key=from_key)
+        return cast(Iterator[tuple[bytes, bytes]], items)
+
     def digests(self, prefix: str = "") -> Iterator[str]:
-        it = self._db.items(from_key=prefix.encode()) if prefix else self._db.items()
-        for key, _ in it:
+        for key, _ in self._raw_items(prefix.encode() if prefix else None):
             d = key.decode()
             if not d.startswith(prefix):
                 break

@@ -6,13 +6,15 @@ repair, anti-entropy — is written against this interface only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol, TypeVar
 
 import trio
 
 from cloudless.blobs.chunkstore import ChunkStore, InventorySummary
 from cloudless.errors import Unavailable
+
+_T = TypeVar("_T")
 
 
 class PeerUnavailable(Unavailable):
@@ -74,7 +76,7 @@ class MemoryChunkPeers:
             raise PeerUnavailable(f"node {node} is unreachable", node=node)
         return self.stores[node]
 
-    async def _call(self, fn):  # type: ignore[no-untyped-def]
+    async def _call(self, fn: Callable[[], _T]) -> _T:
         if self._threaded:
             return await trio.to_thread.run_sync(fn)
         await trio.lowlevel.checkpoint()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import trio
@@ -32,6 +32,8 @@ from cloudless.blobs.errors import ChunkMissing, CorruptChunk
 from cloudless.blobs.peers import ChunkPeers, PeerUnavailable
 from cloudless.errors import CloudlessError, InvalidInput, NotFound, Unavailable
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def register_chunk_service(
     """Serve this node's `store` to its peers on `server`; with `peers`, also `chunks.pull`."""
     limiter = threads or trio.CapacityLimiter(4)
 
-    async def run(fn, *args):  # type: ignore[no-untyped-def]
+    async def run(fn: Callable[..., _T], *args: Any) -> _T:
         return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
 
     @server.unary("chunks.has", request=HasChunks)
@@ -169,7 +171,7 @@ class RpcChunkPeers:
     def _deadline(self, nbytes: int) -> float:
         return self.timeout + nbytes / self.min_rate
 
-    async def _call(self, node: str, method: str, request: object, response: object, nbytes: int = 0):  # type: ignore[no-untyped-def]
+    async def _call(self, node: str, method: str, request: object, response: type[Any] | None, nbytes: int = 0) -> Any:
         try:
             address = self.address_of(node)
         except KeyError:

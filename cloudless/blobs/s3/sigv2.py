@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from urllib.parse import unquote
 
 from cloudless.blobs.s3.errors import S3Error
@@ -62,7 +62,7 @@ def verify(
     headers: Mapping[str, str],
     secret: str,
     now: float,
-    parse_http_date,  # type: ignore[no-untyped-def]
+    parse_http_date: Callable[[str], float | None],
 ) -> str:
     """Returns the access key on success."""
     params = dict(query)
