@@ -15,6 +15,7 @@ second (UDP payload as sealed on the wire, plus push-pull stream bytes).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import heapq
 import logging
@@ -123,7 +124,7 @@ class GossipSimulation:
         self.rng = random.Random(config.seed)
         gcfg = config.gossip or GossipConfig()
         if gcfg.lifeguard != config.lifeguard:
-            gcfg = GossipConfig(**{**_fields(gcfg), "lifeguard": config.lifeguard})
+            gcfg = dataclasses.replace(gcfg, lifeguard=config.lifeguard)
         self.gcfg = gcfg
         self.now = 0.0
         self._heap: list[tuple] = []
@@ -466,19 +467,19 @@ class GossipSimulation:
             per = self.first_dead.get(name, {})
             knew = self.knew.get(name, set())
             observers = [n.core.name for n in survivors if n.joined_at <= tl and n.core.name in knew]
-            times = [per.get(o) for o in observers]
-            left_all.append(max(times) - tl if times and None not in times else None)
+            observed = [per[o] for o in observers if o in per]
+            left_all.append(max(observed) - tl if observers and len(observed) == len(observers) else None)
         join_all: list[float | None] = []
         unconverged = 0
         for name, tj in self.join_times.items():
             per = self.first_joined.get(name, {})
             observers = [n.core.name for n in survivors if n.joined_at < tj]
-            times = [per.get(o) for o in observers]
-            if None in times:
+            observed = [per[o] for o in observers if o in per]
+            if len(observed) < len(observers):
                 join_all.append(None)
                 unconverged += 1
             else:
-                join_all.append(max(times) - tj if times else 0.0)
+                join_all.append(max(observed) - tj if observed else 0.0)
         live_names = {n.core.name for n in survivors}
         disagreements = 0
         for n in survivors:
@@ -506,10 +507,6 @@ class GossipSimulation:
             views_agree=disagreements == 0,
             disagreements=disagreements,
         )
-
-
-def _fields(cfg: GossipConfig) -> dict[str, object]:
-    return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
 
 
 def simulate(config: SimConfig) -> SimResult:

@@ -307,17 +307,21 @@ def _linearize(ops: Sequence[Operation], model: Model, deadline: float | None) -
         ev.prev = last
         last = ev
 
+    # Every linked event has a predecessor (at least the sentinel) and every call its return.
     def lift(call: _Event) -> None:
+        ret = call.match
+        assert call.prev is not None and ret is not None
         call.prev.next = call.next
         if call.next is not None:
             call.next.prev = call.prev
-        ret = call.match
+        assert ret.prev is not None
         ret.prev.next = ret.next
         if ret.next is not None:
             ret.next.prev = ret.prev
 
     def unlift(call: _Event) -> None:
         ret = call.match
+        assert call.prev is not None and ret is not None and ret.prev is not None
         ret.prev.next = ret
         if ret.next is not None:
             ret.next.prev = ret

@@ -24,6 +24,7 @@ import heapq
 import logging
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +87,7 @@ class SimDisk:
         return self.volatile.snapshot()
 
     # write side
-    def write(self, hard_state: HardState | None, entries: list[Entry], snapshot: Snapshot | None = None) -> None:
+    def write(self, hard_state: HardState | None, entries: Sequence[Entry], snapshot: Snapshot | None = None) -> None:
         if hard_state is None and not entries and snapshot is None:
             return
         self.volatile.write(hard_state, entries, snapshot)
