@@ -70,6 +70,8 @@ class EnrollReply(msgspec.Struct, frozen=True):
     gossip_keys: list[bytes]
     seeds: list[str]  # advertise addresses of known nodes
     revocations: bytes  # RevocationList.to_bytes()
+    # The CA key-encryption key, only for nodes enrolled as coordinators (pki.custody).
+    ca_kek: bytes = b""
 
 
 def check_token(tokens: dict, request: EnrollRequest, now: float) -> None:

@@ -21,13 +21,13 @@ from pathlib import Path
 import msgspec
 import trio
 
+from cloudless.authz import PermissionDenied
 from cloudless.errors import CloudlessError, Unavailable
 from cloudless.raft.core import NotLeader, RaftConfig, RaftNode, Role
 from cloudless.raft.driver import RaftDriver
 from cloudless.raft.messages import ConfChange, Entry, EntryKind, Message, Snapshot, decode_message, encode_message
 from cloudless.raft.rocks import RocksStorage
 from cloudless.raft.storage import bootstrap_log
-from cloudless.authz import PermissionDenied
 from cloudless.state.commands import (
     Command,
     Proposal,

@@ -143,7 +143,9 @@ class NodeCluster:
                 client = self.client(0, timeout=5.0)
                 try:
                     reply = await client.call(
-                        "token.create", TokenCreate(ttl_s=900.0, uses=uses, role="node"), response=TokenReply
+                        "token.create",
+                        TokenCreate(ttl_s=900.0, uses=uses, role="node", trust="coordinator"),
+                        response=TokenReply,
                     )
                     return reply.token
                 except CloudlessError as exc:  # e.g. the CA not committed yet
