@@ -398,3 +398,29 @@ def test_tokens_can_be_listed_without_secrets_and_withdrawn(cluster: Cluster) ->
 
     with pytest.raises(CloudlessError):
         trio.run(use)
+
+
+async def test_raft_ignores_messages_from_nodes_outside_the_configuration(cluster: Cluster) -> None:
+    """A registered node that is not a Raft member cannot push the term up or call an election."""
+    from cloudless.node.replicated import RaftBatch
+    from cloudless.raft.messages import Heartbeat, RequestVote, encode_message
+
+    before = await trio.to_thread.run_sync(lambda: status(cluster.config))
+    rogue = cluster.identities["rogue"]
+    verifier = PeerVerifier(rogue.ca_certificate, RevocationList(), cluster.cluster_id)
+    as_rogue = RpcClient(TlsCarrier(rogue, verifier))
+    vote = RequestVote("rogue", "node1", before["term"] + 1000, 10**9, before["term"] + 999)
+    # A heartbeat of a far higher term would make the leader step down and follow "rogue".
+    heartbeat = Heartbeat("rogue", "node1", before["term"] + 1000, 0)
+    try:
+        await as_rogue.call(
+            _address(cluster.leader),
+            "raft.batch",
+            RaftBatch([encode_message(vote), encode_message(heartbeat)]),
+            timeout=CALL_TIMEOUT,
+        )
+    finally:
+        await as_rogue.aclose()
+    await trio.sleep(0.5)
+    after = await trio.to_thread.run_sync(lambda: status(cluster.config))
+    assert after["term"] == before["term"] and after["leader"] == "node1"
