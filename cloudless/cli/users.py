@@ -7,13 +7,12 @@ from pathlib import Path
 
 import click
 from cryptography.hazmat.primitives import serialization
-from rich.table import Table
 
 from cloudless.api import client_config
 from cloudless.api.client import ClusterClient
 from cloudless.api.identities import TokenList, TokenRef, UserAdd, UserCertificate, UserList, UserRef
-from cloudless.cli.cluster import client_options, duration, to_builtins, token
-from cloudless.cli.output import emit_json, stdout
+from cloudless.cli.cluster import client_options, client_read_options, duration, to_builtins, token
+from cloudless.cli.output import JSON, TEXT, Column, OutputFormat, emit_json, print_table, stdout
 from cloudless.errors import Conflict, InvalidInput
 from cloudless.pki.credentials import make_csr, new_private_key, private_key_pem
 from cloudless.pki.identity import Identity
@@ -72,57 +71,61 @@ async def users_add(client: ClusterClient, as_json: bool, name: str, role: str, 
     else:
         stdout.print(
             f"{reply.name} ({reply.role}) until {_when(reply.not_after)}: wrote {out} "
-            f"(use it with --config {out} or CLOUDLESS_CONFIG={out})",
-            markup=False,
-            highlight=False,
+            f"(use it with --config {out}, CLOUDLESS_CONFIG={out}, or `cloudless context import {out}`)"
         )
 
 
-def _print_users(reply: UserList, as_json: bool) -> None:
-    if as_json:
-        emit_json({"items": [to_builtins(u) for u in reply.items]})
-        return
-    table = Table(box=None)
-    for column in ("NAME", "ROLE", "CERTIFICATES", "EXPIRES"):
-        table.add_column(column, no_wrap=True)
-    for user in reply.items:
-        table.add_row(user.name, user.role, str(user.certificates), _when(user.expires_at))
-    stdout.print(table)
+_USER_COLUMNS = [
+    Column("NAME", lambda u: u.name),
+    Column("ROLE", lambda u: u.role),
+    Column("CERTIFICATES", lambda u: u.certificates),
+    Column("EXPIRES", lambda u: _when(u.expires_at)),
+]
+
+
+def _print_users(reply: UserList, out: OutputFormat) -> None:
+    if out.structured:
+        out.emit_list([to_builtins(u) for u in reply.items])
+    else:
+        print_table(_USER_COLUMNS, reply.items, wide=out.wide)
 
 
 @users.command("ls", help="List users and their roles.")
-@client_options
-async def users_ls(client: ClusterClient, as_json: bool) -> None:
-    _print_users(await client.call("users.list", b"", response=UserList), as_json)
+@client_read_options
+async def users_ls(client: ClusterClient, out: OutputFormat) -> None:
+    _print_users(await client.call("users.list", b"", response=UserList), out)
 
 
 @users.command("rm", help="Remove a user: revoke every certificate it holds and end its open connections.")
 @click.argument("name")
 @client_options
 async def users_rm(client: ClusterClient, as_json: bool, name: str) -> None:
-    _print_users(await client.call("users.rm", UserRef(name), response=UserList), as_json)
+    _print_users(await client.call("users.rm", UserRef(name), response=UserList), JSON if as_json else TEXT)
 
 
-def _print_tokens(reply: TokenList, as_json: bool) -> None:
-    if as_json:
-        emit_json({"items": [to_builtins(t) for t in reply.items]})
-        return
-    table = Table(box=None)
-    for column in ("ID", "ROLE", "USES", "EXPIRES"):
-        table.add_column(column, no_wrap=True)
-    for item in reply.items:
-        table.add_row(item.id, item.role, f"{item.uses}/{item.max_uses}", _when(item.expires_at))
-    stdout.print(table)
+_TOKEN_COLUMNS = [
+    Column("ID", lambda t: t.id),
+    Column("ROLE", lambda t: t.role),
+    Column("USES", lambda t: f"{t.uses}/{t.max_uses}"),
+    Column("EXPIRES", lambda t: _when(t.expires_at)),
+]
+
+
+def _print_tokens(reply: TokenList, out: OutputFormat) -> None:
+    if out.structured:
+        out.emit_list([to_builtins(t) for t in reply.items])
+    else:
+        print_table(_TOKEN_COLUMNS, reply.items, wide=out.wide)
 
 
 @token.command("ls", help="List unexpired bootstrap tokens (never their secrets).")
-@client_options
-async def token_ls(client: ClusterClient, as_json: bool) -> None:
-    _print_tokens(await client.call("token.list", b"", response=TokenList), as_json)
+@client_read_options
+async def token_ls(client: ClusterClient, out: OutputFormat) -> None:
+    _print_tokens(await client.call("token.list", b"", response=TokenList), out)
 
 
 @token.command("rm", help="Withdraw a bootstrap token.")
 @click.argument("token_id")
 @client_options
 async def token_rm(client: ClusterClient, as_json: bool, token_id: str) -> None:
-    _print_tokens(await client.call("token.rm", TokenRef(token_id), response=TokenList), as_json)
+    _print_tokens(await client.call("token.rm", TokenRef(token_id), response=TokenList), JSON if as_json else TEXT)

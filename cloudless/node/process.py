@@ -24,6 +24,7 @@ import random
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -90,6 +91,9 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
+    # Called with the admin client config's path once this node has created a new cluster
+    # (the CLI merges it into the user's client config and says so).
+    on_bootstrapped: Callable[[Path], None] | None = None
 
 
 class BootstrapPending(msgspec.Struct):
@@ -158,6 +162,8 @@ class Node:
         name = validate_node_name(opts.name) if opts.name else new_node_id()
         if opts.join is None:
             self._bootstrap(name)
+            if opts.on_bootstrapped is not None:
+                opts.on_bootstrapped(self.data.admin_config)
             return
         if not opts.token:
             raise InvalidInput("--join needs --token (create one with `cloudless token create`)", field="token")
