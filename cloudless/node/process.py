@@ -147,7 +147,9 @@ class Node:
         self.endpoint: UdpEndpoint | None = None
         self.coordinator = None
         self.server = RpcServer(listed=is_listed)
-        self.enroll_server = RpcServer(listed=is_listed)
+        # Enrollment requests are small (a CSR and a token): a small frame cap
+        # bounds what an unauthenticated peer can make us buffer.
+        self.enroll_server = RpcServer(listed=is_listed, max_frame_size=64 * 1024, request_timeout=5.0)
         self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
 
     # -- identity ------------------------------------------------------------------
