@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import trio
 
 from cloudless.api.client_config import Context, parse_endpoint
-from cloudless.errors import Unavailable
 from cloudless.authz import ProofSigner
+from cloudless.errors import Unavailable
 from cloudless.pki.credentials import Credentials
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier

@@ -16,8 +16,8 @@ import msgspec
 
 from cloudless.api.routing import LeaderRouting
 from cloudless.api.service import raise_rejected
-from cloudless.errors import Conflict, InvalidInput, Unavailable
-from cloudless.pki.ca import ClusterCA, load_csr
+from cloudless.errors import Conflict, InvalidInput
+from cloudless.pki.ca import load_csr
 from cloudless.pki.errors import PKIError
 from cloudless.pki.identity import Identity
 from cloudless.state.commands import DeleteToken, RecordClientCertificate, RemoveClient
@@ -101,9 +101,7 @@ class IdentityApi:
         existing = fsm.clients.get(req.name)
         if existing is not None and existing.role != req.role:
             raise Conflict(f"user {req.name} exists with role {existing.role}; `users rm` it first")
-        if fsm.ca is None:
-            raise Unavailable("the cluster CA is not committed yet; retry shortly")
-        ca = ClusterCA.from_pem(fsm.ca.certificate_pem, fsm.ca.key_pem)
+        ca = self.node.signing_ca()
         try:
             certificate = ca.issue(
                 load_csr(req.csr_pem),

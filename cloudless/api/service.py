@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import trio
+from cryptography import x509
 
 from cloudless.api.messages import (
     Deleted,
@@ -35,7 +36,7 @@ from cloudless.api.messages import (
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
-from cloudless.pki.ca import ClusterCA
+from cloudless.pki.ca import certificate_fingerprint
 from cloudless.pki.tokens import create_token
 from cloudless.raft.messages import ConfChange, ConfChangeType
 from cloudless.state.commands import (
@@ -190,7 +191,9 @@ class ApiService:
         ca_record = replicated.fsm.ca
         if ca_record is None:
             raise Unavailable("the cluster CA is not committed yet; retry shortly")
-        fingerprint = ClusterCA.from_pem(ca_record.certificate_pem, ca_record.key_pem).fingerprint
+        fingerprint = certificate_fingerprint(x509.load_pem_x509_certificate(ca_record.certificate_pem))
+        if req.trust and req.role != "node":
+            raise InvalidInput("--trust applies to node tokens only", field="trust")
         now = datetime.now(UTC)
         text, record = create_token(fingerprint, req.role, timedelta(seconds=req.ttl_s), req.uses, now)  # type: ignore[arg-type]
         result, _ = await replicated.propose(
@@ -200,6 +203,7 @@ class ApiService:
                 role=record.role,
                 expires_at=record.expires_at.timestamp(),
                 max_uses=record.max_uses,
+                trust=req.trust,
             )
         )
         raise_rejected(result)

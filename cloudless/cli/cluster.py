@@ -281,12 +281,23 @@ def token() -> None:
     show_default=True,
     help="node: enrolls a device; admin/operator/viewer: a client with that role.",
 )
+@click.option(
+    "--trust",
+    type=click.Choice(["device", "coordinator"]),
+    default="device",
+    show_default=True,
+    help="For node tokens: coordinator nodes may become Raft voters and hold the (sealed) CA key; "
+    "devices never do. Give coordinator only to machines you would trust with the cluster.",
+)
 @client_options
-async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int, role: str) -> None:
+async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int, role: str, trust: str) -> None:
     seconds = duration(ttl)
     if not 0 < seconds <= 30 * 86400:
         raise InvalidInput("--ttl must be between 1s and 30d", field="ttl")
-    reply = await client.call("token.create", TokenCreate(seconds, uses, role), response=TokenReply)
+    if trust == "coordinator" and role != "node":
+        raise InvalidInput("--trust coordinator is for node tokens", field="trust")
+    wire_trust = "coordinator" if trust == "coordinator" else ""
+    reply = await client.call("token.create", TokenCreate(seconds, uses, role, wire_trust), response=TokenReply)
     if as_json:
         emit_json(
             {

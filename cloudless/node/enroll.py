@@ -60,7 +60,10 @@ class EnrollRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     address: Annotated[str, msgspec.Meta(max_length=300)] = ""
     region: Annotated[str, msgspec.Meta(max_length=63)] = ""
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
-    labels: dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]] = {}
+    labels: Annotated[
+        dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
+        msgspec.Meta(max_length=64),
+    ] = {}
 
 
 class EnrollReply(msgspec.Struct, frozen=True):
@@ -70,6 +73,8 @@ class EnrollReply(msgspec.Struct, frozen=True):
     gossip_keys: list[bytes]
     seeds: list[str]  # advertise addresses of known nodes
     revocations: bytes  # RevocationList.to_bytes()
+    # The CA key-encryption key, only for nodes enrolled as coordinators (pki.custody).
+    ca_kek: bytes = b""
 
 
 def check_token(tokens: dict, request: EnrollRequest, now: float) -> None:

@@ -19,6 +19,7 @@ from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.node.enroll import EnrollHello, EnrollHelloReply, EnrollReply, EnrollRequest, check_token
 from cloudless.node.replicated import NoLeader
 from cloudless.pki.ca import ClusterCA, load_csr
+from cloudless.pki.custody import load_kek
 from cloudless.pki.errors import PKIError, TokenRejected
 from cloudless.pki.identity import Identity
 from cloudless.raft.core import NotLeader
@@ -69,10 +70,9 @@ class EnrollService:
     def _ca(self) -> ClusterCA:
         replicated = self.node.replicated
         assert replicated is not None
-        record = replicated.fsm.ca
-        if record is None:
+        if replicated.fsm.ca is None:
             raise NoLeader("the cluster CA is not in the replicated state yet")
-        return ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+        return self.node.signing_ca()
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
         assert self.node.credentials is not None
@@ -128,6 +128,8 @@ class EnrollService:
             )
         except PKIError as exc:
             raise InvalidInput(f"cannot sign the request: {exc.message}") from None
+        token_state = replicated.fsm.tokens.get(req.token_id)
+        trusted = req.role == "node" and token_state is not None and token_state.trust == "coordinator"
         result, _ = await replicated.propose(ConsumeToken(req.token_id, req.role))
         if isinstance(result, Rejected):
             raise TokenRejected("used_up" if "used" in result.message else "expired", result.message)
@@ -146,6 +148,7 @@ class EnrollService:
                     region=req.region,
                     zone=req.zone,
                     labels=dict(req.labels),
+                    trusted=trusted,
                 )
             )
             if isinstance(result, Rejected):
@@ -172,6 +175,8 @@ class EnrollService:
             gossip_keys=list(replicated.fsm.gossip_keys),
             seeds=seeds,
             revocations=node.revocations.to_bytes(),
+            # Only a coordinator receives the key that opens the CA key (pki.custody).
+            ca_kek=(load_kek(node.data.root) or b"") if trusted else b"",
         )
 
     async def renew(self, ctx: RpcContext, req: RenewRequest) -> RenewReply:

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import msgspec
 import trio
+from cryptography import x509
 
-from cloudless.authz import CallGate, ProofVerifier, is_listed
 from cloudless.api.client_config import ClientConfig, Context
+from cloudless.authz import CallGate, ProofVerifier, is_listed
 from cloudless.coordinator.autopilot import AutopilotConfig
 from cloudless.durable import write_atomic
-from cloudless.errors import CloudlessError, InvalidInput
+from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
@@ -46,8 +47,9 @@ from cloudless.node.device import DeviceProfile, detect
 from cloudless.node.events import EventLog
 from cloudless.node.replicated import ReplicatedState
 from cloudless.observability.metrics import NodeMetrics
-from cloudless.pki.ca import ClusterCA
+from cloudless.pki.ca import ClusterCA, certificate_fingerprint
 from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, new_private_key, private_key_pem
+from cloudless.pki.custody import load_kek, new_kek, open_ca_key, save_kek, seal_ca_key
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
@@ -99,7 +101,7 @@ class BootstrapPending(msgspec.Struct):
 
     cluster_id: str
     ca_cert_pem: bytes
-    ca_key_pem: bytes
+    ca_sealed_key: bytes  # pki.custody: the KEK stays in this data dir, outside Raft
     gossip_key: bytes
     admin_serial: str = ""  # the bootstrap admin's certificate, recorded so `users rm admin` can revoke it
     admin_not_after: float = 0.0
@@ -145,7 +147,9 @@ class Node:
         self.endpoint: UdpEndpoint | None = None
         self.coordinator = None
         self.server = RpcServer(listed=is_listed)
-        self.enroll_server = RpcServer(listed=is_listed)
+        # Enrollment requests are small (a CSR and a token): a small frame cap
+        # bounds what an unauthenticated peer can make us buffer.
+        self.enroll_server = RpcServer(listed=is_listed, max_frame_size=64 * 1024, request_timeout=5.0)
         self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
 
     # -- identity ------------------------------------------------------------------
@@ -177,6 +181,8 @@ class Node:
             labels=opts.labels,
         )
         credentials.save(self.data.tls)
+        if reply.ca_kek:
+            save_kek(self.data.root, reply.ca_kek)
         write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(reply.gossip_keys))
         write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(reply.seeds))
         write_atomic(self.data.root / "revocations", reply.revocations)
@@ -195,12 +201,16 @@ class Node:
         credentials = issue_credentials(ca, Identity(cluster_id, "node", name), now, node_certificate_lifetime())
         credentials.save(self.data.tls)
         cert_pem, key_pem = ca.to_pem()
+        kek = new_kek()
+        save_kek(self.data.root, kek)
+        sealed_key = seal_ca_key(kek, key_pem, cluster_id, ca.fingerprint)
+        del key_pem
         gossip_key = os.urandom(32)
         admin = issue_credentials(
             ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365), role="admin"
         )
         pending = BootstrapPending(
-            cluster_id, cert_pem, key_pem, gossip_key, format(admin.serial, "x"), admin.not_after.timestamp()
+            cluster_id, cert_pem, sealed_key, gossip_key, format(admin.serial, "x"), admin.not_after.timestamp()
         )
         write_atomic(self.data.root / BOOTSTRAP_PENDING_FILE, msgspec.msgpack.encode(pending))
         write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
@@ -614,7 +624,7 @@ class Node:
             return
         fsm = replicated.fsm
         if fsm.ca is None:
-            await replicated.propose(StoreClusterCA(pending.cluster_id, pending.ca_cert_pem, pending.ca_key_pem))
+            await replicated.propose(StoreClusterCA(pending.cluster_id, pending.ca_cert_pem, pending.ca_sealed_key))
         if not fsm.gossip_keys:
             await replicated.propose(SetGossipKeyring([pending.gossip_key]))
         if self.node_id not in fsm.nodes:
@@ -635,4 +645,22 @@ class Node:
             region=self.options.region,
             zone=self.options.zone,
             labels=dict(self.options.labels),
+            trusted=True,  # the bootstrap node: it made the CA
         )
+
+    def signing_ca(self) -> ClusterCA:
+        """The cluster CA with its key, on a node trusted to coordinate; else a clear refusal."""
+        replicated = self.replicated
+        record = replicated.fsm.ca if replicated is not None else None
+        if record is None:
+            raise Unavailable("the cluster CA is not committed yet; retry shortly")
+        kek = load_kek(self.data.root)
+        if kek is None:
+            raise Unavailable(
+                f"node {self.node_id} is not trusted to coordinate, so it holds no CA key "
+                "(enroll it with a `token create --trust coordinator` token)"
+            )
+        certificate_pem = record.certificate_pem
+        fingerprint = certificate_fingerprint(x509.load_pem_x509_certificate(certificate_pem))
+        key_pem = open_ca_key(kek, record.sealed_key, record.cluster_id, fingerprint)
+        return ClusterCA.from_pem(certificate_pem, key_pem)

@@ -61,6 +61,8 @@ class CreateToken(Command, tag="token.create", frozen=True):
     role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
     expires_at: float
     max_uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    # "coordinator": nodes enrolled with it may become voters and hold the CA key.
+    trust: Annotated[str, msgspec.Meta(pattern=r"^(|coordinator)$")] = ""
 
 
 class ConsumeToken(Command, tag="token.consume", frozen=True):
@@ -78,6 +80,7 @@ class RegisterNode(Command, tag="node.register", frozen=True):
     region: Annotated[str, msgspec.Meta(max_length=63)] = ""
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
     labels: Labels = {}
+    trusted: bool = False  # enrolled with a coordinator-trust token (or the bootstrap node)
 
 
 class RemoveNode(Command, tag="node.remove", frozen=True):
@@ -100,11 +103,14 @@ class RevokeCertificate(Command, tag="cert.revoke", frozen=True):
 
 
 class StoreClusterCA(Command, tag="ca.store", frozen=True):
-    """The cluster CA, replicated so any coordinator can issue certificates."""
+    """The cluster CA, replicated so any coordinator can issue certificates.
+
+    Its key only sealed (pki.custody): the key-encryption key never enters Raft.
+    """
 
     cluster_id: Name
-    certificate_pem: bytes
-    key_pem: bytes
+    certificate_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
+    sealed_key: Annotated[bytes, msgspec.Meta(max_length=8192)]
 
 
 class SetGossipKeyring(Command, tag="gossip.keyring", frozen=True):

@@ -24,18 +24,18 @@ from cloudless.state.commands import (
     CasVar,
     CommitPlan,
     ConsumeToken,
-    DeleteToken,
-    RecordClientCertificate,
-    RemoveClient,
     CreateToken,
     Deleted,
+    DeleteToken,
     DeleteVar,
     Done,
     Proposal,
     PutVar,
     RecordCertificate,
+    RecordClientCertificate,
     RegisterNode,
     Rejected,
+    RemoveClient,
     RemoveNode,
     ReportAllocations,
     Result,
@@ -73,6 +73,7 @@ class TokenState(msgspec.Struct):
     expires_at: float
     max_uses: int
     uses: int = 0
+    trust: str = ""
 
 
 class NodeRecord(msgspec.Struct):
@@ -83,6 +84,7 @@ class NodeRecord(msgspec.Struct):
     labels: dict[str, str]
     registered_index: int
     certificates: dict[str, float]  # serial (hex) -> not_after
+    trusted: bool = False  # may coordinate: become a voter, hold the CA key
 
 
 class ClientRecord(msgspec.Struct):
@@ -95,7 +97,7 @@ class ClientRecord(msgspec.Struct):
 class ClusterCARecord(msgspec.Struct):
     cluster_id: str
     certificate_pem: bytes
-    key_pem: bytes
+    sealed_key: bytes  # pki.custody: opens only with a trusted node's KEK
 
 
 class Session(msgspec.Struct, array_like=True):
@@ -257,7 +259,9 @@ class StateMachine:
         if isinstance(cmd, CreateToken):
             if cmd.token_id in self.tokens:
                 return Rejected(kind="conflict", message=f"token {cmd.token_id} exists")
-            self.tokens[cmd.token_id] = TokenState(cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses)
+            self.tokens[cmd.token_id] = TokenState(
+                cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses, trust=cmd.trust
+            )
             self._expire_tokens(now)
             self._changes.append(Change(index, "token", cmd.token_id))
             return Done(index=index)
@@ -307,7 +311,9 @@ class StateMachine:
             if record is None and self.retired.get(f"node/{cmd.node_id}", 0.0) > now:
                 return Rejected(kind="conflict", message=f"node name {cmd.node_id} was removed and is not reusable yet")
             if record is None:
-                record = NodeRecord(cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {})
+                record = NodeRecord(
+                    cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {}, cmd.trusted
+                )
                 self.nodes[cmd.node_id] = record
             else:
                 record.address, record.region, record.zone = cmd.address, cmd.region, cmd.zone
@@ -340,7 +346,7 @@ class StateMachine:
         if isinstance(cmd, StoreClusterCA):
             if self.ca is not None and self.ca.cluster_id != cmd.cluster_id:
                 return Rejected(kind="conflict", message="the cluster already has a CA")
-            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.key_pem)
+            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.sealed_key)
             self._changes.append(Change(index, "ca", cmd.cluster_id))
             return Done(index=index)
         if isinstance(cmd, SetGossipKeyring):

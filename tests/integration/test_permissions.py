@@ -398,3 +398,44 @@ def test_tokens_can_be_listed_without_secrets_and_withdrawn(cluster: Cluster) ->
 
     with pytest.raises(CloudlessError):
         trio.run(use)
+
+
+async def test_raft_ignores_messages_from_nodes_outside_the_configuration(cluster: Cluster) -> None:
+    """A registered node that is not a Raft member cannot push the term up or call an election."""
+    from cloudless.node.replicated import RaftBatch
+    from cloudless.raft.messages import Heartbeat, RequestVote, encode_message
+
+    before = await trio.to_thread.run_sync(lambda: status(cluster.config))
+    rogue = cluster.identities["rogue"]
+    verifier = PeerVerifier(rogue.ca_certificate, RevocationList(), cluster.cluster_id)
+    as_rogue = RpcClient(TlsCarrier(rogue, verifier))
+    vote = RequestVote("rogue", "node1", before["term"] + 1000, 10**9, before["term"] + 999)
+    # A heartbeat of a far higher term would make the leader step down and follow "rogue".
+    heartbeat = Heartbeat("rogue", "node1", before["term"] + 1000, 0)
+    try:
+        await as_rogue.call(
+            _address(cluster.leader),
+            "raft.batch",
+            RaftBatch([encode_message(vote), encode_message(heartbeat)]),
+            timeout=CALL_TIMEOUT,
+        )
+    finally:
+        await as_rogue.aclose()
+    await trio.sleep(0.5)
+    after = await trio.to_thread.run_sync(lambda: status(cluster.config))
+    assert after["term"] == before["term"] and after["leader"] == "node1"
+
+
+def test_an_oversized_workload_spec_is_refused_with_a_clear_error_and_changes_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    import yaml
+
+    spec = {"name": "huge", "image": "busybox", "env": {f"K{i}": "x" * 32 * 1024 for i in range(256)}}
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = cli("apply", "-f", str(path), config=cluster.config, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "env" in proc.stderr and "limit" in proc.stderr
+    listed = json.loads(cli("ps", "--json", config=cluster.config, check=True).stdout)["items"]
+    assert "huge" not in [w["name"] for w in listed]

@@ -200,3 +200,14 @@ def test_the_state_machine_applies_only_what_the_proposing_node_may_propose() ->
     # The same command from the leader (no proposer) applies.
     fsm.apply(3, encode_proposal(Proposal(command=PutVar("k", "v"), now=1.0)))
     assert fsm.get_var("k") is not None
+
+
+def test_autopilot_never_chooses_an_untrusted_device_however_good() -> None:
+    from cloudless.coordinator.autopilot import AutopilotConfig, Candidate, choose_voters
+
+    config = AutopilotConfig(stabilization_s=0)
+    best_device = Candidate("phone", "alive", power="ac", network="wired", alive_since=-1e6, trusted=False)
+    others = [Candidate(f"vps{i}", "alive", power="battery", battery_pct=90, alive_since=0) for i in range(2)]
+    voters, _, ineligible = choose_voters([best_device, *others], 10.0, config)
+    assert "phone" not in voters
+    assert "not trusted" in ineligible["phone"]
