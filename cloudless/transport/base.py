@@ -45,6 +45,10 @@ class ConnectionLost(Unavailable):
 class StreamReset(TransportError):
     """The peer (or we) aborted the stream; `code` says why (0: cancelled)."""
 
+    # Shadows CloudlessError.code (the error-code string) with the reset code; callers read
+    # `.code` as the int, so it stays until they move to a separately named attribute.
+    code: int  # type: ignore[assignment]
+
     def __init__(self, message: str, code: int = 0) -> None:
         super().__init__(message, code=code)
         self.code = code

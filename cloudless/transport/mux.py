@@ -484,7 +484,7 @@ class MuxSession:
         except Exception:  # a bug must not crash the whole trio run
             log.exception("mux.session_crashed", extra={"peer": self._peer.uri})
 
-    async def _guard(self, loop) -> None:  # type: ignore[no-untyped-def]
+    async def _guard(self, loop: Callable[[], Awaitable[None]]) -> None:
         try:
             await loop()
         except MuxProtocolError as exc:

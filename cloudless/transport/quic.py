@@ -249,7 +249,8 @@ class QuicStream:
                 chunk = view[:room]
                 view = view[room:]
                 try:
-                    quic.send_stream_data(self._stream_id, chunk)
+                    # aioquic types data as bytes; it only appends it to a bytearray, which takes a memoryview.
+                    quic.send_stream_data(self._stream_id, chunk)  # type: ignore[arg-type]
                 except RuntimeError:  # aioquic saw STOP_SENDING before the driver turned it into an event
                     self._send_error = StreamReset(f"peer stopped reading stream {self._stream_id}")
                     continue
@@ -393,7 +394,7 @@ class QuicPeerConnection:
         self._handshake_seconds: float | None = None
         self._next_ping_at = math.inf
         self._handler_pending = False
-        self._counts = Counter()
+        self._counts: Counter[str] = Counter()
 
     # -- Connection protocol --------------------------------------------------
 
@@ -483,10 +484,11 @@ class QuicPeerConnection:
                     quic.close(error_code=QuicErrorCode.CONNECTION_REFUSED, reason_phrase="handshake timed out")
                     self._fail(ConnectionLost("QUIC handshake timed out", remote=self._remote_address))
                 self._process_events()
-                if now >= self._next_ping_at and self._error is None:
+                keepalive = self._carrier._keepalive_interval  # None: _next_ping_at stays inf
+                if keepalive is not None and now >= self._next_ping_at and self._error is None:
                     self._counts["pings_sent"] += 1
                     quic.send_ping(self._counts["pings_sent"])
-                    self._next_ping_at = now + self._carrier._keepalive_interval
+                    self._next_ping_at = now + keepalive
                 datagrams = quic.datagrams_to_send(now)
                 for data, addr in datagrams:
                     if not endpoint.send_nowait(data, addr):
@@ -518,30 +520,29 @@ class QuicPeerConnection:
     def _process_events(self) -> None:
         quic = self._quic
         while (event := quic.next_event()) is not None:
-            kind = type(event)
-            if kind is events.StreamDataReceived:
+            if isinstance(event, events.StreamDataReceived):
                 self._on_stream_data(event)
-            elif kind is events.StreamReset:
+            elif isinstance(event, events.StreamReset):
                 stream = self._stream_for_event(event.stream_id)
                 if stream is not None:
                     stream._receive_error = StreamReset(f"peer reset stream {event.stream_id}", code=event.error_code)
                     stream._receive_buffer.clear()
                     stream._receive_waiters.unpark_all()
-            elif kind is events.StopSendingReceived:
+            elif isinstance(event, events.StopSendingReceived):
                 stream = self._stream_for_event(event.stream_id)
                 if stream is not None:
                     stream._send_error = StreamReset(
                         f"peer stopped reading stream {event.stream_id}", code=event.error_code
                     )
                     stream._send_waiters.unpark_all()
-            elif kind is events.ConnectionIdIssued:
+            elif isinstance(event, events.ConnectionIdIssued):
                 self._connection_ids.add(event.connection_id)
                 self._carrier._routes[event.connection_id] = self
-            elif kind is events.ConnectionIdRetired:
+            elif isinstance(event, events.ConnectionIdRetired):
                 self._connection_ids.discard(event.connection_id)
                 if self._carrier._routes.get(event.connection_id) is self:
                     del self._carrier._routes[event.connection_id]
-            elif kind is events.HandshakeCompleted:
+            elif isinstance(event, events.HandshakeCompleted):
                 if event.alpn_protocol != ALPN:
                     quic.close(
                         error_code=QuicErrorCode.CRYPTO_ERROR + 120,  # no_application_protocol
@@ -550,7 +551,7 @@ class QuicPeerConnection:
                     self._fail(ConnectionLost(f"peer did not negotiate ALPN {ALPN}", remote=self._remote_address))
                 elif not self._is_client:
                     self._establish()
-            elif kind is events.ConnectionTerminated:
+            elif isinstance(event, events.ConnectionTerminated):
                 self._on_close(event)
         if self._error is None:
             # Confirmation first: HANDSHAKE_DONE and a CONNECTION_CLOSE may arrive in one batch.
@@ -591,12 +592,12 @@ class QuicPeerConnection:
                 f"rejected the certificate of {self._remote_address[0]}:{self._remote_address[1]}: {ours.message}",
                 rejected_by="us",
             )
-            self._carrier._counts["rejected_by_us"][ours.reason] += 1
+            self._carrier._rejected_by_us[ours.reason] += 1
         else:
             theirs = rejection_from_close(event.error_code, event.reason_phrase)
             if theirs is not None:
                 error = theirs
-                self._carrier._counts["rejected_by_peer"][theirs.reason] += 1
+                self._carrier._rejected_by_peer[theirs.reason] += 1
             else:
                 error = ConnectionLost(
                     f"QUIC connection to {self._remote_address[0]}:{self._remote_address[1]} closed: "
@@ -700,7 +701,8 @@ async def _resolve(address: tuple[str, int]) -> tuple[str, int]:
         infos = await trio.socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_DGRAM)
     if not infos:
         raise ConnectionLost(f"cannot resolve {host}", address=address)
-    return infos[0][4][0], infos[0][4][1]
+    sockaddr = infos[0][4]  # (host, port) for AF_INET
+    return str(sockaddr[0]), int(sockaddr[1])
 
 
 class QuicCarrier:
@@ -753,9 +755,9 @@ class QuicCarrier:
         self._nursery: trio.Nursery | None = None
         self._routes: dict[bytes, QuicPeerConnection] = {}
         self._connections: set[QuicPeerConnection] = set()
-        self._counts: dict[str, Any] = Counter()
-        self._counts["rejected_by_us"] = Counter()
-        self._counts["rejected_by_peer"] = Counter()
+        self._counts: Counter[str] = Counter()
+        self._rejected_by_us: Counter[str] = Counter()  # PeerRejected reason -> count
+        self._rejected_by_peer: Counter[str] = Counter()
         self._context_cm: Any = None
         self._detached_scope: trio.CancelScope | None = None
 
@@ -778,8 +780,8 @@ class QuicCarrier:
             handshakes_completed=self._counts["handshakes_completed"],
             handshakes_failed=self._counts["handshakes_failed"],
             handshakes_timed_out=self._counts["handshakes_timed_out"],
-            rejected_by_us=dict(self._counts["rejected_by_us"]),
-            rejected_by_peer=dict(self._counts["rejected_by_peer"]),
+            rejected_by_us=dict(self._rejected_by_us),
+            rejected_by_peer=dict(self._rejected_by_peer),
             datagrams_unroutable=self._counts["datagrams_unroutable"],
             datagrams_malformed=self._counts["datagrams_malformed"],
             version_negotiations_sent=self._counts["version_negotiations_sent"],
@@ -845,15 +847,15 @@ class QuicCarrier:
         if self._detached_scope is not None or not self._owns_endpoint:
             raise TransportError("QuicCarrier is not running: start it with nursery.start(carrier.run)")
         ready = trio.Event()
-        self._detached_scope = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._run_detached, ready, name="quic carrier (detached)")
+        scope = self._detached_scope = trio.CancelScope()
+        trio.lowlevel.spawn_system_task(self._run_detached, ready, scope, name="quic carrier (detached)")
         await ready.wait()
         if self._nursery is None:
             raise TransportError("QuicCarrier failed to start; see the quic.detached_failed log")
 
-    async def _run_detached(self, ready: trio.Event) -> None:
+    async def _run_detached(self, ready: trio.Event, scope: trio.CancelScope) -> None:
         try:
-            with self._detached_scope:
+            with scope:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.run)
                     ready.set()
@@ -996,7 +998,13 @@ class QuicCarrier:
         if connection is not None:
             connection._datagram_received(data, addr)
             return
-        if header.packet_type is QuicPacketType.ONE_RTT or self._handler is None or len(data) < MIN_INITIAL_SIZE:
+        nursery = self._nursery  # set whenever a handler is (serve() runs inside run())
+        if (
+            header.packet_type is QuicPacketType.ONE_RTT
+            or self._handler is None
+            or nursery is None
+            or len(data) < MIN_INITIAL_SIZE
+        ):
             self._counts["datagrams_unroutable"] += 1
             return
         supported = SUPPORTED_VERSIONS
@@ -1008,7 +1016,7 @@ class QuicCarrier:
                     destination_cid=header.source_cid,
                     supported_versions=supported,
                 )
-                self._nursery.start_soon(self._endpoint.send, packet, addr)
+                nursery.start_soon(self._endpoint.send, packet, addr)
             return
         if header.packet_type is not QuicPacketType.INITIAL or len(header.destination_cid) < 8:
             self._counts["datagrams_unroutable"] += 1

@@ -680,6 +680,7 @@ class RpcClient:
             if isinstance(exc, StreamReset):
                 raise RpcCancelled(f"{method}: the server reset the call ({exc.message})", method=method) from exc
             raise
+        assert conn is not None  # set before the exchange that produced the frame
         peer = conn.peer.uri
         if isinstance(frame, Failure):
             raise error_of(frame, method, peer)
@@ -735,7 +736,7 @@ class RpcClient:
             if isinstance(target, tuple):
                 self.pool.discard(target)
             raise
-        items = ItemStream(self, target, conn, stream, method, item, deadline)
+        items: ItemStream[Any] = ItemStream(self, target, conn, stream, method, item, deadline)
         try:
             yield items
         finally:

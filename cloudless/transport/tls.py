@@ -29,11 +29,11 @@ import ssl
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, get_args
 
 import trio
 
-from cloudless.pki.errors import PeerRejected
+from cloudless.pki.errors import PeerRejected, PeerRejectReason
 from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost, PeerIdentity
 from cloudless.transport.mux import MuxConfig, MuxSession, run_session
 
@@ -43,6 +43,7 @@ Address = tuple[str, int]
 
 VERDICT_ACCEPT = b"\x00"
 VERDICT_REJECT = b"\x01"
+_REJECT_REASONS: dict[str, PeerRejectReason] = {r: r for r in get_args(PeerRejectReason)}
 MAX_VERDICT_REASON = 255
 
 # OpenSSL X509_V_ERR_* codes (the server's view of a bad client certificate).
@@ -161,7 +162,7 @@ class TlsTransport(trio.abc.Stream):
     async def wait_send_all_might_not_block(self) -> None:
         await self.stream.wait_send_all_might_not_block()
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         limit = READ_SIZE if max_bytes is None else max_bytes
         data = await self.stream.receive_some(limit)
         if not data or self._ssl_object is None:
@@ -274,7 +275,7 @@ async def _send_pending_alert(stream: trio.SSLStream, tcp: trio.abc.Stream) -> N
 
 
 async def client_handshake(
-    tcp: trio.abc.Stream, contexts: TlsContexts, verifier: Any, address: Address
+    tcp: trio.SocketStream, contexts: TlsContexts, verifier: Any, address: Address
 ) -> tuple[trio.SSLStream, PeerIdentity, bytes]:
     """TLS + identity check + the server's verdict. Returns (stream, peer, bytes read past the verdict).
 
@@ -294,16 +295,16 @@ async def client_handshake(
         if verdict == VERDICT_REJECT:
             length = (await _read_exactly(stream, 1, buffer))[0]
             reason_text = (await _read_exactly(stream, length, buffer)).decode("utf-8", "replace")
-            reason, _, message = reason_text.partition(" ")
-            try:
-                raise PeerRejected(  # type: ignore[arg-type]
-                    reason,
-                    f"{address[0]}:{address[1]} refused our certificate ({reason}): {message}",
-                    address=f"{address[0]}:{address[1]}",
-                    side="remote",
-                )
-            except ValueError:
-                raise ConnectionLost(f"{address[0]}:{address[1]} refused the connection: {reason_text}") from None
+            reason_word, _, message = reason_text.partition(" ")
+            reason = _REJECT_REASONS.get(reason_word)
+            if reason is None:
+                raise ConnectionLost(f"{address[0]}:{address[1]} refused the connection: {reason_text}")
+            raise PeerRejected(
+                reason,
+                f"{address[0]}:{address[1]} refused our certificate ({reason}): {message}",
+                address=f"{address[0]}:{address[1]}",
+                side="remote",
+            )
         if verdict != VERDICT_ACCEPT:
             raise ConnectionLost(f"{address[0]}:{address[1]} is not a Cloudless TLS endpoint (bad verdict byte)")
         return stream, peer, bytes(buffer)
@@ -322,7 +323,7 @@ async def client_handshake(
 
 
 async def server_handshake(
-    tcp: trio.abc.Stream, contexts: TlsContexts, verifier: Any, address: Address
+    tcp: trio.SocketStream, contexts: TlsContexts, verifier: Any, address: Address
 ) -> tuple[trio.SSLStream, PeerIdentity]:
     """TLS + identity check + our verdict; raises PeerRejected or ConnectionLost."""
     stream = trio.SSLStream(_LargeReads(tcp), contexts.server, server_side=True)
