@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, HTTPResponseStartEvent, Scope
 
 log = logging.getLogger(__name__)
 
-Scope = dict
-Receive = Callable[[], Awaitable[dict]]
-Send = Callable[[dict], Awaitable[None]]
-App = Callable[[Scope, Receive, Send], Awaitable[None]]
+App = ASGIFramework
 
 
 def metrics_app(render: Callable[[], bytes]) -> App:
-    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def app(scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -40,18 +38,23 @@ def metrics_app(render: Callable[[], bytes]) -> App:
         if scope["type"] != "http":
             return
         if scope["path"] != "/metrics" or scope["method"] not in ("GET", "HEAD"):
-            await send({"type": "http.response.start", "status": 404, "headers": [(b"content-type", b"text/plain")]})
-            await send({"type": "http.response.body", "body": b"not found\n"})
+            not_found: HTTPResponseStartEvent = {
+                "type": "http.response.start",
+                "status": 404,
+                "headers": [(b"content-type", b"text/plain")],
+            }
+            await send(not_found)
+            await send({"type": "http.response.body", "body": b"not found\n", "more_body": False})
             return
         body = render()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
-            }
-        )
-        await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+        ok: HTTPResponseStartEvent = {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+        }
+        await send(ok)
+        head = scope["method"] == "HEAD"
+        await send({"type": "http.response.body", "body": b"" if head else body, "more_body": False})
 
     return app
 

@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO, TypeVar
 
 import click
 import trio
@@ -23,6 +24,8 @@ from cloudless.blobs.manifest import ObjectManifest
 from cloudless.blobs.objects import ObjectService
 from cloudless.cli import output
 from cloudless.errors import CloudlessError, InvalidInput
+
+_T = TypeVar("_T")
 
 DEFAULT_DATA_DIR = "~/.cloudless/node"
 DEFAULT_S3_ENDPOINT = "https://127.0.0.1:9443"
@@ -73,7 +76,7 @@ def _split(target: str, need_key: bool) -> tuple[str, str]:
     return bucket, key
 
 
-def _run(as_json: bool, data_dir: str, work: Callable[[ObjectService], object]) -> object:
+def _run(as_json: bool, data_dir: str, work: Callable[[ObjectService], _T]) -> _T:
     try:
         config = _cluster_config()
         if config is not None:
@@ -89,7 +92,6 @@ def _run(as_json: bool, data_dir: str, work: Callable[[ObjectService], object]) 
         output.fail(CloudlessError(f"permission denied: {exc.filename}"), as_json)
     except FileNotFoundError as exc:
         output.fail(InvalidInput(f"no such file: {exc.filename}", path=str(exc.filename)), as_json)
-    return None  # unreachable: fail() exits
 
 
 def _object_doc(m: ObjectManifest) -> dict:
@@ -141,7 +143,7 @@ class _Bar:
             self.progress.advance(self.task, n)
 
 
-async def _read_stream(f, bar: _Bar) -> AsyncIterator[bytes]:  # type: ignore[no-untyped-def]
+async def _read_stream(f: BinaryIO, bar: _Bar) -> AsyncIterator[bytes]:
     while True:
         piece = await trio.to_thread.run_sync(f.read, _BLOCK)
         if not piece:
@@ -284,7 +286,9 @@ def ls(target: str | None, recursive: bool, data_dir: str, out: output.OutputFor
                     ]
                 )
             bucket, prefix = _split(target, need_key=False)
-            objects, prefixes, marker = [], [], ""
+            objects: list[dict[str, object]] = []
+            prefixes: list[str] = []
+            marker = ""
             while True:
                 page = await service.list_objects(bucket, prefix, "" if recursive else "/", marker, 1000)
                 objects.extend(_object_doc(m) for m in page.objects)
@@ -404,7 +408,7 @@ def keys_create(endpoint: str | None, description: str, data_dir: str, as_json: 
         key = _run(
             as_json, data_dir, lambda service: trio.run(lambda: service.create_access_key(description=description))
         )
-        doc = {"endpoint": endpoint or DEFAULT_S3_ENDPOINT, "access_key": key.access_key, "secret_key": key.secret_key}  # type: ignore[union-attr]
+        doc = {"endpoint": endpoint or DEFAULT_S3_ENDPOINT, "access_key": key.access_key, "secret_key": key.secret_key}
     if as_json:
         output.emit_json(doc)
         return
@@ -426,7 +430,7 @@ def keys_ls(data_dir: str, out: output.OutputFormat) -> None:
             "created": datetime.fromtimestamp(k.created, UTC).isoformat(),
         }
         for k in found
-    ]  # type: ignore[union-attr]
+    ]
     if out.structured:
         out.emit_list(docs)
         return

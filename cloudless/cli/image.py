@@ -12,14 +12,17 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 import trio
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn, TransferSpeedColumn
 
 from cloudless.cli import output
 from cloudless.errors import CloudlessError
 from cloudless.sandbox.images import ImageRecord, ImageStore, ProgressEvent
+
+_T = TypeVar("_T")
 
 DEFAULT_DATA_DIR = "~/.cloudless/node"
 
@@ -86,7 +89,7 @@ class _ProgressBars:
             console=output.stderr,
             transient=True,
         )
-        self._tasks: dict[tuple[str, str], int] = {}
+        self._tasks: dict[tuple[str, str], TaskID] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> _ProgressBars:
@@ -111,14 +114,13 @@ class _ProgressBars:
         self.progress.update(task, completed=ev.done, total=ev.total)
 
 
-def _run(as_json: bool, fn: Callable[[], object]) -> object:
+def _run(as_json: bool, fn: Callable[[], _T]) -> _T:
     try:
         return fn()
     except CloudlessError as exc:
         output.fail(exc, as_json)
     except PermissionError as exc:
         output.fail(CloudlessError(f"permission denied: {exc.filename}"), as_json)
-    return None  # unreachable: fail() exits
 
 
 @click.group(help="Manage container images on this node.")
@@ -244,12 +246,12 @@ def rm(reference: str, force: bool, data_dir: str, as_json: bool) -> None:
 def prune(data_dir: str, as_json: bool) -> None:
     result = _run(as_json, lambda: _store(data_dir).gc())
     doc = {
-        "removed_images": result.removed_images,  # type: ignore[union-attr]
-        "removed_blobs": result.removed_blobs,  # type: ignore[union-attr]
-        "removed_layers": result.removed_layers,  # type: ignore[union-attr]
-        "freed_bytes": result.freed_bytes,  # type: ignore[union-attr]
+        "removed_images": result.removed_images,
+        "removed_blobs": result.removed_blobs,
+        "removed_layers": result.removed_layers,
+        "freed_bytes": result.freed_bytes,
     }
     if as_json:
         output.emit_json(doc)
         return
-    output.stdout.print(f"freed {_human(doc['freed_bytes'])}")
+    output.stdout.print(f"freed {_human(result.freed_bytes)}")

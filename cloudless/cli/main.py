@@ -75,7 +75,7 @@ class LazyGroup(click.Group):
         except Exception as exc:
             raise click.exceptions.Exit(output.report(exc, ctx.meta.get(output.FORMAT_META))) from None
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Any = None,
         prog_name: str | None = None,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import click
 
 from cloudless.cli.output import emit_json, stderr, stdout
+
+if TYPE_CHECKING:  # the simulator is imported lazily, when a run starts
+    from cloudless.testing.raft_sim import SimResult
 
 
 def _nodes_for(seed: int, nodes: int | None) -> int:
@@ -15,7 +19,7 @@ def _nodes_for(seed: int, nodes: int | None) -> int:
     return nodes if nodes is not None else (3 if seed % 2 == 0 else 5)
 
 
-def _run_one(args: tuple[int, int | None]) -> object:
+def _run_one(args: tuple[int, int | None]) -> SimResult:
     from cloudless.testing.raft_sim import SimConfig, run_seed
 
     seed, nodes = args
@@ -43,18 +47,18 @@ def raft(seeds: int, first: int, nodes: int | None, jobs: int, as_json: bool) ->
     else:
         results = [_run_one(item) for item in work]
 
-    failed = [r for r in results if not r.ok]  # type: ignore[attr-defined]
-    ops_checked = sum(r.ops_checked for r in results)  # type: ignore[attr-defined]
-    linearizable = all(r.linearizable is not False for r in results)  # type: ignore[attr-defined]
+    failed = [r for r in results if not r.ok]
+    ops_checked = sum(r.ops_checked for r in results)
+    linearizable = all(r.linearizable is not False for r in results)
     elapsed = time.monotonic() - started
     for r in failed:
-        stderr.print(r.describe(), markup=False, highlight=False)  # type: ignore[attr-defined]
+        stderr.print(r.describe(), markup=False, highlight=False)
     if as_json:
         emit_json(
             {
                 "seeds": seeds,
-                "violations": sum(len(r.violations) for r in failed),  # type: ignore[attr-defined]
-                "failed_seeds": [r.seed for r in failed],  # type: ignore[attr-defined]
+                "violations": sum(len(r.violations) for r in failed),
+                "failed_seeds": [r.seed for r in failed],
                 "ops_checked": ops_checked,
                 "linearizable": linearizable,
             }
