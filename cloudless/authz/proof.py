@@ -31,7 +31,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cloudless.authz.roles import Principal, principal_of
+from cloudless.authz.roles import PeerLike, Principal, principal_of
 from cloudless.authz.table import PermissionDenied
 
 PROOF_CONTEXT = b"cloudless-caller-proof-v1\x00"
@@ -77,7 +77,7 @@ class ProofSigner:
 
 
 class ChainVerifier(Protocol):
-    def verify(self, chain: list[x509.Certificate]) -> object: ...
+    def verify(self, chain: list[x509.Certificate]) -> PeerLike: ...
 
 
 class ProofVerifier:
@@ -125,7 +125,7 @@ class ProofVerifier:
         except InvalidSignature:
             raise PermissionDenied("permission denied: caller proof signature does not verify") from None
         self._remember(parsed.nonce, now)
-        principal = principal_of(peer)  # type: ignore[arg-type]
+        principal = principal_of(peer)
         if principal.kind != "client":
             raise PermissionDenied(f"permission denied: caller proofs are for clients, not {principal.uri}")
         return principal

@@ -68,11 +68,11 @@ def _record_doc(rec: ImageRecord) -> dict:
     }
 
 
-def _human(n: int) -> str:
+def _human(n: float) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000:
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1000  # type: ignore[assignment]
+        n /= 1000
     return f"{n:.1f}TB"
 
 

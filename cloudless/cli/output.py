@@ -49,6 +49,7 @@ class _Console(Console):
 
     @size.setter
     def size(self, new_size: tuple[int, int]) -> None:
+        # mypy types a property read from the class as its getter, which has no fset.
         Console.size.fset(self, new_size)  # type: ignore[attr-defined]
 
 

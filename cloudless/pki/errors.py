@@ -26,6 +26,13 @@ PeerRejectReason = Literal[
     "wrong_cluster",
 ]
 PEER_REJECT_REASONS: frozenset[str] = frozenset(get_args(PeerRejectReason))
+_PEER_REJECT_REASON_BY_NAME: dict[str, PeerRejectReason] = {r: r for r in get_args(PeerRejectReason)}
+
+
+def peer_reject_reason(name: str) -> PeerRejectReason | None:
+    """`name` as a rejection reason (e.g. read from a peer's close message), or None if it is none."""
+    return _PEER_REJECT_REASON_BY_NAME.get(name)
+
 
 TokenRejectReason = Literal["malformed", "forged", "expired", "used_up", "wrong_role", "unknown"]
 TOKEN_REJECT_REASONS: frozenset[str] = frozenset(get_args(TokenRejectReason))
@@ -67,7 +74,7 @@ class PeerRejected(PKIError):
         if reason not in PEER_REJECT_REASONS:
             raise ValueError(f"unknown peer rejection reason {reason!r}")
         super().__init__(message or f"peer certificate rejected: {reason}", reason=reason, **context)
-        self.reason: str = reason
+        self.reason: PeerRejectReason = reason
 
 
 class TokenRejected(PKIError):
@@ -79,7 +86,7 @@ class TokenRejected(PKIError):
         if reason not in TOKEN_REJECT_REASONS:
             raise ValueError(f"unknown token rejection reason {reason!r}")
         super().__init__(message or f"bootstrap token rejected: {reason}", reason=reason, **context)
-        self.reason: str = reason
+        self.reason: TokenRejectReason = reason
 
 
 class InvalidRevocationList(PKIError, InvalidInput):

@@ -14,6 +14,7 @@ from typing import Literal
 from cloudless.pki.errors import InvalidIdentity
 
 IdentityKind = Literal["node", "client"]
+_KINDS: dict[str, IdentityKind] = {"node": "node", "client": "client"}  # what _URI_PATTERN admits
 KINDS: tuple[str, ...] = ("node", "client")
 
 # A client certificate's role (cloudless.authz says what each may do). It is
@@ -54,7 +55,7 @@ class Identity:
         if match is None:
             raise InvalidIdentity(f"not a Cloudless identity URI: {uri[:200]!r}")
         cluster_id, kind, name = match.groups()
-        return cls(cluster_id, kind, name)  # type: ignore[arg-type]
+        return cls(cluster_id, _KINDS[kind], name)
 
     @classmethod
     def node(cls, cluster_id: str, name: str) -> Identity:

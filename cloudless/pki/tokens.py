@@ -45,11 +45,17 @@ _TOKEN_PATTERN = re.compile(rf"{TOKEN_PREFIX}\.({_B32}{{{ID_LENGTH}}})\.({_B32}{
 _ID_PATTERN = re.compile(rf"{_B32}{{{ID_LENGTH}}}")
 
 
-class RandomBytes(Protocol):
-    """`secrets` (the default) or anything with `token_bytes`; a seeded
-    `random.Random` (which has `randbytes`) also works, for tests."""
-
+class _TokenBytes(Protocol):
     def token_bytes(self, nbytes: int) -> bytes: ...
+
+
+class _RandBytes(Protocol):
+    def randbytes(self, n: int) -> bytes: ...
+
+
+# `secrets` (the default) or anything with `token_bytes`; a seeded
+# `random.Random` (which has `randbytes`) also works, for tests.
+RandomBytes = _TokenBytes | _RandBytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +158,7 @@ def create_token(
     fingerprint_hex = _fingerprint_hex(ca_fingerprint)
     if fingerprint_hex is None:
         raise ValueError(f"CA fingerprint must be sha256:<64 hex>, got {ca_fingerprint!r}")
-    draw = getattr(rng, "token_bytes", None) or rng.randbytes  # type: ignore[attr-defined]
+    draw = rng.token_bytes if hasattr(rng, "token_bytes") else rng.randbytes
     token_id = _b32(draw(5))
     secret = _b32(draw(SECRET_BYTES))
     record = TokenRecord(

@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 import msgspec
 
@@ -243,7 +243,7 @@ class _Source:
     def exists(self, name: str) -> bool:
         raise NotImplementedError
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         raise NotImplementedError
 
     def read(self, name: str, limit: int = oci.MAX_DOCUMENT_BYTES) -> bytes:
@@ -284,7 +284,7 @@ class _DirSource(_Source):
     def exists(self, name: str) -> bool:
         return self._path(name).is_file()
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         try:
             return open(self._path(name), "rb")
         except FileNotFoundError:
@@ -322,10 +322,10 @@ class _TarSource(_Source):
         except InvalidImage:
             return False
 
-    def open(self, name: str) -> BinaryIO:
+    def open(self, name: str) -> IO[bytes]:
         f = self.tar.extractfile(self._member(name))
         assert f is not None
-        return f  # type: ignore[return-value]
+        return f
 
     def close(self) -> None:
         self.tar.close()
@@ -563,7 +563,7 @@ class ImageStore:
     def copy_blob(
         self,
         txn: _Ingest,
-        src: BinaryIO,
+        src: IO[bytes],
         digest: str | None,
         size: int | None,
         progress: ProgressCallback | None = None,

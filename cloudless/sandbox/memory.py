@@ -29,6 +29,7 @@ from cloudless.sandbox.runtime import (
     HealthCheck,
     LogRecord,
     LogStream,
+    Status,
     validate_spec,
 )
 
@@ -48,7 +49,7 @@ class ScriptedRun:
 class _Container:
     spec: ContainerSpec
     ip: str | None
-    status: str = "created"
+    status: Status = "created"
     pid: int | None = None
     started_at: float | None = None
     deadline: float = math.inf
@@ -125,7 +126,7 @@ class MemoryRuntime:
         self._settle(c)
         return ContainerState(
             id=cid,
-            status=c.status,  # type: ignore[arg-type]
+            status=c.status,
             pid=c.pid,
             exit_code=c.exit_code,
             oom_killed=c.oom_killed,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ class RegistryClient:
         max_parallel_layers: int = 3,
         min_transfer_rate: int = 64 * 1024,
         transport: httpx.AsyncBaseTransport | None = None,
-        verify: object = True,
+        verify: ssl.SSLContext | str | bool = True,
     ) -> None:
         """`credentials` maps a registry host (as in references) to (user, password);
         `verify` is passed to httpx (True, an ssl.SSLContext or a CA bundle path).
@@ -137,7 +138,7 @@ class RegistryClient:
             timeout=self.timeout,
             follow_redirects=True,
             transport=transport,
-            verify=verify,  # type: ignore[arg-type]
+            verify=verify,
             headers={"User-Agent": "cloudless"},
         )
         self._auth: dict[str, str] = {}  # registry -> Authorization header value

@@ -139,7 +139,7 @@ class SpreadTerm:
         self.coef = coef
         self.max_per = spread.max_per
         listed = {t.value: t.percent for t in spread.targets}
-        self.targets = {v: p / 100.0 * total for v, p in listed.items()}
+        self.targets: dict[str | None, float] = {v: p / 100.0 * total for v, p in listed.items()}
         if listed:
             unlisted = len(present - set(listed))
             rest = max(0, 100 - sum(listed.values())) / 100.0 * total
@@ -148,7 +148,7 @@ class SpreadTerm:
             self.default_target = total / len(present) if present else 0.0
 
     def target(self, value: str | None) -> float:
-        return self.targets.get(value, self.default_target)  # type: ignore[arg-type]
+        return self.targets.get(value, self.default_target)
 
     def score(self, value: str | None, count: int) -> float:
         return spread_score(self.target(value), count)

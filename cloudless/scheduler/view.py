@@ -29,6 +29,9 @@ from cloudless.errors import InvalidInput
 from cloudless.state.workload import LIVE_STATES, Allocation, DeviceClass
 
 _T = TypeVar("_T")
+_K = TypeVar("_K")
+_IK = TypeVar("_IK")
+_V = TypeVar("_V")
 
 MemberState = Literal["alive", "suspect", "dead", "left"]
 
@@ -127,7 +130,7 @@ class AttributeIndex:
             self._masks = {v: (1 << at[0]) if len(at) == 1 else mask_of(at, n) for v, at in positions.items()}
         return self._masks
 
-    def matching(self, predicate) -> tuple[int, frozenset[str | None]]:  # type: ignore[no-untyped-def]
+    def matching(self, predicate: Callable[[str | None], bool]) -> tuple[int, frozenset[str | None]]:
         """Mask of nodes whose value satisfies `predicate`, and the set of those values."""
         mask = 0
         values = []
@@ -188,7 +191,7 @@ class ClusterView:
         self._used_f: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._owned: set[tuple[str, object]] = set()  # inner containers this snapshot copied (copy on write)
 
-    def _inner(self, table: dict, key: object, kind: str) -> dict:  # type: ignore[type-arg]
+    def _inner(self, table: dict[_K, dict[_IK, _V]], key: _K, kind: str) -> dict[_IK, _V]:
         """table[key] as a container this snapshot may write (copied from the parent on first write)."""
         inner = table.get(key)
         if inner is None:

@@ -528,9 +528,9 @@ class Simulation:
         for client in self.clients:
             op = client.current
             attempt = op.attempt if op is not None else None
-            if attempt is not None and attempt.index == entry.index and attempt.node == node.id:
-                if entry.data != op.command:  # type: ignore[union-attr]
-                    op.attempt = None  # type: ignore[union-attr]  # lost to another leader: retry
+            if op is not None and attempt is not None and attempt.index == entry.index and attempt.node == node.id:
+                if entry.data != op.command:
+                    op.attempt = None  # lost to another leader: retry
         outcome = node.fsm.apply(entry)
         self._check_state_agrees(node)
         if outcome is None:
@@ -739,12 +739,12 @@ class Simulation:
     # -- faults ------------------------------------------------------------
 
     def _leader(self) -> SimNode | None:
-        best = None
+        best: SimNode | None = None
+        best_term = -1  # terms start at 0
         for node in self.nodes.values():
             core = node.core
-            if core is not None and core.role is Role.LEADER:
-                if best is None or core.term > best.core.term:  # type: ignore[union-attr]
-                    best = node
+            if core is not None and core.role is Role.LEADER and core.term > best_term:
+                best, best_term = node, core.term
         return best
 
     def _inject_fault(self) -> None:

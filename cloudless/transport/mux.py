@@ -441,6 +441,7 @@ class MuxSession:
                 await self._wait_drained()
         self._fail(ConnectionLost(f"connection to {self._peer.uri} closed locally", peer=self._peer.uri))
         if not self._started:
+            # trio types the argument as its AsyncResource ABC; it needs only aclose().
             await trio.aclose_forcefully(self._transport)  # type: ignore[arg-type]
             return
         with trio.move_on_after(self.config.close_timeout):
@@ -471,6 +472,7 @@ class MuxSession:
                     task_status.started()
         finally:
             self._fail(ConnectionLost(f"connection to {self._peer.uri} closed", peer=self._peer.uri))
+            # trio types the argument as its AsyncResource ABC; it needs only aclose().
             await trio.aclose_forcefully(self._transport)  # type: ignore[arg-type]
             self._finished.set()
 

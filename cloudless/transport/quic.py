@@ -588,7 +588,7 @@ class QuicPeerConnection:
         ours = self._quic.local_rejection
         if ours is not None:
             error: Exception = PeerRejected(
-                ours.reason,  # type: ignore[arg-type]
+                ours.reason,
                 f"rejected the certificate of {self._remote_address[0]}:{self._remote_address[1]}: {ours.message}",
                 rejected_by="us",
             )

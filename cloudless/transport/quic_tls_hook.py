@@ -40,7 +40,7 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
 
-from cloudless.pki.errors import PEER_REJECT_REASONS, PeerRejected
+from cloudless.pki.errors import PeerRejected, peer_reject_reason
 from cloudless.transport.base import PeerIdentity, TransportError
 
 PINNED_AIOQUIC_VERSION = "1.7.2"
@@ -173,11 +173,12 @@ def rejection_from_close(error_code: int, reason_phrase: str) -> PeerRejected | 
         return None
     if not reason_phrase.startswith(REJECTION_PREFIX):
         return None
-    reason, _, detail = reason_phrase[len(REJECTION_PREFIX) :].partition(":")
-    if reason not in PEER_REJECT_REASONS:
+    name, _, detail = reason_phrase[len(REJECTION_PREFIX) :].partition(":")
+    reason = peer_reject_reason(name)
+    if reason is None:
         return None
     return PeerRejected(
-        reason,  # type: ignore[arg-type]
+        reason,
         f"the peer refused our certificate: {reason} ({detail.strip()})",
         rejected_by="peer",
         tls_alert=error_code - QuicErrorCode.CRYPTO_ERROR,

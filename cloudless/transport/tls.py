@@ -29,11 +29,11 @@ import ssl
 import tempfile
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from typing import Any, get_args
+from typing import Any
 
 import trio
 
-from cloudless.pki.errors import PeerRejected, PeerRejectReason
+from cloudless.pki.errors import PeerRejected, PeerRejectReason, peer_reject_reason
 from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost, PeerIdentity
 from cloudless.transport.mux import MuxConfig, MuxSession, run_session
 
@@ -43,11 +43,10 @@ Address = tuple[str, int]
 
 VERDICT_ACCEPT = b"\x00"
 VERDICT_REJECT = b"\x01"
-_REJECT_REASONS: dict[str, PeerRejectReason] = {r: r for r in get_args(PeerRejectReason)}
 MAX_VERDICT_REASON = 255
 
 # OpenSSL X509_V_ERR_* codes (the server's view of a bad client certificate).
-_VERIFY_CODE_REASONS = {
+_VERIFY_CODE_REASONS: dict[int, PeerRejectReason] = {
     9: "not_yet_valid",
     10: "expired",
     2: "unknown_ca",
@@ -60,7 +59,7 @@ _VERIFY_CODE_REASONS = {
 }
 
 # TLS alerts (the client's view of a server that refused our certificate).
-_ALERT_REASONS = {
+_ALERT_REASONS: dict[str, PeerRejectReason] = {
     "CERTIFICATE_REQUIRED": "no_certificate",
     "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
     "CERTIFICATE_EXPIRED": "expired",
@@ -72,7 +71,7 @@ _ALERT_REASONS = {
 }
 
 
-def _ssl_reason(exc: ssl.SSLError) -> str | None:
+def _ssl_reason(exc: ssl.SSLError) -> PeerRejectReason | None:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _VERIFY_CODE_REASONS.get(exc.verify_code, "unknown_ca")
     text = f"{exc.reason or ''} {exc}".upper()
@@ -99,7 +98,7 @@ def rejection_from_ssl_error(exc: BaseException, *, address: Address) -> PeerRej
         message = f"peer at {address[0]}:{address[1]} presented an unacceptable certificate ({reason}): {cause}"
     else:
         message = f"{address[0]}:{address[1]} refused our certificate ({reason}): {cause}"
-    return PeerRejected(reason, message, address=f"{address[0]}:{address[1]}", side=side)  # type: ignore[arg-type]
+    return PeerRejected(reason, message, address=f"{address[0]}:{address[1]}", side=side)
 
 
 ENROLL_SERVER_NAME = "enroll.cloudless.invalid"
@@ -296,7 +295,7 @@ async def client_handshake(
             length = (await _read_exactly(stream, 1, buffer))[0]
             reason_text = (await _read_exactly(stream, length, buffer)).decode("utf-8", "replace")
             reason_word, _, message = reason_text.partition(" ")
-            reason = _REJECT_REASONS.get(reason_word)
+            reason = peer_reject_reason(reason_word)
             if reason is None:
                 raise ConnectionLost(f"{address[0]}:{address[1]} refused the connection: {reason_text}")
             raise PeerRejected(

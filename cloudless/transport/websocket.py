@@ -108,6 +108,7 @@ class WebSocketCarrier:
             try:
                 ws = await wrap_client_stream(
                     nursery,
+                    # trio-websocket's annotation names only SocketStream/SSLStream; any trio Stream works.
                     TlsTransport(stream),  # type: ignore[arg-type]
                     f"{address[0]}:{address[1]}",
                     RESOURCE,

@@ -16,8 +16,9 @@ import secrets
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 import trio
@@ -30,6 +31,9 @@ from cloudless.blobs.s3.chunked import ChunkedDecoder
 from cloudless.blobs.s3.errors import S3Error, from_blob_error
 from cloudless.blobs.s3.xmlbody import document, el, error_document, iso8601, parse
 from cloudless.errors import CloudlessError
+
+if TYPE_CHECKING:  # the server imports hypercorn only when it serves
+    from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, Scope
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,13 @@ _SUBRESOURCES_NOT_IMPLEMENTED = {
 }
 
 
+def _request_body(message: ASGIReceiveEvent) -> tuple[bytes, bool]:
+    """(body, more_body) of an http.request message; a disconnect (or anything else) ends the body."""
+    if message["type"] == "http.request":
+        return message.get("body", b""), message.get("more_body", False)
+    return b"", False
+
+
 @dataclass
 class Request:
     method: str
@@ -78,7 +89,7 @@ class Request:
     query: list[tuple[str, str]]
     params: dict[str, str]
     headers: dict[str, str]
-    receive: Callable[[], Awaitable[dict]]
+    receive: ASGIReceiveCallable
     request_id: str
     owner: str = ""
     signed: sigv4.SignedRequest | None = None
@@ -202,7 +213,7 @@ class S3Gateway:
         """Requests served, by outcome (`status.<code>`, `error.<S3 code>`) and body encoding."""
         return dict(self._stats)
 
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
@@ -263,9 +274,9 @@ class S3Gateway:
         budget = _DRAIN_LIMIT
         with trio.move_on_after(_DRAIN_SECONDS):
             while budget > 0 and not request.body_done:
-                message = await request.receive()
-                budget -= len(message.get("body", b""))
-                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                body, more = _request_body(await request.receive())
+                budget -= len(body)
+                if not more:
                     request.body_done = True
 
     # plumbing ------------------------------------------------------------------
@@ -392,9 +403,10 @@ class S3Gateway:
             if message["type"] == "http.disconnect":
                 request.body_done = True
                 raise S3Error("IncompleteBody", "the client disconnected during the upload")
-            if message.get("body"):
-                yield message["body"]
-            if not message.get("more_body"):
+            body, more = _request_body(message)
+            if body:
+                yield body
+            if not more:
                 request.body_done = True
                 return
 

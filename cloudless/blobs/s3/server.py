@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 from cryptography import x509
@@ -21,6 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloudless.pki.ca import BACKDATE, ClusterCA
+
+if TYPE_CHECKING:
+    from cloudless.blobs.s3.app import S3Gateway
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ def issue_gateway_certificate(
 
 
 async def serve_gateway(
-    app: object,
+    app: S3Gateway,
     *,
     host: str,
     port: int,
@@ -81,7 +85,7 @@ async def serve_gateway(
     # No socket read_timeout: hypercorn applies it while a long GET streams out (the client
     # sends nothing then) and would cut the download; the app times out stalled uploads itself.
     config.ssl_handshake_timeout = 15
-    await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+    await serve(app, config, task_status=task_status)
 
 
 def gateway_tls_files(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
