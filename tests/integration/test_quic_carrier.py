@@ -675,3 +675,49 @@ async def test_client_refuses_a_server_holding_a_client_identity(nursery, pki):
             await client.connect(address)
     assert caught.value.reason == "bad_identity"
     assert "not a node identity" in caught.value.message
+
+
+class DriverBug(RuntimeError):
+    """Stands for a programming error in a connection's driver."""
+
+
+def break_driver(connection) -> None:
+    """Make the connection's next driver pass raise DriverBug (fault injection into the real driver)."""
+
+    def process_events() -> None:
+        raise DriverBug("driver bug")
+
+    connection._process_events = process_events
+
+
+async def test_a_driver_crash_propagates_to_the_carrier_owner_and_fails_connections_with_its_cause(nursery, pki):
+    _, address = await start_server(nursery, pki)
+    with pytest.raises(ExceptionGroup) as raised:
+        async with QuicCarrier(pki.client, pki.verifier) as client:
+            connection = await client.connect(address)
+            stream = await connection.open_stream()
+            break_driver(connection)
+            with trio.fail_after(5):
+                await stream.send_all(b"wakes the driver")
+                await stream.receive_some()
+    assert raised.group_contains(DriverBug)
+    with pytest.raises(ConnectionLost) as later:
+        await connection.open_stream()
+    assert isinstance(later.value.__cause__, DriverBug)
+
+
+async def test_a_detached_carrier_crash_is_logged_and_its_connections_see_the_cause(nursery, pki, caplog):
+    _, address = await start_server(nursery, pki)
+    client = QuicCarrier(pki.client, pki.verifier)
+    connection = await client.connect(address)  # outside any nursery: runs detached
+    stream = await connection.open_stream()
+    break_driver(connection)
+    with caplog.at_level("ERROR", logger="cloudless.transport.hosting"), trio.fail_after(5):
+        with pytest.raises(ConnectionLost) as raised:
+            await stream.send_all(b"wakes the driver")
+            await stream.receive_some()
+        await trio.testing.wait_all_tasks_blocked()
+    assert isinstance(raised.value.__cause__, DriverBug)
+    assert "transport.detached_task_failed" in [r.getMessage() for r in caplog.records]
+    assert "DriverBug: driver bug" in caplog.text
+    await client.aclose()
