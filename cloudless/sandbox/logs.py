@@ -311,7 +311,7 @@ def _parse_shim_args(argv: list[str]) -> dict[str, str]:
     if len(argv) % 2:
         raise SystemExit("shim: options come in --name value pairs")
     opts = {}
-    for flag, value in zip(argv[::2], argv[1::2]):
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
         name = flag[2:]
         if not flag.startswith("--") or name not in SHIM_OPTIONS:
             raise SystemExit(f"shim: unknown option {flag}")

@@ -565,7 +565,7 @@ async def run_workload(
         raise InvalidInput("a fault schedule needs the cluster to act on")
     if workload.clients < 1 or not workload.keys:
         raise InvalidInput("a workload needs at least one client and one key")
-    ops, weights = zip(*[(op, w) for op, w in workload.mix.items() if w > 0])
+    ops, weights = zip(*[(op, w) for op, w in workload.mix.items() if w > 0], strict=True)
     for op in ops:
         if op not in ("get", "put", "cas", "rm"):
             raise InvalidInput(f"unknown vars operation {op!r}", op=op)

@@ -761,7 +761,7 @@ def test_list_parts_and_uploads_paginate(s3, bucket):
     )
     assert [u["Key"] for u in page2["Uploads"]] == ["qb"]
     assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix="q")["Uploads"]] == ["qa", "qb"]
-    for k, u in zip(("qa", "qb"), others):
+    for k, u in zip(("qa", "qb"), others, strict=True):
         s3.abort_multipart_upload(Bucket=bucket, Key=k, UploadId=u)
 
 

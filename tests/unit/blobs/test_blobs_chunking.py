@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from cloudless.blobs.chunking import ChunkDigest, ChunkingParams, chunk_iter, chunk_refs
 from cloudless.blobs.errors import InvalidDigest
+import itertools
 
 SMALL = ChunkingParams(16 * 1024)
 
@@ -20,7 +21,7 @@ def test_chunks_cover_the_input_exactly_and_respect_size_bounds():
     data = random.Random(1).randbytes(2 << 20)
     refs = chunk_refs(data, SMALL)
     assert refs[0].offset == 0
-    assert all(a.offset + a.size == b.offset for a, b in zip(refs, refs[1:]))
+    assert all(a.offset + a.size == b.offset for a, b in itertools.pairwise(refs))
     assert refs[-1].offset + refs[-1].size == len(data)
     assert all(SMALL.min_size <= r.size <= SMALL.max_size for r in refs[:-1])
 
