@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -12,7 +13,6 @@ from hypothesis import strategies as st
 
 from cloudless.blobs.chunking import ChunkDigest, ChunkingParams, chunk_iter, chunk_refs
 from cloudless.blobs.errors import InvalidDigest
-import itertools
 
 SMALL = ChunkingParams(16 * 1024)
 

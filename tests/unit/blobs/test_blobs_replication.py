@@ -24,6 +24,7 @@ from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.peers import MemoryChunkPeers
 from cloudless.blobs.placement import StorageMember
+from tests.harness.waiting import wait_until
 
 GIB = 1 << 30
 SMALL_CHUNKS = 16 * 1024
@@ -292,8 +293,7 @@ async def test_the_loop_restores_r_within_seconds_of_a_declared_death(cluster, a
         assert any(len(cluster.replicas(d)) == 1 for d in digests)
         start = trio.current_time()
         loop.trigger()
-        while not all(len(cluster.replicas(d)) == 2 for d in digests):
-            await trio.sleep(0.1)
+        await wait_until(lambda: all(len(cluster.replicas(d)) == 2 for d in digests), interval=0.1)
         assert trio.current_time() - start < 5
         nursery.cancel_scope.cancel()
     assert loop.statistics()["rounds"] >= 1
