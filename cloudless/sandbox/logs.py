@@ -221,7 +221,7 @@ async def follow(log_dir: str, since_offset: int = 0, poll_interval: float = 0.0
         for o, t, s, x in records:
             yield LogRecord(offset=o, ts=t, stream=s, text=x)
         if not records:
-            if not os.path.isdir(log_dir):
+            if not await trio.Path(log_dir).is_dir():  # the container was deleted
                 return
             await trio.sleep(poll_interval)
 
@@ -237,7 +237,7 @@ def _memory_cgroup_dir(pid: int) -> str | None:
     except OSError:
         return None
     for line in lines:
-        hid, controllers, path = line.split(":", 2)
+        _hierarchy, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
             return "/sys/fs/cgroup/memory" + path
     for line in lines:
@@ -549,7 +549,7 @@ def _shim_main(argv: list[str]) -> int:
             if got == pid:
                 status = st
                 break
-    for fd, (stream, splitter) in splitters.items():
+    for stream, splitter in splitters.values():
         for line in splitter.flush():
             record(time.time(), stream, line)
     writer.close()
