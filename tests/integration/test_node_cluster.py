@@ -122,7 +122,7 @@ def test_token_misuse_is_refused_and_changes_nothing(nodes, case):
         bad = ".".join(parts)
     elif case == "used_up":
         bad = token(config, "--uses", "1")
-        ok = nodes("ok").start("--join", first.address, "--token", bad)
+        nodes("ok").start("--join", first.address, "--token", bad)
         wait_for(lambda: "ok" in [m["id"] for m in status(config)["members"]], 30, "first use to succeed")
     elif case == "expired":
         bad = token(config, "--ttl", "1s")

@@ -212,7 +212,7 @@ async def test_client_reset_reaches_server_reader_and_writer(nursery, pki):
                 await trio.sleep(0.001)
         outcome["writer"] = writer_error.value.code
 
-    server, address = await start_server(nursery, pki, handler)
+    _server, address = await start_server(nursery, pki, handler)
     async with QuicCarrier(pki.client, pki.verifier) as client:
         connection = await client.connect(address)
         stream = await connection.open_stream()
@@ -449,12 +449,14 @@ async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_
         ("key.pem", pki.server.key_pem),
     ):
         (tmp_path / name).write_bytes(data)
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     try:
+        line = bytearray()
         with trio.fail_after(20):
-            line = await trio.to_thread.run_sync(process.stdout.readline)
+            while not line.endswith(b"\n") and (chunk := await process.stdout.receive_some(1)):
+                line += chunk
         port = int(line)
         async with QuicCarrier(pki.client, pki.verifier, idle_timeout=1.0, send_buffer=64 * 1024) as client:
             connection = await client.connect(("127.0.0.1", port))
@@ -489,7 +491,8 @@ async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_
                 await connection.open_stream()
     finally:
         process.kill()
-        process.wait()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 async def test_server_shutdown_fails_client_operations_promptly(pki):

@@ -42,7 +42,7 @@ def target(tmp_path, blobs):
 async def test_image_published_on_one_node_is_fetched_by_another(source, target, blobs):
     assert await source.publish_all() == 1
     original = source.store.get("busybox")
-    for digest in [original.manifest_digest, original.config_digest, *(l.digest for l in original.layers)]:
+    for digest in [original.manifest_digest, original.config_digest, *(layer.digest for layer in original.layers)]:
         assert await blobs.has(digest)
     with pytest.raises(ImageNotFound):
         target.store.get("busybox")

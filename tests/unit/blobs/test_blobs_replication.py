@@ -19,7 +19,7 @@ from cloudless.blobs.antientropy import (
     wanted_placement,
 )
 from cloudless.blobs.chunkstore import MemoryChunkStore
-from cloudless.blobs.errors import InsufficientReplicas
+from cloudless.blobs.errors import InsufficientReplicas, NoSuchKey
 from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.peers import MemoryChunkPeers
@@ -101,7 +101,7 @@ async def test_a_put_fails_when_r_replicas_cannot_be_made_durable():
     c.peers.kill("n1")
     with pytest.raises(InsufficientReplicas):
         await c.service.put_object("bkt", "obj", b"x" * 100_000)
-    with pytest.raises(Exception):
+    with pytest.raises(NoSuchKey):
         await c.service.head_object("bkt", "obj")
 
 
@@ -203,7 +203,7 @@ async def test_interrupted_upload_leaves_no_object_and_gc_reclaims_its_chunks(cl
     await cluster.service.put_object("bkt", "kept", cluster.rng.randbytes(100_000))
     with pytest.raises(ConnectionResetError):
         await cluster.service.put_object("bkt", "partial", dying_body())
-    with pytest.raises(Exception):
+    with pytest.raises(NoSuchKey):
         await cluster.service.head_object("bkt", "partial")
     page = await cluster.service.list_objects("bkt")
     assert [m.key for m in page.objects] == ["kept"]

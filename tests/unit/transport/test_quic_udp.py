@@ -93,4 +93,4 @@ async def test_local_address_before_bind_is_an_error():
     from cloudless.transport.base import TransportError
 
     with pytest.raises(TransportError):
-        UdpEndpoint().local_address
+        _ = UdpEndpoint().local_address

@@ -211,7 +211,7 @@ async def test_stalled_handshakes_do_not_block_other_clients_and_time_out(carrie
         with trio.fail_after(5):  # all eleven are counted as refused
             await wait_until(lambda: server.rejected >= 11, interval=0.01)
         await conn.aclose()
-        for tcp in silent + [garbage]:
+        for tcp in [*silent, garbage]:
             await tcp.aclose()
         nursery.cancel_scope.cancel()
 
