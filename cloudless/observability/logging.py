@@ -142,5 +142,3 @@ def configure(log_dir: Path | None, level: str = "info", console: bool = True) -
         stream.setFormatter(ConsoleFormatter())
         root.addHandler(stream)
 
-
-install_logger_class()
