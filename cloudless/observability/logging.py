@@ -141,4 +141,3 @@ def configure(log_dir: Path | None, level: str = "info", console: bool = True) -
         stream = logging.StreamHandler(sys.stderr)
         stream.setFormatter(ConsoleFormatter())
         root.addHandler(stream)
-
