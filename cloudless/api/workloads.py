@@ -449,6 +449,9 @@ class WorkloadService:
     async def report(self, ctx: RpcContext, req: ReportBatch) -> ReportAck:
         if ctx.peer.kind != "node" or ctx.peer.name != req.node:
             raise PermissionDenied("a node reports its own allocations only")
+        if not self.replicated.is_leader:
+            # Passing it on would make us the proposer of another node's report.
+            raise NotLeader("not the leader", leader=self.replicated.leader or "")
         result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
         raise_rejected(result)
         return ReportAck(index)
