@@ -106,14 +106,8 @@ class AddressPool:
         self.taken.discard(addr)
 
 
-# /sys, /proc and /run/netns are kernel in-memory filesystems: looking at them
-# never waits on a disk, so these stay plain calls inside async code.
 def _link_exists(name: str) -> bool:
     return os.path.exists(f"/sys/class/net/{name}")
-
-
-def _kernel_path_exists(path: str) -> bool:
-    return os.path.exists(path)
 
 
 def _kernel_listdir(path: str) -> list[str]:
@@ -332,10 +326,10 @@ class BridgeNetwork:
         a = self._attachments.get(container_id)
         if a is None:
             return await self.attach(container_id, ports)
-        if _kernel_path_exists(a.netns_path) and _link_exists(a.host_veth):
+        if os.path.exists(a.netns_path) and _link_exists(a.host_veth):
             return a
         await self.ensure_bridge()
-        if _kernel_path_exists(a.netns_path):
+        if os.path.exists(a.netns_path):
             await run_command(["ip", "netns", "del", a.netns], timeout=self.timeout, check=False)
         if _link_exists(a.host_veth):
             await run_command(["ip", "link", "del", a.host_veth], timeout=self.timeout, check=False)
@@ -363,7 +357,7 @@ class BridgeNetwork:
         # deleted namespace's links go away later, which would block reusing the name.
         if _link_exists(veth):
             await run_command(["ip", "link", "del", veth], timeout=self.timeout, check=False)
-        if _kernel_path_exists(f"{NETNS_DIR}/{netns}"):
+        if os.path.exists(f"{NETNS_DIR}/{netns}"):
             await run_command(["ip", "netns", "del", netns], timeout=self.timeout, check=False)
         async with self._lock:
             if sweep_rules or (a is not None and a.ports):
