@@ -149,6 +149,7 @@ class EnrollService:
                     zone=req.zone,
                     labels=dict(req.labels),
                     trusted=trusted,
+                    public_key=_public_key_der(certificate),
                 )
             )
             if isinstance(result, Rejected):
@@ -201,7 +202,10 @@ class EnrollService:
         )
         result, _ = await replicated.propose(
             RecordCertificate(
-                ctx.peer.name, format(certificate.serial_number, "x"), certificate.not_valid_after_utc.timestamp()
+                ctx.peer.name,
+                format(certificate.serial_number, "x"),
+                certificate.not_valid_after_utc.timestamp(),
+                public_key=_public_key_der(certificate),
             )
         )
         if isinstance(result, Rejected):
@@ -210,3 +214,12 @@ class EnrollService:
 
     async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
         return self.node.revocations.to_bytes()
+
+
+def _public_key_der(certificate) -> bytes:
+    """What gossip checks this node's signed claims against (gossip/claims.py)."""
+    from cryptography.hazmat.primitives import serialization
+
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
