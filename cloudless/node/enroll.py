@@ -60,7 +60,10 @@ class EnrollRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     address: Annotated[str, msgspec.Meta(max_length=300)] = ""
     region: Annotated[str, msgspec.Meta(max_length=63)] = ""
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
-    labels: dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]] = {}
+    labels: Annotated[
+        dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
+        msgspec.Meta(max_length=64),
+    ] = {}
 
 
 class EnrollReply(msgspec.Struct, frozen=True):

@@ -97,6 +97,11 @@ class NodeOptions:
     on_bootstrapped: Callable[[Path], None] | None = None
 
 
+# Calls one identity may hold open on this node at once (RpcServer): far above
+# what a node (Raft streams, chunk transfers, log follows) or a CLI needs.
+MAX_CALLS_PER_IDENTITY = 1024
+
+
 class BootstrapPending(msgspec.Struct):
     """What the first node must still put into Raft (kept until committed)."""
 
@@ -148,8 +153,10 @@ class Node:
         self.rpc: RpcClient | None = None
         self.endpoint: UdpEndpoint | None = None
         self.coordinator = None
-        self.server = RpcServer(listed=is_listed)
-        self.enroll_server = RpcServer(listed=is_listed)
+        self.server = RpcServer(listed=is_listed, max_calls_per_peer=MAX_CALLS_PER_IDENTITY)
+        # Enrollment requests are small (a CSR and a token): a small frame cap
+        # bounds what an unauthenticated peer can make us buffer.
+        self.enroll_server = RpcServer(listed=is_listed, max_frame_size=64 * 1024, request_timeout=5.0)
         self.blobs = None  # cloudless.blobs.cluster.BlobNode, once run_blobs is up
 
     # -- identity ------------------------------------------------------------------

@@ -424,3 +424,18 @@ async def test_raft_ignores_messages_from_nodes_outside_the_configuration(cluste
     await trio.sleep(0.5)
     after = await trio.to_thread.run_sync(lambda: status(cluster.config))
     assert after["term"] == before["term"] and after["leader"] == "node1"
+
+
+def test_an_oversized_workload_spec_is_refused_with_a_clear_error_and_changes_nothing(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    import yaml
+
+    spec = {"name": "huge", "image": "busybox", "env": {f"K{i}": "x" * 32 * 1024 for i in range(256)}}
+    path = tmp_path / "huge.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    proc = cli("apply", "-f", str(path), config=cluster.config, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "env" in proc.stderr and "limit" in proc.stderr
+    listed = json.loads(cli("ps", "--json", config=cluster.config, check=True).stdout)["items"]
+    assert "huge" not in [w["name"] for w in listed]
