@@ -21,7 +21,7 @@ import msgspec
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from cloudless.authz.table import PermissionDenied
+from cloudless.errors import NotFound
 from cloudless.gossip.claims import SelfClaims, ecdsa_signer
 from cloudless.gossip.keyring import Keyring, key_id
 from cloudless.pki.credentials import Credentials
@@ -59,7 +59,7 @@ def keys_reply(fsm: StateMachine, caller: str) -> GossipKeysReply:
     """The `gossip.keys` answer, for a registered node only (a removed one's
     certificate is revoked anyway; this keeps a stale state from serving it)."""
     if caller not in fsm.nodes:
-        raise PermissionDenied(f"node/{caller} may not read gossip keys: it is not a registered node")
+        raise NotFound(f"node {caller} is not registered, so it gets no gossip keys")
     members = {name: fsm.node_public_keys(name) or [] for name in fsm.nodes}
     removed = sorted(i.removeprefix("node/") for i in fsm.retired if i.startswith("node/"))
     return GossipKeysReply(list(fsm.gossip_keys), members, removed)
