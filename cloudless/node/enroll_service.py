@@ -173,7 +173,8 @@ class EnrollService:
             cluster_id=node.cluster_id,
             ca_pem=replicated.fsm.ca.certificate_pem if replicated.fsm.ca else b"",
             cert_pem=certificate.public_bytes(serialization.Encoding.PEM),
-            gossip_keys=list(replicated.fsm.gossip_keys),
+            # Only nodes gossip: a client identity never holds the keyring.
+            gossip_keys=list(replicated.fsm.gossip_keys) if req.role == "node" else [],
             seeds=seeds,
             revocations=node.revocations.to_bytes(),
             # Only a coordinator receives the key that opens the CA key (pki.custody).

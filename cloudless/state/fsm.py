@@ -593,6 +593,8 @@ class StateMachine:
         record = self.nodes.get(node_id)
         if record is None:
             return [] if f"node/{node_id}" in self.retired else None
+        if not record.public_keys:
+            return None  # registered before keys were recorded: its renewal records one
         return [k for serial, k in record.public_keys.items() if serial not in self.revoked]
 
     def take_changes(self) -> list[Change]:

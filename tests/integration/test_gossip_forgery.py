@@ -9,14 +9,16 @@ import socket
 
 import msgspec
 import pytest
+import trio
 
 from cloudless.gossip import messages as wire
 from cloudless.gossip.claims import CLAIM_LEFT, claim_bytes, ecdsa_signer
 from cloudless.gossip.keyring import Keyring, PacketSealer, UnsealError
 from cloudless.gossip.messages import MAX_INCARNATION, Alive, Dead
 from cloudless.gossip.metadata import EMPTY_METADATA
+from cloudless.node.enroll import enroll
 from cloudless.pki.credentials import Credentials
-from tests.harness.node_cluster import NodeProcess, bootstrap, cli, cli_json, free_port, join, status, wait_for
+from tests.harness.node_cluster import NodeProcess, bootstrap, cli, cli_json, free_port, join, status, token, wait_for
 
 
 @pytest.fixture
@@ -136,3 +138,19 @@ def test_removing_a_node_rotates_the_gossip_key(nodes, monkeypatch):
     wait_for(lambda: member_state(config, "ghost-current") is not None, 30, "the current key's packet to be read")
     assert member_state(config, "ghost-stale") is None
     assert all_alive(config, "node1", "node2")
+
+
+def test_only_nodes_receive_the_gossip_keyring_at_enrollment(nodes):
+    first = nodes("node1")
+    config = bootstrap(first)
+    host, port = first.address.split(":")
+
+    async def enroll_as(role: str, name: str):
+        advertise = f"127.0.0.1:{free_port()}" if role == "node" else ""  # registered, never started
+        _, reply = await enroll(
+            (host, int(port)), token(config, "--role", role), name=name, role=role, advertise=advertise
+        )
+        return reply.gossip_keys
+
+    assert trio.run(enroll_as, "operator", "olga") == []
+    assert trio.run(enroll_as, "node", "nina") == gossip_keys(first)

@@ -48,6 +48,15 @@ def test_registration_and_renewal_record_certificate_keys_and_revocation_drops_t
     assert restored.node_public_keys("n1") == fsm.node_public_keys("n1")
 
 
+def test_a_node_registered_before_keys_were_recorded_is_taken_on_its_word_until_it_renews():
+    fsm = StateMachine()
+    fsm.apply(1, entry(RegisterNode("n1", "127.0.0.1:1", "a1", 5000.0)))
+    assert fsm.node_public_keys("n1") is None
+    key = der()
+    fsm.apply(2, entry(RecordCertificate("n1", "b2", 6000.0, public_key=key)))
+    assert fsm.node_public_keys("n1") == [key]
+
+
 def test_a_removed_name_has_no_key_at_all():
     fsm = StateMachine()
     fsm.apply(1, entry(RegisterNode("n1", "127.0.0.1:1", "a1", 5000.0, public_key=der())))
