@@ -613,6 +613,8 @@ class GossipCore:
             if a.incarnation > self.incarnation and not self.leaving:
                 self._refute(a.incarnation)
             return
+        if m is not None and a.incarnation < m.incarnation and a.node in self._verified:
+            return  # stale: no need to check its signature
         verified = False
         claims = self.claims
         if claims is not None:
@@ -659,6 +661,8 @@ class GossipCore:
         if verified:
             self._verified[a.node] = a.incarnation
             self._sigs[a.node] = a.sig
+        elif self._sigs:
+            self._sigs.pop(a.node, None)  # no longer the signature of what we hold
         if gossip:
             self._queue_broadcast(a.node, wire.encode(a))
 
@@ -804,7 +808,6 @@ class GossipCore:
             wire.MemberRecord(m.name, m.addr, m.incarnation, m.state, m.meta_version, m.meta, sigs.get(m.name, b""))
             for m in self.members.rows.values()
         ]
-
         return wire.encode(wire.PushPullState(join, self.name, rows))
 
     def _merge(self, state: wire.PushPullState, now: float) -> None:

@@ -60,7 +60,8 @@ def keys_reply(fsm: StateMachine, caller: str) -> GossipKeysReply:
     certificate is revoked anyway; this keeps a stale state from serving it)."""
     if caller not in fsm.nodes:
         raise NotFound(f"node {caller} is not registered, so it gets no gossip keys")
-    members = {name: fsm.node_public_keys(name) or [] for name in fsm.nodes}
+    # A node registered before keys were recorded stays out: unknown, not keyless.
+    members = {name: keys for name in fsm.nodes if (keys := fsm.node_public_keys(name)) is not None}
     removed = sorted(i.removeprefix("node/") for i in fsm.retired if i.startswith("node/"))
     return GossipKeysReply(list(fsm.gossip_keys), members, removed)
 

@@ -103,3 +103,13 @@ def test_the_leader_rotates_after_a_removal_then_drops_the_old_key_after_the_ove
     assert drop is not None and drop.keys == [step.keys[0]]
     fsm.apply(fsm.applied_index + 1, entry(drop, now=1100.0))
     assert gi.rotation_step(fsm, 9999.0) is None
+
+
+def test_a_node_without_a_recorded_key_stays_unknown_through_the_leader_too():
+    b = creds("b")
+    fsm = registered(b)
+    fsm.apply(fsm.applied_index + 1, entry(RegisterNode("old", "127.0.0.1:2", "ab", 9e9)))  # no key recorded
+    outside = gi.GossipIdentity("c-1", lambda: b, lambda: None, lambda: False)
+    outside.install_synced(gi.decode_reply(msgspec.msgpack.encode(gi.keys_reply(fsm, "b"))))
+    assert outside.member_keys("old") is None  # taken on its word, as on a Raft member
+    assert outside.member_keys("b") is not None and len(outside.member_keys("b")) == 1
