@@ -527,8 +527,7 @@ class Node:
         if kinds & {"gossip_keys", "snapshot"} and self.gossip is not None and self.replicated is not None:
             keys = self.replicated.fsm.gossip_keys
             if keys:
-                write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(keys))
-                self._install_gossip_keys(list(keys))
+                self._install_gossip_keys(list(keys))  # the running keyring, and its copy in the data dir
 
     def _refresh_revocations(self) -> None:
         replicated = self.replicated
