@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import yaml
 
+from cloudless.duration import InvalidDuration, parse_duration
 from cloudless.errors import InvalidInput
 from cloudless.sandbox.reference import InvalidReference, parse_reference
 
@@ -444,6 +445,49 @@ def _yaml_resources(doc: dict[str, Any]) -> None:
         res["memory_bytes"] = parse_memory(str(res.pop("memory")), field="resources.memory")
 
 
+def duration_fields() -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """Section → its duration fields (the `*_s` floats) → (ge, le) bounds, from the structs themselves."""
+    out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    for section in msgspec.inspect.type_info(WorkloadSpec).fields:  # type: ignore[union-attr]
+        t = section.type
+        if isinstance(t, msgspec.inspect.UnionType):  # health_check: HealthCheckSpec | None
+            t = next((u for u in t.types if isinstance(u, msgspec.inspect.StructType)), t)
+        if not isinstance(t, msgspec.inspect.StructType):
+            continue
+        for f in t.fields:
+            if f.name.endswith("_s") and isinstance(f.type, msgspec.inspect.FloatType):
+                out.setdefault(section.name, {})[f.name] = (f.type.ge, f.type.le)
+    return out
+
+
+def _yaml_durations(doc: dict[str, Any]) -> None:
+    """Accept durations in YAML (`10s`, `1h30m`, or seconds), under the field's
+    name (`interval_s: 10s`) or without its `_s` (`interval: 10s`)."""
+    for section, fields in duration_fields().items():
+        body = doc.get(section)
+        if not isinstance(body, dict):
+            continue
+        for name, (ge, le) in fields.items():
+            given = name
+            alias = name[:-2]
+            if alias in body:
+                if name in body:
+                    raise _fail(f"{section}.{alias}", f"give {alias} or {name}, not both")
+                body[name] = body.pop(alias)
+                given = alias
+            value = body.get(name)
+            if isinstance(value, (str, int, float)):
+                try:
+                    body[name] = parse_duration(
+                        value,
+                        field=f"{section}.{given}",
+                        minimum=ge if ge is not None else 0.0,
+                        maximum=le if le is not None else 30 * 86400.0,
+                    )
+                except InvalidDuration as exc:
+                    raise InvalidWorkload(exc.message, field=f"{section}.{given}") from None
+
+
 def parse_yaml(text: str | bytes) -> WorkloadSpec:
     """One YAML document → a validated spec. Unknown fields are errors that name them."""
     try:
@@ -459,6 +503,7 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
     if not isinstance(doc, dict):
         raise InvalidWorkload("spec: expected a mapping of fields", field="spec")
     _yaml_resources(doc)
+    _yaml_durations(doc)
     if isinstance(doc.get("command"), str):
         raise _fail("command", "must be a list of arguments, e.g. [sh, -c, 'echo hi']")
     _yaml_rule_values(doc)
