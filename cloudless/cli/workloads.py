@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from rich.table import Table
 from cloudless.agent.messages import ExecReply, LogLine
 from cloudless.api.client import ClusterClient
 from cloudless.api.workloads import (
+    DryRun,
     InspectReply,
     PsReply,
     PsRequest,
@@ -26,8 +28,9 @@ from cloudless.api.workloads import (
 )
 from cloudless.cli.cluster import client_options, to_builtins
 from cloudless.cli.output import emit_json, stdout
+from cloudless.coordinator.preview import Preview
 from cloudless.errors import InvalidInput
-from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
+from cloudless.state.workload import WorkloadName, WorkloadSpec, from_flags, parse_yaml, to_yaml
 
 _NAME = msgspec.json.Decoder(WorkloadName)
 
@@ -47,6 +50,46 @@ def _reply_doc(reply: WorkloadReply) -> dict:
     return {"name": reply.name, "version": reply.version, "index": reply.index}
 
 
+_ACTION_WORDS = {"create": "create", "update": "update to", "scale": "rescale as", "unchanged": "leave unchanged at"}
+
+
+async def _dry_run(client: ClusterClient, as_json: bool, spec, replace: bool) -> None:
+    """Show what submitting `spec` would do now (the leader's scheduler on the live state);
+    exit 1 when the cluster would refuse it."""
+    p = await client.call("workloads.dry_run", DryRun(spec, replace), response=Preview)
+    if as_json:
+        emit_json(to_builtins(p))
+    else:
+        _print_preview(p)
+    if p.refused:
+        raise SystemExit(1)
+
+
+def _print_preview(p: Preview) -> None:
+    def say(text: str) -> None:
+        stdout.print(text, markup=False, highlight=False)
+
+    say(
+        f"{p.name}: would {_ACTION_WORDS[p.action]} version {p.version} ({p.replicas} replica(s)); dry run, nothing changed"
+    )
+    for k in p.kept:
+        say(f"  replica {k.replica} stays on {k.node} ({k.allocation}, {k.state})")
+    for x in p.placements:
+        say(f"  replica {x.replica} → {x.node}  (score {x.score:+.3f}; {x.feasible} of {p.nodes} nodes feasible)")
+    for f in p.failures:
+        say(f"  replica {f.replica} not placed: {f.message}")
+    for stop in p.stops:
+        say(f"  replica {stop.replica} on {stop.node} would stop ({stop.allocation}: {stop.reason})")
+    for note in p.notes:
+        say(f"  note: {note}")
+    if p.node_reasons:
+        say("nodes that could not take a replica:")
+        for node, why in sorted(p.node_reasons.items()):
+            say(f"  {node}: {why}")
+    if p.refused:
+        say(f"the cluster would refuse it: {p.refused}")
+
+
 @click.command(help="Run IMAGE as a replicated workload: cloudless run IMAGE [options] -- CMD...")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -61,6 +104,7 @@ def _reply_doc(reply: WorkloadReply) -> dict:
     "--constraint", "constraints", multiple=True, metavar="EXPR", help="e.g. zone=a, 'class in pc,server' (repeatable)."
 )
 @click.option("--spread", "spreads", multiple=True, metavar="ATTR[:MAX]", help="e.g. node, zone, node:1 (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Validate and show where each replica would go; change nothing.")
 @client_options
 async def run(
     client: ClusterClient,
@@ -76,6 +120,7 @@ async def run(
     restart,
     constraints,
     spreads,
+    dry_run,
 ) -> None:
     spec = from_flags(
         image,
@@ -90,6 +135,9 @@ async def run(
         spreads=spreads,
         command=command,
     )
+    if dry_run:
+        await _dry_run(client, as_json, spec, replace=False)
+        return
     reply = await client.call(
         "workloads.run", RunWorkload(spec, False, client.client_id, client.next_seq()), response=WorkloadReply
     )
@@ -101,13 +149,17 @@ async def run(
 
 @click.command(help="Create or update a workload from a YAML spec.")
 @click.option("-f", "--file", "path", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), required=True)
+@click.option("--dry-run", is_flag=True, help="Validate and show where each replica would go; change nothing.")
 @client_options
-async def apply(client: ClusterClient, as_json: bool, path: Path) -> None:
+async def apply(client: ClusterClient, as_json: bool, path: Path, dry_run: bool) -> None:
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc.strerror}", field="file") from None
     spec = parse_yaml(text)
+    if dry_run:
+        await _dry_run(client, as_json, spec, replace=True)
+        return
     reply = await client.call(
         "workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply
     )
@@ -135,11 +187,45 @@ async def ps(client: ClusterClient, as_json: bool) -> None:
     stdout.print(table)
 
 
+# `-o yaml|json` local to inspect: it prints the spec alone, in the form
+# `apply -f` takes (a shared -o helper in cli/output.py can replace the option).
+SPEC_FORMATS = ("yaml", "json")
+
+
+def render_spec(spec: WorkloadSpec, fmt: str) -> str:
+    """The spec as `cloudless apply -f` reads it back unchanged (`version` is the cluster's; apply ignores it)."""
+    if fmt == "yaml":
+        return to_yaml(spec)
+    # YAML reads JSON, but neither JSON's surrogate pairs (\ud800\udc00) nor raw
+    # non-printable characters: escape only those (they occur only inside strings).
+    text = json.dumps(msgspec.to_builtins(spec), indent=2, ensure_ascii=False)
+    return _YAML_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
+
+
+# What PyYAML refuses (its Reader.NON_PRINTABLE) or folds as a line break
+# (\x85, \u2028, \u2029); all are in the BMP. JSON already escapes \t \n \r in strings.
+_YAML_UNPRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
 @click.command(help="Show a workload: spec, allocations and placement explanations.")
 @click.argument("name", callback=_name)
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    type=click.Choice(SPEC_FORMATS),
+    default=None,
+    help="Print only the spec, as `cloudless apply -f` takes it (inspect NAME -o yaml > w.yaml).",
+)
 @client_options
-async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
+async def inspect(client: ClusterClient, as_json: bool, name: str, output: str | None) -> None:
+    if output is not None and as_json:
+        raise InvalidInput("give --json (the whole document) or -o (the spec alone), not both", field="output")
     reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
+    if output is not None:
+        sys.stdout.write(render_spec(reply.spec, output))
+        sys.stdout.flush()
+        return
     if as_json:
         emit_json(
             {
