@@ -488,10 +488,18 @@ def _yaml_durations(doc: dict[str, Any]) -> None:
                     raise InvalidWorkload(exc.message, field=f"{section}.{given}") from None
 
 
+class SpecLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that a bare `=` (operator: =) is the string
+    "=" rather than the obscure `value` tag no safe loader can construct."""
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
 def parse_yaml(text: str | bytes) -> WorkloadSpec:
     """One YAML document → a validated spec. Unknown fields are errors that name them."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=SpecLoader) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

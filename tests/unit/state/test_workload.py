@@ -525,3 +525,8 @@ def test_yaml_duration_errors_name_the_field(body, expected):
     with pytest.raises(InvalidWorkload) as info:
         parse_yaml(f"name: web\nimage: nginx\n{body}\n")
     assert info.value.message.startswith(expected), info.value.message
+
+
+def test_a_bare_equals_operator_is_the_string():
+    spec = parse_yaml("name: web\nimage: nginx\nconstraints: [{attribute: node.zone, operator: =, value: a}]\n")
+    assert spec.constraints[0] == Constraint("node.zone", "=", "a")
