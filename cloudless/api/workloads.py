@@ -252,14 +252,9 @@ class WorkloadService:
             ("workloads.update", UpdateRequest, self.update),
             ("workloads.stop", WorkloadRef, self.stop),
             ("workloads.exec", WorkloadExec, self.exec),
+            ("workloads.dry_run", DryRun, self.dry_run),
         ):
             self.routing.register_on_leader(server, name, handler, request)
-        # Read-only, but it shows the cluster's nodes and placements: admin clients
-        # only (a node forwards its client's call to `fwd.` after this check).
-        server.unary("workloads.dry_run", request=DryRun)(
-            clients_only(self.routing.on_leader("workloads.dry_run", self.dry_run))
-        )
-        server.unary("fwd.workloads.dry_run", request=DryRun)(self.routing.forwarded(self.dry_run))
         server.stream("workloads.logs", request=WorkloadLogs)(self.logs)
         server.stream("fwd.workloads.logs", request=WorkloadLogs)(self.routing.forwarded(self._logs_on_leader))
         server.stream("allocations.watch", request=WatchAllocations)(self.watch)
@@ -474,20 +469,12 @@ class WorkloadService:
     async def report(self, ctx: RpcContext, req: ReportBatch) -> ReportAck:
         if ctx.peer.kind != "node" or ctx.peer.name != req.node:
             raise PermissionDenied("a node reports its own allocations only")
+        if not self.replicated.is_leader:
+            # Passing it on would make us the proposer of another node's report.
+            raise NotLeader("not the leader", leader=self.replicated.leader or "")
         result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
         raise_rejected(result)
         return ReportAck(index)
-
-
-def clients_only(handler):
-    """Refuse callers that are not client (admin) certificates before routing."""
-
-    async def run(ctx: RpcContext, req):
-        if ctx.peer.kind != "client":
-            raise PermissionDenied("only admin clients may call this")
-        return await handler(ctx, req)
-
-    return run
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -26,11 +25,11 @@ from cloudless.api.workloads import (
     WorkloadRef,
     WorkloadReply,
 )
-from cloudless.cli.cluster import client_options, to_builtins
-from cloudless.cli.output import emit_json, stdout
+from cloudless.cli.cluster import client_options, client_read_options, to_builtins
+from cloudless.cli.output import Column, OutputFormat, emit_json, emit_list, print_table, stdout
 from cloudless.coordinator.preview import Preview
 from cloudless.errors import InvalidInput
-from cloudless.state.workload import WorkloadName, WorkloadSpec, from_flags, parse_yaml, to_yaml
+from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
 
 _NAME = msgspec.json.Decoder(WorkloadName)
 
@@ -170,91 +169,77 @@ async def apply(client: ClusterClient, as_json: bool, path: Path, dry_run: bool)
 
 
 @click.command(help="List workloads.")
-@client_options
-async def ps(client: ClusterClient, as_json: bool) -> None:
+@client_read_options
+async def ps(client: ClusterClient, out: OutputFormat) -> None:
     reply = await client.call("workloads.ps", PsRequest(), response=PsReply)
-    if as_json:
-        emit_json(
+    if out.structured:
+        out.emit_list(
             [
-                {"name": i.name, "image": i.image, "desired": i.desired, "running": i.running, "state": i.state}
+                {
+                    "name": i.name,
+                    "image": i.image,
+                    "version": i.version,
+                    "desired": i.desired,
+                    "running": i.running,
+                    "state": i.state,
+                }
                 for i in reply.items
             ]
         )
         return
-    table = Table("NAME", "IMAGE", "VERSION", "RUNNING", "STATE")
-    for i in reply.items:
-        table.add_row(i.name, i.image, str(i.version), f"{i.running}/{i.desired}", i.state)
-    stdout.print(table)
+    print_table(PS_COLUMNS, reply.items, wide=out.wide)
 
 
-# `-o yaml|json` local to inspect: it prints the spec alone, in the form
-# `apply -f` takes (a shared -o helper in cli/output.py can replace the option).
-SPEC_FORMATS = ("yaml", "json")
+PS_COLUMNS = [
+    Column("NAME", lambda i: i.name),
+    Column("IMAGE", lambda i: i.image),
+    Column("VERSION", lambda i: i.version),
+    Column("RUNNING", lambda i: f"{i.running}/{i.desired}"),
+    Column("STATE", lambda i: i.state),
+]
 
 
-def render_spec(spec: WorkloadSpec, fmt: str) -> str:
-    """The spec as `cloudless apply -f` reads it back unchanged (`version` is the cluster's; apply ignores it)."""
-    if fmt == "yaml":
-        return to_yaml(spec)
-    # YAML reads JSON, but neither JSON's surrogate pairs (\ud800\udc00) nor raw
-    # non-printable characters: escape only those (they occur only inside strings).
-    text = json.dumps(msgspec.to_builtins(spec), indent=2, ensure_ascii=False)
-    return _YAML_UNPRINTABLE.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
-
-
-# What PyYAML refuses (its Reader.NON_PRINTABLE) or folds as a line break
-# (\x85, \u2028, \u2029); all are in the BMP. JSON already escapes \t \n \r in strings.
-_YAML_UNPRINTABLE = re.compile("[^\x09\x0a\x0d\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-@click.command(help="Show a workload: spec, allocations and placement explanations.")
-@click.argument("name", callback=_name)
-@click.option(
-    "-o",
-    "--output",
-    "output",
-    type=click.Choice(SPEC_FORMATS),
-    default=None,
-    help="Print only the spec, as `cloudless apply -f` takes it (inspect NAME -o yaml > w.yaml).",
-)
-@client_options
-async def inspect(client: ClusterClient, as_json: bool, name: str, output: str | None) -> None:
-    if output is not None and as_json:
-        raise InvalidInput("give --json (the whole document) or -o (the spec alone), not both", field="output")
-    reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
-    if output is not None:
-        sys.stdout.write(render_spec(reply.spec, output))
-        sys.stdout.flush()
-        return
-    if as_json:
-        emit_json(
+def inspect_document(reply: InspectReply) -> dict:
+    """What `inspect -o json|yaml` (and --json) prints. `apply -f` takes it back as it is
+    (as kubectl's get -o yaml | apply): it reads `spec` and ignores the status beside it."""
+    return {
+        "name": reply.name,
+        "state": reply.state,
+        "spec": to_builtins(reply.spec),
+        "stable_version": reply.stable_version,
+        "failed_versions": reply.failed_versions,
+        "allocations": [
             {
-                "name": reply.name,
-                "state": reply.state,
-                "spec": to_builtins(reply.spec),
-                "stable_version": reply.stable_version,
-                "failed_versions": reply.failed_versions,
-                "allocations": [
-                    {
-                        "id": a.id,
-                        "node": a.node,
-                        "state": a.state,
-                        "exit_code": a.exit_code,
-                        "restarts": a.restarts,
-                        "replica": a.replica,
-                        "version": a.version,
-                        "desired": a.desired,
-                        "health": a.health,
-                        "message": a.message,
-                    }
-                    for a in reply.allocations
-                ],
-                "explanations": reply.explanations,
+                "id": a.id,
+                "node": a.node,
+                "state": a.state,
+                "exit_code": a.exit_code,
+                "restarts": a.restarts,
+                "replica": a.replica,
+                "version": a.version,
+                "desired": a.desired,
+                "health": a.health,
+                "message": a.message,
             }
-        )
+            for a in reply.allocations
+        ],
+        "explanations": reply.explanations,
+    }
+
+
+@click.command(
+    help="Show a workload: spec, allocations and placement explanations. "
+    "`-o yaml` (or json) prints a document `apply -f` takes back unchanged."
+)
+@click.argument("name", callback=_name)
+@client_read_options
+async def inspect(client: ClusterClient, out: OutputFormat, name: str) -> None:
+    reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
+    if out.structured:
+        out.emit(inspect_document(reply))
         return
     s = reply.spec
-    stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", highlight=False)
+    stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", markup=True)
     stdout.print(
         f"command: {' '.join(s.command) or '(image default)'}   replicas: {s.replicas}", markup=False, highlight=False
     )
@@ -309,7 +294,7 @@ async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, re
                 out = sys.stderr if line.stream == "stderr" else sys.stdout
                 print(prefix + line.text, file=out, flush=True)
     if as_json and not follow:
-        emit_json(collected)
+        emit_list(collected)
 
 
 @click.command("exec", help="Run a command inside a replica: cloudless exec NAME [--replica I] -- CMD...")

@@ -325,6 +325,25 @@ def _normalise_rule(rule: Constraint | Affinity, field: str) -> Constraint | Aff
     return rule
 
 
+# A spec travels in every allocation of it through Raft and down each agent's
+# feed; field bounds alone admit ~9 MB (256 env values of 32 KiB), which
+# wedged the feed at its 16 MiB frame limit. Kubernetes caps objects too.
+MAX_SPEC_BYTES = 64 * 1024
+
+
+def _check_size(spec: WorkloadSpec) -> None:
+    size = len(msgspec.msgpack.encode(spec))
+    if size <= MAX_SPEC_BYTES:
+        return
+    sizes = {f: len(msgspec.msgpack.encode(getattr(spec, f))) for f in spec.__struct_fields__}
+    largest = max(sizes, key=lambda f: sizes[f])
+    raise _fail(
+        largest,
+        f"the workload spec is {size:,} bytes encoded, over the {MAX_SPEC_BYTES:,}-byte limit "
+        f"({largest} alone is {sizes[largest]:,} bytes); put large data in a blob or a volume",
+    )
+
+
 def validate(spec: WorkloadSpec) -> WorkloadSpec:
     """The spec, normalised, or InvalidWorkload naming the first bad field.
 
@@ -337,6 +356,7 @@ def validate(spec: WorkloadSpec) -> WorkloadSpec:
         raise _field_error(exc) from None
     if spec.format != FORMAT_VERSION:
         raise _fail("format", f"unsupported spec format {spec.format}; this node reads {FORMAT_VERSION}")
+    _check_size(spec)
     try:
         parse_reference(spec.image)
     except InvalidReference as exc:
@@ -507,9 +527,10 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
         raise InvalidWorkload(f"spec: not valid YAML{where}: {problem}", field="spec") from None
     if len(docs) != 1:
         raise InvalidWorkload(f"spec: expected one YAML document, found {len(docs)}", field="spec")
-    doc = docs[0]
+    doc = _join_surrogates(docs[0])
     if not isinstance(doc, dict):
         raise InvalidWorkload("spec: expected a mapping of fields", field="spec")
+    doc = _unwrap_inspect(doc)
     _yaml_resources(doc)
     _yaml_durations(doc)
     if isinstance(doc.get("command"), str):
@@ -523,6 +544,47 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
     except msgspec.ValidationError as exc:
         raise _field_error(exc) from None
     return validate(spec)
+
+
+# The keys beside `spec` in `cloudless inspect -o yaml|json`: apply takes that
+# document back as it is (kubectl's get -o yaml | apply), reading only `spec`.
+INSPECT_KEYS = frozenset({"name", "state", "stable_version", "failed_versions", "allocations", "explanations"})
+
+
+def _unwrap_inspect(doc: dict[Any, Any]) -> dict[Any, Any]:
+    if "spec" not in doc:
+        return doc
+    spec = doc["spec"]
+    if not isinstance(spec, dict):
+        raise InvalidWorkload("spec: expected a mapping of the workload's fields", field="spec")
+    extra = sorted(str(k) for k in set(doc) - INSPECT_KEYS - {"spec"})
+    if extra:
+        raise _fail(
+            extra[0], "unknown field beside spec (a document with spec is read as `cloudless inspect` prints it)"
+        )
+    if "name" in doc and "name" in spec and doc["name"] != spec["name"]:
+        raise _fail("name", f"{doc['name']!r} is not spec.name {spec['name']!r}")
+    return spec
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _join_surrogates(value: Any) -> Any:
+    """JSON escapes a character beyond the BMP as a surrogate pair (\\ud83d\\ude00), which
+    PyYAML keeps as two code points: join them, as a JSON reader would."""
+    if isinstance(value, str):
+        if not _SURROGATE.search(value):
+            return value
+        try:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            raise InvalidWorkload("spec: a string holds an unpaired UTF-16 surrogate", field="spec") from None
+    if isinstance(value, list):
+        return [_join_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_join_surrogates(k): _join_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _yaml_rule_values(doc: dict[str, Any]) -> None:

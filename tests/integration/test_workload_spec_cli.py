@@ -65,7 +65,7 @@ def test_dry_run_shows_the_placement_and_changes_nothing(cluster):
     human = cli("apply", "-f", str(path), "--dry-run", config=config, check=True).stdout
     assert "would create version 1" in human and "replica 2 not placed" in human, human
     assert "dry run, nothing changed" in human
-    assert cli_json("ps", config=config) == []  # nothing was submitted
+    assert cli_json("ps", config=config)["items"] == []  # nothing was submitted
 
     run = cli(
         "run", "busybox:latest", "--name", "far", "--constraint", "zone=mars", "--dry-run", "--json", config=config
@@ -74,7 +74,7 @@ def test_dry_run_shows_the_placement_and_changes_nothing(cluster):
     refused = json.loads(run.stdout)
     assert refused["refused"] == "no node satisfies constraint node.zone=mars"
     assert refused["node_reasons"] == {"node1": "constraint node.zone=mars", "node2": "constraint node.zone=mars"}
-    assert cli_json("ps", config=config) == []
+    assert cli_json("ps", config=config)["items"] == []
 
 
 def test_inspect_output_applied_again_changes_nothing(cluster):
@@ -144,7 +144,7 @@ def test_a_node_certificate_may_not_dry_run(cluster):
         with pytest.raises(CloudlessError) as info:
             trio.run(ask, context, endpoint)
         assert info.value.code == "permission_denied", info.value
-        assert "only admin clients" in info.value.message
+        assert "may not preview workload placements" in info.value.message, info.value.message
         # The same call with the admin's certificate is served, through either node.
         admin = client_config.load(config).context()
         assert trio.run(ask, admin, endpoint).name == "web"

@@ -1,17 +1,24 @@
-"""`cloudless inspect NAME -o yaml|json` prints a spec that `cloudless apply -f`
+"""`cloudless inspect NAME -o yaml|json` prints a document that `cloudless apply -f`
 reads back as the very same spec (so applying it changes nothing)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import msgspec
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloudless.cli.workloads import render_spec
+from cloudless.api.workloads import AllocationInfo, InspectReply
+from cloudless.cli.output import OutputFormat
+from cloudless.cli.workloads import inspect_document
 from cloudless.state.workload import (
     Constraint,
     HealthCheckSpec,
+    InvalidWorkload,
     PortSpec,
     RestartPolicy,
     UpdateStrategy,
@@ -22,16 +29,58 @@ from cloudless.state.workload import (
 from tests.unit.state.test_workload import FULL_YAML
 
 
+def render(spec: WorkloadSpec, fmt: str) -> str:
+    """What `cloudless inspect NAME -o fmt` prints for a workload with this spec."""
+    reply = InspectReply(
+        name=spec.name,
+        spec=spec,
+        state="running",
+        stopped=False,
+        stable_version=spec.version,
+        failed_versions=[],
+        allocations=[
+            AllocationInfo(f"{spec.name}-0-1a2b3c4d", "node1", 0, spec.version, "running", "run", None, 0, "", "")
+        ],
+        explanations=["replica 0 → node1 (score +0.500)"],
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        OutputFormat(fmt).emit(inspect_document(reply))
+    return out.getvalue()
+
+
 @pytest.mark.parametrize("fmt", ["yaml", "json"])
 def test_the_full_example_round_trips_with_its_version(fmt):
     spec = msgspec.structs.replace(parse_yaml(FULL_YAML), version=7)
-    text = render_spec(spec, fmt)
+    text = render(spec, fmt)
     assert parse_yaml(text) == spec
 
 
-def test_yaml_output_is_the_spec_fields_and_omits_defaults():
+def test_the_spec_in_the_document_omits_defaults():
     spec = validate(WorkloadSpec(name="web", image="nginx:1.25", replicas=2, version=3))
-    assert render_spec(spec, "yaml") == "name: web\nimage: nginx:1.25\nreplicas: 2\nversion: 3\n"
+    doc = yaml.safe_load(render(spec, "yaml"))
+    assert doc["spec"] == {"name": "web", "image": "nginx:1.25", "replicas": 2, "version": 3}
+    assert doc["allocations"][0]["node"] == "node1"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("spec: {name: web, image: nginx}\nowner: me\n", "owner: unknown field beside spec"),
+        ("name: api\nspec: {name: web, image: nginx}\n", "name: 'api' is not spec.name 'web'"),
+        ("spec: [web]\n", "spec: expected a mapping"),
+        ('{"name": "web", "image": "nginx", "env": {"A": "\\ud83d"}}', "spec: a string holds an unpaired"),
+    ],
+)
+def test_a_document_with_spec_is_read_strictly(text, expected):
+    with pytest.raises(InvalidWorkload) as info:
+        parse_yaml(text)
+    assert info.value.message.startswith(expected), info.value.message
+
+
+def test_json_surrogate_pairs_are_one_character():
+    spec = parse_yaml('{"name": "web", "image": "nginx", "env": {"SMILE": "\\ud83d\\ude00"}}')
+    assert spec.env == {"SMILE": "\U0001f600"}
 
 
 scalar_text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=40)
@@ -61,4 +110,13 @@ def test_any_spec_round_trips(env, command, label, interval, backoff, fmt):
             version=4,
         )
     )
-    assert parse_yaml(render_spec(spec, fmt)) == spec
+    assert parse_yaml(render(spec, fmt)) == spec
+
+
+@pytest.mark.parametrize("fmt", ["yaml", "json"])
+@pytest.mark.parametrize(
+    "text", ["x\x85y", "\u2028", "\ufeff", "\x7f", "\U0001f600", "'\"\\", "a: b", "- x", "~", "0x1F"]
+)
+def test_awkward_strings_round_trip(fmt, text):
+    spec = validate(WorkloadSpec(name="web", image="nginx", env={"V": text}, command=(text,)))
+    assert parse_yaml(render(spec, fmt)) == spec

@@ -5,6 +5,7 @@ scheduler's own reasons for what it cannot place, and changes nothing."""
 from __future__ import annotations
 
 import msgspec
+import pytest
 
 from cloudless.coordinator.controller import ControllerState, build_view
 from cloudless.coordinator.preview import preview
@@ -147,3 +148,17 @@ def test_a_stopped_workload_submitted_again_is_created_anew():
     p = preview(spec(replicas=1), state_of(c))
     assert (p.action, p.version, p.current_version) == ("create", 2, 1)
     assert len(p.placements) == 1
+
+
+def test_only_the_roles_that_may_apply_may_dry_run():
+    from cloudless.authz import PERMISSIONS, Authorizer, PermissionDenied
+    from cloudless.authz.roles import principal_of
+    from tests.unit.authz.test_authz import peer
+
+    assert PERMISSIONS["workloads.dry_run"].roles == PERMISSIONS["workloads.run"].roles
+    authorizer = Authorizer()
+    for role in ("admin", "operator"):
+        authorizer.check_caller(principal_of(peer("client", role)), "workloads.dry_run")
+    for caller in (peer("client", "viewer"), peer("node")):
+        with pytest.raises(PermissionDenied, match="may not preview workload placements"):
+            authorizer.check_caller(principal_of(caller), "workloads.dry_run")
