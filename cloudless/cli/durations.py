@@ -3,6 +3,8 @@ cloudless.duration so flags and the workload YAML read durations alike."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from cloudless.duration import InvalidDuration, parse_duration
@@ -17,7 +19,7 @@ class Duration(click.ParamType):
         self.minimum = minimum
         self.maximum = maximum
 
-    def convert(self, value, param, ctx) -> float:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, float):
             return value  # a default already in seconds
         flag = param.opts[0] if param is not None and param.opts else "duration"

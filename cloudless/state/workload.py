@@ -14,6 +14,7 @@ health check, update strategy arithmetic).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal, get_args
@@ -465,10 +466,13 @@ def _yaml_resources(doc: dict[str, Any]) -> None:
         res["memory_bytes"] = parse_memory(str(res.pop("memory")), field="resources.memory")
 
 
+@functools.cache
 def duration_fields() -> dict[str, dict[str, tuple[float | None, float | None]]]:
     """Section → its duration fields (the `*_s` floats) → (ge, le) bounds, from the structs themselves."""
     out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
-    for section in msgspec.inspect.type_info(WorkloadSpec).fields:  # type: ignore[union-attr]
+    info = msgspec.inspect.type_info(WorkloadSpec)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for section in info.fields:
         t = section.type
         if isinstance(t, msgspec.inspect.UnionType):  # health_check: HealthCheckSpec | None
             t = next((u for u in t.types if isinstance(u, msgspec.inspect.StructType)), t)
