@@ -523,7 +523,9 @@ SpecLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loade
 def parse_yaml(text: str | bytes) -> WorkloadSpec:
     """One YAML document → a validated spec. Unknown fields are errors that name them."""
     try:
-        docs = [d for d in yaml.load_all(text, Loader=SpecLoader) if d is not None]
+        docs = [_join_surrogates(d) for d in yaml.load_all(text, Loader=SpecLoader) if d is not None]
+    except RecursionError:  # PyYAML composes recursively: `[[[[...` thousands deep
+        raise InvalidWorkload("spec: nested too deeply", field="spec") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -531,7 +533,7 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
         raise InvalidWorkload(f"spec: not valid YAML{where}: {problem}", field="spec") from None
     if len(docs) != 1:
         raise InvalidWorkload(f"spec: expected one YAML document, found {len(docs)}", field="spec")
-    doc = _join_surrogates(docs[0])
+    doc = docs[0]
     if not isinstance(doc, dict):
         raise InvalidWorkload("spec: expected a mapping of fields", field="spec")
     doc = _unwrap_inspect(doc)

@@ -530,3 +530,9 @@ def test_yaml_duration_errors_name_the_field(body, expected):
 def test_a_bare_equals_operator_is_the_string():
     spec = parse_yaml("name: web\nimage: nginx\nconstraints: [{attribute: node.zone, operator: =, value: a}]\n")
     assert spec.constraints[0] == Constraint("node.zone", "=", "a")
+
+
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_yaml_is_a_clear_error(depth):
+    with pytest.raises(InvalidWorkload):
+        parse_yaml("name: web\nimage: nginx\nenv: {A: " + "[" * depth + "]" * depth + "}\n")
