@@ -102,6 +102,7 @@ PERMISSIONS: dict[str, Rule] = {
         vars__cas="write variables",
         vars__rm="delete variables",
         workloads__run="run workloads",
+        workloads__dry_run="preview workload placements",  # read-only, for those who may apply
         workloads__scale="scale workloads",
         workloads__update="update workloads",
         workloads__stop="stop workloads",
