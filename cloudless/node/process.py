@@ -414,7 +414,7 @@ class Node:
         # the keys Raft recorded for it: the shared keyring alone forges nothing.
         replicated = self.replicated
         self.gossip_identity = GossipIdentity(
-            self.cluster_id, lambda: self.credentials, lambda: replicated.fsm if replicated else None, self._in_raft
+            self.cluster_id, self._current_credentials, lambda: replicated.fsm if replicated else None, self._in_raft
         )
         core = GossipCore(
             self.node_id,
@@ -473,6 +473,10 @@ class Node:
     async def _gossip_exchange(self, addr: str, request: bytes) -> bytes:
         assert self.rpc is not None
         return await self.rpc.call(parse_address(addr), "gossip.stream", request, timeout=5.0)
+
+    def _current_credentials(self) -> Credentials:
+        assert self.credentials is not None  # loaded before any service starts
+        return self.credentials
 
     def _in_raft(self) -> bool:
         replicated = self.replicated
