@@ -101,10 +101,12 @@ async def status(client: ClusterClient, as_json: bool) -> None:
 
 
 def _members_table(reply: StatusReply) -> None:
-    table = Table("ID", "ADDRESS", "STATE", "ROLE", "REGION", "ZONE", "POWER", "NETWORK")
+    table = Table("ID", "ADDRESS", "STATE", "ROLE", "REGION", "ZONE", "POWER", "NETWORK", "RUNTIME")
     for m in reply.members:
         power = m.power + (f" {m.battery_pct:.0f}%" if m.battery_pct is not None else "")
-        table.add_row(m.id, m.address, m.state, m.role, m.region or "-", m.zone or "-", power, m.network)
+        table.add_row(
+            m.id, m.address, m.state, m.role, m.region or "-", m.zone or "-", power, m.network, m.runtime or "-"
+        )
     stdout.print(table)
 
 

@@ -124,7 +124,14 @@ async def ps(client: ClusterClient, as_json: bool) -> None:
     if as_json:
         emit_json(
             [
-                {"name": i.name, "image": i.image, "desired": i.desired, "running": i.running, "state": i.state}
+                {
+                    "name": i.name,
+                    "image": i.image,
+                    "desired": i.desired,
+                    "running": i.running,
+                    "state": i.state,
+                    "pending_reason": i.pending_reason,
+                }
                 for i in reply.items
             ]
         )
@@ -133,6 +140,9 @@ async def ps(client: ClusterClient, as_json: bool) -> None:
     for i in reply.items:
         table.add_row(i.name, i.image, str(i.version), f"{i.running}/{i.desired}", i.state)
     stdout.print(table)
+    for i in reply.items:
+        if i.pending_reason:
+            stdout.print(f"{i.name} pending: {i.pending_reason}", markup=False, highlight=False)
 
 
 @click.command(help="Show a workload: spec, allocations and placement explanations.")
@@ -164,6 +174,7 @@ async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
                     for a in reply.allocations
                 ],
                 "explanations": reply.explanations,
+                "pending_reason": reply.pending_reason,
             }
         )
         return
@@ -189,6 +200,8 @@ async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
     for a in reply.allocations:
         if a.message:
             stdout.print(f"{a.id}: {a.message}", markup=False, highlight=False)
+    if reply.pending_reason:
+        stdout.print(f"pending: {reply.pending_reason}", markup=False, highlight=False)
     if reply.explanations:
         stdout.print("placement:")
         for line in reply.explanations:

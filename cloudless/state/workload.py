@@ -64,6 +64,7 @@ NODE_ATTRIBUTES = (
     "node.power",
     "node.network",
     "node.metered",
+    "node.runtime",
 )
 _LABEL_ATTRIBUTE = re.compile(r"^label\.[A-Za-z0-9_.:/-]{1,63}$")
 MAX_LIST = 64
