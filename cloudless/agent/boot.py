@@ -66,6 +66,15 @@ async def run_workloads(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> 
             extra={"fields": {"node": node.node_id, "reason": node.runtime_reason}},
         )
     WorkloadService(node, agent).register(node.server)
+    from cloudless.api.images import ImageApi
+
+    ImageApi(
+        node.node_id,
+        node_oci_blobs(node),
+        node.data.root / "tmp" / "images",
+        local=getattr(agent.rootfs, "peers", None) if agent is not None else None,
+        events=node.events,
+    ).register(node.server)
     controller = WorkloadController(node)
     async with trio.open_nursery() as nursery:
         await nursery.start(controller.run)
