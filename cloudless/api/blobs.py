@@ -343,9 +343,12 @@ class ClusterObjects:
 
 
 async def _pieces(body):  # type: ignore[no-untyped-def]
-    """Re-cut an async byte stream into PIECE-sized pieces (the last may be shorter)."""
+    """Re-cut a body (bytes or an async byte stream, as ObjectService takes) into
+    PIECE-sized pieces (the last may be shorter)."""
+    from cloudless.blobs.objects import body_pieces
+
     buffer = bytearray()
-    async for data in body:
+    async for data in body_pieces(body):
         buffer.extend(data)
         while len(buffer) >= PIECE:
             yield bytes(buffer[:PIECE])

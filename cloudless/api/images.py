@@ -233,5 +233,5 @@ async def import_to_cluster(context, path: Path, *, name: str | None = None, pro
             if not record.names:
                 raise InvalidImageName(f"{path} holds an image without a name; give one with --name", path=str(path))
             await peers.publish(record)
-            out.extend(published_from_record(record, n, PUBLISHER_CLIENT) for n in record.names)
+            out.extend(published_from_record(record, n, PUBLISHER_CLIENT) for n in dict.fromkeys(record.names))
     return out

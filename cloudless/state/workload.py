@@ -590,7 +590,7 @@ def parse_restart_flag(text: str) -> RestartPolicy:
 def parse_constraint_flag(text: str) -> Constraint:
     """ "ATTR=V", "ATTR!=V", "ATTR=~REGEX", "ATTR in a,b", "ATTR not_in a,b", "ATTR exists".
 
-    `zone`, `region`, `arch`, `class`, `power`, `network` are accepted for
+    `zone`, `region`, `arch`, `class`, `power`, `network`, `runtime` are accepted for
     their `node.` attributes.
     """
     m = _CONSTRAINT.match(text)
