@@ -35,8 +35,10 @@ def build_busybox(dest: Path) -> Path:
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from cloudless.sandbox.imagebuild import build_busybox_image;"
-            " build_busybox_image(Path(sys.argv[1]), 'layout')",
+            (
+                "import sys; from pathlib import Path; from cloudless.sandbox.imagebuild import build_busybox_image;"
+                " build_busybox_image(Path(sys.argv[1]), 'layout')"
+            ),
             str(dest),
         ],
         check=True,
@@ -167,7 +169,7 @@ def test_import_from_the_client_runs_on_a_node_that_never_had_it_and_runtime_non
 def test_node_certificates_are_refused_by_the_image_calls(cluster):
     from cloudless.api.images import ImagePullRequest
 
-    _, node1, node2 = cluster
+    _, _, node2 = cluster
     for method, body in (("images.list", b""), ("images.pull", ImagePullRequest("busybox:latest"))):
         error = node_call(node2, method, msgspec.msgpack.encode(body) if not isinstance(body, bytes) else body)
         assert error is not None and getattr(error, "code", "") == "permission_denied", (method, error)
@@ -179,7 +181,7 @@ def test_pull_with_a_config_runs_on_a_node_and_lands_in_the_cluster(cluster, tmp
 
     if not DOCKER_REGISTRY.exists():
         pytest.skip("Debian docker-registry is not installed")
-    config, node1, node2 = cluster
+    config, _, _ = cluster
     registry = LocalRegistry(tmp_path / "registry").start()
     try:
         push_image(busybox_image(), registry.url, "team/busybox", "1.0")
