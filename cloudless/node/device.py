@@ -128,6 +128,14 @@ def _cgroups_mounted(root: Path) -> bool:
     return (root / "cgroup.controllers").exists() or (root / "memory").is_dir()
 
 
+def unprivileged_userns(proc_sys: Path = Path("/proc/sys")) -> bool:
+    """Whether the kernel lets a non-root user create user namespaces (what
+    rootless runc needs): Debian's switch when it exists, and a non-zero limit."""
+    switch = _read(proc_sys / "kernel" / "unprivileged_userns_clone")
+    limit = _read(proc_sys / "user" / "max_user_namespaces")
+    return switch != "0" and limit is not None and limit.isdigit() and int(limit) > 0
+
+
 def detect_runtime(
     forced: str | None = None,
     *,
@@ -153,7 +161,8 @@ def detect_runtime(
     runc = shutil.which("runc") if runc is None else runc
     missing = []
     if euid != 0:
-        missing.append("not root (rootless runc is not supported yet)")
+        userns = "available" if unprivileged_userns() else "not available"
+        missing.append(f"not root (rootless runc is not supported yet; unprivileged user namespaces are {userns})")
     if not runc:
         missing.append("no runc binary on PATH")
     if not _cgroups_mounted(cgroup_root):

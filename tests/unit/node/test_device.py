@@ -135,3 +135,17 @@ def test_node_infos_read_the_runtime_label():
     infos = {i.node_id: i for i in node_infos(node)}
     assert (infos["a"].runtime, infos["b"].runtime, infos["c"].runtime) == ("none", "", "")
     assert infos["a"].labels == {}
+
+
+def test_unprivileged_user_namespaces_need_the_switch_and_a_limit(tmp_path):
+    from cloudless.node.device import unprivileged_userns
+
+    (tmp_path / "user").mkdir()
+    (tmp_path / "kernel").mkdir()
+    assert not unprivileged_userns(tmp_path)  # nothing readable: not claimed
+    (tmp_path / "user" / "max_user_namespaces").write_text("0\n")
+    assert not unprivileged_userns(tmp_path)
+    (tmp_path / "user" / "max_user_namespaces").write_text("63000\n")
+    assert unprivileged_userns(tmp_path)
+    (tmp_path / "kernel" / "unprivileged_userns_clone").write_text("0\n")
+    assert not unprivileged_userns(tmp_path)
