@@ -228,7 +228,7 @@ async def import_to_cluster(context, path: Path, *, name: str | None = None, pro
         store = await trio.to_thread.run_sync(lambda: ImageStore(Path(tmp), unpack_layers=False))
         records = await trio.to_thread.run_sync(lambda: store.import_path(path, name=name, progress=progress))
         peers = PeerImages(store, lambda: blobs, node_id=PUBLISHER_CLIENT)
-        out = []
+        out: list[PublishedImage] = []
         for record in records:
             if not record.names:
                 raise InvalidImageName(f"{path} holds an image without a name; give one with --name", path=str(path))

@@ -73,6 +73,15 @@ def _cluster_context():  # type: ignore[no-untyped-def]
     return client_config.load(given).context(None)
 
 
+def _target(as_json: bool):  # type: ignore[no-untyped-def]
+    """`_cluster_context()` with a bad config reported as the command's error."""
+    from cloudless.api.client_config import Context
+
+    context = _run(as_json, _cluster_context)
+    assert context is None or isinstance(context, Context)
+    return context
+
+
 def _published_doc(image) -> dict:  # type: ignore[no-untyped-def]
     return {
         "name": image.name,
@@ -188,7 +197,7 @@ def image() -> None:
 @_target_options
 @_json_option
 def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
-    context = _run(as_json, _cluster_context)
+    context = _target(as_json)
     if context is not None:
         from cloudless.api.images import import_to_cluster
 
@@ -251,7 +260,7 @@ def pull(
     from cloudless.sandbox.reference import parse_reference
     from cloudless.sandbox.registry import RegistryClient
 
-    context = _run(as_json, _cluster_context)
+    context = _target(as_json)
     if context is not None:
         from cloudless.api.client import ClusterClient
         from cloudless.api.images import ImagePullReply, ImagePullRequest
@@ -308,7 +317,7 @@ def pull(
 @_target_options
 @_json_option
 def ls(data_dir: str, as_json: bool) -> None:
-    context = _run(as_json, _cluster_context)
+    context = _target(as_json)
     if context is not None:
         from cloudless.api.client import ClusterClient
         from cloudless.api.images import ImageListReply
