@@ -18,7 +18,6 @@ from pathlib import Path
 import click
 import trio
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
 
 from cloudless.cli import output
 from cloudless.errors import CloudlessError
@@ -100,7 +99,7 @@ def _name_row(name: str) -> tuple[str, str]:
 
 
 def _json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+    return output.json_option(f)
 
 
 def _store(data_dir: str) -> ImageStore:
@@ -208,7 +207,7 @@ def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
         images = _run(as_json, to_cluster)
         assert isinstance(images, list)
         if as_json:
-            output.emit_json({"images": [_published_doc(i) for i in images]})
+            output.emit_list([_published_doc(i) for i in images])
             return
         for i in images:
             output.stdout.print(f"imported {i.name} ({i.id.split(':', 1)[1][:12]}) into the cluster", markup=False)
@@ -222,7 +221,7 @@ def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
     records = _run(as_json, work)
     assert isinstance(records, list)
     if as_json:
-        output.emit_json({"images": [_record_doc(r) for r in records]})
+        output.emit_list([_record_doc(r) for r in records])
         return
     for r in records:
         output.stdout.print(f"imported {', '.join(r.names) or '<untagged>'} ({r.short_id})")
@@ -315,9 +314,9 @@ def pull(
 
 @image.command("ls", help="List the cluster's images (or one node's, with --data-dir).")
 @_target_options
-@_json_option
-def ls(data_dir: str, as_json: bool) -> None:
-    context = _target(as_json)
+@output.output_options
+def ls(data_dir: str, out: output.OutputFormat) -> None:
+    context = _target(out.json)
     if context is not None:
         from cloudless.api.client import ClusterClient
         from cloudless.api.images import ImageListReply
@@ -329,33 +328,38 @@ def ls(data_dir: str, as_json: bool) -> None:
             finally:
                 await client.aclose()
 
-        reply = _run(as_json, lambda: trio.run(main))
+        reply = _run(out.json, lambda: trio.run(main))
         assert reply is not None
-        if as_json:
-            output.emit_json(
-                {"images": [_published_doc(i) for i in reply.images], "truncated": reply.truncated}  # type: ignore[attr-defined]
-            )
+        if out.structured:
+            out.emit_list([_published_doc(i) for i in reply.images], truncated=reply.truncated)  # type: ignore[attr-defined]
             return
-        table = Table(box=None)
-        for col in ("REPOSITORY", "TAG", "IMAGE ID", "SIZE", "PUBLISHED BY"):
-            table.add_column(col, no_wrap=True)
-        for i in reply.images:  # type: ignore[attr-defined]
-            table.add_row(*_name_row(i.name), i.id.split(":", 1)[1][:12], _human(i.size), i.publisher)
-        output.stdout.print(table)
+        output.print_table(_CLUSTER_IMAGE_COLUMNS, reply.images, wide=out.wide)  # type: ignore[attr-defined]
         return
-    records = _run(as_json, lambda: _store(data_dir).list())
+    records = _run(out.json, lambda: _store(data_dir).list())
     assert isinstance(records, list)
-    if as_json:
-        output.emit_json({"images": [_record_doc(r) for r in records]})
+    if out.structured:
+        out.emit_list([_record_doc(r) for r in records])
         return
-    table = Table(box=None)
-    for col in ("REPOSITORY", "TAG", "IMAGE ID", "SIZE"):
-        table.add_column(col)
-    for r in records:
-        for n in r.names or ["<none>:<none>"]:
-            repo, tag = n.rsplit(":", 1)
-            table.add_row(repo, tag, r.short_id, _human(r.size))
-    output.stdout.print(table)
+    rows = [(r, *n.rsplit(":", 1)) for r in records for n in r.names or ["<none>:<none>"]]
+    output.print_table(_IMAGE_COLUMNS, rows, wide=out.wide)
+
+
+_CLUSTER_IMAGE_COLUMNS = [  # rows are PublishedImage
+    output.Column("REPOSITORY", lambda i: _name_row(i.name)[0]),
+    output.Column("TAG", lambda i: _name_row(i.name)[1]),
+    output.Column("IMAGE ID", lambda i: i.id.split(":", 1)[1][:12]),
+    output.Column("DIGEST", lambda i: i.id, wide_only=True),
+    output.Column("SIZE", lambda i: _human(i.size)),
+    output.Column("PUBLISHED BY", lambda i: i.publisher),
+]
+
+_IMAGE_COLUMNS = [  # rows are (record, repository, tag)
+    output.Column("REPOSITORY", lambda row: row[1]),
+    output.Column("TAG", lambda row: row[2]),
+    output.Column("IMAGE ID", lambda row: row[0].short_id),
+    output.Column("DIGEST", lambda row: row[0].id, wide_only=True),
+    output.Column("SIZE", lambda row: _human(row[0].size)),
+]
 
 
 @image.command("rm", help="Remove an image name from a node's local store (and the image once it has no names left).")

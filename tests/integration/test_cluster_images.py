@@ -91,7 +91,7 @@ def cluster(tmp_path):
         join(config, node1, node2)
 
         def both_report_runtime() -> bool:
-            members = {m["id"]: m for m in cli_json("nodes", "ls", config=config)}
+            members = {m["id"]: m for m in cli_json("nodes", "ls", config=config)["items"]}
             return (
                 members.get("node1", {}).get("runtime") == "runc" and members.get("node2", {}).get("runtime") == "none"
             )
@@ -115,16 +115,16 @@ def test_import_from_the_client_runs_on_a_node_that_never_had_it_and_runtime_non
     layout = build_busybox(tmp_path / "image")
 
     imported = cli_json("image", "import", str(layout), "--name", "busybox:latest", config=config, timeout=120)
-    assert len(imported["images"]) == 1, imported
-    [image] = imported["images"]
+    assert len(imported["items"]) == 1, imported
+    [image] = imported["items"]
     assert image["name"] == "docker.io/library/busybox:latest" and image["publisher"] == "client"
-    listed = cli_json("image", "ls", config=config)["images"]
+    listed = cli_json("image", "ls", config=config)["items"]
     assert [(i["name"], i["id"]) for i in listed] == [(image["name"], image["id"])]
     human = cli("image", "ls", config=config, check=True).stdout
     assert "docker.io/library/busybox" in human and image["id"][7:19] in human
     for node in (node1, node2):  # the client published it; no node's local store has it
         local = cli_json("image", "ls", "--data-dir", str(node.data_dir), config=config)
-        assert local["images"] == []
+        assert local["items"] == []
 
     cli("run", "busybox:latest", "--name", "bb", "--memory", "32Mi", "--", "sleep", "3600", config=config, check=True)
     doc = wait_for(
@@ -155,7 +155,7 @@ def test_import_from_the_client_runs_on_a_node_that_never_had_it_and_runtime_non
     )
     assert doc["state"] == "pending" and doc["allocations"] == []
     assert "cannot run containers: node2 runtime=none" in doc["pending_reason"], doc["pending_reason"]
-    ps = {i["name"]: i for i in cli_json("ps", config=config)}
+    ps = {i["name"]: i for i in cli_json("ps", config=config)["items"]}
     assert "node2 runtime=none" in ps["only-node2"]["pending_reason"]
     assert "node2 runtime=none" in cli("ps", config=config, check=True).stdout
     assert (
@@ -189,7 +189,7 @@ def test_pull_with_a_config_runs_on_a_node_and_lands_in_the_cluster(cluster, tmp
         reply = cli_json("image", "pull", ref, "--insecure-registry", registry.host, config=config, timeout=120)
         assert reply["image"]["name"] == ref and reply["node"] in ("node1", "node2")
         assert reply["image"]["publisher"] == reply["node"]
-        names = [i["name"] for i in cli_json("image", "ls", config=config)["images"]]
+        names = [i["name"] for i in cli_json("image", "ls", config=config)["items"]]
         assert ref in names
         bad = cli("image", "pull", "not a reference", "--json", config=config)
         assert bad.returncode == 2 and json.loads(bad.stdout)["error"]
