@@ -4,8 +4,9 @@ config (`images.list`, `images.pull`), and the client side of `image import`
 
 Images in the cluster are the ones published to the blob store
 (`agent/images_from_peers.py`): any node fetches them from its peers when a
-workload needs one. Only client (admin) certificates may use these calls; a
-node certificate is refused, as for every other blob call a client makes.
+workload needs one. The permission table (`authz/table.py`) lets viewers
+list and operators pull (as they may import, through blob writes, and run);
+a node certificate is refused, here as well as by the table.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class InvalidImageName(InvalidInput):
 
 def _require_client(ctx: RpcContext) -> None:
     if ctx.peer.kind != "client":
-        raise PermissionDenied("cluster images are managed by clients (admin certificates)")
+        raise PermissionDenied("cluster images are managed by clients, not nodes")
 
 
 async def list_published(blobs: OciBlobs, limit: int = MAX_LISTED) -> ImageListReply:
@@ -228,10 +229,10 @@ async def import_to_cluster(context, path: Path, *, name: str | None = None, pro
         store = await trio.to_thread.run_sync(lambda: ImageStore(Path(tmp), unpack_layers=False))
         records = await trio.to_thread.run_sync(lambda: store.import_path(path, name=name, progress=progress))
         peers = PeerImages(store, lambda: blobs, node_id=PUBLISHER_CLIENT)
+        if any(not record.names for record in records):  # checked before anything is published
+            raise InvalidImageName(f"{path} holds an image without a name; give one with --name", path=str(path))
         out: list[PublishedImage] = []
         for record in records:
-            if not record.names:
-                raise InvalidImageName(f"{path} holds an image without a name; give one with --name", path=str(path))
             await peers.publish(record)
             out.extend(published_from_record(record, n, PUBLISHER_CLIENT) for n in dict.fromkeys(record.names))
     return out
