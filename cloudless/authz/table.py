@@ -57,6 +57,7 @@ PERMISSIONS: dict[str, Rule] = {
     **_rules(
         NODE,
         gossip__stream="exchange gossip state over a stream",
+        gossip__keys="read the gossip keyring and nodes' public keys",
         raft__batch="send Raft messages",
         raft__subscribe="subscribe to Raft messages",
         raft__propose="forward Raft proposals",
