@@ -31,7 +31,8 @@ from cloudless.agent.messages import (
 )
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.api.service import raise_rejected
-from cloudless.coordinator.controller import admission_error, node_infos
+from cloudless.coordinator.controller import ControllerState, admission_error, node_infos
+from cloudless.coordinator.preview import Preview, preview
 from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
 from cloudless.node.replicated import NoLeader
 from cloudless.raft.core import NotLeader
@@ -63,6 +64,13 @@ class RunWorkload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replace: bool = False  # apply: create or update; run: create only
     client_id: ClientId = ""
     seq: int = 0
+
+
+class DryRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`apply --dry-run` / `run --dry-run`: what RunWorkload would do now; changes nothing."""
+
+    spec: WorkloadSpec
+    replace: bool = False  # as RunWorkload: apply may update, run only creates
 
 
 class WorkloadRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -244,6 +252,7 @@ class WorkloadService:
             ("workloads.update", UpdateRequest, self.update),
             ("workloads.stop", WorkloadRef, self.stop),
             ("workloads.exec", WorkloadExec, self.exec),
+            ("workloads.dry_run", DryRun, self.dry_run),
         ):
             self.routing.register_on_leader(server, name, handler, request)
         server.stream("workloads.logs", request=WorkloadLogs)(self.logs)
@@ -269,15 +278,19 @@ class WorkloadService:
 
     # -- client calls (on the leader) -----------------------------------------
 
-    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
-        spec = validate(req.spec)
-        fsm = self.replicated.fsm
-        existing = fsm.workloads.get(spec.name)
-        if existing is not None and not existing.stopped and not req.replace:
+    def _refuse_existing(self, spec: WorkloadSpec, replace: bool) -> None:
+        """`run` creates only: a running workload of that name is a conflict."""
+        existing = self.replicated.fsm.workloads.get(spec.name)
+        if existing is not None and not existing.stopped and not replace:
             raise Conflict(
                 f"workload {spec.name} exists (version {existing.spec.version}); use `cloudless update` or `cloudless apply`",
                 name=spec.name,
             )
+
+    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
+        spec = validate(req.spec)
+        fsm = self.replicated.fsm
+        self._refuse_existing(spec, req.replace)
         why = admission_error(spec, node_infos(self.node))
         if why is not None:
             raise Unschedulable(f"workload {spec.name} can never be placed: {why}", name=spec.name)
@@ -285,6 +298,13 @@ class WorkloadService:
         record = fsm.workloads[spec.name]
         self.node.events.record("workload.submitted", self.node.node_id, f"{spec.name} version {record.spec.version}")
         return WorkloadReply(spec.name, record.spec.version, index)
+
+    async def dry_run(self, ctx: RpcContext, req: DryRun) -> Preview:
+        spec = validate(req.spec)
+        await self.replicated.linearizable()
+        self._refuse_existing(spec, req.replace)
+        fsm = self.replicated.fsm
+        return preview(spec, ControllerState(fsm.workloads, fsm.allocations, node_infos(self.node)))
 
     async def ps(self, ctx: RpcContext, req: PsRequest) -> PsReply:
         await self.replicated.linearizable()
@@ -364,7 +384,10 @@ class WorkloadService:
         if address is None:
             await self._logs_on_leader(ctx, req)
             return
-        async with self.node.rpc.stream(address, "fwd.workloads.logs", req, item=LogLine) as items:
+        # The caller's bytes and proof, so the leader authorizes the caller, not us.
+        async with self.node.rpc.stream(
+            address, "fwd.workloads.logs", ctx.raw_body, item=LogLine, proof=ctx.proof
+        ) as items:
             async for line in items:
                 await ctx.send(line)
 
@@ -449,6 +472,9 @@ class WorkloadService:
     async def report(self, ctx: RpcContext, req: ReportBatch) -> ReportAck:
         if ctx.peer.kind != "node" or ctx.peer.name != req.node:
             raise PermissionDenied("a node reports its own allocations only")
+        if not self.replicated.is_leader:
+            # Passing it on would make us the proposer of another node's report.
+            raise NotLeader("not the leader", leader=self.replicated.leader or "")
         result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
         raise_rejected(result)
         return ReportAck(index)

@@ -25,13 +25,16 @@ from cloudless.state.commands import (
     ConsumeToken,
     CreateToken,
     Deleted,
+    DeleteToken,
     DeleteVar,
     Done,
     Proposal,
     PutVar,
     RecordCertificate,
+    RecordClientCertificate,
     RegisterNode,
     Rejected,
+    RemoveClient,
     RemoveNode,
     ReportAllocations,
     Result,
@@ -44,6 +47,7 @@ from cloudless.state.commands import (
     VarResult,
     decode_proposal,
     decode_result,
+    node_may_propose,
 )
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -68,6 +72,7 @@ class TokenState(msgspec.Struct):
     expires_at: float
     max_uses: int
     uses: int = 0
+    trust: str = ""
 
 
 class NodeRecord(msgspec.Struct):
@@ -78,12 +83,22 @@ class NodeRecord(msgspec.Struct):
     labels: dict[str, str]
     registered_index: int
     certificates: dict[str, float]  # serial (hex) -> not_after
+    trusted: bool = False  # may coordinate: become a voter, hold the CA key
+    # serial (hex) -> the certificate's public key (DER), for gossip's signed claims
+    public_keys: dict[str, bytes] = {}
+
+
+class ClientRecord(msgspec.Struct):
+    name: str
+    role: str
+    created_index: int
+    certificates: dict[str, float]  # serial (hex) -> not_after
 
 
 class ClusterCARecord(msgspec.Struct):
     cluster_id: str
     certificate_pem: bytes
-    key_pem: bytes
+    sealed_key: bytes  # pki.custody: opens only with a trusted node's KEK
 
 
 class Session(msgspec.Struct, array_like=True):
@@ -146,6 +161,10 @@ class _Image(msgspec.Struct):
     workloads: dict[str, WorkloadRecord] = {}
     allocations: dict[str, AllocationRecord] = {}
     blobs: bytes = b""  # Catalog.export(); empty in images from before blob storage
+    clients: dict[str, ClientRecord] = {}
+    retired: dict[str, float] = {}
+    gossip_rekey: bool = False
+    gossip_keys_at: float = 0.0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -159,8 +178,18 @@ class StateMachine:
         self.tokens: dict[str, TokenState] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.revoked: dict[str, float] = {}  # serial (hex) -> not_after
+        self.clients: dict[str, ClientRecord] = {}
+        # "node/<name>" or "client/<name>" -> until when the name may not be
+        # reused: the removed identity's last certificate expiry. An identity
+        # is a name and a key; a new key under the name of a removed one that
+        # still holds a valid certificate would let the old holder back in.
+        self.retired: dict[str, float] = {}
         self.ca: ClusterCARecord | None = None
         self.gossip_keys: list[bytes] = []
+        # A node was removed since the gossip key last changed: the leader
+        # rotates it (coordinator), so a removed node's copy stops working.
+        self.gossip_rekey = False
+        self.gossip_keys_at = 0.0  # proposer's clock when the keyring last changed
         self.workloads: dict[str, WorkloadRecord] = {}
         self.allocations: dict[str, AllocationRecord] = {}
         self._by_node: dict[str, set[str]] = {}
@@ -203,6 +232,12 @@ class StateMachine:
     def _apply_command(self, index: int, proposal: Proposal) -> Result:
         cmd = proposal.command
         now = proposal.now
+        if proposal.proposer:
+            # Checked at the leader too; again here so that no path into the
+            # log (a bug, an old leader) can apply a node's overreach.
+            refusal = node_may_propose(cmd, proposal.proposer)
+            if refusal is not None:
+                return Rejected(kind="permission_denied", message=refusal)
         if isinstance(cmd, PutVar):
             return self._write_var(index, cmd.key, cmd.value)
         if isinstance(cmd, CasVar):
@@ -231,9 +266,39 @@ class StateMachine:
         if isinstance(cmd, CreateToken):
             if cmd.token_id in self.tokens:
                 return Rejected(kind="conflict", message=f"token {cmd.token_id} exists")
-            self.tokens[cmd.token_id] = TokenState(cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses)
+            self.tokens[cmd.token_id] = TokenState(
+                cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses, trust=cmd.trust
+            )
             self._expire_tokens(now)
             self._changes.append(Change(index, "token", cmd.token_id))
+            return Done(index=index)
+        if isinstance(cmd, DeleteToken):
+            if self.tokens.pop(cmd.token_id, None) is None:
+                return Rejected(kind="not_found", message=f"no token {cmd.token_id}")
+            self._changes.append(Change(index, "token", cmd.token_id))
+            return Done(index=index)
+        if isinstance(cmd, RecordClientCertificate):
+            if self.retired.get(f"client/{cmd.name}", 0.0) > now:
+                return Rejected(kind="conflict", message=f"client name {cmd.name} was removed and is not reusable yet")
+            client = self.clients.get(cmd.name)
+            if client is None:
+                client = self.clients[cmd.name] = ClientRecord(cmd.name, cmd.role, index, {})
+            elif client.role != cmd.role:
+                return Rejected(
+                    kind="conflict", message=f"client {cmd.name} exists with role {client.role}; remove it first"
+                )
+            client.certificates[cmd.serial] = cmd.not_after
+            for serial in [s for s, na in client.certificates.items() if na <= now]:
+                del client.certificates[serial]
+            self._changes.append(Change(index, "client", cmd.name))
+            return Done(index=index)
+        if isinstance(cmd, RemoveClient):
+            client = self.clients.pop(cmd.name, None)
+            if client is None:
+                return Rejected(kind="not_found", message=f"no client {cmd.name}")
+            self._retire(f"client/{cmd.name}", client.certificates, now)
+            self._changes.append(Change(index, "client", cmd.name))
+            self._changes.append(Change(index, "revocation", cmd.name))
             return Done(index=index)
         if isinstance(cmd, ConsumeToken):
             token = self.tokens.get(cmd.token_id)
@@ -249,14 +314,22 @@ class StateMachine:
             self._changes.append(Change(index, "token", cmd.token_id))
             return Done(index=index)
         if isinstance(cmd, RegisterNode):
+            if cmd.public_key and not _is_p256_key(cmd.public_key):
+                return Rejected(kind="invalid", message="public_key is not a P-256 public key")
             record = self.nodes.get(cmd.node_id)
+            if record is None and self.retired.get(f"node/{cmd.node_id}", 0.0) > now:
+                return Rejected(kind="conflict", message=f"node name {cmd.node_id} was removed and is not reusable yet")
             if record is None:
-                record = NodeRecord(cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {})
+                record = NodeRecord(
+                    cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {}, cmd.trusted
+                )
                 self.nodes[cmd.node_id] = record
             else:
                 record.address, record.region, record.zone = cmd.address, cmd.region, cmd.zone
                 record.labels = dict(cmd.labels)
             record.certificates[cmd.certificate_serial] = cmd.certificate_not_after
+            if cmd.public_key:
+                record.public_keys[cmd.certificate_serial] = cmd.public_key
             self._prune_certificates(record, now)
             self._changes.append(Change(index, "node", cmd.node_id))
             return Done(index=index)
@@ -264,7 +337,11 @@ class StateMachine:
             record = self.nodes.get(cmd.node_id)
             if record is None:
                 return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
+            if cmd.public_key and not _is_p256_key(cmd.public_key):
+                return Rejected(kind="invalid", message="public_key is not a P-256 public key")
             record.certificates[cmd.serial] = cmd.not_after
+            if cmd.public_key:
+                record.public_keys[cmd.serial] = cmd.public_key
             self._prune_certificates(record, now)
             self._changes.append(Change(index, "node", cmd.node_id))
             return Done(index=index)
@@ -272,10 +349,9 @@ class StateMachine:
             record = self.nodes.pop(cmd.node_id, None)
             if record is None:
                 return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
-            for serial, not_after in record.certificates.items():
-                if not_after > now:
-                    self.revoked[serial] = not_after
-            self._prune_revocations(now)
+            self._retire(f"node/{cmd.node_id}", record.certificates, now)
+            if self.gossip_keys:
+                self.gossip_rekey = True
             self._changes.append(Change(index, "node", cmd.node_id))
             self._changes.append(Change(index, "revocation", cmd.node_id))
             return Done(index=index)
@@ -287,10 +363,14 @@ class StateMachine:
         if isinstance(cmd, StoreClusterCA):
             if self.ca is not None and self.ca.cluster_id != cmd.cluster_id:
                 return Rejected(kind="conflict", message="the cluster already has a CA")
-            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.key_pem)
+            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.sealed_key)
             self._changes.append(Change(index, "ca", cmd.cluster_id))
             return Done(index=index)
         if isinstance(cmd, SetGossipKeyring):
+            if cmd.keys[0] not in self.gossip_keys:
+                self.gossip_rekey = False  # a new primary: whoever was removed does not hold it
+            if list(cmd.keys) != self.gossip_keys:
+                self.gossip_keys_at = now
             self.gossip_keys = list(cmd.keys)
             self._changes.append(Change(index, "gossip_keys", ""))
             return Done(index=index)
@@ -478,6 +558,20 @@ class StateMachine:
     def _prune_certificates(record: NodeRecord, now: float) -> None:
         for serial in [s for s, na in record.certificates.items() if na <= now]:
             del record.certificates[serial]
+        for serial in [s for s in record.public_keys if s not in record.certificates]:
+            del record.public_keys[serial]
+
+    def _retire(self, identity: str, certificates: dict[str, float], now: float) -> None:
+        """Revoke an identity's live certificates and keep its name unusable until the last one expires."""
+        for serial, not_after in certificates.items():
+            if not_after > now:
+                self.revoked[serial] = not_after
+        until = max((na for na in certificates.values() if na > now), default=0.0)
+        if until > self.retired.get(identity, 0.0):
+            self.retired[identity] = until
+        for name in [n for n, t in self.retired.items() if t <= now]:
+            del self.retired[name]
+        self._prune_revocations(now)
 
     def _prune_revocations(self, now: float) -> None:
         # An expired certificate is refused anyway; keep the list short.
@@ -491,6 +585,17 @@ class StateMachine:
 
     def list_vars(self, prefix: str = "") -> list[tuple[str, Var]]:
         return sorted((k, v) for k, v in self.vars.items() if k.startswith(prefix))
+
+    def node_public_keys(self, node_id: str) -> list[bytes] | None:
+        """DER public keys of a node's live, unrevoked certificates, for
+        gossip's signed claims: None if the name was never registered here,
+        [] if it was removed (nothing it says verifies)."""
+        record = self.nodes.get(node_id)
+        if record is None:
+            return [] if f"node/{node_id}" in self.retired else None
+        if not record.public_keys:
+            return None  # registered before keys were recorded: its renewal records one
+        return [k for serial, k in record.public_keys.items() if serial not in self.revoked]
 
     def take_changes(self) -> list[Change]:
         changes, self._changes = self._changes, []
@@ -512,6 +617,10 @@ class StateMachine:
             workloads=self.workloads,
             allocations=self.allocations,
             blobs=self.catalog.export(),
+            clients=self.clients,
+            retired=self.retired,
+            gossip_rekey=self.gossip_rekey,
+            gossip_keys_at=self.gossip_keys_at,
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -535,9 +644,13 @@ class StateMachine:
         self.tokens = image.tokens
         self.nodes = image.nodes
         self.revoked = image.revoked
+        self.clients = dict(image.clients)
+        self.retired = dict(image.retired)
         self.ca = image.ca
         self._sessions = OrderedDict(image.sessions)
         self.gossip_keys = list(image.gossip_keys)
+        self.gossip_rekey = image.gossip_rekey
+        self.gossip_keys_at = image.gossip_keys_at
         self.workloads = dict(image.workloads)
         self.allocations = dict(image.allocations)
         self._by_node = {}
@@ -545,6 +658,17 @@ class StateMachine:
             self._by_node.setdefault(rec.allocation.node, set()).add(alloc_id)
         self.catalog = Catalog.restore(image.blobs) if image.blobs else Catalog(MemoryKV())
         self._changes = []
+
+
+def _is_p256_key(der: bytes) -> bool:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_der_public_key
+
+    try:
+        key = load_der_public_key(der)
+    except ValueError:
+        return False
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
 
 
 def apply_all(fsm: StateMachine, entries: Iterable[tuple[int, bytes]]) -> list[Result]:

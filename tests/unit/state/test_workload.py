@@ -26,6 +26,7 @@ from cloudless.state.workload import (
     decode_allocation,
     decode_spec,
     default_name,
+    duration_fields,
     encode_allocation,
     encode_spec,
     from_flags,
@@ -463,3 +464,75 @@ def test_yaml_scalars_in_rule_values_become_strings():
     assert spec.constraints[0].value == "false"
     assert spec.constraints[1].value == ("3", "4")
     assert spec.spreads[0].targets[0].value == "7"
+
+
+# ---------------------------------------------------------------- durations in YAML
+
+
+def test_yaml_durations_accept_units_under_either_name():
+    spec = parse_yaml(
+        "name: web\nimage: nginx\nports: [{container_port: 80}]\n"
+        "health_check: {kind: http, port: 80, interval: 30s, timeout_s: 500ms, start_period: 1m}\n"
+        "restart: {backoff_initial: 250ms, backoff_max_s: 1h30m}\n"
+        "reschedule: {attempts: 3, interval: 1h, delay: 5s, max_delay_s: 10m, unlimited: false}\n"
+        "update: {min_healthy_time: 10s, healthy_deadline: 5m}\n"
+    )
+    hc = spec.health_check
+    assert hc is not None and (hc.interval_s, hc.timeout_s, hc.start_period_s) == (30.0, 0.5, 60.0)
+    assert (spec.restart.backoff_initial_s, spec.restart.backoff_max_s) == (0.25, 5400.0)
+    assert (spec.reschedule.interval_s, spec.reschedule.delay_s, spec.reschedule.max_delay_s) == (3600.0, 5.0, 600.0)
+    assert (spec.update.min_healthy_time_s, spec.update.healthy_deadline_s) == (10.0, 300.0)
+    # Plain numbers stay seconds, as before.
+    assert parse_yaml("name: web\nimage: nginx\nupdate: {healthy_deadline_s: 120}\n").update.healthy_deadline_s == 120
+
+
+def test_every_float_seconds_field_is_a_duration():
+    fields = {f"{section}.{name}" for section, names in duration_fields().items() for name in names}
+    assert fields == {
+        "restart.backoff_initial_s",
+        "restart.backoff_max_s",
+        "reschedule.interval_s",
+        "reschedule.delay_s",
+        "reschedule.max_delay_s",
+        "update.min_healthy_time_s",
+        "update.healthy_deadline_s",
+        "health_check.interval_s",
+        "health_check.timeout_s",
+        "health_check.start_period_s",
+    }
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("health_check: {kind: exec, command: [x], interval: 2h}", "health_check.interval: must be ≤ 1h"),
+        (
+            "health_check: {kind: exec, command: [x], interval_s: 10x}",
+            "health_check.interval_s: '10x' is not a duration",
+        ),
+        ("update: {healthy_deadline: 1s, healthy_deadline_s: 3}", "update.healthy_deadline: give healthy_deadline or"),
+        ("update: {healthy_deadline: 2d}", "update.healthy_deadline: must be ≤ 1d"),
+        ("reschedule: {delay: -1s}", "reschedule.delay: '-1s' is not a duration"),
+        ("restart: {backoff_max: 0s}", "restart.backoff_max_s: must be > 0"),
+        ("restart: {backoff_max: [1]}", "restart.backoff_max_s: expected `float`"),
+        (
+            "update: {min_healthy_time: 1m, healthy_deadline: 30s}",
+            "update.min_healthy_time_s: must be ≤ healthy_deadline_s",
+        ),
+    ],
+)
+def test_yaml_duration_errors_name_the_field(body, expected):
+    with pytest.raises(InvalidWorkload) as info:
+        parse_yaml(f"name: web\nimage: nginx\n{body}\n")
+    assert info.value.message.startswith(expected), info.value.message
+
+
+def test_a_bare_equals_operator_is_the_string():
+    spec = parse_yaml("name: web\nimage: nginx\nconstraints: [{attribute: node.zone, operator: =, value: a}]\n")
+    assert spec.constraints[0] == Constraint("node.zone", "=", "a")
+
+
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_yaml_is_a_clear_error(depth):
+    with pytest.raises(InvalidWorkload):
+        parse_yaml("name: web\nimage: nginx\nenv: {A: " + "[" * depth + "]" * depth + "}\n")
