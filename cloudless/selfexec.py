@@ -68,6 +68,23 @@ def log_shim_argv() -> list[str]:
     return [sys.executable, "-I", "-S", logs.__file__]
 
 
+def restore_library_path() -> None:
+    """Frozen: give child processes the library path this program was started with.
+
+    The one-file bootloader sets LD_LIBRARY_PATH to its unpacked directory for the
+    frozen interpreter (saving the caller's value in LD_LIBRARY_PATH_ORIG); left in
+    place, runc, ip and iptables would load the bundle's copies of shared libraries.
+    This process is unaffected: the loader reads the variable once, at exec.
+    """
+    if not frozen():
+        return
+    original = os.environ.pop("LD_LIBRARY_PATH_ORIG", None)
+    if original is not None:
+        os.environ["LD_LIBRARY_PATH"] = original
+    else:
+        os.environ.pop("LD_LIBRARY_PATH", None)
+
+
 def native_report() -> dict[str, str]:
     """module -> the file its compiled code was loaded from (or why not)."""
     import importlib
@@ -80,11 +97,14 @@ def native_report() -> dict[str, str]:
             report[name] = path if path.endswith(".so") else f"not compiled: {path or 'no file'}"
         except Exception as e:  # reported, not raised: the point is to list every failure
             report[name] = f"error: {type(e).__name__}: {e}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from pyfastcdc import FastCDC
-    if not FastCDC.__module__.startswith("pyfastcdc.cy."):
-        report["pyfastcdc"] = f"not compiled: FastCDC from {FastCDC.__module__}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from pyfastcdc import FastCDC
+        if not FastCDC.__module__.startswith("pyfastcdc.cy."):
+            report["pyfastcdc"] = f"not compiled: FastCDC from {FastCDC.__module__}"
+    except Exception as e:
+        report["pyfastcdc"] = f"error: {type(e).__name__}: {e}"
     return report
 
 
@@ -94,7 +114,7 @@ def run_hidden_entry(argv: list[str]) -> None:
         import json
 
         report = native_report()
-        print(json.dumps(report, indent=2, sort_keys=True))
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
         raise SystemExit(0 if all(v.endswith(".so") for v in report.values()) else 1)
     if len(argv) > 1 and argv[1] == LOG_SHIM_ARG:
         import runpy

@@ -105,5 +105,6 @@ def cli() -> None:
 
 
 def main() -> None:
+    selfexec.restore_library_path()
     selfexec.run_hidden_entry(sys.argv)
     cli(prog_name="cloudless")

@@ -44,7 +44,7 @@ def test_bundle_loads_every_native_extension(bundle: Path, tmp_path: Path) -> No
     report = json.loads(got.stdout)
     assert got.returncode == 0, report
     # pyfastcdc is the one that would silently fall back to pure Python.
-    assert report["pyfastcdc.cy.fastcdc"].endswith(".so") and "pyfastcdc" not in [k for k in report if "." not in k]
+    assert report["pyfastcdc.cy.fastcdc"].endswith(".so") and "pyfastcdc" not in report
     for path in report.values():
         assert "/_MEI" in path, path  # from the bundle, not from some Python on this machine
 

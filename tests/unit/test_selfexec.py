@@ -9,6 +9,7 @@ path as a bundle, and tests/install/test_frozen_paths.py runs containers through
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,24 @@ def test_frozen_runs_the_executable_itself_and_long_lived_children_unpack_their_
     assert selfexec.cloudless_argv() == [sys.executable]
     assert selfexec.cloudless_env()["PYINSTALLER_RESET_ENVIRONMENT"] == "1"
     assert selfexec.log_shim_argv() == [sys.executable, selfexec.LOG_SHIM_ARG]
+
+
+def test_frozen_children_get_the_library_path_the_program_was_started_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEIxyz:/opt/lib")
+    monkeypatch.setenv("LD_LIBRARY_PATH_ORIG", "/opt/lib")
+    selfexec.restore_library_path()
+    assert os.environ["LD_LIBRARY_PATH"] == "/opt/lib" and "LD_LIBRARY_PATH_ORIG" not in os.environ
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/tmp/_MEIxyz")  # the caller had none
+    selfexec.restore_library_path()
+    assert "LD_LIBRARY_PATH" not in os.environ
+
+
+def test_not_frozen_leaves_the_library_path_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(sys, "frozen", raising=False)
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/lib")
+    selfexec.restore_library_path()
+    assert os.environ["LD_LIBRARY_PATH"] == "/opt/lib"
 
 
 def test_every_command_in_the_table_is_listed_and_loads() -> None:
