@@ -1,5 +1,5 @@
 """The single-file bundle (scripts/bundle) as a gateway runs it: built from this
-checkout, copied somewhere else, started by path. A frozen program has no
+checkout into a temporary directory, started by path from another one. A frozen program has no
 `python -m` and no script files, so this is where self-invocation (dev clusters
 spawning nodes, the sandbox spawning the log shim) and native extensions prove
 themselves."""
@@ -22,8 +22,9 @@ from tests.install.installed import ROOT, bootstrap_status_shutdown, check_comma
 
 MAX_BYTES = 60 * 1024 * 1024
 
-# Building the bundle takes ~2 minutes on 2 cores and the module over 4 in all: with
-# CLOUDLESS_LONG=1. tests/unit/test_selfexec.py covers the frozen paths by default.
+# On 2 shared cores the build takes 1-2.2 minutes (plus about one for the build venv
+# on a clean clone) and the module 1.6-4: so only with CLOUDLESS_LONG=1. By default
+# tests/unit/test_selfexec.py and test_frozen_paths.py cover the frozen code paths.
 pytestmark = pytest.mark.slow
 
 
