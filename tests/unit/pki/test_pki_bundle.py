@@ -1,0 +1,83 @@
+"""Trust bundles: during a CA rotation a node or client accepts leaves from two CAs (`pki.bundle`)."""
+
+from datetime import UTC, datetime
+
+import pytest
+
+from cloudless.pki.bundle import bundle_pem, issuer_of, load_bundle, subject_key_id
+from cloudless.pki.ca import ClusterCA
+from cloudless.pki.credentials import Credentials, issue_credentials
+from cloudless.pki.errors import InvalidCredentials, PeerRejected
+from cloudless.pki.identity import Identity
+from cloudless.pki.revocation import RevocationList
+from cloudless.pki.verify import PeerVerifier
+
+NOW = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def cas():
+    # Same cluster, same name: only the key (and so the key id) tells them apart.
+    return ClusterCA.create("c1", NOW), ClusterCA.create("c1", NOW), ClusterCA.create("c1", NOW)
+
+
+def test_either_ca_of_the_bundle_is_accepted_and_a_third_is_refused(cas) -> None:
+    old, new, third = cas
+    verifier = PeerVerifier([old.certificate, new.certificate], RevocationList(), "c1", clock=lambda: NOW)
+    for ca in (old, new):
+        leaf = issue_credentials(ca, Identity.node("c1", "n1"), NOW).certificate
+        assert verifier.verify([leaf]).name == "n1"
+    stranger = issue_credentials(third, Identity.node("c1", "n1"), NOW).certificate
+    with pytest.raises(PeerRejected) as info:
+        verifier.verify([stranger])
+    assert info.value.reason == "unknown_ca"
+
+
+def test_the_issuer_is_chosen_by_authority_key_id_not_by_order(cas) -> None:
+    old, new, _ = cas
+    leaf = issue_credentials(new, Identity.node("c1", "n1"), NOW).certificate
+    assert issuer_of(leaf, [old.certificate, new.certificate]) is new.certificate
+    assert issuer_of(leaf, [new.certificate, old.certificate]) is new.certificate
+    assert issuer_of(leaf, [old.certificate]) is None
+
+
+def test_retiring_a_ca_from_a_live_verifier_refuses_its_leaves(cas) -> None:
+    old, new, _ = cas
+    verifier = PeerVerifier([new.certificate, old.certificate], RevocationList(), "c1", clock=lambda: NOW)
+    old_leaf = issue_credentials(old, Identity.client("c1", "alice"), NOW, role="admin").certificate
+    assert verifier.verify([old_leaf]).role == "admin"
+    verifier.trust([new.certificate])
+    with pytest.raises(PeerRejected) as info:
+        verifier.verify([old_leaf])
+    assert info.value.reason == "unknown_ca"
+    assert verifier.ca_certificate is new.certificate
+
+
+def test_credentials_know_whether_their_issuer_is_the_active_ca(cas) -> None:
+    old, new, _ = cas
+    mine = issue_credentials(old, Identity.node("c1", "n1"), NOW)
+    trusting_both = mine.with_bundle(bundle_pem([new.certificate, old.certificate]))
+    assert trusting_both.ca_certificate is not None
+    assert subject_key_id(trusting_both.ca_certificate) == subject_key_id(old.certificate)
+    assert not trusting_both.issued_by_active_ca
+    assert mine.with_bundle(bundle_pem([old.certificate, new.certificate])).issued_by_active_ca
+    # A bundle that does not hold the certificate's issuer is refused.
+    with pytest.raises(InvalidCredentials, match="not issued by the CA"):
+        mine.with_bundle(new.certificate_pem)
+
+
+def test_bundles_hold_one_or_two_distinct_cas_and_nothing_else(cas) -> None:
+    old, new, third = cas
+    assert len(load_bundle(bundle_pem([old.certificate, new.certificate]))) == 2
+    with pytest.raises(InvalidCredentials, match="1 to 2"):
+        load_bundle(bundle_pem([old.certificate, new.certificate, third.certificate]))
+    with pytest.raises(InvalidCredentials, match="twice"):
+        load_bundle(bundle_pem([old.certificate, old.certificate]))
+    with pytest.raises(InvalidCredentials, match="not a CA"):
+        load_bundle(issue_credentials(old, Identity.node("c1", "n1"), NOW).cert_pem)
+    with pytest.raises(InvalidCredentials):
+        load_bundle(b"")
+    with pytest.raises(InvalidCredentials, match="bytes"):
+        load_bundle(b"x" * 20000)
+    with pytest.raises(InvalidCredentials):
+        Credentials(b"not a pem", b"", b"")
