@@ -29,9 +29,10 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cloudless.pki.bundle import load_bundle
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.credentials import Credentials, make_csr, new_private_key, private_key_pem
-from cloudless.pki.errors import PeerRejected, TokenRejected
+from cloudless.pki.errors import InvalidCredentials, PeerRejected, TokenRejected
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.tokens import hash_secret, parse_token, pin_matches
@@ -107,10 +108,22 @@ def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Cer
 
 
 def verify_hello(reply: EnrollHelloReply, fingerprint: str, server_leaf_der: bytes | None) -> x509.Certificate:
-    """Pin the CA from the token, then check the server is a node of that CA."""
-    if not pin_matches(reply.ca_pem, fingerprint):
+    """Pin the CA from the token, then check the server is a node of that CA.
+
+    During a CA rotation the reply is a bundle of two CAs; the pinned one must
+    be among them and must have issued the server's certificate: the other
+    CA is then accepted because a server of the pinned CA vouches for it. (A
+    token from before a rotation's activation stops working once its server
+    re-issued: make a new token.)
+    """
+    try:
+        bundle = load_bundle(reply.ca_pem)
+    except InvalidCredentials as exc:
+        raise PeerRejected("malformed", f"the cluster CA bundle: {exc.message}") from None
+    pinned = [ca for ca in bundle if pin_matches(ca, fingerprint)]
+    if not pinned:
         raise PeerRejected("unknown_ca", "the cluster CA does not match the fingerprint in the token")
-    ca_certificate = x509.load_pem_x509_certificate(reply.ca_pem)
+    ca_certificate = pinned[0]
     if server_leaf_der is None:
         raise PeerRejected("no_certificate", "the server presented no certificate")
     identity = PeerVerifier(ca_certificate, RevocationList(), reply.cluster_id).verify_der([server_leaf_der])

@@ -125,3 +125,23 @@ def test_no_node_may_propose_a_rotation_step(cas) -> None:
         assert node_may_propose(command, "n1") is not None
         fsm = cluster(old)
         assert isinstance(fsm.apply(4, entry(command, now=T0 + 500, proposer="n1")), Rejected)
+
+
+def test_the_leaders_step_follows_the_phases(cas) -> None:
+    from cloudless.coordinator.ca_rotation import ca_rotation_step
+
+    old, new = cas
+    fsm = cluster(old)
+    assert ca_rotation_step(fsm, T0) is None
+    fsm.apply(4, entry(BeginCARotation("c1", new.certificate_pem, b"s", overlap_s=100.0)))
+    assert ca_rotation_step(fsm, T0 + 49) is None
+    step = ca_rotation_step(fsm, T0 + 50)
+    assert step == ActivateNextCA(kid(new))
+    fsm.apply(5, entry(step, now=T0 + 50))
+    fsm.apply(6, entry(RecordCertificate("n1", "b1", T0 + 86400, issuer=kid(new)), now=T0 + 60))
+    fsm.apply(7, entry(RecordCertificate("n2", "b2", T0 + 86400, issuer=kid(new)), now=T0 + 60))
+    assert ca_rotation_step(fsm, T0 + 99) is None  # the overlap is not over
+    step = ca_rotation_step(fsm, T0 + 100)
+    assert step == RetireCA(kid(old))
+    assert isinstance(fsm.apply(8, entry(step, now=T0 + 100)), Done)
+    assert ca_rotation_step(fsm, T0 + 200) is None
