@@ -10,7 +10,7 @@ Addresses are "host:port" strings so the core can treat them as opaque keys.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -82,7 +82,7 @@ class Dead(msgspec.Struct, frozen=True, array_like=True, tag=7, gc=False):
     sig: Signature = b""  # a leave is signed by `node`; others' observations are not
 
 
-Message = Union[Ping, IndirectPing, Ack, Nack, Alive, Suspect, Dead]
+Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead
 
 
 class MemberRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):

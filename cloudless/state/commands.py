@@ -9,7 +9,7 @@ instead of reading one at apply time.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -262,31 +262,31 @@ class BlobCatalogCommand(Command, tag="blob.catalog"):
     command: bytes
 
 
-CommandUnion = Union[
-    PutVar,
-    CasVar,
-    DeleteVar,
-    CreateToken,
-    ConsumeToken,
-    DeleteToken,
-    RecordClientCertificate,
-    RemoveClient,
-    RegisterNode,
-    RemoveNode,
-    RecordCertificate,
-    RevokeCertificate,
-    StoreClusterCA,
-    BeginCARotation,
-    ActivateNextCA,
-    RetireCA,
-    SetGossipKeyring,
-    SubmitWorkload,
-    ScaleWorkload,
-    StopWorkload,
-    ReportAllocations,
-    CommitPlan,
-    BlobCatalogCommand,
-]
+CommandUnion = (
+    PutVar
+    | CasVar
+    | DeleteVar
+    | CreateToken
+    | ConsumeToken
+    | DeleteToken
+    | RecordClientCertificate
+    | RemoveClient
+    | RegisterNode
+    | RemoveNode
+    | RecordCertificate
+    | RevokeCertificate
+    | StoreClusterCA
+    | BeginCARotation
+    | ActivateNextCA
+    | RetireCA
+    | SetGossipKeyring
+    | SubmitWorkload
+    | ScaleWorkload
+    | StopWorkload
+    | ReportAllocations
+    | CommitPlan
+    | BlobCatalogCommand
+)
 
 
 class Proposal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -349,7 +349,7 @@ class BlobResult(Result, tag="blob"):
     value: bytes
 
 
-ResultUnion = Union[VarResult, Deleted, Done, Rejected, BlobResult]
+ResultUnion = VarResult | Deleted | Done | Rejected | BlobResult
 
 _proposal_encoder = msgspec.msgpack.Encoder()
 _proposal_decoder = msgspec.msgpack.Decoder(Proposal)

@@ -282,7 +282,7 @@ def test_cpu_flag(text, millis):
 
 @pytest.mark.parametrize("text", ["", "-1", "0", "0m", "1.5m", "half", "1e3", "0.0001"])
 def test_bad_cpu_flag(text):
-    with pytest.raises(InvalidWorkload, match="^cpu: "):
+    with pytest.raises(InvalidWorkload, match=r"^cpu: "):
         parse_cpu(text)
 
 
@@ -303,7 +303,7 @@ def test_memory_flag(text, size):
 
 @pytest.mark.parametrize("text", ["", "lots", "-5Mi", "1.5", "12Xi", "Mi"])
 def test_bad_memory_flag(text):
-    with pytest.raises(InvalidWorkload, match="^memory: "):
+    with pytest.raises(InvalidWorkload, match=r"^memory: "):
         parse_memory(text)
 
 
@@ -330,7 +330,7 @@ def test_port_flag(text, port):
     ],
 )
 def test_bad_port_flag(text, why):
-    with pytest.raises(InvalidWorkload, match="^port: ") as info:
+    with pytest.raises(InvalidWorkload, match=r"^port: ") as info:
         parse_port_flag(text)
     assert why in info.value.message
 
@@ -338,7 +338,7 @@ def test_bad_port_flag(text, why):
 def test_env_flag():
     assert parse_env_flag("A_1=x=y") == ("A_1", "x=y")
     for bad in ("NOEQUALS", "1A=x", "=x", "A-B=x"):
-        with pytest.raises(InvalidWorkload, match="^env: "):
+        with pytest.raises(InvalidWorkload, match=r"^env: "):
             parse_env_flag(bad)
 
 
@@ -346,7 +346,7 @@ def test_restart_flag():
     assert parse_restart_flag("never") == RestartPolicy(mode="never")
     assert parse_restart_flag("on-failure") == RestartPolicy(mode="on-failure", max_retries=0)
     for bad in ("sometimes", "always:3", "on-failure:x"):
-        with pytest.raises(InvalidWorkload, match="^restart: "):
+        with pytest.raises(InvalidWorkload, match=r"^restart: "):
             parse_restart_flag(bad)
 
 
@@ -380,7 +380,7 @@ def test_constraint_flag(text, constraint):
     ],
 )
 def test_bad_constraint_flag(text, why):
-    with pytest.raises(InvalidWorkload, match="^constraint: ") as info:
+    with pytest.raises(InvalidWorkload, match=r"^constraint: ") as info:
         parse_constraint_flag(text)
     assert why in info.value.message
 
@@ -390,14 +390,14 @@ def test_spread_flag():
     assert parse_spread_flag("node:1") == Spread("node", max_per=1)
     assert parse_spread_flag("label.rack:2") == Spread("label.rack", max_per=2)
     for bad in ("rack", "zone:x"):
-        with pytest.raises(InvalidWorkload, match="^spread: "):
+        with pytest.raises(InvalidWorkload, match=r"^spread: "):
             parse_spread_flag(bad)
 
 
 def test_flags_are_validated_as_a_whole():
     with pytest.raises(InvalidWorkload, match=r"^ports\[1\].host_port: 80/tcp is published twice"):
         from_flags("nginx", ports=["80:80", "80:81"])
-    with pytest.raises(InvalidWorkload, match="^replicas: must be ≥ 0"):
+    with pytest.raises(InvalidWorkload, match=r"^replicas: must be ≥ 0"):
         from_flags("nginx", replicas=-1)
 
 
@@ -416,11 +416,11 @@ def test_spec_and_allocation_round_trip_the_wire():
 
 def test_decoding_a_spec_validates_it():
     bad = msgspec.msgpack.encode({"name": "web", "image": "nginx", "replicas": -1})
-    with pytest.raises(InvalidWorkload, match="^replicas: must be ≥ 0"):
+    with pytest.raises(InvalidWorkload, match=r"^replicas: must be ≥ 0"):
         decode_spec(bad)
-    with pytest.raises(InvalidWorkload, match="^spec: undecodable"):
+    with pytest.raises(InvalidWorkload, match=r"^spec: undecodable"):
         decode_spec(b"\xc1garbage")
-    with pytest.raises(InvalidWorkload, match="^allocation"):
+    with pytest.raises(InvalidWorkload, match=r"^allocation"):
         decode_allocation(
             msgspec.msgpack.encode(
                 {"id": "x", "workload": "w", "version": 0, "node": "n", "replica": 0, "state": "zombie"}
