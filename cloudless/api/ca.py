@@ -25,7 +25,7 @@ from cloudless.api.routing import LeaderRouting
 from cloudless.api.service import raise_rejected
 from cloudless.authz import PermissionDenied
 from cloudless.errors import Conflict, InvalidInput, Unavailable
-from cloudless.pki.bundle import load_bundle, subject_key_id
+from cloudless.pki.bundle import endorse, load_bundle, subject_key_id
 from cloudless.pki.ca import ClusterCA, certificate_fingerprint, load_csr
 from cloudless.pki.custody import load_kek, seal_ca_key
 from cloudless.pki.errors import PKIError
@@ -57,6 +57,7 @@ class CAStatus(msgspec.Struct, frozen=True):
 
 class CABundle(msgspec.Struct, frozen=True):
     ca_pem: bytes  # the trust bundle, active CA first
+    endorsement: bytes = b""  # the previous CA's signature over the new one (pki.bundle.accept_offered_bundle)
 
 
 class ClientRenew(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -103,7 +104,8 @@ class CAApi:
         return bundle
 
     async def bundle(self, ctx: RpcContext, body: bytes) -> CABundle:
-        return CABundle(self.trust_bundle())
+        replicated = self.node.replicated
+        return CABundle(self.trust_bundle(), replicated.fsm.trust_endorsement() if replicated is not None else b"")
 
     async def rotate(self, ctx: RpcContext, req: CARotate) -> CAStatus:
         fsm = self.replicated.fsm
@@ -115,12 +117,14 @@ class CAApi:
         kek = load_kek(self.node.data.root)
         if kek is None:
             raise Unavailable(f"node {self.node.node_id} holds no CA key-encryption key")
+        active = self.node.signing_ca()
         now = time.time()
         ca = ClusterCA.create(self.node.cluster_id, datetime.fromtimestamp(now, UTC))
         cert_pem, key_pem = ca.to_pem()
         sealed = seal_ca_key(kek, key_pem, self.node.cluster_id, ca.fingerprint)
+        endorsement = endorse(active.private_key, self.node.cluster_id, ca.certificate)
         result, _ = await self.replicated.propose(
-            BeginCARotation(self.node.cluster_id, cert_pem, sealed, overlap_s=req.overlap_s)
+            BeginCARotation(self.node.cluster_id, cert_pem, sealed, overlap_s=req.overlap_s, endorsement=endorsement)
         )
         raise_rejected(result)
         self.node.events.record(

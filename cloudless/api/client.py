@@ -35,7 +35,7 @@ class ClusterClient:
         endpoints = [endpoint] if endpoint else list(context.endpoints)
         self.endpoints = [parse_endpoint(e) for e in endpoints]
         credentials = Credentials(context.ca_pem, context.certificate_pem, context.key_pem)
-        verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), context.cluster_id)
+        verifier = PeerVerifier(credentials.ca_certificates, RevocationList(), context.cluster_id)
         # Every call is signed, so a node that forwards it can prove who asked.
         signer = ProofSigner(context.certificate_pem, context.key_pem)
         self._rpc = RpcClient(TlsCarrier(credentials, verifier), signer=signer)

@@ -6,6 +6,12 @@ signs, the previous one until it is retired). Both CAs share their name
 (the CA has pathlen 0, so there is no cross-signed intermediate); a leaf's
 issuer is chosen by its authority key id. The bundle is stored as the PEM
 certificates concatenated, wherever a single `ca.pem` used to be.
+
+A node or client that learns a bundle from a peer (a client from any node,
+a node outside Raft from the leader) accepts a CA it does not already trust
+only with an *endorsement*: the active CA's signature over the new CA
+certificate, made by the leader when it began the rotation. A single rooted
+node can thus not slip its own CA into anyone's trust.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials
 
@@ -79,3 +87,44 @@ def issuer_of(leaf: x509.Certificate, cas: Sequence[x509.Certificate]) -> x509.C
         if key_id is None or key_id == subject_key_id(ca):
             return ca
     return None
+
+
+# -- endorsement: how a holder of the current bundle learns to trust a new CA --------
+
+_ENDORSE_CONTEXT = b"cloudless-ca-endorsement-v1\x00"
+
+
+def _endorsed_bytes(cluster_id: str, new_ca: x509.Certificate) -> bytes:
+    return _ENDORSE_CONTEXT + cluster_id.encode() + b"\x00" + new_ca.public_bytes(serialization.Encoding.DER)
+
+
+def endorse(ca_key: ec.EllipticCurvePrivateKey, cluster_id: str, new_ca: x509.Certificate) -> bytes:
+    """The active CA's signature over the next CA: only a CA key holder can make one."""
+    return ca_key.sign(_endorsed_bytes(cluster_id, new_ca), ec.ECDSA(hashes.SHA256()))
+
+
+def is_endorsed(by: x509.Certificate, cluster_id: str, new_ca: x509.Certificate, endorsement: bytes) -> bool:
+    key = by.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not endorsement or len(endorsement) > 160:
+        return False
+    try:
+        key.verify(endorsement, _endorsed_bytes(cluster_id, new_ca), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
+
+
+def accept_offered_bundle(current_pem: bytes, offered_pem: bytes, cluster_id: str, endorsement: bytes) -> bytes:
+    """The bundle to trust after a peer offered `offered_pem`: InvalidCredentials unless every CA
+    in it is already trusted or endorsed by one that is (so no single node can add a CA)."""
+    current = load_bundle(current_pem)
+    offered = load_bundle(offered_pem)
+    known = {subject_key_id(ca) for ca in current}
+    for ca in offered:
+        if subject_key_id(ca) in known:
+            continue
+        if not any(is_endorsed(old, cluster_id, ca, endorsement) for old in current):
+            raise InvalidCredentials(
+                f"the offered CA {subject_key_id(ca).hex()} is not endorsed by a CA this config trusts"
+            )
+    return bundle_pem(offered)

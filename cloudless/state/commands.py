@@ -138,6 +138,9 @@ class BeginCARotation(Command, tag="ca.rotate"):
     certificate_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
     sealed_key: Annotated[bytes, msgspec.Meta(max_length=8192)]
     overlap_s: Annotated[float, msgspec.Meta(ge=MIN_CA_OVERLAP_S, le=MAX_CA_OVERLAP_S)]
+    # The active CA's signature over the new CA (pki.bundle.endorse): checked at
+    # apply, and by everyone who learns the new CA from a peer.
+    endorsement: Annotated[bytes, msgspec.Meta(max_length=160)] = b""
 
 
 class ActivateNextCA(Command, tag="ca.activate"):

@@ -17,7 +17,7 @@ import zstandard
 from cloudless.blobs.catalog import Catalog, MemoryKV
 from cloudless.blobs.catalog import decode_command as decode_blob_command
 from cloudless.errors import CloudlessError
-from cloudless.pki.bundle import load_bundle, subject_key_id
+from cloudless.pki.bundle import is_endorsed, load_bundle, subject_key_id
 from cloudless.pki.errors import InvalidCredentials
 from cloudless.state.commands import (
     ActivateNextCA,
@@ -125,6 +125,7 @@ class CARotation(msgspec.Struct):
     # RecordCertificate and RecordClientCertificate naming it as issuer)
     reissued_nodes: list[str] = []
     reissued_clients: list[str] = []
+    endorsement: bytes = b""  # the previous CA's signature over the new one (pki.bundle.endorse)
 
     @property
     def activate_at(self) -> float:
@@ -619,6 +620,10 @@ class StateMachine:
         other = self.ca_rotation.other.certificate_pem if self.ca_rotation is not None else b""
         return self.ca.certificate_pem + other
 
+    def trust_endorsement(self) -> bytes:
+        """The endorsement of the newer CA in `trust_bundle()` (b"" outside a rotation)."""
+        return self.ca_rotation.endorsement if self.ca_rotation is not None else b""
+
     def _count_reissued(self, issuer: str, *, node: str = "", client: str = "") -> None:
         rotation = self.ca_rotation
         if rotation is None or rotation.phase != "reissue" or issuer != rotation.active_key_id:
@@ -656,6 +661,9 @@ class StateMachine:
                 return Rejected(kind="invalid", message=f"the new CA: {exc.message}")
             if next_key_id == active_key_id:
                 return Rejected(kind="invalid", message="the new CA has the active CA's key")
+            active, new = load_bundle(self.ca.certificate_pem)[0], load_bundle(cmd.certificate_pem)[0]
+            if not is_endorsed(active, cmd.cluster_id, new, cmd.endorsement):
+                return Rejected(kind="invalid", message="the new CA is not endorsed by the active CA's key")
             self.ca_rotation = CARotation(
                 "trust",
                 ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.sealed_key),
@@ -663,6 +671,7 @@ class StateMachine:
                 next_key_id,
                 now,
                 cmd.overlap_s,
+                endorsement=cmd.endorsement,
             )
         elif isinstance(cmd, ActivateNextCA):
             if rotation is None or rotation.phase != "trust" or cmd.key_id != rotation.other_key_id:

@@ -81,3 +81,23 @@ def test_bundles_hold_one_or_two_distinct_cas_and_nothing_else(cas) -> None:
         load_bundle(b"x" * 20000)
     with pytest.raises(InvalidCredentials):
         Credentials(b"not a pem", b"", b"")
+
+
+def test_a_peer_can_add_a_ca_only_with_the_endorsement_of_one_already_trusted(cas) -> None:
+    from cloudless.pki.bundle import accept_offered_bundle, endorse
+
+    old, new, third = cas
+    offered = bundle_pem([old.certificate, new.certificate])
+    good = endorse(old.private_key, "c1", new.certificate)
+    assert accept_offered_bundle(old.certificate_pem, offered, "c1", good) == offered
+    for bad in (
+        b"",
+        endorse(third.private_key, "c1", new.certificate),  # a stranger's key
+        endorse(new.private_key, "c1", new.certificate),  # self-endorsed
+        endorse(old.private_key, "c2", new.certificate),  # for another cluster
+        good[:-1] + bytes([good[-1] ^ 1]),
+    ):
+        with pytest.raises(InvalidCredentials, match="not endorsed"):
+            accept_offered_bundle(old.certificate_pem, offered, "c1", bad)
+    # Dropping a CA (retirement) or reordering needs no endorsement.
+    assert accept_offered_bundle(offered, new.certificate_pem, "c1", b"") == new.certificate_pem

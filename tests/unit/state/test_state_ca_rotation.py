@@ -4,8 +4,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cloudless.pki.bundle import load_bundle, subject_key_id
+from cloudless.pki.bundle import endorse, load_bundle, subject_key_id
 from cloudless.pki.ca import ClusterCA
+from cloudless.pki.errors import InvalidCredentials
 from cloudless.state.commands import (
     ActivateNextCA,
     BeginCARotation,
@@ -35,6 +36,14 @@ def cas():
     return ClusterCA.create("c1", NOW), ClusterCA.create("c1", NOW)
 
 
+def endorsed(by: ClusterCA, pem: bytes) -> bytes:
+    try:
+        new = load_bundle(pem)[0]
+    except InvalidCredentials:
+        return b""
+    return endorse(by.private_key, "c1", new)
+
+
 def kid(ca: ClusterCA) -> str:
     return subject_key_id(ca.certificate).hex()
 
@@ -51,7 +60,9 @@ def test_a_rotation_trusts_both_then_signs_with_the_new_then_retires_the_old(cas
     old, new = cas
     fsm = cluster(old)
     assert fsm.trust_bundle() == old.certificate_pem
-    begin = BeginCARotation("c1", new.certificate_pem, b"sealed-new", overlap_s=100.0)
+    begin = BeginCARotation(
+        "c1", new.certificate_pem, b"sealed-new", overlap_s=100.0, endorsement=endorsed(old, new.certificate_pem)
+    )
     assert isinstance(fsm.apply(4, entry(begin)), Done)
     # Phase 1: both trusted, the old one still signs.
     assert [c.serial_number for c in load_bundle(fsm.trust_bundle())] == [
@@ -84,7 +95,18 @@ def test_a_rotation_trusts_both_then_signs_with_the_new_then_retires_the_old(cas
 def test_rotation_state_survives_a_snapshot(cas) -> None:
     old, new = cas
     fsm = cluster(old)
-    fsm.apply(4, entry(BeginCARotation("c1", new.certificate_pem, b"sealed-new", overlap_s=100.0)))
+    fsm.apply(
+        4,
+        entry(
+            BeginCARotation(
+                "c1",
+                new.certificate_pem,
+                b"sealed-new",
+                overlap_s=100.0,
+                endorsement=endorsed(old, new.certificate_pem),
+            )
+        ),
+    )
     fsm.apply(5, entry(ActivateNextCA(kid(new)), now=T0 + 50))
     fsm.apply(6, entry(RecordCertificate("n1", "b1", T0 + 86400, issuer=kid(new)), now=T0 + 60))
     copy = StateMachine()
@@ -98,18 +120,50 @@ def test_bad_rotations_are_refused_and_change_nothing(cas) -> None:
     fsm = cluster(old)
     before = fsm.trust_bundle()
     for bad in (
-        BeginCARotation("c2", new.certificate_pem, b"s", overlap_s=100.0),  # another cluster
-        BeginCARotation("c1", old.certificate_pem, b"s", overlap_s=100.0),  # the active CA again
-        BeginCARotation("c1", b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", b"s", overlap_s=100.0),
-        BeginCARotation("c1", new.certificate_pem + old.certificate_pem, b"s", overlap_s=100.0),  # two CAs
+        BeginCARotation(
+            "c2", new.certificate_pem, b"s", overlap_s=100.0, endorsement=endorsed(old, new.certificate_pem)
+        ),  # another cluster
+        BeginCARotation(
+            "c1", old.certificate_pem, b"s", overlap_s=100.0, endorsement=endorsed(old, old.certificate_pem)
+        ),  # the active CA again
+        BeginCARotation(
+            "c1",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            b"s",
+            overlap_s=100.0,
+            endorsement=endorsed(old, b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+        ),
+        BeginCARotation(
+            "c1",
+            new.certificate_pem + old.certificate_pem,
+            b"s",
+            overlap_s=100.0,
+            endorsement=endorsed(old, new.certificate_pem + old.certificate_pem),
+        ),  # two CAs
         StoreClusterCA("c1", new.certificate_pem, b"s"),  # replacing the CA without a rotation
         ActivateNextCA(kid(new)),  # nothing to activate
         RetireCA(kid(old)),  # nothing to retire
+        BeginCARotation("c1", new.certificate_pem, b"s", overlap_s=100.0),  # not endorsed
+        BeginCARotation("c1", new.certificate_pem, b"s", 100.0, endorse(new.private_key, "c1", new.certificate)),
     ):
         assert isinstance(fsm.apply(fsm.applied_index + 1, entry(bad, now=T0 + 500)), Rejected), bad
     assert fsm.trust_bundle() == before and fsm.ca_rotation is None
-    fsm.apply(fsm.applied_index + 1, entry(BeginCARotation("c1", new.certificate_pem, b"s", overlap_s=100.0)))
-    again = fsm.apply(fsm.applied_index + 1, entry(BeginCARotation("c1", new.certificate_pem, b"s", overlap_s=100.0)))
+    fsm.apply(
+        fsm.applied_index + 1,
+        entry(
+            BeginCARotation(
+                "c1", new.certificate_pem, b"s", overlap_s=100.0, endorsement=endorsed(old, new.certificate_pem)
+            )
+        ),
+    )
+    again = fsm.apply(
+        fsm.applied_index + 1,
+        entry(
+            BeginCARotation(
+                "c1", new.certificate_pem, b"s", overlap_s=100.0, endorsement=endorsed(old, new.certificate_pem)
+            )
+        ),
+    )
     assert isinstance(again, Rejected) and "already under way" in again.message
     wrong = fsm.apply(fsm.applied_index + 1, entry(ActivateNextCA(kid(old)), now=T0 + 60))
     assert isinstance(wrong, Rejected)
@@ -118,7 +172,9 @@ def test_bad_rotations_are_refused_and_change_nothing(cas) -> None:
 def test_no_node_may_propose_a_rotation_step(cas) -> None:
     old, new = cas
     for command in (
-        BeginCARotation("c1", new.certificate_pem, b"s", overlap_s=100.0),
+        BeginCARotation(
+            "c1", new.certificate_pem, b"s", overlap_s=100.0, endorsement=endorsed(old, new.certificate_pem)
+        ),
         ActivateNextCA(kid(new)),
         RetireCA(kid(old)),
     ):
@@ -133,7 +189,14 @@ def test_the_leaders_step_follows_the_phases(cas) -> None:
     old, new = cas
     fsm = cluster(old)
     assert ca_rotation_step(fsm, T0) is None
-    fsm.apply(4, entry(BeginCARotation("c1", new.certificate_pem, b"s", overlap_s=100.0)))
+    fsm.apply(
+        4,
+        entry(
+            BeginCARotation(
+                "c1", new.certificate_pem, b"s", overlap_s=100.0, endorsement=endorsed(old, new.certificate_pem)
+            )
+        ),
+    )
     assert ca_rotation_step(fsm, T0 + 49) is None
     step = ca_rotation_step(fsm, T0 + 50)
     assert step == ActivateNextCA(kid(new))
