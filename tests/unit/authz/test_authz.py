@@ -224,7 +224,7 @@ def test_ca_rotation_calls_are_admin_only_and_each_identity_reads_its_own_bundle
     for method in ("ca.rotate", "ca.status"):
         authorizer.check_caller(admin, method)
         for who in (operator, viewer, node):
-            with pytest.raises(PermissionDenied, match="may not (rotate the cluster CA|read the CA rotation status)"):
+            with pytest.raises(PermissionDenied, match=r"may not (rotate the cluster CA|read the CA rotation status)"):
                 authorizer.check_caller(who, method)
     for who in (admin, operator, viewer):
         authorizer.check_caller(who, "pki.bundle")
