@@ -110,6 +110,7 @@ class PsItem(msgspec.Struct, frozen=True):
     running: int
     state: str  # running | pending | degraded | deploying | failed | stopped
     version: int
+    pending_reason: str = ""  # why replicas are not placed ("" when none wait for a node)
 
 
 class PsReply(msgspec.Struct, frozen=True):
@@ -138,6 +139,7 @@ class InspectReply(msgspec.Struct, frozen=True):
     failed_versions: list[int]
     allocations: list[AllocationInfo]
     explanations: list[str]
+    pending_reason: str = ""  # why replicas are not placed ("" when none wait for a node)
 
 
 class WorkloadLogs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -180,6 +182,14 @@ def workload_state(record: WorkloadRecord, recs: list[AllocationRecord]) -> tupl
     if any(r.allocation.state == "failed" for r in wanted):
         return "degraded", running
     return "pending", running
+
+
+def _pending_reason(record: WorkloadRecord, running: int, desired: int) -> str:
+    if running >= desired:
+        return ""
+    from cloudless.scheduler.plan import pending_reason
+
+    return pending_reason(record.explanations)
 
 
 def node_allocations(fsm: StateMachine, node: str) -> NodeAllocations:
@@ -314,7 +324,17 @@ class WorkloadService:
             record = fsm.workloads[name]
             state, running = workload_state(record, fsm.allocations_of_workload(name))
             desired = 0 if record.stopped else record.spec.replicas
-            items.append(PsItem(name, record.spec.image, desired, running, state, record.spec.version))
+            items.append(
+                PsItem(
+                    name,
+                    record.spec.image,
+                    desired,
+                    running,
+                    state,
+                    record.spec.version,
+                    _pending_reason(record, running, desired),
+                )
+            )
         return PsReply(items)
 
     def _record(self, name: str) -> WorkloadRecord:
@@ -337,6 +357,11 @@ class WorkloadService:
             failed_versions=list(record.failed_versions),
             allocations=[allocation_info(r) for r in recs],
             explanations=list(record.explanations),
+            pending_reason=_pending_reason(
+                record,
+                sum(1 for a in recs if a.desired == "run" and a.allocation.state == "running"),
+                0 if record.stopped else record.spec.replicas,
+            ),
         )
 
     async def scale(self, ctx: RpcContext, req: ScaleRequest) -> WorkloadReply:
