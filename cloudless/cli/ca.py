@@ -98,16 +98,17 @@ def ca_renew(config_path: Path | None, context_name: str | None, endpoint: str |
     assert config.path is not None
     if not save_refreshed(config.path, context.name, context, fresh.credentials):
         raise Conflict(f"context {context.name} changed while renewing; run `ca renew` again")
+    expires_at = fresh.credentials.not_after.timestamp()
     doc = {
         "context": context.name,
         "serial": format(fresh.credentials.serial, "x"),
-        "expires_at": fresh.credentials.not_after.timestamp(),
+        "expires_at": expires_at,
         "cas": len(fresh.credentials.ca_certificates),
     }
     if as_json:
         emit_json(doc)
     else:
         stdout.print(
-            f"context {context.name}: certificate {doc['serial']} until {_when(doc['expires_at'])}, "
+            f"context {context.name}: certificate {doc['serial']} until {_when(expires_at)}, "
             f"{doc['cas']} CA(s) trusted ({config.path})"
         )
