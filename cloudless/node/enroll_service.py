@@ -78,7 +78,9 @@ class EnrollService:
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
         assert self.node.credentials is not None
-        return EnrollHelloReply(self.node.cluster_id, self.node.credentials.ca_pem)
+        replicated = self.node.replicated
+        endorsement = replicated.fsm.trust_endorsement() if replicated is not None else b""
+        return EnrollHelloReply(self.node.cluster_id, self.node.credentials.ca_pem, endorsement)
 
     async def join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
         replicated = self.node.replicated

@@ -3,6 +3,7 @@
 from datetime import UTC, datetime
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from cloudless.pki.bundle import bundle_pem, issuer_of, load_bundle, subject_key_id
 from cloudless.pki.ca import ClusterCA
@@ -101,3 +102,27 @@ def test_a_peer_can_add_a_ca_only_with_the_endorsement_of_one_already_trusted(ca
             accept_offered_bundle(old.certificate_pem, offered, "c1", bad)
     # Dropping a CA (retirement) or reordering needs no endorsement.
     assert accept_offered_bundle(offered, new.certificate_pem, "c1", b"") == new.certificate_pem
+
+
+def test_a_joiner_trusts_the_pinned_ca_and_only_what_it_endorsed(cas) -> None:
+    from cloudless.node.enroll import EnrollHelloReply, verify_hello
+    from cloudless.pki.bundle import endorse
+    from cloudless.pki.ca import certificate_fingerprint
+
+    old, new, third = cas
+    server = issue_credentials(
+        old, Identity.node("c1", "n1"), datetime.now(UTC)
+    ).certificate  # checked on the real clock
+    server_der = server.public_bytes(serialization.Encoding.DER)
+    pin = certificate_fingerprint(old.certificate)
+    both = bundle_pem([old.certificate, new.certificate])
+    endorsed = EnrollHelloReply("c1", both, endorse(old.private_key, "c1", new.certificate))
+    assert verify_hello(endorsed, pin, server_der) == [old.certificate, new.certificate]
+    # A CA the pinned one did not endorse (a rooted node's own, say) is not trusted.
+    smuggled = EnrollHelloReply("c1", bundle_pem([old.certificate, third.certificate]), b"")
+    assert verify_hello(smuggled, pin, server_der) == [old.certificate]
+    # The pinned CA must be in the bundle and must have issued the server's certificate.
+    with pytest.raises(PeerRejected, match="fingerprint"):
+        verify_hello(EnrollHelloReply("c1", new.certificate_pem), pin, server_der)
+    with pytest.raises(PeerRejected):
+        verify_hello(endorsed, certificate_fingerprint(new.certificate), server_der)
