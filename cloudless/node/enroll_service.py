@@ -56,6 +56,7 @@ class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class RenewReply(msgspec.Struct, frozen=True):
     cert_pem: bytes
     ca_pem: bytes = b""  # the trust bundle the certificate belongs to (b"": leaders before CA rotation)
+    endorsement: bytes = b""  # of the bundle's newer CA by the older (pki.bundle.endorse)
 
 
 class EnrollService:
@@ -218,7 +219,10 @@ class EnrollService:
         )
         if isinstance(result, Rejected):
             raise CloudlessError(f"could not record the certificate: {result.message}")
-        return RenewReply(certificate.public_bytes(serialization.Encoding.PEM), replicated.fsm.trust_bundle())
+        fsm = replicated.fsm
+        return RenewReply(
+            certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), fsm.trust_endorsement()
+        )
 
     async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
         return self.node.revocations.to_bytes()

@@ -556,8 +556,10 @@ class Node:
         try:
             fresh = credentials.with_bundle(bundle)
         except InvalidCredentials as exc:
-            # Our certificate's CA was retired before we re-issued: peers refuse us now.
-            log.error("node.certificate_untrusted", extra={"fields": {"error": str(exc)}})
+            # A bundle without our certificate's issuer: an older state being replayed at
+            # start-up (a later entry brings ours back), or our CA was retired before we
+            # re-issued (peers refuse us; re-enroll). Either way keep what we trust.
+            log.warning("node.bundle_without_our_issuer", extra={"fields": {"error": str(exc)}})
             return
         fresh.save(self.data.tls)
         self.credentials = fresh
@@ -668,7 +670,13 @@ class Node:
             response=RenewReply,
             timeout=10.0,
         )
-        fresh = Credentials(reply.ca_pem or self.credentials.ca_pem, reply.cert_pem, private_key_pem(key))
+        bundle = self.credentials.ca_pem
+        if reply.ca_pem and reply.ca_pem != bundle:
+            try:  # a CA we do not trust yet only with an endorsement, as in _sync_trust
+                bundle = accept_offered_bundle(bundle, reply.ca_pem, self.cluster_id, reply.endorsement)
+            except InvalidCredentials as exc:
+                log.warning("node.renewal_bundle_refused", extra={"fields": {"error": str(exc)}})
+        fresh = Credentials(bundle, reply.cert_pem, private_key_pem(key))
         fresh.save(self.data.tls)
         self.credentials = fresh
         if self.verifier is not None:
