@@ -766,8 +766,8 @@ class RpcClient:
         method: str,
         request: Any,
         item: Any,
-        timeout: float | None,
-        kind: type,  # noqa: ASYNC109
+        timeout: float | None,  # noqa: ASYNC109
+        kind: type,
     ) -> AsyncIterator[Any]:
         body = encode_body(request)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
