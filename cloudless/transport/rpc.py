@@ -861,18 +861,24 @@ class ItemStream(Generic[T]):
 class DuplexStream(ItemStream[T]):
     """A duplex call: the server's items as an async iterator, plus sending the client's own.
 
-    `send`/`end` from one task at a time; reading may go on in another task.
+    Several tasks may send (one at a time on the wire); reading may go on in another task.
     """
 
-    ended = False
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._send_lock = trio.StrictFIFOLock()
+        self.ended = False
 
     async def send(self, value: Any) -> None:
-        if self.ended:
-            raise trio.ClosedResourceError(f"{self._method}: input already ended")
-        await self._stream.send_all(encode_frame(Item(encode_body(value)), self._client.max_frame_size))
+        frame = encode_frame(Item(encode_body(value)), self._client.max_frame_size)
+        async with self._send_lock:
+            if self.ended:
+                raise trio.ClosedResourceError(f"{self._method}: input already ended")
+            await self._stream.send_all(frame)
 
     async def end(self) -> None:
         """No more input (the server's `ctx.receive()` returns None)."""
-        if not self.ended:
-            self.ended = True
-            await self._stream.send_all(encode_frame(End(), self._client.max_frame_size))
+        async with self._send_lock:
+            if not self.ended:
+                self.ended = True
+                await self._stream.send_all(encode_frame(End(), self._client.max_frame_size))
