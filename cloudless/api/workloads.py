@@ -468,12 +468,15 @@ class WorkloadService:
                     if stdin_open:
                         await session.close_stdin()  # the caller ended its input
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(feed)
-                    while (output := await session.read_output()) is not None:
-                        await ctx.send(ExecOutput(*output))
-                    exit_code = await session.wait()
-                    nursery.cancel_scope.cancel()
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(feed)
+                        while (output := await session.read_output()) is not None:
+                            await ctx.send(ExecOutput(*output))
+                        exit_code = await session.wait()
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from None
         if scope.cancelled_caught:
             raise ExecTimeout(f"exec in {req.allocation} exceeded {req.timeout_s}s", allocation=req.allocation)
         await ctx.send(ExecExit(exit_code))
@@ -520,17 +523,20 @@ def _admin_only(ctx: RpcContext) -> None:
 
 async def _relay_exec(ctx: RpcContext, call) -> None:  # type: ignore[no-untyped-def]
     """Pass a duplex exec call on: the caller's input one way, the events back, each hop flow-controlled."""
-    async with trio.open_nursery() as nursery:
 
-        async def forward_input() -> None:
-            while (message := await ctx.receive()) is not None:
-                await call.send(message)
-            await call.end()
+    async def forward_input() -> None:
+        while (message := await ctx.receive()) is not None:
+            await call.send(message)
+        await call.end()
 
-        nursery.start_soon(forward_input)
-        async for event in call:
-            await ctx.send(event)
-        nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward_input)
+            async for event in call:
+                await ctx.send(event)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None  # the typed error the caller should see, not trio's group
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

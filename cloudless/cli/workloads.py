@@ -8,6 +8,7 @@ import signal
 import sys
 import termios
 import tty as tty_mode
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import click
@@ -39,7 +40,7 @@ from cloudless.api.workloads import (
 )
 from cloudless.cli.cluster import client_options, to_builtins
 from cloudless.cli.output import emit_json, stdout
-from cloudless.errors import InvalidInput, Unavailable
+from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
 
 _NAME = msgspec.json.Decoder(WorkloadName)
@@ -311,7 +312,7 @@ async def exec_(
         try:
             if raw_terminal is not None:
                 tty_mode.setraw(0)
-            async with trio.open_nursery() as nursery:
+            async with _one_error(), trio.open_nursery() as nursery:
                 if interactive:
                     nursery.start_soon(_send_stdin, call)
                 else:
@@ -347,6 +348,23 @@ async def exec_(
         )
     if exit_code != 0:
         raise SystemExit(exit_code if 0 < exit_code < 256 else 1)
+
+
+@asynccontextmanager
+async def _one_error():
+    """The error of a task of the nursery inside, not the group trio wraps it in."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        raise next((e for e in leaves if isinstance(e, CloudlessError)), leaves[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
 
 
 async def _send_stdin(call) -> None:  # type: ignore[no-untyped-def]
