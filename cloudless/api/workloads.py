@@ -360,12 +360,15 @@ class WorkloadService:
     # -- exec (duplex, relayed like logs) ---------------------------------------
 
     async def exec(self, ctx: RpcContext, req: WorkloadExec) -> None:
-        _admin_only(ctx)
+        _clients_only(ctx)
         _, address = await self._leader_address()
         if address is None:
             await self._exec_on_leader(ctx, req)
             return
-        async with self.node.rpc.duplex(address, "fwd.workloads.exec", req, item=ExecEvent) as call:
+        # The request exactly as the caller sent it, with its proof: the leader authorizes the caller.
+        async with self.node.rpc.duplex(
+            address, "fwd.workloads.exec", ctx.raw_body, item=ExecEvent, proof=ctx.proof
+        ) as call:
             await _relay_exec(ctx, call)
 
     async def _exec_on_leader(self, ctx: RpcContext, req: WorkloadExec) -> None:
@@ -387,12 +390,14 @@ class WorkloadService:
     # -- logs (streamed through the cluster) ------------------------------------
 
     async def logs(self, ctx: RpcContext, req: WorkloadLogs) -> None:
-        _admin_only(ctx)
+        _clients_only(ctx)
         _, address = await self._leader_address()
         if address is None:
             await self._logs_on_leader(ctx, req)
             return
-        async with self.node.rpc.stream(address, "fwd.workloads.logs", req, item=LogLine) as items:
+        async with self.node.rpc.stream(
+            address, "fwd.workloads.logs", ctx.raw_body, item=LogLine, proof=ctx.proof
+        ) as items:
             async for line in items:
                 await ctx.send(line)
 
@@ -510,15 +515,19 @@ class WorkloadService:
     async def report(self, ctx: RpcContext, req: ReportBatch) -> ReportAck:
         if ctx.peer.kind != "node" or ctx.peer.name != req.node:
             raise PermissionDenied("a node reports its own allocations only")
+        if not self.replicated.is_leader:
+            # Passing it on would make us the proposer of another node's report.
+            raise NotLeader("not the leader", leader=self.replicated.leader or "")
         result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
         raise_rejected(result)
         return ReportAck(index)
 
 
-def _admin_only(ctx: RpcContext) -> None:
-    # Logs and exec reach into containers: admin clients only (nodes relay through fwd.*/agent.*).
+def _clients_only(ctx: RpcContext) -> None:
+    # Logs and exec reach into containers: client identities only, whatever the permission
+    # table says of roles (nodes relay through fwd.*/agent.* and never start one).
     if ctx.peer.kind != "client":
-        raise PermissionDenied(f"{ctx.method} is for admin clients")
+        raise PermissionDenied(f"{ctx.method} is for client identities")
 
 
 async def _relay_exec(ctx: RpcContext, call) -> None:  # type: ignore[no-untyped-def]

@@ -295,21 +295,19 @@ async def _gateway_tls(node: Node, host: str) -> tuple[Any, Any]:
     """A gateway certificate from the cluster CA (replicated to Raft members) for `host`."""
     from cloudless.blobs.s3.server import issue_gateway_certificate
     from cloudless.durable import write_atomic
-    from cloudless.pki.ca import ClusterCA
 
     replicated = node.replicated
     assert replicated is not None
     while replicated.fsm.ca is None:
         await trio.sleep(0.2)
-    record = replicated.fsm.ca
-    ca = ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+    ca = node.signing_ca()  # the S3 gateway's server certificate: a coordinator-trusted node only
     hosts = sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::", ""})
     cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(UTC))
     directory = node.data.root / "blobs" / "gateway"
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / "gateway.key", key_pem)
     write_atomic(directory / "gateway.pem", cert_pem, mode=0o644)
-    write_atomic(directory / "ca.pem", record.certificate_pem, mode=0o644)
+    write_atomic(directory / "ca.pem", ca.certificate_pem, mode=0o644)
     return directory / "gateway.pem", directory / "gateway.key"
 
 

@@ -19,10 +19,11 @@ from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.node.enroll import EnrollHello, EnrollHelloReply, EnrollReply, EnrollRequest, check_token
 from cloudless.node.replicated import NoLeader
 from cloudless.pki.ca import ClusterCA, load_csr
+from cloudless.pki.custody import load_kek
 from cloudless.pki.errors import PKIError, TokenRejected
 from cloudless.pki.identity import Identity
 from cloudless.raft.core import NotLeader
-from cloudless.state.commands import ConsumeToken, RecordCertificate, RegisterNode, Rejected
+from cloudless.state.commands import ConsumeToken, RecordCertificate, RecordClientCertificate, RegisterNode, Rejected
 from cloudless.transport.rpc import RpcContext, RpcServer
 
 if TYPE_CHECKING:
@@ -69,10 +70,9 @@ class EnrollService:
     def _ca(self) -> ClusterCA:
         replicated = self.node.replicated
         assert replicated is not None
-        record = replicated.fsm.ca
-        if record is None:
+        if replicated.fsm.ca is None:
             raise NoLeader("the cluster CA is not in the replicated state yet")
-        return ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+        return self.node.signing_ca()
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
         assert self.node.credentials is not None
@@ -111,15 +111,25 @@ class EnrollService:
             raise
         if req.role == "node" and req.name in replicated.fsm.nodes:
             raise Conflict(f"a node named {req.name} is already registered; pick another --name")
+        kind = "node" if req.role == "node" else "client"
+        if replicated.fsm.retired.get(f"{kind}/{req.name}", 0.0) > now:
+            # Identity is name + key: a removed name stays unusable while any of its certificates could still work.
+            raise Conflict(f"the name {req.name} belonged to a removed {kind}; pick another --name")
+        client = replicated.fsm.clients.get(req.name) if kind == "client" else None
+        if client is not None and client.role != req.role:
+            raise Conflict(f"client {req.name} exists with role {client.role}; pick another name")
         try:
             certificate = self._ca().issue(
                 load_csr(req.csr_pem),
                 Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
                 datetime.fromtimestamp(now, UTC),
                 node_certificate_lifetime() if req.role == "node" else None,
+                role=None if req.role == "node" else req.role,
             )
         except PKIError as exc:
             raise InvalidInput(f"cannot sign the request: {exc.message}") from None
+        token_state = replicated.fsm.tokens.get(req.token_id)
+        trusted = req.role == "node" and token_state is not None and token_state.trust == "coordinator"
         result, _ = await replicated.propose(ConsumeToken(req.token_id, req.role))
         if isinstance(result, Rejected):
             raise TokenRejected("used_up" if "used" in result.message else "expired", result.message)
@@ -138,10 +148,22 @@ class EnrollService:
                     region=req.region,
                     zone=req.zone,
                     labels=dict(req.labels),
+                    trusted=trusted,
                 )
             )
             if isinstance(result, Rejected):
                 raise CloudlessError(f"could not register {req.name}: {result.message}")
+        else:
+            result, _ = await replicated.propose(
+                RecordClientCertificate(
+                    req.name,
+                    req.role,
+                    format(certificate.serial_number, "x"),
+                    certificate.not_valid_after_utc.timestamp(),
+                )
+            )
+            if isinstance(result, Rejected):
+                raise CloudlessError(f"could not record {req.name}: {result.message}")
         from cryptography.hazmat.primitives import serialization
 
         node.events.record("enroll.accepted", req.name, f"{req.role} {req.name} joined", address=req.address)
@@ -153,6 +175,8 @@ class EnrollService:
             gossip_keys=list(replicated.fsm.gossip_keys),
             seeds=seeds,
             revocations=node.revocations.to_bytes(),
+            # Only a coordinator receives the key that opens the CA key (pki.custody).
+            ca_kek=(load_kek(node.data.root) or b"") if trusted else b"",
         )
 
     async def renew(self, ctx: RpcContext, req: RenewRequest) -> RenewReply:

@@ -27,6 +27,7 @@ class PeerIdentity:
     kind: str  # "node" or "client"
     name: str
     serial: int  # certificate serial, for revocation checks and audit
+    role: str = ""  # a client certificate's role (admin, operator, viewer); "" for nodes
 
     @property
     def uri(self) -> str:

@@ -108,6 +108,9 @@ class Request(msgspec.Struct, tag="req", array_like=True, frozen=True):
     method: str
     timeout: float | None  # seconds left at the caller; None: no deadline
     body: bytes
+    # The caller's signature over (method, body), passed on when a node
+    # forwards the call (cloudless.authz.proof); empty from nodes.
+    proof: bytes = b""
 
 
 class Reply(msgspec.Struct, tag="rep", array_like=True, frozen=True):
@@ -300,6 +303,11 @@ class RpcContext:
     _stream: Stream = field(repr=False)
     _max_frame: int = field(repr=False, default=MAX_FRAME_SIZE)
     items_sent: int = 0
+    # Who the call acts for, as the server's `authorize` hook decided (None without one).
+    principal: Any = None
+    # The request as sent and its caller proof: what a forwarder passes on unchanged.
+    raw_body: bytes = field(repr=False, default=b"")
+    proof: bytes = field(repr=False, default=b"")
     _inputs: trio.MemoryReceiveChannel | None = field(repr=False, default=None)
     _input_type: Any = field(repr=False, default=None)
 
@@ -324,6 +332,9 @@ class RpcContext:
 
 
 Handler = Callable[..., Awaitable[Any]]
+# (peer, method, body, proof) -> the principal the call acts for; raises a
+# CloudlessError (e.g. authz.PermissionDenied) to refuse it.
+Authorize = Callable[[PeerIdentity, str, bytes, bytes], Any]
 
 
 @dataclass(frozen=True)
@@ -343,8 +354,22 @@ class RpcServer:
         max_frame_size: int = MAX_FRAME_SIZE,
         max_timeout: float | None = None,
         request_timeout: float = REQUEST_READ_TIMEOUT,
+        authorize: Authorize | None = None,
+        listed: Callable[[str], bool] | None = None,
+        max_calls_per_peer: int | None = None,
     ) -> None:
         self._methods: dict[str, _Method] = {}
+        # Every call passes this before its body is decoded; a node's servers
+        # use cloudless.authz (default deny), bare test servers none.
+        self.authorize = authorize
+        # Registering a method the permission table does not list fails at
+        # start-up, so no RPC can exist without a declared policy.
+        self.listed = listed
+        # One identity (across all its connections) may hold this many calls
+        # open at once; more are refused, so a stolen certificate cannot
+        # take every task and buffer a node has.
+        self.max_calls_per_peer = max_calls_per_peer
+        self._calls_by_peer: dict[str, int] = {}
         self.max_frame_size = max_frame_size
         self.request_timeout = request_timeout  # a client must deliver its request this fast
         self.max_timeout = max_timeout  # caps what clients may ask for
@@ -382,6 +407,8 @@ class RpcServer:
             raise ValueError(f"method name must be 1..{MAX_METHOD_LENGTH} characters")
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered")
+        if self.listed is not None and not self.listed(name):
+            raise ValueError(f"method {name!r} has no entry in the permission table (cloudless/authz/table.py)")
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {name!r} must be an async function")
         self._methods[name] = _Method(name, handler, request, streaming or duplex, input, duplex)
@@ -415,7 +442,17 @@ class RpcServer:
         """Serve one call; whatever happens stays with this stream (never the connection)."""
         self.calls_total += 1
         self.calls_active += 1
+        peer = conn.peer.uri
+        held = self._calls_by_peer.get(peer, 0)
+        self._calls_by_peer[peer] = held + 1
         try:
+            if self.max_calls_per_peer is not None and held >= self.max_calls_per_peer:
+                await self._refuse(
+                    stream,
+                    conn,
+                    Unavailable(f"{peer} has {held} calls open here, the most one identity may hold; retry later"),
+                )
+                return
             await self._serve_stream(conn, stream)
         except Exception as exc:  # incl. ExceptionGroups; Cancelled is a BaseException and goes on
             if _only(exc, _STREAM_GONE):
@@ -425,6 +462,11 @@ class RpcServer:
             await _reset_quietly(stream)
         finally:
             self.calls_active -= 1
+            left = self._calls_by_peer[peer] - 1
+            if left:
+                self._calls_by_peer[peer] = left
+            else:
+                del self._calls_by_peer[peer]
 
     async def _serve_stream(self, conn: Connection, stream: Stream) -> None:
         reader = FrameReader(stream, self.max_frame_size)
@@ -442,6 +484,13 @@ class RpcServer:
         if not isinstance(frame, Request):
             await self._refuse(stream, conn, RpcProtocolError("first RPC frame must be a request"))
             return
+        principal = None
+        if self.authorize is not None:
+            try:
+                principal = self.authorize(conn.peer, frame.method, frame.body, frame.proof)
+            except CloudlessError as exc:
+                await self._refuse(stream, conn, exc)
+                return
         method = self._methods.get(frame.method)
         if method is None:
             await self._refuse(stream, conn, UnknownMethod(f"no RPC method {frame.method[:MAX_METHOD_LENGTH]!r}"))
@@ -458,7 +507,7 @@ class RpcServer:
         except InvalidInput as exc:
             await self._refuse(stream, conn, exc)
             return
-        await self._run_handler(conn, stream, reader, method, request, deadline)
+        await self._run_handler(conn, stream, reader, method, request, deadline, principal, frame)
 
     async def _refuse(self, stream: Stream, conn: Connection, error: CloudlessError) -> None:
         log.info("rpc.refused", extra={"peer": conn.peer.uri, "error": error.message})
@@ -473,11 +522,29 @@ class RpcServer:
             await stream.aclose()
 
     async def _run_handler(
-        self, conn: Connection, stream: Stream, reader: FrameReader, method: _Method, request: Any, deadline: float
+        self,
+        conn: Connection,
+        stream: Stream,
+        reader: FrameReader,
+        method: _Method,
+        request: Any,
+        deadline: float,
+        principal: Any,
+        frame: Request,
     ) -> None:
         client_gone: list[str] = []
         ctx_scope = trio.CancelScope(deadline=deadline)
-        ctx = RpcContext(conn.peer, method.name, deadline, ctx_scope, stream, self.max_frame_size)
+        ctx = RpcContext(
+            conn.peer,
+            method.name,
+            deadline,
+            ctx_scope,
+            stream,
+            self.max_frame_size,
+            principal=principal,
+            raw_body=frame.body,
+            proof=frame.proof,
+        )
         on_abort = getattr(stream, "on_abort", None)
         if method.duplex:
             await self._answer_duplex(conn, stream, reader, method, ctx, request, client_gone)
@@ -632,6 +699,9 @@ class PeerPool:
         self._locks: dict[Address, trio.Lock] = {}
         self.connects = 0
 
+    def connections(self) -> list[Connection]:
+        return [c for c in self._connections.values() if not c.is_closed]
+
     async def get(self, address: Address) -> Connection:
         address = (address[0], int(address[1]))
         conn = self._connections.get(address)
@@ -660,9 +730,23 @@ class PeerPool:
 
 
 class RpcClient:
-    def __init__(self, carrier_or_pool: Carrier | PeerPool, *, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        carrier_or_pool: Carrier | PeerPool,
+        *,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        signer: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:
         self.pool = carrier_or_pool if isinstance(carrier_or_pool, PeerPool) else PeerPool(carrier_or_pool)
         self.max_frame_size = max_frame_size
+        # A client signs every call (authz.proof.ProofSigner) so a node that
+        # forwards it can prove to the leader who asked; nodes sign nothing.
+        self.signer = signer
+
+    def _proof(self, method: str, body: bytes, proof: bytes | None) -> bytes:
+        if proof is not None:
+            return proof
+        return self.signer(method, body) if self.signer is not None else b""
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -684,9 +768,14 @@ class RpcClient:
         *,
         response: type[T] | Any = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        proof: bytes | None = None,
     ) -> Any:
-        """One request, one response. Raises the remote error re-typed, DeadlineExceeded, or ConnectionLost."""
+        """One request, one response. Raises the remote error re-typed, DeadlineExceeded, or ConnectionLost.
+
+        `proof`: a caller proof to pass on (a node forwarding a client's call); else the signer's, if any.
+        """
         body = encode_body(request)
+        proof = self._proof(method, body, proof)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         conn: Connection | None = None
         frame: Frame | None = None
@@ -695,7 +784,7 @@ class RpcClient:
                 conn = await self._connection(target)
                 stream = await conn.open_stream()
                 try:
-                    frame = await self._exchange(stream, method, body, deadline)
+                    frame = await self._exchange(stream, method, body, deadline, proof)
                 except BaseException:
                     await _reset_quietly(stream)
                     raise
@@ -714,9 +803,9 @@ class RpcClient:
             raise RpcProtocolError(f"{method}: expected a reply, got {type(frame).__name__}", peer=peer)
         return decode_body(frame.body, response, f"reply from {method}")
 
-    async def _exchange(self, stream: Stream, method: str, body: bytes, deadline: float) -> Frame:
+    async def _exchange(self, stream: Stream, method: str, body: bytes, deadline: float, proof: bytes) -> Frame:
         left = None if deadline == math.inf else max(0.0, deadline - trio.current_time())
-        await stream.send_all(encode_frame(Request(method, left, body), self.max_frame_size))
+        await stream.send_all(encode_frame(Request(method, left, body, proof), self.max_frame_size))
         reader = FrameReader(stream, self.max_frame_size)
         frame = await reader.read()
         if frame is None:
@@ -740,9 +829,10 @@ class RpcClient:
         *,
         item: type[T] | Any = None,
         timeout: float | None = None,
+        proof: bytes | None = None,
     ) -> AsyncIterator[ItemStream[Any]]:
         """A server-streamed call: `async for x in items`; leaving the block early cancels the call."""
-        async with self._open(target, method, request, item, timeout, ItemStream) as items:
+        async with self._open(target, method, request, item, timeout, proof, ItemStream) as items:
             yield items
 
     @asynccontextmanager
@@ -754,9 +844,10 @@ class RpcClient:
         *,
         item: type[T] | Any = None,
         timeout: float | None = None,  # noqa: ASYNC109 (the deadline travels to the server)
+        proof: bytes | None = None,
     ) -> AsyncIterator[DuplexStream[Any]]:
         """A duplex call: `await call.send(x)`, `await call.end()`, and `async for y in call`."""
-        async with self._open(target, method, request, item, timeout, DuplexStream) as call:
+        async with self._open(target, method, request, item, timeout, proof, DuplexStream) as call:
             yield call
 
     @asynccontextmanager
@@ -767,9 +858,11 @@ class RpcClient:
         request: Any,
         item: Any,
         timeout: float | None,  # noqa: ASYNC109
+        proof: bytes | None,
         kind: type,
     ) -> AsyncIterator[Any]:
         body = encode_body(request)
+        proof = self._proof(method, body, proof)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         try:
             with trio.fail_at(deadline):
@@ -777,7 +870,7 @@ class RpcClient:
                 stream = await conn.open_stream()
                 left = None if timeout is None else max(0.0, deadline - trio.current_time())
                 try:
-                    await stream.send_all(encode_frame(Request(method, left, body), self.max_frame_size))
+                    await stream.send_all(encode_frame(Request(method, left, body, proof), self.max_frame_size))
                 except BaseException:
                     await _reset_quietly(stream)
                     raise
