@@ -138,7 +138,7 @@ def cluster(tmp_path_factory):
             )
 
             def running():
-                doc = json.loads(cli(bin_, "ps", "--json", config=config).stdout)
+                doc = json.loads(cli(bin_, "ps", "--json", config=config).stdout)["items"]
                 return {w["name"] for w in doc if w["running"] == w["desired"] == 1} >= {"shell", "ticker"}
 
             wait_until("the workloads running", running, timeout=180)
@@ -214,6 +214,12 @@ def test_exec_exits_with_the_commands_exit_code_and_keeps_stderr_apart(cluster):
         cli(bin_, "exec", "shell", "--json", "--", "sh", "-c", "echo j; exit 3", config=config, check=False).stdout
     )
     assert doc == {"exit_code": 3, "stdout": "j\n", "stderr": ""}
+    # through a follower: it forwards the call, with the caller's proof, to the leader
+    doc = status(bin_, config)
+    follower = next(m["address"] for m in doc["members"] if m["id"] != doc["leader"])
+    via = cli(bin_, "exec", "--endpoint", follower, "shell", "--", "sh", "-c", "exit 9", config=config, check=False)
+    assert via.returncode == 9, via.stderr
+    assert "line" in cli(bin_, "logs", "--endpoint", follower, "ticker", "--tail", "1", config=config).stdout
     missing = cli(bin_, "exec", "nosuch", "--", "true", config=config, check=False)
     assert missing.returncode == 3 and "nosuch" in missing.stderr
 
