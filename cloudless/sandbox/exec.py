@@ -95,6 +95,19 @@ async def _pump(stream: trio.abc.ReceiveStream, name: Literal["stdout", "stderr"
             await out.send((name, data))
 
 
+async def _wait_pid_file(pid_file: Path, proc: trio.Process) -> None:
+    """Until runc has written the exec'd process's pid (or exited), at most a few seconds."""
+    with trio.move_on_after(5):
+        while True:
+            if _exists(pid_file) or proc.poll() is not None:
+                return
+            await trio.sleep(0.01)
+
+
+def _exists(path: Path) -> bool:
+    return path.exists()
+
+
 def _kill_exec_process(pid_file: Path) -> None:
     try:
         os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
@@ -133,6 +146,11 @@ async def open_runc_exec(
             finally:
                 os.close(terminal)  # runc holds it now: EOF (EIO) on ours once runc exits
             session.proc = proc
+            # runc copies our size into the container's terminal only on SIGWINCH after it has
+            # started the process (a command that reads its size at once may still see 0x0, as
+            # under docker exec): once the process runs, have it copy the size now.
+            await _wait_pid_file(pid_file, proc)
+            session.resize(rows, cols)
             yield session
         else:
             proc = await trio.lowlevel.open_process(
@@ -154,6 +172,9 @@ async def open_runc_exec(
     finally:
         with trio.CancelScope(shield=True):
             if proc is not None and proc.returncode is None:
+                # runc writes the pid file just after starting the process, which may already
+                # have printed: give it a moment, or the process would outlive its runc.
+                await _wait_pid_file(pid_file, proc)
                 _kill_exec_process(pid_file)
                 proc.kill()
                 with trio.move_on_after(10):

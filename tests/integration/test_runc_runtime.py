@@ -265,25 +265,40 @@ async def test_exec_session_with_a_tty_gives_the_command_a_terminal_its_size_and
     seen = bytearray()  # everything the terminal showed so far
 
     async def read_until(session, needle: bytes) -> bytes:
-        with trio.fail_after(20):
+        with trio.move_on_after(20):
             while needle not in seen:
                 piece = await session.read_output()
                 assert piece is not None, f"output ended before {needle!r}: {bytes(seen)!r}"
                 assert piece[0] == "stdout"  # one terminal: stdout and stderr are one stream
                 seen.extend(piece[1])
+        assert needle in seen, f"no {needle!r} in {bytes(seen)!r}"
         return bytes(seen)
 
+    async def poke_until(session, needle: bytes) -> None:
+        # Sizes reach the container's terminal asynchronously (runc copies them on SIGWINCH):
+        # ask again, with an empty line, until the new size shows.
+        with trio.move_on_after(20):
+            while needle not in seen:
+                await session.write_stdin(b"\r")
+                with trio.move_on_after(0.5):
+                    while needle not in seen:
+                        piece = await session.read_output()
+                        assert piece is not None, f"output ended before {needle!r}: {bytes(seen)!r}"
+                        seen.extend(piece[1])
+        assert needle in seen, f"no {needle!r} in {bytes(seen)!r}"
+
     script = (
-        "tty; stty size; read line; echo got:$line; stty size;"
+        'tty; read line; echo got:$line; while read line && [ "$line" != stop ]; do stty size; done;'
         " trap 'echo interrupted; exit 3' INT; echo armed; sleep 100 & wait"
     )
     async with runtime.exec_session("ext", ["sh", "-c", script], tty=True, stdin=True, rows=33, cols=101) as session:
-        shown = await read_until(session, b"33 101")
-        assert b"/dev/pts/" in shown
-        session.resize(50, 120)  # a window resized while the command runs
+        await read_until(session, b"/dev/pts/")
         await session.write_stdin(b"abc\r")  # a terminal turns CR into NL (icrnl)
         await read_until(session, b"got:abc")
-        await read_until(session, b"50 120")
+        await poke_until(session, b"33 101")
+        session.resize(50, 120)  # a window resized while the command runs
+        await poke_until(session, b"50 120")
+        await session.write_stdin(b"stop\r")
         await read_until(session, b"armed")
         await session.write_stdin(b"\x03")  # ^C: the line discipline sends SIGINT to the foreground group
         await read_until(session, b"interrupted")
