@@ -2,17 +2,17 @@
 controller (acts on the leader only) and the workload API, started from
 `Node.run` with `await nursery.start(run_workloads, node)`.
 
-The runtime is runc when this process may drive it (root, runc installed);
-`CLOUDLESS_RUNTIME=memory` selects the in-memory twin (benchmarks and tests
-of scheduling without containers), `none` runs no agent.
+The runtime is the one the node detected and advertises (`Node.runtime`,
+`node.device.detect_runtime`): runc when this process may drive it (root,
+runc, cgroups); `--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory
+twin (benchmarks and tests of scheduling without containers), `none` runs no
+agent.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,17 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def choose_runtime() -> str:
-    wanted = os.environ.get("CLOUDLESS_RUNTIME", "")
-    if wanted in ("runc", "memory", "none"):
-        return wanted
-    if os.geteuid() == 0 and shutil.which("runc"):
-        return "runc"
-    return "none"
-
-
 async def run_workloads(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    kind = choose_runtime()
+    kind = node.runtime
     agent: Agent | None = None
     root = node.data.root / "agent"
     if kind == "runc":
@@ -72,9 +63,18 @@ async def run_workloads(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     else:
         log.warning(
             "agent.disabled",
-            extra={"fields": {"node": node.node_id, "reason": "no container runtime (needs root and runc)"}},
+            extra={"fields": {"node": node.node_id, "reason": node.runtime_reason}},
         )
     WorkloadService(node, agent).register(node.server)
+    from cloudless.api.images import ImageApi
+
+    ImageApi(
+        node.node_id,
+        node_oci_blobs(node),
+        node.data.root / "tmp" / "images",
+        local=getattr(agent.rootfs, "peers", None) if agent is not None else None,
+        events=node.events,
+    ).register(node.server)
     controller = WorkloadController(node)
     async with trio.open_nursery() as nursery:
         await nursery.start(controller.run)

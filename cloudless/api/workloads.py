@@ -39,7 +39,8 @@ from cloudless.agent.messages import (
 )
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.api.service import raise_rejected
-from cloudless.coordinator.controller import admission_error, node_infos
+from cloudless.coordinator.controller import ControllerState, admission_error, node_infos
+from cloudless.coordinator.preview import Preview, preview
 from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
 from cloudless.node.replicated import NoLeader
 from cloudless.raft.core import NotLeader
@@ -72,6 +73,13 @@ class RunWorkload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replace: bool = False  # apply: create or update; run: create only
     client_id: ClientId = ""
     seq: int = 0
+
+
+class DryRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`apply --dry-run` / `run --dry-run`: what RunWorkload would do now; changes nothing."""
+
+    spec: WorkloadSpec
+    replace: bool = False  # as RunWorkload: apply may update, run only creates
 
 
 class WorkloadRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -111,6 +119,7 @@ class PsItem(msgspec.Struct, frozen=True):
     running: int
     state: str  # running | pending | degraded | deploying | failed | stopped
     version: int
+    pending_reason: str = ""  # why replicas are not placed ("" when none wait for a node)
 
 
 class PsReply(msgspec.Struct, frozen=True):
@@ -139,6 +148,7 @@ class InspectReply(msgspec.Struct, frozen=True):
     failed_versions: list[int]
     allocations: list[AllocationInfo]
     explanations: list[str]
+    pending_reason: str = ""  # why replicas are not placed ("" when none wait for a node)
 
 
 class WorkloadLogs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -187,6 +197,14 @@ def workload_state(record: WorkloadRecord, recs: list[AllocationRecord]) -> tupl
     if any(r.allocation.state == "failed" for r in wanted):
         return "degraded", running
     return "pending", running
+
+
+def _pending_reason(record: WorkloadRecord, running: int, desired: int) -> str:
+    if running >= desired:
+        return ""
+    from cloudless.scheduler.plan import pending_reason
+
+    return pending_reason(record.explanations)
 
 
 def node_allocations(fsm: StateMachine, node: str) -> NodeAllocations:
@@ -258,6 +276,7 @@ class WorkloadService:
             ("workloads.scale", ScaleRequest, self.scale),
             ("workloads.update", UpdateRequest, self.update),
             ("workloads.stop", WorkloadRef, self.stop),
+            ("workloads.dry_run", DryRun, self.dry_run),
         ):
             self.routing.register_on_leader(server, name, handler, request)
         server.stream("workloads.logs", request=WorkloadLogs)(self.logs)
@@ -287,15 +306,19 @@ class WorkloadService:
 
     # -- client calls (on the leader) -----------------------------------------
 
-    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
-        spec = validate(req.spec)
-        fsm = self.replicated.fsm
-        existing = fsm.workloads.get(spec.name)
-        if existing is not None and not existing.stopped and not req.replace:
+    def _refuse_existing(self, spec: WorkloadSpec, replace: bool) -> None:
+        """`run` creates only: a running workload of that name is a conflict."""
+        existing = self.replicated.fsm.workloads.get(spec.name)
+        if existing is not None and not existing.stopped and not replace:
             raise Conflict(
                 f"workload {spec.name} exists (version {existing.spec.version}); use `cloudless update` or `cloudless apply`",
                 name=spec.name,
             )
+
+    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
+        spec = validate(req.spec)
+        fsm = self.replicated.fsm
+        self._refuse_existing(spec, req.replace)
         why = admission_error(spec, node_infos(self.node))
         if why is not None:
             raise Unschedulable(f"workload {spec.name} can never be placed: {why}", name=spec.name)
@@ -303,6 +326,13 @@ class WorkloadService:
         record = fsm.workloads[spec.name]
         self.node.events.record("workload.submitted", self.node.node_id, f"{spec.name} version {record.spec.version}")
         return WorkloadReply(spec.name, record.spec.version, index)
+
+    async def dry_run(self, ctx: RpcContext, req: DryRun) -> Preview:
+        spec = validate(req.spec)
+        await self.replicated.linearizable()
+        self._refuse_existing(spec, req.replace)
+        fsm = self.replicated.fsm
+        return preview(spec, ControllerState(fsm.workloads, fsm.allocations, node_infos(self.node)))
 
     async def ps(self, ctx: RpcContext, req: PsRequest) -> PsReply:
         await self.replicated.linearizable()
@@ -312,7 +342,17 @@ class WorkloadService:
             record = fsm.workloads[name]
             state, running = workload_state(record, fsm.allocations_of_workload(name))
             desired = 0 if record.stopped else record.spec.replicas
-            items.append(PsItem(name, record.spec.image, desired, running, state, record.spec.version))
+            items.append(
+                PsItem(
+                    name,
+                    record.spec.image,
+                    desired,
+                    running,
+                    state,
+                    record.spec.version,
+                    _pending_reason(record, running, desired),
+                )
+            )
         return PsReply(items)
 
     def _record(self, name: str) -> WorkloadRecord:
@@ -335,6 +375,11 @@ class WorkloadService:
             failed_versions=list(record.failed_versions),
             allocations=[allocation_info(r) for r in recs],
             explanations=list(record.explanations),
+            pending_reason=_pending_reason(
+                record,
+                sum(1 for a in recs if a.desired == "run" and a.allocation.state == "running"),
+                0 if record.stopped else record.spec.replicas,
+            ),
         )
 
     async def scale(self, ctx: RpcContext, req: ScaleRequest) -> WorkloadReply:
@@ -395,6 +440,7 @@ class WorkloadService:
         if address is None:
             await self._logs_on_leader(ctx, req)
             return
+        # The caller's bytes and proof, so the leader authorizes the caller, not us.
         async with self.node.rpc.stream(
             address, "fwd.workloads.logs", ctx.raw_body, item=LogLine, proof=ctx.proof
         ) as items:

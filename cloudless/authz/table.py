@@ -57,6 +57,7 @@ PERMISSIONS: dict[str, Rule] = {
     **_rules(
         NODE,
         gossip__stream="exchange gossip state over a stream",
+        gossip__keys="read the gossip keyring and nodes' public keys",
         raft__batch="send Raft messages",
         raft__subscribe="subscribe to Raft messages",
         raft__propose="forward Raft proposals",
@@ -93,6 +94,7 @@ PERMISSIONS: dict[str, Rule] = {
         blobs__object__head="read objects",
         blobs__object__list="list objects",
         blobs__object__get="read objects",
+        images__list="list the cluster's images",
     ),
     # Day-to-day operation: workloads, images, blobs, variables.
     **_rules(
@@ -101,6 +103,7 @@ PERMISSIONS: dict[str, Rule] = {
         vars__cas="write variables",
         vars__rm="delete variables",
         workloads__run="run workloads",
+        workloads__dry_run="preview workload placements",  # read-only, for those who may apply
         workloads__scale="scale workloads",
         workloads__update="update workloads",
         workloads__stop="stop workloads",
@@ -112,6 +115,9 @@ PERMISSIONS: dict[str, Rule] = {
         blobs__upload__part="write objects",
         blobs__upload__complete="write objects",
         blobs__upload__abort="write objects",
+        # As `image import` (blob writes) and `run` (a node pulls what it is told):
+        # a node fetches from the registry the caller names.
+        images__pull="pull images into the cluster",
     ),
     # Cluster administration: identities, membership, credentials.
     **_rules(

@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol, Union
+from typing import Protocol
 
 import msgspec
 
@@ -103,18 +103,18 @@ class DeleteAccessKey(BlobCommand, tag="blob.key.rm"):
     access_key: str
 
 
-BlobCommandUnion = Union[
-    CreateBucket,
-    DeleteBucket,
-    PutManifest,
-    DeleteManifest,
-    CreateUpload,
-    PutPart,
-    CompleteUpload,
-    AbortUpload,
-    PutAccessKey,
-    DeleteAccessKey,
-]
+BlobCommandUnion = (
+    CreateBucket
+    | DeleteBucket
+    | PutManifest
+    | DeleteManifest
+    | CreateUpload
+    | PutPart
+    | CompleteUpload
+    | AbortUpload
+    | PutAccessKey
+    | DeleteAccessKey
+)
 
 _command_decoder = msgspec.msgpack.Decoder(BlobCommandUnion)
 _enc = msgspec.msgpack.Encoder()

@@ -13,6 +13,7 @@ import trio
 
 from cloudless.api import client_config
 from cloudless.api.client_config import parse_endpoint
+from cloudless.cli.durations import Duration
 from cloudless.cli.output import fail, one_line, stderr
 from cloudless.errors import CloudlessError, InvalidInput
 
@@ -115,11 +116,18 @@ def _config_hint(path: Path) -> str:
     help="What this device is, for placement constraints (default: laptop when it has a battery, else server).",
 )
 @click.option(
+    "--runtime",
+    type=click.Choice(["auto", "runc", "none"]),
+    default=None,
+    help="Container runtime (default auto: runc when root with runc and cgroups, else none). "
+    "`none` for devices that must never run containers; the scheduler places nothing there.",
+)
+@click.option(
     "--voter-stabilization",
-    type=click.FloatRange(0, 3600),
-    default=10.0,
+    type=Duration(0, 3600),
+    default="10s",
     show_default=True,
-    help="Seconds a new member must stay alive before autopilot makes it a voter.",
+    help="How long a new member must stay alive before autopilot makes it a voter (10s, 1m; seconds).",
 )
 @click.option("--metrics-listen", default=None, callback=_endpoint, help="HOST:PORT for HTTPS /metrics (mTLS).")
 @click.option(
@@ -151,6 +159,7 @@ def node(
     battery,
     network,
     device_class,
+    runtime,
     voter_stabilization,
     metrics_listen,
     s3_listen,
@@ -187,6 +196,7 @@ def node(
         battery=battery,
         network=network,
         device_class=device_class,
+        runtime=runtime,
         autopilot=AutopilotConfig(stabilization_s=voter_stabilization),
         log_level=log_level,
         metrics_listen=metrics_listen,

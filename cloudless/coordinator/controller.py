@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
+from cloudless.node.device import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL, RUNTIMES
 from cloudless.scheduler import ClusterView, NodeInfo, admit, allocation_for, allocation_id, plan_placements, plan_stop
 from cloudless.state.commands import CommitPlan
 from cloudless.state.fsm import AllocationRecord, WorkloadRecord
@@ -431,6 +431,9 @@ def node_infos(node: Node) -> list[NodeInfo]:
             labels = {**meta.labels, **labels}
         arch = labels.pop(ARCH_LABEL, "")
         device_class = labels.pop(CLASS_LABEL, "server")
+        runtime = labels.pop(RUNTIME_LABEL, "")
+        if runtime not in RUNTIMES:
+            runtime = ""  # unknown word from a newer node: not refused for it
         if device_class not in ("server", "pc", "laptop", "phone", "gateway"):
             device_class = "server"
         uptime_s, flaps = 0.0, 0
@@ -458,6 +461,7 @@ def node_infos(node: Node) -> list[NodeInfo]:
                 charging=bool(meta.charging) if meta else False,
                 network=meta.network if meta else "wired",
                 metered=bool(meta.metered) if meta else False,
+                runtime=runtime,
             )
         )
     return out

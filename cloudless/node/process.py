@@ -43,8 +43,9 @@ from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.metadata import Metadata, Resources
 from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name
-from cloudless.node.device import DeviceProfile, detect
+from cloudless.node.device import DeviceProfile, detect, detect_runtime
 from cloudless.node.events import EventLog
+from cloudless.node.gossip_identity import GossipIdentity, decode_reply, install_keyring, keys_reply, public_key_der
 from cloudless.node.replicated import ReplicatedState
 from cloudless.observability.metrics import NodeMetrics
 from cloudless.pki.ca import ClusterCA, certificate_fingerprint
@@ -91,6 +92,7 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
+    runtime: str | None = None  # runc | memory | none; None: detect (CLOUDLESS_RUNTIME, then root+runc+cgroups)
     # Called with the admin client config's path once this node has created a new cluster
     # (the CLI merges it into the user's client config and says so).
     on_bootstrapped: Callable[[Path], None] | None = None
@@ -134,6 +136,11 @@ class Node:
         self.metrics = NodeMetrics(lambda: self)
         self.events = EventLog()
         self.device: DeviceProfile = detect(options.power, options.battery, options.network, options.device_class)  # type: ignore[arg-type]
+        # Decided once: the agent is built for it, and gossip advertises it so
+        # the scheduler never places a container where it cannot run.
+        self.runtime, self.runtime_reason = detect_runtime(
+            options.runtime or os.environ.get("CLOUDLESS_RUNTIME") or None
+        )
         self.started_at = time.time()
         self.stopping = trio.Event()
         self.ready = trio.Event()
@@ -146,6 +153,7 @@ class Node:
         self._revocations_changed = trio.Event()
         self.replicated: ReplicatedState | None = None
         self.gossip: GossipDriver | None = None
+        self.gossip_identity: GossipIdentity | None = None
         self.tls: TlsCarrier | None = None
         self.quic: QuicCarrier | None = None
         self.rpc: RpcClient | None = None
@@ -271,7 +279,7 @@ class Node:
                 roles.append("learner")
             if self.replicated.is_leader:
                 roles.append("leader")
-        from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
+        from cloudless.node.device import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL
 
         d = self.device
         blob_total, blob_free = self.blobs.disk() if self.blobs is not None else (0, 0)
@@ -281,7 +289,7 @@ class Node:
             zone=self.options.zone,
             labels=dict(self.options.labels)
             | (self.blobs.labels() if self.blobs is not None else {})
-            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class},
+            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class, RUNTIME_LABEL: self.runtime},
             roles=tuple(roles),
             capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_total),
             free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_free),
@@ -342,6 +350,7 @@ class Node:
         enroll_service = EnrollService(self)
         enroll_service.register(self.enroll_server, self.server)
         self.server.unary("gossip.stream")(self._serve_gossip_stream)
+        self.server.unary("gossip.keys")(self._serve_gossip_keys)
 
         try:
             async with trio.open_nursery() as nursery:
@@ -407,6 +416,12 @@ class Node:
     async def _run_gossip(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         keys = self._gossip_keys()
         sealer = PacketSealer(Keyring(keys[0], keys[1:]))
+        # A member's alive/leave is signed with its node key and checked against
+        # the keys Raft recorded for it: the shared keyring alone forges nothing.
+        replicated = self.replicated
+        self.gossip_identity = GossipIdentity(
+            self.cluster_id, self._current_credentials, lambda: replicated.fsm if replicated else None, self._in_raft
+        )
         core = GossipCore(
             self.node_id,
             format_address(self.advertise),
@@ -414,6 +429,7 @@ class Node:
             now=trio.current_time(),
             config=GossipConfig(),
             meta=self.metadata(),
+            claims=self.gossip_identity.claims(),
         )
         self.gossip = GossipDriver(core, self.endpoint, sealer, self._gossip_exchange)
         self.gossip.add_listener(self._on_member_event)
@@ -464,6 +480,40 @@ class Node:
         assert self.rpc is not None
         return await self.rpc.call(parse_address(addr), "gossip.stream", request, timeout=5.0)
 
+    def _current_credentials(self) -> Credentials:
+        assert self.credentials is not None  # loaded before any service starts
+        return self.credentials
+
+    def _in_raft(self) -> bool:
+        replicated = self.replicated
+        if replicated is None:
+            return False
+        conf = replicated.core.conf_state
+        return self.node_id in conf.voters or self.node_id in conf.learners
+
+    async def _serve_gossip_keys(self, ctx, body: bytes) -> bytes:
+        replicated = self.replicated
+        if ctx.peer.kind != "node" or replicated is None:
+            raise CloudlessError("gossip keys are for nodes")
+        return msgspec.msgpack.encode(keys_reply(replicated.fsm, ctx.peer.name))
+
+    async def _sync_gossip_keys(self, address: tuple[str, int]) -> None:
+        """A node outside Raft fetches the keyring and members' keys with the revocations."""
+        assert self.rpc is not None
+        try:
+            reply = decode_reply(await self.rpc.call(address, "gossip.keys", b"", timeout=3.0))
+        except (CloudlessError, msgspec.DecodeError) as exc:
+            log.debug("node.gossip_keys_sync_failed", extra={"fields": {"error": str(exc)}})
+            return
+        if self.gossip_identity is not None:
+            self.gossip_identity.install_synced(reply)
+        self._install_gossip_keys(reply.keyring)
+
+    def _install_gossip_keys(self, keys: list[bytes]) -> None:
+        if self.gossip is not None and install_keyring(self.gossip.sealer.keyring, keys):
+            write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(keys))
+            log.info("node.gossip_keyring_installed", extra={"fields": {"keys": len(keys)}})
+
     async def _serve_gossip_stream(self, ctx, body: bytes) -> bytes:
         if ctx.peer.kind != "node" or self.gossip is None:
             raise CloudlessError("gossip streams are for nodes")
@@ -484,10 +534,10 @@ class Node:
                 write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(known))
         if kinds & {"revocation", "node", "snapshot"}:
             self._refresh_revocations()
-        if "gossip_keys" in kinds and self.gossip is not None and self.replicated is not None:
+        if kinds & {"gossip_keys", "snapshot"} and self.gossip is not None and self.replicated is not None:
             keys = self.replicated.fsm.gossip_keys
             if keys:
-                write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(keys))
+                self._install_gossip_keys(list(keys))  # the running keyring, and its copy in the data dir
 
     def _refresh_revocations(self) -> None:
         replicated = self.replicated
@@ -533,6 +583,7 @@ class Node:
                 self.revocations.install(fresh)
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
                 self._revocations_changed.set()
+            await self._sync_gossip_keys(address)
 
     async def _renewal_loop(self) -> None:
         while True:
@@ -573,6 +624,9 @@ class Node:
             if carrier is not None:
                 carrier.update_credentials(fresh)
         self.events.record("node.certificate_renewed", self.node_id, f"serial {fresh.serial:x}")
+        if self.gossip is not None:
+            # Re-sign our gossip claims with the new key (a metadata version bump).
+            await self.gossip.update_metadata(self.metadata())
 
     async def _metadata_loop(self) -> None:
         last = None
@@ -651,6 +705,7 @@ class Node:
             zone=self.options.zone,
             labels=dict(self.options.labels),
             trusted=True,  # the bootstrap node: it made the CA
+            public_key=public_key_der(credentials),
         )
 
     def signing_ca(self) -> ClusterCA:

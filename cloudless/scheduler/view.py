@@ -19,7 +19,7 @@ while sharing the node indexes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from itertools import compress
+from itertools import compress, pairwise
 from operator import attrgetter
 from typing import Literal
 
@@ -53,6 +53,9 @@ class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metered: bool = False
     uptime_s: float = 0.0
     flaps: int = 0  # suspect/dead transitions in gossip's recent window
+    # What the node runs containers with (runc, rootless, memory, none); ""
+    # when it has not said (an older node, or no metadata yet): not refused.
+    runtime: str = ""
 
 
 _EXTRACTORS: dict[str, Callable[[NodeInfo], str | None]] = {
@@ -65,6 +68,7 @@ _EXTRACTORS: dict[str, Callable[[NodeInfo], str | None]] = {
     "node.power": attrgetter("power"),
     "node.network": attrgetter("network"),
     "node.metered": lambda node: "true" if node.metered else "false",
+    "node.runtime": lambda node: node.runtime or None,
 }
 
 
@@ -141,7 +145,7 @@ class ClusterView:
 
     def __init__(self, nodes: Iterable[NodeInfo], allocations: Iterable[Allocation] = ()) -> None:
         ordered = sorted(nodes, key=lambda node: node.node_id)
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in pairwise(ordered):
             if a.node_id == b.node_id:
                 raise InvalidView(f"node {a.node_id!r} appears twice in the view", node=a.node_id)
         self.nodes: tuple[NodeInfo, ...] = tuple(ordered)
@@ -282,8 +286,8 @@ class ClusterView:
         """(free cpu, free memory) per node; computed once (the snapshot is immutable once built)."""
         if self._free is None:
             self._free = (
-                tuple(c - u for c, u in zip(self.cap_cpu, self.used_cpu)),
-                tuple(c - u for c, u in zip(self.cap_mem, self.used_mem)),
+                tuple(c - u for c, u in zip(self.cap_cpu, self.used_cpu, strict=True)),
+                tuple(c - u for c, u in zip(self.cap_mem, self.used_mem, strict=True)),
             )
         return self._free
 

@@ -843,7 +843,7 @@ class RpcClient:
         request: Any = b"",
         *,
         item: type[T] | Any = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (the deadline travels to the server)
+        timeout: float | None = None,
         proof: bytes | None = None,
     ) -> AsyncIterator[DuplexStream[Any]]:
         """A duplex call: `await call.send(x)`, `await call.end()`, and `async for y in call`."""
@@ -857,7 +857,7 @@ class RpcClient:
         method: str,
         request: Any,
         item: Any,
-        timeout: float | None,  # noqa: ASYNC109
+        timeout: float | None,
         proof: bytes | None,
         kind: type,
     ) -> AsyncIterator[Any]:
