@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -21,7 +21,7 @@ from cloudless.errors import Unavailable
 from cloudless.pki.credentials import Credentials
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
-from cloudless.transport.rpc import RpcClient
+from cloudless.transport.rpc import DuplexStream, RpcClient
 from cloudless.transport.tls import TlsCarrier
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,29 @@ class ClusterClient:
                 last = exc
                 continue
         raise Unavailable(f"no node answered: {last}")
+
+    @asynccontextmanager
+    async def duplex(
+        self,
+        method: str,
+        request: Any,
+        item: type[T] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncIterator[DuplexStream[T]]:
+        """A duplex call on the first endpoint that takes it (no failover once it has started)."""
+        last: Exception | None = None
+        async with AsyncExitStack() as stack:
+            for address in self._order():
+                try:
+                    call = await stack.enter_async_context(
+                        self._rpc.duplex(address, method, request, item=item, timeout=timeout)
+                    )
+                    break
+                except (Unavailable, OSError) as exc:
+                    last = exc
+            else:
+                raise Unavailable(f"no node answered: {last}")
+            yield call
 
     async def aclose(self) -> None:
         with trio.move_on_after(2):
