@@ -53,6 +53,7 @@ import signal as signals
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -61,6 +62,7 @@ import trio
 from cloudless import selfexec
 from cloudless.durable import write_atomic
 from cloudless.sandbox import logs as container_logs
+from cloudless.sandbox.exec import RuncExecSession, open_runc_exec
 from cloudless.sandbox.network import BridgeConfig, BridgeNetwork
 from cloudless.sandbox.runtime import (
     ContainerExists,
@@ -572,6 +574,28 @@ class RuncRuntime:
             pid_file.unlink(missing_ok=True)
         return ExecResult(exit_code=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
+    @asynccontextmanager
+    async def exec_session(
+        self,
+        container_id: str,
+        args: builtins.list[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> AsyncIterator[RuncExecSession]:
+        if not args:
+            raise ContainerStateError("exec needs a command", id=container_id)
+        st = await self.state(container_id)
+        if st.status != "running":
+            raise ContainerStateError(f"container {container_id!r} is not running", id=container_id)
+        runc = [self.runc, "--root", str(self.root)]
+        async with open_runc_exec(
+            runc, self._dir(container_id), container_id, args, tty=tty, stdin=stdin, rows=rows, cols=cols
+        ) as session:
+            yield session
+
     async def stats(self, container_id: str) -> ContainerStats:
         st = await self.state(container_id)
         if st.status != "running":
@@ -614,6 +638,10 @@ class RuncRuntime:
     ) -> builtins.list[LogRecord]:
         self._load_spec(container_id)
         return await trio.to_thread.run_sync(container_logs.read, str(self.log_dir(container_id)), since_offset, tail)
+
+    async def read_logs_from_end(self, container_id: str, tail: int) -> tuple[builtins.list[LogRecord], int]:
+        self._load_spec(container_id)
+        return await trio.to_thread.run_sync(container_logs.read_tail, str(self.log_dir(container_id)), tail)
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]:
         self._load_spec(container_id)
