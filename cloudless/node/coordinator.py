@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING
 import trio
 
 from cloudless.coordinator.autopilot import Action, Candidate, plan
+from cloudless.coordinator.ca_rotation import ca_rotation_step
 from cloudless.errors import CloudlessError
 from cloudless.gossip.events import MemberAlive, MemberDead, MemberJoined, MemberLeft, MemberSuspect
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
 from cloudless.node.gossip_identity import rotation_step
 from cloudless.raft.messages import ConfChange, ConfChangeType
-from cloudless.state.commands import Rejected
+from cloudless.state.commands import ActivateNextCA, Rejected
 
 if TYPE_CHECKING:
     from cloudless.node.process import Node
@@ -67,6 +68,7 @@ class Coordinator:
             try:
                 await self.node.complete_bootstrap()
                 await self.gossip_key_step()
+                await self.ca_rotation_step()
                 if now - self._leader_since >= SETTLE_S:
                     await self.autopilot_step(now)
             except CloudlessError as exc:
@@ -84,6 +86,19 @@ class Coordinator:
             raise CloudlessError(f"gossip key rotation refused: {result.message}")
         what = "new primary gossip key" if len(command.keys) > 1 else "old gossip key dropped"
         self.node.events.record("gossip.key_rotated", self.node.node_id, what, keys=len(command.keys))
+
+    async def ca_rotation_step(self) -> None:
+        """Activate the next CA, then retire the previous one (coordinator/ca_rotation.py)."""
+        replicated = self.node.replicated
+        assert replicated is not None
+        command = ca_rotation_step(replicated.fsm, time.time())
+        if command is None:
+            return
+        result, _ = await replicated.propose(command)
+        if isinstance(result, Rejected):
+            raise CloudlessError(f"CA rotation step refused: {result.message}")
+        what = "next CA activated" if isinstance(command, ActivateNextCA) else "previous CA retired"
+        self.node.events.record("ca.rotation_step", self.node.node_id, what, key_id=command.key_id)
 
     def _on_member_event(self, event) -> None:
         now = trio.current_time()

@@ -18,6 +18,7 @@ import msgspec
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.node.enroll import EnrollHello, EnrollHelloReply, EnrollReply, EnrollRequest, check_token
 from cloudless.node.replicated import NoLeader
+from cloudless.pki.bundle import authority_key_id
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.custody import load_kek
 from cloudless.pki.errors import PKIError, TokenRejected
@@ -54,6 +55,8 @@ class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RenewReply(msgspec.Struct, frozen=True):
     cert_pem: bytes
+    ca_pem: bytes = b""  # the trust bundle the certificate belongs to (b"": leaders before CA rotation)
+    endorsement: bytes = b""  # of the bundle's newer CA by the older (pki.bundle.endorse)
 
 
 class EnrollService:
@@ -76,7 +79,9 @@ class EnrollService:
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
         assert self.node.credentials is not None
-        return EnrollHelloReply(self.node.cluster_id, self.node.credentials.ca_pem)
+        replicated = self.node.replicated
+        endorsement = replicated.fsm.trust_endorsement() if replicated is not None else b""
+        return EnrollHelloReply(self.node.cluster_id, self.node.credentials.ca_pem, endorsement)
 
     async def join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
         replicated = self.node.replicated
@@ -150,6 +155,7 @@ class EnrollService:
                     labels=dict(req.labels),
                     trusted=trusted,
                     public_key=_public_key_der(certificate),
+                    issuer=_issuer(certificate),
                 )
             )
             if isinstance(result, Rejected):
@@ -161,6 +167,7 @@ class EnrollService:
                     req.role,
                     format(certificate.serial_number, "x"),
                     certificate.not_valid_after_utc.timestamp(),
+                    issuer=_issuer(certificate),
                 )
             )
             if isinstance(result, Rejected):
@@ -171,7 +178,7 @@ class EnrollService:
         seeds = [r.address for n, r in replicated.fsm.nodes.items() if n != req.name]
         return EnrollReply(
             cluster_id=node.cluster_id,
-            ca_pem=replicated.fsm.ca.certificate_pem if replicated.fsm.ca else b"",
+            ca_pem=replicated.fsm.trust_bundle(),  # two CAs during a rotation
             cert_pem=certificate.public_bytes(serialization.Encoding.PEM),
             # Only nodes gossip: a client identity never holds the keyring.
             gossip_keys=list(replicated.fsm.gossip_keys) if req.role == "node" else [],
@@ -207,14 +214,24 @@ class EnrollService:
                 format(certificate.serial_number, "x"),
                 certificate.not_valid_after_utc.timestamp(),
                 public_key=_public_key_der(certificate),
+                issuer=_issuer(certificate),
             )
         )
         if isinstance(result, Rejected):
             raise CloudlessError(f"could not record the certificate: {result.message}")
-        return RenewReply(certificate.public_bytes(serialization.Encoding.PEM))
+        fsm = replicated.fsm
+        return RenewReply(
+            certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), fsm.trust_endorsement()
+        )
 
     async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
         return self.node.revocations.to_bytes()
+
+
+def _issuer(certificate) -> str:
+    """The signing CA's key id (hex), which a CA rotation counts re-issued certificates by."""
+    key_id = authority_key_id(certificate)
+    return key_id.hex() if key_id else ""
 
 
 def _public_key_der(certificate) -> bytes:

@@ -48,9 +48,11 @@ from cloudless.node.events import EventLog
 from cloudless.node.gossip_identity import GossipIdentity, decode_reply, install_keyring, keys_reply, public_key_der
 from cloudless.node.replicated import ReplicatedState
 from cloudless.observability.metrics import NodeMetrics
+from cloudless.pki.bundle import accept_offered_bundle
 from cloudless.pki.ca import ClusterCA, certificate_fingerprint
 from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, new_private_key, private_key_pem
 from cloudless.pki.custody import load_kek, new_kek, open_ca_key, save_kek, seal_ca_key
+from cloudless.pki.errors import InvalidCredentials
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
@@ -154,6 +156,8 @@ class Node:
         self.revocations = RevocationList()
         self.live = LiveConnections()
         self._revocations_changed = trio.Event()
+        self.verifier: PeerVerifier | None = None
+        self._trust_changed = trio.Event()  # the CA bundle changed: the renewal loop looks at once
         self.replicated: ReplicatedState | None = None
         self.gossip: GossipDriver | None = None
         self.gossip_identity: GossipIdentity | None = None
@@ -316,7 +320,7 @@ class Node:
         revocations_file = self.data.root / "revocations"
         if revocations_file.exists():
             self.revocations.install(RevocationList.from_bytes(revocations_file.read_bytes()))
-        verifier = PeerVerifier(self.credentials.ca_certificate, self.revocations, self.cluster_id)
+        verifier = self.verifier = PeerVerifier(self.credentials.ca_certificates, self.revocations, self.cluster_id)
         # Default deny on every call: authz's permission table, with forwarded
         # client calls authorized by the client's own signed proof.
         gate = CallGate(ProofVerifier(verifier))
@@ -343,6 +347,7 @@ class Node:
         replicated.change_listeners.append(self._on_state_change)
         self._refresh_revocations()
 
+        from cloudless.api.ca import CAApi
         from cloudless.api.identities import IdentityApi
         from cloudless.api.service import ApiService
         from cloudless.node.coordinator import Coordinator
@@ -351,6 +356,7 @@ class Node:
         api = ApiService(self)
         api.register(self.server)
         IdentityApi(self).register(self.server)
+        CAApi(self).register(self.server)
         enroll_service = EnrollService(self)
         enroll_service.register(self.enroll_server, self.server)
         self.server.unary("gossip.stream")(self._serve_gossip_stream)
@@ -538,10 +544,36 @@ class Node:
                 write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(known))
         if kinds & {"revocation", "node", "snapshot"}:
             self._refresh_revocations()
+        if kinds & {"ca", "snapshot"} and self.replicated is not None:
+            self._install_trust(self.replicated.fsm.trust_bundle())
         if kinds & {"gossip_keys", "snapshot"} and self.gossip is not None and self.replicated is not None:
             keys = self.replicated.fsm.gossip_keys
             if keys:
                 self._install_gossip_keys(list(keys))  # the running keyring, and its copy in the data dir
+
+    def _install_trust(self, bundle: bytes) -> None:
+        """Trust the CA bundle `bundle` (a CA rotation began, activated or retired): from the
+        next handshake on, in the transports, the verifier and `tls/ca.pem`."""
+        credentials = self.credentials
+        if not bundle or credentials is None or bundle == credentials.ca_pem:
+            return
+        try:
+            fresh = credentials.with_bundle(bundle)
+        except InvalidCredentials as exc:
+            # A bundle without our certificate's issuer: an older state being replayed at
+            # start-up (a later entry brings ours back), or our CA was retired before we
+            # re-issued (peers refuse us; re-enroll). Either way keep what we trust.
+            log.warning("node.bundle_without_our_issuer", extra={"fields": {"error": str(exc)}})
+            return
+        fresh.save(self.data.tls)
+        self.credentials = fresh
+        if self.verifier is not None:
+            self.verifier.trust(fresh.ca_certificates)
+        for carrier in (self.tls, self.quic):
+            if carrier is not None:
+                carrier.update_credentials(fresh)
+        self.events.record("pki.trust_changed", self.node_id, f"{len(fresh.ca_certificates)} CA(s) trusted")
+        self._trust_changed.set()
 
     def _refresh_revocations(self) -> None:
         replicated = self.replicated
@@ -588,14 +620,35 @@ class Node:
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
                 self._revocations_changed.set()
             await self._sync_gossip_keys(address)
+            await self._sync_trust(address)
+
+    async def _sync_trust(self, address: tuple[str, int]) -> None:
+        """Outside Raft, the CA bundle comes from the leader (over a connection the current one verified)."""
+        from cloudless.api.ca import CABundle
+
+        assert self.rpc is not None
+        try:
+            reply = await self.rpc.call(address, "pki.trust", b"", response=CABundle, timeout=3.0)
+            assert self.credentials is not None
+            if reply.ca_pem and reply.ca_pem != self.credentials.ca_pem:
+                self._install_trust(
+                    accept_offered_bundle(self.credentials.ca_pem, reply.ca_pem, self.cluster_id, reply.endorsement)
+                )
+        except CloudlessError as exc:
+            log.debug("node.trust_sync_failed", extra={"fields": {"error": str(exc)}})
 
     async def _renewal_loop(self) -> None:
         while True:
             credentials = self.credentials
             lifetime = (credentials.not_after - credentials.not_before).total_seconds() if credentials else 300.0
-            await trio.sleep(min(30.0, max(1.0, lifetime / 20)))
+            with trio.move_on_after(min(30.0, max(1.0, lifetime / 20))):
+                await self._trust_changed.wait()
+            self._trust_changed = trio.Event()
             credentials = self.credentials
-            if credentials is None or not credentials.needs_renewal(datetime.now(UTC)):
+            if credentials is None:
+                continue
+            # During a CA rotation, a certificate from the previous CA is re-issued at once.
+            if not credentials.needs_renewal(datetime.now(UTC)) and credentials.issued_by_active_ca:
                 continue
             try:
                 await self.renew_certificate()
@@ -621,9 +674,17 @@ class Node:
             response=RenewReply,
             timeout=10.0,
         )
-        fresh = Credentials(self.credentials.ca_pem, reply.cert_pem, private_key_pem(key))
+        bundle = self.credentials.ca_pem
+        if reply.ca_pem and reply.ca_pem != bundle:
+            try:  # a CA we do not trust yet only with an endorsement, as in _sync_trust
+                bundle = accept_offered_bundle(bundle, reply.ca_pem, self.cluster_id, reply.endorsement)
+            except InvalidCredentials as exc:
+                log.warning("node.renewal_bundle_refused", extra={"fields": {"error": str(exc)}})
+        fresh = Credentials(bundle, reply.cert_pem, private_key_pem(key))
         fresh.save(self.data.tls)
         self.credentials = fresh
+        if self.verifier is not None:
+            self.verifier.trust(fresh.ca_certificates)
         for carrier in (self.tls, self.quic):
             if carrier is not None:
                 carrier.update_credentials(fresh)

@@ -11,7 +11,8 @@ segment). Rotation starts a new segment once the current one would exceed
 they are observations, not acknowledged writes.
 
 The same file is **the log shim** (see runc.py for why one exists). runc.py
-runs it by path with `python -I -S logs.py shim ...`, so at module level this
+runs it by path with `python -I -S logs.py shim ...` (a frozen bundle: through a
+hidden argument, see cloudless/selfexec.py), so at module level this
 file imports only the standard library, and the shim path only C builtins: an
 isolated interpreter with no site packages starts in ~7 ms instead of ~100 ms,
 and the shim sits on the start path. The shim:
@@ -206,6 +207,14 @@ def read_raw(log_dir: str, since_offset: int = 0, tail: int | None = None) -> li
 
 def read(log_dir: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]:
     return [LogRecord(offset=o, ts=t, stream=s, text=x) for o, t, s, x in read_raw(log_dir, since_offset, tail)]
+
+
+def read_tail(log_dir: str, tail: int) -> tuple[list[LogRecord], int]:
+    """The last `tail` records and the offset just past the newest complete one, from one scan:
+    following from that offset misses nothing written after the scan and repeats nothing."""
+    out, next_offset = _scan(log_dir, 0)
+    out = out[-tail:] if tail > 0 else []
+    return [LogRecord(offset=o, ts=t, stream=s, text=x) for o, t, s, x in out], next_offset
 
 
 async def follow(log_dir: str, since_offset: int = 0, poll_interval: float = 0.05) -> AsyncIterator[LogRecord]:

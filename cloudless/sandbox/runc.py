@@ -3,7 +3,7 @@
 Why a shim. After `runc create` the container's init is no longer anyone's
 child we can wait on, and its stdout/stderr must keep flowing somewhere while
 the node process restarts. So each run goes through a small per-container
-shim (the `__main__` of logs.py, run with `python -I -S`): it forks off a
+shim (the `__main__` of logs.py, run as selfexec.log_shim_argv() says): it forks off a
 daemon that becomes a child subreaper and runs `runc create` with the
 container's stdio set to pipes it owns, then `runc start`, and reports
 `ok <pid>`. Once runc exits, init is re-parented to the daemon, which pumps
@@ -50,16 +50,18 @@ import resource
 import shutil
 import signal as signals
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
 import trio
 
+from cloudless import selfexec
 from cloudless.durable import write_atomic
 from cloudless.sandbox import logs as container_logs
+from cloudless.sandbox.exec import RuncExecSession, open_runc_exec
 from cloudless.sandbox.network import BridgeConfig, BridgeNetwork
 from cloudless.sandbox.rootless import NoNetwork, RootlessHost
 from cloudless.sandbox.runtime import (
@@ -80,7 +82,6 @@ from cloudless.sandbox.spec import NOFILE_LIMIT, HostCgroups, ResolvedUser, buil
 
 log = logging.getLogger(__name__)
 
-SHIM_SCRIPT = container_logs.__file__
 WAIT_POLL = 0.02  # seconds between exit.json checks while waiting
 
 
@@ -127,7 +128,7 @@ class RuncRuntime:
         log_max_bytes: int = 10 * 1024 * 1024,
         log_keep: int = 3,
         command_timeout: float = 30.0,
-        python: str = sys.executable,
+        shim_argv: list[str] | None = None,  # default: selfexec.log_shim_argv()
         rootless: RootlessHost | None = None,
     ) -> None:
         """`rootless`: this process is not root (rootless.py): runc runs with
@@ -150,7 +151,7 @@ class RuncRuntime:
         self.log_max_bytes = log_max_bytes
         self.log_keep = log_keep
         self.timeout = command_timeout
-        self.python = python
+        self.shim_argv = list(shim_argv) if shim_argv is not None else selfexec.log_shim_argv()
         self.cgroups = detect_cgroups()
         # Relative cgroup paths nest under the cgroup runc runs in; the tag keeps
         # two runtimes on one machine (a dev cluster) apart.
@@ -360,7 +361,7 @@ class RuncRuntime:
 
     async def _spawn_shim(self) -> trio.Process:
         return await trio.lowlevel.open_process(
-            [self.python, "-I", "-S", SHIM_SCRIPT, "shim", "--args-from-stdin"],
+            [*self.shim_argv, "shim", "--args-from-stdin"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -583,6 +584,28 @@ class RuncRuntime:
             pid_file.unlink(missing_ok=True)
         return ExecResult(exit_code=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
 
+    @asynccontextmanager
+    async def exec_session(
+        self,
+        container_id: str,
+        args: list[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> AsyncIterator[RuncExecSession]:
+        if not args:
+            raise ContainerStateError("exec needs a command", id=container_id)
+        st = await self.state(container_id)
+        if st.status != "running":
+            raise ContainerStateError(f"container {container_id!r} is not running", id=container_id)
+        runc = [self.runc, *self._runc_flags]
+        async with open_runc_exec(
+            runc, self._dir(container_id), container_id, args, tty=tty, stdin=stdin, rows=rows, cols=cols
+        ) as session:
+            yield session
+
     async def stats(self, container_id: str) -> ContainerStats:
         st = await self.state(container_id)
         if st.status != "running":
@@ -623,6 +646,10 @@ class RuncRuntime:
     async def read_logs(self, container_id: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]:
         self._load_spec(container_id)
         return await trio.to_thread.run_sync(container_logs.read, str(self.log_dir(container_id)), since_offset, tail)
+
+    async def read_logs_from_end(self, container_id: str, tail: int) -> tuple[list[LogRecord], int]:
+        self._load_spec(container_id)
+        return await trio.to_thread.run_sync(container_logs.read_tail, str(self.log_dir(container_id)), tail)
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]:
         self._load_spec(container_id)
