@@ -4,9 +4,9 @@ controller (acts on the leader only) and the workload API, started from
 
 The runtime is the one the node detected and advertises (`Node.runtime`,
 `node.device.detect_runtime`): runc when this process may drive it (root,
-runc, cgroups), rootless runc when it is not root (sandbox/rootless.py); `--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory
-twin (benchmarks and tests of scheduling without containers), `none` runs no
-agent.
+runc, cgroups), rootless runc when it is not root (sandbox/rootless.py);
+`--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory twin
+(benchmarks and tests of scheduling without containers), `none` runs no agent.
 """
 
 from __future__ import annotations

@@ -94,9 +94,8 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
-    runtime: str | None = (
-        None  # runc | rootless | memory | none; None: detect (CLOUDLESS_RUNTIME, then root+runc+cgroups)
-    )
+    # runc | rootless | memory | none; None: detect (CLOUDLESS_RUNTIME, then root/rootless runc)
+    runtime: str | None = None
     # Called with the admin client config's path once this node has created a new cluster
     # (the CLI merges it into the user's client config and says so).
     on_bootstrapped: Callable[[Path], None] | None = None

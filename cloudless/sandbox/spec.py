@@ -330,10 +330,13 @@ def _rootless_user(spec: ContainerSpec, user: ResolvedUser, host: RootlessHost) 
     if spec.network == "bridge":
         raise InvalidContainerSpec("a rootless node has no container bridge (ports need root)", field="network")
     if not host.maps_uid(user.uid) or not host.maps_gid(user.gid):
+        mapped = (
+            f"ids 0-{host.uid_mappings[-1].size} are mapped"
+            if host.subordinate
+            else "no subordinate ids in /etc/subuid and /etc/subgid with newuidmap/newgidmap; only 0:0 can run"
+        )
         raise InvalidContainerSpec(
-            f"user {user.uid}:{user.gid} has no id on this rootless node (no subordinate ids in"
-            " /etc/subuid and /etc/subgid with newuidmap/newgidmap; only 0:0 can run)",
-            field="user",
+            f"user {user.uid}:{user.gid} has no id on this rootless node ({mapped})", field="user"
         )
     # Without subordinate ids runc must deny setgroups, so there are none to set.
     extra = tuple(g for g in user.additional_gids if host.maps_gid(g)) if host.subordinate else ()

@@ -148,3 +148,8 @@ def test_no_delegation_when_not_writable_on_v1_or_at_the_root(tmp_path):
     assert delegated_cgroup("0::/node.scope\n", root, lambda path, mode: True) == (None, frozenset())  # parent is /
     (root / "cgroup.controllers").unlink()  # v1 (or hybrid without the unified root): not delegable
     assert delegated_cgroup(own, root, lambda path, mode: True) == (None, frozenset())
+
+
+def test_a_user_beyond_the_subordinate_range_is_refused_with_the_range():
+    with pytest.raises(InvalidContainerSpec, match="ids 0-65536 are mapped"):
+        config(host=SUBIDS, user=ResolvedUser(70000, 0))
