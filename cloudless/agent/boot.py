@@ -4,9 +4,9 @@ controller (acts on the leader only) and the workload API, started from
 
 The runtime is the one the node detected and advertises (`Node.runtime`,
 `node.device.detect_runtime`): runc when this process may drive it (root,
-runc, cgroups); `--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory
-twin (benchmarks and tests of scheduling without containers), `none` runs no
-agent.
+runc, cgroups), rootless runc when it is not root (sandbox/rootless.py);
+`--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory twin
+(benchmarks and tests of scheduling without containers), `none` runs no agent.
 """
 
 from __future__ import annotations
@@ -35,12 +35,19 @@ async def run_workloads(node: Node, *, task_status=trio.TASK_STATUS_IGNORED) -> 
     kind = node.runtime
     agent: Agent | None = None
     root = node.data.root / "agent"
-    if kind == "runc":
+    if kind in ("runc", "rootless"):
+        from cloudless.sandbox.rootless import detect_host
         from cloudless.sandbox.runc import RuncRuntime
 
+        rootless = detect_host() if kind == "rootless" else None
+        if rootless is not None:
+            log.info(
+                "agent.rootless",
+                extra={"fields": {"subordinate_ids": rootless.subordinate, "unenforced": rootless.unenforced()}},
+            )
         agent = Agent(
             node.node_id,
-            RuncRuntime(root / "sandbox"),
+            RuncRuntime(root / "sandbox", rootless=rootless),
             ClusterSource(node),
             LocalAllocations(root),
             ImageRootfs(

@@ -43,7 +43,7 @@ from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.metadata import Metadata, Resources
 from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name
-from cloudless.node.device import DeviceProfile, detect, detect_runtime
+from cloudless.node.device import DeviceProfile, detect, detect_runtime, runtime_labels
 from cloudless.node.events import EventLog
 from cloudless.node.gossip_identity import GossipIdentity, decode_reply, install_keyring, keys_reply, public_key_der
 from cloudless.node.replicated import ReplicatedState
@@ -94,7 +94,8 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
-    runtime: str | None = None  # runc | memory | none; None: detect (CLOUDLESS_RUNTIME, then root+runc+cgroups)
+    # runc | rootless | memory | none; None: detect (CLOUDLESS_RUNTIME, then root/rootless runc)
+    runtime: str | None = None
     # Called with the admin client config's path once this node has created a new cluster
     # (the CLI merges it into the user's client config and says so).
     on_bootstrapped: Callable[[Path], None] | None = None
@@ -141,8 +142,9 @@ class Node:
         # Decided once: the agent is built for it, and gossip advertises it so
         # the scheduler never places a container where it cannot run.
         self.runtime, self.runtime_reason = detect_runtime(
-            options.runtime or os.environ.get("CLOUDLESS_RUNTIME") or None
+            options.runtime or os.environ.get("CLOUDLESS_RUNTIME") or None, data_dir=self.data.root
         )
+        self.runtime_labels = runtime_labels(self.runtime)
         self.started_at = time.time()
         self.stopping = trio.Event()
         self.ready = trio.Event()
@@ -283,7 +285,7 @@ class Node:
                 roles.append("learner")
             if self.replicated.is_leader:
                 roles.append("leader")
-        from cloudless.node.device import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL
+        from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
 
         d = self.device
         blob_total, blob_free = self.blobs.disk() if self.blobs is not None else (0, 0)
@@ -293,7 +295,8 @@ class Node:
             zone=self.options.zone,
             labels=dict(self.options.labels)
             | (self.blobs.labels() if self.blobs is not None else {})
-            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class, RUNTIME_LABEL: self.runtime},
+            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class}
+            | self.runtime_labels,
             roles=tuple(roles),
             capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_total),
             free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_free),
