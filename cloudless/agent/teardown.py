@@ -46,6 +46,7 @@ async def remove_node_sandbox(data_root: Path) -> SandboxRemoval:
     sandbox = sandbox_dir(data_root)
     can_run_containers = os.geteuid() == 0 and shutil.which("runc") is not None
     if sandbox.is_dir() and can_run_containers:
+        from cloudless.sandbox.network import BridgeNetwork
         from cloudless.sandbox.runc import RuncRuntime
 
         runtime = RuncRuntime(sandbox)
@@ -58,9 +59,11 @@ async def remove_node_sandbox(data_root: Path) -> SandboxRemoval:
                     continue
                 removal.containers.append(state.id)
             removal.containers += [c for c in await runtime.sweep() if c not in removal.containers]
-            if _link_exists(runtime.network.config.bridge):
-                removal.network = runtime.network.config.bridge
-            await runtime.network.remove_bridge()  # and the rules tagged with this node's tag
+            network = runtime.network
+            if isinstance(network, BridgeNetwork):  # always: only a runtime made rootless has none
+                if _link_exists(network.config.bridge):
+                    removal.network = network.config.bridge
+                await network.remove_bridge()  # and the rules tagged with this node's tag
         finally:
             await runtime.aclose()
     images = data_root / "images"
