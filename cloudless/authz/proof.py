@@ -147,13 +147,13 @@ class ProofVerifier:
             peer = self._verifier.verify([certificate])
         except Exception as exc:  # PeerRejected and parse errors alike: the proof proves nobody
             raise PermissionDenied(f"permission denied: caller certificate refused: {exc}") from None
-        public_key = certificate.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+        key = certificate.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey):
             raise PermissionDenied("permission denied: caller certificate has no EC key")
-        self._certificates[der] = (peer, public_key, certificate.not_valid_after_utc.timestamp(), cas)
+        self._certificates[der] = (peer, key, certificate.not_valid_after_utc.timestamp(), cas)
         while len(self._certificates) > MAX_CACHED_CERTIFICATES:
             self._certificates.popitem(last=False)
-        return peer, public_key
+        return peer, key
 
     def _remember(self, nonce: bytes, now: float) -> None:
         horizon = now - 2 * MAX_SKEW_S
