@@ -12,6 +12,7 @@ node holds an outgoing connection the relay reuses).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -31,18 +32,20 @@ from cloudless.agent.messages import (
 )
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.api.service import raise_rejected
-from cloudless.coordinator.controller import admission_error, node_infos
+from cloudless.coordinator.controller import admission_error
 from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
-from cloudless.node.replicated import NoLeader
+from cloudless.observability.events import EventLog
+from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
+from cloudless.raft.errors import NoLeader
 from cloudless.state.commands import ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
 from cloudless.state.fsm import AllocationRecord, StateMachine, WorkloadRecord
 from cloudless.state.workload import WorkloadName, WorkloadSpec, validate
-from cloudless.transport.rpc import RpcContext, RpcServer
+from cloudless.scheduler import NodeInfo
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 if TYPE_CHECKING:
     from cloudless.agent.agent import Agent
-    from cloudless.node.process import Node
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +228,22 @@ def pick_allocations(fsm: StateMachine, name: str, replica: int | None) -> list[
 
 
 class WorkloadService:
-    def __init__(self, node: Node, agent: Agent | None = None) -> None:
-        self.node = node
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: Proposer,
+        rpc: RpcClient,
+        events: EventLog,
+        node_infos: Callable[[], list[NodeInfo]],
+        agent: Agent | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
+        self.events = events
+        self.node_infos = node_infos  # every node as the scheduler sees it, for admission
         self.agent = agent
-        self.routing = LeaderRouting(node)
-
-    @property
-    def replicated(self):
-        assert self.node.replicated is not None
-        return self.node.replicated
+        self.routing = LeaderRouting(cluster, replicated, rpc)
 
     def register(self, server: RpcServer) -> None:
         for name, request, handler in (
@@ -255,10 +265,10 @@ class WorkloadService:
 
     async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
         leader = await self.replicated.wait_leader()
-        if leader == self.node.node_id:
+        if leader == self.cluster.node_id:
             return leader, None
-        address = self.node.address_of(leader)
-        if address is None or self.node.rpc is None:
+        address = self.cluster.address_of(leader)
+        if address is None:
             raise NoLeader(f"leader {leader} has no known address")
         return leader, address
 
@@ -278,12 +288,12 @@ class WorkloadService:
                 f"workload {spec.name} exists (version {existing.spec.version}); use `cloudless update` or `cloudless apply`",
                 name=spec.name,
             )
-        why = admission_error(spec, node_infos(self.node))
+        why = admission_error(spec, self.node_infos())
         if why is not None:
             raise Unschedulable(f"workload {spec.name} can never be placed: {why}", name=spec.name)
         index = await self._propose(SubmitWorkload(spec), req.client_id, req.seq)
         record = fsm.workloads[spec.name]
-        self.node.events.record("workload.submitted", self.node.node_id, f"{spec.name} version {record.spec.version}")
+        self.events.record("workload.submitted", self.cluster.node_id, f"{spec.name} version {record.spec.version}")
         return WorkloadReply(spec.name, record.spec.version, index)
 
     async def ps(self, ctx: RpcContext, req: PsRequest) -> PsReply:
@@ -343,7 +353,7 @@ class WorkloadService:
         await self.replicated.linearizable()
         target = pick_allocations(self.replicated.fsm, req.name, req.replica)[0]
         address = self._node_address(target.allocation.node)
-        return await self.node.rpc.call(
+        return await self.rpc.call(
             address,
             "agent.exec",
             ExecRequest(target.allocation.id, req.args, req.timeout_s),
@@ -352,8 +362,8 @@ class WorkloadService:
         )
 
     def _node_address(self, node_id: str) -> tuple[str, int]:
-        address = self.node.address_of(node_id)
-        if address is None or self.node.rpc is None:
+        address = self.cluster.address_of(node_id)
+        if address is None:
             raise Unavailable(f"node {node_id} has no known address", node=node_id)
         return address
 
@@ -364,7 +374,7 @@ class WorkloadService:
         if address is None:
             await self._logs_on_leader(ctx, req)
             return
-        async with self.node.rpc.stream(address, "fwd.workloads.logs", req, item=LogLine) as items:
+        async with self.rpc.stream(address, "fwd.workloads.logs", req, item=LogLine) as items:
             async for line in items:
                 await ctx.send(line)
 
@@ -377,7 +387,7 @@ class WorkloadService:
             address = self._node_address(a.node)
             request = LogsRequest(a.id, follow=req.follow, tail=req.tail)
             timeout = None if req.follow else 30.0
-            async with self.node.rpc.stream(address, "agent.logs", request, item=LogLine, timeout=timeout) as items:
+            async with self.rpc.stream(address, "agent.logs", request, item=LogLine, timeout=timeout) as items:
                 async for line in items:
                     await deliver(line)
 
@@ -424,7 +434,7 @@ class WorkloadService:
         if ctx.peer.kind != "node":
             raise PermissionDenied("agent.* methods are for nodes (clients go through workloads.*)")
         if self.agent is None:
-            raise Unavailable(f"node {self.node.node_id} runs no agent")
+            raise Unavailable(f"node {self.cluster.node_id} runs no agent")
         return self.agent
 
     # -- the agent's side -------------------------------------------------------

@@ -98,7 +98,7 @@ def node(
     log_level,
 ) -> None:
     from cloudless.coordinator.autopilot import AutopilotConfig
-    from cloudless.node.process import Node, NodeOptions
+    from cloudless.node.process import NodeOptions, run_node
     from cloudless.observability.logging import configure
 
     data_dir = data_dir or default_data_dir()
@@ -129,7 +129,7 @@ def node(
         s3_listen=s3_listen,
     )
     try:
-        trio.run(Node(options).run)
+        trio.run(run_node, options)
     except CloudlessError as exc:
         fail(exc, as_json=False)
     except KeyboardInterrupt:

@@ -17,8 +17,8 @@ from cryptography.exceptions import InvalidSignature
 from cloudless.pki.clock import as_utc, utc_now
 from cloudless.pki.credentials import identity_of
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidIdentity, PeerRejected
+from cloudless.pki.identity import PeerIdentity
 from cloudless.pki.revocation import RevocationList
-from cloudless.transport.base import PeerIdentity
 
 
 class PeerVerifier:

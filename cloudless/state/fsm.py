@@ -15,7 +15,7 @@ import msgspec
 import zstandard
 
 from cloudless.blobs.catalog import Catalog, MemoryKV
-from cloudless.blobs.catalog import decode_command as decode_blob_command
+from cloudless.blobs.commands import decode_command as decode_blob_command
 from cloudless.errors import CloudlessError
 from cloudless.state.commands import (
     BlobCatalogCommand,

@@ -57,7 +57,7 @@ def test_arch_uses_oci_names_and_class_follows_the_battery():
 def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
     from types import SimpleNamespace
 
-    from cloudless.coordinator.controller import node_infos
+    from cloudless.node.controller import node_infos
     from cloudless.gossip.metadata import Metadata
     from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
     from cloudless.state.fsm import NodeRecord
@@ -66,14 +66,8 @@ def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
         labels={ARCH_LABEL: "arm64", CLASS_LABEL: "phone", "gpu": "no"}, power="battery", battery_percent=40
     )
     member = SimpleNamespace(state=0, meta=meta, state_change=0.0)
-    node = SimpleNamespace(
-        node_id="me",
-        replicated=SimpleNamespace(
-            fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})})
-        ),
-        gossip=SimpleNamespace(core=SimpleNamespace(member=lambda name: member)),
-        coordinator=None,
-    )
-    (info,) = node_infos(node)
+    cluster = SimpleNamespace(node_id="me", member=lambda name: member)
+    replicated = SimpleNamespace(fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})}))
+    (info,) = node_infos(cluster, replicated, uptime_and_flaps=lambda name: (0.0, 0))  # type: ignore[arg-type]
     assert (info.arch, info.device_class, info.labels) == ("arm64", "phone", {"gpu": "no"})
     assert (info.power, info.battery_percent, info.zone) == ("battery", 40, "z")

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from cloudless.coordinator.autopilot import Action, Candidate, plan
+from cloudless.coordinator.autopilot import Action, AutopilotConfig, Candidate, plan
 from cloudless.errors import CloudlessError
 from cloudless.gossip.events import MemberAlive, MemberDead, MemberJoined, MemberLeft, MemberSuspect
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
+from cloudless.node.replicated import ReplicatedState
+from cloudless.ports import ClusterView, EventRecorder
 from cloudless.raft.messages import ConfChange, ConfChangeType
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,25 @@ _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 
 class Coordinator:
-    def __init__(self, node: Node, interval: float = 0.5) -> None:
-        self.node = node
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: ReplicatedState,
+        events: EventRecorder,
+        config: AutopilotConfig,
+        *,
+        complete_bootstrap: Callable[[], Awaitable[None]],
+        own_uptime: Callable[[], float],
+        count_decision: Callable[[str], None] = lambda kind: None,
+        interval: float = 0.5,
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.events = events
+        self.config = config
+        self.complete_bootstrap = complete_bootstrap  # leader-only bootstrap duties (idempotent)
+        self.own_uptime = own_uptime
+        self.count_decision = count_decision  # metrics: decisions by kind
         self.interval = interval
         self._flaps: dict[str, deque[float]] = defaultdict(deque)
         self._alive_since: dict[str, float] = {}
@@ -45,24 +61,22 @@ class Coordinator:
         self._last_plan: tuple = ()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        assert self.node.gossip is not None
-        self.node.gossip.add_listener(self._on_member_event)
+        self.cluster.add_member_listener(self._on_member_event)
         task_status.started()
+        replicated = self.replicated
         while True:
             await trio.sleep(self.interval)
-            replicated = self.node.replicated
-            assert replicated is not None
             if not replicated.is_leader:
                 self._leader_since = None
                 continue
             now = trio.current_time()
             if self._leader_since is None:
                 self._leader_since = now
-                self.node.events.record(
-                    "raft.leader_elected", self.node.node_id, f"leader for term {replicated.core.term}"
+                self.events.record(
+                    "raft.leader_elected", self.cluster.node_id, f"leader for term {replicated.core.term}"
                 )
             try:
-                await self.node.complete_bootstrap()
+                await self.complete_bootstrap()
                 if now - self._leader_since >= SETTLE_S:
                     await self.autopilot_step(now)
             except CloudlessError as exc:
@@ -86,9 +100,9 @@ class Coordinator:
     def uptime_and_flaps(self, name: str) -> tuple[float, int]:
         """Seconds since the member was last seen becoming alive, and its recent failures."""
         now = trio.current_time()
-        if name == self.node.node_id:
-            return node_uptime(self.node), self.flaps(name, now)
-        member = self.node.gossip.core.member(name) if self.node.gossip is not None else None
+        if name == self.cluster.node_id:
+            return self.own_uptime(), self.flaps(name, now)
+        member = self.cluster.member(name)
         since = self._alive_since.get(name, member.state_change if member is not None else now)
         return max(0.0, now - since), self.flaps(name, now)
 
@@ -101,10 +115,8 @@ class Coordinator:
         return len(flaps)
 
     def candidates(self, now: float) -> list[Candidate]:
-        node = self.node
-        replicated = node.replicated
-        gossip = node.gossip
-        assert replicated is not None and gossip is not None
+        cluster = self.cluster
+        replicated = self.replicated
         conf = replicated.core.conf_state
         status = replicated.core.status()
         progress = status.get("progress", {})
@@ -113,11 +125,11 @@ class Coordinator:
         # Only registered nodes can become members: Raft needs their address.
         names = set(replicated.fsm.nodes) | set(conf.voters) | set(conf.learners)
         for name in sorted(names):
-            member = gossip.core.member(name)
-            if name == node.node_id:
+            member = cluster.member(name)
+            if name == cluster.node_id:
                 state = "alive"
-                meta = node.metadata()
-                alive_since = now - node_uptime(node)
+                meta = cluster.metadata()
+                alive_since = now - self.own_uptime()
             elif member is None:
                 # Not heard of through gossip (yet): never promote, never count as healthy.
                 state, meta, alive_since = "suspect", None, now
@@ -154,11 +166,9 @@ class Coordinator:
         return out
 
     async def autopilot_step(self, now: float) -> Action | None:
-        node = self.node
-        replicated = node.replicated
-        assert replicated is not None
+        replicated = self.replicated
         candidates = self.candidates(now)
-        result = plan(candidates, node.node_id, now, node.options.autopilot)
+        result = plan(candidates, self.cluster.node_id, now, self.config)
         if not result.actions:
             return None
         action = result.actions[0]
@@ -172,14 +182,8 @@ class Coordinator:
                 "remove": ConfChangeType.REMOVE_NODE,
             }[action.kind]
             await replicated.propose_conf_change(ConfChange(int(change_type), action.node_id))
-        node.metrics.autopilot_decisions.labels(action.kind).inc()
-        node.events.record(
+        self.count_decision(action.kind)
+        self.events.record(
             f"autopilot.{action.kind}", action.node_id, action.reason, desired=",".join(result.desired_voters)
         )
         return action
-
-
-def node_uptime(node: Node) -> float:
-    import time
-
-    return max(0.0, time.time() - node.started_at)
