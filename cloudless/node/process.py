@@ -220,9 +220,10 @@ async def run_node(options: NodeOptions, *, task_status=trio.TASK_STATUS_IGNORED
 class Node:
     """Every subsystem of an enrolled device, constructed and connected.
 
-    `data_dir` must be enrolled (`establish_identity`). Construction opens the
-    Raft log and the chunk store; `run` serves until SIGTERM or `stop()` and
-    closes them.
+    `data_dir` must be enrolled (`establish_identity`); construct it inside
+    `trio.run` (gossip reads trio's clock). Construction opens the Raft log
+    and the chunk store and binds nothing; `run` serves until SIGTERM or
+    `stop()`, then closes them (`close()` does so for a node never run).
     """
 
     def __init__(self, options: NodeOptions, events: EventLog | None = None) -> None:
@@ -410,7 +411,10 @@ class Node:
                 await self._leave_gracefully()
                 nursery.cancel_scope.cancel()
         finally:
-            self._close.close()
+            self.close()
+
+    def close(self) -> None:
+        self._close.close()
 
     async def _on_connection(self, connection: Connection) -> None:
         if connection.peer.kind == "enrollee":
