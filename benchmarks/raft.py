@@ -254,7 +254,7 @@ class OurCluster:
         self.pki = root / "pki"
         for node_id in IDS:
             issue_credentials(ca, Identity.node(CLUSTER, node_id), now).save(self.pki / node_id)
-        self.client_credentials = issue_credentials(ca, Identity.client(CLUSTER, "bench"), now)
+        self.client_credentials = issue_credentials(ca, Identity.client(CLUSTER, "bench"), now, role="admin")
         self.ca_certificate = ca.certificate
         ports = free_port_pairs(len(IDS))
         # Each node serves client RPC on `port` and Raft traffic on `port + 1`.
@@ -296,13 +296,15 @@ class OurCluster:
 
 
 async def our_client_rpc(cluster: OurCluster):
+    from cloudless.authz import ProofSigner
     from cloudless.pki.revocation import RevocationList
     from cloudless.pki.verify import PeerVerifier
     from cloudless.transport.rpc import RpcClient
     from cloudless.transport.tls import TlsCarrier
 
     verifier = PeerVerifier(cluster.ca_certificate, RevocationList(), CLUSTER)
-    return RpcClient(TlsCarrier(cluster.client_credentials, verifier))
+    creds = cluster.client_credentials
+    return RpcClient(TlsCarrier(creds, verifier), signer=ProofSigner(creds.cert_pem, creds.key_pem))
 
 
 async def find_leader(rpc, cluster: OurCluster, timeout: float = 15.0) -> tuple[str, int]:

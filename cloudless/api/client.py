@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import trio
 
 from cloudless.api.client_config import Context, parse_endpoint
+from cloudless.authz import ProofSigner
 from cloudless.errors import Unavailable
 from cloudless.pki.credentials import Credentials
 from cloudless.pki.revocation import RevocationList
@@ -35,7 +36,9 @@ class ClusterClient:
         self.endpoints = [parse_endpoint(e) for e in endpoints]
         credentials = Credentials(context.ca_pem, context.certificate_pem, context.key_pem)
         verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), context.cluster_id)
-        self._rpc = RpcClient(TlsCarrier(credentials, verifier))
+        # Every call is signed, so a node that forwards it can prove who asked.
+        signer = ProofSigner(context.certificate_pem, context.key_pem)
+        self._rpc = RpcClient(TlsCarrier(credentials, verifier), signer=signer)
         self.client_id = f"cli-{secrets.token_hex(8)}"
         self._seq = 0
         self._preferred = 0

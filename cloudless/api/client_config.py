@@ -20,18 +20,23 @@ client's own certificate and key (PEM, inline).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from cloudless.durable import write_atomic
-from cloudless.errors import InvalidInput, NotFound
+from cloudless.errors import Conflict, InvalidInput, NotFound, Unavailable
 
 CONFIG_VERSION = 1
 _ENDPOINT = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
+_CONTEXT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,62}$")
 
 
 class ConfigError(InvalidInput):
@@ -62,6 +67,32 @@ class ClientConfig:
             return self.contexts[wanted]
         except KeyError:
             raise NotFound(f"{self.path}: no context named {wanted!r}") from None
+
+    def use(self, name: str) -> None:
+        self.context(name)  # NotFound if there is none
+        self.current_context = name
+
+    def rename(self, old: str, new: str) -> None:
+        """Rename a context (and current-context with it); NotFound, InvalidInput or Conflict change nothing."""
+        ctx = self.context(old)
+        check_context_name(new)
+        if new == old:
+            return
+        if new in self.contexts:
+            raise Conflict(f"{self.path}: a context named {new!r} exists already", context=new)
+        # Rebuild to keep the file's order with the renamed entry in place.
+        self.contexts = {(new if k == old else k): v for k, v in self.contexts.items()}
+        ctx.name = new
+        if self.current_context == old:
+            self.current_context = new
+
+    def free_name(self, wanted: str) -> str:
+        """`wanted`, or `wanted-2`, `wanted-3`... whichever is not taken."""
+        name, n = wanted, 1
+        while name in self.contexts:
+            n += 1
+            name = f"{wanted[:58]}-{n}"
+        return name
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(
@@ -96,6 +127,15 @@ def parse_endpoint(text: str) -> tuple[str, int]:
         raise ConfigError(f"invalid endpoint {text!r}: expected HOST:PORT", field="endpoint")
     host = m.group(1).strip("[]")
     return host, int(m.group(2))
+
+
+def check_context_name(name: str) -> str:
+    if not _CONTEXT_NAME.match(name):
+        raise ConfigError(
+            f"invalid context name {name!r}: 1-63 letters, digits and . _ @ -, starting with a letter or digit",
+            field="name",
+        )
+    return name
 
 
 def default_path() -> Path:
@@ -149,3 +189,97 @@ def load(path: Path | None = None) -> ClientConfig:
             parse_endpoint(e)
         config.contexts[name] = ctx
     return config
+
+
+@contextlib.contextmanager
+def editing(path: Path | None = None, *, create: bool = False) -> Iterator[ClientConfig]:
+    """Load, let the caller change, and save atomically, one editor at a time.
+
+    An exclusive lock on a file beside the config serialises editors (two
+    `context use`, or a node merging its context while the user switches),
+    so no edit is lost. If the body raises, the file is left as it was.
+    With `create`, a missing file starts as an empty config.
+    """
+    path = Path(path) if path else default_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        _lock(lock, path)
+        if create and not path.exists():
+            config = ClientConfig(path=path)
+        else:
+            config = load(path)
+        yield config
+        config.save(path)
+    finally:
+        os.close(lock)
+
+
+LOCK_WAIT_S = 10.0
+
+
+def _lock(fd: int, path: Path) -> None:
+    """An exclusive flock, waiting a bounded time: a stuck editor must not hang a starting node."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{path} is locked by another editor (for over {LOCK_WAIT_S:.0f}s)") from None
+            time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Merged:
+    """What `merge_context` did."""
+
+    path: Path
+    name: str  # the name the context got (its own, or a free variant of it)
+    created_file: bool
+    made_current: bool  # this merge switched current-context to it
+    is_current: bool
+    already_present: bool  # the same context (cluster and credentials) was there: nothing changed
+
+
+def merge_context(
+    path: Path | None, context: Context, *, make_current: bool = False, exact_name: bool = False
+) -> Merged:
+    """Add `context` to the client config at `path`, never replacing anything.
+
+    A context of the same name that is not this one is kept: this one gets a
+    free name (`name-2`...), or with `exact_name` the merge is refused
+    (Conflict). It becomes the current context if asked, or if the config
+    has none, so a user's current cluster never changes under them unasked.
+    """
+    path = Path(path) if path else default_path()
+    created = not path.exists()
+    check_context_name(context.name)
+    with editing(path, create=True) as config:
+        same = [
+            c
+            for c in config.contexts.values()
+            if (c.cluster_id, c.certificate_pem) == (context.cluster_id, context.certificate_pem)
+        ]
+        if same:
+            name, present = same[0].name, True
+        elif exact_name and context.name in config.contexts:
+            raise Conflict(f"{path}: a context named {context.name!r} exists already", context=context.name)
+        else:
+            name, present = config.free_name(context.name), False
+            config.contexts[name] = Context(
+                name,
+                context.cluster_id,
+                list(context.endpoints),
+                context.ca_pem,
+                context.certificate_pem,
+                context.key_pem,
+            )
+        made_current = config.current_context != name and (
+            make_current or not config.current_context or config.current_context not in config.contexts
+        )
+        if made_current:
+            config.current_context = name
+        is_current = config.current_context == name
+    return Merged(path, name, created, made_current, is_current, present)

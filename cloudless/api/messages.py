@@ -96,7 +96,8 @@ class StatusReply(msgspec.Struct, frozen=True):
 class TokenCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ttl_s: Ttl = 900.0
     uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 1
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")] = "node"
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")] = "node"
+    trust: Annotated[str, msgspec.Meta(pattern=r"^(|coordinator)$")] = ""
 
 
 class TokenReply(msgspec.Struct, frozen=True):

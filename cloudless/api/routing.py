@@ -12,19 +12,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from cloudless.errors import CloudlessError
+from cloudless.authz import PermissionDenied
+from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
 from cloudless.raft.errors import NoLeader, NotAMember
-from cloudless.ports import ClusterView, Proposer
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 Handler = Callable[[RpcContext, Any], Awaitable[Any]]
 
 FORWARD_TIMEOUT_CAP = 60.0
-
-
-class PermissionDenied(CloudlessError):
-    code = "permission_denied"
 
 
 class LeaderRouting:
@@ -49,7 +45,9 @@ class LeaderRouting:
         if address is None:
             raise NoLeader(f"leader {leader} has no known address")
         timeout = max(1.0, min(ctx.time_left, FORWARD_TIMEOUT_CAP))
-        return await self.rpc.call(address, f"fwd.{name}", req, timeout=timeout)
+        # The request exactly as the caller sent it, with its proof: the leader
+        # authorizes the caller by its signature over these bytes, not us.
+        return await self.rpc.call(address, f"fwd.{name}", ctx.raw_body, timeout=timeout, proof=ctx.proof)
 
     def on_leader(self, name: str, handler: Handler) -> Handler:
         async def run(ctx: RpcContext, req: Any) -> Any:

@@ -13,6 +13,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import trio
+from cryptography import x509
 
 from cloudless.api.messages import (
     Deleted,
@@ -35,9 +36,9 @@ from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
 from cloudless.observability.events import EventLog
-from cloudless.pki.ca import ClusterCA
-from cloudless.ports import ClusterView, Proposer
+from cloudless.pki.ca import certificate_fingerprint
 from cloudless.pki.tokens import create_token
+from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.messages import ConfChange, ConfChangeType
 from cloudless.state.commands import (
     CasVar,
@@ -52,7 +53,6 @@ from cloudless.state.commands import (
 from cloudless.state.commands import Deleted as DeletedResult
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
-
 log = logging.getLogger(__name__)
 
 _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
@@ -60,7 +60,12 @@ _STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 def raise_rejected(result: Result) -> None:
     if isinstance(result, Rejected):
-        error = {"conflict": Conflict, "not_found": NotFound, "invalid": InvalidInput}.get(result.kind, CloudlessError)
+        error = {
+            "conflict": Conflict,
+            "not_found": NotFound,
+            "invalid": InvalidInput,
+            "permission_denied": PermissionDenied,
+        }.get(result.kind, CloudlessError)
         raise error(result.message, current_index=result.current_index)
 
 
@@ -75,9 +80,12 @@ class ApiService:
         routing = LeaderRouting(self.cluster, self.replicated, self.rpc)
         routing.register_on_member(server, "vars.get", self.vars_get, VarsGet)
         routing.register_on_member(server, "vars.ls", self.vars_ls, VarsList)
-        server.unary("vars.put", request=VarsPut)(self.vars_put)
-        server.unary("vars.cas", request=VarsCas)(self.vars_cas)
-        server.unary("vars.rm", request=VarsRm)(self.vars_rm)
+        # Writes run on the leader, which authorizes the caller itself (a
+        # follower passes the call on with the caller's proof): a node may
+        # not propose variables (state.commands.node_may_propose).
+        routing.register_on_leader(server, "vars.put", self.vars_put, VarsPut)
+        routing.register_on_leader(server, "vars.cas", self.vars_cas, VarsCas)
+        routing.register_on_leader(server, "vars.rm", self.vars_rm, VarsRm)
         routing.register_on_leader(server, "status", self.status, StatusRequest)
         routing.register_on_leader(server, "nodes.list", self.status, StatusRequest)
         routing.register_on_leader(server, "token.create", self.token_create, TokenCreate)
@@ -176,7 +184,9 @@ class ApiService:
         ca_record = replicated.fsm.ca
         if ca_record is None:
             raise Unavailable("the cluster CA is not committed yet; retry shortly")
-        fingerprint = ClusterCA.from_pem(ca_record.certificate_pem, ca_record.key_pem).fingerprint
+        fingerprint = certificate_fingerprint(x509.load_pem_x509_certificate(ca_record.certificate_pem))
+        if req.trust and req.role != "node":
+            raise InvalidInput("--trust applies to node tokens only", field="trust")
         now = datetime.now(UTC)
         text, record = create_token(fingerprint, req.role, timedelta(seconds=req.ttl_s), req.uses, now)  # type: ignore[arg-type]
         result, _ = await replicated.propose(
@@ -186,6 +196,7 @@ class ApiService:
                 role=record.role,
                 expires_at=record.expires_at.timestamp(),
                 max_uses=record.max_uses,
+                trust=req.trust,
             )
         )
         raise_rejected(result)

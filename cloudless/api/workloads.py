@@ -38,10 +38,10 @@ from cloudless.observability.events import EventLog
 from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
 from cloudless.raft.errors import NoLeader
+from cloudless.scheduler import NodeInfo
 from cloudless.state.commands import ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
 from cloudless.state.fsm import AllocationRecord, StateMachine, WorkloadRecord
 from cloudless.state.workload import WorkloadName, WorkloadSpec, validate
-from cloudless.scheduler import NodeInfo
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 if TYPE_CHECKING:
@@ -459,6 +459,9 @@ class WorkloadService:
     async def report(self, ctx: RpcContext, req: ReportBatch) -> ReportAck:
         if ctx.peer.kind != "node" or ctx.peer.name != req.node:
             raise PermissionDenied("a node reports its own allocations only")
+        if not self.replicated.is_leader:
+            # Passing it on would make us the proposer of another node's report.
+            raise NotLeader("not the leader", leader=self.replicated.leader or "")
         result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
         raise_rejected(result)
         return ReportAck(index)

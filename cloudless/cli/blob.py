@@ -16,7 +16,6 @@ from pathlib import Path
 import click
 import trio
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
 
 from cloudless.blobs.errors import NoSuchKey
 from cloudless.blobs.local import blobs_dir, open_local_blobs
@@ -64,7 +63,7 @@ def _cluster_config() -> str | None:
 
 
 def _json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+    return output.json_option(f)
 
 
 def _split(target: str, need_key: bool) -> tuple[str, str]:
@@ -268,14 +267,14 @@ def get(target: str, file: str | None, data_dir: str, as_json: bool) -> None:
 @click.argument("target", required=False)
 @click.option("--recursive", "-r", is_flag=True, help="List every key under the prefix, not one level.")
 @_data_dir_option
-@_json_option
-def ls(target: str | None, recursive: bool, data_dir: str, as_json: bool) -> None:
+@output.output_options
+def ls(target: str | None, recursive: bool, data_dir: str, out: output.OutputFormat) -> None:
     def work(service: ObjectService) -> dict:
         async def main() -> dict:
             if not target:
                 buckets = await service.list_buckets()
-                return {
-                    "buckets": [
+                return output.list_document(
+                    [
                         {
                             "name": b.name,
                             "created": datetime.fromtimestamp(b.created, UTC).isoformat(),
@@ -283,7 +282,7 @@ def ls(target: str | None, recursive: bool, data_dir: str, as_json: bool) -> Non
                         }
                         for b in buckets
                     ]
-                }
+                )
             bucket, prefix = _split(target, need_key=False)
             objects, prefixes, marker = [], [], ""
             while True:
@@ -293,29 +292,35 @@ def ls(target: str | None, recursive: bool, data_dir: str, as_json: bool) -> Non
                 if not page.truncated or page.next_marker is None:
                     break
                 marker = page.next_marker
-            return {"bucket": bucket, "prefix": prefix, "objects": objects, "prefixes": prefixes}
+            return output.list_document(objects, bucket=bucket, prefix=prefix, prefixes=prefixes)
 
         return trio.run(main)
 
-    doc = _run(as_json, data_dir, work)
+    doc = _run(out.json, data_dir, work)
     assert isinstance(doc, dict)
-    if as_json:
-        output.emit_json(doc)
+    if out.structured:
+        out.emit(doc)
         return
-    table = Table(box=None)
-    if "buckets" in doc:
-        for col in ("BUCKET", "CREATED", "REPLICAS"):
-            table.add_column(col)
-        for b in doc["buckets"]:
-            table.add_row(b["name"], b["created"][:19], str(b["replicas"]))
-    else:
-        for col in ("KEY", "SIZE", "MODIFIED", "ETAG"):
-            table.add_column(col)
-        for p in doc["prefixes"]:
-            table.add_row(p, "-", "", "")
-        for o in doc["objects"]:
-            table.add_row(o["key"], _human(o["size"]), o["last_modified"][:19], o["etag"])
-    output.stdout.print(table)
+    if not target:
+        output.print_table(_BUCKET_COLUMNS, doc["items"], wide=out.wide)
+        return
+    rows = [{"key": p} for p in doc["prefixes"]] + doc["items"]
+    output.print_table(_OBJECT_COLUMNS, rows, wide=out.wide)
+
+
+_BUCKET_COLUMNS = [
+    output.Column("BUCKET", lambda b: b["name"]),
+    output.Column("CREATED", lambda b: b["created"][:19]),
+    output.Column("REPLICAS", lambda b: b["replicas"]),
+]
+_OBJECT_COLUMNS = [  # a common prefix is a row with only its key
+    output.Column("KEY", lambda o: o["key"]),
+    output.Column("SIZE", lambda o: _human(o["size"]) if "size" in o else None),
+    output.Column("MODIFIED", lambda o: o.get("last_modified", "")[:19]),
+    output.Column("ETAG", lambda o: o.get("etag")),
+    output.Column("CHUNKS", lambda o: o.get("chunks"), wide_only=True),
+    output.Column("CONTENT-TYPE", lambda o: o.get("content_type"), wide_only=True),
+]
 
 
 @blob.command("rm", help="Delete BUCKET/KEY (exit 3 if it does not exist).")
@@ -410,9 +415,9 @@ def keys_create(endpoint: str | None, description: str, data_dir: str, as_json: 
 
 @keys.command("ls", help="List access keys (not their secrets).")
 @_data_dir_option
-@_json_option
-def keys_ls(data_dir: str, as_json: bool) -> None:
-    found = _run(as_json, data_dir, lambda service: trio.run(service.metadata.list_access_keys))
+@output.output_options
+def keys_ls(data_dir: str, out: output.OutputFormat) -> None:
+    found = _run(out.json, data_dir, lambda service: trio.run(service.metadata.list_access_keys))
     docs = [
         {
             "access_key": k.access_key,
@@ -422,11 +427,18 @@ def keys_ls(data_dir: str, as_json: bool) -> None:
         }
         for k in found
     ]  # type: ignore[union-attr]
-    if as_json:
-        output.emit_json({"keys": docs})
+    if out.structured:
+        out.emit_list(docs)
         return
-    for d in docs:
-        output.stdout.print(f"{d['access_key']}  {d['created'][:19]}  {d['description']}")
+    output.print_table(_KEY_COLUMNS, docs, wide=out.wide)
+
+
+_KEY_COLUMNS = [
+    output.Column("ACCESS KEY", lambda d: d["access_key"]),
+    output.Column("CREATED", lambda d: d["created"][:19]),
+    output.Column("OWNER", lambda d: d["owner"], wide_only=True),
+    output.Column("DESCRIPTION", lambda d: d["description"]),
+]
 
 
 @keys.command("rm", help="Revoke an access key.")

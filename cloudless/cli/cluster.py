@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 import click
 import msgspec
 import trio
-from rich.table import Table
 
 from cloudless.api import client_config
 from cloudless.api.client import ClusterClient
@@ -20,6 +18,7 @@ from cloudless.api.messages import (
     Deleted,
     Event,
     EventsFollow,
+    MemberInfo,
     NodeRemove,
     StatusReply,
     StatusRequest,
@@ -33,38 +32,58 @@ from cloudless.api.messages import (
     VarsRm,
     VarValue,
 )
-from cloudless.cli.output import emit_json, fail, stdout
+from cloudless.cli.output import (
+    Column,
+    OutputFormat,
+    emit_json,
+    emit_raw,
+    emit_yaml,
+    json_option,
+    one_line,
+    output_options,
+    print_table,
+    stdout,
+)
 from cloudless.errors import CloudlessError, InvalidInput
 from cloudless.state.commands import validate_var_key
 
 
-def client_options(fn: Callable) -> Callable:
-    """--config/--context/--endpoint/--json, and error handling with exit codes."""
+def _client_command(fn: Callable, formats: bool) -> Callable:
+    """--config/--context/--endpoint, then run `fn(client, ...)` under trio.
+
+    Errors propagate to the command group, which prints them (cli/output.py).
+    """
 
     @click.option("--config", "config_path", type=click.Path(path_type=Path), default=None, help="Client config file.")
     @click.option("--context", "context_name", default=None, help="Context in the config (default: current).")
     @click.option("--endpoint", default=None, help="Talk to this HOST:PORT only (no failover).")
-    @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document.")
     @functools.wraps(fn)
-    def wrapper(config_path, context_name, endpoint, as_json, **kwargs):
-        try:
-            config = client_config.load(config_path)
-            context = config.context(context_name)
-            if endpoint:
-                client_config.parse_endpoint(endpoint)
+    def wrapper(config_path, context_name, endpoint, **kwargs):
+        config = client_config.load(config_path)
+        context = config.context(context_name)
+        if endpoint:
+            client_config.parse_endpoint(endpoint)
 
-            async def main():
-                client = ClusterClient(context, endpoint=endpoint)
-                try:
-                    return await fn(client, as_json=as_json, **kwargs)
-                finally:
-                    await client.aclose()
+        async def main():
+            client = ClusterClient(context, endpoint=endpoint)
+            try:
+                return await fn(client, **kwargs)
+            finally:
+                await client.aclose()
 
-            trio.run(main)
-        except CloudlessError as exc:
-            fail(exc, as_json)
+        trio.run(main)
 
-    return wrapper
+    return output_options(wrapper) if formats else json_option(wrapper)
+
+
+def client_options(fn: Callable) -> Callable:
+    """A command that talks to the cluster: `fn(client, as_json, ...)`."""
+    return _client_command(fn, formats=False)
+
+
+def client_read_options(fn: Callable) -> Callable:
+    """A read command that talks to the cluster: `fn(client, out, ...)` with `-o json|yaml|wide` and `--json`."""
+    return _client_command(fn, formats=True)
 
 
 def to_builtins(value: Any) -> Any:
@@ -85,44 +104,60 @@ def duration(text: str) -> float:
 
 
 @click.command(help="Show the cluster: leader, term, voters and members.")
-@client_options
-async def status(client: ClusterClient, as_json: bool) -> None:
+@client_read_options
+async def status(client: ClusterClient, out: OutputFormat) -> None:
     reply = await client.call("status", StatusRequest(), response=StatusReply)
     doc = to_builtins(reply)
     doc.pop("node", None)
-    if as_json:
-        emit_json(doc)
+    if out.structured:
+        out.emit(doc)
         return
     stdout.print(
-        f"cluster [bold]{reply.cluster_id}[/bold]  leader [bold]{reply.leader or '-'}[/bold]  term {reply.term}  commit {reply.commit_index}"
+        f"cluster {reply.cluster_id}  leader {reply.leader or '-'}  term {reply.term}  commit {reply.commit_index}"
     )
     stdout.print(f"voters: {', '.join(reply.voters) or '-'}   learners: {', '.join(reply.learners) or '-'}")
-    _members_table(reply)
+    print_table(MEMBER_COLUMNS, reply.members, wide=out.wide)
 
 
-def _members_table(reply: StatusReply) -> None:
-    table = Table("ID", "ADDRESS", "STATE", "ROLE", "REGION", "ZONE", "POWER", "NETWORK")
-    for m in reply.members:
-        power = m.power + (f" {m.battery_pct:.0f}%" if m.battery_pct is not None else "")
-        table.add_row(m.id, m.address, m.state, m.role, m.region or "-", m.zone or "-", power, m.network)
-    stdout.print(table)
+def _power(m: MemberInfo) -> str:
+    return m.power + (f" {m.battery_pct:.0f}%" if m.battery_pct is not None else "")
 
 
-@click.group(help="List and remove nodes.", invoke_without_command=True)
-@click.pass_context
-def nodes(ctx) -> None:
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(nodes_ls)
+MEMBER_COLUMNS = [
+    Column("ID", lambda m: m.id),
+    Column("NAME", lambda m: m.name, wide_only=True),
+    Column("ADDRESS", lambda m: m.address),
+    Column("STATE", lambda m: m.state),
+    Column("ROLE", lambda m: m.role),
+    Column("REGION", lambda m: m.region),
+    Column("ZONE", lambda m: m.zone),
+    Column("POWER", _power),
+    Column("NETWORK", lambda m: m.network),
+]
+
+
+class _LsByDefault(click.Group):
+    """`cloudless nodes [OPTIONS]` is `cloudless nodes ls [OPTIONS]`, as `cloudless nodes` is."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0].startswith("-") and args[0] not in ctx.help_option_names):
+            args = ["ls", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_LsByDefault, help="List and remove nodes (`cloudless nodes` lists them).")
+def nodes() -> None:
+    pass
 
 
 @nodes.command("ls", help="List the cluster's nodes.")
-@client_options
-async def nodes_ls(client: ClusterClient, as_json: bool) -> None:
+@client_read_options
+async def nodes_ls(client: ClusterClient, out: OutputFormat) -> None:
     reply = await client.call("nodes.list", StatusRequest(), response=StatusReply)
-    if as_json:
-        emit_json([to_builtins(m) for m in reply.members])
+    if out.structured:
+        out.emit_list([to_builtins(m) for m in reply.members])
         return
-    _members_table(reply)
+    print_table(MEMBER_COLUMNS, reply.members, wide=out.wide)
 
 
 @nodes.command("rm", help="Remove a node from the cluster and revoke its certificates.")
@@ -156,19 +191,20 @@ def _key(ctx, param, value):
         raise click.BadParameter(exc.message) from None
 
 
-def _print_var(value: VarValue, as_json: bool) -> None:
-    if as_json:
-        emit_json({"key": value.key, "value": value.value, "index": value.index})
-    else:
-        stdout.print(value.value, markup=False, highlight=False)
+def _var_doc(value: VarValue) -> dict:
+    return {"key": value.key, "value": value.value, "index": value.index}
 
 
 @vars.command("get", help="Read a variable (linearizable unless --stale).")
 @click.argument("key", callback=_key)
 @click.option("--stale", is_flag=True, help="Serve from the answering node's copy.")
-@client_options
-async def vars_get(client: ClusterClient, as_json: bool, key: str, stale: bool) -> None:
-    _print_var(await client.call("vars.get", VarsGet(key, stale), response=VarValue), as_json)
+@client_read_options
+async def vars_get(client: ClusterClient, out: OutputFormat, key: str, stale: bool) -> None:
+    value = await client.call("vars.get", VarsGet(key, stale), response=VarValue)
+    if out.structured:
+        out.emit(_var_doc(value))
+    else:
+        emit_raw(value.value)
 
 
 @vars.command("put", help="Write a variable.")
@@ -179,9 +215,9 @@ async def vars_put(client: ClusterClient, as_json: bool, key: str, value: str) -
     request = VarsPut(key, value, client.client_id, client.next_seq())
     reply = await client.call("vars.put", request, response=VarValue)
     if as_json:
-        emit_json({"key": reply.key, "value": reply.value, "index": reply.index})
+        emit_json(_var_doc(reply))
     else:
-        stdout.print(f"{reply.key} = {reply.value} (index {reply.index})", markup=False, highlight=False)
+        stdout.print(f"{reply.key} = {reply.value} (index {reply.index})")
 
 
 @vars.command(
@@ -195,9 +231,9 @@ async def vars_cas(client: ClusterClient, as_json: bool, key: str, value: str, i
     request = VarsCas(key, value, index, client.client_id, client.next_seq())
     reply = await client.call("vars.cas", request, response=VarValue)
     if as_json:
-        emit_json({"key": reply.key, "value": reply.value, "index": reply.index})
+        emit_json(_var_doc(reply))
     else:
-        stdout.print(f"{reply.key} = {reply.value} (index {reply.index})", markup=False, highlight=False)
+        stdout.print(f"{reply.key} = {reply.value} (index {reply.index})")
 
 
 @vars.command("rm", help="Delete a variable (optionally only at --index).")
@@ -215,16 +251,16 @@ async def vars_rm(client: ClusterClient, as_json: bool, key: str, index: int | N
 @vars.command("ls", help="List variables, optionally under a prefix.")
 @click.argument("prefix", default="")
 @click.option("--stale", is_flag=True)
-@client_options
-async def vars_ls(client: ClusterClient, as_json: bool, prefix: str, stale: bool) -> None:
+@client_read_options
+async def vars_ls(client: ClusterClient, out: OutputFormat, prefix: str, stale: bool) -> None:
     reply = await client.call("vars.ls", VarsList(prefix, stale), response=VarItems)
-    if as_json:
-        emit_json([{"key": v.key, "value": v.value, "index": v.index} for v in reply.items])
+    if out.structured:
+        out.emit_list([_var_doc(v) for v in reply.items])
         return
-    table = Table("KEY", "VALUE", "INDEX")
-    for v in reply.items:
-        table.add_row(v.key, v.value, str(v.index))
-    stdout.print(table)
+    print_table(VAR_COLUMNS, reply.items, wide=out.wide)
+
+
+VAR_COLUMNS = [Column("KEY", lambda v: v.key), Column("VALUE", lambda v: v.value), Column("INDEX", lambda v: v.index)]
 
 
 # -- tokens --------------------------------------------------------------------
@@ -238,13 +274,30 @@ def token() -> None:
 @token.command("create", help="Create a bootstrap token; shown once.")
 @click.option("--ttl", default="15m", show_default=True, help="Lifetime, e.g. 90s, 15m, 2h.")
 @click.option("--uses", type=click.IntRange(1, 1_000_000), default=1, show_default=True)
-@click.option("--role", type=click.Choice(["node", "admin"]), default="node", show_default=True)
+@click.option(
+    "--role",
+    type=click.Choice(["node", "admin", "operator", "viewer"]),
+    default="node",
+    show_default=True,
+    help="node: enrolls a device; admin/operator/viewer: a client with that role.",
+)
+@click.option(
+    "--trust",
+    type=click.Choice(["device", "coordinator"]),
+    default="device",
+    show_default=True,
+    help="For node tokens: coordinator nodes may become Raft voters and hold the (sealed) CA key; "
+    "devices never do. Give coordinator only to machines you would trust with the cluster.",
+)
 @client_options
-async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int, role: str) -> None:
+async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int, role: str, trust: str) -> None:
     seconds = duration(ttl)
     if not 0 < seconds <= 30 * 86400:
         raise InvalidInput("--ttl must be between 1s and 30d", field="ttl")
-    reply = await client.call("token.create", TokenCreate(seconds, uses, role), response=TokenReply)
+    if trust == "coordinator" and role != "node":
+        raise InvalidInput("--trust coordinator is for node tokens", field="trust")
+    wire_trust = "coordinator" if trust == "coordinator" else ""
+    reply = await client.call("token.create", TokenCreate(seconds, uses, role, wire_trust), response=TokenReply)
     if as_json:
         emit_json(
             {
@@ -256,7 +309,7 @@ async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int
             }
         )
     else:
-        stdout.print(reply.token, markup=False, highlight=False)
+        stdout.print(reply.token)
 
 
 # -- events --------------------------------------------------------------------
@@ -265,20 +318,23 @@ async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int
 @click.command(help="Show cluster events (autopilot decisions, membership, joins).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new events.")
 @click.option("--last", type=click.IntRange(0, 10_000), default=100, show_default=True)
-@client_options
-async def events(client: ClusterClient, as_json: bool, follow: bool, last: int) -> None:
+@client_read_options
+async def events(client: ClusterClient, out: OutputFormat, follow: bool, last: int) -> None:
     collected: list[dict] = []
     async with client.stream("events", EventsFollow(follow, last), item=Event) as items:
         async for event in items:
-            if as_json and not follow:
+            if out.structured and not follow:
                 collected.append(to_builtins(event))
-            elif as_json:
-                print(json.dumps(to_builtins(event)), flush=True)  # one document per line when following
+            elif out.json:
+                emit_json(to_builtins(event))  # following: one document per line
+            elif out.structured:
+                emit_yaml(to_builtins(event))
+                emit_raw("---")  # following: a YAML stream, one document per event
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(event.ts))
-                stdout.print(f"{stamp} {event.kind:28} {event.node:20} {event.message}", markup=False, highlight=False)
-    if as_json and not follow:
-        emit_json(collected)
+                stdout.print(f"{stamp} {event.kind:28} {event.node:20} {one_line(event.message)}")
+    if out.structured and not follow:
+        out.emit_list(collected)
 
 
 cluster_commands = [status, nodes, vars, token, events]

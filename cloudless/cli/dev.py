@@ -197,7 +197,9 @@ def _up(count: int, directory: Path, base_port: int, voter_stabilization: float 
         try:
             for _ in range(50):
                 try:
-                    reply = await client.call("token.create", TokenCreate(600.0, n, "node"), response=TokenReply)
+                    reply = await client.call(
+                        "token.create", TokenCreate(600.0, n, "node", "coordinator"), response=TokenReply
+                    )
                     return reply.token
                 except Unavailable:
                     await trio.sleep(0.2)

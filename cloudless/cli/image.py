@@ -16,7 +16,6 @@ from pathlib import Path
 import click
 import trio
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
 
 from cloudless.cli import output
 from cloudless.errors import CloudlessError
@@ -36,7 +35,7 @@ def _data_dir_option(f: Callable) -> Callable:
 
 
 def _json_option(f: Callable) -> Callable:
-    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")(f)
+    return output.json_option(f)
 
 
 def _store(data_dir: str) -> ImageStore:
@@ -141,7 +140,7 @@ def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
     records = _run(as_json, work)
     assert isinstance(records, list)
     if as_json:
-        output.emit_json({"images": [_record_doc(r) for r in records]})
+        output.emit_list([_record_doc(r) for r in records])
         return
     for r in records:
         output.stdout.print(f"imported {', '.join(r.names) or '<untagged>'} ({r.short_id})")
@@ -197,21 +196,24 @@ def pull(
 
 @image.command("ls", help="List images on this node.")
 @_data_dir_option
-@_json_option
-def ls(data_dir: str, as_json: bool) -> None:
-    records = _run(as_json, lambda: _store(data_dir).list())
+@output.output_options
+def ls(data_dir: str, out: output.OutputFormat) -> None:
+    records = _run(out.json, lambda: _store(data_dir).list())
     assert isinstance(records, list)
-    if as_json:
-        output.emit_json({"images": [_record_doc(r) for r in records]})
+    if out.structured:
+        out.emit_list([_record_doc(r) for r in records])
         return
-    table = Table(box=None)
-    for col in ("REPOSITORY", "TAG", "IMAGE ID", "SIZE"):
-        table.add_column(col)
-    for r in records:
-        for n in r.names or ["<none>:<none>"]:
-            repo, tag = n.rsplit(":", 1)
-            table.add_row(repo, tag, r.short_id, _human(r.size))
-    output.stdout.print(table)
+    rows = [(r, *n.rsplit(":", 1)) for r in records for n in r.names or ["<none>:<none>"]]
+    output.print_table(_IMAGE_COLUMNS, rows, wide=out.wide)
+
+
+_IMAGE_COLUMNS = [  # rows are (record, repository, tag)
+    output.Column("REPOSITORY", lambda row: row[1]),
+    output.Column("TAG", lambda row: row[2]),
+    output.Column("IMAGE ID", lambda row: row[0].short_id),
+    output.Column("DIGEST", lambda row: row[0].id, wide_only=True),
+    output.Column("SIZE", lambda row: _human(row[0].size)),
+]
 
 
 @image.command("rm", help="Remove an image name (and the image once it has no names left).")

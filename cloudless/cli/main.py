@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
+from typing import Any
 
 import click
 
 from cloudless import __version__
+from cloudless.cli import output
 
 # name -> (module, attribute, one-line help shown by `cloudless --help`)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -21,7 +24,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("cloudless.cli.cluster", "status", "Show the cluster: leader, term, voters and members."),
     "nodes": ("cloudless.cli.cluster", "nodes", "List and remove nodes."),
     "vars": ("cloudless.cli.cluster", "vars", "The cluster's linearizable key-value store."),
-    "token": ("cloudless.cli.cluster", "token", "Bootstrap tokens for joining nodes and admins."),
+    # cli.users attaches `token ls|rm` to cli.cluster's group, so `token` loads from there.
+    "token": ("cloudless.cli.users", "token", "Bootstrap tokens for joining nodes and clients."),
+    "users": ("cloudless.cli.users", "users", "Users: client certificates with a role."),
     "events": ("cloudless.cli.cluster", "events", "Show cluster events (autopilot decisions, membership, joins)."),
     "run": ("cloudless.cli.workloads", "run", "Run a workload: keep N replicas of an image running."),
     "apply": ("cloudless.cli.workloads", "apply", "Create or update a workload from a YAML file."),
@@ -36,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "blob": ("cloudless.cli.blob", "blob", "Put, get, list and remove objects."),
     "s3": ("cloudless.cli.blob", "s3", "S3 gateway access keys."),
     "sim": ("cloudless.cli.sim", "sim", "Run seeded simulations of the protocol cores."),
+    "context": ("cloudless.cli.context", "context", "Show and switch the client config's contexts."),
+    "completion": ("cloudless.cli.completion", "completion", "Print the shell completion script (bash, zsh, fish)."),
 }
 
 
@@ -58,6 +65,39 @@ class LazyGroup(click.Group):
         module_name, attr, _ = COMMANDS[name]
         module = importlib.import_module(module_name)
         return getattr(module, attr, None)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        # Every error a command raises ends here: one line (or the -o json|yaml document) and its exit code.
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            raise click.exceptions.Exit(output.report(exc, ctx.meta.get(output.FORMAT_META))) from None
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.Abort as exc:  # click turns Ctrl-C (KeyboardInterrupt) and EOF into Abort
+            if isinstance(exc.__cause__, KeyboardInterrupt):
+                code = output.EXIT_INTERRUPTED
+            else:
+                output.print_error("aborted")
+                code = 1
+        except Exception as exc:  # errors before a command runs, e.g. `cloudless --bogus`
+            code = output.report(exc)
+        else:
+            code = rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
+        sys.exit(code)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]

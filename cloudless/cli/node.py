@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import sys
 from pathlib import Path
 
 import click
 import trio
 
+from cloudless.api import client_config
 from cloudless.api.client_config import parse_endpoint
-from cloudless.cli.output import fail, stderr
+from cloudless.cli.output import fail, one_line, stderr
 from cloudless.errors import CloudlessError, InvalidInput
 
 
@@ -35,6 +38,53 @@ def _labels(ctx, param, values):
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("CLOUDLESS_DATA_DIR") or Path.home() / ".cloudless" / "node")
+
+
+def client_config_target(explicit: Path | None, disabled: bool, interactive: bool) -> Path | None:
+    """Where a new cluster's admin context goes: the client config the user's CLI reads.
+
+    Only when asked (--client-config) or when a person started the node on a
+    terminal: an unattended start (dev up, a service, a test harness) must not
+    write into its account's config, and cannot be asked about it.
+    """
+    if disabled:
+        return None
+    if explicit is not None:
+        return explicit
+    return client_config.default_path() if interactive else None
+
+
+def announce_bootstrap(admin_config: Path, target: Path | None) -> None:
+    """Merge the new cluster's admin context into `target` (if any) and say exactly what happened."""
+    say = stderr.print
+    admin_config = admin_config.absolute()
+    say(f"created a new cluster; its admin client config is {admin_config}")
+    import_hint = f"cloudless context import {admin_config}"
+    if target is None:
+        say(f"to use it: `{import_hint} --use`, or `export CLOUDLESS_CONFIG={admin_config}`")
+        return
+    try:
+        context = client_config.load(admin_config).context()
+        merged = client_config.merge_context(target, context)
+    except (CloudlessError, OSError) as exc:
+        message = exc.message if isinstance(exc, CloudlessError) else str(exc)
+        say(f"could not add it to {target}: {one_line(message)}")
+        say(f"to use it: `{import_hint} --use`, or `export CLOUDLESS_CONFIG={admin_config}`")
+        return
+    where = f"{merged.path.absolute()}" + (" (a new file)" if merged.created_file else "")
+    if merged.already_present:
+        say(f"context {merged.name} is already in {where}")
+    else:
+        say(f"added context {merged.name} to {where}")
+    if merged.is_current:
+        say(f"it is the current context: try `cloudless status{_config_hint(merged.path)}`")
+    else:
+        say(f"switch to it with `cloudless context use {merged.name}{_config_hint(merged.path)}`")
+
+
+def _config_hint(path: Path) -> str:
+    """The --config a later command needs, unless the CLI finds `path` by itself."""
+    return "" if path.absolute() == client_config.default_path().absolute() else f" --config {path.absolute()}"
 
 
 @click.command(help="Run a node in the foreground. With no --join and an empty data dir it creates a new cluster.")
@@ -78,6 +128,15 @@ def default_data_dir() -> Path:
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
+@click.option(
+    "--client-config",
+    "client_config_path",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="When this node creates a cluster, add its admin context to this client config. "
+    "Default: $CLOUDLESS_CONFIG or ~/.cloudless/config.yaml when started on a terminal; otherwise only printed.",
+)
+@click.option("--no-client-config", is_flag=True, help="Never add the new cluster's context to a client config.")
 def node(
     data_dir,
     listen,
@@ -96,6 +155,8 @@ def node(
     metrics_listen,
     s3_listen,
     log_level,
+    client_config_path,
+    no_client_config,
 ) -> None:
     from cloudless.coordinator.autopilot import AutopilotConfig
     from cloudless.node.process import NodeOptions, run_node
@@ -108,6 +169,9 @@ def node(
         raise click.BadParameter("needs an explicit port", param_hint="--listen")
     if advertise is None and listen[0] in ("0.0.0.0", "::"):
         raise click.BadParameter("listening on all addresses needs --advertise HOST:PORT", param_hint="--advertise")
+    if client_config_path is not None and no_client_config:
+        raise click.UsageError("--client-config and --no-client-config disagree; give one")
+    target = client_config_target(client_config_path, no_client_config, sys.stdin.isatty())
     configure(Path(data_dir) / "logs", log_level)
     options = NodeOptions(
         data_dir=Path(data_dir),
@@ -127,6 +191,7 @@ def node(
         log_level=log_level,
         metrics_listen=metrics_listen,
         s3_listen=s3_listen,
+        on_bootstrapped=functools.partial(announce_bootstrap, target=target),
     )
     try:
         trio.run(run_node, options)

@@ -64,7 +64,8 @@ def raft(seeds: int, first: int, nodes: int | None, jobs: int, as_json: bool) ->
         verdict = "[green]ok[/green]" if not failed else f"[red]{len(failed)} failed[/red]"
         stdout.print(
             f"raft simulation: {seeds} seeds from {first}: {verdict}; "
-            f"{ops_checked} operations checked for linearizability in {elapsed:.1f}s"
+            f"{ops_checked} operations checked for linearizability in {elapsed:.1f}s",
+            markup=True,
         )
     if failed:
         raise SystemExit(1)

@@ -24,8 +24,8 @@ from cloudless.api.workloads import (
     WorkloadRef,
     WorkloadReply,
 )
-from cloudless.cli.cluster import client_options, to_builtins
-from cloudless.cli.output import emit_json, stdout
+from cloudless.cli.cluster import client_options, client_read_options, to_builtins
+from cloudless.cli.output import Column, OutputFormat, emit_json, emit_list, print_table, stdout
 from cloudless.errors import InvalidInput
 from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
 
@@ -118,21 +118,34 @@ async def apply(client: ClusterClient, as_json: bool, path: Path) -> None:
 
 
 @click.command(help="List workloads.")
-@client_options
-async def ps(client: ClusterClient, as_json: bool) -> None:
+@client_read_options
+async def ps(client: ClusterClient, out: OutputFormat) -> None:
     reply = await client.call("workloads.ps", PsRequest(), response=PsReply)
-    if as_json:
-        emit_json(
+    if out.structured:
+        out.emit_list(
             [
-                {"name": i.name, "image": i.image, "desired": i.desired, "running": i.running, "state": i.state}
+                {
+                    "name": i.name,
+                    "image": i.image,
+                    "version": i.version,
+                    "desired": i.desired,
+                    "running": i.running,
+                    "state": i.state,
+                }
                 for i in reply.items
             ]
         )
         return
-    table = Table("NAME", "IMAGE", "VERSION", "RUNNING", "STATE")
-    for i in reply.items:
-        table.add_row(i.name, i.image, str(i.version), f"{i.running}/{i.desired}", i.state)
-    stdout.print(table)
+    print_table(PS_COLUMNS, reply.items, wide=out.wide)
+
+
+PS_COLUMNS = [
+    Column("NAME", lambda i: i.name),
+    Column("IMAGE", lambda i: i.image),
+    Column("VERSION", lambda i: i.version),
+    Column("RUNNING", lambda i: f"{i.running}/{i.desired}"),
+    Column("STATE", lambda i: i.state),
+]
 
 
 @click.command(help="Show a workload: spec, allocations and placement explanations.")
@@ -168,7 +181,7 @@ async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
         )
         return
     s = reply.spec
-    stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", highlight=False)
+    stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", markup=True)
     stdout.print(
         f"command: {' '.join(s.command) or '(image default)'}   replicas: {s.replicas}", markup=False, highlight=False
     )
@@ -223,7 +236,7 @@ async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, re
                 out = sys.stderr if line.stream == "stderr" else sys.stdout
                 print(prefix + line.text, file=out, flush=True)
     if as_json and not follow:
-        emit_json(collected)
+        emit_list(collected)
 
 
 @click.command("exec", help="Run a command inside a replica: cloudless exec NAME [--replica I] -- CMD...")

@@ -39,6 +39,7 @@ class Candidate:
     flaps: int = 0  # failures (alive -> suspect/dead) in the recent window
     caught_up: bool = False  # a learner whose match index is near the leader's
     down_since: float | None = None  # when it became suspect/dead, if it is
+    trusted: bool = True  # enrolled to coordinate; the caller says (a device without it never votes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,8 @@ def reliability_score(c: Candidate, now: float) -> float:
 
 
 def ineligibility(c: Candidate, now: float, config: AutopilotConfig) -> str | None:
+    if not c.trusted:
+        return "not trusted to coordinate (enrolled without --trust coordinator)"
     if c.state in ("dead", "left"):
         return f"member is {c.state}"
     if c.state == "suspect" and c.raft_role != "voter":

@@ -158,6 +158,7 @@ class Coordinator:
                     alive_since=alive_since,
                     flaps=self.flaps(name, now),
                     caught_up=caught_up,
+                    trusted=name in replicated.fsm.nodes and replicated.fsm.nodes[name].trusted,
                     down_since=self._down_since.get(
                         name, member.state_change if member is not None and state in ("suspect", "dead") else None
                     ),

@@ -298,6 +298,7 @@ class BlobStorage:
         rpc: RpcClient,
         server: RpcServer,
         events: EventRecorder,
+        signing_ca: Callable[[], ClusterCA],
         region: str = "",
         s3_listen: tuple[str, int] | None = None,
         s3_endpoint: str = "",
@@ -307,6 +308,7 @@ class BlobStorage:
         self.cluster = cluster
         self.replicated = replicated
         self.events = events
+        self.signing_ca = signing_ca
         self.region = region
         self.s3_listen = s3_listen
         self.s3_endpoint = s3_endpoint
@@ -361,15 +363,14 @@ class BlobStorage:
         replicated = self.replicated
         while replicated.fsm.ca is None:
             await replicated.wait_changed()
-        record = replicated.fsm.ca
-        ca = ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+        ca = self.signing_ca()  # the S3 gateway's server certificate: a coordinator-trusted node only
         hosts = sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::", ""})
         cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(UTC))
         directory = self.root / "gateway"
         directory.mkdir(parents=True, exist_ok=True)
         write_atomic(directory / "gateway.key", key_pem)
         write_atomic(directory / "gateway.pem", cert_pem, mode=0o644)
-        write_atomic(directory / "ca.pem", record.certificate_pem, mode=0o644)
+        write_atomic(directory / "ca.pem", ca.certificate_pem, mode=0o644)
         return directory / "gateway.pem", directory / "gateway.key"
 
     async def _serve_s3(self, s3_listen: tuple[str, int]) -> None:

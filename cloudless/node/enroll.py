@@ -56,13 +56,16 @@ class EnrollHelloReply(msgspec.Struct, frozen=True):
 class EnrollRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z2-7]{8}$")]
     secret: Annotated[str, msgspec.Meta(max_length=64)]
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
     name: NodeName
     csr_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
     address: Annotated[str, msgspec.Meta(max_length=300)] = ""
     region: Annotated[str, msgspec.Meta(max_length=63)] = ""
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
-    labels: dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]] = {}
+    labels: Annotated[
+        dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
+        msgspec.Meta(max_length=64),
+    ] = {}
 
 
 class EnrollReply(msgspec.Struct, frozen=True):
@@ -72,6 +75,8 @@ class EnrollReply(msgspec.Struct, frozen=True):
     gossip_keys: list[bytes]
     seeds: list[str]  # advertise addresses of known nodes
     revocations: bytes  # RevocationList.to_bytes()
+    # The CA key-encryption key, only for nodes enrolled as coordinators (pki.custody).
+    ca_kek: bytes = b""
 
 
 def check_token(tokens: dict, request: EnrollRequest, now: float) -> None:
@@ -97,7 +102,7 @@ def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Cer
     csr = load_csr(request.csr_pem)
     kind = "node" if request.role == "node" else "client"
     identity = Identity(ca.cluster_id, kind, request.name)
-    return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC))
+    return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC), role=None if kind == "node" else request.role)
 
 
 # -- the joiner's side --------------------------------------------------------

@@ -27,7 +27,7 @@ from cloudless.pki.revocation import RevocationList
 from cloudless.ports import ClusterView, EventRecorder, Proposer
 from cloudless.raft.core import NotLeader
 from cloudless.raft.errors import NoLeader
-from cloudless.state.commands import ConsumeToken, RecordCertificate, RegisterNode, Rejected
+from cloudless.state.commands import ConsumeToken, RecordCertificate, RecordClientCertificate, RegisterNode, Rejected
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class EnrollService:
         events: EventRecorder,
         revocations: RevocationList,
         ca_pem: Callable[[], bytes],
+        signing_ca: Callable[[], ClusterCA],
+        ca_kek: Callable[[], bytes | None],
     ) -> None:
         self.cluster = cluster
         self.replicated = replicated
@@ -73,6 +75,8 @@ class EnrollService:
         self.events = events
         self.revocation_list = revocations
         self.ca_pem = ca_pem  # the CA this node trusts, as a joiner must pin it
+        self.signing_ca = signing_ca  # the CA with its key (a coordinator-trusted node only)
+        self.ca_kek = ca_kek  # the key that opens the CA key, handed to joining coordinators only
 
     def register(self, enroll_server: RpcServer, node_server: RpcServer) -> None:
         enroll_server.unary("enroll.hello", request=EnrollHello)(self.hello)
@@ -83,10 +87,9 @@ class EnrollService:
 
     def _ca(self) -> ClusterCA:
         replicated = self.replicated
-        record = replicated.fsm.ca
-        if record is None:
+        if replicated.fsm.ca is None:
             raise NoLeader("the cluster CA is not in the replicated state yet")
-        return ClusterCA.from_pem(record.certificate_pem, record.key_pem)
+        return self.signing_ca()
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
         return EnrollHelloReply(self.cluster.cluster_id, self.ca_pem())
@@ -120,15 +123,25 @@ class EnrollService:
             raise
         if req.role == "node" and req.name in replicated.fsm.nodes:
             raise Conflict(f"a node named {req.name} is already registered; pick another --name")
+        kind = "node" if req.role == "node" else "client"
+        if replicated.fsm.retired.get(f"{kind}/{req.name}", 0.0) > now:
+            # Identity is name + key: a removed name stays unusable while any of its certificates could still work.
+            raise Conflict(f"the name {req.name} belonged to a removed {kind}; pick another --name")
+        client = replicated.fsm.clients.get(req.name) if kind == "client" else None
+        if client is not None and client.role != req.role:
+            raise Conflict(f"client {req.name} exists with role {client.role}; pick another name")
         try:
             certificate = self._ca().issue(
                 load_csr(req.csr_pem),
                 Identity(cluster.cluster_id, "node" if req.role == "node" else "client", req.name),
                 datetime.fromtimestamp(now, UTC),
                 node_certificate_lifetime() if req.role == "node" else None,
+                role=None if req.role == "node" else req.role,
             )
         except PKIError as exc:
             raise InvalidInput(f"cannot sign the request: {exc.message}") from None
+        token_state = replicated.fsm.tokens.get(req.token_id)
+        trusted = req.role == "node" and token_state is not None and token_state.trust == "coordinator"
         result, _ = await replicated.propose(ConsumeToken(req.token_id, req.role))
         if isinstance(result, Rejected):
             raise TokenRejected("used_up" if "used" in result.message else "expired", result.message)
@@ -146,10 +159,22 @@ class EnrollService:
                     region=req.region,
                     zone=req.zone,
                     labels=dict(req.labels),
+                    trusted=trusted,
                 )
             )
             if isinstance(result, Rejected):
                 raise CloudlessError(f"could not register {req.name}: {result.message}")
+        else:
+            result, _ = await replicated.propose(
+                RecordClientCertificate(
+                    req.name,
+                    req.role,
+                    format(certificate.serial_number, "x"),
+                    certificate.not_valid_after_utc.timestamp(),
+                )
+            )
+            if isinstance(result, Rejected):
+                raise CloudlessError(f"could not record {req.name}: {result.message}")
 
         self.events.record("enroll.accepted", req.name, f"{req.role} {req.name} joined", address=req.address)
         seeds = [r.address for n, r in replicated.fsm.nodes.items() if n != req.name]
@@ -160,6 +185,8 @@ class EnrollService:
             gossip_keys=list(replicated.fsm.gossip_keys),
             seeds=seeds,
             revocations=self.revocation_list.to_bytes(),
+            # Only a coordinator receives the key that opens the CA key (pki.custody).
+            ca_kek=(self.ca_kek() or b"") if trusted else b"",
         )
 
     async def renew(self, ctx: RpcContext, req: RenewRequest) -> RenewReply:

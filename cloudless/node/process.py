@@ -34,22 +34,26 @@ import random
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import msgspec
 import trio
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudless.api.client_config import ClientConfig, Context, parse_endpoint
 from cloudless.api.http import metrics_app, serve_https
+from cloudless.api.identities import IdentityApi
 from cloudless.api.service import ApiService
+from cloudless.authz import CallGate, ProofVerifier, is_listed
 from cloudless.blobs.chunkstore import LocalChunkStore
 from cloudless.blobs.oci import OciBlobs
 from cloudless.coordinator.autopilot import AutopilotConfig
 from cloudless.durable import write_atomic
-from cloudless.errors import CloudlessError, InvalidInput
+from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
@@ -66,14 +70,16 @@ from cloudless.node.replicated import ReplicatedState
 from cloudless.node.workloads import Workloads
 from cloudless.observability.events import EventLog
 from cloudless.observability.metrics import NodeMetrics
-from cloudless.pki.ca import ClusterCA
+from cloudless.pki.ca import ClusterCA, certificate_fingerprint
 from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, new_private_key, private_key_pem
+from cloudless.pki.custody import load_kek, new_kek, open_ca_key, save_kek, seal_ca_key
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
 from cloudless.scheduler import NodeInfo
-from cloudless.state.commands import RegisterNode, SetGossipKeyring, StoreClusterCA
+from cloudless.state.commands import RecordClientCertificate, RegisterNode, SetGossipKeyring, StoreClusterCA
 from cloudless.transport.base import Connection
+from cloudless.transport.live import LiveConnections
 from cloudless.transport.quic import QuicCarrier
 from cloudless.transport.rpc import RpcClient, RpcServer
 from cloudless.transport.tls import TlsCarrier
@@ -109,6 +115,9 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
+    # Called with the admin client config's path once this node has created a new cluster
+    # (the CLI merges it into the user's client config and says so).
+    on_bootstrapped: Callable[[Path], None] | None = None
 
 
 class BootstrapPending(msgspec.Struct):
@@ -116,8 +125,10 @@ class BootstrapPending(msgspec.Struct):
 
     cluster_id: str
     ca_cert_pem: bytes
-    ca_key_pem: bytes
+    ca_sealed_key: bytes  # pki.custody: the KEK stays in this data dir, outside Raft
     gossip_key: bytes
+    admin_serial: str = ""  # the bootstrap admin's certificate, recorded so `users rm admin` can revoke it
+    admin_not_after: float = 0.0
 
 
 def format_address(address: tuple[str, int]) -> str:
@@ -149,6 +160,8 @@ async def establish_identity(options: NodeOptions, data: DataDir, events: EventL
     advertise = options.advertise or options.listen
     if options.join is None:
         _bootstrap(data, name, advertise, events)
+        if options.on_bootstrapped is not None:
+            options.on_bootstrapped(data.admin_config)
         return
     if not options.token:
         raise InvalidInput("--join needs --token (create one with `cloudless token create`)", field="token")
@@ -162,6 +175,8 @@ async def establish_identity(options: NodeOptions, data: DataDir, events: EventL
         labels=options.labels,
     )
     credentials.save(data.tls)
+    if reply.ca_kek:
+        save_kek(data.root, reply.ca_kek)
     write_atomic(data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(reply.gossip_keys))
     write_atomic(data.root / "seeds", msgspec.msgpack.encode(reply.seeds))
     write_atomic(data.root / "revocations", reply.revocations)
@@ -177,14 +192,20 @@ def _bootstrap(data: DataDir, name: str, advertise: tuple[str, int], events: Eve
     credentials = issue_credentials(ca, Identity(cluster_id, "node", name), now, node_certificate_lifetime())
     credentials.save(data.tls)
     cert_pem, key_pem = ca.to_pem()
+    kek = new_kek()
+    save_kek(data.root, kek)
+    sealed_key = seal_ca_key(kek, key_pem, cluster_id, ca.fingerprint)
+    del key_pem
     gossip_key = os.urandom(32)
-    write_atomic(
-        data.root / BOOTSTRAP_PENDING_FILE,
-        msgspec.msgpack.encode(BootstrapPending(cluster_id, cert_pem, key_pem, gossip_key)),
+    admin = issue_credentials(
+        ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365), role="admin"
     )
+    pending = BootstrapPending(
+        cluster_id, cert_pem, sealed_key, gossip_key, format(admin.serial, "x"), admin.not_after.timestamp()
+    )
+    write_atomic(data.root / BOOTSTRAP_PENDING_FILE, msgspec.msgpack.encode(pending))
     write_atomic(data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode([gossip_key]))
     ReplicatedState.bootstrap(data.raft, name)
-    admin = issue_credentials(ca, Identity(cluster_id, "client", "admin"), now, lifetime=timedelta(days=365))
     config = ClientConfig(
         contexts={
             cluster_id: Context(
@@ -247,10 +268,16 @@ class Node:
         revocations_file = self.data.root / "revocations"
         if revocations_file.exists():
             self.revocations.install(RevocationList.from_bytes(revocations_file.read_bytes()))
+        self.live = LiveConnections()
+        self._revocations_changed = trio.Event()
         verifier = PeerVerifier(self.credentials.ca_certificate, self.revocations, self.cluster_id)
-
-        self.server = RpcServer()
-        self.enroll_server = RpcServer()
+        # Default deny on every call: authz's permission table, with forwarded
+        # client calls authorized by the client's own signed proof.
+        gate = CallGate(ProofVerifier(verifier))
+        self.server = RpcServer(listed=is_listed, authorize=gate)
+        # Enrollment requests are small (a CSR and a token): a small frame cap
+        # bounds what an unauthenticated peer can make us buffer.
+        self.enroll_server = RpcServer(listed=is_listed, max_frame_size=64 * 1024, request_timeout=5.0, authorize=gate)
         self.endpoint = UdpEndpoint(*options.listen)
         self.tls = TlsCarrier(self.credentials, verifier, bind=options.listen, enrollment=True)
         self.quic = QuicCarrier(self.credentials, verifier, endpoint=self.endpoint)
@@ -291,6 +318,7 @@ class Node:
                 rpc=self.rpc,
                 server=self.server,
                 events=self.events,
+                signing_ca=self.signing_ca,
                 region=options.region,
                 s3_listen=options.s3_listen,
                 s3_endpoint=self.s3_endpoint,
@@ -309,6 +337,7 @@ class Node:
             )
             self.replicated.register(self.server)
             ApiService(self.membership, self.replicated, self.rpc, self.events).register(self.server)
+            IdentityApi(self.membership, self.replicated, self.rpc, self.events, self.signing_ca).register(self.server)
             EnrollService(
                 self.membership,
                 self.replicated,
@@ -316,6 +345,8 @@ class Node:
                 self.events,
                 self.revocations,
                 ca_pem=lambda: self.credentials.ca_pem,
+                signing_ca=self.signing_ca,
+                ca_kek=lambda: load_kek(self.data.root),
             ).register(self.enroll_server, self.server)
             self.server.unary("gossip.stream")(self._serve_gossip_stream)
             self.replicated.change_listeners.append(self._on_state_change)
@@ -388,6 +419,7 @@ class Node:
                 await nursery.start(self.workloads.run)
                 await nursery.start(self.blobs.run)
                 nursery.start_soon(self._revocation_sync)
+                nursery.start_soon(self._cut_revoked_connections)
                 nursery.start_soon(self._renewal_loop)
                 nursery.start_soon(self._metadata_loop)
                 if self.options.metrics_listen is not None:
@@ -421,7 +453,8 @@ class Node:
             await self.enroll_server.serve_connection(connection)
             return
         try:
-            await self.server.serve_connection(connection)
+            with self.live.tracking(connection):
+                await self.server.serve_connection(connection)
         finally:
             # A node's connection ending is the first sign that it died: the
             # kernel closes a killed process's sockets at once, long before
@@ -510,6 +543,14 @@ class Node:
         if set(fresh) != set(self.revocations):
             self.revocations.install(fresh)
             write_atomic(self.data.root / "revocations", fresh.to_bytes())
+            self._revocations_changed.set()
+
+    async def _cut_revoked_connections(self) -> None:
+        """Revocation bites at once: end the open connections of identities revoked since they connected."""
+        while True:
+            await self._revocations_changed.wait()
+            self._revocations_changed = trio.Event()
+            await self.live.close_revoked(self.revocations.is_revoked, self.rpc.pool.connections())
 
     async def _revocation_sync(self) -> None:
         """Nodes outside Raft learn revocations from the leader."""
@@ -531,6 +572,7 @@ class Node:
             if set(fresh) != set(self.revocations):
                 self.revocations.install(fresh)
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
+                self._revocations_changed.set()
 
     async def _renewal_loop(self) -> None:
         while True:
@@ -615,11 +657,15 @@ class Node:
             return
         fsm = replicated.fsm
         if fsm.ca is None:
-            await replicated.propose(StoreClusterCA(pending.cluster_id, pending.ca_cert_pem, pending.ca_key_pem))
+            await replicated.propose(StoreClusterCA(pending.cluster_id, pending.ca_cert_pem, pending.ca_sealed_key))
         if not fsm.gossip_keys:
             await replicated.propose(SetGossipKeyring([pending.gossip_key]))
         if self.node_id not in fsm.nodes:
             await replicated.propose(self.register_command(self.credentials))
+        if pending.admin_serial and "admin" not in fsm.clients:
+            await replicated.propose(
+                RecordClientCertificate("admin", "admin", pending.admin_serial, pending.admin_not_after)
+            )
         (self.data.root / BOOTSTRAP_PENDING_FILE).unlink(missing_ok=True)
         log.info("node.bootstrap_committed", extra={"fields": {"node": self.node_id}})
 
@@ -632,4 +678,21 @@ class Node:
             region=self.options.region,
             zone=self.options.zone,
             labels=dict(self.options.labels),
+            trusted=True,  # the bootstrap node: it made the CA
         )
+
+    def signing_ca(self) -> ClusterCA:
+        """The cluster CA with its key, on a node trusted to coordinate; else a clear refusal."""
+        record = self.replicated.fsm.ca
+        if record is None:
+            raise Unavailable("the cluster CA is not committed yet; retry shortly")
+        kek = load_kek(self.data.root)
+        if kek is None:
+            raise Unavailable(
+                f"node {self.node_id} is not trusted to coordinate, so it holds no CA key "
+                "(enroll it with a `token create --trust coordinator` token)"
+            )
+        certificate_pem = record.certificate_pem
+        fingerprint = certificate_fingerprint(x509.load_pem_x509_certificate(certificate_pem))
+        key_pem = open_ca_key(kek, record.sealed_key, record.cluster_id, fingerprint)
+        return ClusterCA.from_pem(certificate_pem, key_pem)

@@ -21,6 +21,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from cloudless.authz import PermissionDenied
 from cloudless.errors import CloudlessError, Unavailable
 from cloudless.raft.core import NotLeader, RaftConfig, RaftNode, Role
 from cloudless.raft.driver import RaftDriver
@@ -28,7 +29,17 @@ from cloudless.raft.errors import NoLeader, NotAMember
 from cloudless.raft.messages import ConfChange, Entry, EntryKind, Message, Snapshot, decode_message, encode_message
 from cloudless.raft.rocks import RocksStorage
 from cloudless.raft.storage import bootstrap_log
-from cloudless.state.commands import Command, Done, Proposal, Result, decode_result, encode_proposal, encode_result
+from cloudless.state.commands import (
+    Command,
+    Done,
+    Proposal,
+    Result,
+    decode_proposal,
+    decode_result,
+    encode_proposal,
+    encode_result,
+    node_may_propose,
+)
 from cloudless.state.fsm import Change, StateMachine
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
@@ -110,6 +121,7 @@ class ReplicatedState:
         # Peers that hold a subscription stream to us: their messages flow
         # down it, pipelined and in order, instead of one RPC per batch.
         self._subscribers: dict[str, tuple[object, trio.Event]] = {}
+        self.dropped_from_non_members = 0  # Raft messages refused: sender outside our configuration
         self._nursery: trio.Nursery | None = None
         self.change_listeners: list[Callable[[list[Change]], None]] = []
         self.applied_listeners: list[Callable[[], None]] = []
@@ -203,8 +215,24 @@ class ReplicatedState:
             message = decode_message(body)  # InvalidInput goes back to the sender
             if message.frm != ctx.peer.name:
                 raise CloudlessError("raft messages must come from the node they name", peer=ctx.peer.name)
-            self.driver.deliver(message)
+            self._deliver(message)
         return b""
+
+    def _deliver(self, message: Message) -> None:
+        """Hand a peer's message to Raft, unless its sender is outside our configuration.
+
+        A non-member (a removed voter, a device that was never added, a
+        stolen certificate) must not move our term or call elections. A node
+        that is not itself a member yet (catching up) takes messages from
+        anyone authenticated as a node: it has no configuration to check.
+        """
+        conf = self.core.conf_state
+        members = set(conf.voters) | set(conf.learners) | set(conf.voters_outgoing) | set(conf.learners_next)
+        if self.node_id in members and message.frm not in members:
+            self.dropped_from_non_members += 1
+            log.debug("raft.dropped_non_member", extra={"fields": {"from": message.frm}})
+            return
+        self.driver.deliver(message)
 
     async def _serve_subscribe(self, ctx: RpcContext, body: bytes) -> None:
         """Stream the caller's messages to it for as long as it listens."""
@@ -261,7 +289,7 @@ class ReplicatedState:
                                     message = decode_message(body)
                                     if message.frm != peer or message.to != self.node_id:
                                         raise CloudlessError("raft message on the wrong stream", peer=peer)
-                                    self.driver.deliver(message)
+                                    self._deliver(message)
                     except CloudlessError as exc:
                         log.debug("raft.subscription_lost", extra={"fields": {"peer": peer, "error": str(exc)}})
                 await trio.sleep(0.3)
@@ -380,10 +408,16 @@ class ReplicatedState:
 
     async def _serve_propose(self, ctx: RpcContext, req: ForwardedProposal) -> ForwardedResult:
         if ctx.peer.kind != "node":
-            raise CloudlessError("only nodes forward proposals", peer=ctx.peer.name)
+            raise PermissionDenied("only nodes forward proposals", peer=ctx.peer.name)
         if not self.is_leader:
             raise NotLeader("not the leader", leader=self.core.leader or "")
-        index = await self.driver.propose(req.proposal, timeout=5.0)
+        proposal = decode_proposal(req.proposal)
+        refusal = node_may_propose(proposal.command, ctx.peer.name)
+        if refusal is not None:
+            raise PermissionDenied(f"permission denied: {refusal}", peer=ctx.peer.name)
+        # The leader's clock and the proven sender, never what the node wrote.
+        stamped = msgspec.structs.replace(proposal, now=self._clock(), proposer=ctx.peer.name)
+        index = await self.driver.propose(encode_proposal(stamped), timeout=5.0)
         result = self._results.pop(index, None) or self._result_from_log(index)
         return ForwardedResult(encode_result(result), index)
 

@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cloudless.pki.clock import as_utc
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidCSR, InvalidIdentity
-from cloudless.pki.identity import Identity, validate_cluster_id
+from cloudless.pki.identity import CLIENT_ROLES, ROLE_ATTRIBUTE_OID, Identity, validate_cluster_id
 
 CA_LIFETIME = timedelta(days=3650)
 NODE_CERT_LIFETIME = timedelta(hours=24)
@@ -116,15 +116,25 @@ class ClusterCA:
         identity: Identity,
         now: datetime,
         lifetime: timedelta | None = None,
+        role: str | None = None,
     ) -> x509.Certificate:
         """Sign `csr` as `identity`, valid from a minute ago for `lifetime`.
 
         The CSR's subject and extensions are ignored: the identity is what the
         caller (the join or renew service) has authenticated, not what the CSR
         asks for. `lifetime` defaults to 24 h for nodes, 7 days for clients,
-        and is cut to the CA's own expiry.
+        and is cut to the CA's own expiry. A client certificate carries
+        `role` (least privilege when not given: viewer); a node's carries none.
         """
         now = as_utc(now)
+        if identity.kind == "client":
+            role = "viewer" if role is None else role
+            if role not in CLIENT_ROLES:
+                raise InvalidIdentity(
+                    f"invalid client role {role!r}: want one of {', '.join(CLIENT_ROLES)}", field="role"
+                )
+        elif role is not None:
+            raise InvalidIdentity("node certificates carry no client role", field="role")
         if identity.cluster_id != self.cluster_id:
             raise InvalidIdentity(
                 f"identity {identity.uri} is not of cluster {self.cluster_id}", cluster_id=self.cluster_id
@@ -147,6 +157,7 @@ class ClusterCA:
                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.cluster_id),
                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, identity.kind),
                         x509.NameAttribute(NameOID.COMMON_NAME, identity.name),
+                        *([x509.NameAttribute(x509.ObjectIdentifier(ROLE_ATTRIBUTE_OID), role)] if role else []),
                     ]
                 )
             )

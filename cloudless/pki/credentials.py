@@ -27,7 +27,7 @@ from cloudless.durable import fsync_directory, write_new
 from cloudless.pki.ca import CURVE, ClusterCA
 from cloudless.pki.clock import as_utc
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidIdentity
-from cloudless.pki.identity import Identity
+from cloudless.pki.identity import CLIENT_ROLES, ROLE_ATTRIBUTE_OID, Identity
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,15 @@ def make_csr(key: ec.EllipticCurvePrivateKey, identity: Identity) -> x509.Certif
         .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]), critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def role_of(certificate: x509.Certificate) -> str:
+    """A client certificate's role ("" if it has none or an unknown one: such a client may do nothing)."""
+    values = certificate.subject.get_attributes_for_oid(x509.ObjectIdentifier(ROLE_ATTRIBUTE_OID))
+    if len(values) != 1:
+        return ""
+    value = values[0].value
+    return value if isinstance(value, str) and value in CLIENT_ROLES else ""
 
 
 def identity_of(certificate: x509.Certificate) -> Identity:
@@ -196,9 +205,9 @@ class Credentials:
 
 
 def issue_credentials(
-    ca: ClusterCA, identity: Identity, now: datetime, lifetime: timedelta | None = None
+    ca: ClusterCA, identity: Identity, now: datetime, lifetime: timedelta | None = None, role: str | None = None
 ) -> Credentials:
     """Generate a key, a CSR and have `ca` sign it: for bootstrap and tests, where CA and holder are one process."""
     key = new_private_key()
-    certificate = ca.issue(make_csr(key, identity), identity, now, lifetime)
+    certificate = ca.issue(make_csr(key, identity), identity, now, lifetime, role=role)
     return Credentials(ca.certificate_pem, certificate.public_bytes(serialization.Encoding.PEM), private_key_pem(key))

@@ -16,6 +16,12 @@ from cloudless.pki.errors import InvalidIdentity
 IdentityKind = Literal["node", "client"]
 KINDS: tuple[str, ...] = ("node", "client")
 
+# A client certificate's role (cloudless.authz says what each may do). It is
+# an X.520 `role` attribute (2.5.4.72) in the subject, set by the CA.
+ClientRole = Literal["admin", "operator", "viewer"]
+CLIENT_ROLES: tuple[str, ...] = ("admin", "operator", "viewer")
+ROLE_ATTRIBUTE_OID = "2.5.4.72"
+
 # DNS-label-like, lower case: safe in URIs, file names and log lines.
 _LABEL = r"[a-z0-9][a-z0-9._-]{0,62}"
 LABEL_PATTERN = re.compile(_LABEL)
@@ -77,6 +83,7 @@ class PeerIdentity:
     kind: str  # "node" or "client"
     name: str
     serial: int  # certificate serial, for revocation checks and audit
+    role: str = ""  # a client certificate's role (admin, operator, viewer); "" for nodes
 
     @property
     def uri(self) -> str:

@@ -36,8 +36,9 @@ SECRET_LENGTH = 26  # base32 of 16 bytes, unpadded
 MAX_TTL = timedelta(days=30)
 MAX_USES = 1_000_000
 
-TokenRole = Literal["node", "admin"]
-ROLES = ("node", "admin")
+# A token enrolls a node, or a client with one of the client roles (authz).
+TokenRole = Literal["node", "admin", "operator", "viewer"]
+ROLES = ("node", "admin", "operator", "viewer")
 
 _B32 = "[a-z2-7]"
 _TOKEN_PATTERN = re.compile(rf"{TOKEN_PREFIX}\.({_B32}{{{ID_LENGTH}}})\.({_B32}{{{SECRET_LENGTH}}})\.([0-9a-f]{{64}})")

@@ -15,7 +15,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
 from cloudless.pki.clock import as_utc, utc_now
-from cloudless.pki.credentials import identity_of
+from cloudless.pki.credentials import identity_of, role_of
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidIdentity, PeerRejected
 from cloudless.pki.identity import PeerIdentity
 from cloudless.pki.revocation import RevocationList
@@ -77,7 +77,8 @@ class PeerVerifier:
                 "wrong_cluster",
                 f"peer {identity.uri} belongs to cluster {identity.cluster_id}, not {self.cluster_id}",
             )
-        return PeerIdentity(identity.cluster_id, identity.kind, identity.name, leaf.serial_number)
+        role = role_of(leaf) if identity.kind == "client" else ""
+        return PeerIdentity(identity.cluster_id, identity.kind, identity.name, leaf.serial_number, role)
 
     def verify_der(self, chain_der: Sequence[bytes]) -> PeerIdentity:
         chain = []

@@ -5,13 +5,13 @@ Inputs: `step(message)`, `tick()`, `propose(data)`, `propose_conf_change`,
 `ready()` and acknowledged with `advance(ready)`. No clock, no IO: time is a
 tick count and election jitter comes from the injected `random.Random`.
 
-The driver loop (cloudless/raft/driver.py, cloudless/testing/raft_sim.py):
+Every driver (cloudless/raft/driver.py, cloudless/testing/raft_sim.py)
+runs the same loop, with the order of the effects decided by ready.py:
 
-    if node.has_ready():
+    while node.has_ready():
         rd = node.ready()
-        storage.write(rd.hard_state, rd.entries, rd.snapshot); storage.sync()
-        send(rd.messages)                      # only after persisting
-        apply(rd.snapshot, rd.committed_entries); serve(rd.read_states)
+        for step in rd.steps():    # send early, write, sync, send, apply...
+            carry it out
         node.advance(rd)
 
 Nothing may be called on the node between `ready()` and `advance()`.
@@ -33,8 +33,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 
 from cloudless.errors import InvalidInput, Unavailable
 from cloudless.raft.log import RaftInvariantError, RaftLog
@@ -63,6 +62,7 @@ from cloudless.raft.messages import (
 )
 from cloudless.raft.progress import Progress, ProgressState
 from cloudless.raft.quorum import VoteResult, apply_conf_change, committed_index, has_quorum, vote_result
+from cloudless.raft.ready import ReadState, Ready, Role, SoftState
 from cloudless.raft.storage import Compacted, EntryUnavailable, LogStorage
 
 log = logging.getLogger(__name__)
@@ -95,28 +95,6 @@ class ProposalDropped(Unavailable):
 
 class ConfChangeRejected(InvalidInput):
     """The configuration change is malformed or would leave no voters."""
-
-
-class Role(str, Enum):
-    FOLLOWER = "follower"
-    PRE_CANDIDATE = "pre_candidate"
-    CANDIDATE = "candidate"
-    LEADER = "leader"
-    LEARNER = "learner"  # a follower that is a non-voting member
-
-
-@dataclass(frozen=True)
-class SoftState:
-    leader: str | None
-    role: Role
-
-
-@dataclass(frozen=True)
-class ReadState:
-    """Reads issued with `ctx` are linearizable once `index` has been applied."""
-
-    index: int
-    ctx: bytes
 
 
 @dataclass(frozen=True)
@@ -154,30 +132,6 @@ class RaftConfig:
             )
         if self.max_inflight_msgs <= 0 or self.snapshot_chunk_bytes <= 0:
             raise InvalidInput("max_inflight_msgs and snapshot_chunk_bytes must be positive")
-
-
-@dataclass
-class Ready:
-    """What the driver must do, in this order.
-
-    1. Persist `snapshot` (if any), `entries` and `hard_state` (if any) to
-       storage, then sync when `must_sync` (or always).
-    2. Only then send `messages`: they may promise what step 1 stored
-       (votes, acknowledged entries).
-    3. Install `snapshot` into the state machine, then apply
-       `committed_entries` in order; answer reads of `read_states` once
-       their index is applied.
-    4. Call `advance(ready)`.
-    """
-
-    hard_state: HardState | None = None
-    entries: list[Entry] = field(default_factory=list)
-    snapshot: Snapshot | None = None
-    messages: list[Message] = field(default_factory=list)
-    committed_entries: list[Entry] = field(default_factory=list)
-    read_states: list[ReadState] = field(default_factory=list)
-    soft_state: SoftState | None = None
-    must_sync: bool = False
 
 
 @dataclass
@@ -955,12 +909,13 @@ class RaftNode:
             read_states=self._read_states,
             soft_state=soft if soft != self._prev_soft_state else None,
         )
-        rd.must_sync = bool(
-            rd.entries
-            or rd.snapshot is not None
-            or hard.term != self._prev_hard_state.term
-            or hard.vote != self._prev_hard_state.vote
-        )
+        # _prev_hard_state is what the last Ready persisted, and a Ready that
+        # changes term or vote is synced before advance(): it is durable.
+        term_vote_changed = hard.term != self._prev_hard_state.term or hard.vote != self._prev_hard_state.vote
+        rd.must_sync = bool(rd.entries or rd.snapshot is not None or term_vote_changed)
+        # Only a leader whose term and vote are durable may replicate before
+        # its sync: its appends then promise nothing a crash could take back.
+        rd.replicate_before_sync = self._role is Role.LEADER and rd.snapshot is None and not term_vote_changed
         self._msgs = []
         self._read_states = []
         if rd.soft_state is not None:

@@ -8,15 +8,12 @@ touched. Each turn:
     wait for a command or the next tick
     run queued commands; tick if due
     while the core has a Ready:
-        a leader's appends and heartbeats go out now (thesis §10.2.1)
-        storage.write(...)                         stage (no fsync)
-        await storage.sync in a worker thread     when the Ready must be durable
-        send the other messages                    only after the sync: they
-                                                   promise what was stored
-        restore snapshot, apply committed entries, answer reads
-                                                   (entries committed before
-                                                   this Ready's new ones are
-                                                   applied before its sync)
+        carry out rd.steps() in order            (ready.py decides it: a
+                                                   leader's appends and
+                                                   already-stable entries
+                                                   before the fsync, which
+                                                   runs in a worker thread;
+                                                   votes and acks after it)
         advance
 
 Group commit falls out of this shape: while one sync runs in its thread,
@@ -36,8 +33,9 @@ from typing import Any
 import trio
 
 from cloudless.errors import InvalidInput, Unavailable
-from cloudless.raft.core import ProposalDropped, RaftNode, Ready, Role
-from cloudless.raft.messages import AppendEntries, ConfChange, Entry, Heartbeat, Message, Snapshot
+from cloudless.raft.core import ProposalDropped, RaftNode
+from cloudless.raft.messages import ConfChange, Entry, Message, Snapshot
+from cloudless.raft.ready import Apply, Ready, Restore, Send, Sync, Write
 from cloudless.raft.storage import StorageError, WritableLogStorage
 
 log = logging.getLogger(__name__)
@@ -129,8 +127,6 @@ class RaftDriver:
         self._sync_in_thread = sync_in_thread
         self.send_timeout = send_timeout
         self.leader_sends_before_sync = leader_sends_before_sync
-        hard_state, _ = storage.initial_state()
-        self._durable_term_vote = (hard_state.term, hard_state.vote)
         self._commands: deque[Callable[[], None]] = deque()
         self._wakeup = trio.Event()
         self._proposals: dict[int, tuple[int, _Waiter]] = {}  # index -> (term, waiter)
@@ -279,56 +275,37 @@ class RaftDriver:
 
     async def _handle(self, rd: Ready) -> None:
         self._stats["readies"] += 1
-        messages = rd.messages
-        if self.leader_sends_before_sync and rd.must_sync and self._may_replicate_before_sync(rd):
-            # Raft thesis §10.2.1: a leader may write its log in parallel with
-            # replicating it, because it counts itself toward a commit quorum
-            # only through its own match index, which the core consults only
-            # when it next steps a response: after this sync, since nothing
-            # reaches the core until advance(). This takes one fsync off the
-            # commit latency. Votes and acknowledgements still wait.
-            early = [m for m in messages if isinstance(m, (AppendEntries, Heartbeat))]
-            messages = [m for m in messages if not isinstance(m, (AppendEntries, Heartbeat))]
-            for message in early:
-                self._dispatch(message)
-        committed = rd.committed_entries
-        if rd.must_sync and rd.snapshot is None and committed:
-            # Entries committed before this Ready's new ones are already on
-            # our disk (every earlier Ready with entries was synced, and a
-            # committed entry is never overwritten), so apply them now rather
-            # than behind this fsync: that fsync is for the next batch.
-            first_new = rd.entries[0].index if rd.entries else committed[-1].index + 1
-            stable = [e for e in committed if e.index < first_new]
-            committed = committed[len(stable) :]
-            await self._apply_committed(stable)
-        if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
-            self.storage.write(rd.hard_state, rd.entries, rd.snapshot)
-            self._stats["entries_written"] += len(rd.entries)
-        if rd.must_sync:
-            started = trio.current_time()
-            if self._sync_in_thread:
-                await trio.to_thread.run_sync(self.storage.sync)
+        # The order, and what may run before the fsync, is the core's (ready.py).
+        for step in rd.steps(replicate_before_sync=self.leader_sends_before_sync):
+            if isinstance(step, Send):
+                for message in step.messages:
+                    self._dispatch(message)
+            elif isinstance(step, Apply):
+                await self._apply_committed(step.entries)
+            elif isinstance(step, Write):
+                self.storage.write(step.hard_state, step.entries, step.snapshot)
+                self._stats["entries_written"] += len(step.entries)
+            elif isinstance(step, Sync):
+                started = trio.current_time()
+                if self._sync_in_thread:
+                    await trio.to_thread.run_sync(self.storage.sync)
+                else:
+                    self.storage.sync()
+                self._stats["syncs"] += 1
+                self._stats["sync_ms"] += (trio.current_time() - started) * 1000
+            elif isinstance(step, Restore):
+                if self._restore is None:
+                    raise StorageError(
+                        "snapshot received but the driver has no restore callback", index=step.snapshot.meta.index
+                    )
+                await self._restore(step.snapshot)
+                self._set_applied(step.snapshot.meta.index)
             else:
-                self.storage.sync()
-            self._stats["syncs"] += 1
-            self._stats["sync_ms"] += (trio.current_time() - started) * 1000
-            if rd.hard_state is not None:
-                self._durable_term_vote = (rd.hard_state.term, rd.hard_state.vote)
-        for message in messages:
-            self._dispatch(message)
-        if rd.snapshot is not None:
-            if self._restore is None:
-                raise StorageError(
-                    "snapshot received but the driver has no restore callback", index=rd.snapshot.meta.index
-                )
-            await self._restore(rd.snapshot)
-            self._set_applied(rd.snapshot.meta.index)
-        await self._apply_committed(committed)
-        for rs in rd.read_states:
-            waiter = self._reads.pop(rs.ctx, None)
-            if waiter is not None:
-                self._reads_to_apply.append((rs.index, waiter))
-        self._release_reads()
+                for rs in step.read_states:
+                    waiter = self._reads.pop(rs.ctx, None)
+                    if waiter is not None:
+                        self._reads_to_apply.append((rs.index, waiter))
+                self._release_reads()
         self.node.advance(rd)
 
     async def _apply_committed(self, entries: list[Entry]) -> None:
@@ -341,15 +318,6 @@ class RaftDriver:
         self._settle_proposals(entries)
         self._set_applied(entries[-1].index)
         self._release_reads()
-
-    def _may_replicate_before_sync(self, rd: Ready) -> bool:
-        # Only a leader whose term and vote are already durable: its appends
-        # then promise nothing that a crash during this sync could take back.
-        if self.node.role is not Role.LEADER or rd.snapshot is not None:
-            return False
-        if rd.hard_state is None:
-            return True
-        return (rd.hard_state.term, rd.hard_state.vote) == self._durable_term_vote
 
     def _settle_proposals(self, entries: list[Entry]) -> None:
         for entry in entries:

@@ -9,7 +9,8 @@ side, which every implementation (memory here, RocksDB in rocks.py) offers:
     compact(index)                         drop entries <= index
     create_snapshot(index, conf, data)     record the application's snapshot
 
-Drivers persist, then `sync()`, and only then send the Ready's messages.
+Drivers call these in the order `Ready.steps()` gives (ready.py): nothing
+that promises durable state leaves before the `sync()` that makes it so.
 
 Indexes: the storage holds a snapshot at (snapshot index, snapshot term) and
 the entries after it. `first_index()` is the first entry held; the term of

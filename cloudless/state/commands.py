@@ -58,16 +58,18 @@ class DeleteVar(Command, tag="var.rm"):
 class CreateToken(Command, tag="token.create"):
     token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
     secret_hash: Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{64}$")]
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
     expires_at: float
     max_uses: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)]
+    # "coordinator": nodes enrolled with it may become voters and hold the CA key.
+    trust: Annotated[str, msgspec.Meta(pattern=r"^(|coordinator)$")] = ""
 
 
 class ConsumeToken(Command, tag="token.consume"):
     """Spend one use of a token; the leader checked the secret before proposing."""
 
     token_id: str
-    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin)$")]
+    role: Annotated[str, msgspec.Meta(pattern=r"^(node|admin|operator|viewer)$")]
 
 
 class RegisterNode(Command, tag="node.register"):
@@ -78,6 +80,7 @@ class RegisterNode(Command, tag="node.register"):
     region: Annotated[str, msgspec.Meta(max_length=63)] = ""
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
     labels: Labels = {}
+    trusted: bool = False  # enrolled with a coordinator-trust token (or the bootstrap node)
 
 
 class RemoveNode(Command, tag="node.remove"):
@@ -100,11 +103,14 @@ class RevokeCertificate(Command, tag="cert.revoke"):
 
 
 class StoreClusterCA(Command, tag="ca.store"):
-    """The cluster CA, replicated so any coordinator can issue certificates."""
+    """The cluster CA, replicated so any coordinator can issue certificates.
+
+    Its key only sealed (pki.custody): the key-encryption key never enters Raft.
+    """
 
     cluster_id: Name
-    certificate_pem: bytes
-    key_pem: bytes
+    certificate_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
+    sealed_key: Annotated[bytes, msgspec.Meta(max_length=8192)]
 
 
 class SetGossipKeyring(Command, tag="gossip.keyring"):
@@ -187,6 +193,25 @@ class CommitPlan(Command, tag="alloc.plan"):
     failed: dict[WorkloadNameText, int] = {}  # workload → version held after a failed rollout
 
 
+class DeleteToken(Command, tag="token.rm"):
+    token_id: Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9]{6,32}$")]
+
+
+class RecordClientCertificate(Command, tag="client.cert"):
+    """A client certificate the CA issued (a user added, a client enrolled), so it can be listed and revoked."""
+
+    name: Name
+    role: Annotated[str, msgspec.Meta(pattern=r"^(admin|operator|viewer)$")]
+    serial: Serial
+    not_after: float
+
+
+class RemoveClient(Command, tag="client.remove"):
+    """Forget a client identity and revoke every certificate it holds."""
+
+    name: Name
+
+
 class BlobCatalogCommand(Command, tag="blob.catalog"):
     """One blob catalog change (`cloudless.blobs.catalog.encode_command`), applied by the FSM's `Catalog`."""
 
@@ -199,6 +224,9 @@ CommandUnion = Union[
     DeleteVar,
     CreateToken,
     ConsumeToken,
+    DeleteToken,
+    RecordClientCertificate,
+    RemoveClient,
     RegisterNode,
     RemoveNode,
     RecordCertificate,
@@ -227,6 +255,10 @@ class Proposal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     client_id: Annotated[str, msgspec.Meta(max_length=128)] = ""
     seq: Index = 0
     version: int = FORMAT_VERSION
+    # "" when the leader proposed it; the node's name when a node forwarded it
+    # (stamped by the leader, never by the node): the FSM then applies only
+    # what `node_may_propose` allows that node.
+    proposer: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 # Results --------------------------------------------------------------------
@@ -279,6 +311,23 @@ _result_decoder = msgspec.msgpack.Decoder(ResultUnion)
 
 class InvalidCommand(InvalidInput):
     pass
+
+
+def node_may_propose(command: Command, node: str) -> str | None:
+    """Why node `node` may not forward `command` (None: it may).
+
+    A node is trusted with nothing but itself: it reports its own
+    allocations and commits the blob catalog entries of the writes it served.
+    Everything else (variables, tokens, workloads, membership, the CA) is
+    proposed by the leader on behalf of a caller it has authorized.
+    """
+    if isinstance(command, ReportAllocations):
+        if command.node != node:
+            return f"node {node} may report only its own allocations, not {command.node}'s"
+        return None
+    if isinstance(command, BlobCatalogCommand):
+        return None
+    return f"node {node} may not propose {type(command).__name__}"
 
 
 def encode_proposal(proposal: Proposal) -> bytes:

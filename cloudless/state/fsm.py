@@ -25,13 +25,16 @@ from cloudless.state.commands import (
     ConsumeToken,
     CreateToken,
     Deleted,
+    DeleteToken,
     DeleteVar,
     Done,
     Proposal,
     PutVar,
     RecordCertificate,
+    RecordClientCertificate,
     RegisterNode,
     Rejected,
+    RemoveClient,
     RemoveNode,
     ReportAllocations,
     Result,
@@ -44,6 +47,7 @@ from cloudless.state.commands import (
     VarResult,
     decode_proposal,
     decode_result,
+    node_may_propose,
 )
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -68,6 +72,7 @@ class TokenState(msgspec.Struct):
     expires_at: float
     max_uses: int
     uses: int = 0
+    trust: str = ""
 
 
 class NodeRecord(msgspec.Struct):
@@ -78,12 +83,20 @@ class NodeRecord(msgspec.Struct):
     labels: dict[str, str]
     registered_index: int
     certificates: dict[str, float]  # serial (hex) -> not_after
+    trusted: bool = False  # may coordinate: become a voter, hold the CA key
+
+
+class ClientRecord(msgspec.Struct):
+    name: str
+    role: str
+    created_index: int
+    certificates: dict[str, float]  # serial (hex) -> not_after
 
 
 class ClusterCARecord(msgspec.Struct):
     cluster_id: str
     certificate_pem: bytes
-    key_pem: bytes
+    sealed_key: bytes  # pki.custody: opens only with a trusted node's KEK
 
 
 class Session(msgspec.Struct, array_like=True):
@@ -146,6 +159,8 @@ class _Image(msgspec.Struct):
     workloads: dict[str, WorkloadRecord] = {}
     allocations: dict[str, AllocationRecord] = {}
     blobs: bytes = b""  # Catalog.export(); empty in images from before blob storage
+    clients: dict[str, ClientRecord] = {}
+    retired: dict[str, float] = {}
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -159,6 +174,12 @@ class StateMachine:
         self.tokens: dict[str, TokenState] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.revoked: dict[str, float] = {}  # serial (hex) -> not_after
+        self.clients: dict[str, ClientRecord] = {}
+        # "node/<name>" or "client/<name>" -> until when the name may not be
+        # reused: the removed identity's last certificate expiry. An identity
+        # is a name and a key; a new key under the name of a removed one that
+        # still holds a valid certificate would let the old holder back in.
+        self.retired: dict[str, float] = {}
         self.ca: ClusterCARecord | None = None
         self.gossip_keys: list[bytes] = []
         self.workloads: dict[str, WorkloadRecord] = {}
@@ -203,6 +224,12 @@ class StateMachine:
     def _apply_command(self, index: int, proposal: Proposal) -> Result:
         cmd = proposal.command
         now = proposal.now
+        if proposal.proposer:
+            # Checked at the leader too; again here so that no path into the
+            # log (a bug, an old leader) can apply a node's overreach.
+            refusal = node_may_propose(cmd, proposal.proposer)
+            if refusal is not None:
+                return Rejected(kind="permission_denied", message=refusal)
         if isinstance(cmd, PutVar):
             return self._write_var(index, cmd.key, cmd.value)
         if isinstance(cmd, CasVar):
@@ -231,9 +258,39 @@ class StateMachine:
         if isinstance(cmd, CreateToken):
             if cmd.token_id in self.tokens:
                 return Rejected(kind="conflict", message=f"token {cmd.token_id} exists")
-            self.tokens[cmd.token_id] = TokenState(cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses)
+            self.tokens[cmd.token_id] = TokenState(
+                cmd.secret_hash, cmd.role, cmd.expires_at, cmd.max_uses, trust=cmd.trust
+            )
             self._expire_tokens(now)
             self._changes.append(Change(index, "token", cmd.token_id))
+            return Done(index=index)
+        if isinstance(cmd, DeleteToken):
+            if self.tokens.pop(cmd.token_id, None) is None:
+                return Rejected(kind="not_found", message=f"no token {cmd.token_id}")
+            self._changes.append(Change(index, "token", cmd.token_id))
+            return Done(index=index)
+        if isinstance(cmd, RecordClientCertificate):
+            if self.retired.get(f"client/{cmd.name}", 0.0) > now:
+                return Rejected(kind="conflict", message=f"client name {cmd.name} was removed and is not reusable yet")
+            client = self.clients.get(cmd.name)
+            if client is None:
+                client = self.clients[cmd.name] = ClientRecord(cmd.name, cmd.role, index, {})
+            elif client.role != cmd.role:
+                return Rejected(
+                    kind="conflict", message=f"client {cmd.name} exists with role {client.role}; remove it first"
+                )
+            client.certificates[cmd.serial] = cmd.not_after
+            for serial in [s for s, na in client.certificates.items() if na <= now]:
+                del client.certificates[serial]
+            self._changes.append(Change(index, "client", cmd.name))
+            return Done(index=index)
+        if isinstance(cmd, RemoveClient):
+            client = self.clients.pop(cmd.name, None)
+            if client is None:
+                return Rejected(kind="not_found", message=f"no client {cmd.name}")
+            self._retire(f"client/{cmd.name}", client.certificates, now)
+            self._changes.append(Change(index, "client", cmd.name))
+            self._changes.append(Change(index, "revocation", cmd.name))
             return Done(index=index)
         if isinstance(cmd, ConsumeToken):
             token = self.tokens.get(cmd.token_id)
@@ -250,8 +307,12 @@ class StateMachine:
             return Done(index=index)
         if isinstance(cmd, RegisterNode):
             record = self.nodes.get(cmd.node_id)
+            if record is None and self.retired.get(f"node/{cmd.node_id}", 0.0) > now:
+                return Rejected(kind="conflict", message=f"node name {cmd.node_id} was removed and is not reusable yet")
             if record is None:
-                record = NodeRecord(cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {})
+                record = NodeRecord(
+                    cmd.node_id, cmd.address, cmd.region, cmd.zone, dict(cmd.labels), index, {}, cmd.trusted
+                )
                 self.nodes[cmd.node_id] = record
             else:
                 record.address, record.region, record.zone = cmd.address, cmd.region, cmd.zone
@@ -272,10 +333,7 @@ class StateMachine:
             record = self.nodes.pop(cmd.node_id, None)
             if record is None:
                 return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
-            for serial, not_after in record.certificates.items():
-                if not_after > now:
-                    self.revoked[serial] = not_after
-            self._prune_revocations(now)
+            self._retire(f"node/{cmd.node_id}", record.certificates, now)
             self._changes.append(Change(index, "node", cmd.node_id))
             self._changes.append(Change(index, "revocation", cmd.node_id))
             return Done(index=index)
@@ -287,7 +345,7 @@ class StateMachine:
         if isinstance(cmd, StoreClusterCA):
             if self.ca is not None and self.ca.cluster_id != cmd.cluster_id:
                 return Rejected(kind="conflict", message="the cluster already has a CA")
-            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.key_pem)
+            self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.sealed_key)
             self._changes.append(Change(index, "ca", cmd.cluster_id))
             return Done(index=index)
         if isinstance(cmd, SetGossipKeyring):
@@ -479,6 +537,18 @@ class StateMachine:
         for serial in [s for s, na in record.certificates.items() if na <= now]:
             del record.certificates[serial]
 
+    def _retire(self, identity: str, certificates: dict[str, float], now: float) -> None:
+        """Revoke an identity's live certificates and keep its name unusable until the last one expires."""
+        for serial, not_after in certificates.items():
+            if not_after > now:
+                self.revoked[serial] = not_after
+        until = max((na for na in certificates.values() if na > now), default=0.0)
+        if until > self.retired.get(identity, 0.0):
+            self.retired[identity] = until
+        for name in [n for n, t in self.retired.items() if t <= now]:
+            del self.retired[name]
+        self._prune_revocations(now)
+
     def _prune_revocations(self, now: float) -> None:
         # An expired certificate is refused anyway; keep the list short.
         for serial in [s for s, na in self.revoked.items() if na <= now]:
@@ -512,6 +582,8 @@ class StateMachine:
             workloads=self.workloads,
             allocations=self.allocations,
             blobs=self.catalog.export(),
+            clients=self.clients,
+            retired=self.retired,
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -535,6 +607,8 @@ class StateMachine:
         self.tokens = image.tokens
         self.nodes = image.nodes
         self.revoked = image.revoked
+        self.clients = dict(image.clients)
+        self.retired = dict(image.retired)
         self.ca = image.ca
         self._sessions = OrderedDict(image.sessions)
         self.gossip_keys = list(image.gossip_keys)

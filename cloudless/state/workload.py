@@ -324,6 +324,25 @@ def _normalise_rule(rule: Constraint | Affinity, field: str) -> Constraint | Aff
     return rule
 
 
+# A spec travels in every allocation of it through Raft and down each agent's
+# feed; field bounds alone admit ~9 MB (256 env values of 32 KiB), which
+# wedged the feed at its 16 MiB frame limit. Kubernetes caps objects too.
+MAX_SPEC_BYTES = 64 * 1024
+
+
+def _check_size(spec: WorkloadSpec) -> None:
+    size = len(msgspec.msgpack.encode(spec))
+    if size <= MAX_SPEC_BYTES:
+        return
+    sizes = {f: len(msgspec.msgpack.encode(getattr(spec, f))) for f in spec.__struct_fields__}
+    largest = max(sizes, key=lambda f: sizes[f])
+    raise _fail(
+        largest,
+        f"the workload spec is {size:,} bytes encoded, over the {MAX_SPEC_BYTES:,}-byte limit "
+        f"({largest} alone is {sizes[largest]:,} bytes); put large data in a blob or a volume",
+    )
+
+
 def validate(spec: WorkloadSpec) -> WorkloadSpec:
     """The spec, normalised, or InvalidWorkload naming the first bad field.
 
@@ -336,6 +355,7 @@ def validate(spec: WorkloadSpec) -> WorkloadSpec:
         raise _field_error(exc) from None
     if spec.format != FORMAT_VERSION:
         raise _fail("format", f"unsupported spec format {spec.format}; this node reads {FORMAT_VERSION}")
+    _check_size(spec)
     try:
         parse_reference(spec.image)
     except InvalidReference as exc:

@@ -4,7 +4,8 @@ Everything that could differ between runs comes from one `random.Random`:
 the network (drop, duplicate, delay and so reorder, symmetric and asymmetric
 partitions), the disks (a crash loses whatever was written but not synced,
 keeping a random prefix of it, as a real WAL might), node crashes and
-restarts (including a crash at every persistence point of the driver loop),
+restarts (including a crash after every step of a Ready, in the order the
+trio driver carries them out: cloudless/raft/ready.py),
 leader transfers, membership changes, snapshots with compaction, and a
 key-value workload whose history is checked for linearizability.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import heapq
 import logging
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +41,9 @@ from cloudless.raft.messages import (
     Message,
     Snapshot,
 )
+from cloudless.raft.ready import STEP_NAMES, Apply, Restore, Send, Step, Sync, Write
 from cloudless.raft.sessions import Duplicate, Fresh, SessionTable
-from cloudless.raft.storage import MemoryStorage, bootstrap_log
+from cloudless.raft.storage import Compacted, EntryUnavailable, MemoryStorage, bootstrap_log
 from cloudless.testing.linearizability import Operation, check_history
 
 log = logging.getLogger(__name__)
@@ -251,6 +254,10 @@ class KVStateMachine:
 # configuration and results
 
 
+# A crash may come after any step of a Ready (ready.py), including the last.
+CRASH_POINTS = tuple(f"after_{name}" for name in STEP_NAMES)
+
+
 @dataclass
 class SimConfig:
     nodes: int = 3
@@ -269,9 +276,14 @@ class SimConfig:
     faults: bool = True
     membership: bool = True
     crash_points: bool = True
-    crash_point_rate: float = 0.002  # chance of a crash at each persistence point
-    crash_point_names: tuple[str, ...] = ("after_write", "after_sync", "after_send")
+    crash_point_rate: float = 0.002  # chance of a crash after each step of a Ready
+    crash_point_names: tuple[str, ...] = CRASH_POINTS
     check_linearizability: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = set(self.crash_point_names) - set(CRASH_POINTS)
+        if unknown:
+            raise ValueError(f"unknown crash points {sorted(unknown)}; one of {CRASH_POINTS}")
 
 
 @dataclass
@@ -289,6 +301,7 @@ class SimStats:
     commands_applied: int = 0
     messages: int = 0
     max_term: int = 0
+    crash_points: Counter[str] = field(default_factory=Counter)  # crashes by point
 
 
 @dataclass
@@ -394,6 +407,7 @@ class Simulation:
         self._committed: dict[int, tuple[int, int, bytes]] = {}  # index -> (term, kind, data)
         self._max_committed = 0
         self._acked: dict[tuple[str, int], Any] = {}
+        self._states: dict[int, tuple[tuple[str, str], ...]] = {}  # applied index -> key-value image
 
         c = self.config
         founders = [f"n{i}" for i in range(1, c.nodes + 1)]
@@ -455,44 +469,53 @@ class Simulation:
             and self.fault_rng.random() < c.crash_point_rate
         ):
             self.crash(node, where)
+            self.stats.crash_points[where] += 1
             return True
         return False
 
-    # -- the driver loop, as cloudless/raft/driver.py does it ---------------
+    # -- the driver loop: the steps cloudless/raft/driver.py carries out ------
 
     def _drive(self, node: SimNode) -> None:
         core = node.core
         while core is not None and core.has_ready():
             rd = core.ready()
-            node.disk.write(rd.hard_state, rd.entries, rd.snapshot)
-            self._check_appended(node, rd.entries)
-            if self._maybe_crash_at(node, "after_write"):
-                return
-            if rd.must_sync:
-                node.disk.sync()
-            if self._maybe_crash_at(node, "after_sync"):
-                return
-            for m in rd.messages:
-                self.net.send(m, self.now)
-            self.stats.messages += len(rd.messages)
-            if self._maybe_crash_at(node, "after_send"):
-                return
             if rd.soft_state is not None and rd.soft_state.role is Role.LEADER:
                 self._check_new_leader(node)
-            if rd.snapshot is not None:
-                node.fsm = KVStateMachine.restore(rd.snapshot.data)
-                node.last_applied = rd.snapshot.meta.index
-                self.stats.snapshots_installed += 1
-            for entry in rd.committed_entries:
-                self._apply(node, entry)
-            node.reads_waiting.extend(rd.read_states)
+            # The production order (ready.py), with a chance of a crash after each step.
+            for step in rd.steps():
+                self._carry_out(node, step)
+                if self._maybe_crash_at(node, f"after_{step.name}"):
+                    return
             core.advance(rd)
-            self._serve_reads(node)
             self._maybe_snapshot(node)
+
+    def _carry_out(self, node: SimNode, step: Step) -> None:
+        if isinstance(step, Send):
+            for m in step.messages:
+                self.net.send(m, self.now)
+            self.stats.messages += len(step.messages)
+        elif isinstance(step, Apply):
+            for entry in step.entries:
+                self._apply(node, entry)
+            self._serve_reads(node)  # reads that waited for these entries
+        elif isinstance(step, Write):
+            node.disk.write(step.hard_state, step.entries, step.snapshot)
+            self._check_appended(node, step.entries)
+        elif isinstance(step, Sync):
+            node.disk.sync()
+        elif isinstance(step, Restore):
+            node.fsm = KVStateMachine.restore(step.snapshot.data)
+            node.last_applied = step.snapshot.meta.index
+            self._check_state_agrees(node)
+            self.stats.snapshots_installed += 1
+        else:
+            node.reads_waiting.extend(step.read_states)
+            self._serve_reads(node)
 
     def _apply(self, node: SimNode, entry: Entry) -> None:
         if entry.index != node.last_applied + 1:
             self._violation(f"{node.id} applied index {entry.index} after {node.last_applied}")
+        self._check_durable(node, entry)
         node.last_applied = entry.index
         # State-machine safety (Figure 3): one entry per index, everywhere.
         seen = self._committed.get(entry.index)
@@ -509,6 +532,7 @@ class Simulation:
                 if entry.data != op.command:  # type: ignore[union-attr]
                     op.attempt = None  # type: ignore[union-attr]  # lost to another leader: retry
         outcome = node.fsm.apply(entry)
+        self._check_state_agrees(node)
         if outcome is None:
             return
         self.stats.commands_applied += 1
@@ -554,6 +578,28 @@ class Simulation:
     def _violation(self, text: str) -> None:
         self.violations.append(f"t={self.now}: {text}")
         raise InvariantViolation(text)
+
+    def _check_durable(self, node: SimNode, entry: Entry) -> None:
+        # A node applies only what its own disk holds durably: a state
+        # machine must never run ahead of the log it restarts from.
+        try:
+            durable = node.disk.durable.term(entry.index) == entry.term
+        except Compacted:
+            durable = True  # inside the durable snapshot
+        except EntryUnavailable:
+            durable = False
+        if not durable:
+            self._violation(f"{node.id} applied entry {entry.index} (term {entry.term}) before it was synced")
+
+    def _check_state_agrees(self, node: SimNode) -> None:
+        # State machines agree: every node's key-value state after applying
+        # index i (or restoring a snapshot of it) is the same.
+        image = tuple(sorted(node.fsm.kv.items()))
+        seen = self._states.setdefault(node.last_applied, image)
+        if seen != image:
+            self._violation(
+                f"state machines disagree at index {node.last_applied}: {node.id} has {image}, others {seen}"
+            )
 
     def _check_appended(self, node: SimNode, entries: list[Entry]) -> None:
         # Log matching (§5.3), checked inductively: an (index, term) pair
@@ -859,7 +905,7 @@ def run_seed(seed: int, config: SimConfig | None = None) -> SimResult:
 class RaftHarness:
     """A few cores over SimDisks with a network the test steers message by message.
 
-    `settle()` runs the driver loop (persist → sync → send → apply → advance)
+    `settle()` runs the driver loop (each Ready's `steps()`, then advance)
     on every node and delivers messages until the cluster is quiet; `drop`
     and `blocked` decide what is lost. Nothing is random except the cores'
     election jitter, seeded by `seed`.
@@ -902,20 +948,36 @@ class RaftHarness:
     def __getitem__(self, node_id: str) -> RaftNode:
         return self.nodes[node_id]
 
-    def process(self, node_id: str) -> None:
-        """One full driver pass for `node_id`."""
+    def process(self, node_id: str, crash_after: str | None = None) -> None:
+        """One full driver pass for `node_id`: each Ready's steps in the driver's order.
+
+        With `crash_after` (a step name from ready.STEP_NAMES), the node
+        crashes, losing every unsynced write, right after the first step of
+        that name; `restart` brings it back.
+        """
+        if crash_after is not None and crash_after not in STEP_NAMES:
+            raise ValueError(f"unknown step {crash_after!r}; one of {STEP_NAMES}")
         if node_id in self.down:
             return
         node, disk = self.nodes[node_id], self.disks[node_id]
         while node.has_ready():
             rd = node.ready()
-            disk.write(rd.hard_state, rd.entries, rd.snapshot)
-            disk.sync()
-            self.in_flight.extend(rd.messages)
-            if rd.snapshot is not None:
-                self.snapshots_installed[node_id].append(rd.snapshot)
-            self.applied[node_id].extend(rd.committed_entries)
-            self.read_states[node_id].extend(rd.read_states)
+            for step in rd.steps():
+                if isinstance(step, Send):
+                    self.in_flight.extend(step.messages)
+                elif isinstance(step, Apply):
+                    self.applied[node_id].extend(step.entries)
+                elif isinstance(step, Write):
+                    disk.write(step.hard_state, step.entries, step.snapshot)
+                elif isinstance(step, Sync):
+                    disk.sync()
+                elif isinstance(step, Restore):
+                    self.snapshots_installed[node_id].append(step.snapshot)
+                else:
+                    self.read_states[node_id].extend(step.read_states)
+                if step.name == crash_after:
+                    self.crash(node_id, keep_unsynced=0)
+                    return
             node.advance(rd)
 
     def deliver(self, drop: Any = None) -> int:

@@ -95,6 +95,9 @@ class Request(msgspec.Struct, tag="req", array_like=True, frozen=True):
     method: str
     timeout: float | None  # seconds left at the caller; None: no deadline
     body: bytes
+    # The caller's signature over (method, body), passed on when a node
+    # forwards the call (cloudless.authz.proof); empty from nodes.
+    proof: bytes = b""
 
 
 class Reply(msgspec.Struct, tag="rep", array_like=True, frozen=True):
@@ -287,6 +290,11 @@ class RpcContext:
     _stream: Stream = field(repr=False)
     _max_frame: int = field(repr=False, default=MAX_FRAME_SIZE)
     items_sent: int = 0
+    # Who the call acts for, as the server's `authorize` hook decided (None without one).
+    principal: Any = None
+    # The request as sent and its caller proof: what a forwarder passes on unchanged.
+    raw_body: bytes = field(repr=False, default=b"")
+    proof: bytes = field(repr=False, default=b"")
 
     @property
     def time_left(self) -> float:
@@ -299,6 +307,9 @@ class RpcContext:
 
 
 Handler = Callable[..., Awaitable[Any]]
+# (peer, method, body, proof) -> the principal the call acts for; raises a
+# CloudlessError (e.g. authz.PermissionDenied) to refuse it.
+Authorize = Callable[[PeerIdentity, str, bytes, bytes], Any]
 
 
 @dataclass(frozen=True)
@@ -316,8 +327,16 @@ class RpcServer:
         max_frame_size: int = MAX_FRAME_SIZE,
         max_timeout: float | None = None,
         request_timeout: float = REQUEST_READ_TIMEOUT,
+        authorize: Authorize | None = None,
+        listed: Callable[[str], bool] | None = None,
     ) -> None:
         self._methods: dict[str, _Method] = {}
+        # Every call passes this before its body is decoded; a node's servers
+        # use cloudless.authz (default deny), bare test servers none.
+        self.authorize = authorize
+        # Registering a method the permission table does not list fails at
+        # start-up, so no RPC can exist without a declared policy.
+        self.listed = listed
         self.max_frame_size = max_frame_size
         self.request_timeout = request_timeout  # a client must deliver its request this fast
         self.max_timeout = max_timeout  # caps what clients may ask for
@@ -337,6 +356,8 @@ class RpcServer:
             raise ValueError(f"method name must be 1..{MAX_METHOD_LENGTH} characters")
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered")
+        if self.listed is not None and not self.listed(name):
+            raise ValueError(f"method {name!r} has no entry in the permission table (cloudless/authz/table.py)")
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {name!r} must be an async function")
         self._methods[name] = _Method(name, handler, request, streaming)
@@ -397,6 +418,13 @@ class RpcServer:
         if not isinstance(frame, Request):
             await self._refuse(stream, conn, RpcProtocolError("first RPC frame must be a request"))
             return
+        principal = None
+        if self.authorize is not None:
+            try:
+                principal = self.authorize(conn.peer, frame.method, frame.body, frame.proof)
+            except CloudlessError as exc:
+                await self._refuse(stream, conn, exc)
+                return
         method = self._methods.get(frame.method)
         if method is None:
             await self._refuse(stream, conn, UnknownMethod(f"no RPC method {frame.method[:MAX_METHOD_LENGTH]!r}"))
@@ -413,7 +441,7 @@ class RpcServer:
         except InvalidInput as exc:
             await self._refuse(stream, conn, exc)
             return
-        await self._run_handler(conn, stream, reader, method, request, deadline)
+        await self._run_handler(conn, stream, reader, method, request, deadline, principal, frame)
 
     async def _refuse(self, stream: Stream, conn: Connection, error: CloudlessError) -> None:
         log.info("rpc.refused", extra={"peer": conn.peer.uri, "error": error.message})
@@ -428,11 +456,29 @@ class RpcServer:
             await stream.aclose()
 
     async def _run_handler(
-        self, conn: Connection, stream: Stream, reader: FrameReader, method: _Method, request: Any, deadline: float
+        self,
+        conn: Connection,
+        stream: Stream,
+        reader: FrameReader,
+        method: _Method,
+        request: Any,
+        deadline: float,
+        principal: Any,
+        frame: Request,
     ) -> None:
         client_gone: list[str] = []
         ctx_scope = trio.CancelScope(deadline=deadline)
-        ctx = RpcContext(conn.peer, method.name, deadline, ctx_scope, stream, self.max_frame_size)
+        ctx = RpcContext(
+            conn.peer,
+            method.name,
+            deadline,
+            ctx_scope,
+            stream,
+            self.max_frame_size,
+            principal=principal,
+            raw_body=frame.body,
+            proof=frame.proof,
+        )
         on_abort = getattr(stream, "on_abort", None)
         if reader.buffered:
             client_gone.append("sent data after its request")
@@ -537,6 +583,9 @@ class PeerPool:
         self._locks: dict[Address, trio.Lock] = {}
         self.connects = 0
 
+    def connections(self) -> list[Connection]:
+        return [c for c in self._connections.values() if not c.is_closed]
+
     async def get(self, address: Address) -> Connection:
         address = (address[0], int(address[1]))
         conn = self._connections.get(address)
@@ -565,9 +614,23 @@ class PeerPool:
 
 
 class RpcClient:
-    def __init__(self, carrier_or_pool: Carrier | PeerPool, *, max_frame_size: int = MAX_FRAME_SIZE) -> None:
+    def __init__(
+        self,
+        carrier_or_pool: Carrier | PeerPool,
+        *,
+        max_frame_size: int = MAX_FRAME_SIZE,
+        signer: Callable[[str, bytes], bytes] | None = None,
+    ) -> None:
         self.pool = carrier_or_pool if isinstance(carrier_or_pool, PeerPool) else PeerPool(carrier_or_pool)
         self.max_frame_size = max_frame_size
+        # A client signs every call (authz.proof.ProofSigner) so a node that
+        # forwards it can prove to the leader who asked; nodes sign nothing.
+        self.signer = signer
+
+    def _proof(self, method: str, body: bytes, proof: bytes | None) -> bytes:
+        if proof is not None:
+            return proof
+        return self.signer(method, body) if self.signer is not None else b""
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -589,9 +652,14 @@ class RpcClient:
         *,
         response: type[T] | Any = None,
         timeout: float | None = DEFAULT_TIMEOUT,
+        proof: bytes | None = None,
     ) -> Any:
-        """One request, one response. Raises the remote error re-typed, DeadlineExceeded, or ConnectionLost."""
+        """One request, one response. Raises the remote error re-typed, DeadlineExceeded, or ConnectionLost.
+
+        `proof`: a caller proof to pass on (a node forwarding a client's call); else the signer's, if any.
+        """
         body = encode_body(request)
+        proof = self._proof(method, body, proof)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         conn: Connection | None = None
         frame: Frame | None = None
@@ -600,7 +668,7 @@ class RpcClient:
                 conn = await self._connection(target)
                 stream = await conn.open_stream()
                 try:
-                    frame = await self._exchange(stream, method, body, deadline)
+                    frame = await self._exchange(stream, method, body, deadline, proof)
                 except BaseException:
                     await _reset_quietly(stream)
                     raise
@@ -619,9 +687,9 @@ class RpcClient:
             raise RpcProtocolError(f"{method}: expected a reply, got {type(frame).__name__}", peer=peer)
         return decode_body(frame.body, response, f"reply from {method}")
 
-    async def _exchange(self, stream: Stream, method: str, body: bytes, deadline: float) -> Frame:
+    async def _exchange(self, stream: Stream, method: str, body: bytes, deadline: float, proof: bytes) -> Frame:
         left = None if deadline == math.inf else max(0.0, deadline - trio.current_time())
-        await stream.send_all(encode_frame(Request(method, left, body), self.max_frame_size))
+        await stream.send_all(encode_frame(Request(method, left, body, proof), self.max_frame_size))
         reader = FrameReader(stream, self.max_frame_size)
         frame = await reader.read()
         if frame is None:
@@ -645,9 +713,11 @@ class RpcClient:
         *,
         item: type[T] | Any = None,
         timeout: float | None = None,
+        proof: bytes | None = None,
     ) -> AsyncIterator[ItemStream[Any]]:
         """A server-streamed call: `async for x in items`; leaving the block early cancels the call."""
         body = encode_body(request)
+        proof = self._proof(method, body, proof)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         try:
             with trio.fail_at(deadline):
@@ -655,7 +725,7 @@ class RpcClient:
                 stream = await conn.open_stream()
                 left = None if timeout is None else max(0.0, deadline - trio.current_time())
                 try:
-                    await stream.send_all(encode_frame(Request(method, left, body), self.max_frame_size))
+                    await stream.send_all(encode_frame(Request(method, left, body, proof), self.max_frame_size))
                 except BaseException:
                     await _reset_quietly(stream)
                     raise

@@ -103,6 +103,14 @@ def rejection_from_ssl_error(exc: BaseException, *, address: Address) -> PeerRej
 
 ENROLL_SERVER_NAME = "enroll.cloudless.invalid"
 ENROLLEE = "enrollee"
+# Before authentication a peer gets little: a bounded number of handshakes
+# in flight, a bounded number of enrollment connections, each with two
+# streams and the smallest windows, for a bounded time (a join takes two
+# calls and well under a second).
+MAX_PENDING_HANDSHAKES = 256
+MAX_ENROLLEES = 32
+ENROLLEE_LIFETIME = 30.0
+ENROLLEE_MUX = MuxConfig(max_streams=2, max_outbox_bytes=256 * 1024)
 
 
 READ_SIZE = 256 * 1024
@@ -277,6 +285,10 @@ async def client_handshake(
         await stream.do_handshake()
         leaf = _peer_leaf(stream)
         peer = verifier.verify_der([leaf] if leaf else [])
+        # In place of a hostname check: only nodes serve, so a client
+        # certificate (a CLI user's, perhaps stolen) cannot pose as a server.
+        if peer.kind != "node":
+            raise PeerRejected("bad_identity", f"server presented {peer.uri}, not a node identity")
         buffer = bytearray()
         verdict = await _read_exactly(stream, 1, buffer)
         if verdict == VERDICT_REJECT:
@@ -488,6 +500,11 @@ class TlsCarrier:
         self.rejected = 0  # handshakes refused by serve, for tests and metrics
         self.rejections: Counter[str] = Counter()  # by reason
         self.accepted = 0
+        self.max_pending_handshakes = MAX_PENDING_HANDSHAKES
+        self.max_enrollees = MAX_ENROLLEES
+        self.enrollee_lifetime = ENROLLEE_LIFETIME
+        self.pending_handshakes = 0
+        self.enrollees = 0
 
     def statistics(self) -> dict[str, Any]:
         return {
@@ -527,9 +544,31 @@ class TlsCarrier:
         except OSError:
             await trio.aclose_forcefully(tcp)
             return
-        session = await self._accept_handshake(tcp, address)
-        if session is not None:
+        if self.pending_handshakes >= self.max_pending_handshakes:
+            self._refuse("overloaded", address, "too many handshakes in flight")
+            await trio.aclose_forcefully(tcp)
+            return
+        self.pending_handshakes += 1
+        try:
+            session = await self._accept_handshake(tcp, address)
+        finally:
+            self.pending_handshakes -= 1
+        if session is None:
+            return
+        if session.peer.kind != ENROLLEE:
             await run_session(session, handler)
+            return
+        self.enrollees += 1
+        try:
+            with trio.move_on_after(self.enrollee_lifetime):
+                await run_session(session, handler)
+        finally:
+            self.enrollees -= 1
+
+    def _refuse(self, reason: str, address: Address, why: str) -> None:
+        self.rejected += 1
+        self.rejections[reason] += 1
+        log.warning("tls.refused", extra={"remote": f"{address[0]}:{address[1]}", "reason": reason, "error": why})
 
     async def _accept_handshake(self, tcp: trio.SocketStream, address: Address) -> MuxSession | None:
         try:
@@ -554,7 +593,16 @@ class TlsCarrier:
             self.rejections["handshake_failed"] += 1
             log.info("tls.handshake_failed", extra={"remote": f"{address[0]}:{address[1]}", "error": exc.message})
             return None
+        enrollee = peer.kind == ENROLLEE
+        if enrollee and self.enrollees >= self.max_enrollees:
+            self._refuse("enrollees_full", address, "too many enrollment connections")
+            await trio.aclose_forcefully(stream)
+            return None
         self.accepted += 1
         return MuxSession(
-            TlsTransport(stream), is_client=False, peer=peer, remote_address=address, config=self.mux_config
+            TlsTransport(stream),
+            is_client=False,
+            peer=peer,
+            remote_address=address,
+            config=ENROLLEE_MUX if enrollee else self.mux_config,
         )

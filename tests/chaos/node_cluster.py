@@ -45,6 +45,7 @@ from cloudless.api.messages import (
     VarsRm,
     VarValue,
 )
+from cloudless.authz import ProofSigner
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.pki.credentials import Credentials
 from cloudless.pki.revocation import RevocationList
@@ -129,7 +130,9 @@ class NodeCluster:
         self.context = load_client_config(self.cluster.process(0).data_dir / "admin.yaml").context()
         credentials = Credentials(self.context.ca_pem, self.context.certificate_pem, self.context.key_pem)
         verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), self.context.cluster_id)
-        self.rpc = RpcClient(TlsCarrier(credentials, verifier))
+        # Signed like the CLI's calls, so a follower can forward them to the leader (authz.proof).
+        signer = ProofSigner(self.context.certificate_pem, self.context.key_pem)
+        self.rpc = RpcClient(TlsCarrier(credentials, verifier), signer=signer)
         token = await self._token(uses=self.size - 1, timeout_s=30.0)
         join = f"--join\0{self.address(0)}\0--token\0{token}"
         async with trio.open_nursery() as nursery:
@@ -143,7 +146,9 @@ class NodeCluster:
                 client = self.client(0, timeout=5.0)
                 try:
                     reply = await client.call(
-                        "token.create", TokenCreate(ttl_s=900.0, uses=uses, role="node"), response=TokenReply
+                        "token.create",
+                        TokenCreate(ttl_s=900.0, uses=uses, role="node", trust="coordinator"),
+                        response=TokenReply,
                     )
                     return reply.token
                 except CloudlessError as exc:  # e.g. the CA not committed yet

@@ -167,6 +167,6 @@ def bootstrap(first: NodeProcess) -> Path:
 def join(config: Path, first: NodeProcess, *joiners: NodeProcess) -> None:
     """Start `joiners` against `first` with one token good for exactly that many
     joins; returns at once (waiting for the voters is the caller's assertion)."""
-    join_token = token(config, "--uses", str(len(joiners)))
+    join_token = token(config, "--uses", str(len(joiners)), "--trust", "coordinator")
     for node in joiners:
         node.start("--join", first.address, "--token", join_token)

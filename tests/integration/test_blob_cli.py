@@ -41,11 +41,11 @@ def test_put_ls_get_rm_with_json_and_exit_codes(cloudless_bin, tmp_path):
     )
     assert doc["object"]["size"] == 3_000_000 and doc["object"]["metadata"] == {"owner": "me"}
     listing = json.loads(run(cloudless_bin, "blob", "ls", "bkt", "--json", data_dir=data_dir).stdout)
-    assert listing["prefixes"] == ["dir/"] and listing["objects"] == []
+    assert listing["prefixes"] == ["dir/"] and listing["items"] == []
     listing = json.loads(run(cloudless_bin, "blob", "ls", "bkt/dir/", "--json", data_dir=data_dir).stdout)
-    assert [o["key"] for o in listing["objects"]] == ["dir/file.bin"]
+    assert [o["key"] for o in listing["items"]] == ["dir/file.bin"]
     buckets = json.loads(run(cloudless_bin, "blob", "ls", "--json", data_dir=data_dir).stdout)
-    assert [b["name"] for b in buckets["buckets"]] == ["bkt"]
+    assert [b["name"] for b in buckets["items"]] == ["bkt"]
     out = tmp_path / "copy.bin"
     run(cloudless_bin, "blob", "get", "bkt/dir/file.bin", str(out), data_dir=data_dir)
     assert out.read_bytes() == src.read_bytes()
@@ -118,7 +118,7 @@ def test_keys_create_then_boto3_against_s3_serve(cloudless_bin, tmp_path):
         server.terminate()
         server.wait(10)
     listing = json.loads(run(cloudless_bin, "blob", "ls", "from-boto", "--json", data_dir=data_dir).stdout)
-    assert [o["key"] for o in listing["objects"]] == ["hello.txt"]
+    assert [o["key"] for o in listing["items"]] == ["hello.txt"]
 
 
 @pytest.mark.parametrize("args", [["blob", "get", "nobucket/x", "-"], ["blob", "ls", "nobucket"]])

@@ -127,14 +127,14 @@ def test_s3_through_the_cluster_survives_kill9_of_a_chunk_holder(cluster, tmp_pa
     assert (tmp_path / "big.out").read_bytes() == bodies["cli/big.bin"]
     listing = cli_json("blob", "ls", "photos/", config=config)
     assert listing["prefixes"] == ["a/", "b/", "big/", "cli/"]
-    assert [b["name"] for b in cli_json("blob", "ls", config=config)["buckets"]] == ["photos"]
+    assert [b["name"] for b in cli_json("blob", "ls", config=config)["items"]] == ["photos"]
     cli_json("blob", "put", str(tmp_path / "one.txt"), "photos/tmp.txt", config=config)
     assert cli_json("blob", "rm", "photos/tmp.txt", config=config) == {
         "deleted": {"bucket": "photos", "key": "tmp.txt"}
     }
     missing = cli("blob", "rm", "photos/tmp.txt", "--json", config=config)
     assert missing.returncode == 3, missing.stdout + missing.stderr
-    assert [k["access_key"] for k in cli_json("s3", "keys", "ls", config=config)["keys"]] == [keys["access_key"]]
+    assert [k["access_key"] for k in cli_json("s3", "keys", "ls", config=config)["items"]] == [keys["access_key"]]
 
     # Another node's gateway sees the same objects (manifests are in Raft).
     other = s3_client(f"https://{nodes[1].s3}", keys, ca_file)

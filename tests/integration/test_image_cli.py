@@ -19,11 +19,11 @@ def test_import_then_ls_json_lists_the_image(tmp_path, cloudless_bin, form):
     path = build_busybox_image(tmp_path / "src", form)
     out = run(cloudless_bin, tmp_path / "node", "import", str(path), "--json")
     assert out.returncode == 0, out.stderr
-    [img] = json.loads(out.stdout)["images"]
+    [img] = json.loads(out.stdout)["items"]
     assert img["id"] == busybox_image().config_digest
     listed = run(cloudless_bin, tmp_path / "node", "ls", "--json")
     doc = json.loads(listed.stdout)  # exactly one JSON document
-    assert [i["names"] for i in doc["images"]] == [["docker.io/library/busybox:latest"]]
+    assert [i["names"] for i in doc["items"]] == [["docker.io/library/busybox:latest"]]
     human = run(cloudless_bin, tmp_path / "node", "ls")
     assert "docker.io/library/busybox" in human.stdout and img["id"][7:19] in human.stdout
 
@@ -69,5 +69,5 @@ def test_rm_and_prune(tmp_path, cloudless_bin):
     assert run(cloudless_bin, node, "rm", "busybox").returncode == 3
     pruned = json.loads(run(cloudless_bin, node, "prune", "--json").stdout)
     assert len(pruned["removed_images"]) == 1 and pruned["freed_bytes"] > 0
-    names = [i["names"] for i in json.loads(run(cloudless_bin, node, "ls", "--json").stdout)["images"]]
+    names = [i["names"] for i in json.loads(run(cloudless_bin, node, "ls", "--json").stdout)["items"]]
     assert names == [["localhost/app:1"]]

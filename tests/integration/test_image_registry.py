@@ -122,7 +122,7 @@ def test_cli_pull_ls_rm_against_the_registry(registry, tmp_path, cloudless_bin):
     listed = json.loads(
         subprocess.run([cloudless_bin, "image", "ls", "--json"], capture_output=True, text=True, env=env).stdout
     )
-    assert [i["names"] for i in listed["images"]] == [[ref]]
+    assert [i["names"] for i in listed["items"]] == [[ref]]
     missing = subprocess.run(
         [
             cloudless_bin,

@@ -75,7 +75,7 @@ def test_vars_semantics_and_exit_codes(nodes):
     created = cli_json("vars", "cas", "new", "x", "--index", "0", config=config)
     assert created["value"] == "x"
     assert cli("vars", "cas", "new", "y", "--index", "0", config=config).returncode == 4
-    assert [v["key"] for v in cli_json("vars", "ls", "app/", config=config)] == ["app/color"]
+    assert [v["key"] for v in cli_json("vars", "ls", "app/", config=config)["items"]] == ["app/color"]
     cli("vars", "rm", "app/color", config=config, check=True)
     missing = cli("vars", "get", "app/color", "--json", config=config)
     assert missing.returncode == 3 and json.loads(missing.stdout)["error"] == "not_found"
@@ -274,7 +274,7 @@ def test_autopilot_prefers_mains_and_replaces_a_dead_voter(nodes):
         60,
         "the phone to replace the dead voter",
     )
-    events = cli_json("events", "--last", "200", config=config)
+    events = cli_json("events", "--last", "200", config=config)["items"]
     reasons = [e for e in events if e["kind"] == "autopilot.remove" and e["node"] == "node2"]
     assert reasons and "dead" in reasons[0]["message"]
 

@@ -69,7 +69,7 @@ def test_image_imported_on_one_node_runs_on_all_three(tmp_path):
         )
         others = info["nodes"][1:]
         for node in others:
-            assert json.loads(cli(bin_, "image", "ls", "--data-dir", node["dir"], "--json").stdout)["images"] == []
+            assert json.loads(cli(bin_, "image", "ls", "--data-dir", node["dir"], "--json").stdout)["items"] == []
 
         cli(
             bin_,
@@ -100,7 +100,7 @@ def test_image_imported_on_one_node_runs_on_all_three(tmp_path):
         assert sorted(a["node"] for a in running(doc)) == sorted(n["name"] for n in info["nodes"])
 
         for node in others:
-            [record] = json.loads(cli(bin_, "image", "ls", "--data-dir", node["dir"], "--json").stdout)["images"]
+            [record] = json.loads(cli(bin_, "image", "ls", "--data-dir", node["dir"], "--json").stdout)["items"]
             assert "docker.io/library/busybox:latest" in json.dumps(record)
             log = (Path(node["dir"]) / "node.out").read_text(errors="replace")
             assert "image.fetched_from_peers" in log, f"{node['name']} did not log fetching from peers"

@@ -191,12 +191,16 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     assert sorted(a["node"] for a in live(doc)) == ["node1", "node2", "node3"]  # spread over nodes
     assert set(doc["allocations"][0]) >= {"id", "node", "state", "exit_code", "restarts"}
     ps = cli_json(cloudless_bin, "ps", config=config)
-    assert ps == [{"name": "hello", "image": "busybox:latest", "desired": 3, "running": 3, "state": "running"}]
+    assert ps == {
+        "items": [
+            {"name": "hello", "image": "busybox:latest", "version": 1, "desired": 3, "running": 3, "state": "running"}
+        ]
+    }
 
     # Logs come through the cluster from every replica's node; exec runs inside one.
     logs = wait_until(
         "log lines",
-        lambda: [l for l in cli_json(cloudless_bin, "logs", "hello", "--tail", "1", config=config) if l["text"]],
+        lambda: [l for l in cli_json(cloudless_bin, "logs", "hello", "--tail", "1", config=config)["items"] if l["text"]],
     )
     assert {l["replica"] for l in logs} == {0, 1, 2}
     assert all(l["text"].startswith("hello from hello-") for l in logs)
@@ -252,8 +256,8 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     assert len(live(doc)) == wanted  # no duplicate, nothing lost
 
     cli(cloudless_bin, "stop", "hello", config=config)
-    wait_until("stopped", lambda: cli_json(cloudless_bin, "ps", config=config)[0]["running"] == 0, timeout=45)
-    assert cli_json(cloudless_bin, "ps", config=config)[0]["state"] == "stopped"
+    wait_until("stopped", lambda: cli_json(cloudless_bin, "ps", config=config)["items"][0]["running"] == 0, timeout=45)
+    assert cli_json(cloudless_bin, "ps", config=config)["items"][0]["state"] == "stopped"
 
 
 CANARY = """
@@ -303,7 +307,7 @@ def test_update_failing_its_health_check_reverts_to_the_stable_version(cluster, 
     )
     assert "touch" not in " ".join(doc["spec"]["command"])  # the stable spec is back
     assert {a["id"] for a in live(doc)} == first  # the stable replicas were never replaced
-    events = cli_json(cloudless_bin, "events", "--last", "1000", config=config)
+    events = cli_json(cloudless_bin, "events", "--last", "1000", config=config)["items"]
     assert any(e["kind"] == "workload.rollout_failed" and "canary version 2" in e["message"] for e in events)
     wait_until(
         "the failed replica stopped",

@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"scheduler"},
     {"state"},
     {"raft", "gossip", "blobs", "sandbox"},
-    {"transport"},
+    {"transport", "authz"},
     {"pki"},
     {"wire", "observability", "durable"},
     {"errors"},

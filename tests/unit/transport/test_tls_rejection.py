@@ -234,3 +234,17 @@ async def test_connect_to_a_silent_server_times_out_at_the_handshake_timeout(car
         await carrier_cls(GOOD, verifier, handshake_timeout=0.3).connect(listener.socket.getsockname()[:2])
     assert trio.current_time() - start < 2
     await listener.aclose()
+
+
+async def test_client_refuses_a_server_presenting_a_client_certificate(carrier_cls):
+    """Only nodes serve: a stolen CLI certificate must not let its holder pose as a node."""
+    verifier = PeerVerifier(CA.certificate, RevocationList(), CLUSTER)
+    posing = issue_credentials(CA, Identity(CLUSTER, "client", "mallory"), NOW, role="admin")
+    server = carrier_cls(posing, PeerVerifier(CA.certificate, RevocationList(), CLUSTER))
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(server.serve, echo_handler)
+        with pytest.raises(PeerRejected) as info:
+            await carrier_cls(GOOD, verifier).connect(address)
+        assert info.value.reason == "bad_identity"
+        assert "not a node identity" in info.value.message
+        nursery.cancel_scope.cancel()
