@@ -259,7 +259,7 @@ class Node:
         )
         self.events = events or EventLog()
         self.metrics = NodeMetrics(lambda: self)
-        self.device: DeviceProfile = detect(options.power, options.battery, options.network, options.device_class)  # type: ignore[arg-type]
+        self.device: DeviceProfile = self._detect_device()
         self.started_at = time.time()
         self.stopping = trio.Event()
         self.ready = trio.Event()
@@ -353,6 +353,10 @@ class Node:
             self.gossip.add_listener(self._on_member_event)
             self._refresh_revocations()
             self._close = opened.pop_all()
+
+    def _detect_device(self) -> DeviceProfile:
+        o = self.options
+        return detect(o.power, o.battery, o.network, o.device_class)  # type: ignore[arg-type]  # validated by the CLI
 
     def _build_gossip(self) -> GossipDriver:
         keys = self._gossip_keys()
@@ -611,9 +615,7 @@ class Node:
         last = None
         while True:
             await trio.sleep(1.0)
-            self.device = detect(
-                self.options.power, self.options.battery, self.options.network, self.options.device_class
-            )  # type: ignore[arg-type]
+            self.device = self._detect_device()
             meta = self.metadata()
             if meta != last:
                 await self.gossip.update_metadata(meta)

@@ -35,10 +35,6 @@ LAYERS: list[set[str]] = [
     {"errors"},
 ]
 
-# Imports that are lazy on purpose (start-up time of the CLI); each is still
-# checked against the layers, only the cycle check accepts them.
-LAZY_OK: set[tuple[str, str]] = set()
-
 
 def _modules() -> dict[str, Path]:
     out: dict[str, Path] = {}
@@ -129,9 +125,7 @@ def test_imports_go_down_the_layers_only() -> None:
 def test_module_graph_has_no_cycles() -> None:
     edges: dict[str, set[str]] = defaultdict(set)
     for module, imports in GRAPH.items():
-        for target, _, in_function in imports:
-            if in_function and (module, target) in LAZY_OK:
-                continue
+        for target, _, _ in imports:
             # A package's __init__ re-exporting its modules is not a cycle with them.
             if module.startswith(target + "."):
                 continue
