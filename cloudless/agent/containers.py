@@ -174,7 +174,6 @@ class ImageRootfs:
         return None
 
     async def _pull(self, image: str) -> None:
-
         ref = parse_reference(image)
         if not _names_registry(image):
             # A bare name ("busybox:latest") is expected to be imported on the node.
