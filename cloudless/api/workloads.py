@@ -374,7 +374,8 @@ class WorkloadService:
         if address is None:
             await self._logs_on_leader(ctx, req)
             return
-        async with self.rpc.stream(address, "fwd.workloads.logs", req, item=LogLine) as items:
+        # The caller's bytes and proof, so the leader authorizes the caller, not us.
+        async with self.rpc.stream(address, "fwd.workloads.logs", ctx.raw_body, item=LogLine, proof=ctx.proof) as items:
             async for line in items:
                 await ctx.send(line)
 

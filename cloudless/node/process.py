@@ -120,6 +120,11 @@ class NodeOptions:
     on_bootstrapped: Callable[[Path], None] | None = None
 
 
+# Calls one identity may hold open on this node at once (RpcServer): far above
+# what a node (Raft streams, chunk transfers, log follows) or a CLI needs.
+MAX_CALLS_PER_IDENTITY = 1024
+
+
 class BootstrapPending(msgspec.Struct):
     """What the first node must still put into Raft (kept until committed)."""
 
@@ -274,7 +279,7 @@ class Node:
         # Default deny on every call: authz's permission table, with forwarded
         # client calls authorized by the client's own signed proof.
         gate = CallGate(ProofVerifier(verifier))
-        self.server = RpcServer(listed=is_listed, authorize=gate)
+        self.server = RpcServer(listed=is_listed, max_calls_per_peer=MAX_CALLS_PER_IDENTITY, authorize=gate)
         # Enrollment requests are small (a CSR and a token): a small frame cap
         # bounds what an unauthenticated peer can make us buffer.
         self.enroll_server = RpcServer(listed=is_listed, max_frame_size=64 * 1024, request_timeout=5.0, authorize=gate)

@@ -329,6 +329,7 @@ class RpcServer:
         request_timeout: float = REQUEST_READ_TIMEOUT,
         authorize: Authorize | None = None,
         listed: Callable[[str], bool] | None = None,
+        max_calls_per_peer: int | None = None,
     ) -> None:
         self._methods: dict[str, _Method] = {}
         # Every call passes this before its body is decoded; a node's servers
@@ -337,6 +338,11 @@ class RpcServer:
         # Registering a method the permission table does not list fails at
         # start-up, so no RPC can exist without a declared policy.
         self.listed = listed
+        # One identity (across all its connections) may hold this many calls
+        # open at once; more are refused, so a stolen certificate cannot
+        # take every task and buffer a node has.
+        self.max_calls_per_peer = max_calls_per_peer
+        self._calls_by_peer: dict[str, int] = {}
         self.max_frame_size = max_frame_size
         self.request_timeout = request_timeout  # a client must deliver its request this fast
         self.max_timeout = max_timeout  # caps what clients may ask for
@@ -391,7 +397,17 @@ class RpcServer:
         """Serve one call; whatever happens stays with this stream (never the connection)."""
         self.calls_total += 1
         self.calls_active += 1
+        peer = conn.peer.uri
+        held = self._calls_by_peer.get(peer, 0)
+        self._calls_by_peer[peer] = held + 1
         try:
+            if self.max_calls_per_peer is not None and held >= self.max_calls_per_peer:
+                await self._refuse(
+                    stream,
+                    conn,
+                    Unavailable(f"{peer} has {held} calls open here, the most one identity may hold; retry later"),
+                )
+                return
             await self._serve_stream(conn, stream)
         except Exception as exc:  # incl. ExceptionGroups; Cancelled is a BaseException and goes on
             if _only(exc, _STREAM_GONE):
@@ -401,6 +417,11 @@ class RpcServer:
             await _reset_quietly(stream)
         finally:
             self.calls_active -= 1
+            left = self._calls_by_peer[peer] - 1
+            if left:
+                self._calls_by_peer[peer] = left
+            else:
+                del self._calls_by_peer[peer]
 
     async def _serve_stream(self, conn: Connection, stream: Stream) -> None:
         reader = FrameReader(stream, self.max_frame_size)

@@ -439,3 +439,14 @@ def test_an_oversized_workload_spec_is_refused_with_a_clear_error_and_changes_no
     assert "env" in proc.stderr and "limit" in proc.stderr
     listed = json.loads(cli("ps", "--json", config=cluster.config, check=True).stdout)["items"]
     assert "huge" not in [w["name"] for w in listed]
+
+
+def test_calls_through_a_follower_act_for_the_client(cluster: Cluster) -> None:
+    """Unary and streamed calls that a follower forwards to the leader are authorized as the client."""
+    follower = ["--endpoint", cluster.follower.address]
+    put = cli("vars", "put", "via-follower", "1", *follower, config=cluster.config)
+    assert put.returncode == 0, put.stderr
+    missing = cli("logs", "no-such-workload", *follower, config=cluster.config)
+    assert missing.returncode == 3, missing.stderr  # not found at the leader, not "permission denied"
+    tokens = cli("token", "ls", "--json", *follower, config=cluster.config)
+    assert tokens.returncode == 0, tokens.stderr

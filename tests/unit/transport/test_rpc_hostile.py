@@ -110,3 +110,54 @@ def test_mutated_requests_never_crash_the_rpc_server(method, timeout, body, muta
         payload[position % len(payload)] = value
     data = struct.pack(">I", len(payload)) + bytes(payload)
     trio.run(lambda: send_raw(data))
+
+
+async def test_one_identity_cannot_hold_more_than_its_share_of_calls():
+    """Calls held open by one identity across two connections hit the cap; another identity is unaffected."""
+    from cloudless.errors import Unavailable
+
+    network = MemoryNetwork()
+    server = RpcServer(max_calls_per_peer=3)
+    release = trio.Event()
+
+    @server.unary("hold")
+    async def hold(ctx, body: bytes) -> bytes:
+        await release.wait()
+        return b"done"
+
+    mallory = MemoryCarrier(network, PeerIdentity("c", "client", "mallory", 7, "viewer"), ("m", 1))
+    alice = MemoryCarrier(network, PeerIdentity("c", "client", "alice", 8, "viewer"), ("a", 1))
+    server_carrier = MemoryCarrier(network, PeerIdentity("c", "node", "server", 1), ("server", 1))
+    results: list[object] = []
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            address = await nursery.start(server.serve, server_carrier)
+            conns = [await mallory.connect(address), await mallory.connect(address)]
+            client = RpcClient(mallory)
+
+            async def call(conn) -> None:
+                try:
+                    results.append(await client.call(conn, "hold", b"", timeout=10))
+                except Unavailable as exc:
+                    results.append(exc)
+
+            for i in range(3):
+                nursery.start_soon(call, conns[i % 2])
+            while server.calls_active < 3:
+                await trio.sleep(0.01)
+            await call(conns[1])  # the fourth, on either connection, is refused at once
+            assert isinstance(results[-1], Unavailable) and "most one identity may hold" in results[-1].message
+            other = RpcClient(alice)
+            other_conn = await alice.connect(address)
+
+            async def alice_call() -> None:
+                results.append(await other.call(other_conn, "hold", b"", timeout=10))
+
+            nursery.start_soon(alice_call)
+            while server.calls_active < 4:  # alice's call is held, not refused
+                await trio.sleep(0.01)
+            release.set()
+            while len(results) < 5:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert results.count(b"done") == 4
