@@ -32,7 +32,8 @@ from cloudless.agent.messages import (
 )
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.api.service import raise_rejected
-from cloudless.coordinator.controller import admission_error
+from cloudless.coordinator.controller import ControllerState, admission_error
+from cloudless.coordinator.preview import Preview, preview
 from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
 from cloudless.observability.events import EventLog
 from cloudless.ports import ClusterView, Proposer
@@ -66,6 +67,13 @@ class RunWorkload(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     replace: bool = False  # apply: create or update; run: create only
     client_id: ClientId = ""
     seq: int = 0
+
+
+class DryRun(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`apply --dry-run` / `run --dry-run`: what RunWorkload would do now; changes nothing."""
+
+    spec: WorkloadSpec
+    replace: bool = False  # as RunWorkload: apply may update, run only creates
 
 
 class WorkloadRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -254,6 +262,7 @@ class WorkloadService:
             ("workloads.update", UpdateRequest, self.update),
             ("workloads.stop", WorkloadRef, self.stop),
             ("workloads.exec", WorkloadExec, self.exec),
+            ("workloads.dry_run", DryRun, self.dry_run),
         ):
             self.routing.register_on_leader(server, name, handler, request)
         server.stream("workloads.logs", request=WorkloadLogs)(self.logs)
@@ -279,15 +288,19 @@ class WorkloadService:
 
     # -- client calls (on the leader) -----------------------------------------
 
-    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
-        spec = validate(req.spec)
-        fsm = self.replicated.fsm
-        existing = fsm.workloads.get(spec.name)
-        if existing is not None and not existing.stopped and not req.replace:
+    def _refuse_existing(self, spec: WorkloadSpec, replace: bool) -> None:
+        """`run` creates only: a running workload of that name is a conflict."""
+        existing = self.replicated.fsm.workloads.get(spec.name)
+        if existing is not None and not existing.stopped and not replace:
             raise Conflict(
                 f"workload {spec.name} exists (version {existing.spec.version}); use `cloudless update` or `cloudless apply`",
                 name=spec.name,
             )
+
+    async def run(self, ctx: RpcContext, req: RunWorkload) -> WorkloadReply:
+        spec = validate(req.spec)
+        fsm = self.replicated.fsm
+        self._refuse_existing(spec, req.replace)
         why = admission_error(spec, self.node_infos())
         if why is not None:
             raise Unschedulable(f"workload {spec.name} can never be placed: {why}", name=spec.name)
@@ -295,6 +308,13 @@ class WorkloadService:
         record = fsm.workloads[spec.name]
         self.events.record("workload.submitted", self.cluster.node_id, f"{spec.name} version {record.spec.version}")
         return WorkloadReply(spec.name, record.spec.version, index)
+
+    async def dry_run(self, ctx: RpcContext, req: DryRun) -> Preview:
+        spec = validate(req.spec)
+        await self.replicated.linearizable()
+        self._refuse_existing(spec, req.replace)
+        fsm = self.replicated.fsm
+        return preview(spec, ControllerState(fsm.workloads, fsm.allocations, self.node_infos()))
 
     async def ps(self, ctx: RpcContext, req: PsRequest) -> PsReply:
         await self.replicated.linearizable()

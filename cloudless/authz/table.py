@@ -57,6 +57,7 @@ PERMISSIONS: dict[str, Rule] = {
     **_rules(
         NODE,
         gossip__stream="exchange gossip state over a stream",
+        gossip__keys="read the gossip keyring and nodes' public keys",
         raft__batch="send Raft messages",
         raft__subscribe="subscribe to Raft messages",
         raft__propose="forward Raft proposals",
@@ -101,6 +102,7 @@ PERMISSIONS: dict[str, Rule] = {
         vars__cas="write variables",
         vars__rm="delete variables",
         workloads__run="run workloads",
+        workloads__dry_run="preview workload placements",  # read-only, for those who may apply
         workloads__scale="scale workloads",
         workloads__update="update workloads",
         workloads__stop="stop workloads",

@@ -315,7 +315,7 @@ class ObjectService:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(launch, nursery)
-                for i, (ref, lo, hi) in enumerate(spans):
+                for i, (_ref, lo, hi) in enumerate(spans):
                     await ready[i].wait()
                     data, results[i] = results[i], None
                     assert data is not None

@@ -141,7 +141,7 @@ def register_chunk_service(
             if await run(store.touch, [digest]):
                 continue
             data = await peers.get(req.source, digest)  # verified by the RpcChunkPeers client
-            stored += int(await run(lambda: store.put(digest, data, trusted=True)))
+            stored += int(await run(lambda digest=digest, data=data: store.put(digest, data, trusted=True)))
         return Stored(stored)
 
     @server.unary("chunks.list", request=ListChunks)

@@ -32,6 +32,7 @@ from cloudless.api.messages import (
     VarsRm,
     VarValue,
 )
+from cloudless.cli.durations import Duration
 from cloudless.cli.output import (
     Column,
     OutputFormat,
@@ -88,16 +89,6 @@ def client_read_options(fn: Callable) -> Callable:
 
 def to_builtins(value: Any) -> Any:
     return msgspec.to_builtins(value)
-
-
-def duration(text: str) -> float:
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except (ValueError, IndexError):
-        raise click.BadParameter(f"{text!r}: expected a duration such as 90s, 15m, 2h") from None
 
 
 # -- status / nodes -------------------------------------------------------------
@@ -272,7 +263,9 @@ def token() -> None:
 
 
 @token.command("create", help="Create a bootstrap token; shown once.")
-@click.option("--ttl", default="15m", show_default=True, help="Lifetime, e.g. 90s, 15m, 2h.")
+@click.option(
+    "--ttl", type=Duration(1, 30 * 86400), default="15m", show_default=True, help="Lifetime, e.g. 90s, 15m, 2h."
+)
 @click.option("--uses", type=click.IntRange(1, 1_000_000), default=1, show_default=True)
 @click.option(
     "--role",
@@ -290,14 +283,11 @@ def token() -> None:
     "devices never do. Give coordinator only to machines you would trust with the cluster.",
 )
 @client_options
-async def token_create(client: ClusterClient, as_json: bool, ttl: str, uses: int, role: str, trust: str) -> None:
-    seconds = duration(ttl)
-    if not 0 < seconds <= 30 * 86400:
-        raise InvalidInput("--ttl must be between 1s and 30d", field="ttl")
+async def token_create(client: ClusterClient, as_json: bool, ttl: float, uses: int, role: str, trust: str) -> None:
     if trust == "coordinator" and role != "node":
         raise InvalidInput("--trust coordinator is for node tokens", field="trust")
     wire_trust = "coordinator" if trust == "coordinator" else ""
-    reply = await client.call("token.create", TokenCreate(seconds, uses, role, wire_trust), response=TokenReply)
+    reply = await client.call("token.create", TokenCreate(ttl, uses, role, wire_trust), response=TokenReply)
     if as_json:
         emit_json(
             {

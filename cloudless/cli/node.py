@@ -13,6 +13,7 @@ import trio
 
 from cloudless.api import client_config
 from cloudless.api.client_config import parse_endpoint
+from cloudless.cli.durations import Duration
 from cloudless.cli.output import fail, one_line, stderr
 from cloudless.errors import CloudlessError, InvalidInput
 
@@ -116,10 +117,10 @@ def _config_hint(path: Path) -> str:
 )
 @click.option(
     "--voter-stabilization",
-    type=click.FloatRange(0, 3600),
-    default=10.0,
+    type=Duration(0, 3600),
+    default="10s",
     show_default=True,
-    help="Seconds a new member must stay alive before autopilot makes it a voter.",
+    help="How long a new member must stay alive before autopilot makes it a voter (10s, 1m; seconds).",
 )
 @click.option("--metrics-listen", default=None, callback=_endpoint, help="HOST:PORT for HTTPS /metrics (mTLS).")
 @click.option(

@@ -119,11 +119,31 @@ def emit_list(items: Sequence[Any], **fields: Any) -> None:
     emit_json(list_document(items, **fields))
 
 
+class _YamlDumper(yaml.SafeDumper):
+    """safe_dump, except that a string holding NEL (\x85) is double-quoted: with
+    allow_unicode PyYAML writes it raw in a plain or single-quoted scalar, where
+    a reader folds it as a line break (the value would not read back)."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style='"' if "\x85" in data else None)
+
+
+_YamlDumper.add_representer(str, _represent_str)
+
+
 def emit_yaml(document: Any) -> None:
     # Through JSON first so every value is a plain type safe_dump accepts (as emit_json: default=str).
     plain = json.loads(json.dumps(document, default=str))
     sys.stdout.write(
-        yaml.safe_dump(plain, sort_keys=True, default_flow_style=False, allow_unicode=True, width=_UNBOUNDED)
+        yaml.dump(
+            plain,
+            Dumper=_YamlDumper,
+            sort_keys=True,
+            default_flow_style=False,
+            allow_unicode=True,
+            width=_UNBOUNDED,
+        )
     )
     sys.stdout.flush()
 

@@ -11,9 +11,10 @@ from cryptography.hazmat.primitives import serialization
 from cloudless.api import client_config
 from cloudless.api.client import ClusterClient
 from cloudless.api.identities import TokenList, TokenRef, UserAdd, UserCertificate, UserList, UserRef
-from cloudless.cli.cluster import client_options, client_read_options, duration, to_builtins, token
+from cloudless.cli.cluster import client_options, client_read_options, to_builtins, token
+from cloudless.cli.durations import Duration
 from cloudless.cli.output import JSON, TEXT, Column, OutputFormat, emit_json, print_table, stdout
-from cloudless.errors import Conflict, InvalidInput
+from cloudless.errors import Conflict
 from cloudless.pki.credentials import make_csr, new_private_key, private_key_pem
 from cloudless.pki.identity import Identity
 
@@ -34,7 +35,13 @@ def users() -> None:
 )
 @click.argument("name")
 @click.option("--role", type=click.Choice(["admin", "operator", "viewer"]), required=True)
-@click.option("--ttl", default="30d", show_default=True, help="Certificate lifetime, e.g. 12h, 30d (at most 366d).")
+@click.option(
+    "--ttl",
+    type=Duration(60, 366 * 86400),
+    default="30d",
+    show_default=True,
+    help="Certificate lifetime, e.g. 12h, 30d (at most 366d).",
+)
 @click.option(
     "--out",
     "out",
@@ -43,10 +50,7 @@ def users() -> None:
     help="Client config to write (default: ./NAME.yaml); refuses to overwrite.",
 )
 @client_options
-async def users_add(client: ClusterClient, as_json: bool, name: str, role: str, ttl: str, out: Path | None) -> None:
-    seconds = duration(ttl)
-    if not 60 <= seconds <= 366 * 86400:
-        raise InvalidInput("--ttl must be between 1m and 366d", field="ttl")
+async def users_add(client: ClusterClient, as_json: bool, name: str, role: str, ttl: float, out: Path | None) -> None:
     out = out or Path(f"{name}.yaml")
     if out.exists():
         raise Conflict(f"{out} exists; choose another --out")
@@ -54,7 +58,7 @@ async def users_add(client: ClusterClient, as_json: bool, name: str, role: str, 
     csr = make_csr(key, Identity.client(client.context.cluster_id, name))
     reply = await client.call(
         "users.add",
-        UserAdd(name, role, csr.public_bytes(serialization.Encoding.PEM), seconds),
+        UserAdd(name, role, csr.public_bytes(serialization.Encoding.PEM), ttl),
         response=UserCertificate,
     )
     context = client_config.Context(

@@ -13,6 +13,7 @@ from rich.table import Table
 from cloudless.agent.messages import ExecReply, LogLine
 from cloudless.api.client import ClusterClient
 from cloudless.api.workloads import (
+    DryRun,
     InspectReply,
     PsReply,
     PsRequest,
@@ -26,6 +27,7 @@ from cloudless.api.workloads import (
 )
 from cloudless.cli.cluster import client_options, client_read_options, to_builtins
 from cloudless.cli.output import Column, OutputFormat, emit_json, emit_list, print_table, stdout
+from cloudless.coordinator.preview import Preview
 from cloudless.errors import InvalidInput
 from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
 
@@ -47,6 +49,46 @@ def _reply_doc(reply: WorkloadReply) -> dict:
     return {"name": reply.name, "version": reply.version, "index": reply.index}
 
 
+_ACTION_WORDS = {"create": "create", "update": "update to", "scale": "rescale as", "unchanged": "leave unchanged at"}
+
+
+async def _dry_run(client: ClusterClient, as_json: bool, spec, replace: bool) -> None:
+    """Show what submitting `spec` would do now (the leader's scheduler on the live state);
+    exit 1 when the cluster would refuse it."""
+    p = await client.call("workloads.dry_run", DryRun(spec, replace), response=Preview)
+    if as_json:
+        emit_json(to_builtins(p))
+    else:
+        _print_preview(p)
+    if p.refused:
+        raise SystemExit(1)
+
+
+def _print_preview(p: Preview) -> None:
+    def say(text: str) -> None:
+        stdout.print(text, markup=False, highlight=False)
+
+    say(
+        f"{p.name}: would {_ACTION_WORDS[p.action]} version {p.version} ({p.replicas} replica(s)); dry run, nothing changed"
+    )
+    for k in p.kept:
+        say(f"  replica {k.replica} stays on {k.node} ({k.allocation}, {k.state})")
+    for x in p.placements:
+        say(f"  replica {x.replica} → {x.node}  (score {x.score:+.3f}; {x.feasible} of {p.nodes} nodes feasible)")
+    for f in p.failures:
+        say(f"  replica {f.replica} not placed: {f.message}")
+    for stop in p.stops:
+        say(f"  replica {stop.replica} on {stop.node} would stop ({stop.allocation}: {stop.reason})")
+    for note in p.notes:
+        say(f"  note: {note}")
+    if p.node_reasons:
+        say("nodes that could not take a replica:")
+        for node, why in sorted(p.node_reasons.items()):
+            say(f"  {node}: {why}")
+    if p.refused:
+        say(f"the cluster would refuse it: {p.refused}")
+
+
 @click.command(help="Run IMAGE as a replicated workload: cloudless run IMAGE [options] -- CMD...")
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -61,6 +103,7 @@ def _reply_doc(reply: WorkloadReply) -> dict:
     "--constraint", "constraints", multiple=True, metavar="EXPR", help="e.g. zone=a, 'class in pc,server' (repeatable)."
 )
 @click.option("--spread", "spreads", multiple=True, metavar="ATTR[:MAX]", help="e.g. node, zone, node:1 (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Validate and show where each replica would go; change nothing.")
 @client_options
 async def run(
     client: ClusterClient,
@@ -76,6 +119,7 @@ async def run(
     restart,
     constraints,
     spreads,
+    dry_run,
 ) -> None:
     spec = from_flags(
         image,
@@ -90,6 +134,9 @@ async def run(
         spreads=spreads,
         command=command,
     )
+    if dry_run:
+        await _dry_run(client, as_json, spec, replace=False)
+        return
     reply = await client.call(
         "workloads.run", RunWorkload(spec, False, client.client_id, client.next_seq()), response=WorkloadReply
     )
@@ -101,13 +148,17 @@ async def run(
 
 @click.command(help="Create or update a workload from a YAML spec.")
 @click.option("-f", "--file", "path", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), required=True)
+@click.option("--dry-run", is_flag=True, help="Validate and show where each replica would go; change nothing.")
 @client_options
-async def apply(client: ClusterClient, as_json: bool, path: Path) -> None:
+async def apply(client: ClusterClient, as_json: bool, path: Path, dry_run: bool) -> None:
     try:
         text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except OSError as exc:
         raise InvalidInput(f"cannot read {path}: {exc.strerror}", field="file") from None
     spec = parse_yaml(text)
+    if dry_run:
+        await _dry_run(client, as_json, spec, replace=True)
+        return
     reply = await client.call(
         "workloads.run", RunWorkload(spec, True, client.client_id, client.next_seq()), response=WorkloadReply
     )
@@ -148,37 +199,44 @@ PS_COLUMNS = [
 ]
 
 
-@click.command(help="Show a workload: spec, allocations and placement explanations.")
-@click.argument("name", callback=_name)
-@client_options
-async def inspect(client: ClusterClient, as_json: bool, name: str) -> None:
-    reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
-    if as_json:
-        emit_json(
+def inspect_document(reply: InspectReply) -> dict:
+    """What `inspect -o json|yaml` (and --json) prints. `apply -f` takes it back as it is
+    (as kubectl's get -o yaml | apply): it reads `spec` and ignores the status beside it."""
+    return {
+        "name": reply.name,
+        "state": reply.state,
+        "spec": to_builtins(reply.spec),
+        "stable_version": reply.stable_version,
+        "failed_versions": reply.failed_versions,
+        "allocations": [
             {
-                "name": reply.name,
-                "state": reply.state,
-                "spec": to_builtins(reply.spec),
-                "stable_version": reply.stable_version,
-                "failed_versions": reply.failed_versions,
-                "allocations": [
-                    {
-                        "id": a.id,
-                        "node": a.node,
-                        "state": a.state,
-                        "exit_code": a.exit_code,
-                        "restarts": a.restarts,
-                        "replica": a.replica,
-                        "version": a.version,
-                        "desired": a.desired,
-                        "health": a.health,
-                        "message": a.message,
-                    }
-                    for a in reply.allocations
-                ],
-                "explanations": reply.explanations,
+                "id": a.id,
+                "node": a.node,
+                "state": a.state,
+                "exit_code": a.exit_code,
+                "restarts": a.restarts,
+                "replica": a.replica,
+                "version": a.version,
+                "desired": a.desired,
+                "health": a.health,
+                "message": a.message,
             }
-        )
+            for a in reply.allocations
+        ],
+        "explanations": reply.explanations,
+    }
+
+
+@click.command(
+    help="Show a workload: spec, allocations and placement explanations. "
+    "`-o yaml` (or json) prints a document `apply -f` takes back unchanged."
+)
+@click.argument("name", callback=_name)
+@client_read_options
+async def inspect(client: ClusterClient, out: OutputFormat, name: str) -> None:
+    reply = await client.call("workloads.inspect", WorkloadRef(name), response=InspectReply)
+    if out.structured:
+        out.emit(inspect_document(reply))
         return
     s = reply.spec
     stdout.print(f"[bold]{reply.name}[/bold]  version {s.version}  {reply.state}  image {s.image}", markup=True)

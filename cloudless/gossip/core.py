@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from cloudless.gossip import messages as wire
 from cloudless.gossip.awareness import Awareness
+from cloudless.gossip.claims import CLAIM_ALIVE, CLAIM_LEFT, SelfClaims
 from cloudless.gossip.events import (
     Effect,
     MemberAlive,
@@ -51,6 +52,13 @@ STRANGER_GRACE = 2.0
 # Members waiting for an out-of-turn probe (see `_probe_early`); beyond this,
 # hints are dropped and the round-robin order finds them.
 MAX_EARLY_PROBES = 8
+
+# How far above what we know of a member an incarnation may jump in one
+# unsigned claim, and how far a member lets an accusation push its own
+# incarnation. Honest jumps are a few; a forged accusation at the maximum
+# incarnation would otherwise outrank every refutation for good, and 2**63
+# in steps of this size is out of any sender's reach.
+INCARNATION_WINDOW = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +144,7 @@ class GossipCore:
         now: float,
         config: GossipConfig = GossipConfig(),
         meta: Metadata = EMPTY_METADATA,
+        claims: SelfClaims | None = None,
     ) -> None:
         self.name = name
         self.addr = addr
@@ -146,6 +155,14 @@ class GossipCore:
         self.meta_version = 0
         self.leaving = False
         self.members = MemberTable()
+        # With `claims`, a member's own alive/leave must carry its signature
+        # (claims.py); without, every member's word is taken (simulations).
+        self.claims = claims
+        # Last verified incarnation and the signature that proved it, per
+        # member, so push-pull rows carry it on (only kept with `claims`).
+        self._verified: dict[str, int] = {}
+        self._sigs: dict[str, bytes] = {}
+        self._self_sig = b""
         self.awareness = Awareness(config.awareness_max, enabled=config.lifeguard)
         self._now = now
         self._seq = rng.randrange(1 << 31)
@@ -174,7 +191,19 @@ class GossipCore:
         # Members that pinged us before we heard of them: if gossip still has
         # not told us about one after a while, ask it directly (push-pull).
         self._strangers: dict[str, tuple[str, float]] = {}
-        self.stats = {"packets_in": 0, "packets_out": 0, "bytes_out": 0, "refutations": 0, "suspected": 0}
+        self.stats = {
+            "packets_in": 0,
+            "packets_out": 0,
+            "bytes_out": 0,
+            "refutations": 0,
+            "suspected": 0,
+            # Self-claims dropped: a bad or missing signature of a registered
+            # member, or an unsigned incarnation jump past INCARNATION_WINDOW.
+            "claims_rejected": 0,
+            # Observations (suspect/dead) naming an incarnation above the one
+            # the member itself signed, read as being about that one.
+            "observations_clamped": 0,
+        }
         self.members.add(Member(name, addr, 0, ALIVE, now, 0, self.meta), rng)
         self._encode_self()
 
@@ -189,6 +218,15 @@ class GossipCore:
             for a in records
             if a.node not in rows and a.node != self.name
         ]
+        claims = self.claims
+        if claims is not None:
+            # Keep the signatures that verify, so push-pull can pass them on.
+            for a in records:
+                if a.sig and a.node != self.name:
+                    ok = claims.verify(a.node, a.incarnation, CLAIM_ALIVE, a.meta_version, a.addr, a.meta, a.sig)
+                    if ok:
+                        self._verified[a.node] = a.incarnation
+                        self._sigs[a.node] = a.sig
         self.members.add_many(fresh, self.rng)
         self._now = now
         self._next_push_pull = now + self.rng.random() * _pushpull_scale(
@@ -212,11 +250,19 @@ class GossipCore:
         self._probe = None
         me = self.members.rows[self.name]
         self.members.set_state(me, LEFT, now)
-        data = wire.encode(Dead(self.incarnation, self.name, self.name))
+        if self.claims is not None:
+            self._self_sig = self._sigs[self.name] = self.claims.sign(
+                self.name, self.incarnation, CLAIM_LEFT, 0, "", None
+            )
+        data = wire.encode(Dead(self.incarnation, self.name, self.name, self._self_sig))
         self._queue_broadcast(self.name, data)
         # Do not wait for the next gossip round: tell a few members right away.
         for m in self.members.random_members(self.rng, self.config.gossip_nodes, (self.name,)):
             self._send(m.addr, data)
+
+    def self_claim(self) -> Alive:
+        """This member's current alive claim (signed when claims are on)."""
+        return Alive(self.incarnation, self.name, self.addr, self.meta_version, self.meta, self._self_sig)
 
     @property
     def leave_announced(self) -> bool:
@@ -311,7 +357,9 @@ class GossipCore:
                 self._effects.append(PushPull(dead.addr, self._state_payload(join=False), False))
         if now >= self._next_reap and not self.leaving:
             self._next_reap = now + cfg.tombstone_ttl / 4
-            self.members.reap(now - cfg.tombstone_ttl)
+            for name in self.members.reap(now - cfg.tombstone_ttl):
+                self._verified.pop(name, None)
+                self._sigs.pop(name, None)
 
     tick = handle_timer
 
@@ -565,6 +613,23 @@ class GossipCore:
             if a.incarnation > self.incarnation and not self.leaving:
                 self._refute(a.incarnation)
             return
+        if m is not None and a.incarnation < m.incarnation and a.node in self._verified:
+            return  # stale: no need to check its signature
+        verified = False
+        claims = self.claims
+        if claims is not None:
+            verdict = claims.verify(a.node, a.incarnation, CLAIM_ALIVE, a.meta_version, a.addr, a.meta, a.sig)
+            if verdict is False:
+                self.stats["claims_rejected"] += 1
+                return
+            verified = verdict is True
+        if not verified and a.incarnation > (m.incarnation if m is not None else 0) + INCARNATION_WINDOW:
+            self.stats["claims_rejected"] += 1
+            return
+        if verified and m is not None and a.node not in self._verified and a.incarnation <= m.incarnation:
+            # The member's first signed word outranks whatever unsigned gossip
+            # said of it before its key was known here.
+            m.incarnation = a.incarnation - 1
         if m is None:
             m = Member(a.node, a.addr, a.incarnation, ALIVE, now, a.meta_version, a.meta)
             self.members.add(m, self.rng)
@@ -593,6 +658,11 @@ class GossipCore:
             self._events.append(MemberUpdated(m.name, m.addr, m.meta))
         else:
             return
+        if verified:
+            self._verified[a.node] = a.incarnation
+            self._sigs[a.node] = a.sig
+        elif self._sigs:
+            self._sigs.pop(a.node, None)  # no longer the signature of what we hold
         if gossip:
             self._queue_broadcast(a.node, wire.encode(a))
 
@@ -604,6 +674,11 @@ class GossipCore:
             if not self.leaving:
                 self._refute(s.incarnation)
             return
+        incarnation = self._observed_incarnation(m, s.incarnation)
+        if incarnation is None:
+            return
+        if incarnation != s.incarnation:
+            s = Suspect(incarnation, s.node, s.source)
         if m.state == SUSPECT:
             susp = self._suspicions.get(s.node)
             if susp is not None and susp.confirm(s.source) and gossip:
@@ -638,12 +713,41 @@ class GossipCore:
 
     def _on_dead(self, d: Dead, now: float, gossip: bool) -> None:
         m = self.members.rows.get(d.node)
-        if m is None or d.incarnation < m.incarnation or m.state >= DEAD:
+        if m is None or m.state >= DEAD:
             return
         if d.node == self.name:
-            if not self.leaving:
+            if d.incarnation >= m.incarnation and not self.leaving:
                 self._refute(d.incarnation)
             return
+        verified = False
+        if d.source == d.node:
+            # A leave is the member's own claim: only its signature makes it.
+            claims = self.claims
+            verdict = None
+            if claims is not None:
+                verdict = claims.verify(d.node, d.incarnation, CLAIM_LEFT, 0, "", None, d.sig)
+                if verdict is False:
+                    self.stats["claims_rejected"] += 1
+                    return
+            verified = verdict is True
+            if verified and d.node not in self._verified and d.incarnation <= m.incarnation:
+                m.incarnation = d.incarnation  # as in _on_alive: signed beats unsigned
+            if d.incarnation < m.incarnation:
+                return
+            if not verified and d.incarnation > m.incarnation + INCARNATION_WINDOW:
+                self.stats["claims_rejected"] += 1
+                return
+        else:
+            if d.incarnation < m.incarnation:
+                return
+            incarnation = self._observed_incarnation(m, d.incarnation)
+            if incarnation is None:
+                return
+            if incarnation != d.incarnation:
+                d = Dead(incarnation, d.node, d.source)
+        if verified:
+            self._verified[d.node] = d.incarnation
+            self._sigs[d.node] = d.sig
         m.incarnation = d.incarnation
         self._suspicions.pop(d.node, None)
         if d.source == d.node:
@@ -655,9 +759,30 @@ class GossipCore:
         if gossip:
             self._queue_broadcast(d.node, wire.encode(d))
 
+    def _observed_incarnation(self, m: Member, incarnation: int) -> int | None:
+        """The incarnation an unsigned suspect/dead observation about `m` is
+        taken to speak of, or None to drop it. Only a member moves its own
+        incarnation: once it has signed one, an observation naming a higher
+        one is about the signed one (the member refutes it as usual); for an
+        unsigned member, a jump past the window is dropped."""
+        if incarnation <= m.incarnation:
+            return incarnation
+        if m.name in self._verified or (self.claims is not None and self.claims.knows(m.name)):
+            self.stats["observations_clamped"] += 1
+            return m.incarnation
+        if incarnation > m.incarnation + INCARNATION_WINDOW:
+            self.stats["claims_rejected"] += 1
+            return None
+        return incarnation
+
     def _refute(self, accused_incarnation: int) -> None:
-        """Someone thinks we are suspect or dead: outbid them (SWIM §4.2)."""
-        self.incarnation = max(self.incarnation, accused_incarnation) + 1
+        """Someone thinks we are suspect or dead: outbid them (SWIM §4.2).
+
+        An accusation moves us at most INCARNATION_WINDOW ahead: honest ones
+        name at most what we signed before (a restart forgets it), and a
+        forged one at the maximum must not leave us nothing to refute with."""
+        accused = min(accused_incarnation, self.incarnation + INCARNATION_WINDOW)
+        self.incarnation = min(max(self.incarnation, accused) + 1, wire.MAX_INCARNATION)
         me = self.members.rows[self.name]
         me.incarnation = self.incarnation
         self.stats["refutations"] += 1
@@ -666,13 +791,21 @@ class GossipCore:
         self._queue_broadcast(self.name, self._self_alive)
 
     def _encode_self(self) -> None:
-        self._self_alive = wire.encode(Alive(self.incarnation, self.name, self.addr, self.meta_version, self.meta))
+        # Signed here, once per change of incarnation or metadata, not per packet.
+        if self.claims is not None:
+            self._self_sig = self._sigs[self.name] = self.claims.sign(
+                self.name, self.incarnation, CLAIM_ALIVE, self.meta_version, self.addr, self.meta
+            )
+        self._self_alive = wire.encode(
+            Alive(self.incarnation, self.name, self.addr, self.meta_version, self.meta, self._self_sig)
+        )
 
     # ------------------------------------------------------------- push-pull
 
     def _state_payload(self, join: bool) -> bytes:
+        sigs = self._sigs
         rows = [
-            wire.MemberRecord(m.name, m.addr, m.incarnation, m.state, m.meta_version, m.meta)
+            wire.MemberRecord(m.name, m.addr, m.incarnation, m.state, m.meta_version, m.meta, sigs.get(m.name, b""))
             for m in self.members.rows.values()
         ]
         return wire.encode(wire.PushPullState(join, self.name, rows))
@@ -684,9 +817,9 @@ class GossipCore:
         for r in state.members:
             first_hand = r.node == sender
             if r.state == ALIVE:
-                self._on_alive(Alive(r.incarnation, r.node, r.addr, r.meta_version, r.meta), now, first_hand)
+                self._on_alive(Alive(r.incarnation, r.node, r.addr, r.meta_version, r.meta, r.sig), now, first_hand)
             elif r.state == LEFT:
-                self._on_dead(Dead(r.incarnation, r.node, r.node), now, first_hand)
+                self._on_dead(Dead(r.incarnation, r.node, r.node, r.sig), now, first_hand)
             else:
                 # memberlist mergeState: a remote "dead" is only a suspicion here,
                 # gossiped so that the member can refute it.

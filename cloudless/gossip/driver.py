@@ -77,6 +77,8 @@ class GossipDriver:
         self._send_inbox, self._inbox = trio.open_memory_channel[tuple](INBOX_SIZE)
         self._listeners: list[EventListener] = []
         self._nursery: trio.Nursery | None = None
+        self._leaving = False
+        self._leave_announced = trio.Event()
         self.counters = {"inbox_full": 0, "malformed": 0, "unsealed_dropped": 0, "send_blocked": 0}
 
     def add_listener(self, listener: EventListener) -> None:
@@ -154,6 +156,9 @@ class GossipDriver:
             for listener in self._listeners:
                 listener(event)
             event = core.next_event()
+        # The core's leave state changes only in the calls this loop makes, each followed by a flush.
+        if self._leaving and core.leave_announced:
+            self._leave_announced.set()
         await trio.lowlevel.checkpoint()
 
     async def _stream_probe(self, effect: StreamProbe) -> None:
@@ -207,12 +212,19 @@ class GossipDriver:
         except trio.WouldBlock:
             self.counters["inbox_full"] += 1
 
+    def _start_leave(self, now: float) -> None:
+        self._leaving = True
+        self.core.leave(now)
+
+    async def wait_leave_announced(self) -> None:
+        """Return once a leave asked for with `leave()` went out (`GossipCore.leave_announced`)."""
+        await self._leave_announced.wait()
+
     async def leave(self, timeout: float = 2.0) -> bool:
         """Announce a graceful leave and wait (at most `timeout`) until it went out."""
-        await self._send_inbox.send(("call", lambda now: self.core.leave(now)))
+        await self._send_inbox.send(("call", self._start_leave))
         with trio.move_on_after(timeout):
-            while not self.core.leave_announced:
-                await trio.sleep(0.02)
+            await self.wait_leave_announced()
             return True
         return False
 

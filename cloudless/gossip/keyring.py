@@ -87,6 +87,17 @@ class Keyring:
             raise KeyringError("cannot remove the primary key", key_id=kid.hex())
         self._keys.pop(kid, None)
 
+    def replace(self, keys: list[bytes] | tuple[bytes, ...]) -> None:
+        """Become exactly `keys`, the first primary (a rotation step from the
+        replicated keyring). Checks every key before changing anything."""
+        if not keys:
+            raise KeyringError("a keyring needs a primary key")
+        for k in keys:
+            self._check(k)
+        fresh = {key_id(k): AESGCM(bytes(k)) for k in keys}
+        self._keys = fresh
+        self._primary = key_id(keys[0])
+
     @property
     def primary_id(self) -> bytes:
         return self._primary

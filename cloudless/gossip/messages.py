@@ -10,7 +10,7 @@ Addresses are "host:port" strings so the core can treat them as opaque keys.
 
 from __future__ import annotations
 
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -26,7 +26,10 @@ MAX_PAYLOAD = MAX_DATAGRAM - SEAL_OVERHEAD
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 Addr = Annotated[str, msgspec.Meta(min_length=3, max_length=80)]
 Seq = Annotated[int, msgspec.Meta(ge=0, lt=2**32)]
-Incarnation = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+MAX_INCARNATION = 2**63 - 1
+Incarnation = Annotated[int, msgspec.Meta(ge=0, le=MAX_INCARNATION)]
+# A self-claim's signature (claims.py): raw P-256 r||s, or empty when unsigned.
+Signature = Annotated[bytes, msgspec.Meta(max_length=64)]
 
 
 class MalformedPacket(InvalidInput):
@@ -63,6 +66,7 @@ class Alive(msgspec.Struct, frozen=True, array_like=True, tag=5, gc=False):
     addr: Addr
     meta_version: Annotated[int, msgspec.Meta(ge=0)]
     meta: Metadata
+    sig: Signature = b""  # by `node` itself: only it may say it is alive
 
 
 class Suspect(msgspec.Struct, frozen=True, array_like=True, tag=6, gc=False):
@@ -75,9 +79,10 @@ class Dead(msgspec.Struct, frozen=True, array_like=True, tag=7, gc=False):
     incarnation: Incarnation
     node: Name
     source: Name  # source == node: a graceful leave
+    sig: Signature = b""  # a leave is signed by `node`; others' observations are not
 
 
-Message = Union[Ping, IndirectPing, Ack, Nack, Alive, Suspect, Dead]
+Message = Ping | IndirectPing | Ack | Nack | Alive | Suspect | Dead
 
 
 class MemberRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -89,6 +94,7 @@ class MemberRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     state: Annotated[int, msgspec.Meta(ge=0, le=3)]
     meta_version: Annotated[int, msgspec.Meta(ge=0)]
     meta: Metadata
+    sig: Signature = b""  # the member's own signature of its alive or left claim
 
 
 class PushPullState(msgspec.Struct, frozen=True, array_like=True):

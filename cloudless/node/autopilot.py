@@ -9,6 +9,7 @@ as one Raft configuration change, and records the decision as an event.
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict, deque
 from collections.abc import Awaitable, Callable
 
@@ -18,9 +19,11 @@ from cloudless.coordinator.autopilot import Action, AutopilotConfig, Candidate, 
 from cloudless.errors import CloudlessError
 from cloudless.gossip.events import MemberAlive, MemberDead, MemberJoined, MemberLeft, MemberSuspect
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
+from cloudless.node.gossip_identity import rotation_step
 from cloudless.node.replicated import ReplicatedState
 from cloudless.ports import ClusterView, EventRecorder
 from cloudless.raft.messages import ConfChange, ConfChangeType
+from cloudless.state.commands import Rejected
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +80,23 @@ class Coordinator:
                 )
             try:
                 await self.complete_bootstrap()
+                await self.gossip_key_step()
                 if now - self._leader_since >= SETTLE_S:
                     await self.autopilot_step(now)
             except CloudlessError as exc:
                 log.warning("coordinator.step_failed", extra={"fields": {"error": str(exc)}})
+
+    async def gossip_key_step(self) -> None:
+        """After a node is removed, rotate the gossip key (gossip_identity.rotation_step)."""
+        replicated = self.replicated
+        command = rotation_step(replicated.fsm, time.time())
+        if command is None:
+            return
+        result, _ = await replicated.propose(command)
+        if isinstance(result, Rejected):
+            raise CloudlessError(f"gossip key rotation refused: {result.message}")
+        what = "new primary gossip key" if len(command.keys) > 1 else "old gossip key dropped"
+        self.events.record("gossip.key_rotated", self.cluster.node_id, what, keys=len(command.keys))
 
     def _on_member_event(self, event) -> None:
         now = trio.current_time()

@@ -160,6 +160,7 @@ class EnrollService:
                     zone=req.zone,
                     labels=dict(req.labels),
                     trusted=trusted,
+                    public_key=_public_key_der(certificate),
                 )
             )
             if isinstance(result, Rejected):
@@ -182,7 +183,8 @@ class EnrollService:
             cluster_id=cluster.cluster_id,
             ca_pem=replicated.fsm.ca.certificate_pem if replicated.fsm.ca else b"",
             cert_pem=certificate.public_bytes(serialization.Encoding.PEM),
-            gossip_keys=list(replicated.fsm.gossip_keys),
+            # Only nodes gossip: a client identity never holds the keyring.
+            gossip_keys=list(replicated.fsm.gossip_keys) if req.role == "node" else [],
             seeds=seeds,
             revocations=self.revocation_list.to_bytes(),
             # Only a coordinator receives the key that opens the CA key (pki.custody).
@@ -209,7 +211,10 @@ class EnrollService:
         )
         result, _ = await replicated.propose(
             RecordCertificate(
-                ctx.peer.name, format(certificate.serial_number, "x"), certificate.not_valid_after_utc.timestamp()
+                ctx.peer.name,
+                format(certificate.serial_number, "x"),
+                certificate.not_valid_after_utc.timestamp(),
+                public_key=_public_key_der(certificate),
             )
         )
         if isinstance(result, Rejected):
@@ -218,3 +223,10 @@ class EnrollService:
 
     async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
         return self.revocation_list.to_bytes()
+
+
+def _public_key_der(certificate) -> bytes:
+    """What gossip checks this node's signed claims against (gossip/claims.py)."""
+    return certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )

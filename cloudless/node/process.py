@@ -65,6 +65,7 @@ from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validat
 from cloudless.node.device import ARCH_LABEL, CLASS_LABEL, DeviceProfile, detect
 from cloudless.node.enroll import enroll
 from cloudless.node.enroll_service import EnrollService, RenewReply, RenewRequest, node_certificate_lifetime
+from cloudless.node.gossip_identity import GossipIdentity, decode_reply, install_keyring, keys_reply, public_key_der
 from cloudless.node.membership import Membership
 from cloudless.node.replicated import ReplicatedState
 from cloudless.node.workloads import Workloads
@@ -304,6 +305,11 @@ class Node:
             self.chunks = LocalChunkStore(self.data.root / "blobs" / "store")
             opened.callback(self.chunks.close)
             self.s3_endpoint = "https://" + format_address(options.s3_listen) if options.s3_listen else ""
+            # A member's alive/leave is signed with its node key and checked against
+            # the keys Raft recorded for it: the shared keyring alone forges nothing.
+            self.gossip_identity = GossipIdentity(
+                self.cluster_id, self._current_credentials, lambda: self.replicated.fsm, self._in_raft
+            )
             self.gossip = self._build_gossip()
             self.membership = Membership(self.node_id, self.cluster_id, self.replicated, self.gossip, self.metadata)
             self.coordinator = Coordinator(
@@ -354,6 +360,7 @@ class Node:
                 ca_kek=lambda: load_kek(self.data.root),
             ).register(self.enroll_server, self.server)
             self.server.unary("gossip.stream")(self._serve_gossip_stream)
+            self.server.unary("gossip.keys")(self._serve_gossip_keys)
             self.replicated.change_listeners.append(self._on_state_change)
             self.gossip.add_listener(self._on_member_event)
             self._refresh_revocations()
@@ -372,6 +379,7 @@ class Node:
             now=trio.current_time(),
             config=GossipConfig(),
             meta=self.metadata(),
+            claims=self.gossip_identity.claims(),
         )
         return GossipDriver(core, self.endpoint, PacketSealer(Keyring(keys[0], keys[1:])), self._gossip_exchange)
 
@@ -517,6 +525,33 @@ class Node:
     async def _gossip_exchange(self, addr: str, request: bytes) -> bytes:
         return await self.rpc.call(parse_address(addr), "gossip.stream", request, timeout=5.0)
 
+    def _current_credentials(self) -> Credentials:
+        return self.credentials
+
+    def _in_raft(self) -> bool:
+        conf = self.replicated.core.conf_state
+        return self.node_id in conf.voters or self.node_id in conf.learners
+
+    async def _serve_gossip_keys(self, ctx, body: bytes) -> bytes:
+        if ctx.peer.kind != "node":
+            raise CloudlessError("gossip keys are for nodes")
+        return msgspec.msgpack.encode(keys_reply(self.replicated.fsm, ctx.peer.name))
+
+    async def _sync_gossip_keys(self, address: tuple[str, int]) -> None:
+        """A node outside Raft fetches the keyring and members' keys with the revocations."""
+        try:
+            reply = decode_reply(await self.rpc.call(address, "gossip.keys", b"", timeout=3.0))
+        except (CloudlessError, msgspec.DecodeError) as exc:
+            log.debug("node.gossip_keys_sync_failed", extra={"fields": {"error": str(exc)}})
+            return
+        self.gossip_identity.install_synced(reply)
+        self._install_gossip_keys(reply.keyring)
+
+    def _install_gossip_keys(self, keys: list[bytes]) -> None:
+        if install_keyring(self.gossip.sealer.keyring, keys):
+            write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(keys))
+            log.info("node.gossip_keyring_installed", extra={"fields": {"keys": len(keys)}})
+
     async def _serve_gossip_stream(self, ctx, body: bytes) -> bytes:
         if ctx.peer.kind != "node":
             raise CloudlessError("gossip streams are for nodes")
@@ -537,10 +572,10 @@ class Node:
                 write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(known))
         if kinds & {"revocation", "node", "snapshot"}:
             self._refresh_revocations()
-        if "gossip_keys" in kinds:
+        if kinds & {"gossip_keys", "snapshot"}:
             keys = self.replicated.fsm.gossip_keys
             if keys:
-                write_atomic(self.data.root / GOSSIP_KEYS_FILE, msgspec.msgpack.encode(keys))
+                self._install_gossip_keys(list(keys))  # the running keyring, and its copy in the data dir
 
     def _refresh_revocations(self) -> None:
         replicated = self.replicated
@@ -582,6 +617,7 @@ class Node:
                 self.revocations.install(fresh)
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
                 self._revocations_changed.set()
+            await self._sync_gossip_keys(address)
 
     async def _renewal_loop(self) -> None:
         while True:
@@ -615,6 +651,8 @@ class Node:
         for carrier in (self.tls, self.quic):
             carrier.update_credentials(fresh)
         self.events.record("node.certificate_renewed", self.node_id, f"serial {fresh.serial:x}")
+        # Re-sign our gossip claims with the new key (a metadata version bump).
+        await self.gossip.update_metadata(self.metadata())
 
     async def _metadata_loop(self) -> None:
         last = None
@@ -686,6 +724,7 @@ class Node:
             zone=self.options.zone,
             labels=dict(self.options.labels),
             trusted=True,  # the bootstrap node: it made the CA
+            public_key=public_key_der(credentials),
         )
 
     def signing_ca(self) -> ClusterCA:

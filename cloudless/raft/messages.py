@@ -12,7 +12,7 @@ Node ids are `str`. Every message carries `frm`, `to` and the sender's
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -229,19 +229,19 @@ class ReadIndexResponse(msgspec.Struct, frozen=True, tag="read_index_resp"):
     reject: bool = False
 
 
-Message = Union[
-    AppendEntries,
-    AppendResponse,
-    RequestVote,
-    VoteResponse,
-    Heartbeat,
-    HeartbeatResponse,
-    InstallSnapshot,
-    SnapshotResponse,
-    TimeoutNow,
-    ReadIndexRequest,
-    ReadIndexResponse,
-]
+Message = (
+    AppendEntries
+    | AppendResponse
+    | RequestVote
+    | VoteResponse
+    | Heartbeat
+    | HeartbeatResponse
+    | InstallSnapshot
+    | SnapshotResponse
+    | TimeoutNow
+    | ReadIndexRequest
+    | ReadIndexResponse
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)

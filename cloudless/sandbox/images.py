@@ -609,7 +609,7 @@ class ImageStore:
             )
         known = self._load().diff_ids
         layers = []
-        for i, (desc, diff_id) in enumerate(zip(manifest.layers, diff_ids)):
+        for i, (desc, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True)):
             self._verify_layer(txn, i, desc, diff_id, known.get(desc.digest), progress)
             layers.append(LayerRecord(desc.digest, desc.media_type, desc.size, diff_id))
         rec = ImageRecord(

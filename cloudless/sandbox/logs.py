@@ -221,7 +221,7 @@ async def follow(log_dir: str, since_offset: int = 0, poll_interval: float = 0.0
         for o, t, s, x in records:
             yield LogRecord(offset=o, ts=t, stream=s, text=x)
         if not records:
-            if not os.path.isdir(log_dir):
+            if not await trio.Path(log_dir).is_dir():  # the container was deleted
                 return
             await trio.sleep(poll_interval)
 
@@ -237,7 +237,7 @@ def _memory_cgroup_dir(pid: int) -> str | None:
     except OSError:
         return None
     for line in lines:
-        hid, controllers, path = line.split(":", 2)
+        _hierarchy, controllers, path = line.split(":", 2)
         if "memory" in controllers.split(","):
             return "/sys/fs/cgroup/memory" + path
     for line in lines:
@@ -311,7 +311,7 @@ def _parse_shim_args(argv: list[str]) -> dict[str, str]:
     if len(argv) % 2:
         raise SystemExit("shim: options come in --name value pairs")
     opts = {}
-    for flag, value in zip(argv[::2], argv[1::2]):
+    for flag, value in zip(argv[::2], argv[1::2], strict=True):
         name = flag[2:]
         if not flag.startswith("--") or name not in SHIM_OPTIONS:
             raise SystemExit(f"shim: unknown option {flag}")
@@ -549,7 +549,7 @@ def _shim_main(argv: list[str]) -> int:
             if got == pid:
                 status = st
                 break
-    for fd, (stream, splitter) in splitters.items():
+    for stream, splitter in splitters.values():
         for line in splitter.flush():
             record(time.time(), stream, line)
     writer.close()

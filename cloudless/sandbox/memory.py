@@ -58,6 +58,7 @@ class _Container:
     exited: trio.Event = field(default_factory=trio.Event)
     logs: list[LogRecord] = field(default_factory=list)
     log_offset: int = 0
+    log_appended: trio.Event = field(default_factory=trio.Event)  # replaced after each set
     health: deque = field(default_factory=deque)
     health_default: bool = True
     start_count: int = 0
@@ -91,6 +92,8 @@ class MemoryRuntime:
         c = self._get(container_id)
         c.logs.append(LogRecord(offset=c.log_offset, ts=trio.current_time(), stream=stream, text=text))
         c.log_offset += len(text) + 1
+        c.log_appended.set()
+        c.log_appended = trio.Event()
 
     def start_count(self, container_id: str) -> int:
         return self._get(container_id).start_count
@@ -244,13 +247,14 @@ class MemoryRuntime:
     async def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]:
         offset = since_offset
         while True:
+            appended = self._get(container_id).log_appended  # taken before reading: no line slips between
             records = await self.read_logs(container_id, offset)
             for r in records:
                 yield r
             if records:
                 offset = records[-1].offset + 1
             else:
-                await trio.sleep(0.05)
+                await appended.wait()
 
     async def sweep(self) -> list[str]:
         await trio.lowlevel.checkpoint()

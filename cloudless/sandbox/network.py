@@ -106,6 +106,17 @@ class AddressPool:
         self.taken.discard(addr)
 
 
+def _link_exists(name: str) -> bool:
+    return os.path.exists(f"/sys/class/net/{name}")
+
+
+def _kernel_listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
 def _sysctl_write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
@@ -210,8 +221,7 @@ class BridgeNetwork:
         c = self.config
         net = ipaddress.ip_network(c.subnet)
         gateway = self._pool.gateway
-        exists = os.path.exists(f"/sys/class/net/{c.bridge}")
-        if not exists:
+        if not _link_exists(c.bridge):
             # check=False: another node process on this machine may win the race; the
             # address check below fails loudly if the bridge really is missing.
             await run_command(["ip", "link", "add", c.bridge, "type", "bridge"], timeout=self.timeout, check=False)
@@ -236,7 +246,7 @@ class BridgeNetwork:
         """Remove the bridge and its rules (node decommission, tests)."""
         async with self._lock:
             await self._delete_rules_tagged({self._comment()})
-        if os.path.exists(f"/sys/class/net/{self.config.bridge}"):
+        if _link_exists(self.config.bridge):
             await run_command(["ip", "link", "del", self.config.bridge], timeout=self.timeout)
         self._bridge_ready = False
 
@@ -316,16 +326,16 @@ class BridgeNetwork:
         a = self._attachments.get(container_id)
         if a is None:
             return await self.attach(container_id, ports)
-        if os.path.exists(a.netns_path) and os.path.exists(f"/sys/class/net/{a.host_veth}"):
+        if os.path.exists(a.netns_path) and _link_exists(a.host_veth):
             return a
         await self.ensure_bridge()
         if os.path.exists(a.netns_path):
             await run_command(["ip", "netns", "del", a.netns], timeout=self.timeout, check=False)
-        if os.path.exists(f"/sys/class/net/{a.host_veth}"):
+        if _link_exists(a.host_veth):
             await run_command(["ip", "link", "del", a.host_veth], timeout=self.timeout, check=False)
         # The kernel tears down a deleted namespace's links asynchronously; the name must be free.
         with trio.move_on_after(self.timeout):
-            while os.path.exists(f"/sys/class/net/{a.host_veth}"):
+            while _link_exists(a.host_veth):
                 await trio.sleep(0.02)
         async with self._lock:
             await self._delete_rules_tagged({self._comment(container_id)})
@@ -345,7 +355,7 @@ class BridgeNetwork:
         veth = a.host_veth if a else self.veth_name(container_id)
         # The veth first: deleting it is synchronous (and takes the peer along), whereas a
         # deleted namespace's links go away later, which would block reusing the name.
-        if os.path.exists(f"/sys/class/net/{veth}"):
+        if _link_exists(veth):
             await run_command(["ip", "link", "del", veth], timeout=self.timeout, check=False)
         if os.path.exists(f"{NETNS_DIR}/{netns}"):
             await run_command(["ip", "netns", "del", netns], timeout=self.timeout, check=False)
@@ -365,10 +375,9 @@ class BridgeNetwork:
         """
         gone: set[str] = {cid for cid in self._attachments if cid not in keep}
         prefix = f"{self.config.tag}-"
-        if os.path.isdir(NETNS_DIR):
-            for name in os.listdir(NETNS_DIR):
-                if name.startswith(prefix) and name[len(prefix) :] not in keep:
-                    gone.add(name[len(prefix) :])
+        for name in _kernel_listdir(NETNS_DIR):
+            if name.startswith(prefix) and name[len(prefix) :] not in keep:
+                gone.add(name[len(prefix) :])
         for tagged in await self._tagged_comments():
             if tagged.startswith(f"{self.config.tag}:") and tagged.split(":", 1)[1] not in keep:
                 gone.add(tagged.split(":", 1)[1])
@@ -376,11 +385,9 @@ class BridgeNetwork:
             await self.detach(cid, sweep_rules=True)
         # Host veths on our bridge that belong to nobody we keep.
         kept_veths = {self.veth_name(cid) for cid in keep}
-        brif = Path(f"/sys/class/net/{self.config.bridge}/brif")
-        if brif.is_dir():
-            for veth in os.listdir(brif):
-                if veth.startswith(self.config.veth_prefix) and veth not in kept_veths:
-                    await run_command(["ip", "link", "del", veth], timeout=self.timeout, check=False)
+        for veth in _kernel_listdir(f"/sys/class/net/{self.config.bridge}/brif"):
+            if veth.startswith(self.config.veth_prefix) and veth not in kept_veths:
+                await run_command(["ip", "link", "del", veth], timeout=self.timeout, check=False)
         if gone:
             log.info("sandbox.network_swept", extra={"fields": {"ids": sorted(gone)}})
         return sorted(gone)

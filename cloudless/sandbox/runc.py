@@ -224,7 +224,7 @@ class RuncRuntime:
         try:
             write_atomic(cdir / "spec.json", msgspec.json.encode(spec))
             (cdir / "logs").mkdir()  # exists from now on, so follow_logs can wait for the first start
-            if not os.path.isdir(spec.rootfs):
+            if not await trio.Path(spec.rootfs).is_dir():
                 raise SandboxError(f"rootfs {spec.rootfs} is not a directory", id=spec.id)
             ip = None
             if spec.network == "bridge":

@@ -384,7 +384,7 @@ class _Extractor:
         name = base[len(WHITEOUT_PREFIX) :]
         if name in ("", ".", "..") or name.startswith(WHITEOUT_PREFIX):
             raise UnsafeLayer(f"invalid whiteout entry {m.name!r}", entry=m.name)
-        hidden = parent + (name,)
+        hidden = (*parent, name)
         hidden_path = self._path(hidden)
         if self.mode == "apply":
             if hidden not in self.touched:
@@ -404,7 +404,7 @@ class _Extractor:
     def _clear_lower(self, parts: tuple[str, ...]) -> None:
         path = self._path(parts)
         for name in os.listdir(path):
-            child = parts + (name,)
+            child = (*parts, name)
             child_path = self._path(child)
             if child in self.touched:
                 if os.path.isdir(child_path) and not os.path.islink(child_path):

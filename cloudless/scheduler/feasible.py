@@ -182,7 +182,7 @@ class Usage:
         self.spread_values = spread_values
         self.value_counts: list[dict[str | None, int]] = [{} for _ in spread_values]
         for i, n in node_counts.items():
-            for values, counts in zip(spread_values, self.value_counts):
+            for values, counts in zip(spread_values, self.value_counts, strict=True):
                 v = values[i]
                 counts[v] = counts.get(v, 0) + n
 
@@ -222,7 +222,7 @@ class Usage:
             port, proto = self.host_ports[0]
             self.port_taken[i] = f"port {port}/{proto} in use"
         self.node_counts[i] = self.node_counts.get(i, 0) + 1
-        for values, counts in zip(self.spread_values, self.value_counts):
+        for values, counts in zip(self.spread_values, self.value_counts, strict=True):
             v = values[i]
             counts[v] = counts.get(v, 0) + 1
 

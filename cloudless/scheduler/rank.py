@@ -288,7 +288,7 @@ class Scoring:
         w_rel, w_cost, rel, cost = self.w_rel, self.w_cost, self.reliability, self.cost
         base = view.memo(
             ("base", w_rel, w_cost, self.cost_label),
-            lambda: tuple(w_rel * r + w_cost * c for r, c in zip(rel, cost)),
+            lambda: tuple(w_rel * r + w_cost * c for r, c in zip(rel, cost, strict=True)),
         )
         cap_cpu, cap_mem = view.cap_cpu_f, view.cap_mem_f
         nc, nm, wu = self.cpu_need_f, self.mem_need_f, self.w_util
@@ -299,19 +299,19 @@ class Scoring:
         if self.affinities or self.anti_penalty:
             st = [base[i] for i in fit]
             for values, matching, coef in self.affinities:
-                st = [s + coef if values[i] in matching else s for s, i in zip(st, fit)]
+                st = [s + coef if values[i] in matching else s for s, i in zip(st, fit, strict=True)]
             if self.anti_penalty:
                 penalty = self.anti_penalty
-                st = [s + penalty.get(i, 0.0) for s, i in zip(st, fit)]
+                st = [s + penalty.get(i, 0.0) for s, i in zip(st, fit, strict=True)]
             if self.binpack:
                 xs = [
                     s + wu * (((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
-                    for s, i in zip(st, fit)
+                    for s, i in zip(st, fit, strict=True)
                 ]
             else:
                 xs = [
                     s + wu * (1.0 - ((used_cpu[i] + nc) / cap_cpu[i] + (used_mem[i] + nm) / cap_mem[i]) * 0.5)
-                    for s, i in zip(st, fit)
+                    for s, i in zip(st, fit, strict=True)
                 ]
         elif self.binpack:
             xs = [
@@ -324,14 +324,14 @@ class Scoring:
             ]
         k, a, b, m = self.k, tie.a, tie.b, tie.mask
         if not self.node_spreads:
-            return [(-int(x * k), (i * a + b) & m, i) for x, i in zip(xs, fit)]
+            return [(-int(x * k), (i * a + b) & m, i) for x, i in zip(xs, fit, strict=True)]
         term = self.node_spreads[0]  # spread attributes are unique: at most one per-node spread
         coef = term.coef
         if term.targets:
             values, score = term.values, term.score
             return [
                 (-int((x + coef * score(values[i], node_counts.get(i, 0))) * k), (i * a + b) & m, i)
-                for x, i in zip(xs, fit)
+                for x, i in zip(xs, fit, strict=True)
             ]
         target = term.default_target
         empty = coef * spread_score(target, 0)
@@ -341,12 +341,12 @@ class Scoring:
                 (i * a + b) & m,
                 i,
             )
-            for x, i in zip(xs, fit)
+            for x, i in zip(xs, fit, strict=True)
         ]
 
     def group_part(self, key: tuple[str | None, ...], counts: Sequence[dict[str | None, int]]) -> int:
         x = 0.0
-        for term, value, per_value in zip(self.group_spreads, key, counts):
+        for term, value, per_value in zip(self.group_spreads, key, counts, strict=True):
             x += term.coef * term.score(value, per_value.get(value, 0))
         return int(x * self.k)
 
@@ -368,7 +368,7 @@ class Scoring:
         if self.affinities:
             matched = sum(
                 unit
-                for (values, matching, _), unit in zip(self.affinities, self.affinity_units)
+                for (values, matching, _), unit in zip(self.affinities, self.affinity_units, strict=True)
                 if values[i] in matching
             )
             out["locality"] = round(matched / self.locality_denominator, 4)
@@ -378,7 +378,7 @@ class Scoring:
             total = 0.0
             for term in self.node_spreads:
                 total += term.weight * term.score(term.values[i], count)
-            for term, per_value in zip(self.group_spreads, counts):
+            for term, per_value in zip(self.group_spreads, counts, strict=True):
                 value = term.values[i]
                 total += term.weight * term.score(value, per_value.get(value, 0))
             out["spread"] = round(total / (self.spread_denominator * RULE_UNIT), 4)

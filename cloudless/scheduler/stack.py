@@ -222,8 +222,8 @@ def _place_incremental(run: _Run, replicas: list[int]) -> tuple[list[Placement],
     entries_flat = scoring.entries(fit, used_cpu, used_mem, node_counts, tie)
     entries: dict[tuple, list[tuple[int, int, int]]] = {}  # type: ignore[type-arg]
     if grouped:
-        keys = zip(*[[term.values[i] for i in fit] for term in scoring.group_spreads])
-        for key, entry in zip(keys, entries_flat):
+        keys = zip(*[[term.values[i] for i in fit] for term in scoring.group_spreads], strict=True)
+        for key, entry in zip(keys, entries_flat, strict=True):
             group = entries.get(key)
             if group is None:
                 entries[key] = [entry]
@@ -340,12 +340,12 @@ def plan_stop(
     for i in index_of:
         if i is None:
             continue
-        for term, per_value in zip(spreads, counts):
+        for term, per_value in zip(spreads, counts, strict=True):
             v = term.values[i]
             per_value[v] = per_value.get(v, 0) + 1
 
     fixed: list[tuple[int, float, str]] = []  # (tier, suitability, reason) per allocation
-    for a, i in zip(live, index_of):
+    for a, i in zip(live, index_of, strict=True):
         if i is None:
             fixed.append((5, 0.0, "node is gone"))
             continue
@@ -371,7 +371,7 @@ def plan_stop(
         if i is None:
             return 0.0, ""
         worst, why = 0.0, ""
-        for term, per_value in zip(spreads, counts):
+        for term, per_value in zip(spreads, counts, strict=True):
             v = term.values[i]
             over = (per_value.get(v, 0) - term.target(v)) * term.weight
             if over > worst:
@@ -403,7 +403,7 @@ def plan_stop(
         chosen.append(StopChoice(allocation=a.id, node=a.node, replica=a.replica, reason=reason))
         i = index_of[k]
         if i is not None:
-            for term, per_value in zip(spreads, counts):
+            for term, per_value in zip(spreads, counts, strict=True):
                 per_value[term.values[i]] -= 1
     return chosen
 

@@ -19,7 +19,7 @@ while sharing the node indexes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from itertools import compress
+from itertools import compress, pairwise
 from operator import attrgetter
 from typing import Literal
 
@@ -141,7 +141,7 @@ class ClusterView:
 
     def __init__(self, nodes: Iterable[NodeInfo], allocations: Iterable[Allocation] = ()) -> None:
         ordered = sorted(nodes, key=lambda node: node.node_id)
-        for a, b in zip(ordered, ordered[1:]):
+        for a, b in pairwise(ordered):
             if a.node_id == b.node_id:
                 raise InvalidView(f"node {a.node_id!r} appears twice in the view", node=a.node_id)
         self.nodes: tuple[NodeInfo, ...] = tuple(ordered)
@@ -282,8 +282,8 @@ class ClusterView:
         """(free cpu, free memory) per node; computed once (the snapshot is immutable once built)."""
         if self._free is None:
             self._free = (
-                tuple(c - u for c, u in zip(self.cap_cpu, self.used_cpu)),
-                tuple(c - u for c, u in zip(self.cap_mem, self.used_mem)),
+                tuple(c - u for c, u in zip(self.cap_cpu, self.used_cpu, strict=True)),
+                tuple(c - u for c, u in zip(self.cap_mem, self.used_mem, strict=True)),
             )
         return self._free
 

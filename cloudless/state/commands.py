@@ -9,7 +9,7 @@ instead of reading one at apply time.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Union
+from typing import Annotated
 
 import msgspec
 
@@ -27,6 +27,9 @@ Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 # Certificate serials are up to 159 bits: carried as lowercase hex (msgpack
 # integers stop at 64 bits).
 Serial = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{1,40}$")]
+# A node certificate's public key (DER SubjectPublicKeyInfo, P-256: 91 bytes):
+# gossip checks a member's signed claims about itself against it.
+PublicKey = Annotated[bytes, msgspec.Meta(max_length=256)]
 Labels = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
     msgspec.Meta(max_length=64),
@@ -81,6 +84,7 @@ class RegisterNode(Command, tag="node.register"):
     zone: Annotated[str, msgspec.Meta(max_length=63)] = ""
     labels: Labels = {}
     trusted: bool = False  # enrolled with a coordinator-trust token (or the bootstrap node)
+    public_key: PublicKey = b""  # of this certificate; b"" from leaders before signed gossip
 
 
 class RemoveNode(Command, tag="node.remove"):
@@ -95,6 +99,7 @@ class RecordCertificate(Command, tag="cert.record"):
     node_id: Name
     serial: Serial
     not_after: float
+    public_key: PublicKey = b""  # of the renewed certificate (renewal makes a new key)
 
 
 class RevokeCertificate(Command, tag="cert.revoke"):
@@ -114,7 +119,11 @@ class StoreClusterCA(Command, tag="ca.store"):
 
 
 class SetGossipKeyring(Command, tag="gossip.keyring"):
-    """The AES-256-GCM keys gossip packets are sealed with; the first is primary."""
+    """The AES-256-GCM keys gossip packets are sealed with; the first is primary.
+
+    Rotation (after a node is removed): the leader proposes [new, old] (every
+    member seals with the new key, still opens the old), then [new] once
+    GOSSIP_KEY_OVERLAP has passed (coordinator)."""
 
     keys: Annotated[
         list[Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]], msgspec.Meta(min_length=1, max_length=8)
@@ -218,28 +227,28 @@ class BlobCatalogCommand(Command, tag="blob.catalog"):
     command: bytes
 
 
-CommandUnion = Union[
-    PutVar,
-    CasVar,
-    DeleteVar,
-    CreateToken,
-    ConsumeToken,
-    DeleteToken,
-    RecordClientCertificate,
-    RemoveClient,
-    RegisterNode,
-    RemoveNode,
-    RecordCertificate,
-    RevokeCertificate,
-    StoreClusterCA,
-    SetGossipKeyring,
-    SubmitWorkload,
-    ScaleWorkload,
-    StopWorkload,
-    ReportAllocations,
-    CommitPlan,
-    BlobCatalogCommand,
-]
+CommandUnion = (
+    PutVar
+    | CasVar
+    | DeleteVar
+    | CreateToken
+    | ConsumeToken
+    | DeleteToken
+    | RecordClientCertificate
+    | RemoveClient
+    | RegisterNode
+    | RemoveNode
+    | RecordCertificate
+    | RevokeCertificate
+    | StoreClusterCA
+    | SetGossipKeyring
+    | SubmitWorkload
+    | ScaleWorkload
+    | StopWorkload
+    | ReportAllocations
+    | CommitPlan
+    | BlobCatalogCommand
+)
 
 
 class Proposal(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -302,7 +311,7 @@ class BlobResult(Result, tag="blob"):
     value: bytes
 
 
-ResultUnion = Union[VarResult, Deleted, Done, Rejected, BlobResult]
+ResultUnion = VarResult | Deleted | Done | Rejected | BlobResult
 
 _proposal_encoder = msgspec.msgpack.Encoder()
 _proposal_decoder = msgspec.msgpack.Decoder(Proposal)

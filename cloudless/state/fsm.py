@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 import msgspec
 import zstandard
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from cloudless.blobs.catalog import Catalog, MemoryKV
 from cloudless.blobs.commands import decode_command as decode_blob_command
@@ -84,6 +86,8 @@ class NodeRecord(msgspec.Struct):
     registered_index: int
     certificates: dict[str, float]  # serial (hex) -> not_after
     trusted: bool = False  # may coordinate: become a voter, hold the CA key
+    # serial (hex) -> the certificate's public key (DER), for gossip's signed claims
+    public_keys: dict[str, bytes] = {}
 
 
 class ClientRecord(msgspec.Struct):
@@ -161,6 +165,8 @@ class _Image(msgspec.Struct):
     blobs: bytes = b""  # Catalog.export(); empty in images from before blob storage
     clients: dict[str, ClientRecord] = {}
     retired: dict[str, float] = {}
+    gossip_rekey: bool = False
+    gossip_keys_at: float = 0.0
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -182,6 +188,10 @@ class StateMachine:
         self.retired: dict[str, float] = {}
         self.ca: ClusterCARecord | None = None
         self.gossip_keys: list[bytes] = []
+        # A node was removed since the gossip key last changed: the leader
+        # rotates it (coordinator), so a removed node's copy stops working.
+        self.gossip_rekey = False
+        self.gossip_keys_at = 0.0  # proposer's clock when the keyring last changed
         self.workloads: dict[str, WorkloadRecord] = {}
         self.allocations: dict[str, AllocationRecord] = {}
         self._by_node: dict[str, set[str]] = {}
@@ -306,6 +316,8 @@ class StateMachine:
             self._changes.append(Change(index, "token", cmd.token_id))
             return Done(index=index)
         if isinstance(cmd, RegisterNode):
+            if cmd.public_key and not _is_p256_key(cmd.public_key):
+                return Rejected(kind="invalid", message="public_key is not a P-256 public key")
             record = self.nodes.get(cmd.node_id)
             if record is None and self.retired.get(f"node/{cmd.node_id}", 0.0) > now:
                 return Rejected(kind="conflict", message=f"node name {cmd.node_id} was removed and is not reusable yet")
@@ -318,6 +330,8 @@ class StateMachine:
                 record.address, record.region, record.zone = cmd.address, cmd.region, cmd.zone
                 record.labels = dict(cmd.labels)
             record.certificates[cmd.certificate_serial] = cmd.certificate_not_after
+            if cmd.public_key:
+                record.public_keys[cmd.certificate_serial] = cmd.public_key
             self._prune_certificates(record, now)
             self._changes.append(Change(index, "node", cmd.node_id))
             return Done(index=index)
@@ -325,7 +339,11 @@ class StateMachine:
             record = self.nodes.get(cmd.node_id)
             if record is None:
                 return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
+            if cmd.public_key and not _is_p256_key(cmd.public_key):
+                return Rejected(kind="invalid", message="public_key is not a P-256 public key")
             record.certificates[cmd.serial] = cmd.not_after
+            if cmd.public_key:
+                record.public_keys[cmd.serial] = cmd.public_key
             self._prune_certificates(record, now)
             self._changes.append(Change(index, "node", cmd.node_id))
             return Done(index=index)
@@ -334,6 +352,8 @@ class StateMachine:
             if record is None:
                 return Rejected(kind="not_found", message=f"no node {cmd.node_id}")
             self._retire(f"node/{cmd.node_id}", record.certificates, now)
+            if self.gossip_keys:
+                self.gossip_rekey = True
             self._changes.append(Change(index, "node", cmd.node_id))
             self._changes.append(Change(index, "revocation", cmd.node_id))
             return Done(index=index)
@@ -349,6 +369,10 @@ class StateMachine:
             self._changes.append(Change(index, "ca", cmd.cluster_id))
             return Done(index=index)
         if isinstance(cmd, SetGossipKeyring):
+            if cmd.keys[0] not in self.gossip_keys:
+                self.gossip_rekey = False  # a new primary: whoever was removed does not hold it
+            if list(cmd.keys) != self.gossip_keys:
+                self.gossip_keys_at = now
             self.gossip_keys = list(cmd.keys)
             self._changes.append(Change(index, "gossip_keys", ""))
             return Done(index=index)
@@ -536,6 +560,8 @@ class StateMachine:
     def _prune_certificates(record: NodeRecord, now: float) -> None:
         for serial in [s for s, na in record.certificates.items() if na <= now]:
             del record.certificates[serial]
+        for serial in [s for s in record.public_keys if s not in record.certificates]:
+            del record.public_keys[serial]
 
     def _retire(self, identity: str, certificates: dict[str, float], now: float) -> None:
         """Revoke an identity's live certificates and keep its name unusable until the last one expires."""
@@ -562,6 +588,17 @@ class StateMachine:
     def list_vars(self, prefix: str = "") -> list[tuple[str, Var]]:
         return sorted((k, v) for k, v in self.vars.items() if k.startswith(prefix))
 
+    def node_public_keys(self, node_id: str) -> list[bytes] | None:
+        """DER public keys of a node's live, unrevoked certificates, for
+        gossip's signed claims: None if the name was never registered here,
+        [] if it was removed (nothing it says verifies)."""
+        record = self.nodes.get(node_id)
+        if record is None:
+            return [] if f"node/{node_id}" in self.retired else None
+        if not record.public_keys:
+            return None  # registered before keys were recorded: its renewal records one
+        return [k for serial, k in record.public_keys.items() if serial not in self.revoked]
+
     def take_changes(self) -> list[Change]:
         changes, self._changes = self._changes, []
         return changes
@@ -584,6 +621,8 @@ class StateMachine:
             blobs=self.catalog.export(),
             clients=self.clients,
             retired=self.retired,
+            gossip_rekey=self.gossip_rekey,
+            gossip_keys_at=self.gossip_keys_at,
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -612,6 +651,8 @@ class StateMachine:
         self.ca = image.ca
         self._sessions = OrderedDict(image.sessions)
         self.gossip_keys = list(image.gossip_keys)
+        self.gossip_rekey = image.gossip_rekey
+        self.gossip_keys_at = image.gossip_keys_at
         self.workloads = dict(image.workloads)
         self.allocations = dict(image.allocations)
         self._by_node = {}
@@ -619,6 +660,14 @@ class StateMachine:
             self._by_node.setdefault(rec.allocation.node, set()).add(alloc_id)
         self.catalog = Catalog.restore(image.blobs) if image.blobs else Catalog(MemoryKV())
         self._changes = []
+
+
+def _is_p256_key(der: bytes) -> bool:
+    try:
+        key = load_der_public_key(der)
+    except ValueError:
+        return False
+    return isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
 
 
 def apply_all(fsm: StateMachine, entries: Iterable[tuple[int, bytes]]) -> list[Result]:

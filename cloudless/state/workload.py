@@ -14,6 +14,7 @@ health check, update strategy arithmetic).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, Literal, get_args
@@ -21,6 +22,7 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 import yaml
 
+from cloudless.duration import InvalidDuration, parse_duration
 from cloudless.errors import InvalidInput
 from cloudless.sandbox.reference import InvalidReference, parse_reference
 
@@ -464,10 +466,66 @@ def _yaml_resources(doc: dict[str, Any]) -> None:
         res["memory_bytes"] = parse_memory(str(res.pop("memory")), field="resources.memory")
 
 
+@functools.cache
+def duration_fields() -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """Section → its duration fields (the `*_s` floats) → (ge, le) bounds, from the structs themselves."""
+    out: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    info = msgspec.inspect.type_info(WorkloadSpec)
+    assert isinstance(info, msgspec.inspect.StructType)
+    for section in info.fields:
+        t = section.type
+        if isinstance(t, msgspec.inspect.UnionType):  # health_check: HealthCheckSpec | None
+            t = next((u for u in t.types if isinstance(u, msgspec.inspect.StructType)), t)
+        if not isinstance(t, msgspec.inspect.StructType):
+            continue
+        for f in t.fields:
+            if f.name.endswith("_s") and isinstance(f.type, msgspec.inspect.FloatType):
+                out.setdefault(section.name, {})[f.name] = (f.type.ge, f.type.le)
+    return out
+
+
+def _yaml_durations(doc: dict[str, Any]) -> None:
+    """Accept durations in YAML (`10s`, `1h30m`, or seconds), under the field's
+    name (`interval_s: 10s`) or without its `_s` (`interval: 10s`)."""
+    for section, fields in duration_fields().items():
+        body = doc.get(section)
+        if not isinstance(body, dict):
+            continue
+        for name, (ge, le) in fields.items():
+            given = name
+            alias = name[:-2]
+            if alias in body:
+                if name in body:
+                    raise _fail(f"{section}.{alias}", f"give {alias} or {name}, not both")
+                body[name] = body.pop(alias)
+                given = alias
+            value = body.get(name)
+            if isinstance(value, (str, int, float)):
+                try:
+                    body[name] = parse_duration(
+                        value,
+                        field=f"{section}.{given}",
+                        minimum=ge if ge is not None else 0.0,
+                        maximum=le if le is not None else 30 * 86400.0,
+                    )
+                except InvalidDuration as exc:
+                    raise InvalidWorkload(exc.message, field=f"{section}.{given}") from None
+
+
+class SpecLoader(yaml.SafeLoader):
+    """YAML 1.1's safe loader, except that a bare `=` (operator: =) is the string
+    "=" rather than the obscure `value` tag no safe loader can construct."""
+
+
+SpecLoader.add_constructor("tag:yaml.org,2002:value", lambda loader, node: loader.construct_scalar(node))
+
+
 def parse_yaml(text: str | bytes) -> WorkloadSpec:
     """One YAML document → a validated spec. Unknown fields are errors that name them."""
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [_join_surrogates(d) for d in yaml.load_all(text, Loader=SpecLoader) if d is not None]
+    except RecursionError:  # PyYAML composes recursively: `[[[[...` thousands deep
+        raise InvalidWorkload("spec: nested too deeply", field="spec") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -478,7 +536,9 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
     doc = docs[0]
     if not isinstance(doc, dict):
         raise InvalidWorkload("spec: expected a mapping of fields", field="spec")
+    doc = _unwrap_inspect(doc)
     _yaml_resources(doc)
+    _yaml_durations(doc)
     if isinstance(doc.get("command"), str):
         raise _fail("command", "must be a list of arguments, e.g. [sh, -c, 'echo hi']")
     _yaml_rule_values(doc)
@@ -490,6 +550,47 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
     except msgspec.ValidationError as exc:
         raise _field_error(exc) from None
     return validate(spec)
+
+
+# The keys beside `spec` in `cloudless inspect -o yaml|json`: apply takes that
+# document back as it is (kubectl's get -o yaml | apply), reading only `spec`.
+INSPECT_KEYS = frozenset({"name", "state", "stable_version", "failed_versions", "allocations", "explanations"})
+
+
+def _unwrap_inspect(doc: dict[Any, Any]) -> dict[Any, Any]:
+    if "spec" not in doc:
+        return doc
+    spec = doc["spec"]
+    if not isinstance(spec, dict):
+        raise InvalidWorkload("spec: expected a mapping of the workload's fields", field="spec")
+    extra = sorted(str(k) for k in set(doc) - INSPECT_KEYS - {"spec"})
+    if extra:
+        raise _fail(
+            extra[0], "unknown field beside spec (a document with spec is read as `cloudless inspect` prints it)"
+        )
+    if "name" in doc and "name" in spec and doc["name"] != spec["name"]:
+        raise _fail("name", f"{doc['name']!r} is not spec.name {spec['name']!r}")
+    return spec
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _join_surrogates(value: Any) -> Any:
+    """JSON escapes a character beyond the BMP as a surrogate pair (\\ud83d\\ude00), which
+    PyYAML keeps as two code points: join them, as a JSON reader would."""
+    if isinstance(value, str):
+        if not _SURROGATE.search(value):
+            return value
+        try:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            raise InvalidWorkload("spec: a string holds an unpaired UTF-16 surrogate", field="spec") from None
+    if isinstance(value, list):
+        return [_join_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_join_surrogates(k): _join_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _yaml_rule_values(doc: dict[str, Any]) -> None:

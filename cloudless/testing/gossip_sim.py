@@ -23,12 +23,14 @@ import random
 import statistics
 from dataclasses import dataclass, field
 
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from cloudless.gossip.claims import SelfClaims, VerificationCache, ecdsa_signer
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.events import MemberDead, MemberJoined, MemberLeft, PushPull, StreamProbe
 from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.members import SUSPECT
-from cloudless.gossip.messages import SEAL_OVERHEAD, Alive, MalformedPacket
-from cloudless.gossip.metadata import EMPTY_METADATA
+from cloudless.gossip.messages import SEAL_OVERHEAD, MalformedPacket
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class SimConfig:
     # Off by default: sealing costs ~70% more simulation CPU and changes no
     # protocol behaviour; byte counts include the 49-byte seal either way.
     seal: bool = False
+    # Members sign their alive/leave claims and verify each other's
+    # (gossip/claims.py) with keys derived from the seed; one verification
+    # cache serves every core, so each distinct claim is checked once.
+    signed: bool = False
     warmup: float = 5.0  # faults start after this
     settle: float = 15.0  # and stop this long before the end, so effects can be observed
     gossip: GossipConfig | None = None
@@ -145,13 +151,26 @@ class GossipSimulation:
         self.fp_pairs = 0
         self.partition_active = False
         self._key = bytes(range(32))
+        self._public_keys: dict[str, tuple] = {}
+        self._claims_cache = VerificationCache(size=1 << 20)
 
     # ------------------------------------------------------------- set-up
 
     def _new_core(self, i: int, t: float) -> GossipCore:
         name = f"n{i}"
+        claims = None
+        if self.cfg.signed:
+            # Registered before it gossips, as enrollment registers a node in Raft first.
+            key = ec.derive_private_key(random.Random(f"{self.cfg.seed}/{name}").getrandbits(255) + 1, ec.SECP256R1())
+            self._public_keys[name] = (key.public_key(),)
+            claims = SelfClaims("sim", ecdsa_signer(key), self._public_keys.get, self._claims_cache)
         core = GossipCore(
-            name, f"{name}:7946", rng=random.Random(self.cfg.seed * 1_000_003 + i), now=t, config=self.gcfg
+            name,
+            f"{name}:7946",
+            rng=random.Random(self.cfg.seed * 1_000_003 + i),
+            now=t,
+            config=self.gcfg,
+            claims=claims,
         )
         return core
 
@@ -208,9 +227,9 @@ class GossipSimulation:
     def start(self) -> None:
         """Warm start: every member already knows every other (no join storm)."""
         cfg = self.cfg
-        shared = [Alive(0, f"n{i}", f"n{i}:7946", 0, EMPTY_METADATA) for i in range(cfg.nodes)]
-        for i in range(cfg.nodes):
-            core = self._new_core(i, 0.0)
+        cores = [self._new_core(i, 0.0) for i in range(cfg.nodes)]
+        shared = [core.self_claim() for core in cores]
+        for core in cores:
             core.bootstrap_members(shared, 0.0)
             self._add_node(core, 0.0)
         for i in range(cfg.nodes):

@@ -26,6 +26,16 @@ class TransportError(CloudlessError):
 class ConnectionLost(Unavailable):
     """The connection closed or the peer vanished; pending streams fail with this."""
 
+    @classmethod
+    def from_crash(cls, what: str, exc: BaseException, **context: object) -> ConnectionLost:
+        """A ConnectionLost caused by a background task's unexpected error (a
+        nursery's one-exception group unwrapped), so stream users see why."""
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        error = cls(f"{what} failed: {exc!r}", **context)
+        error.__cause__ = exc
+        return error
+
 
 class StreamReset(TransportError):
     """The peer (or we) aborted the stream; `code` says why (0: cancelled)."""

@@ -207,7 +207,7 @@ class MemoryCarrier:
             listener.incoming.send_nowait(server)
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             raise ConnectionLost(f"{address} is not accepting connections", address=address) from None
-        client.spawn_background()
+        await client.start_detached()
         return client
 
     async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:

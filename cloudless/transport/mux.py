@@ -53,6 +53,7 @@ from typing import Protocol
 
 import trio
 
+from cloudless.transport import hosting
 from cloudless.transport.base import ConnectionLost, PeerIdentity, StreamReset, TransportError
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ class MuxSession:
     """A multiplexed connection over one ByteTransport; implements `base.Connection`.
 
     The owner runs `await session.run()` (in a nursery, or via
-    `spawn_background`) for as long as the session lives.
+    `start_detached`) for as long as the session lives.
     """
 
     def __init__(
@@ -460,7 +461,13 @@ class MuxSession:
     # -- lifecycle --
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the reader, writer and keepalive until the session ends."""
+        """Run the reader, writer and keepalive until the session ends.
+
+        Expected ends (peer gone, protocol error, keepalive timeout) close the
+        session quietly. Anything else is a bug: it fails every stream with
+        a ConnectionLost caused by it, so the owner sees why, and propagates
+        to whoever runs the session.
+        """
         self._started = True
         try:
             with self._cancel_scope:
@@ -469,20 +476,17 @@ class MuxSession:
                     nursery.start_soon(self._guard, self._write_loop)
                     nursery.start_soon(self._guard, self._keepalive_loop)
                     task_status.started()
+        except Exception as exc:
+            self._fail(ConnectionLost.from_crash(f"connection to {self._peer.uri}", exc, peer=self._peer.uri))
+            raise
         finally:
             self._fail(ConnectionLost(f"connection to {self._peer.uri} closed", peer=self._peer.uri))
             await trio.aclose_forcefully(self._transport)  # type: ignore[arg-type]
             self._finished.set()
 
-    def spawn_background(self) -> None:
-        """Run the session in a system task: for connections made outside any nursery."""
-        trio.lowlevel.spawn_system_task(self._run_detached, name=f"mux session {self._peer.uri}")
-
-    async def _run_detached(self) -> None:
-        try:
-            await self.run()
-        except Exception:  # a bug must not crash the whole trio run
-            log.exception("mux.session_crashed", extra={"peer": self._peer.uri})
+    async def start_detached(self) -> None:
+        """Run the session in the run's detached nursery: for connections made outside any nursery."""
+        await hosting.start_detached(self.run, name=f"mux session {self._peer.uri}")
 
     async def _guard(self, loop) -> None:  # type: ignore[no-untyped-def]
         try:
@@ -767,18 +771,21 @@ class MuxSession:
 async def run_session(session: MuxSession, handler: Callable[[MuxSession], Awaitable[None]]) -> None:
     """Run `handler` on an accepted session; close the session when it returns.
 
-    A handler ending in ConnectionLost is the normal end of a connection; any
-    other error is logged and stays with this connection (the listener goes on).
+    A handler ending in ConnectionLost is the normal end of a connection.
+    Any other error, the handler's or the session's own, is logged with its
+    traceback and ends only this connection: one peer's connection must not
+    take down the listener that serves every other peer.
     """
-    async with trio.open_nursery() as nursery:
-        await nursery.start(session.run)
-        try:
-            await handler(session)
-        except Exception as exc:
-            if not _only_connection_lost(exc):
-                log.exception("mux.handler_failed", extra={"peer": session.peer.uri})
-        finally:
-            await session.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(session.run)
+            try:
+                await handler(session)
+            finally:
+                await session.aclose()
+    except Exception as exc:
+        if not _only_connection_lost(exc):
+            log.exception("mux.connection_failed", extra={"peer": session.peer.uri})
 
 
 def _only_connection_lost(exc: BaseException) -> bool:

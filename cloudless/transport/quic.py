@@ -59,6 +59,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudless.pki.errors import InvalidCredentials, PeerRejected
+from cloudless.transport import hosting
 from cloudless.transport.base import ConnectionHandler, ConnectionLost, PeerIdentity, StreamReset, TransportError
 from cloudless.transport.quic_tls_hook import MutualTlsQuicConnection, rejection_from_close
 from cloudless.transport.udp import UdpEndpoint
@@ -180,7 +181,9 @@ def _fresh(error: Exception) -> Exception:
     if isinstance(error, StreamReset):
         return StreamReset(error.message, code=error.code)
     if isinstance(error, ConnectionLost):
-        return ConnectionLost(error.message, **error.context)
+        fresh = ConnectionLost(error.message, **error.context)
+        fresh.__cause__ = error.__cause__  # a crash's cause stays visible to every task
+        return fresh
     if isinstance(error, trio.ClosedResourceError):
         return trio.ClosedResourceError(*error.args)
     return ConnectionLost(f"QUIC connection failed: {error}")
@@ -511,6 +514,10 @@ class QuicPeerConnection:
                     wake_at = min(wake_at, self._next_ping_at)
                 with trio.move_on_at(wake_at):
                     await self._service_waiters.park()
+        except Exception as exc:
+            # A bug: this connection's users see it as the cause; it propagates to the carrier.
+            self._fail(ConnectionLost.from_crash("QUIC connection", exc, remote=self._remote_address))
+            raise
         finally:
             self._fail(ConnectionLost("QUIC connection terminated", remote=self._remote_address))
             self._carrier._forget(self)
@@ -799,13 +806,20 @@ class QuicCarrier:
                 await self._endpoint.wait_bound()
             self._nursery = nursery
             self._endpoint.set_quic_handler(self._on_datagram)
+            reason = ConnectionLost("QUIC carrier shut down")
             try:
                 task_status.started(self._endpoint.local_address)
                 await trio.sleep_forever()
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    # A connection's driver crashed (a bug): it propagates to our owner, and
+                    # every connection fails with it as the cause, so their users see why.
+                    reason = ConnectionLost.from_crash("QUIC carrier", exc)
+                raise
             finally:
                 self._endpoint.set_quic_handler(None)
                 self._nursery = None
-                await self._close_all()
+                await self._close_all(reason)
                 nursery.cancel_scope.cancel()
 
     async def serve(self, handler: ConnectionHandler, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -838,29 +852,19 @@ class QuicCarrier:
         return self
 
     async def _start_detached(self) -> None:
-        """Run the carrier in a system task, for connections made outside any nursery (as the TLS carrier allows).
+        """Run the carrier in the run's detached nursery, for connections made outside any nursery (as the TLS carrier allows).
 
         A node runs its carrier in its own nursery instead; `aclose()` stops a detached one.
         """
         if self._detached_scope is not None or not self._owns_endpoint:
             raise TransportError("QuicCarrier is not running: start it with nursery.start(carrier.run)")
-        ready = trio.Event()
         self._detached_scope = trio.CancelScope()
-        trio.lowlevel.spawn_system_task(self._run_detached, ready, name="quic carrier (detached)")
-        await ready.wait()
-        if self._nursery is None:
-            raise TransportError("QuicCarrier failed to start; see the quic.detached_failed log")
+        await hosting.start_detached(self._run_detached, name="quic carrier (detached)")
 
-    async def _run_detached(self, ready: trio.Event) -> None:
-        try:
-            with self._detached_scope:
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(self.run)
-                    ready.set()
-        except Exception:  # a system task's exception would crash the whole trio run
-            log.exception("quic.detached_failed")
-        finally:
-            ready.set()
+    async def _run_detached(self, *, task_status: trio.TaskStatus[None]) -> None:
+        assert self._detached_scope is not None
+        with self._detached_scope:
+            await self.run(task_status=task_status)
 
     async def aclose(self) -> None:
         """Stop a carrier that `connect` started detached; closes its connections."""
@@ -872,7 +876,7 @@ class QuicCarrier:
         self._context_nursery.cancel_scope.cancel()
         return await self._context_cm.__aexit__(*exc_info)
 
-    async def _close_all(self) -> None:
+    async def _close_all(self, reason: ConnectionLost) -> None:
         """Tell every peer we are going (CONNECTION_CLOSE), briefly, shielded from the cancellation."""
         with trio.CancelScope(shield=True), trio.move_on_after(0.5):
             now = trio.current_time()
@@ -882,7 +886,9 @@ class QuicCarrier:
                     if self._endpoint.is_bound:
                         for data, addr in connection._quic.datagrams_to_send(now):
                             await self._endpoint.send(data, addr)
-                connection._fail(ConnectionLost("QUIC carrier shut down", remote=connection.remote_address))
+                error = ConnectionLost(reason.message, remote=connection.remote_address)
+                error.__cause__ = reason.__cause__
+                connection._fail(error)
 
     # -- connections ----------------------------------------------------------
 

@@ -34,6 +34,7 @@ from typing import Any
 import trio
 
 from cloudless.pki.errors import PeerRejected
+from cloudless.transport import hosting
 from cloudless.transport.base import Connection, ConnectionHandler, ConnectionLost, PeerIdentity
 from cloudless.transport.mux import MuxConfig, MuxSession, run_session
 
@@ -364,52 +365,33 @@ async def open_tcp(address: Address) -> trio.SocketStream:
 
 
 async def run_detached(setup: Callable[[trio.Nursery], Awaitable[MuxSession]], timeout: float, what: str) -> MuxSession:
-    """Set a connection up in a system task that then hosts it for its lifetime.
+    """Set a connection up and host it, for its lifetime, in the run's detached nursery.
 
     `connect` must return a live Connection without a caller-supplied
     nursery, so the session (and, for WebSocket, trio-websocket's reader)
-    runs in a system task; this task waits for the setup's outcome.
+    runs in `hosting.start_detached`'s nursery. A setup failure (or timeout)
+    propagates to this caller; a crash of the running session fails the
+    session's streams with the cause and is logged there (see `hosting`).
     """
-    done = trio.Event()
-    outcome: dict[str, Any] = {}
-    scope = trio.CancelScope()
 
-    async def host() -> None:
-        try:
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    try:
-                        with trio.fail_after(timeout):
-                            session = await setup(nursery)
-                    except BaseException as exc:
-                        outcome["error"] = exc
-                        done.set()
-                        if isinstance(exc, Exception):
-                            return
-                        raise
-                    outcome["session"] = session
-                    done.set()
-                    await session.run()
-                    nursery.cancel_scope.cancel()
-        except Exception:  # never crash the trio run from a system task
-            log.exception("transport.connection_task_failed", extra={"what": what})
-        finally:
-            done.set()
+    async def host(*, task_status: trio.TaskStatus[MuxSession]) -> None:
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                with trio.fail_after(timeout):
+                    session = await setup(nursery)
+            except Exception as exc:  # raised below, outside the nursery, so the caller gets it unwrapped
+                failure = exc
+            else:
+                task_status.started(session)
+                await session.run()
+            nursery.cancel_scope.cancel()  # setup's helpers (trio-websocket's reader) end with the session
+        if isinstance(failure, trio.TooSlowError):
+            raise ConnectionLost(f"handshake with {what} timed out after {timeout} s", timeout=timeout) from failure
+        if failure is not None:
+            raise failure
 
-    trio.lowlevel.spawn_system_task(host, name=f"connection {what}")
-    try:
-        await done.wait()
-    except BaseException:
-        scope.cancel()
-        raise
-    error = outcome.get("error")
-    if isinstance(error, trio.TooSlowError):
-        raise ConnectionLost(f"handshake with {what} timed out after {timeout} s", timeout=timeout)
-    if error is not None:
-        raise error
-    if "session" not in outcome:
-        raise ConnectionLost(f"connection to {what} was cancelled during setup")
-    return outcome["session"]
+    return await hosting.start_detached(host, name=f"connection {what}")
 
 
 def enrollment_context() -> ssl.SSLContext:

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from tests.harness.chaos import ChaosCluster, ProcessSpec, wait_tcp
+from tests.harness.waiting import wait_until
 
 PORT = 7411
 
@@ -25,8 +26,7 @@ def _ready_after(banner: str):
     async def ready(proc) -> None:
         await wait_tcp(proc.host.ip, proc.spec.port, timeout_s=10)
         with trio.fail_after(10):
-            while proc.log_path.read_text().count(banner) < proc.starts:
-                await trio.sleep(0.02)
+            await wait_until(lambda: proc.log_path.read_text().count(banner) >= proc.starts, interval=0.02)
 
     return ready
 

@@ -55,6 +55,7 @@ from cloudless.transport.rpc import RpcClient
 from cloudless.transport.tls import TlsCarrier
 from tests.harness.chaos import ChaosCluster, HostProcess, NotApplied, ProcessSpec, wait_tcp
 from tests.harness.netns import Host
+from tests.harness.waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ async def _node_ready(proc: HostProcess) -> None:
     # Host 0's first start bootstraps: ready once it wrote the admin config.
     # Every node serves TCP (TLS) on its port once enrolled.
     if proc.host.index == 0:
-        while not (proc.data_dir / "admin.yaml").exists():
-            await trio.sleep(0.1)
+        await wait_until(lambda: (proc.data_dir / "admin.yaml").exists(), interval=0.1)
     await wait_tcp(proc.host.ip, proc.spec.port, timeout_s=proc.spec.ready_timeout_s)
 
 

@@ -173,7 +173,9 @@ async def test_template_values_and_extra_flags(tmp_path):
             with trio.fail_after(5):
                 while True:
                     lines = [
-                        l for l in cluster.process(host).log_path.read_text().splitlines() if not l.startswith("===")
+                        line
+                        for line in cluster.process(host).log_path.read_text().splitlines()
+                        if not line.startswith("===")
                     ]
                     if lines:
                         return lines
@@ -246,8 +248,10 @@ def test_sweep_removes_what_a_kill9ed_owner_left_and_spares_live_runs():
         [
             sys.executable,
             "-c",
-            "import sys, time; from tests.harness.netns import NetnsHosts\n"
-            "net = NetnsHosts(2); net.create(); print(net.run_id, flush=True); time.sleep(60)",
+            (
+                "import sys, time; from tests.harness.netns import NetnsHosts\n"
+                "net = NetnsHosts(2); net.create(); print(net.run_id, flush=True); time.sleep(60)"
+            ),
         ],
         stdout=subprocess.PIPE,
         text=True,
@@ -269,7 +273,7 @@ def test_sweep_removes_what_a_kill9ed_owner_left_and_spares_live_runs():
             owner.kill()
             owner.wait()
     record = {p.stem for p in RECORD_DIR.glob("*.json")}
-    assert orphan not in record and not [l for l in list_links() if orphan in l]
+    assert orphan not in record and not [link for link in list_links() if orphan in link]
 
 
 def test_record_is_written_before_any_namespace_exists(monkeypatch):

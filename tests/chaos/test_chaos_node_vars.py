@@ -38,6 +38,7 @@ from tests.harness.chaos import (
     VarsWorkload,
     random_schedule,
 )
+from tests.harness.waiting import wait_until
 
 node_cluster = None
 
@@ -317,9 +318,13 @@ async def test_a_voter_removed_while_isolated_serves_reads_after_healing(tmp_pat
             victim = next(m.host_index(v) for v in status.voters if m.host_index(v) != leader)
             others = [h for h in range(4) if h != victim]
             await cluster.isolate(victim)
+
+            async def victim_removed() -> bool:
+                s = await nodes.any_status(others)
+                return bool(s) and f"host{victim}" not in s.voters + s.learners
+
             with trio.fail_after(30):
-                while not (s := await nodes.any_status(others)) or f"host{victim}" in s.voters + s.learners:
-                    await trio.sleep(0.25)
+                await wait_until(victim_removed, interval=0.25)
             await cluster.heal()
             put = await nodes.rpc.call(
                 (cluster.hosts[leader].ip, m.PORT),

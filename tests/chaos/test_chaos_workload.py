@@ -232,7 +232,7 @@ def test_random_schedule_is_seeded_bounded_and_repairs_every_fault():
     times = [t for t, _ in a]
     assert times == sorted(times)
     faults, repairs = a[0::2], a[1::2]
-    for (_, fault), (_, repair) in zip(faults, repairs):
+    for (_, fault), (_, repair) in zip(faults, repairs, strict=True):  # every fault has its repair
         expected = {Kill9: Restart, Stop: Restart, Pause: Resume}.get(type(fault), Heal)
         assert type(repair) is expected and repair.__dict__.get("target") is None
         assert not isinstance(fault, (Heal, Restart, Resume))

@@ -48,7 +48,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO
 
 import trio
 
@@ -151,6 +151,14 @@ class HostProcess:
             out += [part for part in self._render(template, values).split("\0") if part]
         return out
 
+    def _open_log(self, argv: list[str]) -> BinaryIO:
+        """This host's log, appended to across restarts, with a banner per start
+        (the process writes into it directly; opening a local file does not wait)."""
+        logfile = open(self.log_path, "ab")  # the caller's `with` closes it
+        logfile.write(f"=== start {self.starts}: {' '.join(argv)}\n".encode())
+        logfile.flush()
+        return logfile
+
     async def start(self, **extra: Any) -> None:
         """Start the process (extra template values stick for later restarts)."""
         if self.running:
@@ -162,9 +170,7 @@ class HostProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.starts += 1
-        with open(self.log_path, "ab") as logfile:
-            logfile.write(f"=== start {self.starts}: {' '.join(argv)}\n".encode())
-            logfile.flush()
+        with self._open_log(argv) as logfile:
             self.proc = await trio.lowlevel.open_process(
                 self.cluster.net.exec_argv(self.host, argv),
                 stdin=subprocess.DEVNULL,
@@ -281,7 +287,7 @@ class HostProcess:
 
 # A host: its index, or an async function of the cluster that names one
 # (e.g. the current Raft leader).
-Target = Union[int, Callable[["ChaosCluster"], Awaitable[int]]]
+Target = int | Callable[["ChaosCluster"], Awaitable[int]]
 
 
 async def _resolve(cluster: ChaosCluster, target: Target) -> int:
@@ -360,7 +366,7 @@ class Restart:
             down = [await _resolve(cluster, self.target)]
         for host in down:
             await cluster.restart(host)
-        return f"restart {['host%d' % h for h in down]}"
+        return f"restart {[f'host{h}' for h in down]}"
 
 
 @dataclass(frozen=True)
@@ -399,10 +405,10 @@ class Resume:
             hosts = [await _resolve(cluster, self.target)]
         for host in hosts:
             cluster.process(host).resume()
-        return f"resume {['host%d' % h for h in hosts]}"
+        return f"resume {[f'host{h}' for h in hosts]}"
 
 
-Fault = Union[Partition, Isolate, OneWay, Loss, Heal, Kill9, Restart, Stop, Pause, Resume]
+Fault = Partition | Isolate | OneWay | Loss | Heal | Kill9 | Restart | Stop | Pause | Resume
 _REPAIR = {"kill9": "restart", "stop": "restart", "pause": "resume"}
 Schedule = Sequence[tuple[float, Fault]]
 
@@ -565,7 +571,7 @@ async def run_workload(
         raise InvalidInput("a fault schedule needs the cluster to act on")
     if workload.clients < 1 or not workload.keys:
         raise InvalidInput("a workload needs at least one client and one key")
-    ops, weights = zip(*[(op, w) for op, w in workload.mix.items() if w > 0])
+    ops, weights = zip(*[(op, w) for op, w in workload.mix.items() if w > 0], strict=True)
     for op in ops:
         if op not in ("get", "put", "cas", "rm"):
             raise InvalidInput(f"unknown vars operation {op!r}", op=op)

@@ -16,6 +16,7 @@ from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.members import ALIVE, DEAD, LEFT
 from cloudless.gossip.metadata import Metadata
 from cloudless.transport.udp import UdpEndpoint
+from tests.harness import waiting
 
 N = 24
 KEY = bytes(range(32))
@@ -68,8 +69,7 @@ async def start_member(nursery: trio.Nursery, i: int, registry: dict[str, Member
 async def wait_until(predicate, timeout: float, what: str) -> float:
     start = trio.current_time()
     with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.05)
+        await waiting.wait_until(predicate, interval=0.05)
         return trio.current_time() - start
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 

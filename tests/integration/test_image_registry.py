@@ -73,11 +73,11 @@ async def test_pull_busybox_from_local_registry(registry, tmp_path):
 async def test_missing_tag_repository_and_registry_are_clear_errors_leaving_nothing(registry, tmp_path):
     store = ImageStore(tmp_path / "store")
     async with RegistryClient(store, insecure_registries={registry.host, f"127.0.0.1:{free_port()}"}, timeout=5) as c:
-        with pytest.raises(ManifestNotFound, match="no manifest 9.9"):
+        with pytest.raises(ManifestNotFound, match=r"no manifest 9\.9"):
             await c.pull(f"{registry.host}/team/busybox:9.9")
         with pytest.raises(RepositoryNotFound, match="does not exist"):
             await c.pull(f"{registry.host}/team/absent:1.0")
-        closed = [h for h in c.insecure if h != registry.host][0]
+        closed = next(h for h in c.insecure if h != registry.host)
         with pytest.raises(RegistryUnavailable, match="unreachable"):
             await c.pull(f"{closed}/team/busybox:1.0")
     assert_store_empty(store)

@@ -60,6 +60,10 @@ def test_bootstrap_writes_admin_config_and_serves_status(nodes):
         "role": "voter",
     }
     assert oct(os.stat(config).st_mode & 0o777) == "0o600"
+    # node.log keeps the fields a log call passes (observability/logging.py).
+    log_lines = [json.loads(line) for line in (first.data_dir / "logs" / "node.log").read_text().splitlines()]
+    elected = [r for r in log_lines if r["event"] == "raft.became_leader"]
+    assert elected and elected[-1]["node"] == "node1" and elected[-1]["term"] == doc["term"]
 
 
 def test_vars_semantics_and_exit_codes(nodes):
@@ -122,7 +126,7 @@ def test_token_misuse_is_refused_and_changes_nothing(nodes, case):
         bad = ".".join(parts)
     elif case == "used_up":
         bad = token(config, "--uses", "1")
-        ok = nodes("ok").start("--join", first.address, "--token", bad)
+        nodes("ok").start("--join", first.address, "--token", bad)
         wait_for(lambda: "ok" in [m["id"] for m in status(config)["members"]], 30, "first use to succeed")
     elif case == "expired":
         bad = token(config, "--ttl", "1s")

@@ -29,6 +29,7 @@ from cloudless.pki.verify import PeerVerifier
 from cloudless.transport.base import ConnectionLost, StreamReset
 from cloudless.transport.quic import QuicCarrier
 from cloudless.transport.udp import UdpEndpoint
+from tests.harness.waiting import wait_until
 
 NOW = datetime.now(UTC)
 
@@ -211,7 +212,7 @@ async def test_client_reset_reaches_server_reader_and_writer(nursery, pki):
                 await trio.sleep(0.001)
         outcome["writer"] = writer_error.value.code
 
-    server, address = await start_server(nursery, pki, handler)
+    _server, address = await start_server(nursery, pki, handler)
     async with QuicCarrier(pki.client, pki.verifier) as client:
         connection = await client.connect(address)
         stream = await connection.open_stream()
@@ -221,8 +222,7 @@ async def test_client_reset_reaches_server_reader_and_writer(nursery, pki):
         with pytest.raises(StreamReset):
             await stream.send_all(b"after reset")
         with trio.fail_after(5):
-            while "writer" not in outcome:
-                await trio.sleep(0.01)
+            await wait_until(lambda: "writer" in outcome, interval=0.01)
     assert outcome == {"reader": 42, "writer": 42}
 
 
@@ -266,8 +266,7 @@ async def test_cancelled_receive_then_reset_cancels_on_the_server(nursery, pki):
         assert scope.cancelled_caught
         await stream.reset(9)
         with trio.fail_after(5):
-            while not seen:
-                await trio.sleep(0.01)
+            await wait_until(lambda: seen, interval=0.01)
     assert seen == [9]
 
 
@@ -297,8 +296,7 @@ async def test_gossip_datagrams_share_the_socket_with_quic(nursery, pki):
                 peer.sendto(bytes([i % 0x40]) + b"gossip", address)
                 assert await echo_once(connection, b"quic %d" % i) == b"quic %d" % i
         with trio.fail_after(2):
-            while len(gossip) < 20:
-                await trio.sleep(0.01)
+            await wait_until(lambda: len(gossip) >= 20, interval=0.01)
     assert all(packet.endswith(b"gossip") for packet in gossip)
     stats = endpoint.statistics()
     assert stats.other_datagrams == 20
@@ -351,8 +349,7 @@ async def test_rejection_matrix_refuses_bad_client_and_keeps_serving(nursery, pk
     assert "refused our certificate" in caught.value.message
     # The server names the same reason, and never handed the intruder to its handler.
     with trio.fail_after(2):
-        while server.statistics().rejected_by_us.get(case) != 1:
-            await trio.sleep(0.01)
+        await wait_until(lambda: server.statistics().rejected_by_us.get(case) == 1, interval=0.01)
     assert server.statistics().handshakes_completed == 0
     # ... and a good client is served right after.
     async with QuicCarrier(pki.client, pki.verifier) as client:
@@ -371,8 +368,7 @@ async def test_client_refuses_server_from_another_ca(nursery, pki):
         assert caught.value.context["rejected_by"] == "us"
         assert client.statistics().rejected_by_us == {"unknown_ca": 1}
     with trio.fail_after(2):
-        while server.statistics().rejected_by_peer.get("unknown_ca") != 1:
-            await trio.sleep(0.01)
+        await wait_until(lambda: server.statistics().rejected_by_peer.get("unknown_ca") == 1, interval=0.01)
 
 
 # -- garbage on the wire ------------------------------------------------------
@@ -399,8 +395,7 @@ async def test_random_datagrams_never_crash_the_server(pki, batch):
             for datagram in batch:
                 attacker.sendto(datagram, address)
         with trio.fail_after(2):
-            while server.endpoint.statistics().datagrams_received < len(batch):
-                await trio.sleep(0.005)
+            await wait_until(lambda: server.endpoint.statistics().datagrams_received >= len(batch), interval=0.005)
         assert server.endpoint.statistics().handler_errors == 0
         async with QuicCarrier(pki.client, pki.verifier) as client:
             connection = await client.connect(address)
@@ -454,12 +449,14 @@ async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_
         ("key.pem", pki.server.key_pem),
     ):
         (tmp_path / name).write_bytes(data)
-    process = subprocess.Popen(
-        [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", SERVER_SCRIPT, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
     )
     try:
+        line = bytearray()
         with trio.fail_after(20):
-            line = await trio.to_thread.run_sync(process.stdout.readline)
+            while not line.endswith(b"\n") and (chunk := await process.stdout.receive_some(1)):
+                line += chunk
         port = int(line)
         async with QuicCarrier(pki.client, pki.verifier, idle_timeout=1.0, send_buffer=64 * 1024) as client:
             connection = await client.connect(("127.0.0.1", port))
@@ -486,8 +483,7 @@ async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_
                 process.kill()  # SIGKILL: no CONNECTION_CLOSE ever comes
                 killed_at = trio.current_time()
                 with trio.fail_after(10):
-                    while len(errors) < 2:
-                        await trio.sleep(0.05)
+                    await wait_until(lambda: len(errors) >= 2, interval=0.05)
             # Idle timeout is max(1 s, 3 PTO) on loopback (RFC 9000 §10.1).
             assert trio.current_time() - killed_at < 5.0
             assert connection.is_closed
@@ -495,7 +491,8 @@ async def test_peer_process_killed_mid_stream_fails_pending_operations(pki, tmp_
                 await connection.open_stream()
     finally:
         process.kill()
-        process.wait()
+        with trio.CancelScope(shield=True):
+            await process.wait()
 
 
 async def test_server_shutdown_fails_client_operations_promptly(pki):
@@ -528,13 +525,11 @@ async def test_half_open_handshake_is_dropped_after_handshake_timeout(nursery, p
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         attacker.sendto(INITIAL_V1 + b"\x08" + b"d" * 8 + b"\x08" + b"s" * 8 + b"\x00" * 1200, address)
         with trio.fail_after(2):
-            while server.statistics().handshakes_timed_out < 1:
-                await trio.sleep(0.02)
+            await wait_until(lambda: server.statistics().handshakes_timed_out >= 1, interval=0.02)
     assert server.statistics().connections_open == 0
     assert server.statistics().handshakes_completed == 0
     with trio.fail_after(3):  # ... and its state is gone once the closing period ends, not kept forever
-        while server._connections or server._routes:
-            await trio.sleep(0.05)
+        await wait_until(lambda: not (server._connections or server._routes), interval=0.05)
 
 
 async def test_renewed_credentials_are_presented_on_new_connections(nursery, pki):
@@ -590,8 +585,7 @@ async def test_connect_outside_any_nursery_runs_the_carrier_detached(nursery, pk
     assert await echo_once(connection, b"detached") == b"detached"
     await client.aclose()
     with trio.fail_after(2):
-        while not connection.is_closed:
-            await trio.sleep(0.01)
+        await wait_until(lambda: connection.is_closed, interval=0.01)
     with pytest.raises(ConnectionLost):
         await connection.open_stream()
 
@@ -675,3 +669,49 @@ async def test_client_refuses_a_server_holding_a_client_identity(nursery, pki):
             await client.connect(address)
     assert caught.value.reason == "bad_identity"
     assert "not a node identity" in caught.value.message
+
+
+class DriverBug(RuntimeError):
+    """Stands for a programming error in a connection's driver."""
+
+
+def break_driver(connection) -> None:
+    """Make the connection's next driver pass raise DriverBug (fault injection into the real driver)."""
+
+    def process_events() -> None:
+        raise DriverBug("driver bug")
+
+    connection._process_events = process_events
+
+
+async def test_a_driver_crash_propagates_to_the_carrier_owner_and_fails_connections_with_its_cause(nursery, pki):
+    _, address = await start_server(nursery, pki)
+    with pytest.raises(ExceptionGroup) as raised:
+        async with QuicCarrier(pki.client, pki.verifier) as client:
+            connection = await client.connect(address)
+            stream = await connection.open_stream()
+            break_driver(connection)
+            with trio.fail_after(5):
+                await stream.send_all(b"wakes the driver")
+                await stream.receive_some()
+    assert raised.group_contains(DriverBug)
+    with pytest.raises(ConnectionLost) as later:
+        await connection.open_stream()
+    assert isinstance(later.value.__cause__, DriverBug)
+
+
+async def test_a_detached_carrier_crash_is_logged_and_its_connections_see_the_cause(nursery, pki, caplog):
+    _, address = await start_server(nursery, pki)
+    client = QuicCarrier(pki.client, pki.verifier)
+    connection = await client.connect(address)  # outside any nursery: runs detached
+    stream = await connection.open_stream()
+    break_driver(connection)
+    with caplog.at_level("ERROR", logger="cloudless.transport.hosting"), trio.fail_after(5):
+        with pytest.raises(ConnectionLost) as raised:
+            await stream.send_all(b"wakes the driver")
+            await stream.receive_some()
+        await trio.testing.wait_all_tasks_blocked()
+    assert isinstance(raised.value.__cause__, DriverBug)
+    assert "transport.detached_task_failed" in [r.getMessage() for r in caplog.records]
+    assert "DriverBug: driver bug" in caplog.text
+    await client.aclose()

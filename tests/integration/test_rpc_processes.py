@@ -24,6 +24,7 @@ from cloudless.pki.verify import PeerVerifier
 from cloudless.transport.base import ConnectionLost
 from cloudless.transport.rpc import DeadlineExceeded, RpcCancelled, RpcClient
 from cloudless.transport.tls import TlsCarrier
+from tests.harness.waiting import wait_until
 
 SERVER_SCRIPT = textwrap.dedent(
     """
@@ -158,9 +159,12 @@ async def test_cancellation_crosses_the_process_boundary(kind, pki, server_proce
         await client.call(address, "hang", b"", timeout=None)  # cancelled by our scope, not a deadline
     with pytest.raises(DeadlineExceeded):
         await client.call(address, "hang", b"", timeout=0.2)  # and by a propagated deadline
+
+    async def both_cancelled() -> bool:
+        return (await client.call(address, "stats", b"", response=dict, timeout=5))["cancelled"] >= 2
+
     with trio.fail_after(10):
-        while (await client.call(address, "stats", b"", response=dict, timeout=5))["cancelled"] < 2:
-            await trio.sleep(0.05)
+        await wait_until(both_cancelled, interval=0.05)
     await client.aclose()
 
 

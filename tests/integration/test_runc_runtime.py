@@ -98,6 +98,12 @@ async def run_to_exit(rt, s, timeout=20):
         return await rt.wait(s.id)
 
 
+async def runc_list(root) -> str:
+    """`runc list -q` under `root`: the container ids runc still knows."""
+    done = await trio.run_process(["runc", "--root", str(root), "list", "-q"], capture_stdout=True)
+    return done.stdout.decode()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -217,7 +223,7 @@ async def test_readonly_root_refuses_writes_but_tmp_is_writable(runtime, rootfs)
     assert "root-writable" not in texts and "tmp-ok" in texts and "65534" in texts
     assert any("Read-only file system" in t or "Permission denied" in t for t in texts)
     assert final.exit_code == 0
-    assert not os.path.exists(os.path.join(rootfs, "newfile"))
+    assert not await trio.Path(rootfs, "newfile").exists()
 
 
 async def test_exec_returns_exit_code_and_output(runtime, rootfs):
@@ -350,13 +356,11 @@ async def test_adoption_after_supervisor_restart_does_not_start_a_duplicate(runt
             break
     assert [type(e) for e in events] == [Adopted]
     # adoption's sweep kept the adopted container's network
-    assert state.ip and os.path.exists(reborn.network.attachment("svc").netns_path)
+    assert state.ip and await trio.Path(reborn.network.attachment("svc").netns_path).exists()
     r = await reborn.exec("svc", ["ip", "-o", "-4", "addr", "show", "eth0"])
     assert state.ip in r.stdout.decode()
     await reborn.aclose()
-    listed = subprocess.run(
-        ["runc", "--root", str(reborn.root), "list", "-q"], capture_output=True, text=True
-    ).stdout.split()
+    listed = (await runc_list(reborn.root)).split()
     assert listed == ["svc"]
 
 
@@ -432,12 +436,7 @@ async def test_bad_spec_and_bad_rootfs_fail_clearly_and_leave_nothing(runtime, r
     with pytest.raises(RuncFailed) as e:
         await runtime.start("noexe")
     assert "no/such/binary" in e.value.message
-    assert (
-        subprocess.run(
-            ["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True
-        ).stdout.split()
-        == []
-    )
+    assert (await runc_list(runtime.root)).split() == []
     await runtime.delete("noexe")
     assert await runtime.list() == []
 
@@ -448,8 +447,8 @@ async def test_restart_after_reboot_replumbs_lost_network_with_same_address(runt
     await runtime.stop("boot", grace=0.2)
     # A reboot loses /run/netns, the veth and the rules; only our state dir survives.
     a = runtime.network.attachment("boot")
-    subprocess.run(["ip", "netns", "del", a.netns], check=True)
-    assert not os.path.exists(a.netns_path)
+    await trio.run_process(["ip", "netns", "del", a.netns])
+    assert not await trio.Path(a.netns_path).exists()
     again = await runtime.start("boot")
     assert again.ip == first.ip and again.status == "running"
     r = await runtime.exec("boot", ["ip", "-o", "-4", "addr", "show", "eth0"])
@@ -553,9 +552,7 @@ async def test_soak_many_lifecycles_leak_nothing(runtime, rootfs):
     assert leftovers("cltest") == []
     assert runtime.network.attachments() == {}
     assert len(os.listdir("/proc/self/fd")) <= fds_before + 4  # the pre-started shim's pipes
-    assert (
-        subprocess.run(["runc", "--root", str(runtime.root), "list", "-q"], capture_output=True, text=True).stdout == ""
-    )
+    assert await runc_list(runtime.root) == ""
 
 
 async def test_concurrent_first_attachments_create_the_bridge_once(runtime, rootfs):

@@ -375,7 +375,7 @@ def tree(s3, bucket):
 
 
 def test_list_v2_prefix_and_delimiter(s3, tree):
-    bucket, keys = tree
+    bucket, _keys = tree
     r = s3.list_objects_v2(Bucket=bucket, Delimiter="/")
     assert [o["Key"] for o in r["Contents"]] == ["a.txt", "zz"]
     assert [p["Prefix"] for p in r["CommonPrefixes"]] == ["dir/", "dir2/", "e/"]
@@ -413,7 +413,7 @@ def test_list_v2_pagination_with_continuation_tokens(s3, tree):
 
 
 def test_list_v2_start_after_and_max_keys(s3, tree):
-    bucket, keys = tree
+    bucket, _keys = tree
     r = s3.list_objects_v2(Bucket=bucket, StartAfter="dir/y")
     assert [o["Key"] for o in r["Contents"]] == ["dir2/w", "e/f/g", "zz"]
     r = s3.list_objects_v2(Bucket=bucket, MaxKeys=0)
@@ -637,7 +637,7 @@ def signed_request(
     scope = f"{amz_date[:8]}/us-east-1/s3/aws4_request"
     headers = {"host": host, "x-amz-date": amz_date, **(extra_headers or {})}
     raw_path, _, query_text = path.partition("?")
-    query = [tuple((q.split("=", 1) + [""])[:2]) for q in query_text.split("&") if q]
+    query = [tuple(([*q.split("=", 1), ""])[:2]) for q in query_text.split("&") if q]
     if streaming:
         headers["x-amz-content-sha256"] = sigv4.STREAMING_SIGNED
         headers["content-encoding"] = "aws-chunked"
@@ -761,7 +761,7 @@ def test_list_parts_and_uploads_paginate(s3, bucket):
     )
     assert [u["Key"] for u in page2["Uploads"]] == ["qb"]
     assert [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix="q")["Uploads"]] == ["qa", "qb"]
-    for k, u in zip(("qa", "qb"), others):
+    for k, u in zip(("qa", "qb"), others, strict=True):
         s3.abort_multipart_upload(Bucket=bucket, Key=k, UploadId=u)
 
 

@@ -200,10 +200,14 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     # Logs come through the cluster from every replica's node; exec runs inside one.
     logs = wait_until(
         "log lines",
-        lambda: [l for l in cli_json(cloudless_bin, "logs", "hello", "--tail", "1", config=config)["items"] if l["text"]],
+        lambda: [
+            line
+            for line in cli_json(cloudless_bin, "logs", "hello", "--tail", "1", config=config)["items"]
+            if line["text"]
+        ],
     )
-    assert {l["replica"] for l in logs} == {0, 1, 2}
-    assert all(l["text"].startswith("hello from hello-") for l in logs)
+    assert {line["replica"] for line in logs} == {0, 1, 2}
+    assert all(line["text"].startswith("hello from hello-") for line in logs)
     ex = cli_json(
         cloudless_bin, "exec", "hello", "--replica", "1", "--", "sh", "-c", "echo $CLOUDLESS_REPLICA", config=config
     )
@@ -358,7 +362,7 @@ def test_node_rebooted_with_no_coordinator_restarts_its_replicas_then_the_cluste
     mine = {a["id"] for a in live(doc) if a["node"] == node}
 
     # Power cut: every node process dies at once; on `node` the machine reboots (its containers die too).
-    for name, d in dirs.items():
+    for d in dirs.values():
         os.kill(int((d / "node.pid").read_text()), signal.SIGKILL)
     for cid in mine:
         subprocess.run(

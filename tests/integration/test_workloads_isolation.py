@@ -160,10 +160,18 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
 
             # Rebooted while isolated: node process and containers gone, then the node starts alone.
             await cluster.kill9(victim)
-            subprocess.run(
-                ["runc", "--root", str(data[victim] / "agent" / "sandbox" / "runc"), "kill", victim_alloc.id, "KILL"],
-                timeout=30,
-            )
+            with trio.fail_after(30):
+                await trio.run_process(
+                    [
+                        "runc",
+                        "--root",
+                        str(data[victim] / "agent" / "sandbox" / "runc"),
+                        "kill",
+                        victim_alloc.id,
+                        "KILL",
+                    ],
+                    check=False,
+                )
 
             async def dead():
                 return victim_alloc.id not in running_containers(data[victim])
@@ -191,7 +199,7 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
             everywhere = [cid for d in data.values() for cid in running_containers(d) if cid.startswith("island-")]
             assert len(everywhere) == REPLICAS, everywhere
         finally:
-            for c in clients + [client]:
+            for c in [*clients, client]:
                 try:
                     with trio.move_on_after(10):
                         await c.call("workloads.stop", WorkloadRef("island"), response=WorkloadReply)
@@ -205,5 +213,5 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
             try:
                 await eventually("every container removed", gone, timeout_s=45)
             finally:
-                for c in set(clients + [client]):
+                for c in set([*clients, client]):
                     await c.aclose()

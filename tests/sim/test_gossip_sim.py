@@ -79,3 +79,30 @@ def test_large_cluster_detects_every_crash_fast(seed):
     assert r.undetected == 0 and r.unconverged_joins == 0, f"seed={seed} {s}"
     assert s["detect_all_p95_s"] < 8.0, f"seed={seed} {s}"
     assert not r.false_positive_members, f"seed={seed} {s}"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_signed_claims_keep_every_guarantee_and_reject_nothing_honest(seed):
+    """Issue 13: with every alive/leave signed by its member and verified by all,
+    crashes, joins, graceful leaves and a healed partition behave as unsigned,
+    and no honest claim is ever refused."""
+    sim = GossipSimulation(
+        SimConfig(nodes=50, seed=seed, duration=60, loss=0.02, kills=2, joins=3, leaves=2, signed=True)
+    )
+    r = sim.run()
+    assert r.undetected == 0 and r.unconverged_joins == 0, f"seed={seed} {r.summary()}"
+    assert all(t is not None for t in r.left_all), f"seed={seed} leave not seen by all"
+    rejected = sum(n.core.stats["claims_rejected"] for n in sim.nodes)
+    assert rejected == 0, f"seed={seed}: {rejected} honest claims refused"
+    signed_rows = sum(len(n.core._sigs) for n in sim.nodes if n.up)
+    assert signed_rows > 0, f"seed={seed}: no signature was ever kept"
+
+
+def test_signed_partition_heals_through_signed_refutations():
+    sim = GossipSimulation(SimConfig(nodes=30, seed=5, duration=80, partitions=[(5.0, 20.0, 2)], signed=True))
+    sim.start()
+    sim.advance(19.5)
+    assert not sim.views_agree()
+    sim.advance(60.0)
+    assert sim.views_agree(), "views still differ 40 s after the heal"
+    assert sum(n.core.stats["claims_rejected"] for n in sim.nodes) == 0

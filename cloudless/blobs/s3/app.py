@@ -289,7 +289,7 @@ class S3Gateway:
         self._stats[f"error.{exc.code}"] += 1
         if exc.status >= 500:
             log.warning("s3.error", extra={"code": exc.code, "request_id": request.request_id})
-        headers = [("content-type", "application/xml")] + exc.headers
+        headers = [("content-type", "application/xml"), *exc.headers]
         if exc.status == 304 or request.method == "HEAD":
             return Response(exc.status, [h for h in headers if h[0] != "content-type"], b"")
         body = error_document(exc.code, exc.message, request.request_id, request.raw_path, exc.fields)
@@ -300,7 +300,8 @@ class S3Gateway:
             ("x-amz-request-id", request.request_id),
             ("x-amz-id-2", request.request_id),
             ("server", "Cloudless"),
-        ] + response.headers
+            *response.headers,
+        ]
         body = response.body
         if isinstance(body, bytes):
             if not any(h[0] == "content-length" for h in headers):
@@ -626,7 +627,7 @@ class S3Gateway:
             expected_size=length,
             expected_version=expected_version,
         )
-        return Response(200, [("etag", _etag(manifest.etag))] + _checksum_echo(request.headers))
+        return Response(200, [("etag", _etag(manifest.etag)), *_checksum_echo(request.headers)])
 
     async def _write_condition(self, request: Request) -> int | None:
         """Conditional PUT (If-None-Match: * / If-Match: etag) as a compare-and-set on the
@@ -805,7 +806,7 @@ class S3Gateway:
         part = await self.service.upload_part(
             p["uploadId"], number, self.body(request), content_md5=self._content_md5(request), expected_size=length
         )
-        return Response(200, [("etag", _etag(part.etag))] + _checksum_echo(request.headers))
+        return Response(200, [("etag", _etag(part.etag)), *_checksum_echo(request.headers)])
 
     async def complete_multipart(self, request: Request) -> Response:
         upload_id = request.params["uploadId"]

@@ -28,8 +28,10 @@ CODES: dict[str, tuple[int, str]] = {
     "InvalidDigest": (400, "The Content-MD5 you specified is not valid."),
     "InvalidPart": (
         400,
-        "One or more of the specified parts could not be found. The part may not have been uploaded, "
-        "or the specified entity tag may not match the part's entity tag.",
+        (
+            "One or more of the specified parts could not be found. The part may not have been uploaded, "
+            "or the specified entity tag may not match the part's entity tag."
+        ),
     ),
     "InvalidPartOrder": (400, "The list of parts was not in ascending order. Parts must be ordered by part number."),
     "InvalidRange": (416, "The requested range is not satisfiable"),
@@ -43,8 +45,10 @@ CODES: dict[str, tuple[int, str]] = {
     "NoSuchKey": (404, "The specified key does not exist."),
     "NoSuchUpload": (
         404,
-        "The specified upload does not exist. The upload ID may be invalid, or the upload may have been aborted "
-        "or completed.",
+        (
+            "The specified upload does not exist. The upload ID may be invalid, or the upload may have been aborted "
+            "or completed."
+        ),
     ),
     "NotImplemented": (501, "A header you provided implies functionality that is not implemented."),
     "NotModified": (304, "Not Modified"),
@@ -57,8 +61,10 @@ CODES: dict[str, tuple[int, str]] = {
     "ServiceUnavailable": (503, "Please reduce your request rate."),
     "SignatureDoesNotMatch": (
         403,
-        "The request signature we calculated does not match the signature you provided. "
-        "Check your key and signing method.",
+        (
+            "The request signature we calculated does not match the signature you provided. "
+            "Check your key and signing method."
+        ),
     ),
     "XAmzContentSHA256Mismatch": (400, "The provided 'x-amz-content-sha256' header does not match what was computed."),
     "InvalidChunkSizeError": (403, "Only the last chunk is allowed to have a size less than 8192 bytes"),

@@ -47,7 +47,7 @@ def string_to_sign(
         resource += "?" + "&".join(f"{k}={v}" if v else k for k, v in sub)
     lines = [method, headers.get("content-md5", ""), headers.get("content-type", ""), date]
     lines.extend(f"{k}:{v}" for k, v in amz)
-    return "\n".join(lines) + "\n" + resource if amz else "\n".join(lines + [resource])
+    return "\n".join(lines) + "\n" + resource if amz else "\n".join([*lines, resource])
 
 
 def sign(secret: str, text: str) -> str:

@@ -17,6 +17,7 @@ from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.errors import CloudlessError
 from cloudless.sandbox.imagebuild import build_busybox_image
 from cloudless.sandbox.images import ImageNotFound, ImageStore
+from tests.harness.waiting import wait_until
 
 BUSYBOX = "docker.io/library/busybox:latest"
 
@@ -41,7 +42,7 @@ def target(tmp_path, blobs):
 async def test_image_published_on_one_node_is_fetched_by_another(source, target, blobs):
     assert await source.publish_all() == 1
     original = source.store.get("busybox")
-    for digest in [original.manifest_digest, original.config_digest, *(l.digest for l in original.layers)]:
+    for digest in [original.manifest_digest, original.config_digest, *(layer.digest for layer in original.layers)]:
         assert await blobs.has(digest)
     with pytest.raises(ImageNotFound):
         target.store.get("busybox")
@@ -134,8 +135,7 @@ async def test_publish_loop_publishes_what_another_process_imports(tmp_path, blo
         other = ImageStore(tmp_path / "a", unpack_layers=False)
         await trio.to_thread.run_sync(lambda: other.import_path(build_busybox_image(tmp_path / "src", "layout")))
         with trio.fail_after(10):
-            while not events.kinds:
-                await trio.sleep(0.05)
+            await wait_until(lambda: events.kinds, interval=0.05)
         nursery.cancel_scope.cancel()
     assert events.kinds == ["image.published"]
     assert (await peers.lookup("busybox")).publisher == "a"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 
@@ -20,7 +21,7 @@ def test_chunks_cover_the_input_exactly_and_respect_size_bounds():
     data = random.Random(1).randbytes(2 << 20)
     refs = chunk_refs(data, SMALL)
     assert refs[0].offset == 0
-    assert all(a.offset + a.size == b.offset for a, b in zip(refs, refs[1:]))
+    assert all(a.offset + a.size == b.offset for a, b in itertools.pairwise(refs))
     assert refs[-1].offset + refs[-1].size == len(data)
     assert all(SMALL.min_size <= r.size <= SMALL.max_size for r in refs[:-1])
 

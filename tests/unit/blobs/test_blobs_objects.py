@@ -32,7 +32,7 @@ async def test_every_range_reads_back_the_same_bytes_both_ways(service):
         streamed = b"".join([p async for p in service.read_range(m, a, b)])
         pushed: list[bytes] = []
 
-        async def collect(piece: bytes) -> None:
+        async def collect(piece: bytes, pushed: list[bytes] = pushed) -> None:
             pushed.append(piece)
 
         n = await service.copy_range(m, collect, a, b, readahead=rng.randint(1, 6))

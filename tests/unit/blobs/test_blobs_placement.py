@@ -24,7 +24,7 @@ def test_a_join_moves_only_about_r_over_n_of_the_chunks():
     ds = digests(4000)
     policy = PlacementPolicy(replicas=2)
     before_members = [member(i) for i in range(9)]
-    after_members = before_members + [member(9)]
+    after_members = [*before_members, member(9)]
     before = {d: set(place(d, before_members, policy)) for d in ds}
     after = {d: set(place(d, after_members, policy)) for d in ds}
     moved = sum(len(after[d] - before[d]) for d in ds)

@@ -20,10 +20,11 @@ from cloudless.blobs.antientropy import (
 )
 from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import MemoryChunkStore
-from cloudless.blobs.errors import InsufficientReplicas
+from cloudless.blobs.errors import InsufficientReplicas, NoSuchKey
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.peers import MemoryChunkPeers
 from cloudless.blobs.placement import StorageMember
+from tests.harness.waiting import wait_until
 
 GIB = 1 << 30
 SMALL_CHUNKS = 16 * 1024
@@ -100,7 +101,7 @@ async def test_a_put_fails_when_r_replicas_cannot_be_made_durable():
     c.peers.kill("n1")
     with pytest.raises(InsufficientReplicas):
         await c.service.put_object("bkt", "obj", b"x" * 100_000)
-    with pytest.raises(Exception):
+    with pytest.raises(NoSuchKey):
         await c.service.head_object("bkt", "obj")
 
 
@@ -202,7 +203,7 @@ async def test_interrupted_upload_leaves_no_object_and_gc_reclaims_its_chunks(cl
     await cluster.service.put_object("bkt", "kept", cluster.rng.randbytes(100_000))
     with pytest.raises(ConnectionResetError):
         await cluster.service.put_object("bkt", "partial", dying_body())
-    with pytest.raises(Exception):
+    with pytest.raises(NoSuchKey):
         await cluster.service.head_object("bkt", "partial")
     page = await cluster.service.list_objects("bkt")
     assert [m.key for m in page.objects] == ["kept"]
@@ -292,8 +293,7 @@ async def test_the_loop_restores_r_within_seconds_of_a_declared_death(cluster, a
         assert any(len(cluster.replicas(d)) == 1 for d in digests)
         start = trio.current_time()
         loop.trigger()
-        while not all(len(cluster.replicas(d)) == 2 for d in digests):
-            await trio.sleep(0.1)
+        await wait_until(lambda: all(len(cluster.replicas(d)) == 2 for d in digests), interval=0.1)
         assert trio.current_time() - start < 5
         nursery.cancel_scope.cancel()
     assert loop.statistics()["rounds"] >= 1

@@ -44,10 +44,10 @@ def test_voters_grow_one_three_five_as_nodes_join():
     ms = [member("n1", "voter")]
     ms, _ = converge(ms)
     assert voters(ms) == ["n1"]
-    ms = list(ms.values()) + [member("n2")]
+    ms = [*list(ms.values()), member("n2")]
     ms, _ = converge(ms)
     assert voters(ms) == ["n1"]  # 1 voter for 1-2 suitable nodes
-    ms = list(ms.values()) + [member("n3")]
+    ms = [*list(ms.values()), member("n3")]
     ms, _ = converge(ms)
     assert voters(ms) == ["n1", "n2", "n3"]
     ms = list(ms.values()) + [member(f"n{i}") for i in range(4, 8)]

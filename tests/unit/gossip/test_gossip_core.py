@@ -138,7 +138,7 @@ def test_probe_round_robin_visits_every_member_once_per_round():
 def test_missed_ack_leads_to_indirect_probes_stream_fallback_then_suspicion():
     cfg = GossipConfig(indirect_checks=3)
     core = make("me", PEERS, cfg)
-    a, ping, _ = probe_cycle_start(core)
+    _a, ping, _ = probe_cycle_start(core)
     t0 = core._now
     core.handle_timer(t0 + cfg.probe_timeout)
     ind = all_msgs(core, IndirectPing)
@@ -154,7 +154,7 @@ def test_missed_ack_leads_to_indirect_probes_stream_fallback_then_suspicion():
 def test_indirect_ack_or_stream_probe_prevents_suspicion():
     cfg = GossipConfig()
     core = make("me", PEERS, cfg)
-    a, ping, _ = probe_cycle_start(core)
+    _, ping, _ = probe_cycle_start(core)
     t0 = core._now
     core.handle_timer(t0 + cfg.probe_timeout)
     core.packets_to_send()
@@ -162,7 +162,7 @@ def test_indirect_ack_or_stream_probe_prevents_suspicion():
     core.handle_timer(t0 + cfg.probe_interval)
     assert core.member(ping.target).state == ALIVE
 
-    a, ping, _ = probe_cycle_start(core)
+    _a, ping, _ = probe_cycle_start(core)
     t0 = core._now
     core.handle_timer(t0 + cfg.probe_timeout)
     core.stream_probe_result(ping.seq, True, t0 + cfg.probe_timeout + 0.05)
@@ -328,7 +328,7 @@ def test_awareness_is_capped_and_refutation_counts():
 def test_lifeguard_off_disables_awareness_nacks_and_buddy():
     cfg = GossipConfig(lifeguard=False)
     core = make("me", PEERS, cfg)
-    a, ping, _ = probe_cycle_start(core)
+    _a, _ping, _ = probe_cycle_start(core)
     core.handle_timer(core._now + cfg.probe_timeout)
     assert all(not m.nack for m in all_msgs(core, IndirectPing))
     core.handle_timer(core._now + cfg.probe_interval)

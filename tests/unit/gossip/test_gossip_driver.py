@@ -13,6 +13,7 @@ from cloudless.gossip.driver import GossipDriver, MemoryDatagramNetwork, format_
 from cloudless.gossip.events import MemberDead, MemberJoined, MemberLeft
 from cloudless.gossip.keyring import Keyring, PacketSealer
 from cloudless.gossip.members import ALIVE, DEAD, LEFT
+from tests.harness.waiting import wait_until
 
 KEY = bytes(range(32))
 
@@ -97,8 +98,8 @@ async def test_a_transport_hint_probes_the_member_at_once_and_a_crash_is_known_e
         members = await _cluster(5, net, nursery, events)
         await trio.sleep(3)
         watcher = members[0][0]
-        while watcher.core._probe is not None:  # between probes: the next is ~a probe interval away
-            await trio.sleep(0.001)
+        # between probes: the next is ~a probe interval away
+        await wait_until(lambda: watcher.core._probe is None, interval=0.001)
         members[3][1].cut = True
         hinted_at = trio.current_time()
         watcher.hint_unreachable("m3")

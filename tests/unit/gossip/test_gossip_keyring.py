@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cloudless.gossip.keyring import OVERHEAD, Keyring, KeyringError, PacketSealer, ReplayWindow, UnsealError
+from cloudless.gossip.keyring import OVERHEAD, Keyring, KeyringError, PacketSealer, ReplayWindow, UnsealError, key_id
 from cloudless.gossip.messages import MAX_DATAGRAM, MAX_PAYLOAD, SEAL_OVERHEAD
 
 K1 = bytes(range(32))
@@ -101,3 +101,23 @@ def test_replay_window_memory_is_bounded():
     for i in range(1000):
         w.check_and_record(i.to_bytes(8, "big"), 1)
     assert len(w._senders) == 100
+
+
+def test_replace_rotates_and_a_dropped_key_no_longer_opens():
+    old, new = b"o" * 32, b"n" * 32
+    stale = PacketSealer(Keyring(old), sender_id=b"S" * 8)  # a removed node kept the old key
+    ring = Keyring(old)
+    member = PacketSealer(ring, sender_id=b"M" * 8)
+    ring.replace([new, old])  # rotation: seal with the new key, still open the old
+    assert member.keyring.primary_id == key_id(new)
+    assert PacketSealer(Keyring(new)).open(member.seal(b"current")) == b"current"
+    with pytest.raises(UnsealError):
+        stale.open(member.seal(b"current"))  # the old key does not open current packets
+    assert member.open(stale.seal(b"late")) == b"late"
+    ring.replace([new])  # the overlap is over
+    with pytest.raises(UnsealError) as info:
+        member.open(stale.seal(b"injected"))
+    assert info.value.reason == "unknown_key"
+    with pytest.raises(KeyringError):
+        ring.replace([new, b"short"])
+    assert ring.key_ids == [key_id(new)]  # a bad replacement changed nothing

@@ -57,7 +57,7 @@ def test_seeded_rng_makes_tokens_reproducible(ca):
 
 
 def test_wrong_secret_is_forged_even_when_token_is_also_expired(ca):
-    text, record = new_token(ca)
+    _text, record = new_token(ca)
     other_secret = parse_token(new_token(ca)[0]).secret
     assert reason(record, other_secret, "node", NOW) == "forged"
     assert reason(record, other_secret, "node", NOW + timedelta(days=1)) == "forged"

@@ -87,7 +87,7 @@ def test_conf_change_of_unknown_type_is_rejected():
 def test_messages_for_another_node_are_ignored():
     from cloudless.raft.messages import Heartbeat
 
-    node, storage = single()
+    node, _ = single()
     node.step(Heartbeat("z", "not-me", 99, 0))
     assert node.term == 1
 

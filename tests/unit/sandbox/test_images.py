@@ -3,6 +3,7 @@ digest verified, atomic index, rollback of failed imports, remove and gc."""
 
 import gzip
 import json
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -11,6 +12,7 @@ import msgspec
 import pytest
 
 from cloudless.errors import NotFound
+from cloudless.observability.logging import record_fields
 from cloudless.sandbox import oci
 from cloudless.sandbox.imagebuild import BuiltImage, TarBuilder, build_busybox_image, build_image, busybox_image
 from cloudless.sandbox.images import ContainerUse, ImageInUse, ImageNotFound, ImageStore
@@ -278,3 +280,13 @@ def test_layout_entries_for_other_platforms_are_skipped(tmp_path, store):
     (layout / "index.json").write_text(json.dumps(index))
     with pytest.raises(InvalidImage, match="no manifest for linux/"):
         ImageStore(tmp_path / "other").import_path(layout)
+
+
+def test_an_unusable_layout_name_is_logged_with_its_name_and_the_import_goes_on(tmp_path, store, caplog):
+    # `name` is a reserved LogRecord attribute: this warning used to raise KeyError mid-import.
+    path = build_image(tmp_path / "src", [TarBuilder().file("a", b"1").bytes()], name="localhost/Not A Name:1")
+    with caplog.at_level(logging.WARNING, logger="cloudless.sandbox.images"):
+        [rec] = store.import_path(path)
+    assert rec.names == []
+    [record] = [r for r in caplog.records if r.getMessage() == "images.bad_layout_name"]
+    assert record_fields(record)["name"] == "localhost/Not A Name:1"

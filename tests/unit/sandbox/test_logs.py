@@ -2,11 +2,13 @@
 
 import json
 import os
+from pathlib import Path
 
 import trio
 
 from cloudless.sandbox import logs
 from cloudless.sandbox.logs import LineSplitter, LogWriter, oom_kill_count
+from tests.harness.waiting import wait_until
 
 
 def test_records_have_timestamps_streams_and_increasing_offsets(tmp_path):
@@ -131,11 +133,16 @@ async def test_shim_reports_runc_create_failure_and_leaves_no_daemon(tmp_path):
     assert "container config invalid" in proc.stdout.decode()
     assert not (tmp_path / "exit.json").exists()
     shim_pid = int((tmp_path / "shim.pid").read_text().split()[0])
+
+    def shim_gone() -> bool:
+        try:
+            state = Path(f"/proc/{shim_pid}/stat").read_text().split(")")[1][:3]
+        except OSError:  # gone (ENOENT, or ESRCH while it is being reaped)
+            return True
+        return "Z" in state  # a zombie has exited; only its parent's reaping is left
+
     with trio.fail_after(5):
-        while (
-            os.path.exists(f"/proc/{shim_pid}") and "Z" not in open(f"/proc/{shim_pid}/stat").read().split(")")[1][:3]
-        ):
-            await trio.sleep(0.02)
+        await wait_until(shim_gone, interval=0.02)
 
 
 def test_records_are_json_lines(tmp_path):
@@ -165,8 +172,7 @@ async def test_follow_ends_when_the_log_directory_is_removed(tmp_path, autojump_
         await trio.sleep(1)
         shutil.rmtree(d)
         with trio.fail_after(5):
-            while n.child_tasks:
-                await trio.sleep(0.1)
+            await wait_until(lambda: not n.child_tasks, interval=0.1)
     assert got == ["last words"]
 
 

@@ -152,7 +152,7 @@ async def test_always_restarts_clean_exits_with_growing_backoff(autojump_clock):
         n.cancel_scope.cancel()
     backoffs = [e.backoff for e in events if isinstance(e, Restarting)]
     caps = [1, 2, 4, 8, 8]
-    for b, cap in zip(backoffs, caps):
+    for b, cap in zip(backoffs, caps, strict=True):
         assert cap / 2 <= b <= cap
 
 

@@ -231,7 +231,7 @@ def test_every_node_is_accounted_for_exactly_once():
         constraints=(Constraint("node.class", "!=", "gateway"),),
     )
     view = ClusterView(
-        list(FLEET.nodes) + [node("busy", device_class="pc")],
+        [*list(FLEET.nodes), node("busy", device_class="pc")],
         [alloc("other", "busy", resources=Resources(cpu_millis=2000))],
     )
     plan = plan_placements(s, 1, view, explain_nodes=True)
@@ -246,7 +246,7 @@ def test_a_view_listing_a_node_twice_is_refused():
 
 def test_the_scheduler_never_mutates_its_input():
     existing = [alloc("web", "a", replica=0)]
-    view = ClusterView([node("a"), node("b")], existing + [alloc("other", "b")])
+    view = ClusterView([node("a"), node("b")], [*existing, alloc("other", "b")])
     s = spec(replicas=3, spreads=(Spread("node.zone"),), ports=(PortSpec(80, 80),))
     before = (
         list(view.used_cpu),

@@ -426,7 +426,7 @@ def test_with_allocations_matches_a_fresh_view_and_leaves_every_earlier_snapshot
             if a.live:
                 live[alloc_id] = a
         snapshots.append(dict(live))
-    for view, allocations in zip(views, snapshots):
+    for view, allocations in zip(views, snapshots, strict=True):
         assert _view_state(view) == _view_state(ClusterView(nodes, allocations.values()))
 
 

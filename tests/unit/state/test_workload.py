@@ -26,6 +26,7 @@ from cloudless.state.workload import (
     decode_allocation,
     decode_spec,
     default_name,
+    duration_fields,
     encode_allocation,
     encode_spec,
     from_flags,
@@ -281,7 +282,7 @@ def test_cpu_flag(text, millis):
 
 @pytest.mark.parametrize("text", ["", "-1", "0", "0m", "1.5m", "half", "1e3", "0.0001"])
 def test_bad_cpu_flag(text):
-    with pytest.raises(InvalidWorkload, match="^cpu: "):
+    with pytest.raises(InvalidWorkload, match=r"^cpu: "):
         parse_cpu(text)
 
 
@@ -302,7 +303,7 @@ def test_memory_flag(text, size):
 
 @pytest.mark.parametrize("text", ["", "lots", "-5Mi", "1.5", "12Xi", "Mi"])
 def test_bad_memory_flag(text):
-    with pytest.raises(InvalidWorkload, match="^memory: "):
+    with pytest.raises(InvalidWorkload, match=r"^memory: "):
         parse_memory(text)
 
 
@@ -329,7 +330,7 @@ def test_port_flag(text, port):
     ],
 )
 def test_bad_port_flag(text, why):
-    with pytest.raises(InvalidWorkload, match="^port: ") as info:
+    with pytest.raises(InvalidWorkload, match=r"^port: ") as info:
         parse_port_flag(text)
     assert why in info.value.message
 
@@ -337,7 +338,7 @@ def test_bad_port_flag(text, why):
 def test_env_flag():
     assert parse_env_flag("A_1=x=y") == ("A_1", "x=y")
     for bad in ("NOEQUALS", "1A=x", "=x", "A-B=x"):
-        with pytest.raises(InvalidWorkload, match="^env: "):
+        with pytest.raises(InvalidWorkload, match=r"^env: "):
             parse_env_flag(bad)
 
 
@@ -345,7 +346,7 @@ def test_restart_flag():
     assert parse_restart_flag("never") == RestartPolicy(mode="never")
     assert parse_restart_flag("on-failure") == RestartPolicy(mode="on-failure", max_retries=0)
     for bad in ("sometimes", "always:3", "on-failure:x"):
-        with pytest.raises(InvalidWorkload, match="^restart: "):
+        with pytest.raises(InvalidWorkload, match=r"^restart: "):
             parse_restart_flag(bad)
 
 
@@ -379,7 +380,7 @@ def test_constraint_flag(text, constraint):
     ],
 )
 def test_bad_constraint_flag(text, why):
-    with pytest.raises(InvalidWorkload, match="^constraint: ") as info:
+    with pytest.raises(InvalidWorkload, match=r"^constraint: ") as info:
         parse_constraint_flag(text)
     assert why in info.value.message
 
@@ -389,14 +390,14 @@ def test_spread_flag():
     assert parse_spread_flag("node:1") == Spread("node", max_per=1)
     assert parse_spread_flag("label.rack:2") == Spread("label.rack", max_per=2)
     for bad in ("rack", "zone:x"):
-        with pytest.raises(InvalidWorkload, match="^spread: "):
+        with pytest.raises(InvalidWorkload, match=r"^spread: "):
             parse_spread_flag(bad)
 
 
 def test_flags_are_validated_as_a_whole():
     with pytest.raises(InvalidWorkload, match=r"^ports\[1\].host_port: 80/tcp is published twice"):
         from_flags("nginx", ports=["80:80", "80:81"])
-    with pytest.raises(InvalidWorkload, match="^replicas: must be ≥ 0"):
+    with pytest.raises(InvalidWorkload, match=r"^replicas: must be ≥ 0"):
         from_flags("nginx", replicas=-1)
 
 
@@ -415,11 +416,11 @@ def test_spec_and_allocation_round_trip_the_wire():
 
 def test_decoding_a_spec_validates_it():
     bad = msgspec.msgpack.encode({"name": "web", "image": "nginx", "replicas": -1})
-    with pytest.raises(InvalidWorkload, match="^replicas: must be ≥ 0"):
+    with pytest.raises(InvalidWorkload, match=r"^replicas: must be ≥ 0"):
         decode_spec(bad)
-    with pytest.raises(InvalidWorkload, match="^spec: undecodable"):
+    with pytest.raises(InvalidWorkload, match=r"^spec: undecodable"):
         decode_spec(b"\xc1garbage")
-    with pytest.raises(InvalidWorkload, match="^allocation"):
+    with pytest.raises(InvalidWorkload, match=r"^allocation"):
         decode_allocation(
             msgspec.msgpack.encode(
                 {"id": "x", "workload": "w", "version": 0, "node": "n", "replica": 0, "state": "zombie"}
@@ -463,3 +464,75 @@ def test_yaml_scalars_in_rule_values_become_strings():
     assert spec.constraints[0].value == "false"
     assert spec.constraints[1].value == ("3", "4")
     assert spec.spreads[0].targets[0].value == "7"
+
+
+# ---------------------------------------------------------------- durations in YAML
+
+
+def test_yaml_durations_accept_units_under_either_name():
+    spec = parse_yaml(
+        "name: web\nimage: nginx\nports: [{container_port: 80}]\n"
+        "health_check: {kind: http, port: 80, interval: 30s, timeout_s: 500ms, start_period: 1m}\n"
+        "restart: {backoff_initial: 250ms, backoff_max_s: 1h30m}\n"
+        "reschedule: {attempts: 3, interval: 1h, delay: 5s, max_delay_s: 10m, unlimited: false}\n"
+        "update: {min_healthy_time: 10s, healthy_deadline: 5m}\n"
+    )
+    hc = spec.health_check
+    assert hc is not None and (hc.interval_s, hc.timeout_s, hc.start_period_s) == (30.0, 0.5, 60.0)
+    assert (spec.restart.backoff_initial_s, spec.restart.backoff_max_s) == (0.25, 5400.0)
+    assert (spec.reschedule.interval_s, spec.reschedule.delay_s, spec.reschedule.max_delay_s) == (3600.0, 5.0, 600.0)
+    assert (spec.update.min_healthy_time_s, spec.update.healthy_deadline_s) == (10.0, 300.0)
+    # Plain numbers stay seconds, as before.
+    assert parse_yaml("name: web\nimage: nginx\nupdate: {healthy_deadline_s: 120}\n").update.healthy_deadline_s == 120
+
+
+def test_every_float_seconds_field_is_a_duration():
+    fields = {f"{section}.{name}" for section, names in duration_fields().items() for name in names}
+    assert fields == {
+        "restart.backoff_initial_s",
+        "restart.backoff_max_s",
+        "reschedule.interval_s",
+        "reschedule.delay_s",
+        "reschedule.max_delay_s",
+        "update.min_healthy_time_s",
+        "update.healthy_deadline_s",
+        "health_check.interval_s",
+        "health_check.timeout_s",
+        "health_check.start_period_s",
+    }
+
+
+@pytest.mark.parametrize(
+    "body, expected",
+    [
+        ("health_check: {kind: exec, command: [x], interval: 2h}", "health_check.interval: must be ≤ 1h"),
+        (
+            "health_check: {kind: exec, command: [x], interval_s: 10x}",
+            "health_check.interval_s: '10x' is not a duration",
+        ),
+        ("update: {healthy_deadline: 1s, healthy_deadline_s: 3}", "update.healthy_deadline: give healthy_deadline or"),
+        ("update: {healthy_deadline: 2d}", "update.healthy_deadline: must be ≤ 1d"),
+        ("reschedule: {delay: -1s}", "reschedule.delay: '-1s' is not a duration"),
+        ("restart: {backoff_max: 0s}", "restart.backoff_max_s: must be > 0"),
+        ("restart: {backoff_max: [1]}", "restart.backoff_max_s: expected `float`"),
+        (
+            "update: {min_healthy_time: 1m, healthy_deadline: 30s}",
+            "update.min_healthy_time_s: must be ≤ healthy_deadline_s",
+        ),
+    ],
+)
+def test_yaml_duration_errors_name_the_field(body, expected):
+    with pytest.raises(InvalidWorkload) as info:
+        parse_yaml(f"name: web\nimage: nginx\n{body}\n")
+    assert info.value.message.startswith(expected), info.value.message
+
+
+def test_a_bare_equals_operator_is_the_string():
+    spec = parse_yaml("name: web\nimage: nginx\nconstraints: [{attribute: node.zone, operator: =, value: a}]\n")
+    assert spec.constraints[0] == Constraint("node.zone", "=", "a")
+
+
+@pytest.mark.parametrize("depth", [100, 5000])
+def test_deeply_nested_yaml_is_a_clear_error(depth):
+    with pytest.raises(InvalidWorkload):
+        parse_yaml("name: web\nimage: nginx\nenv: {A: " + "[" * depth + "]" * depth + "}\n")

@@ -213,9 +213,9 @@ def test_versioned_indeterminate_put_is_revealed_by_a_read():
 
 def test_versioned_indeterminate_cas_may_or_may_not_apply():
     base = [op(0, "put", "a", 5, 0, 1), op(1, "cas", (5, "b"), None, 2, None)]
-    assert check_history(base + [op(2, "get", None, ("b", 6), 3, 4)], V).linearizable
-    assert check_history(base + [op(2, "get", None, ("a", 5), 3, 4)], V).linearizable
-    assert not check_history(base + [op(2, "get", None, ("c", 6), 3, 4)], V).linearizable
+    assert check_history([*base, op(2, "get", None, ("b", 6), 3, 4)], V).linearizable
+    assert check_history([*base, op(2, "get", None, ("a", 5), 3, 4)], V).linearizable
+    assert not check_history([*base, op(2, "get", None, ("c", 6), 3, 4)], V).linearizable
 
 
 # --- generated histories ---------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def run_register(
     store: dict[str, tuple[int, int]] = {}
     index = 0
     out = []
-    for lin, c, key, kind, call, ret, val, dice in plans:
+    for _lin, c, key, kind, call, ret, val, dice in plans:
         lost = dice < indeterminate
         applies = not (lost and dice < indeterminate / 2)  # half the lost ones never take effect
         cur = store.get(key)

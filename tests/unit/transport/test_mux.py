@@ -29,6 +29,7 @@ from cloudless.transport.mux import (
     MuxSession,
     encode_frame,
 )
+from tests.harness.waiting import wait_until
 
 CLIENT = PeerIdentity("mux", "node", "client", 1)
 SERVER = PeerIdentity("mux", "node", "server", 2)
@@ -226,8 +227,7 @@ async def test_opening_past_the_local_limit_waits_for_a_free_slot():
         assert await read_all(accepted) == b"done"
         await accepted.send_eof()  # both FINs: the slot frees and the waiter proceeds
         with trio.fail_after(2):
-            while not opened:
-                await trio.sleep(0.01)
+            await wait_until(lambda: opened, interval=0.01)
         assert opened[0].stream_id == 5
         await second.reset()
         nursery.cancel_scope.cancel()
@@ -248,8 +248,7 @@ async def test_a_waiter_for_a_stream_slot_fails_when_the_session_ends():
         await trio.sleep(0.05)
         await client.aclose()
         with trio.fail_after(2):
-            while not failed:
-                await trio.sleep(0.01)
+            await wait_until(lambda: failed, interval=0.01)
         nursery.cancel_scope.cancel()
 
 
@@ -385,8 +384,7 @@ async def feed_and_check(data: bytes) -> None:
                 peak["reassembly"] = max(peak["reassembly"], stats["reassembly_bytes"])
             await ours.aclose()
             with trio.fail_after(5):
-                while not server.is_closed:
-                    await trio.sleep(0.001)
+                await wait_until(lambda: server.is_closed, interval=0.001)
             nursery.cancel_scope.cancel()
     assert peak["buffered"] <= FUZZ_CONFIG.max_streams * FUZZ_CONFIG.receive_window
     assert peak["reassembly"] <= FUZZ_CONFIG.max_frame_size + 2 * HEADER.size + 777

@@ -15,6 +15,7 @@ from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
 from cloudless.transport.base import ConnectionLost
 from cloudless.transport.tls import TlsCarrier, connect_enrollment
+from tests.harness.waiting import wait_until
 
 NOW = datetime.now(UTC)
 CA = ClusterCA.create("limits", NOW)
@@ -57,8 +58,7 @@ async def test_enrollment_connections_beyond_the_cap_are_refused() -> None:
             assert not conn.is_closed
             await conn.aclose()
         with trio.fail_after(5):
-            while server.enrollees:  # the slots come back
-                await trio.sleep(0.01)
+            await wait_until(lambda: not server.enrollees, interval=0.01)  # the slots come back
         fresh, _ = await connect_enrollment(address)
         assert not await _closed(fresh)
         await fresh.aclose()
@@ -67,7 +67,7 @@ async def test_enrollment_connections_beyond_the_cap_are_refused() -> None:
 
 async def test_an_idle_enrollment_connection_is_closed_after_its_lifetime() -> None:
     async with trio.open_nursery() as nursery:
-        server, address = await _serve(nursery, enrollee_lifetime=0.5)
+        _, address = await _serve(nursery, enrollee_lifetime=0.5)
         conn, _ = await connect_enrollment(address)
         with trio.fail_after(5):
             with pytest.raises(ConnectionLost):
@@ -81,8 +81,7 @@ async def test_handshakes_in_flight_are_capped() -> None:
         # Silent TCP peers that never start TLS hold handshake slots...
         silent = [await trio.open_tcp_stream(*address) for _ in range(2)]
         with trio.fail_after(5):
-            while server.pending_handshakes < 2:
-                await trio.sleep(0.01)
+            await wait_until(lambda: server.pending_handshakes >= 2, interval=0.01)
         # ...so the next one is closed at once instead of costing a task and an SSL object.
         third = await trio.open_tcp_stream(*address)
         with trio.fail_after(2):

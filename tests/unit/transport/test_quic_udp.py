@@ -8,6 +8,7 @@ import pytest
 import trio
 
 from cloudless.transport.udp import UdpEndpoint, is_quic_datagram
+from tests.harness import waiting
 
 
 def test_fixed_bit_decides_quic_rfc9000_17():
@@ -21,8 +22,7 @@ def test_fixed_bit_decides_quic_rfc9000_17():
 
 async def wait_until(predicate, timeout: float = 2.0) -> None:
     with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
+        await waiting.wait_until(predicate, interval=0.005)
 
 
 async def test_endpoint_routes_by_first_byte_and_counts(nursery):
@@ -93,4 +93,4 @@ async def test_local_address_before_bind_is_an_error():
     from cloudless.transport.base import TransportError
 
     with pytest.raises(TransportError):
-        UdpEndpoint().local_address
+        _ = UdpEndpoint().local_address

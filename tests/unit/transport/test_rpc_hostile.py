@@ -22,6 +22,7 @@ from cloudless.transport.rpc import (
     RpcServer,
     encode_frame,
 )
+from tests.harness.waiting import wait_until
 
 MAX_FRAME = 4096
 
@@ -143,8 +144,7 @@ async def test_one_identity_cannot_hold_more_than_its_share_of_calls():
 
             for i in range(3):
                 nursery.start_soon(call, conns[i % 2])
-            while server.calls_active < 3:
-                await trio.sleep(0.01)
+            await wait_until(lambda: server.calls_active >= 3, interval=0.01)
             await call(conns[1])  # the fourth, on either connection, is refused at once
             assert isinstance(results[-1], Unavailable) and "most one identity may hold" in results[-1].message
             other = RpcClient(alice)
@@ -154,10 +154,9 @@ async def test_one_identity_cannot_hold_more_than_its_share_of_calls():
                 results.append(await other.call(other_conn, "hold", b"", timeout=10))
 
             nursery.start_soon(alice_call)
-            while server.calls_active < 4:  # alice's call is held, not refused
-                await trio.sleep(0.01)
+            # alice's call is held, not refused
+            await wait_until(lambda: server.calls_active >= 4, interval=0.01)
             release.set()
-            while len(results) < 5:
-                await trio.sleep(0.01)
+            await wait_until(lambda: len(results) >= 5, interval=0.01)
             nursery.cancel_scope.cancel()
     assert results.count(b"done") == 4

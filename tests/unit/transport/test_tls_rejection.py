@@ -25,6 +25,7 @@ from cloudless.pki.verify import PeerVerifier
 from cloudless.transport.base import ConnectionLost
 from cloudless.transport.tls import TlsCarrier
 from cloudless.transport.websocket import WebSocketCarrier
+from tests.harness.waiting import wait_until
 
 NOW = datetime.now(UTC)
 CLUSTER = "tls-test"
@@ -159,8 +160,7 @@ async def test_client_without_certificate_is_refused(carrier_cls):
                 assert "certificate required" in str(info.value.__cause__).lower()
         await trio.aclose_forcefully(stream)
         with trio.fail_after(5):
-            while server.rejected < 1:
-                await trio.sleep(0.01)
+            await wait_until(lambda: server.rejected >= 1, interval=0.01)
         conn = await carrier_cls(GOOD, verifier).connect(address)
         assert await round_trip(conn, b"ok") == b"ok"
         await conn.aclose()
@@ -209,10 +209,9 @@ async def test_stalled_handshakes_do_not_block_other_clients_and_time_out(carrie
             for tcp in silent:  # the server hangs up on each after handshake_timeout
                 assert await tcp.receive_some() == b""
         with trio.fail_after(5):  # all eleven are counted as refused
-            while server.rejected < 11:
-                await trio.sleep(0.01)
+            await wait_until(lambda: server.rejected >= 11, interval=0.01)
         await conn.aclose()
-        for tcp in silent + [garbage]:
+        for tcp in [*silent, garbage]:
             await tcp.aclose()
         nursery.cancel_scope.cancel()
 

@@ -17,6 +17,7 @@ from cloudless.pki.verify import PeerVerifier
 from cloudless.transport.base import ConnectionLost
 from cloudless.transport.tls import TlsContexts, client_handshake, open_tcp
 from cloudless.transport.websocket import RESOURCE, WebSocketCarrier
+from tests.harness.waiting import wait_until
 
 NOW = datetime.now(UTC)
 CA = ClusterCA.create("ws-test", NOW)
@@ -67,8 +68,7 @@ async def test_text_messages_close_the_connection():
         ws = await authenticated_ws(nursery, address, RESOURCE)
         await ws.send_message("not bytes")
         with trio.fail_after(5):
-            while not (served and served[0].is_closed):
-                await trio.sleep(0.01)
+            await wait_until(lambda: served and served[0].is_closed, interval=0.01)
         with pytest.raises(ConnectionLost, match="text WebSocket message"):
             await served[0].open_stream()
         # The listener goes on serving proper clients.

@@ -23,7 +23,7 @@ def chunked(data, cuts):
     """Split `data` at the (sorted, deduplicated) positions in `cuts`."""
     points = sorted({c % (len(data) + 1) for c in cuts})
     pieces, start = [], 0
-    for point in points + [len(data)]:
+    for point in [*points, len(data)]:
         pieces.append(data[start:point])
         start = point
     return pieces

@@ -1,7 +1,7 @@
 """Envelope codec: round trips, validation naming the field, version handling, and
 robustness against random and mutated input (nothing but WireError escapes)."""
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 import pytest
@@ -39,7 +39,7 @@ class Gossip(Message, tag="gossip.update"):
     state: Literal["alive", "suspect", "dead"] = "alive"
 
 
-SampleMessage = Union[Ping, Ack, Gossip]
+SampleMessage = Ping | Ack | Gossip
 codec = decoder_for(SampleMessage)
 
 names = st.from_regex(r"[a-z0-9][a-z0-9._-]{0,20}", fullmatch=True)
