@@ -70,7 +70,7 @@ class Proposer(Protocol):
     def known_leader(self) -> str | None: ...
 
     # The timeouts mirror ReplicatedState's: each call bounds its own wait.
-    async def wait_leader(self, timeout: float = ...) -> str: ...  # noqa: ASYNC109
+    async def wait_leader(self, timeout: float = ...) -> str: ...
 
     async def wait_leadership(self, leading: bool = ...) -> None: ...
 
@@ -82,16 +82,16 @@ class Proposer(Protocol):
         *,
         client_id: str = ...,
         seq: int = ...,
-        timeout: float = ...,  # noqa: ASYNC109
+        timeout: float = ...,
     ) -> tuple[Result, int]: ...
 
     async def propose_conf_change(
         self,
         change: ConfChange,
-        timeout: float = ...,  # noqa: ASYNC109
+        timeout: float = ...,
     ) -> int: ...
 
-    async def linearizable(self, timeout: float = ...) -> None: ...  # noqa: ASYNC109
+    async def linearizable(self, timeout: float = ...) -> None: ...
 
 
 class EventRecorder(Protocol):

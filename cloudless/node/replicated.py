@@ -361,7 +361,10 @@ class ReplicatedState:
     async def wait_leader(self, timeout: float = LEADER_WAIT) -> str:
         with trio.move_on_after(timeout):
             while (leader := self.known_leader()) is None:
-                await trio.sleep(self.driver.tick_interval)
+                # Raft's own leader arrives as an event; gossip's hint (for nodes
+                # outside Raft) has none, so look again every tick as well.
+                with trio.move_on_after(self.driver.tick_interval):
+                    await self._leader_changed.wait()
             return leader
         raise NoLeader("no Raft leader known yet", node=self.node_id)
 

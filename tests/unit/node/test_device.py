@@ -57,8 +57,8 @@ def test_arch_uses_oci_names_and_class_follows_the_battery():
 def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
     from types import SimpleNamespace
 
-    from cloudless.node.controller import node_infos
     from cloudless.gossip.metadata import Metadata
+    from cloudless.node.controller import node_infos
     from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
     from cloudless.state.fsm import NodeRecord
 
