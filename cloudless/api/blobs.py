@@ -13,8 +13,10 @@ import trio
 
 from cloudless.api.client import ClusterClient
 from cloudless.api.routing import PermissionDenied
+from cloudless.blobs import errors
 from cloudless.blobs.manifest import AccessKey, Bucket, ListPage, MultipartUpload, ObjectManifest, UploadPart
-from cloudless.blobs.objects import ObjectService
+from cloudless.blobs.objects import ObjectService, body_pieces
+from cloudless.errors import CloudlessError
 from cloudless.transport.rpc import RpcContext, RpcServer
 
 
@@ -303,6 +305,16 @@ class ClusterObjects:
                 await self.client.call("blobs.upload.abort", UploadRef(upload.upload_id), response=Flag)
             raise
 
+    async def get_bytes(self, bucket: str, key: str) -> bytes:
+        manifest = await self.head_object(bucket, key)
+        pieces: list[bytes] = []
+
+        async def collect(piece: bytes) -> None:
+            pieces.append(piece)
+
+        await self.copy_range(manifest, collect)
+        return b"".join(pieces)
+
     async def copy_range(self, manifest, write) -> None:  # type: ignore[no-untyped-def]
         async with self.client.stream(
             "blobs.object.get", ObjectRef(manifest.bucket, manifest.key), timeout=3600
@@ -312,15 +324,34 @@ class ClusterObjects:
 
 
 async def _pieces(body):  # type: ignore[no-untyped-def]
-    """Re-cut an async byte stream into PIECE-sized pieces (the last may be shorter)."""
+    """Re-cut a body (bytes or an async byte stream, as ObjectService takes) into
+    PIECE-sized pieces (the last may be shorter)."""
     buffer = bytearray()
-    async for data in body:
+    async for data in body_pieces(body):
         buffer.extend(data)
         while len(buffer) >= PIECE:
             yield bytes(buffer[:PIECE])
             del buffer[:PIECE]
     if buffer:
         yield bytes(buffer)
+
+
+def _blob_errors() -> dict[str, type]:
+    found = {}
+    for value in vars(errors).values():
+        if isinstance(value, type) and issubclass(value, CloudlessError) and value.__module__ == errors.__name__:
+            found[str(value.code)] = value
+    return found
+
+
+def _as_blob_error(exc: CloudlessError) -> CloudlessError:
+    """A remote blob error as its own class again (the RPC layer rebuilds it by
+    exit code only), so `except NoSuchKey` works the same through the cluster."""
+    cls = _blob_errors().get(str(exc.code))
+    if cls is None or isinstance(exc, cls):
+        return exc
+    error = cls(exc.message, **exc.context)
+    return error
 
 
 class _OneCall:
@@ -333,6 +364,8 @@ class _OneCall:
         client = ClusterClient(self.context)
         try:
             return await client.call(method, request, response=response, timeout=timeout)
+        except CloudlessError as exc:
+            raise _as_blob_error(exc) from None
         finally:
             await client.aclose()
 

@@ -80,6 +80,7 @@ class MemberInfo(msgspec.Struct, frozen=True):
     power: str = "ac"
     battery_pct: float | None = None
     network: str = "wired"
+    runtime: str = ""  # runc | rootless | memory | none; "" when the node has not said
 
 
 class StatusReply(msgspec.Struct, frozen=True):

@@ -35,6 +35,7 @@ from cloudless.api.messages import (
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
+from cloudless.gossip.metadata import RUNTIME_LABEL
 from cloudless.observability.events import EventLog
 from cloudless.pki.ca import certificate_fingerprint
 from cloudless.pki.tokens import create_token
@@ -158,6 +159,7 @@ class ApiService:
                     power=meta.power if meta else "ac",
                     battery_pct=float(meta.battery_percent) if meta and meta.battery_percent is not None else None,
                     network=("metered" if meta.metered else meta.network) if meta else "wired",
+                    runtime=meta.labels.get(RUNTIME_LABEL, "") if meta else "",
                 )
             )
         return StatusReply(

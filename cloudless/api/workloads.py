@@ -40,6 +40,7 @@ from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
 from cloudless.raft.errors import NoLeader
 from cloudless.scheduler import NodeInfo
+from cloudless.scheduler.plan import pending_reason
 from cloudless.state.commands import ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
 from cloudless.state.fsm import AllocationRecord, StateMachine, WorkloadRecord
 from cloudless.state.workload import WorkloadName, WorkloadSpec, validate
@@ -113,6 +114,7 @@ class PsItem(msgspec.Struct, frozen=True):
     running: int
     state: str  # running | pending | degraded | deploying | failed | stopped
     version: int
+    pending_reason: str = ""  # why replicas are not placed ("" when none wait for a node)
 
 
 class PsReply(msgspec.Struct, frozen=True):
@@ -141,6 +143,7 @@ class InspectReply(msgspec.Struct, frozen=True):
     failed_versions: list[int]
     allocations: list[AllocationInfo]
     explanations: list[str]
+    pending_reason: str = ""  # why replicas are not placed ("" when none wait for a node)
 
 
 class WorkloadLogs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -183,6 +186,13 @@ def workload_state(record: WorkloadRecord, recs: list[AllocationRecord]) -> tupl
     if any(r.allocation.state == "failed" for r in wanted):
         return "degraded", running
     return "pending", running
+
+
+def _pending_reason(record: WorkloadRecord, running: int, desired: int) -> str:
+    if running >= desired:
+        return ""
+
+    return pending_reason(record.explanations)
 
 
 def node_allocations(fsm: StateMachine, node: str) -> NodeAllocations:
@@ -324,7 +334,17 @@ class WorkloadService:
             record = fsm.workloads[name]
             state, running = workload_state(record, fsm.allocations_of_workload(name))
             desired = 0 if record.stopped else record.spec.replicas
-            items.append(PsItem(name, record.spec.image, desired, running, state, record.spec.version))
+            items.append(
+                PsItem(
+                    name,
+                    record.spec.image,
+                    desired,
+                    running,
+                    state,
+                    record.spec.version,
+                    _pending_reason(record, running, desired),
+                )
+            )
         return PsReply(items)
 
     def _record(self, name: str) -> WorkloadRecord:
@@ -347,6 +367,11 @@ class WorkloadService:
             failed_versions=list(record.failed_versions),
             allocations=[allocation_info(r) for r in recs],
             explanations=list(record.explanations),
+            pending_reason=_pending_reason(
+                record,
+                sum(1 for a in recs if a.desired == "run" and a.allocation.state == "running"),
+                0 if record.stopped else record.spec.replicas,
+            ),
         )
 
     async def scale(self, ctx: RpcContext, req: ScaleRequest) -> WorkloadReply:

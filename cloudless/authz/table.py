@@ -94,6 +94,7 @@ PERMISSIONS: dict[str, Rule] = {
         blobs__object__head="read objects",
         blobs__object__list="list objects",
         blobs__object__get="read objects",
+        images__list="list the cluster's images",
     ),
     # Day-to-day operation: workloads, images, blobs, variables.
     **_rules(
@@ -114,6 +115,9 @@ PERMISSIONS: dict[str, Rule] = {
         blobs__upload__part="write objects",
         blobs__upload__complete="write objects",
         blobs__upload__abort="write objects",
+        # As `image import` (blob writes) and `run` (a node pulls what it is told):
+        # a node fetches from the registry the caller names.
+        images__pull="pull images into the cluster",
     ),
     # Cluster administration: identities, membership, credentials.
     **_rules(

@@ -124,6 +124,7 @@ MEMBER_COLUMNS = [
     Column("ZONE", lambda m: m.zone),
     Column("POWER", _power),
     Column("NETWORK", lambda m: m.network),
+    Column("RUNTIME", lambda m: m.runtime),
 ]
 
 

@@ -17,13 +17,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import click
 import trio
 
+from cloudless import selfexec
 from cloudless.api import client_config
 from cloudless.api.client import ClusterClient
 from cloudless.api.messages import StatusReply, StatusRequest, TokenCreate, TokenReply
@@ -78,16 +78,13 @@ def _pick_ports(n: int, base: int) -> list[int]:
     return ports
 
 
-def _cloudless_argv() -> list[str]:
-    return [sys.executable, "-m", "cloudless"]
-
-
 def _start(node_dir: Path, args: list[str], stabilization: float = 2.0) -> int:
     node_dir.mkdir(parents=True, exist_ok=True)
     args = [*args, "--voter-stabilization", str(stabilization)]
     with open(node_dir / "node.out", "ab") as log:
         proc = subprocess.Popen(
-            _cloudless_argv() + ["node", "--data-dir", str(node_dir), *args],
+            [*selfexec.cloudless_argv(), "node", "--data-dir", str(node_dir), *args],
+            env=selfexec.cloudless_env(),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -1,8 +1,10 @@
-"""`cloudless image import|pull|ls|rm|prune`: the local node's image store.
+"""`cloudless image import|pull|ls|rm|prune`.
 
-The store lives in `<data dir>/images` (data dir: --data-dir, else
-$CLOUDLESS_DATA_DIR, else ~/.cloudless/node). These commands act on the local
-node directly for now; they will go through the cluster API later.
+`import`, `pull` and `ls` act on the cluster when a client config is at hand
+(--config, $CLOUDLESS_CONFIG, or ~/.cloudless/config.yaml) and no data dir is
+named: the image is published to the cluster's blob store, where every node
+finds it. With --data-dir (or $CLOUDLESS_DATA_DIR) they act on that node's
+local store, `<data dir>/images`, as `rm` and `prune` always do.
 """
 
 from __future__ import annotations
@@ -32,6 +34,68 @@ def _data_dir_option(f: Callable) -> Callable:
         show_default=True,
         help="Node data directory (images are kept in <data-dir>/images).",
     )(f)
+
+
+def _remember_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> None:
+    ctx.meta["cloudless.image.config"] = value
+
+
+def _target_options(f: Callable) -> Callable:
+    """--config and --data-dir: the cluster, or one node's local store."""
+    f = click.option(
+        "--config",
+        "_config",
+        type=click.Path(path_type=Path),
+        default=None,
+        expose_value=False,
+        callback=_remember_config,
+        help="Client config: act on the cluster (the default when a config exists and no --data-dir is given).",
+    )(f)
+    return _data_dir_option(f)
+
+
+def _cluster_context():  # type: ignore[no-untyped-def]
+    """The client context to act on, or None for the local store: a data dir
+    named on the command line or in $CLOUDLESS_DATA_DIR wins; then a client
+    config given or found at its default path."""
+    from cloudless.api import client_config
+
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("data_dir") in (
+        click.core.ParameterSource.COMMANDLINE,
+        click.core.ParameterSource.ENVIRONMENT,
+    ):
+        return None
+    given = ctx.meta.get("cloudless.image.config")
+    if given is None and not client_config.default_path().exists():
+        return None
+    return client_config.load(given).context(None)
+
+
+def _target(as_json: bool):  # type: ignore[no-untyped-def]
+    """`_cluster_context()` with a bad config reported as the command's error."""
+    from cloudless.api.client_config import Context
+
+    context = _run(as_json, _cluster_context)
+    assert context is None or isinstance(context, Context)
+    return context
+
+
+def _published_doc(image) -> dict:  # type: ignore[no-untyped-def]
+    return {
+        "name": image.name,
+        "id": image.id,
+        "manifest_digest": image.manifest_digest,
+        "size": image.size,
+        "layers": image.layers,
+        "publisher": image.publisher,
+        "created_at": image.created,
+    }
+
+
+def _name_row(name: str) -> tuple[str, str]:
+    repo, _, tag = name.rpartition(":")
+    return (repo, tag) if repo and "/" not in tag else (name, "")
 
 
 def _json_option(f: Callable) -> Callable:
@@ -121,7 +185,7 @@ def _run(as_json: bool, fn: Callable[[], object]) -> object:
     return None  # unreachable: fail() exits
 
 
-@click.group(help="Manage container images on this node.")
+@click.group(help="Manage container images: the cluster's (with a client config) or one node's (--data-dir).")
 def image() -> None:
     pass
 
@@ -129,9 +193,26 @@ def image() -> None:
 @image.command("import", help="Import an OCI image layout (directory or tar) or a `docker save` tarball.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--name", help="Tag the imported image with this reference.")
-@_data_dir_option
+@_target_options
 @_json_option
 def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
+    context = _target(as_json)
+    if context is not None:
+        from cloudless.api.images import import_to_cluster
+
+        def to_cluster() -> list:
+            with _ProgressBars(not as_json) as bars:
+                return trio.run(lambda: import_to_cluster(context, path, name=name, progress=bars))
+
+        images = _run(as_json, to_cluster)
+        assert isinstance(images, list)
+        if as_json:
+            output.emit_list([_published_doc(i) for i in images])
+            return
+        for i in images:
+            output.stdout.print(f"imported {i.name} ({i.id.split(':', 1)[1][:12]}) into the cluster", markup=False)
+        return
+
     def work() -> list[ImageRecord]:
         store = _store(data_dir)
         with _ProgressBars(not as_json) as bars:
@@ -157,8 +238,14 @@ def import_(path: Path, name: str | None, data_dir: str, as_json: bool) -> None:
 )
 @click.option("--username", envvar="CLOUDLESS_REGISTRY_USERNAME", help="Registry user name.")
 @click.option("--password", envvar="CLOUDLESS_REGISTRY_PASSWORD", help="Registry password (prefer the env var).")
-@click.option("--timeout", default=30.0, show_default=True, help="Per-request timeout in seconds.")
-@_data_dir_option
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 600),
+    default=30.0,
+    show_default=True,
+    help="Per-request timeout in seconds.",
+)
+@_target_options
 @_json_option
 def pull(
     reference: str,
@@ -171,6 +258,37 @@ def pull(
 ) -> None:
     from cloudless.sandbox.reference import parse_reference
     from cloudless.sandbox.registry import RegistryClient
+
+    context = _target(as_json)
+    if context is not None:
+        from cloudless.api.client import ClusterClient
+        from cloudless.api.images import ImagePullReply, ImagePullRequest
+
+        def on_a_node() -> ImagePullReply:
+            parse_reference(reference)  # a bad reference fails here, before any node is asked
+            request = ImagePullRequest(reference, tuple(insecure), username or "", password or "", timeout)
+
+            async def main() -> ImagePullReply:
+                client = ClusterClient(context)
+                try:
+                    # A pull takes many registry requests; each gets `timeout`.
+                    return await client.call("images.pull", request, response=ImagePullReply, timeout=600)
+                finally:
+                    await client.aclose()
+
+            return trio.run(main)
+
+        reply = _run(as_json, on_a_node)
+        assert reply is not None
+        if as_json:
+            output.emit_json({"image": _published_doc(reply.image), "node": reply.node})  # type: ignore[attr-defined]
+            return
+        image = reply.image  # type: ignore[attr-defined]
+        output.stdout.print(
+            f"pulled {image.name} ({image.id.split(':', 1)[1][:12]}) into the cluster through {reply.node}",  # type: ignore[attr-defined]
+            markup=False,
+        )
+        return
 
     def work() -> ImageRecord:
         ref = parse_reference(reference)
@@ -194,10 +312,29 @@ def pull(
         output.stdout.print(f"digest: {d}")
 
 
-@image.command("ls", help="List images on this node.")
-@_data_dir_option
+@image.command("ls", help="List the cluster's images (or one node's, with --data-dir).")
+@_target_options
 @output.output_options
 def ls(data_dir: str, out: output.OutputFormat) -> None:
+    context = _target(out.json)
+    if context is not None:
+        from cloudless.api.client import ClusterClient
+        from cloudless.api.images import ImageListReply
+
+        async def main() -> ImageListReply:
+            client = ClusterClient(context)
+            try:
+                return await client.call("images.list", b"", response=ImageListReply, timeout=60)
+            finally:
+                await client.aclose()
+
+        reply = _run(out.json, lambda: trio.run(main))
+        assert reply is not None
+        if out.structured:
+            out.emit_list([_published_doc(i) for i in reply.images], truncated=reply.truncated)  # type: ignore[attr-defined]
+            return
+        output.print_table(_CLUSTER_IMAGE_COLUMNS, reply.images, wide=out.wide)  # type: ignore[attr-defined]
+        return
     records = _run(out.json, lambda: _store(data_dir).list())
     assert isinstance(records, list)
     if out.structured:
@@ -206,6 +343,15 @@ def ls(data_dir: str, out: output.OutputFormat) -> None:
     rows = [(r, *n.rsplit(":", 1)) for r in records for n in r.names or ["<none>:<none>"]]
     output.print_table(_IMAGE_COLUMNS, rows, wide=out.wide)
 
+
+_CLUSTER_IMAGE_COLUMNS = [  # rows are PublishedImage
+    output.Column("REPOSITORY", lambda i: _name_row(i.name)[0]),
+    output.Column("TAG", lambda i: _name_row(i.name)[1]),
+    output.Column("IMAGE ID", lambda i: i.id.split(":", 1)[1][:12]),
+    output.Column("DIGEST", lambda i: i.id, wide_only=True),
+    output.Column("SIZE", lambda i: _human(i.size)),
+    output.Column("PUBLISHED BY", lambda i: i.publisher),
+]
 
 _IMAGE_COLUMNS = [  # rows are (record, repository, tag)
     output.Column("REPOSITORY", lambda row: row[1]),
@@ -216,7 +362,7 @@ _IMAGE_COLUMNS = [  # rows are (record, repository, tag)
 ]
 
 
-@image.command("rm", help="Remove an image name (and the image once it has no names left).")
+@image.command("rm", help="Remove an image name from a node's local store (and the image once it has no names left).")
 @click.argument("reference")
 @click.option("--force", is_flag=True, help="Remove even if a container root still uses it.")
 @_data_dir_option

@@ -2,19 +2,20 @@
 
 Command modules are imported only when their command runs: importing every
 subsystem (scheduler, QUIC, sandbox...) costs over a second on a small
-device, and `cloudless vars get` should not pay for `cloudless run`.
+device, and `cloudless vars get` should not pay for `cloudless run`. The
+command table below is the whole list (nothing is discovered from the file
+system), so a frozen bundle lists and loads the same commands as a wheel.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from typing import Any
 
 import click
 
-from cloudless import __version__
+from cloudless import __version__, selfexec
 from cloudless.cli import output
 
 # name -> (module, attribute, one-line help shown by `cloudless --help`)
@@ -46,25 +47,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _available(name: str) -> bool:
-    module_name, attr, _ = COMMANDS[name]
-    try:
-        spec = importlib.util.find_spec(module_name)
-    except ModuleNotFoundError:
-        return False
-    return spec is not None
-
-
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(name for name in COMMANDS if _available(name))
+        return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS or not _available(name):
+        if name not in COMMANDS:
             return None
         module_name, attr, _ = COMMANDS[name]
         module = importlib.import_module(module_name)
-        return getattr(module, attr, None)
+        return getattr(module, attr)
 
     def invoke(self, ctx: click.Context) -> Any:
         # Every error a command raises ends here: one line (or the -o json|yaml document) and its exit code.
@@ -113,4 +105,6 @@ def cli() -> None:
 
 
 def main() -> None:
+    selfexec.restore_library_path()
+    selfexec.run_hidden_entry(sys.argv)
     cli(prog_name="cloudless")

@@ -116,6 +116,13 @@ def _config_hint(path: Path) -> str:
     help="What this device is, for placement constraints (default: laptop when it has a battery, else server).",
 )
 @click.option(
+    "--runtime",
+    type=click.Choice(["auto", "runc", "none"]),
+    default=None,
+    help="Container runtime (default auto: runc when root with runc and cgroups, else none). "
+    "`none` for devices that must never run containers; the scheduler places nothing there.",
+)
+@click.option(
     "--voter-stabilization",
     type=Duration(0, 3600),
     default="10s",
@@ -152,6 +159,7 @@ def node(
     battery,
     network,
     device_class,
+    runtime,
     voter_stabilization,
     metrics_listen,
     s3_listen,
@@ -188,6 +196,7 @@ def node(
         battery=battery,
         network=network,
         device_class=device_class,
+        runtime=runtime,
         autopilot=AutopilotConfig(stabilization_s=voter_stabilization),
         log_level=log_level,
         metrics_listen=metrics_listen,

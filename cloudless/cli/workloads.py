@@ -182,12 +182,16 @@ async def ps(client: ClusterClient, out: OutputFormat) -> None:
                     "desired": i.desired,
                     "running": i.running,
                     "state": i.state,
+                    "pending_reason": i.pending_reason,
                 }
                 for i in reply.items
             ]
         )
         return
     print_table(PS_COLUMNS, reply.items, wide=out.wide)
+    for i in reply.items:
+        if i.pending_reason:
+            stdout.print(f"{i.name} pending: {i.pending_reason}", markup=False, highlight=False)
 
 
 PS_COLUMNS = [
@@ -224,6 +228,7 @@ def inspect_document(reply: InspectReply) -> dict:
             for a in reply.allocations
         ],
         "explanations": reply.explanations,
+        "pending_reason": reply.pending_reason,
     }
 
 
@@ -260,6 +265,8 @@ async def inspect(client: ClusterClient, out: OutputFormat, name: str) -> None:
     for a in reply.allocations:
         if a.message:
             stdout.print(f"{a.id}: {a.message}", markup=False, highlight=False)
+    if reply.pending_reason:
+        stdout.print(f"pending: {reply.pending_reason}", markup=False, highlight=False)
     if reply.explanations:
         stdout.print("placement:")
         for line in reply.explanations:

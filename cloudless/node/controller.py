@@ -14,7 +14,7 @@ import trio
 
 from cloudless.coordinator.controller import ControllerState, build_view, reconcile
 from cloudless.errors import CloudlessError
-from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
+from cloudless.gossip.metadata import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL, RUNTIMES
 from cloudless.ports import ClusterView, EventRecorder, Proposer
 from cloudless.scheduler import NodeInfo
 
@@ -44,6 +44,9 @@ def node_infos(
             labels = {**meta.labels, **labels}
         arch = labels.pop(ARCH_LABEL, "")
         device_class = labels.pop(CLASS_LABEL, "server")
+        runtime = labels.pop(RUNTIME_LABEL, "")
+        if runtime not in RUNTIMES:
+            runtime = ""  # unknown word from a newer node: not refused for it
         if device_class not in ("server", "pc", "laptop", "phone", "gateway"):
             device_class = "server"
         uptime_s, flaps = 0.0, 0
@@ -70,6 +73,7 @@ def node_infos(
                 charging=bool(meta.charging) if meta else False,
                 network=meta.network if meta else "wired",
                 metered=bool(meta.metered) if meta else False,
+                runtime=runtime,
             )
         )
     return out

@@ -8,18 +8,20 @@ metadata, autopilot's voter choice and the scheduler.
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from cloudless.errors import InvalidInput
+
 Power = Literal["ac", "battery"]
 Network = Literal["wired", "wifi", "metered"]
 DeviceClass = Literal["server", "pc", "laptop", "phone", "gateway"]
-
-# Reserved gossip labels that carry what the scheduler's node attributes
-# `node.arch` and `node.class` read.
-ARCH_LABEL = "cloudless/arch"
-CLASS_LABEL = "cloudless/class"
+# What this node can run containers with: `runc` (root, runc, cgroups),
+# `rootless` (runc in a user namespace; not driven yet, so never detected),
+# `memory` (the in-memory twin, tests and benchmarks), `none`.
+Runtime = Literal["runc", "rootless", "memory", "none"]
 _ARCH_NAMES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386"}
 
 
@@ -115,3 +117,55 @@ def detect(
         arch=oci_arch(os.uname().machine),
         device_class=device_class or ("laptop" if has_battery else "server"),
     )
+
+
+def _cgroups_mounted(root: Path) -> bool:
+    # v2: one unified hierarchy with a controllers list; v1: per-controller dirs.
+    return (root / "cgroup.controllers").exists() or (root / "memory").is_dir()
+
+
+def unprivileged_userns(proc_sys: Path = Path("/proc/sys")) -> bool:
+    """Whether the kernel lets a non-root user create user namespaces (what
+    rootless runc needs): Debian's switch when it exists, and a non-zero limit."""
+    switch = _read(proc_sys / "kernel" / "unprivileged_userns_clone")
+    limit = _read(proc_sys / "user" / "max_user_namespaces")
+    return switch != "0" and limit is not None and limit.isdigit() and int(limit) > 0
+
+
+def detect_runtime(
+    forced: str | None = None,
+    *,
+    euid: int | None = None,
+    runc: str | None = None,
+    cgroup_root: Path = Path("/sys/fs/cgroup"),
+) -> tuple[Runtime, str]:
+    """(runtime, why): what this process can run containers with.
+
+    `forced` ("runc", "memory", "none"; from `--runtime` or CLOUDLESS_RUNTIME)
+    wins, except that `runc` is refused when it cannot work, so a node never
+    advertises a runtime it does not have. Rootless runc is not driven by the
+    agent yet, so a non-root device reports `none` and says so."""
+    if forced in (None, "", "auto"):
+        forced = None
+    elif forced not in ("runc", "memory", "none"):
+        raise InvalidInput(f"unknown runtime {forced[:40]!r} (auto, runc, memory or none)", field="runtime")
+    euid = os.geteuid() if euid is None else euid
+    runc = shutil.which("runc") if runc is None else runc
+    missing = []
+    if euid != 0:
+        userns = "available" if unprivileged_userns() else "not available"
+        missing.append(f"not root (rootless runc is not supported yet; unprivileged user namespaces are {userns})")
+    if not runc:
+        missing.append("no runc binary on PATH")
+    if not _cgroups_mounted(cgroup_root):
+        missing.append(f"no cgroup hierarchy at {cgroup_root}")
+    if forced == "none":
+        return "none", "forced with --runtime none"
+    if forced == "memory":
+        return "memory", "in-memory runtime (tests and benchmarks)"
+    if not missing:
+        return "runc", "root, runc and cgroups"
+    why = "; ".join(missing)
+    if forced == "runc":
+        raise InvalidInput(f"runtime runc cannot work here: {why}", field="runtime")
+    return "none", why

@@ -57,12 +57,12 @@ from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
-from cloudless.gossip.metadata import Metadata, Resources
+from cloudless.gossip.metadata import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL, Metadata, Resources
 from cloudless.node.autopilot import Coordinator
 from cloudless.node.blobs import BlobStorage, advertised_disk, s3_label
 from cloudless.node.controller import node_infos
 from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name
-from cloudless.node.device import ARCH_LABEL, CLASS_LABEL, DeviceProfile, detect
+from cloudless.node.device import DeviceProfile, detect, detect_runtime
 from cloudless.node.enroll import enroll
 from cloudless.node.enroll_service import EnrollService, RenewReply, RenewRequest, node_certificate_lifetime
 from cloudless.node.gossip_identity import GossipIdentity, decode_reply, install_keyring, keys_reply, public_key_der
@@ -116,6 +116,7 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
+    runtime: str | None = None  # runc | memory | none; None: detect (CLOUDLESS_RUNTIME, then root+runc+cgroups)
     # Called with the admin client config's path once this node has created a new cluster
     # (the CLI merges it into the user's client config and says so).
     on_bootstrapped: Callable[[Path], None] | None = None
@@ -266,6 +267,11 @@ class Node:
         self.events = events or EventLog()
         self.metrics = NodeMetrics(lambda: self)
         self.device: DeviceProfile = self._detect_device()
+        # Decided once: the agent is built for it, and gossip advertises it so
+        # the scheduler never places a container where it cannot run.
+        self.runtime, self.runtime_reason = detect_runtime(
+            options.runtime or os.environ.get("CLOUDLESS_RUNTIME") or None
+        )
         self.started_at = time.time()
         self.stopping = trio.Event()
         self.ready = trio.Event()
@@ -335,6 +341,8 @@ class Node:
                 s3_endpoint=self.s3_endpoint,
             )
             self.workloads = Workloads(
+                runtime=self.runtime,
+                runtime_reason=self.runtime_reason,
                 root=self.data.root,
                 images_dir=self.data.root / "images",
                 cluster=self.membership,
@@ -411,7 +419,7 @@ class Node:
             zone=self.options.zone,
             labels=dict(self.options.labels)
             | s3_label(self.s3_endpoint)
-            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class},
+            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class, RUNTIME_LABEL: self.runtime},
             roles=tuple(roles),
             capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_total),
             free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_free),

@@ -2,17 +2,17 @@
 controller (acts on the leader only) and the workload API, built by `Node`
 and run in its nursery.
 
-The runtime is runc when this process may drive it (root, runc installed);
-`CLOUDLESS_RUNTIME=memory` selects the in-memory twin (benchmarks and tests
-of scheduling without containers), `none` runs no agent.
+The runtime is the one the node detected and advertises (`Node.runtime`,
+`node.device.detect_runtime`): runc when this process may drive it (root,
+runc, cgroups); `--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory
+twin (benchmarks and tests of scheduling without containers), `none` runs no
+agent.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from cloudless.agent.containers import ImageRootfs, MemoryRootfs
 from cloudless.agent.images_from_peers import PeerImages
 from cloudless.agent.local import LocalAllocations
 from cloudless.agent.source import ClusterSource
+from cloudless.api.images import ImageApi
 from cloudless.api.workloads import WorkloadService
 from cloudless.blobs.oci import OciBlobs
 from cloudless.node.controller import WorkloadController
@@ -36,22 +37,15 @@ from cloudless.transport.rpc import RpcClient, RpcServer
 log = logging.getLogger(__name__)
 
 
-def choose_runtime() -> str:
-    wanted = os.environ.get("CLOUDLESS_RUNTIME", "")
-    if wanted in ("runc", "memory", "none"):
-        return wanted
-    if os.geteuid() == 0 and shutil.which("runc"):
-        return "runc"
-    return "none"
-
-
 class Workloads:
-    """The agent (None when this node runs no containers), the controller and
-    the workload API, wired to the node's ports."""
+    """The agent (None when this node runs no containers), the controller, the
+    workload API and the cluster image API, wired to the node's ports."""
 
     def __init__(
         self,
         *,
+        runtime: str,
+        runtime_reason: str,
         root: Path,
         images_dir: Path,
         cluster: ClusterView,
@@ -63,7 +57,8 @@ class Workloads:
         nodes: Callable[[], list[NodeInfo]],
         oci_blobs: OciBlobs,
     ) -> None:
-        self.kind = choose_runtime()
+        self.kind = runtime
+        self.runtime_reason = runtime_reason
         self.node_id = cluster.node_id
         agent_dir = root / "agent"
         source = ClusterSource(rpc, leader_address)
@@ -91,13 +86,20 @@ class Workloads:
                 rng=random.Random(),
             )
         WorkloadService(cluster, replicated, rpc, events, nodes, self.agent).register(server)
+        ImageApi(
+            cluster.node_id,
+            lambda: oci_blobs,
+            root / "tmp" / "images",
+            local=self.peer_images,
+            events=events,
+        ).register(server)
         self.controller = WorkloadController(cluster, replicated, events, nodes)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if self.agent is None:
             log.warning(
                 "agent.disabled",
-                extra={"fields": {"node": self.node_id, "reason": "no container runtime (needs root and runc)"}},
+                extra={"fields": {"node": self.node_id, "reason": self.runtime_reason}},
             )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.controller.run)

@@ -11,7 +11,8 @@ segment). Rotation starts a new segment once the current one would exceed
 they are observations, not acknowledged writes.
 
 The same file is **the log shim** (see runc.py for why one exists). runc.py
-runs it by path with `python -I -S logs.py shim ...`, so at module level this
+runs it by path with `python -I -S logs.py shim ...` (a frozen bundle: through a
+hidden argument, see cloudless/selfexec.py), so at module level this
 file imports only the standard library, and the shim path only C builtins: an
 isolated interpreter with no site packages starts in ~7 ms instead of ~100 ms,
 and the shim sits on the start path. The shim:

@@ -3,7 +3,7 @@
 Why a shim. After `runc create` the container's init is no longer anyone's
 child we can wait on, and its stdout/stderr must keep flowing somewhere while
 the node process restarts. So each run goes through a small per-container
-shim (the `__main__` of logs.py, run with `python -I -S`): it forks off a
+shim (the `__main__` of logs.py, run as selfexec.log_shim_argv() says): it forks off a
 daemon that becomes a child subreaper and runs `runc create` with the
 container's stdio set to pipes it owns, then `runc start`, and reports
 `ok <pid>`. Once runc exits, init is re-parented to the daemon, which pumps
@@ -50,7 +50,6 @@ import resource
 import shutil
 import signal as signals
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -58,6 +57,7 @@ from pathlib import Path
 import msgspec
 import trio
 
+from cloudless import selfexec
 from cloudless.durable import write_atomic
 from cloudless.sandbox import logs as container_logs
 from cloudless.sandbox.network import BridgeConfig, BridgeNetwork
@@ -79,7 +79,6 @@ from cloudless.sandbox.spec import NOFILE_LIMIT, HostCgroups, ResolvedUser, buil
 
 log = logging.getLogger(__name__)
 
-SHIM_SCRIPT = container_logs.__file__
 WAIT_POLL = 0.02  # seconds between exit.json checks while waiting
 
 
@@ -126,7 +125,7 @@ class RuncRuntime:
         log_max_bytes: int = 10 * 1024 * 1024,
         log_keep: int = 3,
         command_timeout: float = 30.0,
-        python: str = sys.executable,
+        shim_argv: list[str] | None = None,  # default: selfexec.log_shim_argv()
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.runc = shutil.which(runc_binary) or runc_binary
@@ -139,7 +138,7 @@ class RuncRuntime:
         self.log_max_bytes = log_max_bytes
         self.log_keep = log_keep
         self.timeout = command_timeout
-        self.python = python
+        self.shim_argv = list(shim_argv) if shim_argv is not None else selfexec.log_shim_argv()
         self.cgroups = detect_cgroups()
         # Relative cgroup paths nest under the cgroup runc runs in; the tag keeps
         # two runtimes on one machine (a dev cluster) apart.
@@ -348,7 +347,7 @@ class RuncRuntime:
 
     async def _spawn_shim(self) -> trio.Process:
         return await trio.lowlevel.open_process(
-            [self.python, "-I", "-S", SHIM_SCRIPT, "shim", "--args-from-stdin"],
+            [*self.shim_argv, "shim", "--args-from-stdin"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -4,8 +4,9 @@ Filters run in a fixed order and a node is charged to the first one that
 rejects it, so the counts add up to the node total (Nomad's
 `AllocMetric.ConstraintFiltered` / `DimensionExhausted`):
 
-1. static, per plan — node state, then each constraint in spec order, then
-   hard anti-affinity. Evaluated per distinct attribute value on bitmasks, so
+1. static, per plan — node state, container runtime (`runtime=none` nodes
+   take no container), then each constraint in spec order, then hard
+   anti-affinity. Evaluated per distinct attribute value on bitmasks, so
    they cost O(values), not O(nodes).
 2. dynamic, per decision — cpu, memory, host ports, spread limits
    (`max_per`). These change as the plan places replicas, so `Usage` keeps
@@ -29,6 +30,7 @@ STATE_REASONS = {
     "ineligible": "node not eligible",
     "no_capacity": "node reports no capacity",
 }
+NO_RUNTIME = "node cannot run containers (runtime=none)"
 INSUFFICIENT_CPU = "insufficient cpu"
 INSUFFICIENT_MEMORY = "insufficient memory"
 
@@ -106,6 +108,11 @@ class StaticFeasibility:
         return {reason: mask.bit_count() for reason, mask in self.rejected}
 
 
+def runtime_none_mask(view: ClusterView) -> int:
+    """Nodes that said they cannot run containers."""
+    return view.attribute("node.runtime").masks.get("none", 0)
+
+
 def architecture_rule(architectures: Iterable[str]) -> Constraint:
     return Constraint("node.arch", "in", tuple(sorted(set(architectures))))
 
@@ -127,6 +134,7 @@ def static_filters(
     for state, mask in sorted(view.state_masks.items()):
         if state != "alive":
             apply(STATE_REASONS.get(state, f"node {state}"), ~mask)
+    apply(NO_RUNTIME, ~runtime_none_mask(view))
     if architectures is not None:
         rule = architecture_rule(architectures)
         apply(

@@ -7,10 +7,28 @@ renders `explain()`.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 import msgspec
 
+from cloudless.scheduler.feasible import NO_RUNTIME
 from cloudless.state.workload import Allocation, WorkloadSpec
+
+# How explain() words what `pending_reason` picks out again for ps/inspect.
+NOT_PLACED = " not placed: "
+NO_NODE_CAN_RUN = "no node can run containers"
+SOME_NODES_CANNOT_RUN = "cannot run containers"
+
+
+def pending_reason(explanations: Sequence[str]) -> str:
+    """Why replicas wait, from the controller's last explanation ("" if it
+    placed everything): the first unplaced replica's summary, and which nodes
+    cannot run containers at all."""
+    summary = next(
+        (x.split(NOT_PLACED, 1)[1] for x in explanations if x.startswith("replica ") and NOT_PLACED in x), ""
+    )
+    runtime = next((x for x in explanations if x.startswith((NO_NODE_CAN_RUN + ":", SOME_NODES_CANNOT_RUN + ":"))), "")
+    return "; ".join(part for part in (runtime, summary) if part)
 
 
 def summarise(total: int, feasible: int, rejections: dict[str, int]) -> str:
@@ -69,7 +87,12 @@ class Plan(msgspec.Struct, frozen=True):
                 f"replica {p.replica} → {p.node} (score {p.score:+.3f}; {parts}; {p.feasible} of {self.nodes} nodes feasible)"
             )
         for f in self.failures:
-            lines.append(f"replica {f.replica} not placed: {f.message}")
+            lines.append(f"replica {f.replica}{NOT_PLACED}{f.message}")
+        if self.failures:
+            unable = sorted(n for n, why in self.node_reasons.items() if why == NO_RUNTIME)
+            if unable:
+                head = NO_NODE_CAN_RUN if len(unable) == self.nodes else SOME_NODES_CANNOT_RUN
+                lines.append(f"{head}: " + ", ".join(f"{n} runtime=none" for n in unable))
         return lines
 
 

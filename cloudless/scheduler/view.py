@@ -53,6 +53,9 @@ class NodeInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     metered: bool = False
     uptime_s: float = 0.0
     flaps: int = 0  # suspect/dead transitions in gossip's recent window
+    # What the node runs containers with (runc, rootless, memory, none); ""
+    # when it has not said (an older node, or no metadata yet): not refused.
+    runtime: str = ""
 
 
 _EXTRACTORS: dict[str, Callable[[NodeInfo], str | None]] = {
@@ -65,6 +68,7 @@ _EXTRACTORS: dict[str, Callable[[NodeInfo], str | None]] = {
     "node.power": attrgetter("power"),
     "node.network": attrgetter("network"),
     "node.metered": lambda node: "true" if node.metered else "false",
+    "node.runtime": lambda node: node.runtime or None,
 }
 
 

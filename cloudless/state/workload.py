@@ -66,6 +66,7 @@ NODE_ATTRIBUTES = (
     "node.power",
     "node.network",
     "node.metered",
+    "node.runtime",
 )
 _LABEL_ATTRIBUTE = re.compile(r"^label\.[A-Za-z0-9_.:/-]{1,63}$")
 MAX_LIST = 64
@@ -554,7 +555,9 @@ def parse_yaml(text: str | bytes) -> WorkloadSpec:
 
 # The keys beside `spec` in `cloudless inspect -o yaml|json`: apply takes that
 # document back as it is (kubectl's get -o yaml | apply), reading only `spec`.
-INSPECT_KEYS = frozenset({"name", "state", "stable_version", "failed_versions", "allocations", "explanations"})
+INSPECT_KEYS = frozenset(
+    {"name", "state", "stable_version", "failed_versions", "allocations", "explanations", "pending_reason"}
+)
 
 
 def _unwrap_inspect(doc: dict[Any, Any]) -> dict[Any, Any]:
@@ -710,7 +713,7 @@ def parse_restart_flag(text: str) -> RestartPolicy:
 def parse_constraint_flag(text: str) -> Constraint:
     """ "ATTR=V", "ATTR!=V", "ATTR=~REGEX", "ATTR in a,b", "ATTR not_in a,b", "ATTR exists".
 
-    `zone`, `region`, `arch`, `class`, `power`, `network` are accepted for
+    `zone`, `region`, `arch`, `class`, `power`, `network`, `runtime` are accepted for
     their `node.` attributes.
     """
     m = _CONSTRAINT.match(text)

@@ -31,7 +31,7 @@ LAYERS: list[set[str]] = [
     {"raft", "gossip", "blobs", "sandbox"},
     {"transport", "authz"},
     {"pki"},
-    {"wire", "observability", "durable", "duration"},
+    {"wire", "observability", "durable", "duration", "selfexec"},
     {"errors"},
 ]
 

@@ -1,3 +1,5 @@
+import pytest
+
 from cloudless.node.device import detect, detect_network, detect_power
 
 
@@ -57,9 +59,8 @@ def test_arch_uses_oci_names_and_class_follows_the_battery():
 def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
     from types import SimpleNamespace
 
-    from cloudless.gossip.metadata import Metadata
+    from cloudless.gossip.metadata import ARCH_LABEL, CLASS_LABEL, Metadata
     from cloudless.node.controller import node_infos
-    from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
     from cloudless.state.fsm import NodeRecord
 
     meta = Metadata(
@@ -71,3 +72,67 @@ def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
     (info,) = node_infos(cluster, replicated, uptime_and_flaps=lambda name: (0.0, 0))  # type: ignore[arg-type]
     assert (info.arch, info.device_class, info.labels) == ("arm64", "phone", {"gpu": "no"})
     assert (info.power, info.battery_percent, info.zone) == ("battery", 40, "z")
+
+
+def test_runtime_is_runc_only_with_root_runc_and_cgroups(tmp_path):
+    from cloudless.node.device import detect_runtime
+
+    cgroups = tmp_path / "cgroup"
+    cgroups.mkdir()
+    (cgroups / "cgroup.controllers").write_text("cpu memory pids\n")
+    assert detect_runtime(euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)[0] == "runc"
+    runtime, why = detect_runtime(euid=1000, runc="/usr/sbin/runc", cgroup_root=cgroups)
+    assert runtime == "none" and "not root" in why
+    runtime, why = detect_runtime(euid=0, runc="", cgroup_root=cgroups)
+    assert runtime == "none" and "no runc" in why
+    runtime, why = detect_runtime(euid=0, runc="/usr/sbin/runc", cgroup_root=tmp_path / "missing")
+    assert runtime == "none" and "cgroup" in why
+
+
+def test_forced_runtime_none_wins_and_forced_runc_must_work(tmp_path):
+    from cloudless.errors import InvalidInput
+    from cloudless.node.device import detect_runtime
+
+    cgroups = tmp_path / "cgroup"
+    (cgroups / "memory").mkdir(parents=True)  # cgroup v1 layout
+    assert detect_runtime("none", euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)[0] == "none"
+    assert detect_runtime("auto", euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)[0] == "runc"
+    assert detect_runtime("memory", euid=1000, runc="", cgroup_root=cgroups)[0] == "memory"
+    with pytest.raises(InvalidInput, match="not root"):
+        detect_runtime("runc", euid=1000, runc="/usr/sbin/runc", cgroup_root=cgroups)
+    with pytest.raises(InvalidInput, match="unknown runtime"):
+        detect_runtime("docker", euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)
+
+
+def test_node_infos_read_the_runtime_label():
+    from types import SimpleNamespace
+
+    from cloudless.gossip.metadata import RUNTIME_LABEL, Metadata
+    from cloudless.node.controller import node_infos
+    from cloudless.state.fsm import NodeRecord
+
+    metas = {"a": Metadata(labels={RUNTIME_LABEL: "none"}), "b": Metadata(labels={RUNTIME_LABEL: "warp-drive"})}
+    cluster = SimpleNamespace(
+        node_id="me",
+        member=lambda name: SimpleNamespace(state=0, meta=metas.get(name, Metadata()), state_change=0.0),
+    )
+    replicated = SimpleNamespace(
+        fsm=SimpleNamespace(nodes={n: NodeRecord(n, "127.0.0.1:1", "", "", {}, 1, {}) for n in ("a", "b", "c")})
+    )
+    infos = {i.node_id: i for i in node_infos(cluster, replicated, uptime_and_flaps=lambda name: (0.0, 0))}  # type: ignore[arg-type]
+    assert (infos["a"].runtime, infos["b"].runtime, infos["c"].runtime) == ("none", "", "")
+    assert infos["a"].labels == {}
+
+
+def test_unprivileged_user_namespaces_need_the_switch_and_a_limit(tmp_path):
+    from cloudless.node.device import unprivileged_userns
+
+    (tmp_path / "user").mkdir()
+    (tmp_path / "kernel").mkdir()
+    assert not unprivileged_userns(tmp_path)  # nothing readable: not claimed
+    (tmp_path / "user" / "max_user_namespaces").write_text("0\n")
+    assert not unprivileged_userns(tmp_path)
+    (tmp_path / "user" / "max_user_namespaces").write_text("63000\n")
+    assert unprivileged_userns(tmp_path)
+    (tmp_path / "kernel" / "unprivileged_userns_clone").write_text("0\n")
+    assert not unprivileged_userns(tmp_path)

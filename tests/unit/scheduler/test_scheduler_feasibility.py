@@ -274,3 +274,54 @@ def test_a_node_that_reports_no_capacity_is_not_feasible():
     plan = plan_placements(s, 1, view, explain_nodes=True)
     assert plan.placements[0].node == "c"
     assert plan.node_reasons == {"a": "node reports no capacity", "b": "node reports no capacity"}
+
+
+# -- container runtime ---------------------------------------------------------------
+
+
+def test_nodes_that_cannot_run_containers_get_no_replica_and_are_named():
+    from cloudless.scheduler.plan import pending_reason
+
+    view = ClusterView([node("gw", runtime="none"), node("vps", runtime="runc"), node("old")])
+    plan = plan_placements(spec(replicas=3, spreads=(Spread("node", max_per=1),)), 3, view)
+    assert sorted(p.node for p in plan.placements) == ["old", "vps"]  # "" (not said) is not refused
+    [failure] = plan.failures
+    assert failure.rejections == {
+        "node cannot run containers (runtime=none)": 1,
+        "spread limit 1 per node": 2,
+    }
+    assert plan.node_reasons["gw"] == "node cannot run containers (runtime=none)"
+    lines = plan.explain()
+    assert "cannot run containers: gw runtime=none" in lines
+    assert pending_reason(lines).startswith("cannot run containers: gw runtime=none; 0 of 3 nodes feasible")
+
+
+def test_when_no_node_can_run_containers_the_reason_says_so():
+    from cloudless.scheduler.plan import pending_reason
+
+    view = ClusterView([node("node1", runtime="none"), node("node2", runtime="none")])
+    plan = plan_placements(spec(replicas=1), 1, view)
+    assert not plan.placements
+    reason = pending_reason(plan.explain())
+    assert reason == (
+        "no node can run containers: node1 runtime=none, node2 runtime=none; "
+        "0 of 2 nodes feasible: 2 node cannot run containers (runtime=none)"
+    )
+
+
+def test_runtime_filter_runs_before_constraints_and_is_a_node_attribute():
+    view = ClusterView([node("a", runtime="none", zone="z1"), node("b", runtime="rootless", zone="z2")])
+    plan = plan_placements(spec(constraints=(Constraint("node.zone", "=", "z1"),)), 1, view)
+    assert plan.failures[0].rejections == {
+        "node cannot run containers (runtime=none)": 1,
+        "constraint node.zone=z1": 1,
+    }
+    placed = plan_placements(spec(constraints=(Constraint("node.runtime", "=", "rootless"),)), 1, view)
+    assert [p.node for p in placed.placements] == ["b"]
+
+
+def test_pending_reason_is_empty_when_everything_was_placed():
+    from cloudless.scheduler.plan import pending_reason
+
+    plan = plan_placements(spec(replicas=1), 1, ClusterView([node("a", runtime="runc")]))
+    assert plan.placements and pending_reason(plan.explain()) == ""
