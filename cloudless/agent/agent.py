@@ -31,7 +31,7 @@ from cloudless.agent.messages import AssignedAllocation, NodeAllocations, Report
 from cloudless.agent.source import AllocationSource
 from cloudless.errors import CloudlessError
 from cloudless.sandbox import supervisor as sv
-from cloudless.sandbox.runtime import ContainerRuntime, ContainerSpec
+from cloudless.sandbox.runtime import ContainerNotFound, ContainerRuntime, ContainerSpec
 from cloudless.state.commands import AllocationReport
 
 log = logging.getLogger(__name__)
@@ -204,14 +204,31 @@ class Agent:
         allocation = assigned.allocation
         cid = container_id(allocation.id)
         self._observe(allocation.id, state="starting")
+        prepared = False
         try:
             rootfs, image = await self.rootfs.prepare(cid, assigned.spec.image)
+            prepared = True
             spec: ContainerSpec = container_spec(allocation, assigned.spec, rootfs, image)
             await supervisor.ensure(spec)
         except CloudlessError as exc:
             log.warning("agent.start_failed", extra={"fields": {"allocation": allocation.id, "error": exc.message}})
             self._unavailable.add(allocation.id)
             self._observe(allocation.id, state="failed", exit_code=None, message=exc.message)
+            if prepared and cid not in supervisor.supervised() and not await self._container_exists(cid):
+                # Nothing runs on this root and nothing else would ever release it (its mount leaked).
+                try:
+                    await self.rootfs.release(cid)
+                except CloudlessError as release_exc:
+                    log.warning(
+                        "agent.release_failed", extra={"fields": {"container": cid, "error": release_exc.message}}
+                    )
+
+    async def _container_exists(self, cid: str) -> bool:
+        try:
+            await self.runtime.inspect(cid)
+        except ContainerNotFound:
+            return False
+        return True
 
     async def _remove(self, cid: str) -> None:
         supervisor = self.supervisor

@@ -67,15 +67,50 @@ class LogLine(msgspec.Struct, frozen=True):
     ts: float
 
 
+TerminalSize = Annotated[int, msgspec.Meta(ge=1, le=4096)]
+EXEC_CHUNK = 64 * 1024  # stdin and output travel in pieces of at most this
+
+
 class ExecRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`agent.exec` (duplex, node → the node running the allocation): start a process in its container.
+
+    Then the caller sends `ExecInput` items and the node streams `ExecEvent`s, the last an `ExecExit`.
+    """
+
     allocation: Annotated[str, msgspec.Meta(max_length=128)]
     args: Annotated[
         tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)
     ]
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None  # None: as long as it runs
+    tty: bool = False  # a pseudo-terminal for the process (stdout and stderr become one stream)
+    stdin: bool = False  # keep the process's stdin open for ExecStdin items
+    rows: TerminalSize = 24
+    cols: TerminalSize = 80
 
 
-class ExecReply(msgspec.Struct, frozen=True):
+class ExecStdin(msgspec.Struct, frozen=True, tag="stdin", forbid_unknown_fields=True):
+    data: Annotated[bytes, msgspec.Meta(max_length=EXEC_CHUNK)]
+
+
+class ExecStdinClose(msgspec.Struct, frozen=True, tag="close", forbid_unknown_fields=True):
+    """The caller's stdin ended (with a tty: the terminal's EOF character is typed)."""
+
+
+class ExecResize(msgspec.Struct, frozen=True, tag="resize", forbid_unknown_fields=True):
+    rows: TerminalSize
+    cols: TerminalSize
+
+
+ExecInput = ExecStdin | ExecStdinClose | ExecResize
+
+
+class ExecOutput(msgspec.Struct, frozen=True, tag="out"):
+    stream: Literal["stdout", "stderr"]
+    data: Annotated[bytes, msgspec.Meta(max_length=EXEC_CHUNK)]
+
+
+class ExecExit(msgspec.Struct, frozen=True, tag="exit"):
     exit_code: int
-    stdout: bytes
-    stderr: bytes
+
+
+ExecEvent = ExecOutput | ExecExit

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, TypeVar
 
 import trio
@@ -21,7 +21,7 @@ from cloudless.errors import Unavailable
 from cloudless.pki.credentials import Credentials
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
-from cloudless.transport.rpc import RpcClient
+from cloudless.transport.rpc import DuplexStream, RpcClient
 from cloudless.transport.tls import TlsCarrier
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class ClusterClient:
         endpoints = [endpoint] if endpoint else list(context.endpoints)
         self.endpoints = [parse_endpoint(e) for e in endpoints]
         credentials = Credentials(context.ca_pem, context.certificate_pem, context.key_pem)
-        verifier = PeerVerifier(credentials.ca_certificate, RevocationList(), context.cluster_id)
+        verifier = PeerVerifier(credentials.ca_certificates, RevocationList(), context.cluster_id)
         # Every call is signed, so a node that forwards it can prove who asked.
         signer = ProofSigner(context.certificate_pem, context.key_pem)
         self._rpc = RpcClient(TlsCarrier(credentials, verifier), signer=signer)
@@ -84,6 +84,29 @@ class ClusterClient:
                 last = exc
                 continue
         raise Unavailable(f"no node answered: {last}")
+
+    @asynccontextmanager
+    async def duplex(
+        self,
+        method: str,
+        request: Any,
+        item: type[T] | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[DuplexStream[T]]:
+        """A duplex call on the first endpoint that takes it (no failover once it has started)."""
+        last: Exception | None = None
+        async with AsyncExitStack() as stack:
+            for address in self._order():
+                try:
+                    call = await stack.enter_async_context(
+                        self._rpc.duplex(address, method, request, item=item, timeout=timeout)
+                    )
+                    break
+                except (Unavailable, OSError) as exc:
+                    last = exc
+            else:
+                raise Unavailable(f"no node answered: {last}")
+            yield call
 
     async def aclose(self) -> None:
         with trio.move_on_after(2):

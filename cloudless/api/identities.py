@@ -20,6 +20,7 @@ from cloudless.api.routing import LeaderRouting
 from cloudless.api.service import raise_rejected
 from cloudless.errors import Conflict, InvalidInput
 from cloudless.observability.events import EventLog
+from cloudless.pki.bundle import subject_key_id
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.errors import PKIError
 from cloudless.pki.identity import Identity
@@ -121,12 +122,18 @@ class IdentityApi:
             raise InvalidInput(f"cannot sign the request: {exc.message}", field="csr") from None
         not_after = certificate.not_valid_after_utc.timestamp()
         result, _ = await self.replicated.propose(
-            RecordClientCertificate(req.name, req.role, format(certificate.serial_number, "x"), not_after)
+            RecordClientCertificate(
+                req.name,
+                req.role,
+                format(certificate.serial_number, "x"),
+                not_after,
+                issuer=subject_key_id(ca.certificate).hex(),
+            )
         )
         raise_rejected(result)
         self.events.record("user.added", req.name, f"{req.role} certificate issued", by=str(ctx.principal))
         return UserCertificate(
-            req.name, req.role, certificate.public_bytes(serialization.Encoding.PEM), ca.certificate_pem, not_after
+            req.name, req.role, certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), not_after
         )
 
     async def users_list(self, ctx: RpcContext, req: bytes) -> UserList:

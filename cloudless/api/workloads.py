@@ -12,6 +12,7 @@ node holds an outgoing connection the relay reuses).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
@@ -21,13 +22,20 @@ import trio
 from cloudless.agent.messages import (
     HEARTBEAT_S,
     AssignedAllocation,
-    ExecReply,
+    ExecEvent,
+    ExecExit,
+    ExecInput,
+    ExecOutput,
     ExecRequest,
+    ExecResize,
+    ExecStdin,
+    ExecStdinClose,
     LogLine,
     LogsRequest,
     NodeAllocations,
     ReportAck,
     ReportBatch,
+    TerminalSize,
     WatchAllocations,
 )
 from cloudless.api.routing import LeaderRouting, PermissionDenied
@@ -39,6 +47,7 @@ from cloudless.observability.events import EventLog
 from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
 from cloudless.raft.errors import NoLeader
+from cloudless.sandbox.runtime import ExecTimeout
 from cloudless.scheduler import NodeInfo
 from cloudless.scheduler.plan import pending_reason
 from cloudless.state.commands import ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
@@ -154,12 +163,18 @@ class WorkloadLogs(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class WorkloadExec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """`workloads.exec` (duplex): then `ExecInput` items in, `ExecEvent`s out, the last an `ExecExit`."""
+
     name: WorkloadName
     args: Annotated[
         tuple[Annotated[str, msgspec.Meta(max_length=4096)], ...], msgspec.Meta(min_length=1, max_length=256)
     ]
     replica: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=86_400)] | None = None  # None: as long as it runs
+    tty: bool = False
+    stdin: bool = False
+    rows: TerminalSize = 24
+    cols: TerminalSize = 80
 
 
 # ---------------------------------------------------------------- views of the state
@@ -271,7 +286,6 @@ class WorkloadService:
             ("workloads.scale", ScaleRequest, self.scale),
             ("workloads.update", UpdateRequest, self.update),
             ("workloads.stop", WorkloadRef, self.stop),
-            ("workloads.exec", WorkloadExec, self.exec),
             ("workloads.dry_run", DryRun, self.dry_run),
         ):
             self.routing.register_on_leader(server, name, handler, request)
@@ -280,7 +294,11 @@ class WorkloadService:
         server.stream("allocations.watch", request=WatchAllocations)(self.watch)
         server.unary("allocations.report", request=ReportBatch)(self.report)
         server.stream("agent.logs", request=LogsRequest)(self.agent_logs)
-        server.unary("agent.exec", request=ExecRequest)(self.agent_exec)
+        server.duplex("workloads.exec", request=WorkloadExec, input=ExecInput)(self.exec)
+        server.duplex("fwd.workloads.exec", request=WorkloadExec, input=ExecInput)(
+            self.routing.forwarded(self._exec_on_leader)
+        )
+        server.duplex("agent.exec", request=ExecRequest, input=ExecInput)(self.agent_exec)
 
     async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
         leader = await self.replicated.wait_leader()
@@ -394,17 +412,29 @@ class WorkloadService:
         index = await self._propose(StopWorkload(req.name), req.client_id, req.seq)
         return WorkloadReply(req.name, record.spec.version, index)
 
-    async def exec(self, ctx: RpcContext, req: WorkloadExec) -> ExecReply:
+    # -- exec (duplex, relayed like logs) ---------------------------------------
+
+    async def exec(self, ctx: RpcContext, req: WorkloadExec) -> None:
+        _clients_only(ctx)
+        _, address = await self._leader_address()
+        if address is None:
+            await self._exec_on_leader(ctx, req)
+            return
+        # The request exactly as the caller sent it, with its proof: the leader authorizes the caller.
+        async with self.rpc.duplex(
+            address, "fwd.workloads.exec", ctx.raw_body, item=ExecEvent, proof=ctx.proof
+        ) as call:
+            await _relay_exec(ctx, call)
+
+    async def _exec_on_leader(self, ctx: RpcContext, req: WorkloadExec) -> None:
         await self.replicated.linearizable()
         target = pick_allocations(self.replicated.fsm, req.name, req.replica)[0]
         address = self._node_address(target.allocation.node)
-        return await self.rpc.call(
-            address,
-            "agent.exec",
-            ExecRequest(target.allocation.id, req.args, req.timeout_s),
-            response=ExecReply,
-            timeout=req.timeout_s + 5.0,
+        request = ExecRequest(
+            target.allocation.id, req.args, req.timeout_s, tty=req.tty, stdin=req.stdin, rows=req.rows, cols=req.cols
         )
+        async with self.rpc.duplex(address, "agent.exec", request, item=ExecEvent) as call:
+            await _relay_exec(ctx, call)
 
     def _node_address(self, node_id: str) -> tuple[str, int]:
         address = self.cluster.address_of(node_id)
@@ -415,6 +445,7 @@ class WorkloadService:
     # -- logs (streamed through the cluster) ------------------------------------
 
     async def logs(self, ctx: RpcContext, req: WorkloadLogs) -> None:
+        _clients_only(ctx)
         _, address = await self._leader_address()
         if address is None:
             await self._logs_on_leader(ctx, req)
@@ -463,18 +494,51 @@ class WorkloadService:
         cid = agent.container_of(req.allocation)
         runtime = agent.runtime
         replica = _replica_of(agent, req.allocation)
-        records = await runtime.read_logs(cid, 0, req.tail)
+        if req.tail is None:  # everything kept, then (following) whatever comes after it
+            records = await runtime.read_logs(cid, 0)
+            since = records[-1].offset + 1 if records else 0
+        else:  # docker's --tail N: the last N only; following starts after the newest, not at its tail
+            records, since = await runtime.read_logs_from_end(cid, req.tail)
         for r in records:
             await ctx.send(LogLine(req.allocation, replica, r.stream, r.text, r.ts))
         if req.follow:
-            since = records[-1].offset + 1 if records else 0
             async for r in runtime.follow_logs(cid, since):
                 await ctx.send(LogLine(req.allocation, replica, r.stream, r.text, r.ts))
 
-    async def agent_exec(self, ctx: RpcContext, req: ExecRequest) -> ExecReply:
+    async def agent_exec(self, ctx: RpcContext, req: ExecRequest) -> None:
         agent = self._local_agent(ctx)
-        result = await agent.runtime.exec(agent.container_of(req.allocation), list(req.args), timeout=req.timeout_s)
-        return ExecReply(result.exit_code, result.stdout, result.stderr)
+        cid = agent.container_of(req.allocation)
+        deadline = trio.current_time() + req.timeout_s if req.timeout_s is not None else math.inf
+        with trio.CancelScope(deadline=deadline) as scope:
+            async with agent.runtime.exec_session(
+                cid, list(req.args), tty=req.tty, stdin=req.stdin, rows=req.rows, cols=req.cols
+            ) as session:
+
+                async def feed() -> None:
+                    stdin_open = req.stdin  # without -i the process reads /dev/null; stdin items are dropped
+                    while (message := await ctx.receive()) is not None:
+                        if isinstance(message, ExecStdin) and stdin_open:
+                            await session.write_stdin(message.data)
+                        elif isinstance(message, ExecStdinClose) and stdin_open:
+                            stdin_open = False
+                            await session.close_stdin()
+                        elif isinstance(message, ExecResize):
+                            session.resize(message.rows, message.cols)
+                    if stdin_open:
+                        await session.close_stdin()  # the caller ended its input
+
+                try:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(feed)
+                        while (output := await session.read_output()) is not None:
+                            await ctx.send(ExecOutput(*output))
+                        exit_code = await session.wait()
+                        nursery.cancel_scope.cancel()
+                except BaseExceptionGroup as group:
+                    raise _first_error(group) from None
+        if scope.cancelled_caught:
+            raise ExecTimeout(f"exec in {req.allocation} exceeded {req.timeout_s}s", allocation=req.allocation)
+        await ctx.send(ExecExit(exit_code))
 
     def _local_agent(self, ctx: RpcContext) -> Agent:
         if ctx.peer.kind != "node":
@@ -511,6 +575,31 @@ class WorkloadService:
         result, index = await self.replicated.propose(ReportAllocations(req.node, req.reports))
         raise_rejected(result)
         return ReportAck(index)
+
+
+def _clients_only(ctx: RpcContext) -> None:
+    # Logs and exec reach into containers: client identities only, whatever the permission
+    # table says of roles (nodes relay through fwd.*/agent.* and never start one).
+    if ctx.peer.kind != "client":
+        raise PermissionDenied(f"{ctx.method} is for client identities")
+
+
+async def _relay_exec(ctx: RpcContext, call) -> None:  # type: ignore[no-untyped-def]
+    """Pass a duplex exec call on: the caller's input one way, the events back, each hop flow-controlled."""
+
+    async def forward_input() -> None:
+        while (message := await ctx.receive()) is not None:
+            await call.send(message)
+        await call.end()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(forward_input)
+            async for event in call:
+                await ctx.send(event)
+            nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _first_error(group) from None  # the typed error the caller should see, not trio's group
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:

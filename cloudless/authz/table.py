@@ -52,6 +52,11 @@ PERMISSIONS: dict[str, Rule] = {
     # Enrollment connections: the only calls a certificate-less joiner can make.
     "enroll.hello": Rule(ENROLL, "ask for the cluster CA"),
     "enroll.join": Rule(ENROLL, "join with a bootstrap token"),
+    # The CA bundle (one CA, two during a rotation): clients learn the next CA
+    # through it (nodes outside Raft through pki.trust); public key material.
+    "pki.bundle": Rule(VIEW, "read the cluster's CA bundle"),
+    # A client re-issues its own certificate: same identity and role, new key.
+    "pki.renew_client": Rule(VIEW, "renew a client certificate"),
     # Node-to-node plumbing. Handlers narrow further (own allocations only,
     # Raft traffic only from configuration members, own certificate only).
     **_rules(
@@ -65,6 +70,7 @@ PERMISSIONS: dict[str, Rule] = {
         enroll__forward="forward a join to the leader",
         pki__renew="renew a node certificate",
         pki__revocations="read the revocation list",
+        pki__trust="read the cluster's CA bundle",
         allocations__watch="watch a node's allocations",
         allocations__report="report a node's allocations",
         agent__logs="read container logs from an agent",
@@ -129,6 +135,8 @@ PERMISSIONS: dict[str, Rule] = {
         users__list="list users",
         users__rm="remove users",
         nodes__rm="remove nodes",
+        ca__rotate="rotate the cluster CA",
+        ca__status="read the CA rotation status",
         blobs__keys__create="create S3 access keys",
         blobs__keys__list="list S3 access keys",
         blobs__keys__rm="remove S3 access keys",

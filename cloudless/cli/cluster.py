@@ -68,13 +68,35 @@ def _client_command(fn: Callable, formats: bool) -> Callable:
         async def main():
             client = ClusterClient(context, endpoint=endpoint)
             try:
-                return await fn(client, **kwargs)
+                result = await fn(client, **kwargs)
+                await _refresh_credentials(client, config.path, context.name)
+                return result
             finally:
                 await client.aclose()
 
         trio.run(main)
 
     return output_options(wrapper) if formats else json_option(wrapper)
+
+
+async def _refresh_credentials(client: ClusterClient, path: Path | None, context_name: str) -> None:
+    """After a command: learn a CA rotation's next CA and re-issue the certificate when due.
+
+    Never fails the command that ran: a refusal here is a warning on stderr.
+    """
+    from cloudless.api.client_renewal import refresh_credentials, save_refreshed
+
+    if path is None:
+        return
+    try:
+        fresh = await refresh_credentials(client)
+    except CloudlessError as exc:
+        if getattr(exc, "code", "") != "permission_denied":  # a node from before `ca rotate`, or a removed user
+            click.echo(f"warning: could not refresh this context's credentials: {exc}", err=True)
+        return
+    if fresh.trust_changed and save_refreshed(path, context_name, client.context, fresh.credentials):
+        what = "re-issued its certificate" if fresh.renewed else "learned the cluster's new CA"
+        click.echo(f"note: context {context_name} {what} ({path})", err=True)
 
 
 def client_options(fn: Callable) -> Callable:

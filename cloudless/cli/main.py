@@ -28,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     # cli.users attaches `token ls|rm` to cli.cluster's group, so `token` loads from there.
     "token": ("cloudless.cli.users", "token", "Bootstrap tokens for joining nodes and clients."),
     "users": ("cloudless.cli.users", "users", "Users: client certificates with a role."),
+    "ca": (
+        "cloudless.cli.ca",
+        "ca",
+        "The cluster CA: rotate it, rotation status, re-issue this context's certificate.",
+    ),
     "events": ("cloudless.cli.cluster", "events", "Show cluster events (autopilot decisions, membership, joins)."),
     "run": ("cloudless.cli.workloads", "run", "Run a workload: keep N replicas of an image running."),
     "apply": ("cloudless.cli.workloads", "apply", "Create or update a workload from a YAML file."),

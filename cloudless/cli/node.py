@@ -117,9 +117,10 @@ def _config_hint(path: Path) -> str:
 )
 @click.option(
     "--runtime",
-    type=click.Choice(["auto", "runc", "none"]),
+    type=click.Choice(["auto", "runc", "rootless", "none"]),
     default=None,
-    help="Container runtime (default auto: runc when root with runc and cgroups, else none). "
+    help="Container runtime (default auto: runc when root with runc and cgroups; rootless when not root "
+    "with runc and working user namespaces; else none). "
     "`none` for devices that must never run containers; the scheduler places nothing there.",
 )
 @click.option(

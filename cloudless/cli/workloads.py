@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import termios
+import tty as tty_mode
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import click
 import msgspec
+import trio
 from rich.table import Table
 
-from cloudless.agent.messages import ExecReply, LogLine
+from cloudless.agent.messages import (
+    EXEC_CHUNK,
+    ExecEvent,
+    ExecExit,
+    ExecResize,
+    ExecStdin,
+    ExecStdinClose,
+    LogLine,
+)
 from cloudless.api.client import ClusterClient
 from cloudless.api.workloads import (
     DryRun,
@@ -28,7 +42,7 @@ from cloudless.api.workloads import (
 from cloudless.cli.cluster import client_options, client_read_options, to_builtins
 from cloudless.cli.output import Column, OutputFormat, emit_json, emit_list, print_table, stdout
 from cloudless.coordinator.preview import Preview
-from cloudless.errors import InvalidInput
+from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 from cloudless.state.workload import WorkloadName, from_flags, parse_yaml
 
 _NAME = msgspec.json.Decoder(WorkloadName)
@@ -278,10 +292,15 @@ async def inspect(client: ClusterClient, out: OutputFormat, name: str) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("--replica", type=click.IntRange(min=0), default=None, help="Only this replica.")
 @click.option(
-    "--tail", type=click.IntRange(0, 1_000_000), default=200, show_default=True, help="Lines per replica to start with."
+    "--tail",
+    type=click.IntRange(0, 1_000_000),
+    default=None,
+    help="Only the last N lines per replica (0: none, only new ones with -f); default: all.",
 )
 @client_options
-async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, replica: int | None, tail: int) -> None:
+async def logs(
+    client: ClusterClient, as_json: bool, name: str, follow: bool, replica: int | None, tail: int | None
+) -> None:
     collected: list[dict] = []
     async with client.stream("workloads.logs", WorkloadLogs(name, replica, follow, tail), item=LogLine) as items:
         async for line in items:
@@ -304,33 +323,145 @@ async def logs(client: ClusterClient, as_json: bool, name: str, follow: bool, re
         emit_list(collected)
 
 
-@click.command("exec", help="Run a command inside a replica: cloudless exec NAME [--replica I] -- CMD...")
-@click.argument("name", callback=_name)
+JSON_EXEC_LIMIT = 16 * 1024 * 1024  # --json holds the output in memory; streaming has no limit
+
+
+def _exec_target(target: str, replica: int | None) -> tuple[str, int | None]:
+    """NAME or NAME/REPLICA (a replica index), and --replica, which must agree."""
+    name, _, index = target.partition("/")
+    name = _name(None, None, name)
+    if index:
+        if not index.isdigit() or len(index) > 6:
+            raise click.BadParameter(f"{target!r}: expected NAME or NAME/REPLICA (a replica index)")
+        if replica is not None and replica != int(index):
+            raise click.BadParameter(f"{target!r} and --replica {replica} name different replicas")
+        replica = int(index)
+    return name, replica
+
+
+def _terminal_size() -> tuple[int, int]:
+    for fd in (1, 0, 2):
+        try:
+            size = os.get_terminal_size(fd)
+        except OSError:
+            continue
+        return max(1, min(size.lines, 4096)), max(1, min(size.columns, 4096))
+    return 24, 80
+
+
+@click.command(
+    "exec",
+    help="Run a command inside a replica: cloudless exec [-i] [-t] NAME[/REPLICA] -- CMD... "
+    "Output streams as it is produced; the exit code is the command's.",
+)
+@click.argument("target")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("-i", "--interactive", is_flag=True, help="Pass this terminal's stdin to the command.")
+@click.option("-t", "--tty", is_flag=True, help="Give the command a terminal (this one goes to raw mode).")
 @click.option("--replica", type=click.IntRange(min=0), default=None, help="Replica index (default: the first).")
-@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True, help="Seconds.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 86_400),
+    default=None,
+    help="Kill the command after SECONDS (default: never).",
+)
 @client_options
 async def exec_(
-    client: ClusterClient, as_json: bool, name: str, command: tuple[str, ...], replica: int | None, timeout: float
+    client: ClusterClient,
+    as_json: bool,
+    target: str,
+    command: tuple[str, ...],
+    interactive: bool,
+    tty: bool,
+    replica: int | None,
+    timeout: float | None,  # noqa: ASYNC109 (the node kills the command; the call itself has no deadline)
 ) -> None:
-    reply = await client.call(
-        "workloads.exec", WorkloadExec(name, tuple(command), replica, timeout), response=ExecReply, timeout=timeout + 10
-    )
+    name, replica = _exec_target(target, replica)
+    if as_json and (interactive or tty):
+        raise InvalidInput("--json collects the output of a command without -i or -t")
+    if tty and interactive and not os.isatty(0):
+        raise InvalidInput("the input is not a terminal: drop -t, or run from a terminal")
+    rows, cols = _terminal_size() if tty else (24, 80)
+    request = WorkloadExec(name, tuple(command), replica, timeout, tty=tty, stdin=interactive, rows=rows, cols=cols)
+    raw_terminal = termios.tcgetattr(0) if tty and interactive else None
+    exit_code: int | None = None
+    captured: dict[str, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+    async with client.duplex("workloads.exec", request, item=ExecEvent) as call:
+        try:
+            if raw_terminal is not None:
+                tty_mode.setraw(0)
+            async with _one_error(), trio.open_nursery() as nursery:
+                if interactive:
+                    nursery.start_soon(_send_stdin, call)
+                else:
+                    await call.end()
+                if tty:
+                    nursery.start_soon(_send_resizes, call)
+                async for event in call:
+                    if isinstance(event, ExecExit):
+                        exit_code = event.exit_code
+                    elif as_json:
+                        captured[event.stream] += event.data
+                        if len(captured["stdout"]) + len(captured["stderr"]) > JSON_EXEC_LIMIT:
+                            raise InvalidInput(
+                                f"output beyond {JSON_EXEC_LIMIT // 2**20} MiB: run without --json to stream it"
+                            )
+                    else:
+                        out = sys.stderr.buffer if event.stream == "stderr" else sys.stdout.buffer
+                        out.write(event.data)
+                        out.flush()
+                nursery.cancel_scope.cancel()
+        finally:
+            if raw_terminal is not None:
+                termios.tcsetattr(0, termios.TCSADRAIN, raw_terminal)
+    if exit_code is None:
+        raise Unavailable("the exec ended without the command's exit status")
     if as_json:
         emit_json(
             {
-                "exit_code": reply.exit_code,
-                "stdout": reply.stdout.decode("utf-8", "replace"),
-                "stderr": reply.stderr.decode("utf-8", "replace"),
+                "exit_code": exit_code,
+                "stdout": captured["stdout"].decode("utf-8", "replace"),
+                "stderr": captured["stderr"].decode("utf-8", "replace"),
             }
         )
-    else:
-        sys.stdout.buffer.write(reply.stdout)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(reply.stderr)
-        sys.stderr.flush()
-    if reply.exit_code != 0:
-        raise SystemExit(1)
+    if exit_code != 0:
+        raise SystemExit(exit_code if 0 < exit_code < 256 else 1)
+
+
+@asynccontextmanager
+async def _one_error():
+    """The error of a task of the nursery inside, not the group trio wraps it in."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        raise next((e for e in leaves if isinstance(e, CloudlessError)), leaves[0]) from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+async def _send_stdin(call) -> None:  # type: ignore[no-untyped-def]
+    """Stdin to the command as it comes; its end as ExecStdinClose. A thread reads: making
+    the shared stdin non-blocking would change it for the shell that started us too."""
+    while data := await trio.to_thread.run_sync(os.read, 0, EXEC_CHUNK, abandon_on_cancel=True):
+        await call.send(ExecStdin(data))
+    await call.send(ExecStdinClose())
+    await call.end()
+
+
+async def _send_resizes(call) -> None:  # type: ignore[no-untyped-def]
+    with trio.open_signal_receiver(signal.SIGWINCH) as changes:
+        async for _ in changes:
+            rows, cols = _terminal_size()
+            try:
+                await call.send(ExecResize(rows, cols))
+            except trio.ClosedResourceError:
+                return  # input ended: the command is on its way out
 
 
 @click.command(help="Stop every replica of a workload.")

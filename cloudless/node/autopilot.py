@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from cloudless.coordinator.autopilot import Action, AutopilotConfig, Candidate, plan
+from cloudless.coordinator.ca_rotation import ca_rotation_step
 from cloudless.errors import CloudlessError
 from cloudless.gossip.events import MemberAlive, MemberDead, MemberJoined, MemberLeft, MemberSuspect
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
@@ -23,7 +24,7 @@ from cloudless.node.gossip_identity import rotation_step
 from cloudless.node.replicated import ReplicatedState
 from cloudless.ports import ClusterView, EventRecorder
 from cloudless.raft.messages import ConfChange, ConfChangeType
-from cloudless.state.commands import Rejected
+from cloudless.state.commands import ActivateNextCA, Rejected
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,7 @@ class Coordinator:
             try:
                 await self.complete_bootstrap()
                 await self.gossip_key_step()
+                await self.ca_rotation_step()
                 if now - self._leader_since >= SETTLE_S:
                     await self.autopilot_step(now)
             except CloudlessError as exc:
@@ -97,6 +99,18 @@ class Coordinator:
             raise CloudlessError(f"gossip key rotation refused: {result.message}")
         what = "new primary gossip key" if len(command.keys) > 1 else "old gossip key dropped"
         self.events.record("gossip.key_rotated", self.cluster.node_id, what, keys=len(command.keys))
+
+    async def ca_rotation_step(self) -> None:
+        """Activate the next CA, then retire the previous one (coordinator/ca_rotation.py)."""
+        replicated = self.replicated
+        command = ca_rotation_step(replicated.fsm, time.time())
+        if command is None:
+            return
+        result, _ = await replicated.propose(command)
+        if isinstance(result, Rejected):
+            raise CloudlessError(f"CA rotation step refused: {result.message}")
+        what = "next CA activated" if isinstance(command, ActivateNextCA) else "previous CA retired"
+        self.events.record("ca.rotation_step", self.cluster.node_id, what, key_id=command.key_id)
 
     def _on_member_event(self, event) -> None:
         now = trio.current_time()

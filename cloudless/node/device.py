@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from cloudless.errors import InvalidInput
+from cloudless.gossip.metadata import RUNTIME_LABEL
+from cloudless.sandbox.rootless import detect_host, userns_works
+from cloudless.scheduler.feasible import LIMITS_LABEL
 
 Power = Literal["ac", "battery"]
 Network = Literal["wired", "wifi", "metered"]
 DeviceClass = Literal["server", "pc", "laptop", "phone", "gateway"]
 # What this node can run containers with: `runc` (root, runc, cgroups),
-# `rootless` (runc in a user namespace; not driven yet, so never detected),
+# `rootless` (runc in a user namespace, for a node that is not root),
 # `memory` (the in-memory twin, tests and benchmarks), `none`.
 Runtime = Literal["runc", "rootless", "memory", "none"]
+
 _ARCH_NAMES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386"}
 
 
@@ -132,37 +137,78 @@ def unprivileged_userns(proc_sys: Path = Path("/proc/sys")) -> bool:
     return switch != "0" and limit is not None and limit.isdigit() and int(limit) > 0
 
 
+def runtime_labels(runtime: str) -> dict[str, str]:
+    """The gossip labels that advertise `runtime`: a rootless node also says
+    which limits its delegated cgroup can enforce, so placements can say which it cannot."""
+    labels = {RUNTIME_LABEL: runtime}
+    if runtime == "rootless":
+        labels[LIMITS_LABEL] = ",".join(sorted(detect_host().limits))
+    return labels
+
+
+def _rootless_blockers(data_dir: Path | None, euid: int, userns: Callable[[], tuple[bool, str]] | None) -> list[str]:
+    """Why rootless runc cannot work for this user (empty: it can)."""
+    blockers = []
+    if data_dir is not None:
+        try:
+            owner = Path(data_dir).stat().st_uid
+        except OSError:
+            owner = euid  # created by the node as this user
+        if owner != euid:
+            blockers.append(f"data dir {data_dir} is owned by uid {owner}, not {euid}")
+    if userns is None:
+        userns = userns_works
+    works, why = userns()
+    if not works:
+        blockers.append(why)
+    return blockers
+
+
 def detect_runtime(
     forced: str | None = None,
     *,
     euid: int | None = None,
     runc: str | None = None,
     cgroup_root: Path = Path("/sys/fs/cgroup"),
+    data_dir: Path | None = None,
+    userns: Callable[[], tuple[bool, str]] | None = None,
 ) -> tuple[Runtime, str]:
     """(runtime, why): what this process can run containers with.
 
-    `forced` ("runc", "memory", "none"; from `--runtime` or CLOUDLESS_RUNTIME)
-    wins, except that `runc` is refused when it cannot work, so a node never
-    advertises a runtime it does not have. Rootless runc is not driven by the
-    agent yet, so a non-root device reports `none` and says so."""
+    `forced` ("runc", "rootless", "memory", "none"; from `--runtime` or
+    CLOUDLESS_RUNTIME) wins, except that runc/rootless are refused when they
+    cannot work, so a node never advertises a runtime it does not have.
+    Not root: `rootless` when runc is present, a user namespace can actually
+    be created (`userns`, default `unshare -Ur true`) and the data dir is the
+    user's; cgroups are optional there (limits only in a delegated subtree)."""
+
     if forced in (None, "", "auto"):
         forced = None
-    elif forced not in ("runc", "memory", "none"):
-        raise InvalidInput(f"unknown runtime {forced[:40]!r} (auto, runc, memory or none)", field="runtime")
-    euid = os.geteuid() if euid is None else euid
-    runc = shutil.which("runc") if runc is None else runc
-    missing = []
-    if euid != 0:
-        userns = "available" if unprivileged_userns() else "not available"
-        missing.append(f"not root (rootless runc is not supported yet; unprivileged user namespaces are {userns})")
-    if not runc:
-        missing.append("no runc binary on PATH")
-    if not _cgroups_mounted(cgroup_root):
-        missing.append(f"no cgroup hierarchy at {cgroup_root}")
+    elif forced not in ("runc", "rootless", "memory", "none"):
+        raise InvalidInput(f"unknown runtime {forced[:40]!r} (auto, runc, rootless, memory or none)", field="runtime")
     if forced == "none":
         return "none", "forced with --runtime none"
     if forced == "memory":
         return "memory", "in-memory runtime (tests and benchmarks)"
+    euid = os.geteuid() if euid is None else euid
+    runc = shutil.which("runc") if runc is None else runc
+    if euid != 0:
+        missing = [] if runc else ["no runc binary on PATH"]
+        if forced == "runc":
+            raise InvalidInput("runtime runc cannot work here: not root (use rootless)", field="runtime")
+        if runc:
+            missing = _rootless_blockers(data_dir, euid, userns)
+        if not missing:
+            return "rootless", f"not root (uid {euid}): rootless runc in a user namespace"
+        why = "not root, and rootless runc cannot work: " + "; ".join(missing)
+        if forced == "rootless":
+            raise InvalidInput(f"runtime rootless cannot work here: {'; '.join(missing)}", field="runtime")
+        return "none", why
+    missing = [] if runc else ["no runc binary on PATH"]
+    if not _cgroups_mounted(cgroup_root):
+        missing.append(f"no cgroup hierarchy at {cgroup_root}")
+    if forced == "rootless":
+        raise InvalidInput("runtime rootless is for a node that is not root (use runc)", field="runtime")
     if not missing:
         return "runc", "root, runc and cgroups"
     why = "; ".join(missing)

@@ -29,9 +29,10 @@ import msgspec
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cloudless.pki.bundle import bundle_pem, is_endorsed, issuer_of, load_bundle
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.credentials import Credentials, make_csr, new_private_key, private_key_pem
-from cloudless.pki.errors import PeerRejected, TokenRejected
+from cloudless.pki.errors import InvalidCredentials, PeerRejected, TokenRejected
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.tokens import hash_secret, parse_token, pin_matches
@@ -50,7 +51,8 @@ class EnrollHello(msgspec.Struct, frozen=True):
 
 class EnrollHelloReply(msgspec.Struct, frozen=True):
     cluster_id: str
-    ca_pem: bytes
+    ca_pem: bytes  # the trust bundle: two CAs during a rotation
+    endorsement: bytes = b""  # of the newer CA by the older (pki.bundle.endorse)
 
 
 class EnrollRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -108,17 +110,35 @@ def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Cer
 # -- the joiner's side --------------------------------------------------------
 
 
-def verify_hello(reply: EnrollHelloReply, fingerprint: str, server_leaf_der: bytes | None) -> x509.Certificate:
-    """Pin the CA from the token, then check the server is a node of that CA."""
-    if not pin_matches(reply.ca_pem, fingerprint):
+def verify_hello(reply: EnrollHelloReply, fingerprint: str, server_leaf_der: bytes | None) -> list[x509.Certificate]:
+    """Pin the CA from the token, then check the server is a node of that CA; the CAs to trust.
+
+    During a CA rotation the reply is a bundle of two CAs; the pinned one must
+    be among them and must have issued the server's certificate. The other
+    is trusted only with the pinned CA's endorsement (the next CA while the
+    pinned one is active); a previous CA is not, since its nodes re-issue at
+    once. (A token from before a rotation's activation stops working once
+    its server re-issued: make a new token.)
+    """
+    try:
+        bundle = load_bundle(reply.ca_pem)
+    except InvalidCredentials as exc:
+        raise PeerRejected("malformed", f"the cluster CA bundle: {exc.message}") from None
+    pinned = [ca for ca in bundle if pin_matches(ca, fingerprint)]
+    if not pinned:
         raise PeerRejected("unknown_ca", "the cluster CA does not match the fingerprint in the token")
-    ca_certificate = x509.load_pem_x509_certificate(reply.ca_pem)
+    ca_certificate = pinned[0]
     if server_leaf_der is None:
         raise PeerRejected("no_certificate", "the server presented no certificate")
     identity = PeerVerifier(ca_certificate, RevocationList(), reply.cluster_id).verify_der([server_leaf_der])
     if identity.kind != "node":
         raise PeerRejected("bad_identity", f"the server is not a node ({identity.uri})")
-    return ca_certificate
+    endorsed = [
+        ca
+        for ca in bundle
+        if ca is not ca_certificate and is_endorsed(ca_certificate, reply.cluster_id, ca, reply.endorsement)
+    ]
+    return [ca_certificate, *endorsed]
 
 
 async def enroll(
@@ -139,7 +159,7 @@ async def enroll(
     rpc = RpcClient(_SingleConnection(connection))
     try:
         hello = await rpc.call(connection, "enroll.hello", EnrollHello(), response=EnrollHelloReply, timeout=timeout)
-        verify_hello(hello, token.ca_fingerprint, server_leaf)
+        trusted = verify_hello(hello, token.ca_fingerprint, server_leaf)
         key = new_private_key()
         kind = "node" if role == "node" else "client"
         csr = make_csr(key, Identity(hello.cluster_id, kind, name))
@@ -159,7 +179,13 @@ async def enroll(
         await connection.aclose()
     if reply.ca_pem != hello.ca_pem:
         raise PeerRejected("unknown_ca", "the CA changed during enrollment")
-    credentials = Credentials(reply.ca_pem, reply.cert_pem, private_key_pem(key))
+    # Active CA first, as everywhere: the one that signed our certificate.
+    issuer = issuer_of(x509.load_pem_x509_certificate(reply.cert_pem), trusted)
+    if issuer is None:
+        raise PeerRejected("unknown_ca", "the certificate we were issued is not from the pinned CA")
+    credentials = Credentials(
+        bundle_pem([issuer, *(ca for ca in trusted if ca is not issuer)]), reply.cert_pem, private_key_pem(key)
+    )
     return credentials, reply
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cloudless.api.client_config import parse_endpoint
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.node.enroll import EnrollHello, EnrollHelloReply, EnrollReply, EnrollRequest, check_token
+from cloudless.pki.bundle import authority_key_id
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.errors import PKIError, TokenRejected
 from cloudless.pki.identity import Identity
@@ -55,6 +56,8 @@ class RenewRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class RenewReply(msgspec.Struct, frozen=True):
     cert_pem: bytes
+    ca_pem: bytes = b""  # the trust bundle the certificate belongs to (b"": leaders before CA rotation)
+    endorsement: bytes = b""  # of the bundle's newer CA by the older (pki.bundle.endorse)
 
 
 class EnrollService:
@@ -92,7 +95,8 @@ class EnrollService:
         return self.signing_ca()
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
-        return EnrollHelloReply(self.cluster.cluster_id, self.ca_pem())
+        endorsement = self.replicated.fsm.trust_endorsement()
+        return EnrollHelloReply(self.cluster.cluster_id, self.ca_pem(), endorsement)
 
     async def join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
         leader = await self.replicated.wait_leader()
@@ -161,6 +165,7 @@ class EnrollService:
                     labels=dict(req.labels),
                     trusted=trusted,
                     public_key=_public_key_der(certificate),
+                    issuer=_issuer(certificate),
                 )
             )
             if isinstance(result, Rejected):
@@ -172,6 +177,7 @@ class EnrollService:
                     req.role,
                     format(certificate.serial_number, "x"),
                     certificate.not_valid_after_utc.timestamp(),
+                    issuer=_issuer(certificate),
                 )
             )
             if isinstance(result, Rejected):
@@ -181,7 +187,7 @@ class EnrollService:
         seeds = [r.address for n, r in replicated.fsm.nodes.items() if n != req.name]
         return EnrollReply(
             cluster_id=cluster.cluster_id,
-            ca_pem=replicated.fsm.ca.certificate_pem if replicated.fsm.ca else b"",
+            ca_pem=replicated.fsm.trust_bundle(),  # two CAs during a rotation
             cert_pem=certificate.public_bytes(serialization.Encoding.PEM),
             # Only nodes gossip: a client identity never holds the keyring.
             gossip_keys=list(replicated.fsm.gossip_keys) if req.role == "node" else [],
@@ -215,14 +221,24 @@ class EnrollService:
                 format(certificate.serial_number, "x"),
                 certificate.not_valid_after_utc.timestamp(),
                 public_key=_public_key_der(certificate),
+                issuer=_issuer(certificate),
             )
         )
         if isinstance(result, Rejected):
             raise CloudlessError(f"could not record the certificate: {result.message}")
-        return RenewReply(certificate.public_bytes(serialization.Encoding.PEM))
+        fsm = replicated.fsm
+        return RenewReply(
+            certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), fsm.trust_endorsement()
+        )
 
     async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
         return self.revocation_list.to_bytes()
+
+
+def _issuer(certificate) -> str:
+    """The signing CA's key id (hex), which a CA rotation counts re-issued certificates by."""
+    key_id = authority_key_id(certificate)
+    return key_id.hex() if key_id else ""
 
 
 def _public_key_der(certificate) -> bytes:

@@ -44,6 +44,7 @@ import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from cloudless.api.ca import CAApi, CABundle
 from cloudless.api.client_config import ClientConfig, Context, parse_endpoint
 from cloudless.api.http import metrics_app, serve_https
 from cloudless.api.identities import IdentityApi
@@ -57,12 +58,12 @@ from cloudless.errors import CloudlessError, InvalidInput, Unavailable
 from cloudless.gossip.core import GossipConfig, GossipCore
 from cloudless.gossip.driver import GossipDriver
 from cloudless.gossip.keyring import Keyring, PacketSealer
-from cloudless.gossip.metadata import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL, Metadata, Resources
+from cloudless.gossip.metadata import ARCH_LABEL, CLASS_LABEL, Metadata, Resources
 from cloudless.node.autopilot import Coordinator
 from cloudless.node.blobs import BlobStorage, advertised_disk, s3_label
 from cloudless.node.controller import node_infos
 from cloudless.node.datadir import DataDir, NodeRecordFile, new_node_id, validate_node_name
-from cloudless.node.device import DeviceProfile, detect, detect_runtime
+from cloudless.node.device import DeviceProfile, detect, detect_runtime, runtime_labels
 from cloudless.node.enroll import enroll
 from cloudless.node.enroll_service import EnrollService, RenewReply, RenewRequest, node_certificate_lifetime
 from cloudless.node.gossip_identity import GossipIdentity, decode_reply, install_keyring, keys_reply, public_key_der
@@ -71,9 +72,11 @@ from cloudless.node.replicated import ReplicatedState
 from cloudless.node.workloads import Workloads
 from cloudless.observability.events import EventLog
 from cloudless.observability.metrics import NodeMetrics
+from cloudless.pki.bundle import accept_offered_bundle
 from cloudless.pki.ca import ClusterCA, certificate_fingerprint
 from cloudless.pki.credentials import Credentials, issue_credentials, make_csr, new_private_key, private_key_pem
 from cloudless.pki.custody import load_kek, new_kek, open_ca_key, save_kek, seal_ca_key
+from cloudless.pki.errors import InvalidCredentials
 from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.verify import PeerVerifier
@@ -116,7 +119,8 @@ class NodeOptions:
     log_level: str = "info"
     metrics_listen: tuple[str, int] | None = None
     s3_listen: tuple[str, int] | None = None  # HTTPS S3 gateway (off by default)
-    runtime: str | None = None  # runc | memory | none; None: detect (CLOUDLESS_RUNTIME, then root+runc+cgroups)
+    # runc | rootless | memory | none; None: detect (CLOUDLESS_RUNTIME, then root/rootless runc)
+    runtime: str | None = None
     # Called with the admin client config's path once this node has created a new cluster
     # (the CLI merges it into the user's client config and says so).
     on_bootstrapped: Callable[[Path], None] | None = None
@@ -270,8 +274,9 @@ class Node:
         # Decided once: the agent is built for it, and gossip advertises it so
         # the scheduler never places a container where it cannot run.
         self.runtime, self.runtime_reason = detect_runtime(
-            options.runtime or os.environ.get("CLOUDLESS_RUNTIME") or None
+            options.runtime or os.environ.get("CLOUDLESS_RUNTIME") or None, data_dir=self.data.root
         )
+        self.runtime_labels = runtime_labels(self.runtime)
         self.started_at = time.time()
         self.stopping = trio.Event()
         self.ready = trio.Event()
@@ -282,7 +287,8 @@ class Node:
             self.revocations.install(RevocationList.from_bytes(revocations_file.read_bytes()))
         self.live = LiveConnections()
         self._revocations_changed = trio.Event()
-        verifier = PeerVerifier(self.credentials.ca_certificate, self.revocations, self.cluster_id)
+        self._trust_changed = trio.Event()  # the CA bundle changed: the renewal loop looks at once
+        verifier = self.verifier = PeerVerifier(self.credentials.ca_certificates, self.revocations, self.cluster_id)
         # Default deny on every call: authz's permission table, with forwarded
         # client calls authorized by the client's own signed proof.
         gate = CallGate(ProofVerifier(verifier))
@@ -357,6 +363,15 @@ class Node:
             self.replicated.register(self.server)
             ApiService(self.membership, self.replicated, self.rpc, self.events).register(self.server)
             IdentityApi(self.membership, self.replicated, self.rpc, self.events, self.signing_ca).register(self.server)
+            CAApi(
+                self.membership,
+                self.replicated,
+                self.rpc,
+                self.events,
+                signing_ca=self.signing_ca,
+                ca_kek=lambda: load_kek(self.data.root),
+                own_bundle=lambda: self.credentials.ca_pem,
+            ).register(self.server)
             EnrollService(
                 self.membership,
                 self.replicated,
@@ -419,7 +434,8 @@ class Node:
             zone=self.options.zone,
             labels=dict(self.options.labels)
             | s3_label(self.s3_endpoint)
-            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class, RUNTIME_LABEL: self.runtime},
+            | {ARCH_LABEL: d.arch, CLASS_LABEL: d.device_class}
+            | self.runtime_labels,
             roles=tuple(roles),
             capacity=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_total),
             free=Resources(cpu_millis=d.cpu_count * 1000, memory_bytes=d.memory_bytes, disk_bytes=blob_free),
@@ -580,10 +596,34 @@ class Node:
                 write_atomic(self.data.root / "seeds", msgspec.msgpack.encode(known))
         if kinds & {"revocation", "node", "snapshot"}:
             self._refresh_revocations()
+        if kinds & {"ca", "snapshot"}:
+            self._install_trust(self.replicated.fsm.trust_bundle())
         if kinds & {"gossip_keys", "snapshot"}:
             keys = self.replicated.fsm.gossip_keys
             if keys:
                 self._install_gossip_keys(list(keys))  # the running keyring, and its copy in the data dir
+
+    def _install_trust(self, bundle: bytes) -> None:
+        """Trust the CA bundle `bundle` (a CA rotation began, activated or retired): from the
+        next handshake on, in the transports, the verifier and `tls/ca.pem`."""
+        credentials = self.credentials
+        if not bundle or bundle == credentials.ca_pem:
+            return
+        try:
+            fresh = credentials.with_bundle(bundle)
+        except InvalidCredentials as exc:
+            # A bundle without our certificate's issuer: an older state being replayed at
+            # start-up (a later entry brings ours back), or our CA was retired before we
+            # re-issued (peers refuse us; re-enroll). Either way keep what we trust.
+            log.warning("node.bundle_without_our_issuer", extra={"fields": {"error": str(exc)}})
+            return
+        fresh.save(self.data.tls)
+        self.credentials = fresh
+        self.verifier.trust(fresh.ca_certificates)
+        for carrier in (self.tls, self.quic):
+            carrier.update_credentials(fresh)
+        self.events.record("pki.trust_changed", self.node_id, f"{len(fresh.ca_certificates)} CA(s) trusted")
+        self._trust_changed.set()
 
     def _refresh_revocations(self) -> None:
         replicated = self.replicated
@@ -626,13 +666,29 @@ class Node:
                 write_atomic(self.data.root / "revocations", fresh.to_bytes())
                 self._revocations_changed.set()
             await self._sync_gossip_keys(address)
+            await self._sync_trust(address)
+
+    async def _sync_trust(self, address: tuple[str, int]) -> None:
+        """Outside Raft, the CA bundle comes from the leader (over a connection the current one verified)."""
+        try:
+            reply = await self.rpc.call(address, "pki.trust", b"", response=CABundle, timeout=3.0)
+            if reply.ca_pem and reply.ca_pem != self.credentials.ca_pem:
+                self._install_trust(
+                    accept_offered_bundle(self.credentials.ca_pem, reply.ca_pem, self.cluster_id, reply.endorsement)
+                )
+        except CloudlessError as exc:
+            log.debug("node.trust_sync_failed", extra={"fields": {"error": str(exc)}})
 
     async def _renewal_loop(self) -> None:
         while True:
             credentials = self.credentials
             lifetime = (credentials.not_after - credentials.not_before).total_seconds()
-            await trio.sleep(min(30.0, max(1.0, lifetime / 20)))
-            if not self.credentials.needs_renewal(datetime.now(UTC)):
+            with trio.move_on_after(min(30.0, max(1.0, lifetime / 20))):
+                await self._trust_changed.wait()
+            self._trust_changed = trio.Event()
+            credentials = self.credentials
+            # During a CA rotation, a certificate from the previous CA is re-issued at once.
+            if not credentials.needs_renewal(datetime.now(UTC)) and credentials.issued_by_active_ca:
                 continue
             try:
                 await self.renew_certificate()
@@ -653,9 +709,16 @@ class Node:
             response=RenewReply,
             timeout=10.0,
         )
-        fresh = Credentials(self.credentials.ca_pem, reply.cert_pem, private_key_pem(key))
+        bundle = self.credentials.ca_pem
+        if reply.ca_pem and reply.ca_pem != bundle:
+            try:  # a CA we do not trust yet only with an endorsement, as in _sync_trust
+                bundle = accept_offered_bundle(bundle, reply.ca_pem, self.cluster_id, reply.endorsement)
+            except InvalidCredentials as exc:
+                log.warning("node.renewal_bundle_refused", extra={"fields": {"error": str(exc)}})
+        fresh = Credentials(bundle, reply.cert_pem, private_key_pem(key))
         fresh.save(self.data.tls)
         self.credentials = fresh
+        self.verifier.trust(fresh.ca_certificates)
         for carrier in (self.tls, self.quic):
             carrier.update_credentials(fresh)
         self.events.record("node.certificate_renewed", self.node_id, f"serial {fresh.serial:x}")

@@ -4,9 +4,9 @@ and run in its nursery.
 
 The runtime is the one the node detected and advertises (`Node.runtime`,
 `node.device.detect_runtime`): runc when this process may drive it (root,
-runc, cgroups); `--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory
-twin (benchmarks and tests of scheduling without containers), `none` runs no
-agent.
+runc, cgroups), rootless runc when it is not root (sandbox/rootless.py);
+`--runtime`/`CLOUDLESS_RUNTIME=memory` selects the in-memory twin
+(benchmarks and tests of scheduling without containers), `none` runs no agent.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from cloudless.node.controller import WorkloadController
 from cloudless.observability.events import EventLog
 from cloudless.ports import ClusterView, Proposer
 from cloudless.sandbox.memory import MemoryRuntime
+from cloudless.sandbox.rootless import detect_host
 from cloudless.sandbox.runc import RuncRuntime
 from cloudless.scheduler import NodeInfo
 from cloudless.transport.rpc import RpcClient, RpcServer
@@ -64,12 +65,18 @@ class Workloads:
         source = ClusterSource(rpc, leader_address)
         self.agent: Agent | None = None
         self.peer_images: PeerImages | None = None
-        if self.kind == "runc":
+        if self.kind in ("runc", "rootless"):
+            rootless = detect_host() if self.kind == "rootless" else None
+            if rootless is not None:
+                log.info(
+                    "agent.rootless",
+                    extra={"fields": {"subordinate_ids": rootless.subordinate, "unenforced": rootless.unenforced()}},
+                )
             rootfs = ImageRootfs(images_dir, oci_blobs=lambda: oci_blobs, node_id=cluster.node_id, events=events)
             self.peer_images = rootfs.peers
             self.agent = Agent(
                 cluster.node_id,
-                RuncRuntime(agent_dir / "sandbox"),
+                RuncRuntime(agent_dir / "sandbox", rootless=rootless),
                 source,
                 LocalAllocations(agent_dir),
                 rootfs,

@@ -1,4 +1,7 @@
-"""A node's or client's own key, certificate and the cluster CA it trusts.
+"""A node's or client's own key, certificate and the cluster CAs it trusts.
+
+`ca_pem` is the trust bundle (`pki.bundle`): one CA, or two during a CA
+rotation, the active one first.
 
 On disk, credentials live in a directory as `ca.pem`, `cert.pem` and `key.pem`
 (mode 0600). Those three names are symlinks into `current/`, which is itself a
@@ -24,6 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from cloudless.durable import fsync_directory, write_new
+from cloudless.pki.bundle import issuer_of, load_bundle, subject_key_id
 from cloudless.pki.ca import CURVE, ClusterCA
 from cloudless.pki.clock import as_utc
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidCredentials, InvalidIdentity
@@ -104,6 +108,11 @@ class Credentials:
             raise InvalidCredentials("certificate was not issued by the CA stored beside it") from exc
 
     @functools.cached_property
+    def ca_certificates(self) -> list[x509.Certificate]:
+        """The trust bundle, active CA first."""
+        return load_bundle(self.ca_pem)
+
+    @functools.cached_property
     def certificate(self) -> x509.Certificate:
         try:
             return x509.load_pem_x509_certificate(self.cert_pem)
@@ -112,10 +121,23 @@ class Credentials:
 
     @functools.cached_property
     def ca_certificate(self) -> x509.Certificate:
+        """The bundle's CA that issued this certificate."""
         try:
-            return x509.load_pem_x509_certificate(self.ca_pem)
+            ca = issuer_of(self.certificate, self.ca_certificates)
         except X509_PARSE_ERRORS as exc:
-            raise InvalidCredentials(f"CA certificate PEM does not parse: {exc}") from exc
+            raise InvalidCredentials(f"certificate extensions do not parse: {exc}") from exc
+        if ca is None:
+            raise InvalidCredentials("certificate was not issued by the CA stored beside it")
+        return ca
+
+    @property
+    def issued_by_active_ca(self) -> bool:
+        """False during a CA rotation until this certificate is re-issued by the new CA."""
+        return subject_key_id(self.ca_certificate) == subject_key_id(self.ca_certificates[0])
+
+    def with_bundle(self, ca_pem: bytes) -> Credentials:
+        """The same certificate and key, trusting the bundle `ca_pem` (which must include its issuer)."""
+        return Credentials(ca_pem, self.cert_pem, self.key_pem)
 
     @functools.cached_property
     def private_key(self) -> ec.EllipticCurvePrivateKey:

@@ -209,6 +209,14 @@ def read(log_dir: str, since_offset: int = 0, tail: int | None = None) -> list[L
     return [LogRecord(offset=o, ts=t, stream=s, text=x) for o, t, s, x in read_raw(log_dir, since_offset, tail)]
 
 
+def read_tail(log_dir: str, tail: int) -> tuple[list[LogRecord], int]:
+    """The last `tail` records and the offset just past the newest complete one, from one scan:
+    following from that offset misses nothing written after the scan and repeats nothing."""
+    out, next_offset = _scan(log_dir, 0)
+    out = out[-tail:] if tail > 0 else []
+    return [LogRecord(offset=o, ts=t, stream=s, text=x) for o, t, s, x in out], next_offset
+
+
 async def follow(log_dir: str, since_offset: int = 0, poll_interval: float = 0.05) -> AsyncIterator[LogRecord]:
     """Yield records from `since_offset` on as they are written, across rotations.
 

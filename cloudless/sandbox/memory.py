@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -72,6 +73,7 @@ class MemoryRuntime:
         self._next_ip = 2
         self.exec_handler: Callable[[str, list[str]], ExecResult] = lambda cid, args: ExecResult(0, b"", b"")
         self.calls: list[tuple[str, str]] = []  # (operation, container id), for assertions
+        self.exec_sessions: list[MemoryExecSession] = []
 
     # ------------------------------------------------------------ scripting
 
@@ -231,6 +233,22 @@ class MemoryRuntime:
             raise ContainerStateError(f"container {container_id!r} is not running", id=container_id)
         return self.exec_handler(container_id, list(args))
 
+    @asynccontextmanager
+    async def exec_session(
+        self,
+        container_id: str,
+        args: list[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> AsyncIterator[MemoryExecSession]:
+        result = await self.exec(container_id, args)
+        session = MemoryExecSession(result, tty=tty, rows=rows, cols=cols)
+        self.exec_sessions.append(session)
+        yield session
+
     async def stats(self, container_id: str) -> ContainerStats:
         c = self._get(container_id)
         await trio.lowlevel.checkpoint()
@@ -243,6 +261,11 @@ class MemoryRuntime:
         if tail is not None:
             out = out[-tail:] if tail > 0 else []
         return out
+
+    async def read_logs_from_end(self, container_id: str, tail: int) -> tuple[list[LogRecord], int]:
+        c = self._get(container_id)
+        await trio.lowlevel.checkpoint()
+        return (c.logs[-tail:] if tail > 0 else []), c.log_offset
 
     async def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]:
         offset = since_offset
@@ -262,6 +285,38 @@ class MemoryRuntime:
 
     async def aclose(self) -> None:
         await trio.lowlevel.checkpoint()
+
+
+class MemoryExecSession:
+    """An exec answered by `MemoryRuntime.exec_handler`: its stdout then stderr, then its exit code.
+    What is written to stdin and the window sizes set are kept for assertions."""
+
+    def __init__(self, result: ExecResult, *, tty: bool, rows: int, cols: int) -> None:
+        self._result = result
+        pieces = [("stdout", result.stdout), ("stdout" if tty else "stderr", result.stderr)]
+        self._outputs: deque = deque((name, data) for name, data in pieces if data)
+        self.stdin = bytearray()
+        self.stdin_closed = False
+        self.sizes = [(rows, cols)]
+
+    async def read_output(self):  # type: ignore[no-untyped-def]
+        await trio.lowlevel.checkpoint()
+        return self._outputs.popleft() if self._outputs else None
+
+    async def write_stdin(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self.stdin += data
+
+    async def close_stdin(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.stdin_closed = True
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.sizes.append((rows, cols))
+
+    async def wait(self) -> int:
+        await trio.lowlevel.checkpoint()
+        return self._result.exit_code
 
 
 class MemoryProber:

@@ -109,6 +109,28 @@ def is_mounted(path: Path) -> bool:
     return False
 
 
+def mounts_under(root: Path) -> list[Path]:
+    """Mount points strictly below `root`, deepest first (the order to unmount them in)."""
+    prefix = str(root.resolve()).rstrip("/") + "/"
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4:
+                    point = fields[4].encode().decode("unicode_escape")
+                    if point.startswith(prefix):
+                        found.append(Path(point))
+    except OSError:
+        return []
+    return sorted(set(found), key=lambda p: len(p.parts), reverse=True)
+
+
+def unmount(target: Path) -> None:
+    """Unmount `target` (lazily if it is busy); RootfsError if it cannot be."""
+    _unmount(target)
+
+
 class RootfsBuilder:
     def __init__(self, store: ImageStore, *, mode: str = "auto") -> None:
         if mode not in ("auto", "overlay", "copy"):

@@ -52,6 +52,7 @@ import signal as signals
 import subprocess
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import msgspec
@@ -60,7 +61,9 @@ import trio
 from cloudless import selfexec
 from cloudless.durable import write_atomic
 from cloudless.sandbox import logs as container_logs
+from cloudless.sandbox.exec import RuncExecSession, open_runc_exec
 from cloudless.sandbox.network import BridgeConfig, BridgeNetwork
+from cloudless.sandbox.rootless import NoNetwork, RootlessHost
 from cloudless.sandbox.runtime import (
     ContainerExists,
     ContainerNotFound,
@@ -126,15 +129,25 @@ class RuncRuntime:
         log_keep: int = 3,
         command_timeout: float = 30.0,
         shim_argv: list[str] | None = None,  # default: selfexec.log_shim_argv()
+        rootless: RootlessHost | None = None,
     ) -> None:
+        """`rootless`: this process is not root (rootless.py): runc runs with
+        `--rootless true` in a user namespace, and there is no bridge."""
         self.state_dir = Path(state_dir).resolve()
         self.runc = shutil.which(runc_binary) or runc_binary
         self.root = self.state_dir / "runc"
         self.containers_dir = self.state_dir / "containers"
         self.root.mkdir(parents=True, exist_ok=True)
         self.containers_dir.mkdir(parents=True, exist_ok=True)
-        bridge = bridge if bridge is not None else BridgeConfig.for_node(self.state_dir)
-        self.network = BridgeNetwork(self.state_dir / "network", bridge, timeout=command_timeout)
+        self.rootless = rootless
+        # Global runc flags; the shim's runc calls get the same by runc's auto-detection (euid != 0).
+        self._runc_flags = ["--root", str(self.root), *(["--rootless", "true"] if rootless else [])]
+        self.network: BridgeNetwork | NoNetwork
+        if rootless is not None:
+            self.network = NoNetwork()
+        else:
+            bridge = bridge if bridge is not None else BridgeConfig.for_node(self.state_dir)
+            self.network = BridgeNetwork(self.state_dir / "network", bridge, timeout=command_timeout)
         self.log_max_bytes = log_max_bytes
         self.log_keep = log_keep
         self.timeout = command_timeout
@@ -165,7 +178,7 @@ class RuncRuntime:
     async def _runc(
         self, *args: str, timeout: float | None = None, check: bool = True
     ) -> subprocess.CompletedProcess[bytes]:
-        argv = [self.runc, "--root", str(self.root), *args]
+        argv = [self.runc, *self._runc_flags, *args]
         deadline = timeout or self.timeout
         with trio.move_on_after(deadline) as scope:
             proc = await trio.run_process(argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
@@ -251,6 +264,7 @@ class RuncRuntime:
             netns_path=attachment.netns_path if attachment else None,
             etc_files=self._write_etc(spec, attachment.ip if attachment else None),
             nofile_limit=self._nofile_limit(),
+            rootless=self.rootless,
         )
         bundle = self._dir(spec.id) / "bundle"
         bundle.mkdir(exist_ok=True)
@@ -553,7 +567,7 @@ class RuncRuntime:
         if st.status != "running":
             raise ContainerStateError(f"container {container_id!r} is not running", id=container_id)
         pid_file = self._dir(container_id) / f"exec-{os.getpid()}-{time.monotonic_ns()}.pid"
-        argv = [self.runc, "--root", str(self.root), "exec", "--pid-file", str(pid_file), container_id, *args]
+        argv = [self.runc, *self._runc_flags, "exec", "--pid-file", str(pid_file), container_id, *args]
         try:
             with trio.move_on_after(timeout) as scope:
                 proc = await trio.run_process(argv, stdin=b"", capture_stdout=True, capture_stderr=True, check=False)
@@ -569,6 +583,28 @@ class RuncRuntime:
         finally:
             pid_file.unlink(missing_ok=True)
         return ExecResult(exit_code=proc.returncode, stdout=proc.stdout, stderr=proc.stderr)
+
+    @asynccontextmanager
+    async def exec_session(
+        self,
+        container_id: str,
+        args: list[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> AsyncIterator[RuncExecSession]:
+        if not args:
+            raise ContainerStateError("exec needs a command", id=container_id)
+        st = await self.state(container_id)
+        if st.status != "running":
+            raise ContainerStateError(f"container {container_id!r} is not running", id=container_id)
+        runc = [self.runc, *self._runc_flags]
+        async with open_runc_exec(
+            runc, self._dir(container_id), container_id, args, tty=tty, stdin=stdin, rows=rows, cols=cols
+        ) as session:
+            yield session
 
     async def stats(self, container_id: str) -> ContainerStats:
         st = await self.state(container_id)
@@ -610,6 +646,10 @@ class RuncRuntime:
     async def read_logs(self, container_id: str, since_offset: int = 0, tail: int | None = None) -> list[LogRecord]:
         self._load_spec(container_id)
         return await trio.to_thread.run_sync(container_logs.read, str(self.log_dir(container_id)), since_offset, tail)
+
+    async def read_logs_from_end(self, container_id: str, tail: int) -> tuple[list[LogRecord], int]:
+        self._load_spec(container_id)
+        return await trio.to_thread.run_sync(container_logs.read_tail, str(self.log_dir(container_id)), tail)
 
     def follow_logs(self, container_id: str, since_offset: int = 0) -> AsyncIterator[LogRecord]:
         self._load_spec(container_id)

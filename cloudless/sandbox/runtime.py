@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Literal, Protocol
 
 import msgspec
@@ -233,6 +234,25 @@ class LogRecord(msgspec.Struct, frozen=True):
     text: str
 
 
+class ExecSession(Protocol):
+    """A process started in a running container, its IO streamed with backpressure:
+    output is read from the process only as fast as `read_output` is called."""
+
+    async def read_output(self) -> tuple[Literal["stdout", "stderr"], bytes] | None:
+        """The next piece of output (at most 64 KiB); None once every output stream is closed."""
+
+    async def write_stdin(self, data: bytes) -> None: ...
+
+    async def close_stdin(self) -> None:
+        """EOF on the process's stdin (with a tty: the terminal's EOF character)."""
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the tty's window size (the process gets SIGWINCH); no-op without a tty."""
+
+    async def wait(self) -> int:
+        """The process's exit code."""
+
+
 class ContainerRuntime(Protocol):
     async def create(self, spec: ContainerSpec) -> ContainerState: ...
 
@@ -257,6 +277,21 @@ class ContainerRuntime(Protocol):
         """Kill if running and remove everything: process, cgroup, bundle, network, logs."""
 
     async def exec(self, container_id: str, args: list[str], timeout: float = 30.0) -> ExecResult: ...
+
+    def exec_session(
+        self,
+        container_id: str,
+        args: list[str],
+        *,
+        tty: bool = False,
+        stdin: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> AbstractAsyncContextManager[ExecSession]:
+        """Start `args` in the container; leaving the block kills the process if it still runs."""
+
+    async def read_logs_from_end(self, container_id: str, tail: int) -> tuple[list[LogRecord], int]:
+        """The last `tail` records and the offset just past the newest one (where following starts)."""
 
     async def stats(self, container_id: str) -> ContainerStats: ...
 

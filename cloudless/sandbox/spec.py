@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cloudless.sandbox import seccomp
+from cloudless.sandbox.rootless import RootlessHost
 from cloudless.sandbox.runtime import ContainerSpec, InvalidContainerSpec
 
 OCI_VERSION = "1.0.2"
@@ -137,7 +138,9 @@ def _capabilities(user: ResolvedUser) -> dict[str, list[str]]:
     return {"bounding": caps, "effective": active, "permitted": active, "inheritable": [], "ambient": []}
 
 
-def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -> list[dict]:
+def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str], rootless: bool = False) -> list[dict]:
+    # Rootless: gid 5 (tty) has no mapping in a single-id user namespace.
+    devpts_gid = [] if rootless else ["gid=5"]
     mounts: list[dict] = [
         {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
         {
@@ -150,7 +153,7 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
             "destination": "/dev/pts",
             "type": "devpts",
             "source": "devpts",
-            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"],
+            "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", *devpts_gid],
         },
         {
             "destination": "/dev/shm",
@@ -160,9 +163,10 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
         },
         {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue", "options": ["nosuid", "noexec", "nodev"]},
     ]
-    if network_mode == "host":
+    if network_mode == "host" or rootless:
         # sysfs cannot be mounted fresh from the host's network namespace without
-        # a user namespace; bind the host's read-only instead (as Docker does).
+        # a user namespace, nor by a user namespace at all; bind the host's
+        # read-only instead (as Docker and `runc spec --rootless` do).
         mounts.append(
             {
                 "destination": "/sys",
@@ -175,14 +179,15 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
         mounts.append(
             {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]}
         )
-    mounts.append(
-        {
-            "destination": "/sys/fs/cgroup",
-            "type": "cgroup",
-            "source": "cgroup",
-            "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
-        }
-    )
+    if not rootless:  # rootless: the /sys bind already shows the host's cgroupfs, read-only
+        mounts.append(
+            {
+                "destination": "/sys/fs/cgroup",
+                "type": "cgroup",
+                "source": "cgroup",
+                "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+            }
+        )
     user_dests = {m.destination for m in spec.tmpfs} | {m.destination for m in spec.mounts}
     if spec.readonly_rootfs:
         # Note: runc gives a tmpfs the mode of the directory it covers when that
@@ -228,22 +233,26 @@ def _mounts(spec: ContainerSpec, network_mode: str, etc_files: dict[str, str]) -
     return mounts
 
 
-def _resources(spec: ContainerSpec, cgroups: HostCgroups) -> dict:
-    res: dict = {"devices": [{"allow": False, "access": "rwm"}]}
-    if spec.memory_bytes is not None:
+def _resources(spec: ContainerSpec, cgroups: HostCgroups, limits: frozenset[str] | None = None) -> dict:
+    """`limits`: the controllers a rootless node may use (None: root, all of them).
+    A rootless container gets no device rules: it cannot create device nodes anyway."""
+    res: dict = {"devices": [{"allow": False, "access": "rwm"}]} if limits is None else {}
+    if spec.memory_bytes is not None and (limits is None or "memory" in limits):
         memory: dict = {"limit": spec.memory_bytes}
         if cgroups.swap_accounting:
             # memory+swap == memory: no swap, so hitting the limit is a real OOM kill.
             memory["swap"] = spec.memory_bytes
         res["memory"] = memory
-    if spec.cpu is not None:
+    if spec.cpu is not None and (limits is None or "cpu" in limits):
         res["cpu"] = {"quota": max(1000, round(spec.cpu * CPU_PERIOD_US)), "period": CPU_PERIOD_US}
-    if spec.pids_limit is not None:
+    if spec.pids_limit is not None and (limits is None or "pids" in limits):
         res["pids"] = {"limit": spec.pids_limit}
     return res
 
 
-def _namespaces(spec: ContainerSpec, netns_path: str | None, cgroups: HostCgroups) -> list[dict]:
+def _namespaces(
+    spec: ContainerSpec, netns_path: str | None, cgroups: HostCgroups, rootless: bool = False
+) -> list[dict]:
     ns: list[dict] = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
     if spec.network == "bridge":
         if not netns_path:
@@ -251,6 +260,8 @@ def _namespaces(spec: ContainerSpec, netns_path: str | None, cgroups: HostCgroup
         ns.append({"type": "network", "path": netns_path})
     elif spec.network == "none":
         ns.append({"type": "network"})  # fresh namespace: loopback only
+    if rootless:
+        ns.append({"type": "user"})
     if cgroups.version == 2:
         ns.append({"type": "cgroup"})  # Docker's v2 default: the container sees its own cgroup as /
     return ns
@@ -265,10 +276,16 @@ def build_config(
     netns_path: str | None = None,
     etc_files: dict[str, str] | None = None,
     nofile_limit: int = NOFILE_LIMIT,
+    rootless: RootlessHost | None = None,
 ) -> dict:
-    """The config.json document for `spec` (a dict ready for json.dumps)."""
+    """The config.json document for `spec` (a dict ready for json.dumps).
+
+    `rootless`: the node is not root; run in a user namespace with its
+    mappings, and only the limits its delegated cgroup can enforce."""
     hostname = spec.hostname or spec.id[:63]
-    return {
+    if rootless is not None:
+        user = _rootless_user(spec, user, rootless)
+    config: dict = {
         "ociVersion": OCI_VERSION,
         "process": {
             "terminal": False,
@@ -286,14 +303,41 @@ def build_config(
         },
         "root": {"path": spec.rootfs, "readonly": spec.readonly_rootfs},
         "hostname": hostname,
-        "mounts": _mounts(spec, spec.network, etc_files or {}),
+        "mounts": _mounts(spec, spec.network, etc_files or {}, rootless=rootless is not None),
         "annotations": {f"cloudless.label.{k}": v for k, v in spec.labels.items()},
         "linux": {
             "cgroupsPath": cgroups_path,
-            "resources": _resources(spec, cgroups),
-            "namespaces": _namespaces(spec, netns_path, cgroups),
+            "resources": _resources(spec, cgroups, None if rootless is None else rootless.limits),
+            "namespaces": _namespaces(spec, netns_path, cgroups, rootless=rootless is not None),
             "seccomp": seccomp.default_profile(),
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
         },
     }
+    if rootless is not None:
+        linux = config["linux"]
+        linux["uidMappings"] = [m.as_oci() for m in rootless.uid_mappings]
+        linux["gidMappings"] = [m.as_oci() for m in rootless.gid_mappings]
+        if rootless.cgroup is None:
+            # Nothing to enforce and nowhere writable: runc (rootless) then
+            # skips cgroups; a path would only make it try the host's.
+            del linux["cgroupsPath"]
+    return config
+
+
+def _rootless_user(spec: ContainerSpec, user: ResolvedUser, host: RootlessHost) -> ResolvedUser:
+    """The user must have an id inside the namespace; supplementary groups without one are dropped."""
+    if spec.network == "bridge":
+        raise InvalidContainerSpec("a rootless node has no container bridge (ports need root)", field="network")
+    if not host.maps_uid(user.uid) or not host.maps_gid(user.gid):
+        mapped = (
+            f"ids 0-{host.uid_mappings[-1].size} are mapped"
+            if host.subordinate
+            else "no subordinate ids in /etc/subuid and /etc/subgid with newuidmap/newgidmap; only 0:0 can run"
+        )
+        raise InvalidContainerSpec(
+            f"user {user.uid}:{user.gid} has no id on this rootless node ({mapped})", field="user"
+        )
+    # Without subordinate ids runc must deny setgroups, so there are none to set.
+    extra = tuple(g for g in user.additional_gids if host.maps_gid(g)) if host.subordinate else ()
+    return ResolvedUser(uid=user.uid, gid=user.gid, additional_gids=extra)

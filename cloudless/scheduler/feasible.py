@@ -5,7 +5,7 @@ rejects it, so the counts add up to the node total (Nomad's
 `AllocMetric.ConstraintFiltered` / `DimensionExhausted`):
 
 1. static, per plan — node state, container runtime (`runtime=none` nodes
-   take no container), then each constraint in spec order, then hard
+   take no container; `rootless` nodes none with ports), then each constraint in spec order, then hard
    anti-affinity. Evaluated per distinct attribute value on bitmasks, so
    they cost O(values), not O(nodes).
 2. dynamic, per decision — cpu, memory, host ports, spread limits
@@ -31,6 +31,11 @@ STATE_REASONS = {
     "no_capacity": "node reports no capacity",
 }
 NO_RUNTIME = "node cannot run containers (runtime=none)"
+ROOTLESS_PORTS = "rootless node has no container network (ports need a bridge, which needs root)"
+# Gossip label a rootless node sets to the cgroup limits it can enforce
+# (comma-separated, "" for none); see sandbox/rootless.py.
+LIMITS_LABEL = "cloudless/limits"
+LIMIT_NAMES: tuple[str, ...] = ("memory", "cpu", "pids")
 INSUFFICIENT_CPU = "insufficient cpu"
 INSUFFICIENT_MEMORY = "insufficient memory"
 
@@ -113,6 +118,19 @@ def runtime_none_mask(view: ClusterView) -> int:
     return view.attribute("node.runtime").masks.get("none", 0)
 
 
+def rootless_mask(view: ClusterView) -> int:
+    return view.attribute("node.runtime").masks.get("rootless", 0)
+
+
+def unenforced_limits(runtime: str, labels: dict[str, str]) -> list[str]:
+    """The resource limits a node cannot enforce: on a rootless node, those
+    outside its delegated cgroup (all of them when it did not say)."""
+    if runtime != "rootless":
+        return []
+    enforced = set(labels.get(LIMITS_LABEL, "").split(","))
+    return [name for name in LIMIT_NAMES if name not in enforced]
+
+
 def architecture_rule(architectures: Iterable[str]) -> Constraint:
     return Constraint("node.arch", "in", tuple(sorted(set(architectures))))
 
@@ -135,6 +153,8 @@ def static_filters(
         if state != "alive":
             apply(STATE_REASONS.get(state, f"node {state}"), ~mask)
     apply(NO_RUNTIME, ~runtime_none_mask(view))
+    if spec.ports:
+        apply(ROOTLESS_PORTS, ~rootless_mask(view))
     if architectures is not None:
         rule = architecture_rule(architectures)
         apply(

@@ -49,6 +49,7 @@ class Placement(msgspec.Struct, frozen=True):
     score: float
     components: dict[str, float]
     feasible: int  # nodes that could have taken it, all of them scored
+    caveat: str = ""  # what the node cannot enforce (a rootless node's missing limits)
 
 
 class FailedPlacement(msgspec.Struct, frozen=True):
@@ -85,6 +86,7 @@ class Plan(msgspec.Struct, frozen=True):
             parts = ", ".join(f"{k} {v:+.2f}" for k, v in sorted(p.components.items()))
             lines.append(
                 f"replica {p.replica} → {p.node} (score {p.score:+.3f}; {parts}; {p.feasible} of {self.nodes} nodes feasible)"
+                + (f"; {p.caveat}" if p.caveat else "")
             )
         for f in self.failures:
             lines.append(f"replica {f.replica}{NOT_PLACED}{f.message}")

@@ -30,6 +30,7 @@ from cloudless.scheduler.feasible import (
     rule_match,
     rule_text,
     static_filters,
+    unenforced_limits,
 )
 from cloudless.scheduler.plan import FailedPlacement, Placement, Plan, StopChoice
 from cloudless.scheduler.rank import DEFAULT_CONFIG, SCALE, SchedulerConfig, Scoring
@@ -93,12 +94,15 @@ class _Run:
         components = self.scoring.components(
             i, usage.used_cpu(i), usage.used_mem(i), usage.node_counts.get(i, 0), usage.value_counts
         )
+        node = self.view.nodes[i]
+        unenforced = unenforced_limits(node.runtime, node.labels)
         return Placement(
             replica=replica,
-            node=self.view.nodes[i].node_id,
+            node=node.node_id,
             score=score / SCALE,
             components=components,
             feasible=feasible,
+            caveat=f"rootless node: {', '.join(unenforced)} limits not enforced" if unenforced else "",
         )
 
     def explain(self) -> tuple[dict[str, int], dict[str, str], int]:

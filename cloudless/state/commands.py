@@ -30,6 +30,10 @@ Serial = Annotated[str, msgspec.Meta(pattern=r"^[0-9a-f]{1,40}$")]
 # A node certificate's public key (DER SubjectPublicKeyInfo, P-256: 91 bytes):
 # gossip checks a member's signed claims about itself against it.
 PublicKey = Annotated[bytes, msgspec.Meta(max_length=256)]
+# A CA's key id (SubjectKeyIdentifier, SHA-1: 20 bytes) as hex; "" when not known.
+CAKeyId = Annotated[str, msgspec.Meta(pattern=r"^([0-9a-f]{40})?$")]
+MIN_CA_OVERLAP_S = 2.0  # tests; operators use hours
+MAX_CA_OVERLAP_S = 366 * 86400.0
 Labels = Annotated[
     dict[Annotated[str, msgspec.Meta(max_length=63)], Annotated[str, msgspec.Meta(max_length=253)]],
     msgspec.Meta(max_length=64),
@@ -85,6 +89,7 @@ class RegisterNode(Command, tag="node.register"):
     labels: Labels = {}
     trusted: bool = False  # enrolled with a coordinator-trust token (or the bootstrap node)
     public_key: PublicKey = b""  # of this certificate; b"" from leaders before signed gossip
+    issuer: CAKeyId = ""  # key id (hex) of the CA that signed it; a CA rotation counts the re-issued
 
 
 class RemoveNode(Command, tag="node.remove"):
@@ -100,6 +105,7 @@ class RecordCertificate(Command, tag="cert.record"):
     serial: Serial
     not_after: float
     public_key: PublicKey = b""  # of the renewed certificate (renewal makes a new key)
+    issuer: CAKeyId = ""  # key id (hex) of the CA that signed it
 
 
 class RevokeCertificate(Command, tag="cert.revoke"):
@@ -116,6 +122,37 @@ class StoreClusterCA(Command, tag="ca.store"):
     cluster_id: Name
     certificate_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
     sealed_key: Annotated[bytes, msgspec.Meta(max_length=8192)]
+
+
+class BeginCARotation(Command, tag="ca.rotate"):
+    """Phase 1 of a CA rotation: trust a new CA beside the active one.
+
+    The new CA's key is sealed like the first one's (pki.custody). From
+    `overlap_s / 2` after this the leader activates it (`ActivateNextCA`,
+    phase 2: it signs, everyone re-issues); after `overlap_s`, once every
+    registered node holds a certificate from it, the old CA is retired
+    (`RetireCA`, phase 3).
+    """
+
+    cluster_id: Name
+    certificate_pem: Annotated[bytes, msgspec.Meta(max_length=8192)]
+    sealed_key: Annotated[bytes, msgspec.Meta(max_length=8192)]
+    overlap_s: Annotated[float, msgspec.Meta(ge=MIN_CA_OVERLAP_S, le=MAX_CA_OVERLAP_S)]
+    # The active CA's signature over the new CA (pki.bundle.endorse): checked at
+    # apply, and by everyone who learns the new CA from a peer.
+    endorsement: Annotated[bytes, msgspec.Meta(max_length=160)] = b""
+
+
+class ActivateNextCA(Command, tag="ca.activate"):
+    """Phase 2: the next CA (named by its key id) signs from now on; the previous stays trusted."""
+
+    key_id: CAKeyId
+
+
+class RetireCA(Command, tag="ca.retire"):
+    """Phase 3: drop the previous CA (named by its key id) from the trust bundle."""
+
+    key_id: CAKeyId
 
 
 class SetGossipKeyring(Command, tag="gossip.keyring"):
@@ -213,6 +250,7 @@ class RecordClientCertificate(Command, tag="client.cert"):
     role: Annotated[str, msgspec.Meta(pattern=r"^(admin|operator|viewer)$")]
     serial: Serial
     not_after: float
+    issuer: CAKeyId = ""  # key id (hex) of the CA that signed it
 
 
 class RemoveClient(Command, tag="client.remove"):
@@ -241,6 +279,9 @@ CommandUnion = (
     | RecordCertificate
     | RevokeCertificate
     | StoreClusterCA
+    | BeginCARotation
+    | ActivateNextCA
+    | RetireCA
     | SetGossipKeyring
     | SubmitWorkload
     | ScaleWorkload

@@ -19,7 +19,11 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key
 from cloudless.blobs.catalog import Catalog, MemoryKV
 from cloudless.blobs.commands import decode_command as decode_blob_command
 from cloudless.errors import CloudlessError
+from cloudless.pki.bundle import is_endorsed, load_bundle, subject_key_id
+from cloudless.pki.errors import InvalidCredentials
 from cloudless.state.commands import (
+    ActivateNextCA,
+    BeginCARotation,
     BlobCatalogCommand,
     BlobResult,
     CasVar,
@@ -40,6 +44,7 @@ from cloudless.state.commands import (
     RemoveNode,
     ReportAllocations,
     Result,
+    RetireCA,
     RevokeCertificate,
     ScaleWorkload,
     SetGossipKeyring,
@@ -101,6 +106,44 @@ class ClusterCARecord(msgspec.Struct):
     cluster_id: str
     certificate_pem: bytes
     sealed_key: bytes  # pki.custody: opens only with a trusted node's KEK
+
+
+class CARotation(msgspec.Struct):
+    """A CA rotation under way (`cloudless ca rotate`); `StateMachine.ca` is the active CA.
+
+    phase "trust": `other` is the next CA, trusted but not signing yet.
+    phase "reissue": `other` is the previous CA, still trusted while nodes
+    and clients re-issue their certificates from the active (new) one.
+    """
+
+    phase: str
+    other: ClusterCARecord
+    active_key_id: str  # hex SubjectKeyIdentifier of `StateMachine.ca`
+    other_key_id: str
+    started_at: float
+    overlap_s: float
+    activated_at: float = 0.0
+    # identities holding a certificate from the new CA (counted from RegisterNode,
+    # RecordCertificate and RecordClientCertificate naming it as issuer)
+    reissued_nodes: list[str] = []
+    reissued_clients: list[str] = []
+    endorsement: bytes = b""  # the previous CA's signature over the new one (pki.bundle.endorse)
+
+    @property
+    def activate_at(self) -> float:
+        return self.started_at + self.overlap_s / 2
+
+    @property
+    def retire_at(self) -> float:
+        return self.started_at + self.overlap_s
+
+
+def ca_key_id(certificate_pem: bytes) -> str:
+    """The hex key id of the single CA certificate in `certificate_pem` (InvalidCredentials if it is none)."""
+    certificates = load_bundle(certificate_pem)
+    if len(certificates) != 1:
+        raise InvalidCredentials("expected one CA certificate")
+    return subject_key_id(certificates[0]).hex()
 
 
 class Session(msgspec.Struct, array_like=True):
@@ -167,6 +210,7 @@ class _Image(msgspec.Struct):
     retired: dict[str, float] = {}
     gossip_rekey: bool = False
     gossip_keys_at: float = 0.0
+    ca_rotation: CARotation | None = None
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -186,7 +230,8 @@ class StateMachine:
         # is a name and a key; a new key under the name of a removed one that
         # still holds a valid certificate would let the old holder back in.
         self.retired: dict[str, float] = {}
-        self.ca: ClusterCARecord | None = None
+        self.ca: ClusterCARecord | None = None  # the active CA: the one that signs
+        self.ca_rotation: CARotation | None = None
         self.gossip_keys: list[bytes] = []
         # A node was removed since the gossip key last changed: the leader
         # rotates it (coordinator), so a removed node's copy stops working.
@@ -290,6 +335,7 @@ class StateMachine:
                     kind="conflict", message=f"client {cmd.name} exists with role {client.role}; remove it first"
                 )
             client.certificates[cmd.serial] = cmd.not_after
+            self._count_reissued(cmd.issuer, client=cmd.name)
             for serial in [s for s, na in client.certificates.items() if na <= now]:
                 del client.certificates[serial]
             self._changes.append(Change(index, "client", cmd.name))
@@ -330,6 +376,7 @@ class StateMachine:
                 record.address, record.region, record.zone = cmd.address, cmd.region, cmd.zone
                 record.labels = dict(cmd.labels)
             record.certificates[cmd.certificate_serial] = cmd.certificate_not_after
+            self._count_reissued(cmd.issuer, node=cmd.node_id)
             if cmd.public_key:
                 record.public_keys[cmd.certificate_serial] = cmd.public_key
             self._prune_certificates(record, now)
@@ -344,6 +391,7 @@ class StateMachine:
             record.certificates[cmd.serial] = cmd.not_after
             if cmd.public_key:
                 record.public_keys[cmd.serial] = cmd.public_key
+            self._count_reissued(cmd.issuer, node=cmd.node_id)
             self._prune_certificates(record, now)
             self._changes.append(Change(index, "node", cmd.node_id))
             return Done(index=index)
@@ -363,11 +411,15 @@ class StateMachine:
             self._changes.append(Change(index, "revocation", cmd.serial))
             return Done(index=index)
         if isinstance(cmd, StoreClusterCA):
-            if self.ca is not None and self.ca.cluster_id != cmd.cluster_id:
-                return Rejected(kind="conflict", message="the cluster already has a CA")
+            if self.ca is not None and (
+                self.ca.cluster_id != cmd.cluster_id or self.ca.certificate_pem != cmd.certificate_pem
+            ):
+                return Rejected(kind="conflict", message="the cluster already has a CA (`ca rotate` replaces it)")
             self.ca = ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.sealed_key)
             self._changes.append(Change(index, "ca", cmd.cluster_id))
             return Done(index=index)
+        if isinstance(cmd, (BeginCARotation, ActivateNextCA, RetireCA)):
+            return self._apply_ca_rotation(cmd, index, now)
         if isinstance(cmd, SetGossipKeyring):
             if cmd.keys[0] not in self.gossip_keys:
                 self.gossip_rekey = False  # a new primary: whoever was removed does not hold it
@@ -563,6 +615,84 @@ class StateMachine:
         for serial in [s for s in record.public_keys if s not in record.certificates]:
             del record.public_keys[serial]
 
+    def trust_bundle(self) -> bytes:
+        """The CA certificates every node and client trusts, active first (b"": no CA yet)."""
+        if self.ca is None:
+            return b""
+        other = self.ca_rotation.other.certificate_pem if self.ca_rotation is not None else b""
+        return self.ca.certificate_pem + other
+
+    def trust_endorsement(self) -> bytes:
+        """The endorsement of the newer CA in `trust_bundle()` (b"" outside a rotation)."""
+        return self.ca_rotation.endorsement if self.ca_rotation is not None else b""
+
+    def _count_reissued(self, issuer: str, *, node: str = "", client: str = "") -> None:
+        rotation = self.ca_rotation
+        if rotation is None or rotation.phase != "reissue" or issuer != rotation.active_key_id:
+            return
+        if node and node not in rotation.reissued_nodes:
+            rotation.reissued_nodes.append(node)
+        if client and client not in rotation.reissued_clients:
+            rotation.reissued_clients.append(client)
+
+    def ca_retire_blockers(self, now: float) -> list[str]:
+        """Why the previous CA cannot be retired yet ([]: it can)."""
+        rotation = self.ca_rotation
+        if rotation is None or rotation.phase != "reissue":
+            return ["no CA rotation is re-issuing"]
+        why = []
+        if now < rotation.retire_at:
+            why.append(f"the overlap lasts until {rotation.retire_at:.0f}")
+        old = sorted(n for n in self.nodes if n not in rotation.reissued_nodes)
+        if old:
+            why.append("nodes still on the previous CA: " + ", ".join(old))
+        return why
+
+    def _apply_ca_rotation(self, cmd: BeginCARotation | ActivateNextCA | RetireCA, index: int, now: float) -> Result:
+        rotation = self.ca_rotation
+        if isinstance(cmd, BeginCARotation):
+            if self.ca is None:
+                return Rejected(kind="invalid", message="the cluster has no CA yet")
+            if cmd.cluster_id != self.ca.cluster_id:
+                return Rejected(kind="invalid", message=f"the new CA is for cluster {cmd.cluster_id}")
+            if rotation is not None:
+                return Rejected(kind="conflict", message=f"a CA rotation is already under way ({rotation.phase})")
+            try:
+                active_key_id, next_key_id = ca_key_id(self.ca.certificate_pem), ca_key_id(cmd.certificate_pem)
+            except InvalidCredentials as exc:
+                return Rejected(kind="invalid", message=f"the new CA: {exc.message}")
+            if next_key_id == active_key_id:
+                return Rejected(kind="invalid", message="the new CA has the active CA's key")
+            active, new = load_bundle(self.ca.certificate_pem)[0], load_bundle(cmd.certificate_pem)[0]
+            if not is_endorsed(active, cmd.cluster_id, new, cmd.endorsement):
+                return Rejected(kind="invalid", message="the new CA is not endorsed by the active CA's key")
+            self.ca_rotation = CARotation(
+                "trust",
+                ClusterCARecord(cmd.cluster_id, cmd.certificate_pem, cmd.sealed_key),
+                active_key_id,
+                next_key_id,
+                now,
+                cmd.overlap_s,
+                endorsement=cmd.endorsement,
+            )
+        elif isinstance(cmd, ActivateNextCA):
+            if rotation is None or rotation.phase != "trust" or cmd.key_id != rotation.other_key_id:
+                return Rejected(kind="conflict", message=f"CA {cmd.key_id} is not the next CA")
+            if now < rotation.activate_at:
+                return Rejected(kind="conflict", message="the next CA is trusted for half the overlap first")
+            self.ca, rotation.other = rotation.other, self.ca  # type: ignore[assignment]
+            rotation.active_key_id, rotation.other_key_id = rotation.other_key_id, rotation.active_key_id
+            rotation.phase, rotation.activated_at = "reissue", now
+        else:
+            if rotation is None or rotation.phase != "reissue" or cmd.key_id != rotation.other_key_id:
+                return Rejected(kind="conflict", message=f"CA {cmd.key_id} is not the previous CA")
+            blockers = self.ca_retire_blockers(now)
+            if blockers:
+                return Rejected(kind="conflict", message="; ".join(blockers))
+            self.ca_rotation = None
+        self._changes.append(Change(index, "ca", self.ca.cluster_id if self.ca else ""))
+        return Done(index=index)
+
     def _retire(self, identity: str, certificates: dict[str, float], now: float) -> None:
         """Revoke an identity's live certificates and keep its name unusable until the last one expires."""
         for serial, not_after in certificates.items():
@@ -623,6 +753,7 @@ class StateMachine:
             retired=self.retired,
             gossip_rekey=self.gossip_rekey,
             gossip_keys_at=self.gossip_keys_at,
+            ca_rotation=self.ca_rotation,
         )
         body = zstandard.ZstdCompressor(level=3).compress(_encoder.encode(image))
         header = SNAPSHOT_MAGIC + SNAPSHOT_VERSION.to_bytes(2, "big") + zlib.crc32(body).to_bytes(4, "big")
@@ -649,6 +780,7 @@ class StateMachine:
         self.clients = dict(image.clients)
         self.retired = dict(image.retired)
         self.ca = image.ca
+        self.ca_rotation = image.ca_rotation
         self._sessions = OrderedDict(image.sessions)
         self.gossip_keys = list(image.gossip_keys)
         self.gossip_rekey = image.gossip_rekey

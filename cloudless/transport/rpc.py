@@ -14,6 +14,11 @@ Server:
         async for line in ...:
             await ctx.send(LogLine(...))                # blocks while the client is slow
 
+    @server.duplex("exec", request=Start, input=Input)  # both sides stream
+    async def exec_(ctx: RpcContext, req: Start) -> None:
+        while (msg := await ctx.receive()) is not None:  # None: the client sent its End
+            await ctx.send(Output(...))
+
     await server.serve(carrier, task_status=...)        # or: carrier.serve(server.serve_connection)
 
 Client:
@@ -23,6 +28,9 @@ Client:
     async with client.stream(address, "logs.follow", Follow(...), item=LogLine) as items:
         async for line in items:
             ...
+    async with client.duplex(address, "exec", Start(...), item=Output) as call:
+        await call.send(Input(...)); await call.end()   # from one task...
+        async for out in call: ...                      # ...while another reads
 
 Bodies: bytes travel as they are; anything else is msgspec-msgpack encoded.
 With `request=`/`response=`/`item=` types the receiving side decodes and
@@ -37,6 +45,11 @@ Semantics:
   `Item`s then `End` or `Failure` (stream), then EOF; the client then sends
   EOF. Keeping the client's side open is what lets the server notice a
   cancelled client on any carrier: a reset (or early EOF) cancels the handler.
+- Duplex calls: after its `Request` the client sends `Item`s and one `End`
+  while the server streams its own; the server pulls the client's items only
+  as the handler asks for them (`ctx.receive()`), so carrier flow control is
+  the backpressure both ways. An EOF or reset from the client before the
+  server's answer cancels the handler, as for the other kinds.
 - Deadlines propagate: the request carries the time left; the server runs
   the handler under that deadline (so it is cancelled when the client would
   give up anyway). The client raises `DeadlineExceeded` (exit code 5).
@@ -295,6 +308,8 @@ class RpcContext:
     # The request as sent and its caller proof: what a forwarder passes on unchanged.
     raw_body: bytes = field(repr=False, default=b"")
     proof: bytes = field(repr=False, default=b"")
+    _inputs: trio.MemoryReceiveChannel | None = field(repr=False, default=None)
+    _input_type: Any = field(repr=False, default=None)
 
     @property
     def time_left(self) -> float:
@@ -304,6 +319,16 @@ class RpcContext:
         """Send one item of a streamed response (flow-controlled)."""
         await self._stream.send_all(encode_frame(Item(encode_body(item)), self._max_frame))
         self.items_sent += 1
+
+    async def receive(self) -> Any:
+        """The client's next item in a duplex call (decoded, validated); None after its End."""
+        if self._inputs is None:
+            raise InvalidInput(f"{self.method} is not a duplex method")
+        try:
+            body = await self._inputs.receive()
+        except trio.EndOfChannel:
+            return None
+        return decode_body(body, self._input_type, f"item to {self.method}")
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -318,6 +343,8 @@ class _Method:
     handler: Handler
     request_type: Any
     streaming: bool
+    input_type: Any = None
+    duplex: bool = False
 
 
 class RpcServer:
@@ -357,7 +384,25 @@ class RpcServer:
         """Register `async def h(ctx, request) -> None` that calls `await ctx.send(item)`."""
         return self._register(name, request, streaming=True)
 
-    def add(self, name: str, handler: Handler, *, request: Any = None, streaming: bool = False) -> None:
+    def duplex(self, name: str, *, request: Any = None, input: Any = None) -> Callable[[Handler], Handler]:
+        """Register `async def h(ctx, request) -> None` that reads `await ctx.receive()` and calls `ctx.send`."""
+
+        def decorate(handler: Handler) -> Handler:
+            self.add(name, handler, request=request, streaming=True, duplex=True, input=input)
+            return handler
+
+        return decorate
+
+    def add(
+        self,
+        name: str,
+        handler: Handler,
+        *,
+        request: Any = None,
+        streaming: bool = False,
+        duplex: bool = False,
+        input: Any = None,
+    ) -> None:
         if not name or len(name) > MAX_METHOD_LENGTH:
             raise ValueError(f"method name must be 1..{MAX_METHOD_LENGTH} characters")
         if name in self._methods:
@@ -366,7 +411,7 @@ class RpcServer:
             raise ValueError(f"method {name!r} has no entry in the permission table (cloudless/authz/table.py)")
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"handler for {name!r} must be an async function")
-        self._methods[name] = _Method(name, handler, request, streaming)
+        self._methods[name] = _Method(name, handler, request, streaming or duplex, input, duplex)
 
     def _register(self, name: str, request: Any, *, streaming: bool) -> Callable[[Handler], Handler]:
         def decorate(handler: Handler) -> Handler:
@@ -501,7 +546,9 @@ class RpcServer:
             proof=frame.proof,
         )
         on_abort = getattr(stream, "on_abort", None)
-        if reader.buffered:
+        if method.duplex:
+            await self._answer_duplex(conn, stream, reader, method, ctx, request, client_gone)
+        elif reader.buffered:
             client_gone.append("sent data after its request")
         elif on_abort is not None:
             # The carrier tells us when the client gives up: no watcher task needed.
@@ -550,6 +597,54 @@ class RpcServer:
             finished = True
             # Leaving the nursery waits for the watcher to see the client's EOF,
             # so the stream ends cleanly on both sides; bounded by CLOSE_TIMEOUT.
+            nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+
+    async def _answer_duplex(
+        self,
+        conn: Connection,
+        stream: Stream,
+        reader: FrameReader,
+        method: _Method,
+        ctx: RpcContext,
+        request: Any,
+        client_gone: list[str],
+    ) -> None:
+        """Run a duplex handler with a task feeding it the client's items, one at a time."""
+        finished = False
+        send, receive = trio.open_memory_channel(0)  # the handler pulls: no buffering here
+        ctx._inputs, ctx._input_type = receive, method.input_type
+
+        async def read_client(scope: trio.CancelScope) -> None:
+            ended = False
+            try:
+                async with send:
+                    while True:
+                        frame = await reader.read()
+                        if frame is None:
+                            if not finished:
+                                client_gone.append("closed its side before the answer")
+                            break
+                        if ended or not isinstance(frame, (Item, End)):
+                            client_gone.append(f"sent {type(frame).__name__} out of turn")
+                            break
+                        if isinstance(frame, End):
+                            ended = True
+                            await send.aclose()
+                            continue
+                        try:
+                            await send.send(frame.body)
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            pass  # the handler is done reading: drop the rest
+            except (*_STREAM_GONE, RpcProtocolError) as exc:
+                client_gone.append(f"went away ({exc.__class__.__name__})")
+            if not finished or client_gone:
+                scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_client, nursery.cancel_scope)
+            await self._answer(conn, stream, method, ctx, request, client_gone)
+            finished = True
+            receive.close()
             nursery.cancel_scope.deadline = trio.current_time() + CLOSE_TIMEOUT
 
     async def _await_client_eof(self, stream: Stream, client_gone: list[str]) -> None:
@@ -737,6 +832,35 @@ class RpcClient:
         proof: bytes | None = None,
     ) -> AsyncIterator[ItemStream[Any]]:
         """A server-streamed call: `async for x in items`; leaving the block early cancels the call."""
+        async with self._open(target, method, request, item, timeout, proof, ItemStream) as items:
+            yield items
+
+    @asynccontextmanager
+    async def duplex(
+        self,
+        target: Address | Connection,
+        method: str,
+        request: Any = b"",
+        *,
+        item: type[T] | Any = None,
+        timeout: float | None = None,
+        proof: bytes | None = None,
+    ) -> AsyncIterator[DuplexStream[Any]]:
+        """A duplex call: `await call.send(x)`, `await call.end()`, and `async for y in call`."""
+        async with self._open(target, method, request, item, timeout, proof, DuplexStream) as call:
+            yield call
+
+    @asynccontextmanager
+    async def _open(
+        self,
+        target: Address | Connection,
+        method: str,
+        request: Any,
+        item: Any,
+        timeout: float | None,
+        proof: bytes | None,
+        kind: type,
+    ) -> AsyncIterator[Any]:
         body = encode_body(request)
         proof = self._proof(method, body, proof)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
@@ -756,7 +880,7 @@ class RpcClient:
             if isinstance(target, tuple):
                 self.pool.discard(target)
             raise
-        items = ItemStream(self, target, conn, stream, method, item, deadline)
+        items = kind(self, target, conn, stream, method, item, deadline)
         try:
             yield items
         finally:
@@ -825,3 +949,29 @@ class ItemStream(Generic[T]):
                 pass
         else:
             await _reset_quietly(self._stream)
+
+
+class DuplexStream(ItemStream[T]):
+    """A duplex call: the server's items as an async iterator, plus sending the client's own.
+
+    Several tasks may send (one at a time on the wire); reading may go on in another task.
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._send_lock = trio.StrictFIFOLock()
+        self.ended = False
+
+    async def send(self, value: Any) -> None:
+        frame = encode_frame(Item(encode_body(value)), self._client.max_frame_size)
+        async with self._send_lock:
+            if self.ended:
+                raise trio.ClosedResourceError(f"{self._method}: input already ended")
+            await self._stream.send_all(frame)
+
+    async def end(self) -> None:
+        """No more input (the server's `ctx.receive()` returns None)."""
+        async with self._send_lock:
+            if not self.ended:
+                self.ended = True
+                await self._stream.send_all(encode_frame(End(), self._client.max_frame_size))

@@ -233,6 +233,98 @@ async def test_exec_returns_exit_code_and_output(runtime, rootfs):
     assert (r.exit_code, r.stdout, r.stderr) == (4, b"hi\n", b"e\n")
 
 
+async def test_exec_session_streams_output_before_the_command_ends_and_returns_its_code(runtime, rootfs):
+    await runtime.create(spec(rootfs, "exs", ["sleep", "1000"]))
+    await runtime.start("exs")
+    script = "echo first; while [ ! -e /tmp/go ]; do sleep 0.05; done; echo late >&2; exit 7"
+    async with runtime.exec_session("exs", ["sh", "-c", script]) as session:
+        with trio.fail_after(20):
+            assert await session.read_output() == ("stdout", b"first\n")  # while the command still waits
+        r = await runtime.exec("exs", ["touch", "/tmp/go"])
+        assert r.exit_code == 0
+        rest = []
+        while (out := await session.read_output()) is not None:
+            rest.append(out)
+        assert rest == [("stderr", b"late\n")]
+        assert await session.wait() == 7
+
+
+async def test_exec_session_stdin_reaches_the_command_and_its_close_is_eof(runtime, rootfs):
+    await runtime.create(spec(rootfs, "exi", ["sleep", "1000"]))
+    await runtime.start("exi")
+    async with runtime.exec_session("exi", ["sh", "-c", "tr a-z A-Z; echo done"], stdin=True) as session:
+        await session.write_stdin(b"hello\n")
+        with trio.fail_after(20):
+            assert await session.read_output() == ("stdout", b"HELLO\n")
+        await session.close_stdin()
+        out = b""
+        while (piece := await session.read_output()) is not None:
+            out += piece[1]
+        assert out == b"done\n"
+        assert await session.wait() == 0
+
+
+async def test_exec_session_with_a_tty_gives_the_command_a_terminal_its_size_and_sigint(runtime, rootfs):
+    await runtime.create(spec(rootfs, "ext", ["sleep", "1000"]))
+    await runtime.start("ext")
+
+    seen = bytearray()  # everything the terminal showed so far
+
+    async def read_until(session, needle: bytes) -> bytes:
+        with trio.move_on_after(20):
+            while needle not in seen:
+                piece = await session.read_output()
+                assert piece is not None, f"output ended before {needle!r}: {bytes(seen)!r}"
+                assert piece[0] == "stdout"  # one terminal: stdout and stderr are one stream
+                seen.extend(piece[1])
+        assert needle in seen, f"no {needle!r} in {bytes(seen)!r}"
+        return bytes(seen)
+
+    async def poke_until(session, needle: bytes) -> None:
+        # Sizes reach the container's terminal asynchronously (runc copies them on SIGWINCH):
+        # ask again, with an empty line, until the new size shows.
+        with trio.move_on_after(20):
+            while needle not in seen:
+                await session.write_stdin(b"\r")
+                with trio.move_on_after(0.5):
+                    while needle not in seen:
+                        piece = await session.read_output()
+                        assert piece is not None, f"output ended before {needle!r}: {bytes(seen)!r}"
+                        seen.extend(piece[1])
+        assert needle in seen, f"no {needle!r} in {bytes(seen)!r}"
+
+    script = (
+        'tty; read line; echo got:$line; while read line && [ "$line" != stop ]; do stty size; done;'
+        " trap 'echo interrupted; exit 3' INT; echo armed; sleep 100 & wait"
+    )
+    async with runtime.exec_session("ext", ["sh", "-c", script], tty=True, stdin=True, rows=33, cols=101) as session:
+        await read_until(session, b"/dev/pts/")
+        await session.write_stdin(b"abc\r")  # a terminal turns CR into NL (icrnl)
+        await read_until(session, b"got:abc")
+        await poke_until(session, b"33 101")
+        session.resize(50, 120)  # a window resized while the command runs
+        await poke_until(session, b"50 120")
+        await session.write_stdin(b"stop\r")
+        await read_until(session, b"armed")
+        await session.write_stdin(b"\x03")  # ^C: the line discipline sends SIGINT to the foreground group
+        await read_until(session, b"interrupted")
+        with trio.fail_after(20):
+            assert await session.wait() == 3
+
+
+async def test_exec_session_left_early_kills_the_command(runtime, rootfs):
+    await runtime.create(spec(rootfs, "exk", ["sleep", "1000"]))
+    await runtime.start("exk")
+    async with runtime.exec_session("exk", ["sh", "-c", "echo up; exec sleep 301"]) as session:
+        with trio.fail_after(20):
+            assert await session.read_output() == ("stdout", b"up\n")
+    with trio.fail_after(10):
+        while True:  # the exec'd process dies with the session, not only runc
+            if b"sleep 301" not in (await runtime.exec("exk", ["ps", "-o", "args"])).stdout:
+                break
+            await trio.sleep(0.1)
+
+
 # ---------------------------------------------------------------- networking
 
 

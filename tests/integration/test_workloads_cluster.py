@@ -193,7 +193,15 @@ def test_run_scale_kill_a_node_then_stop(cluster, cloudless_bin):
     ps = cli_json(cloudless_bin, "ps", config=config)
     assert ps == {
         "items": [
-            {"name": "hello", "image": "busybox:latest", "version": 1, "desired": 3, "running": 3, "state": "running"}
+            {
+                "name": "hello",
+                "image": "busybox:latest",
+                "version": 1,
+                "desired": 3,
+                "running": 3,
+                "state": "running",
+                "pending_reason": "",
+            }
         ]
     }
 

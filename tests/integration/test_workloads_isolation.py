@@ -17,13 +17,16 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
+from cloudless.agent.teardown import remove_node_sandbox
 from cloudless.api.workloads import InspectReply, RunWorkload, WorkloadRef, WorkloadReply
 from cloudless.errors import CloudlessError
+from cloudless.sandbox.rootfs import mounts_under
 from cloudless.state.workload import from_flags
 from tests.harness.chaos import ChaosCluster
 
@@ -53,6 +56,21 @@ def running_containers(data_dir: Path) -> set[str]:
         timeout=30,
     )
     return {c["id"] for c in json.loads(out.stdout or "null") or [] if c["status"] == "running"}
+
+
+@asynccontextmanager
+async def sandboxes_removed_afterwards(data: dict[int, Path]):
+    """Once the nodes are gone, whatever their agents did not get to (a failure midway) is removed."""
+    try:
+        yield
+    finally:
+        with trio.CancelScope(shield=True):
+            for d in data.values():
+                await remove_node_sandbox(d)
+
+
+def containers_dir(data_dir: Path) -> Path:
+    return data_dir / "agent" / "sandbox" / "containers"
 
 
 def live(reply: InspectReply) -> list:
@@ -89,10 +107,11 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
     # namespace and keep only the host's network namespace.
     base = nc_module.node_spec()
     spec = dataclasses.replace(base, argv=["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", *base.argv])
-    async with ChaosCluster(3, tmp_path / "run", spec, seed=8) as cluster:
+    data: dict[int, Path] = {}
+    async with sandboxes_removed_afterwards(data), ChaosCluster(3, tmp_path / "run", spec, seed=8) as cluster:
         nodes = nc_module.NodeCluster(cluster)
         await nodes.bootstrap()
-        data = {i: cluster.process(i).data_dir for i in range(3)}
+        data.update({i: cluster.process(i).data_dir for i in range(3)})
         for i in range(3):
             await trio.run_process(
                 [
@@ -208,10 +227,15 @@ async def test_isolated_node_keeps_its_replica_restarts_it_while_isolated_and_no
                     continue
 
             async def gone():
-                return not any(running_containers(d) for d in data.values())
+                # Removed, not only stopped: a stopped container's root is still mounted until
+                # its agent deletes it, and tearing the nodes down before then leaked the mount.
+                return not any(
+                    any(containers_dir(d).iterdir()) for d in data.values() if containers_dir(d).is_dir()
+                ) and not mounts_under(tmp_path)
 
             try:
                 await eventually("every container removed", gone, timeout_s=45)
             finally:
                 for c in set([*clients, client]):
                     await c.aclose()
+    assert not mounts_under(tmp_path)

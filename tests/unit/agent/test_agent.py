@@ -17,6 +17,7 @@ from cloudless.agent.local import LocalAllocations
 from cloudless.agent.messages import AssignedAllocation, NodeAllocations
 from cloudless.agent.source import MemorySource
 from cloudless.sandbox.memory import MemoryRuntime, ScriptedRun
+from cloudless.sandbox.runtime import ContainerSpec, SandboxError
 from cloudless.state.workload import Allocation, RestartPolicy, WorkloadSpec, validate
 
 NODE = "n1"
@@ -122,6 +123,42 @@ async def test_missing_image_is_reported_failed_with_the_reason(clock, tmp_path)
         await settle()
         report = source.latest()["web-0-aa"]
         assert report.state == "failed" and "not on this node" in report.message
+        nursery.cancel_scope.cancel()
+
+
+class CreateFails(MemoryRuntime):
+    """The memory twin whose bundle creation fails (a full disk, a bad mount)."""
+
+    async def create(self, spec):
+        await trio.lowlevel.checkpoint()
+        raise SandboxError(f"cannot write the bundle of {spec.id}: no space left on device", id=spec.id)
+
+
+async def test_a_container_that_cannot_be_created_releases_its_root(clock, tmp_path):
+    runtime, source = CreateFails(), MemorySource()
+    agent = agent_for(runtime, source, tmp_path)
+    source.publish(NodeAllocations(NODE, 5, assigned("web-0-aa")))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await settle()
+        report = source.latest()["web-0-aa"]
+        assert report.state == "failed" and "no space left" in report.message
+        assert agent.rootfs.prepared == {}  # the prepared root (an overlay mount on a real node) is gone
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_start_keeps_the_root_of_a_container_that_exists(clock, tmp_path):
+    runtime, source = MemoryRuntime(), MemorySource()
+    agent = agent_for(runtime, source, tmp_path)
+    # Someone else's container under the id: ensure() refuses it, and its root stays in use.
+    await runtime.create(ContainerSpec(id="web-0-aa", rootfs="/memory/rootfs/web-0-aa", args=["sh"], labels={}))
+    agent.rootfs.prepared["web-0-aa"] = "busybox:latest"
+    source.publish(NodeAllocations(NODE, 5, assigned("web-0-aa")))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(agent.run)
+        await settle()
+        assert source.latest()["web-0-aa"].state == "failed"
+        assert "web-0-aa" in agent.rootfs.prepared
         nursery.cancel_scope.cancel()
 
 

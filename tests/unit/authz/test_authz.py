@@ -211,3 +211,28 @@ def test_autopilot_never_chooses_an_untrusted_device_however_good() -> None:
     voters, _, ineligible = choose_voters([best_device, *others], 10.0, config)
     assert "phone" not in voters
     assert "not trusted" in ineligible["phone"]
+
+
+def test_ca_rotation_calls_are_admin_only_and_each_identity_reads_its_own_bundle_call() -> None:
+    authorizer = Authorizer()
+    admin, operator, viewer, node = (
+        principal_of(peer("client", "admin")),
+        principal_of(peer("client", "operator")),
+        principal_of(peer("client", "viewer")),
+        principal_of(peer("node")),
+    )
+    for method in ("ca.rotate", "ca.status"):
+        authorizer.check_caller(admin, method)
+        for who in (operator, viewer, node):
+            with pytest.raises(PermissionDenied, match=r"may not (rotate the cluster CA|read the CA rotation status)"):
+                authorizer.check_caller(who, method)
+    for who in (admin, operator, viewer):
+        authorizer.check_caller(who, "pki.bundle")
+        authorizer.check_caller(who, "pki.renew_client")
+        with pytest.raises(PermissionDenied, match="may not read the cluster's CA bundle"):
+            authorizer.check_caller(who, "pki.trust")
+    authorizer.check_caller(node, "pki.trust")
+    with pytest.raises(PermissionDenied, match="may not renew a client certificate"):
+        authorizer.check_caller(node, "pki.renew_client")
+    with pytest.raises(PermissionDenied, match="may not read the cluster's CA bundle"):
+        authorizer.check_caller(node, "pki.bundle")

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from cloudless.node.device import detect, detect_network, detect_power
@@ -81,8 +83,8 @@ def test_runtime_is_runc_only_with_root_runc_and_cgroups(tmp_path):
     cgroups.mkdir()
     (cgroups / "cgroup.controllers").write_text("cpu memory pids\n")
     assert detect_runtime(euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)[0] == "runc"
-    runtime, why = detect_runtime(euid=1000, runc="/usr/sbin/runc", cgroup_root=cgroups)
-    assert runtime == "none" and "not root" in why
+    runtime, why = detect_runtime(euid=1000, runc="", cgroup_root=cgroups)
+    assert runtime == "none" and "not root" in why and "no runc" in why
     runtime, why = detect_runtime(euid=0, runc="", cgroup_root=cgroups)
     assert runtime == "none" and "no runc" in why
     runtime, why = detect_runtime(euid=0, runc="/usr/sbin/runc", cgroup_root=tmp_path / "missing")
@@ -100,8 +102,47 @@ def test_forced_runtime_none_wins_and_forced_runc_must_work(tmp_path):
     assert detect_runtime("memory", euid=1000, runc="", cgroup_root=cgroups)[0] == "memory"
     with pytest.raises(InvalidInput, match="not root"):
         detect_runtime("runc", euid=1000, runc="/usr/sbin/runc", cgroup_root=cgroups)
+    with pytest.raises(InvalidInput, match="not root"):
+        detect_runtime("rootless", euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)
     with pytest.raises(InvalidInput, match="unknown runtime"):
         detect_runtime("docker", euid=0, runc="/usr/sbin/runc", cgroup_root=cgroups)
+
+
+def test_rootless_when_not_root_with_runc_a_working_user_namespace_and_an_own_data_dir(tmp_path):
+    from cloudless.errors import InvalidInput
+    from cloudless.node.device import detect_runtime
+
+    me = os.geteuid()
+    works = lambda: (True, "")  # noqa: E731
+    broken = lambda: (False, "unprivileged user namespaces do not work: EPERM")  # noqa: E731
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chown(data, me, -1)
+    # A data dir not created yet is the node's own; no cgroup hierarchy is needed.
+    runtime, why = detect_runtime(
+        euid=4242, runc="/usr/sbin/runc", cgroup_root=tmp_path / "no", data_dir=tmp_path / "later", userns=works
+    )
+    assert runtime == "rootless"
+    # The data dir belongs to someone else: refused, and says whose.
+    runtime, why = detect_runtime(euid=4242, runc="/usr/sbin/runc", data_dir=data, userns=works)
+    assert runtime == "none" and f"owned by uid {me}, not 4242" in why
+    os.chown(data, 4242, -1)
+    runtime, why = detect_runtime(euid=4242, runc="/usr/sbin/runc", data_dir=data, userns=works)
+    assert runtime == "rootless" and "uid 4242" in why
+    runtime, why = detect_runtime(euid=4242, runc="/usr/sbin/runc", data_dir=data, userns=broken)
+    assert runtime == "none" and "EPERM" in why
+    with pytest.raises(InvalidInput, match=r"rootless cannot work here: .*EPERM"):
+        detect_runtime("rootless", euid=4242, runc="/usr/sbin/runc", data_dir=data, userns=broken)
+    assert detect_runtime("rootless", euid=4242, runc="/usr/sbin/runc", data_dir=data, userns=works)[0] == "rootless"
+
+
+def test_the_user_namespace_check_really_creates_one():
+    from cloudless.sandbox.rootless import userns_works
+
+    # This kernel allows unprivileged user namespaces (and root may always create one).
+    assert userns_works() == (True, "")
+    works, why = userns_works("/bin/false")
+    assert not works and "do not work" in why
 
 
 def test_node_infos_read_the_runtime_label():

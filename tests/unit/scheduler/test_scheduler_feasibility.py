@@ -325,3 +325,46 @@ def test_pending_reason_is_empty_when_everything_was_placed():
 
     plan = plan_placements(spec(replicas=1), 1, ClusterView([node("a", runtime="runc")]))
     assert plan.placements and pending_reason(plan.explain()) == ""
+
+
+def test_a_rootless_node_takes_no_workload_with_ports_and_says_why():
+    from cloudless.scheduler.feasible import ROOTLESS_PORTS
+
+    view = ClusterView([node("laptop", runtime="rootless"), node("vps", runtime="runc")])
+    with_port = spec(replicas=2, ports=(PortSpec(80, host_port=8080),))
+    plan = plan_placements(with_port, 2, view)
+    assert [p.node for p in plan.placements] == ["vps"]
+    assert plan.failures[0].rejections == {ROOTLESS_PORTS: 1, "port 8080/tcp in use": 1}
+    assert plan.node_reasons["laptop"] == ROOTLESS_PORTS
+    # A container port alone needs the bridge too (the mesh reaches it by the container's address).
+    plan = plan_placements(
+        spec(ports=(PortSpec(80),), constraints=(Constraint("node.runtime", "=", "rootless"),)), 1, view
+    )
+    assert plan.failures[0].rejections == {ROOTLESS_PORTS: 1, "constraint node.runtime=rootless": 1}
+    # Without ports it is an ordinary candidate.
+    plan = plan_placements(spec(constraints=(Constraint("node.runtime", "=", "rootless"),)), 1, view)
+    assert [p.node for p in plan.placements] == ["laptop"]
+
+
+def test_a_placement_on_a_rootless_node_names_the_limits_it_cannot_enforce():
+    from cloudless.scheduler.feasible import LIMITS_LABEL
+
+    view = ClusterView(
+        [
+            node("bare", runtime="rootless"),  # said nothing: enforces nothing
+            node("delegated", runtime="rootless", labels={LIMITS_LABEL: "cpu,memory,pids"}),
+            node("partial", runtime="rootless", labels={LIMITS_LABEL: "memory"}),
+            node("vps", runtime="runc"),
+        ]
+    )
+    plan = plan_placements(spec(replicas=4, spreads=(Spread("node", max_per=1),)), 4, view)
+    caveats = {p.node: p.caveat for p in plan.placements}
+    assert caveats == {
+        "bare": "rootless node: memory, cpu, pids limits not enforced",
+        "delegated": "",
+        "partial": "rootless node: cpu, pids limits not enforced",
+        "vps": "",
+    }
+    lines = plan.explain()
+    assert any(line.startswith("replica ") and "→ bare" in line and line.endswith("not enforced") for line in lines)
+    assert any("→ vps" in line and "not enforced" not in line for line in lines)

@@ -128,6 +128,22 @@ def make_server(events: dict) -> RpcServer:
         finally:
             events["handler_cancelled"].set()
 
+    @server.duplex("upper", request=Follow, input=Line)
+    async def upper(ctx: RpcContext, req: Follow) -> None:
+        # Echoes each input item upper-cased, then a count; req.count > 0 stops after that many.
+        n = 0
+        events["started"].set()
+        try:
+            while (line := await ctx.receive()) is not None:
+                await ctx.send(Line(line.n, line.text.upper()))
+                n += 1
+                events["received"] = n
+                if req.count and n >= req.count:
+                    break
+            await ctx.send(Line(-1, f"{n} items"))
+        finally:
+            events["handler_cancelled"].set()
+
     return server
 
 
@@ -218,6 +234,74 @@ async def test_slow_stream_reader_holds_back_the_server_with_bounded_buffering(k
             assert stalled_at < 8_000
         with trio.fail_after(5):
             await events["handler_cancelled"].wait()  # leaving the block early cancels the server side
+        await client.aclose()
+
+
+async def test_duplex_call_streams_both_ways_and_end_reaches_the_handler(kind):
+    async with serving(kind, make_server(fresh_events())) as (carrier, address):
+        client = RpcClient(carrier)
+        async with client.duplex(address, "upper", Follow(0), item=Line, timeout=10) as call:
+            for i in range(3):
+                await call.send(Line(i, f"line {i}"))
+                assert await call.__anext__() == Line(i, f"LINE {i}")  # each answer before the next input
+            await call.end()
+            rest = [line async for line in call]
+        assert rest == [Line(-1, "3 items")]
+        # the handler may stop reading first: the client's later items are dropped, the call ends cleanly
+        async with client.duplex(address, "upper", Follow(1), item=Line, timeout=10) as call:
+            await call.send(Line(0, "a"))
+            await call.send(Line(1, "b"))
+            got = [line async for line in call]
+        assert got == [Line(0, "A"), Line(-1, "1 items")]
+        assert await client.call(address, "echo", b"after", timeout=5) == b"after"
+        await client.aclose()
+
+
+async def test_duplex_input_that_does_not_decode_fails_the_call(kind):
+    async with serving(kind, make_server(fresh_events())) as (carrier, address):
+        client = RpcClient(carrier)
+        with pytest.raises(InvalidInput, match="does not decode"):
+            async with client.duplex(address, "upper", Follow(0), item=Line, timeout=10) as call:
+                await call.send({"n": "not a number"})
+                async for _ in call:
+                    pass
+        await client.aclose()
+
+
+async def test_duplex_server_pulls_input_only_as_the_handler_reads_it(kind):
+    events = fresh_events()
+    server = RpcServer()
+    release = trio.Event()
+
+    @server.duplex("slow", input=Line)
+    async def slow(ctx: RpcContext, body: bytes) -> None:
+        await release.wait()
+        while await ctx.receive() is not None:
+            pass
+
+    async with serving(kind, server) as (carrier, address):
+        client = RpcClient(carrier)
+        async with client.duplex(address, "slow", b"", timeout=30) as call:
+            sent = 0
+
+            async def writer():
+                nonlocal sent
+                while True:
+                    await call.send(Line(sent, "z" * 1000))
+                    sent += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer)
+                with trio.fail_after(20):
+                    while True:  # the writer must stall while the handler reads nothing
+                        before = sent
+                        await trio.sleep(0.3)
+                        if sent == before:
+                            break
+                assert sent < 8_000  # ~1 KB items: a few MB at most in windows and buffers
+                nursery.cancel_scope.cancel()
+            release.set()
+        events["done"] = True
         await client.aclose()
 
 
