@@ -23,7 +23,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Annotated, Protocol
+from typing import Annotated, Any, Protocol
 
 import msgspec
 from cryptography import x509
@@ -38,6 +38,7 @@ PROOF_CONTEXT = b"cloudless-caller-proof-v1\x00"
 MAX_SKEW_S = 120.0  # how old (or how far ahead) a proof may be
 MAX_PROOF_BYTES = 4096
 MAX_REMEMBERED_NONCES = 200_000  # ~10 MB; at 1,600 calls/s that is the whole window
+MAX_CACHED_CERTIFICATES = 4096  # distinct callers whose checked certificates we keep
 
 
 class CallerProof(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
@@ -87,6 +88,7 @@ class ProofVerifier:
         self._verifier = verifier  # pki.verify.PeerVerifier: CA, validity, revocation, cluster
         self._clock = clock
         self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self._certificates: OrderedDict[bytes, tuple[Any, ec.EllipticCurvePublicKey, float, object]] = OrderedDict()
 
     def verify(self, proof: bytes, method: str, body: bytes) -> Principal:
         """The client `proof` proves made this call; raises PermissionDenied otherwise."""
@@ -105,17 +107,7 @@ class ProofVerifier:
         now = self._clock()
         if not abs(now - parsed.signed_at) <= MAX_SKEW_S:
             raise PermissionDenied("permission denied: caller proof is stale (check the client's clock)")
-        try:
-            certificate = x509.load_der_x509_certificate(parsed.certificate)
-        except ValueError as exc:
-            raise PermissionDenied(f"permission denied: caller proof certificate does not parse: {exc}") from None
-        try:
-            peer = self._verifier.verify([certificate])
-        except Exception as exc:  # PeerRejected and parse errors alike: the proof proves nobody
-            raise PermissionDenied(f"permission denied: caller certificate refused: {exc}") from None
-        public_key = certificate.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey):
-            raise PermissionDenied("permission denied: caller certificate has no EC key")
+        peer, public_key = self._certificate(parsed.certificate, now)
         try:
             public_key.verify(
                 parsed.signature,
@@ -129,6 +121,39 @@ class ProofVerifier:
         if principal.kind != "client":
             raise PermissionDenied(f"permission denied: caller proofs are for clients, not {principal.uri}")
         return principal
+
+    def _certificate(self, der: bytes, now: float) -> tuple[Any, ec.EllipticCurvePublicKey]:
+        """The identity and key of a caller certificate, checked against the CA once and cached.
+
+        A client sends the same certificate with every call; parsing it and
+        checking the CA's signature each time was half the leader's crypto
+        per forwarded write. What can change between calls is checked every
+        time: revocation, expiry, and the trust bundle (a CA rotation).
+        """
+        cas = getattr(self._verifier, "ca_certificates", None)
+        cached = self._certificates.get(der)
+        if cached is not None:
+            peer, public_key, not_after, trusted = cached
+            revocations = getattr(self._verifier, "revocations", None)
+            if trusted is cas and now < not_after and not (revocations and revocations.is_revoked(peer.serial)):
+                self._certificates.move_to_end(der)
+                return peer, public_key
+            del self._certificates[der]
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise PermissionDenied(f"permission denied: caller proof certificate does not parse: {exc}") from None
+        try:
+            peer = self._verifier.verify([certificate])
+        except Exception as exc:  # PeerRejected and parse errors alike: the proof proves nobody
+            raise PermissionDenied(f"permission denied: caller certificate refused: {exc}") from None
+        public_key = certificate.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey):
+            raise PermissionDenied("permission denied: caller certificate has no EC key")
+        self._certificates[der] = (peer, public_key, certificate.not_valid_after_utc.timestamp(), cas)
+        while len(self._certificates) > MAX_CACHED_CERTIFICATES:
+            self._certificates.popitem(last=False)
+        return peer, public_key
 
     def _remember(self, nonce: bytes, now: float) -> None:
         horizon = now - 2 * MAX_SKEW_S

@@ -236,3 +236,24 @@ def test_ca_rotation_calls_are_admin_only_and_each_identity_reads_its_own_bundle
         authorizer.check_caller(node, "pki.renew_client")
     with pytest.raises(PermissionDenied, match="may not read the cluster's CA bundle"):
         authorizer.check_caller(node, "pki.bundle")
+
+
+def test_a_cached_caller_certificate_is_rechecked_for_revocation_expiry_and_trust(pki) -> None:
+    ca, _, _, _ = pki
+    revocations = RevocationList()
+    now = [NOW.timestamp()]
+    verifier = PeerVerifier(ca.certificate, revocations, "c1", clock=lambda: datetime.fromtimestamp(now[0], UTC))
+    gate = _gate(verifier, lambda: now[0])
+    creds = issue_credentials(ca, Identity.client("c1", "cached"), NOW, timedelta(hours=1), role="viewer")
+    sign = ProofSigner(creds.cert_pem, creds.key_pem, clock=lambda: now[0])
+    gate(peer("node"), "fwd.status", b"", sign("status", b""))  # checked against the CA, cached
+    gate(peer("node"), "fwd.status", b"", sign("status", b""))  # served from the cache
+    other = ClusterCA.create("c1", NOW)
+    verifier.trust([other.certificate])  # the CA rotated away from ours
+    with pytest.raises(PermissionDenied, match="refused"):
+        gate(peer("node"), "fwd.status", b"", sign("status", b""))
+    verifier.trust([ca.certificate])
+    gate(peer("node"), "fwd.status", b"", sign("status", b""))
+    now[0] += 2 * 3600  # past the certificate's expiry
+    with pytest.raises(PermissionDenied, match="refused"):
+        gate(peer("node"), "fwd.status", b"", sign("status", b""))
