@@ -269,7 +269,7 @@ class Node:
             parse_address(record.advertise) if record.advertise else options.listen
         )
         self.events = events or EventLog()
-        self.metrics = NodeMetrics(lambda: self)
+        self.metrics = NodeMetrics()
         self.device: DeviceProfile = self._detect_device()
         # Decided once: the agent is built for it, and gossip advertises it so
         # the scheduler never places a container where it cannot run.
@@ -323,6 +323,7 @@ class Node:
                 self.cluster_id, self._current_credentials, lambda: self.replicated.fsm, self._in_raft
             )
             self.gossip = self._build_gossip()
+            self.metrics.observe(self.replicated, self.server, self.gossip)
             self.membership = Membership(self.node_id, self.cluster_id, self.replicated, self.gossip, self.metadata)
             self.coordinator = Coordinator(
                 self.membership,
