@@ -55,8 +55,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 import trio  # noqa: E402
 
 from cloudless.blobs.antientropy import repair_until_stable  # noqa: E402
+from cloudless.blobs.catalog import LocalMetadataStore  # noqa: E402
 from cloudless.blobs.chunkstore import LocalChunkStore, MemoryChunkStore  # noqa: E402
-from cloudless.blobs.manifest import LocalMetadataStore  # noqa: E402
 from cloudless.blobs.objects import ObjectService, iter_file  # noqa: E402
 from cloudless.blobs.peers import MemoryChunkPeers  # noqa: E402
 from cloudless.blobs.placement import StorageMember  # noqa: E402

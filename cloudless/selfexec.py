@@ -63,9 +63,8 @@ def log_shim_argv() -> list[str]:
     """
     if frozen():
         return [sys.executable, LOG_SHIM_ARG]
-    from cloudless.sandbox import logs
-
-    return [sys.executable, "-I", "-S", logs.__file__]
+    # The file itself, not an import of it: sandbox (runc.py) imports this module.
+    return [sys.executable, "-I", "-S", os.path.join(os.path.dirname(__file__), "sandbox", "logs.py")]
 
 
 def restore_library_path() -> None:
@@ -87,6 +86,7 @@ def restore_library_path() -> None:
 
 def native_report() -> dict[str, str]:
     """module -> the file its compiled code was loaded from (or why not)."""
+    # Only the hidden native check needs these; every command imports this module.
     import importlib
     import warnings
 
@@ -111,13 +111,13 @@ def native_report() -> dict[str, str]:
 def run_hidden_entry(argv: list[str]) -> None:
     """Run the hidden entry point named by argv[1], if any; else return."""
     if len(argv) > 1 and argv[1] == NATIVE_CHECK_ARG:
-        import json
+        import json  # the hidden native check only
 
         report = native_report()
         sys.stdout.write(json.dumps(report, indent=2, sort_keys=True) + "\n")
         raise SystemExit(0 if all(v.endswith(".so") for v in report.values()) else 1)
     if len(argv) > 1 and argv[1] == LOG_SHIM_ARG:
-        import runpy
+        import runpy  # the log shim only: it starts with as little loaded as it can
 
         # As __main__, so logs.py skips its module-level imports (json, trio) like the unfrozen shim.
         sys.argv = [argv[0], *argv[2:]]

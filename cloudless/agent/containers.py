@@ -14,8 +14,15 @@ import logging
 from pathlib import Path
 from typing import Protocol
 
+import trio
+
+from cloudless.agent.images_from_peers import PeerImages
 from cloudless.errors import CloudlessError
+from cloudless.sandbox.images import ImageNotFound, ImageStore
 from cloudless.sandbox.oci import ImageConfig
+from cloudless.sandbox.reference import parse_reference
+from cloudless.sandbox.registry import RegistryClient
+from cloudless.sandbox.rootfs import RootfsBuilder
 from cloudless.sandbox.runtime import ContainerSpec, HealthCheck, PortMapping, RestartPolicy
 from cloudless.state.workload import Allocation, WorkloadSpec
 
@@ -120,10 +127,6 @@ class ImageRootfs:
     ) -> None:  # type: ignore[no-untyped-def]
         """`oci_blobs` (a callable returning the node's OciBlobs or None) enables
         fetching missing images from peers' blob store before any registry."""
-        from cloudless.agent.images_from_peers import PeerImages
-        from cloudless.sandbox.images import ImageStore
-        from cloudless.sandbox.rootfs import RootfsBuilder
-
         self.store = ImageStore(images_dir)
         self.builder = RootfsBuilder(self.store)
         self.pull_timeout = pull_timeout
@@ -134,8 +137,6 @@ class ImageRootfs:
         )
 
     async def prepare(self, container_id: str, image: str) -> tuple[str, ImageConfig]:
-        from cloudless.sandbox.images import ImageNotFound
-
         try:
             prepared = await self.builder.aprepare(container_id, image)
         except ImageNotFound:
@@ -150,8 +151,6 @@ class ImageRootfs:
 
     async def _from_peers(self, image: str) -> str | None:
         """Fetch the image from peers' blob store; None on success, else why not."""
-        import trio
-
         if self.peers is None:
             return "no blob store on this node"
         wait = 0.0
@@ -175,11 +174,6 @@ class ImageRootfs:
         return None
 
     async def _pull(self, image: str) -> None:
-        import trio
-
-        from cloudless.sandbox.reference import parse_reference
-        from cloudless.sandbox.registry import RegistryClient
-
         ref = parse_reference(image)
         if not _names_registry(image):
             # A bare name ("busybox:latest") is expected to be imported on the node.

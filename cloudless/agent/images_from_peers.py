@@ -28,6 +28,7 @@ from cloudless.blobs.errors import BucketAlreadyExists, NoSuchBucket, NoSuchKey
 from cloudless.blobs.oci import OciBlobs
 from cloudless.errors import CloudlessError, InvalidInput, NotFound
 from cloudless.sandbox import oci
+from cloudless.sandbox.images import _as_name
 
 if TYPE_CHECKING:
     from cloudless.sandbox.images import ImageRecord, ImageStore
@@ -56,8 +57,6 @@ class ImagePointer(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 def canonical_name(image: str) -> str | None:
     """`busybox` → `docker.io/library/busybox:latest`; None for digest references."""
-    from cloudless.sandbox.images import _as_name
-
     return _as_name(image)
 
 
@@ -292,18 +291,3 @@ class PeerImages:
             self.events.record(kind, self.node_id, message, **fields)  # also logs
         else:
             log.info(kind, extra={"fields": {"message": message, **fields}})
-
-
-def node_oci_blobs(node) -> Callable[[], OciBlobs | None]:  # type: ignore[no-untyped-def]
-    """The node's OciBlobs once its blob store is up (`node.blobs` is set by run_blobs)."""
-    cache: list[OciBlobs] = []
-
-    def get() -> OciBlobs | None:
-        if not cache:
-            blob_node = getattr(node, "blobs", None)
-            if blob_node is None:
-                return None
-            cache.append(OciBlobs(blob_node.service))
-        return cache[0]
-
-    return get

@@ -9,17 +9,15 @@ with a switch that cuts the node off.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
 from cloudless.agent.messages import HEARTBEAT_S, NodeAllocations, ReportAck, ReportBatch, WatchAllocations
 from cloudless.errors import Unavailable
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.transport.rpc import RpcClient
 
 # A watch that brings nothing (not even a heartbeat) for this long is dead.
 SILENCE_S = 4 * HEARTBEAT_S
@@ -32,31 +30,29 @@ class AllocationSource(Protocol):
 
 
 class ClusterSource:
-    def __init__(self, node: Node, timeout: float = 5.0) -> None:
-        self.node = node
+    """`leader_address()` is where the leader is reachable now, or None when no leader is known."""
+
+    def __init__(
+        self, rpc: RpcClient, leader_address: Callable[[], tuple[str, int] | None], timeout: float = 5.0
+    ) -> None:
+        self.rpc = rpc
+        self.leader_address = leader_address
         self.timeout = timeout
 
     def _leader_address(self) -> tuple[str, int]:
-        replicated = self.node.replicated
-        leader = replicated.known_leader() if replicated is not None else None
-        leader = leader or self.node.leader_hint()
-        address = self.node.address_of(leader) if leader else None
+        address = self.leader_address()
         if address is None:
             raise Unavailable("no known leader to watch allocations from")
         return address
 
     @asynccontextmanager
     async def watch(self, node: str) -> AsyncIterator[AsyncIterator[NodeAllocations]]:
-        assert self.node.rpc is not None
         address = self._leader_address()
-        async with self.node.rpc.stream(
-            address, "allocations.watch", WatchAllocations(node), item=NodeAllocations
-        ) as items:
+        async with self.rpc.stream(address, "allocations.watch", WatchAllocations(node), item=NodeAllocations) as items:
             yield _with_silence_limit(items)
 
     async def report(self, batch: ReportBatch) -> None:
-        assert self.node.rpc is not None
-        await self.node.rpc.call(
+        await self.rpc.call(
             self._leader_address(), "allocations.report", batch, response=ReportAck, timeout=self.timeout
         )
 

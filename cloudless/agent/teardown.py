@@ -19,6 +19,10 @@ import msgspec
 import trio
 
 from cloudless.errors import CloudlessError
+from cloudless.sandbox.images import ImageStore
+from cloudless.sandbox.network import BridgeNetwork
+from cloudless.sandbox.rootfs import RootfsBuilder, mounts_under, unmount
+from cloudless.sandbox.runc import RuncRuntime
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +50,6 @@ async def remove_node_sandbox(data_root: Path) -> SandboxRemoval:
     sandbox = sandbox_dir(data_root)
     can_run_containers = os.geteuid() == 0 and shutil.which("runc") is not None
     if sandbox.is_dir() and can_run_containers:
-        from cloudless.sandbox.network import BridgeNetwork
-        from cloudless.sandbox.runc import RuncRuntime
-
         runtime = RuncRuntime(sandbox)
         try:
             for state in await runtime.list():
@@ -68,9 +69,6 @@ async def remove_node_sandbox(data_root: Path) -> SandboxRemoval:
             await runtime.aclose()
     images = data_root / "images"
     if (images / "rootfs").is_dir():
-        from cloudless.sandbox.images import ImageStore
-        from cloudless.sandbox.rootfs import RootfsBuilder
-
         builder = RootfsBuilder(ImageStore(images))
         for use in builder.existing():
             try:
@@ -79,7 +77,6 @@ async def remove_node_sandbox(data_root: Path) -> SandboxRemoval:
                 removal.errors.append(f"root of {use.container_id}: {exc}")
                 continue
             removal.roots.append(use.container_id)
-    from cloudless.sandbox.rootfs import mounts_under, unmount
 
     for point in mounts_under(data_root):  # roots without a record (a crash between mount and record)
         try:

@@ -5,18 +5,19 @@ the object calls `cloudless blob put|get|ls|rm` make (`ClusterObjects`, client s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
 
 import msgspec
+import trio
 
+from cloudless.api.client import ClusterClient
 from cloudless.api.routing import PermissionDenied
+from cloudless.blobs import errors
+from cloudless.blobs.manifest import AccessKey, Bucket, ListPage, MultipartUpload, ObjectManifest, UploadPart
+from cloudless.blobs.objects import ObjectService, body_pieces
 from cloudless.errors import CloudlessError
 from cloudless.transport.rpc import RpcContext, RpcServer
-
-if TYPE_CHECKING:
-    from cloudless.blobs.cluster import BlobNode
-    from cloudless.node.process import Node
 
 
 class S3KeyCreate(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -39,9 +40,9 @@ class S3KeyRemove(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class BlobApi:
-    def __init__(self, node: Node, blobs: BlobNode) -> None:
-        self.node = node
-        self.blobs = blobs
+    def __init__(self, service: ObjectService, s3_endpoints: Callable[[], list[str]]) -> None:
+        self.service = service
+        self.s3_endpoints = s3_endpoints  # every gateway gossip knows of, this node's first
 
     def register(self, server: RpcServer) -> None:
         server.unary("blobs.keys.create", request=S3KeyCreate)(self.keys_create)
@@ -55,23 +56,19 @@ class BlobApi:
             raise PermissionDenied("S3 keys are managed by clients")
 
     async def keys_create(self, ctx: RpcContext, req: S3KeyCreate) -> S3KeyReply:
-        from cloudless.blobs.cluster import s3_endpoints
-
         self._require_client(ctx)
-        key = await self.blobs.service.create_access_key(
-            owner=ctx.peer.name or "admin", description=req.description[:200]
-        )
-        endpoints = s3_endpoints(self.node)
+        key = await self.service.create_access_key(owner=ctx.peer.name or "admin", description=req.description[:200])
+        endpoints = self.s3_endpoints()
         return S3KeyReply(endpoints[0] if endpoints else "", key.access_key, key.secret_key, endpoints)
 
     async def keys_list(self, ctx: RpcContext, body: bytes) -> list:
         self._require_client(ctx)
-        keys = await self.blobs.service.metadata.list_access_keys()
+        keys = await self.service.metadata.list_access_keys()
         return [msgspec.structs.replace(k, secret_key="") for k in keys]  # secrets are shown once, at creation
 
     async def keys_rm(self, ctx: RpcContext, req: S3KeyRemove) -> S3KeyList:
         self._require_client(ctx)
-        await self.blobs.service.metadata.delete_access_key(req.access_key)
+        await self.service.metadata.delete_access_key(req.access_key)
         return S3KeyList([req.access_key])
 
 
@@ -133,9 +130,7 @@ class Flag(msgspec.Struct, frozen=True):
 
 
 def _register_objects(api: BlobApi, server: RpcServer) -> None:
-    from cloudless.blobs.manifest import Bucket, ListPage, MultipartUpload, ObjectManifest, UploadPart
-
-    service = api.blobs.service
+    service = api.service
 
     def handler(name: str, request: object):  # type: ignore[no-untyped-def]
         def decorate(fn):  # type: ignore[no-untyped-def]
@@ -237,30 +232,20 @@ class ClusterObjects:
         return _OneCall(self.context)
 
     async def head_bucket(self, name: str):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.manifest import Bucket
-
         return await self.client.call("blobs.bucket.head", BucketRef(name), response=Bucket)
 
     async def create_bucket(self, name: str, *, replicas: int | None = None):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.manifest import Bucket
-
         return await self.client.call("blobs.bucket.create", BucketRef(name, replicas), response=Bucket)
 
     async def list_buckets(self):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.manifest import Bucket
-
         return await self.client.call("blobs.bucket.list", b"", response=list[Bucket])
 
     async def head_object(self, bucket: str, key: str):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.manifest import ObjectManifest
-
         return await self.client.call("blobs.object.head", ObjectRef(bucket, key), response=ObjectManifest)
 
     async def list_objects(
         self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
     ):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.manifest import ListPage
-
         return await self.client.call(
             "blobs.object.list", ObjectList(bucket, prefix, delimiter, marker, max_keys), response=ListPage
         )
@@ -278,8 +263,6 @@ class ClusterObjects:
         metadata: dict[str, str] | None = None,
         expected_size: int | None = None,
     ):
-        from cloudless.blobs.manifest import MultipartUpload, ObjectManifest, UploadPart
-
         meta = dict(metadata or {})
         timeout = 120.0
         pieces = _pieces(body)
@@ -318,8 +301,6 @@ class ClusterObjects:
                 timeout=timeout,
             )
         except BaseException:
-            import trio
-
             with trio.CancelScope(shield=True), trio.move_on_after(5):
                 await self.client.call("blobs.upload.abort", UploadRef(upload.upload_id), response=Flag)
             raise
@@ -345,8 +326,6 @@ class ClusterObjects:
 async def _pieces(body):  # type: ignore[no-untyped-def]
     """Re-cut a body (bytes or an async byte stream, as ObjectService takes) into
     PIECE-sized pieces (the last may be shorter)."""
-    from cloudless.blobs.objects import body_pieces
-
     buffer = bytearray()
     async for data in body_pieces(body):
         buffer.extend(data)
@@ -358,8 +337,6 @@ async def _pieces(body):  # type: ignore[no-untyped-def]
 
 
 def _blob_errors() -> dict[str, type]:
-    from cloudless.blobs import errors
-
     found = {}
     for value in vars(errors).values():
         if isinstance(value, type) and issubclass(value, CloudlessError) and value.__module__ == errors.__name__:
@@ -384,8 +361,6 @@ class _OneCall:
         self.context = context
 
     async def call(self, method: str, request, response=None, timeout: float | None = None):  # type: ignore[no-untyped-def]
-        from cloudless.api.client import ClusterClient
-
         client = ClusterClient(self.context)
         try:
             return await client.call(method, request, response=response, timeout=timeout)
@@ -396,8 +371,6 @@ class _OneCall:
 
     @asynccontextmanager
     async def stream(self, method: str, request, timeout: float | None = None):  # type: ignore[no-untyped-def]
-        from cloudless.api.client import ClusterClient
-
         client = ClusterClient(self.context)
         try:
             async with client.stream(method, request, timeout=timeout) as items:
@@ -413,8 +386,6 @@ class _ClusterKeys:
         self.client = client
 
     async def list_access_keys(self):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.manifest import AccessKey
-
         return await self.client.call("blobs.keys.list", b"", response=list[AccessKey])
 
     async def delete_access_key(self, access_key: str) -> None:

@@ -15,26 +15,27 @@ client call.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
+from cryptography.hazmat.primitives import serialization
 
 from cloudless.api.identities import MAX_USER_CERT_DAYS
 from cloudless.api.routing import LeaderRouting
 from cloudless.api.service import raise_rejected
 from cloudless.authz import PermissionDenied
 from cloudless.errors import Conflict, InvalidInput, Unavailable
+from cloudless.observability.events import EventLog
 from cloudless.pki.bundle import endorse, load_bundle, subject_key_id
 from cloudless.pki.ca import ClusterCA, certificate_fingerprint, load_csr
-from cloudless.pki.custody import load_kek, seal_ca_key
+from cloudless.pki.custody import seal_ca_key
 from cloudless.pki.errors import PKIError
 from cloudless.pki.identity import Identity
+from cloudless.ports import ClusterView, Proposer
 from cloudless.state.commands import MAX_CA_OVERLAP_S, MIN_CA_OVERLAP_S, BeginCARotation, RecordClientCertificate
-from cloudless.transport.rpc import RpcContext, RpcServer
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 DEFAULT_OVERLAP_S = 86400.0
 
@@ -78,16 +79,27 @@ def _fingerprint(pem: bytes) -> str:
 
 
 class CAApi:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @property
-    def replicated(self):
-        assert self.node.replicated is not None
-        return self.node.replicated
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: Proposer,
+        rpc: RpcClient,
+        events: EventLog,
+        *,
+        signing_ca: Callable[[], ClusterCA],
+        ca_kek: Callable[[], bytes | None],
+        own_bundle: Callable[[], bytes],
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
+        self.events = events
+        self.signing_ca = signing_ca  # the active CA with its key (coordinator-trusted nodes only)
+        self.ca_kek = ca_kek  # the key that seals a new CA key; None off coordinators
+        self.own_bundle = own_bundle  # the CAs this node trusts now (its credentials' bundle)
 
     def register(self, server: RpcServer) -> None:
-        routing = LeaderRouting(self.node)
+        routing = LeaderRouting(self.cluster, self.replicated, self.rpc)
         routing.register_on_leader(server, "ca.rotate", self.rotate, CARotate)
         routing.register_on_leader(server, "ca.status", self.status, None)
         routing.register_on_leader(server, "pki.renew_client", self.renew_client, ClientRenew)
@@ -96,16 +108,10 @@ class CAApi:
 
     def trust_bundle(self) -> bytes:
         """What this node trusts: the replicated bundle, or (outside Raft) its own copy."""
-        replicated = self.node.replicated
-        bundle = replicated.fsm.trust_bundle() if replicated is not None else b""
-        if not bundle:
-            assert self.node.credentials is not None
-            bundle = self.node.credentials.ca_pem
-        return bundle
+        return self.replicated.fsm.trust_bundle() or self.own_bundle()
 
     async def bundle(self, ctx: RpcContext, body: bytes) -> CABundle:
-        replicated = self.node.replicated
-        return CABundle(self.trust_bundle(), replicated.fsm.trust_endorsement() if replicated is not None else b"")
+        return CABundle(self.trust_bundle(), self.replicated.fsm.trust_endorsement())
 
     async def rotate(self, ctx: RpcContext, req: CARotate) -> CAStatus:
         fsm = self.replicated.fsm
@@ -114,21 +120,21 @@ class CAApi:
             raise Unavailable("the cluster CA is not committed yet; retry shortly")
         if fsm.ca_rotation is not None:
             raise Conflict(f"a CA rotation is already under way ({fsm.ca_rotation.phase}); see `ca status`")
-        kek = load_kek(self.node.data.root)
+        kek = self.ca_kek()
         if kek is None:
-            raise Unavailable(f"node {self.node.node_id} holds no CA key-encryption key")
-        active = self.node.signing_ca()
+            raise Unavailable(f"node {self.cluster.node_id} holds no CA key-encryption key")
+        active = self.signing_ca()
         now = time.time()
-        ca = ClusterCA.create(self.node.cluster_id, datetime.fromtimestamp(now, UTC))
+        ca = ClusterCA.create(self.cluster.cluster_id, datetime.fromtimestamp(now, UTC))
         cert_pem, key_pem = ca.to_pem()
-        sealed = seal_ca_key(kek, key_pem, self.node.cluster_id, ca.fingerprint)
-        endorsement = endorse(active.private_key, self.node.cluster_id, ca.certificate)
+        sealed = seal_ca_key(kek, key_pem, self.cluster.cluster_id, ca.fingerprint)
+        endorsement = endorse(active.private_key, self.cluster.cluster_id, ca.certificate)
         result, _ = await self.replicated.propose(
-            BeginCARotation(self.node.cluster_id, cert_pem, sealed, overlap_s=req.overlap_s, endorsement=endorsement)
+            BeginCARotation(self.cluster.cluster_id, cert_pem, sealed, overlap_s=req.overlap_s, endorsement=endorsement)
         )
         raise_rejected(result)
-        self.node.events.record(
-            "ca.rotation_started", self.node.node_id, f"next CA {ca.fingerprint}", by=str(ctx.principal)
+        self.events.record(
+            "ca.rotation_started", self.cluster.node_id, f"next CA {ca.fingerprint}", by=str(ctx.principal)
         )
         return self.current_status()
 
@@ -177,8 +183,8 @@ class CAApi:
         existing = fsm.clients.get(principal.name)
         if existing is not None and existing.role != principal.role:
             raise Conflict(f"user {principal.name} now has role {existing.role}; ask an admin for a new config")
-        ca = self.node.signing_ca()
-        identity = Identity(self.node.cluster_id, "client", principal.name)
+        ca = self.signing_ca()
+        identity = Identity(self.cluster.cluster_id, "client", principal.name)
         try:
             certificate = ca.issue(
                 load_csr(req.csr_pem),
@@ -200,6 +206,5 @@ class CAApi:
             )
         )
         raise_rejected(result)
-        from cryptography.hazmat.primitives import serialization
 
         return ClientRenewed(certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), not_after)

@@ -91,7 +91,7 @@ class ClusterClient:
         method: str,
         request: Any,
         item: type[T] | Any = None,  # a Struct type or a union of them
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
     ) -> AsyncIterator[DuplexStream[Any]]:
         """A duplex call on the first endpoint that takes it (no failover once it has started)."""
         last: Exception | None = None

@@ -9,23 +9,24 @@ bootstrap tokens (only their hashes are stored). All admin-only (authz).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
+from cryptography.hazmat.primitives import serialization
 
 from cloudless.api.routing import LeaderRouting
 from cloudless.api.service import raise_rejected
 from cloudless.errors import Conflict, InvalidInput
+from cloudless.observability.events import EventLog
 from cloudless.pki.bundle import subject_key_id
-from cloudless.pki.ca import load_csr
+from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.errors import PKIError
 from cloudless.pki.identity import Identity
+from cloudless.ports import ClusterView, Proposer
 from cloudless.state.commands import DeleteToken, RecordClientCertificate, RemoveClient
-from cloudless.transport.rpc import RpcContext, RpcServer
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
 MAX_USER_CERT_DAYS = 366
@@ -78,16 +79,22 @@ class TokenList(msgspec.Struct, frozen=True):
 
 
 class IdentityApi:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @property
-    def replicated(self):
-        assert self.node.replicated is not None
-        return self.node.replicated
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: Proposer,
+        rpc: RpcClient,
+        events: EventLog,
+        signing_ca: Callable[[], ClusterCA],
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
+        self.events = events
+        self.signing_ca = signing_ca  # the CA with its key; refuses on a node not trusted to coordinate
 
     def register(self, server: RpcServer) -> None:
-        routing = LeaderRouting(self.node)
+        routing = LeaderRouting(self.cluster, self.replicated, self.rpc)
         routing.register_on_leader(server, "users.add", self.users_add, UserAdd)
         routing.register_on_leader(server, "users.list", self.users_list, None)
         routing.register_on_leader(server, "users.rm", self.users_rm, UserRef)
@@ -102,11 +109,11 @@ class IdentityApi:
         existing = fsm.clients.get(req.name)
         if existing is not None and existing.role != req.role:
             raise Conflict(f"user {req.name} exists with role {existing.role}; `users rm` it first")
-        ca = self.node.signing_ca()
+        ca = self.signing_ca()
         try:
             certificate = ca.issue(
                 load_csr(req.csr_pem),
-                Identity(self.node.cluster_id, "client", req.name),
+                Identity(self.cluster.cluster_id, "client", req.name),
                 datetime.fromtimestamp(now, UTC),
                 timedelta(seconds=req.ttl_s),
                 role=req.role,
@@ -124,9 +131,7 @@ class IdentityApi:
             )
         )
         raise_rejected(result)
-        self.node.events.record("user.added", req.name, f"{req.role} certificate issued", by=str(ctx.principal))
-        from cryptography.hazmat.primitives import serialization
-
+        self.events.record("user.added", req.name, f"{req.role} certificate issued", by=str(ctx.principal))
         return UserCertificate(
             req.name, req.role, certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), not_after
         )
@@ -142,7 +147,7 @@ class IdentityApi:
     async def users_rm(self, ctx: RpcContext, req: UserRef) -> UserList:
         result, _ = await self.replicated.propose(RemoveClient(req.name))
         raise_rejected(result)
-        self.node.events.record("user.removed", req.name, "certificates revoked", by=str(ctx.principal))
+        self.events.record("user.removed", req.name, "certificates revoked", by=str(ctx.principal))
         return await self.users_list(ctx, b"")
 
     async def token_list(self, ctx: RpcContext, req: bytes) -> TokenList:
@@ -158,5 +163,5 @@ class IdentityApi:
     async def token_rm(self, ctx: RpcContext, req: TokenRef) -> TokenList:
         result, _ = await self.replicated.propose(DeleteToken(req.id))
         raise_rejected(result)
-        self.node.events.record("token.removed", req.id, "withdrawn", by=str(ctx.principal))
+        self.events.record("token.removed", req.id, "withdrawn", by=str(ctx.principal))
         return await self.token_list(ctx, b"")

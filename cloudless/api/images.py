@@ -21,16 +21,22 @@ from typing import TYPE_CHECKING, Annotated
 import msgspec
 import trio
 
+from cloudless.agent.images_from_peers import IMAGES_BUCKET, BadImagePointer, ImagePointer, PeerImages, canonical_name
+from cloudless.api.blobs import ClusterObjects
 from cloudless.api.routing import PermissionDenied
+from cloudless.blobs.errors import NoSuchBucket, NoSuchKey
+from cloudless.blobs.oci import OciBlobs
 from cloudless.errors import CloudlessError, InvalidInput, Unavailable
+from cloudless.sandbox import oci
+from cloudless.sandbox.images import ImageStore
+from cloudless.sandbox.reference import parse_reference
+from cloudless.sandbox.registry import RegistryClient
 from cloudless.transport.rpc import RpcContext, RpcServer
 
 if TYPE_CHECKING:
-    from cloudless.agent.images_from_peers import PeerImages
     from cloudless.api.client_config import Context
-    from cloudless.blobs.oci import OciBlobs
-    from cloudless.node.events import EventLog
-    from cloudless.sandbox.images import ImageRecord, ImageStore, ProgressCallback
+    from cloudless.observability.events import EventLog
+    from cloudless.sandbox.images import ImageRecord, ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +85,6 @@ def _require_client(ctx: RpcContext) -> None:
 
 async def list_published(blobs: OciBlobs, limit: int = MAX_LISTED) -> ImageListReply:
     """Every name in the cluster's image index with what its manifest says."""
-    from cloudless.agent.images_from_peers import IMAGES_BUCKET, BadImagePointer, ImagePointer
-    from cloudless.blobs.errors import NoSuchBucket, NoSuchKey
-    from cloudless.sandbox import oci
-
     out: list[PublishedImage] = []
     marker = ""
     while True:
@@ -185,10 +187,6 @@ class ImageApi:
         # and upload it again, while a node has the bandwidth and is where the
         # blobs must end up. Registry credentials come with this call only and
         # are never stored.
-        from cloudless.agent.images_from_peers import PeerImages, canonical_name
-        from cloudless.sandbox.images import ImageStore
-        from cloudless.sandbox.reference import parse_reference
-        from cloudless.sandbox.registry import RegistryClient
 
         _require_client(ctx)
         ref = parse_reference(req.reference)
@@ -223,11 +221,6 @@ async def import_to_cluster(
     blob store (the data has to leave the client anyway). The archive is
     checked and split into OCI blobs in a temporary store first, with the
     same validation as a node-local import; nothing stays on the client."""
-    from cloudless.agent.images_from_peers import PeerImages
-    from cloudless.api.blobs import ClusterObjects
-    from cloudless.blobs.oci import OciBlobs
-    from cloudless.sandbox.images import ImageStore
-
     blobs = OciBlobs(ClusterObjects(context))  # type: ignore[arg-type]
     with tempfile.TemporaryDirectory(prefix="cloudless-import-") as tmp:
         store = await trio.to_thread.run_sync(lambda: ImageStore(Path(tmp), unpack_layers=False))

@@ -10,6 +10,7 @@ from typing import Annotated
 
 import msgspec
 
+from cloudless.observability.events import Event as Event  # the events RPC streams these
 from cloudless.state.commands import Index, VarKey
 from cloudless.state.commands import VarValue as VarText
 
@@ -115,12 +116,3 @@ class NodeRemove(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 class EventsFollow(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     follow: bool = False
     last: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
-
-
-class Event(msgspec.Struct, frozen=True):
-    seq: int
-    ts: float
-    kind: str
-    node: str
-    message: str
-    fields: dict[str, str] = {}

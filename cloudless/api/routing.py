@@ -10,15 +10,13 @@ outside the configuration asks the leader.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cloudless.authz import PermissionDenied
-from cloudless.node.replicated import NoLeader, NotAMember
+from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
-from cloudless.transport.rpc import RpcContext, RpcServer
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.raft.errors import NoLeader, NotAMember
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 Handler = Callable[[RpcContext, Any], Awaitable[Any]]
 
@@ -26,13 +24,10 @@ FORWARD_TIMEOUT_CAP = 60.0
 
 
 class LeaderRouting:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @property
-    def replicated(self):
-        assert self.node.replicated is not None
-        return self.node.replicated
+    def __init__(self, cluster: ClusterView, replicated: Proposer, rpc: RpcClient) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
 
     def register_on_leader(self, server: RpcServer, name: str, handler: Handler, request: Any) -> None:
         server.unary(name, request=request)(self.on_leader(name, handler))
@@ -46,17 +41,17 @@ class LeaderRouting:
         if ctx.peer.kind not in ("client", "node"):
             raise PermissionDenied(f"{name}: callers must be clients or nodes")
         leader = await self.replicated.wait_leader()
-        address = self.node.address_of(leader)
-        if address is None or self.node.rpc is None:
+        address = self.cluster.address_of(leader)
+        if address is None:
             raise NoLeader(f"leader {leader} has no known address")
         timeout = max(1.0, min(ctx.time_left, FORWARD_TIMEOUT_CAP))
         # The request exactly as the caller sent it, with its proof: the leader
         # authorizes the caller by its signature over these bytes, not us.
-        return await self.node.rpc.call(address, f"fwd.{name}", ctx.raw_body, timeout=timeout, proof=ctx.proof)
+        return await self.rpc.call(address, f"fwd.{name}", ctx.raw_body, timeout=timeout, proof=ctx.proof)
 
     def on_leader(self, name: str, handler: Handler) -> Handler:
         async def run(ctx: RpcContext, req: Any) -> Any:
-            if await self.replicated.wait_leader() == self.node.node_id:
+            if await self.replicated.wait_leader() == self.cluster.node_id:
                 return await handler(ctx, req)
             return await self._forward(ctx, name, req)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 import trio
 from cryptography import x509
@@ -36,9 +35,11 @@ from cloudless.api.messages import (
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
-from cloudless.node.device import RUNTIME_LABEL
+from cloudless.gossip.metadata import RUNTIME_LABEL
+from cloudless.observability.events import EventLog
 from cloudless.pki.ca import certificate_fingerprint
 from cloudless.pki.tokens import create_token
+from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.messages import ConfChange, ConfChangeType
 from cloudless.state.commands import (
     CasVar,
@@ -51,10 +52,7 @@ from cloudless.state.commands import (
     VarResult,
 )
 from cloudless.state.commands import Deleted as DeletedResult
-from cloudless.transport.rpc import RpcContext, RpcServer
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -73,16 +71,14 @@ def raise_rejected(result: Result) -> None:
 
 
 class ApiService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
-
-    @property
-    def replicated(self):
-        assert self.node.replicated is not None
-        return self.node.replicated
+    def __init__(self, cluster: ClusterView, replicated: Proposer, rpc: RpcClient, events: EventLog) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
+        self.event_log = events
 
     def register(self, server: RpcServer) -> None:
-        routing = LeaderRouting(self.node)
+        routing = LeaderRouting(self.cluster, self.replicated, self.rpc)
         routing.register_on_member(server, "vars.get", self.vars_get, VarsGet)
         routing.register_on_member(server, "vars.ls", self.vars_ls, VarsList)
         # Writes run on the leader, which authorizes the caller itself (a
@@ -135,22 +131,19 @@ class ApiService:
     # -- cluster ----------------------------------------------------------------
 
     async def status(self, ctx: RpcContext, req: StatusRequest) -> StatusReply:
-        node = self.node
+        cluster = self.cluster
         replicated = self.replicated
         conf = replicated.core.conf_state
         members: list[MemberInfo] = []
-        gossip = node.gossip
         fsm_nodes = replicated.fsm.nodes
-        names = set(fsm_nodes)
-        if gossip is not None:
-            names |= set(gossip.core.members.rows)
+        names = set(fsm_nodes) | cluster.member_names()
         for name in sorted(names):
-            member = gossip.core.member(name) if gossip is not None else None
+            member = cluster.member(name)
             record = fsm_nodes.get(name)
             meta = member.meta if member is not None else None
-            if name == node.node_id:
+            if name == cluster.node_id:
                 state = "alive"
-                meta = node.metadata()
+                meta = cluster.metadata()
             else:
                 state = _STATE_NAMES.get(member.state, "unknown") if member is not None else "unknown"
             role = "voter" if name in conf.voters else "learner" if name in conf.learners else "none"
@@ -170,14 +163,14 @@ class ApiService:
                 )
             )
         return StatusReply(
-            cluster_id=node.cluster_id,
+            cluster_id=cluster.cluster_id,
             leader=replicated.leader or "",
             term=replicated.core.term,
             commit_index=replicated.core.commit_index,
             voters=sorted(conf.voters),
             learners=sorted(conf.learners),
             members=members,
-            node=node.node_id,
+            node=cluster.node_id,
         )
 
     async def token_create(self, ctx: RpcContext, req: TokenCreate) -> TokenReply:
@@ -209,8 +202,8 @@ class ApiService:
             )
         )
         raise_rejected(result)
-        self.node.events.record(
-            "token.created", self.node.node_id, f"{req.role} token {record.id} for {req.uses} use(s)"
+        self.event_log.record(
+            "token.created", self.cluster.node_id, f"{req.role} token {record.id} for {req.uses} use(s)"
         )
         return TokenReply(text, record.id, record.role, record.expires_at.timestamp(), record.max_uses)
 
@@ -218,7 +211,7 @@ class ApiService:
         if ctx.peer.kind not in ("client", "node"):
             raise PermissionDenied("only admin clients remove nodes")
         replicated = self.replicated
-        if req.node_id == self.node.node_id:
+        if req.node_id == self.cluster.node_id:
             raise Conflict("the leader cannot remove itself; stop it and remove it from another node")
         if req.node_id not in replicated.fsm.nodes:
             raise NotFound(f"no node {req.node_id}")
@@ -227,11 +220,11 @@ class ApiService:
             await replicated.propose_conf_change(ConfChange(int(ConfChangeType.REMOVE_NODE), req.node_id))
         result, _ = await replicated.propose(RemoveNode(req.node_id))
         raise_rejected(result)
-        self.node.events.record("node.removed", req.node_id, "removed by an admin; its certificates are revoked")
+        self.event_log.record("node.removed", req.node_id, "removed by an admin; its certificates are revoked")
         return await self.status(ctx, StatusRequest())
 
     async def events(self, ctx: RpcContext, req: EventsFollow) -> None:
-        log_ = self.node.events
+        log_ = self.event_log
         history = log_.last(req.last)
         for event in history:
             await ctx.send(event)

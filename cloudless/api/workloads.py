@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import msgspec
@@ -39,20 +40,23 @@ from cloudless.agent.messages import (
 )
 from cloudless.api.routing import LeaderRouting, PermissionDenied
 from cloudless.api.service import raise_rejected
-from cloudless.coordinator.controller import ControllerState, admission_error, node_infos
+from cloudless.coordinator.controller import ControllerState, admission_error
 from cloudless.coordinator.preview import Preview, preview
 from cloudless.errors import CloudlessError, Conflict, NotFound, Unavailable
-from cloudless.node.replicated import NoLeader
+from cloudless.observability.events import EventLog
+from cloudless.ports import ClusterView, Proposer
 from cloudless.raft.core import NotLeader
+from cloudless.raft.errors import NoLeader
 from cloudless.sandbox.runtime import ExecTimeout
+from cloudless.scheduler import NodeInfo
+from cloudless.scheduler.plan import pending_reason
 from cloudless.state.commands import ReportAllocations, ScaleWorkload, StopWorkload, SubmitWorkload
 from cloudless.state.fsm import AllocationRecord, StateMachine, WorkloadRecord
 from cloudless.state.workload import WorkloadName, WorkloadSpec, validate
-from cloudless.transport.rpc import RpcContext, RpcServer
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 if TYPE_CHECKING:
     from cloudless.agent.agent import Agent
-    from cloudless.node.process import Node
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +206,6 @@ def workload_state(record: WorkloadRecord, recs: list[AllocationRecord]) -> tupl
 def _pending_reason(record: WorkloadRecord, running: int, desired: int) -> str:
     if running >= desired:
         return ""
-    from cloudless.scheduler.plan import pending_reason
 
     return pending_reason(record.explanations)
 
@@ -258,15 +261,22 @@ def pick_allocations(fsm: StateMachine, name: str, replica: int | None) -> list[
 
 
 class WorkloadService:
-    def __init__(self, node: Node, agent: Agent | None = None) -> None:
-        self.node = node
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: Proposer,
+        rpc: RpcClient,
+        events: EventLog,
+        node_infos: Callable[[], list[NodeInfo]],
+        agent: Agent | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
+        self.events = events
+        self.node_infos = node_infos  # every node as the scheduler sees it, for admission
         self.agent = agent
-        self.routing = LeaderRouting(node)
-
-    @property
-    def replicated(self):
-        assert self.node.replicated is not None
-        return self.node.replicated
+        self.routing = LeaderRouting(cluster, replicated, rpc)
 
     def register(self, server: RpcServer) -> None:
         for name, request, handler in (
@@ -292,10 +302,10 @@ class WorkloadService:
 
     async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
         leader = await self.replicated.wait_leader()
-        if leader == self.node.node_id:
+        if leader == self.cluster.node_id:
             return leader, None
-        address = self.node.address_of(leader)
-        if address is None or self.node.rpc is None:
+        address = self.cluster.address_of(leader)
+        if address is None:
             raise NoLeader(f"leader {leader} has no known address")
         return leader, address
 
@@ -319,12 +329,12 @@ class WorkloadService:
         spec = validate(req.spec)
         fsm = self.replicated.fsm
         self._refuse_existing(spec, req.replace)
-        why = admission_error(spec, node_infos(self.node))
+        why = admission_error(spec, self.node_infos())
         if why is not None:
             raise Unschedulable(f"workload {spec.name} can never be placed: {why}", name=spec.name)
         index = await self._propose(SubmitWorkload(spec), req.client_id, req.seq)
         record = fsm.workloads[spec.name]
-        self.node.events.record("workload.submitted", self.node.node_id, f"{spec.name} version {record.spec.version}")
+        self.events.record("workload.submitted", self.cluster.node_id, f"{spec.name} version {record.spec.version}")
         return WorkloadReply(spec.name, record.spec.version, index)
 
     async def dry_run(self, ctx: RpcContext, req: DryRun) -> Preview:
@@ -332,7 +342,7 @@ class WorkloadService:
         await self.replicated.linearizable()
         self._refuse_existing(spec, req.replace)
         fsm = self.replicated.fsm
-        return preview(spec, ControllerState(fsm.workloads, fsm.allocations, node_infos(self.node)))
+        return preview(spec, ControllerState(fsm.workloads, fsm.allocations, self.node_infos()))
 
     async def ps(self, ctx: RpcContext, req: PsRequest) -> PsReply:
         await self.replicated.linearizable()
@@ -411,7 +421,7 @@ class WorkloadService:
             await self._exec_on_leader(ctx, req)
             return
         # The request exactly as the caller sent it, with its proof: the leader authorizes the caller.
-        async with self.node.rpc.duplex(
+        async with self.rpc.duplex(
             address, "fwd.workloads.exec", ctx.raw_body, item=ExecEvent, proof=ctx.proof
         ) as call:
             await _relay_exec(ctx, call)
@@ -423,12 +433,12 @@ class WorkloadService:
         request = ExecRequest(
             target.allocation.id, req.args, req.timeout_s, tty=req.tty, stdin=req.stdin, rows=req.rows, cols=req.cols
         )
-        async with self.node.rpc.duplex(address, "agent.exec", request, item=ExecEvent) as call:
+        async with self.rpc.duplex(address, "agent.exec", request, item=ExecEvent) as call:
             await _relay_exec(ctx, call)
 
     def _node_address(self, node_id: str) -> tuple[str, int]:
-        address = self.node.address_of(node_id)
-        if address is None or self.node.rpc is None:
+        address = self.cluster.address_of(node_id)
+        if address is None:
             raise Unavailable(f"node {node_id} has no known address", node=node_id)
         return address
 
@@ -441,9 +451,7 @@ class WorkloadService:
             await self._logs_on_leader(ctx, req)
             return
         # The caller's bytes and proof, so the leader authorizes the caller, not us.
-        async with self.node.rpc.stream(
-            address, "fwd.workloads.logs", ctx.raw_body, item=LogLine, proof=ctx.proof
-        ) as items:
+        async with self.rpc.stream(address, "fwd.workloads.logs", ctx.raw_body, item=LogLine, proof=ctx.proof) as items:
             async for line in items:
                 await ctx.send(line)
 
@@ -456,7 +464,7 @@ class WorkloadService:
             address = self._node_address(a.node)
             request = LogsRequest(a.id, follow=req.follow, tail=req.tail)
             timeout = None if req.follow else 30.0
-            async with self.node.rpc.stream(address, "agent.logs", request, item=LogLine, timeout=timeout) as items:
+            async with self.rpc.stream(address, "agent.logs", request, item=LogLine, timeout=timeout) as items:
                 async for line in items:
                     await deliver(line)
 
@@ -536,7 +544,7 @@ class WorkloadService:
         if ctx.peer.kind != "node":
             raise PermissionDenied("agent.* methods are for nodes (clients go through workloads.*)")
         if self.agent is None:
-            raise Unavailable(f"node {self.node.node_id} runs no agent")
+            raise Unavailable(f"node {self.cluster.node_id} runs no agent")
         return self.agent
 
     # -- the agent's side -------------------------------------------------------

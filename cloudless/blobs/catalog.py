@@ -21,12 +21,28 @@ Key layout (byte order = listing order):
 from __future__ import annotations
 
 import bisect
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, TypeVar, cast
 
 import msgspec
+import trio
 
+from cloudless.blobs.commands import (
+    AbortUpload,
+    BlobCommand,
+    CompleteUpload,
+    CreateBucket,
+    CreateUpload,
+    DeleteAccessKey,
+    DeleteBucket,
+    DeleteManifest,
+    InvalidBlobCommand,
+    PutAccessKey,
+    PutManifest,
+    PutPart,
+)
 from cloudless.blobs.errors import (
     BucketAlreadyExists,
     BucketNotEmpty,
@@ -46,93 +62,8 @@ from cloudless.blobs.manifest import (
     validate_bucket_name,
     validate_object_key,
 )
-from cloudless.errors import InvalidInput
 
-# Commands ---------------------------------------------------------------------
-
-
-class BlobCommand(msgspec.Struct, frozen=True, tag_field="c", forbid_unknown_fields=True):
-    pass
-
-
-class CreateBucket(BlobCommand, tag="blob.bucket.create", frozen=True):
-    bucket: Bucket
-
-
-class DeleteBucket(BlobCommand, tag="blob.bucket.rm", frozen=True):
-    """Refused while the bucket holds objects; open uploads go with it."""
-
-    name: str
-
-
-class PutManifest(BlobCommand, tag="blob.put", frozen=True):
-    """`expected_version` None: unconditional; 0: the key must not exist; n: it must be at version n."""
-
-    manifest: ObjectManifest
-    expected_version: int | None = None
-
-
-class DeleteManifest(BlobCommand, tag="blob.rm", frozen=True):
-    bucket: str
-    key: str
-    expected_version: int | None = None
-
-
-class CreateUpload(BlobCommand, tag="blob.upload.create", frozen=True):
-    upload: MultipartUpload
-
-
-class PutPart(BlobCommand, tag="blob.upload.part", frozen=True):
-    part: UploadPart
-
-
-class CompleteUpload(BlobCommand, tag="blob.upload.complete", frozen=True):
-    upload_id: str
-    manifest: ObjectManifest
-
-
-class AbortUpload(BlobCommand, tag="blob.upload.abort", frozen=True):
-    upload_id: str
-
-
-class PutAccessKey(BlobCommand, tag="blob.key.put", frozen=True):
-    key: AccessKey
-
-
-class DeleteAccessKey(BlobCommand, tag="blob.key.rm", frozen=True):
-    access_key: str
-
-
-BlobCommandUnion = (
-    CreateBucket
-    | DeleteBucket
-    | PutManifest
-    | DeleteManifest
-    | CreateUpload
-    | PutPart
-    | CompleteUpload
-    | AbortUpload
-    | PutAccessKey
-    | DeleteAccessKey
-)
-
-_command_decoder = msgspec.msgpack.Decoder(BlobCommandUnion)
 _enc = msgspec.msgpack.Encoder()
-
-
-class InvalidBlobCommand(InvalidInput):
-    code = "invalid_blob_command"
-
-
-def encode_command(command: BlobCommand) -> bytes:
-    return _enc.encode(command)
-
-
-def decode_command(data: bytes) -> BlobCommand:
-    try:
-        return _command_decoder.decode(data)
-    except msgspec.DecodeError as exc:
-        raise InvalidBlobCommand(f"invalid blob command: {exc}") from None
 
 
 # Ordered key-value maps ----------------------------------------------------------
@@ -183,6 +114,7 @@ class RocksKV:
     """RocksDB (rocksdict raw mode); every batch is written with sync=True (durable when acknowledged)."""
 
     def __init__(self, path: Path) -> None:
+        # Loaded when a store opens: most importers (the CLI, simulators) never open one.
         from rocksdict import Options, Rdict, WriteOptions
 
         path.mkdir(parents=True, exist_ok=True)
@@ -204,7 +136,7 @@ class RocksKV:
             yield k, v
 
     def write(self, puts: dict[bytes, bytes], deletes: list[bytes]) -> None:
-        from rocksdict import WriteBatch
+        from rocksdict import WriteBatch  # loaded already: __init__ opened the store
 
         batch = WriteBatch(raw_mode=True)
         for k in deletes:
@@ -434,3 +366,93 @@ class Catalog:
         kv = MemoryKV()
         kv.write({bytes(k): bytes(v) for k, v in msgspec.msgpack.decode(data, type=list[tuple[bytes, bytes]])}, [])
         return cls(kv)
+
+
+class LocalMetadataStore:
+    """`MetadataStore` on one node: the `Catalog` over RocksDB at `path`, or in memory when `path` is None.
+
+    Changes are `BlobCommand`s applied under a lock (compare-and-set needs the
+    read and the write together); RocksDB batches are synced before returning.
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
+        self._kv = MemoryKV() if path is None else RocksKV(Path(path))
+        self.catalog = Catalog(self._kv)
+        self._in_memory = path is None
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._kv.close()
+
+    async def apply(self, command: object) -> object:
+        def op() -> object:
+            with self._lock:
+                return self.catalog.apply(command)  # type: ignore[arg-type]
+
+        if self._in_memory:
+            return op()
+        return await trio.to_thread.run_sync(op)
+
+    async def create_bucket(self, bucket: Bucket) -> None:
+        await self.apply(CreateBucket(bucket))
+
+    async def get_bucket(self, name: str) -> Bucket:
+        return self.catalog.get_bucket(name)
+
+    async def list_buckets(self) -> list[Bucket]:
+        return self.catalog.list_buckets()
+
+    async def delete_bucket(self, name: str) -> None:
+        await self.apply(DeleteBucket(name))
+
+    async def put_manifest(self, manifest: ObjectManifest, expected_version: int | None = None) -> ObjectManifest:
+        return await self.apply(PutManifest(manifest, expected_version))  # type: ignore[return-value]
+
+    async def get_manifest(self, bucket: str, key: str) -> ObjectManifest:
+        return self.catalog.get_manifest(bucket, key)
+
+    async def delete_manifest(self, bucket: str, key: str, expected_version: int | None = None) -> bool:
+        return await self.apply(DeleteManifest(bucket, key, expected_version))  # type: ignore[return-value]
+
+    async def list_manifests(
+        self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
+    ) -> ListPage:
+        return self.catalog.list_manifests(bucket, prefix, delimiter, marker, max_keys)
+
+    async def create_upload(self, upload: MultipartUpload) -> None:
+        await self.apply(CreateUpload(upload))
+
+    async def get_upload(self, upload_id: str) -> MultipartUpload:
+        return self.catalog.get_upload(upload_id)
+
+    async def put_part(self, part: UploadPart) -> None:
+        await self.apply(PutPart(part))
+
+    async def list_parts(self, upload_id: str) -> list[UploadPart]:
+        return self.catalog.list_parts(upload_id)
+
+    async def list_uploads(self, bucket: str) -> list[MultipartUpload]:
+        return self.catalog.list_uploads(bucket)
+
+    async def complete_upload(self, upload_id: str, manifest: ObjectManifest) -> ObjectManifest:
+        return await self.apply(CompleteUpload(upload_id, manifest))  # type: ignore[return-value]
+
+    async def abort_upload(self, upload_id: str) -> None:
+        await self.apply(AbortUpload(upload_id))
+
+    async def put_access_key(self, key: AccessKey) -> None:
+        await self.apply(PutAccessKey(key))
+
+    async def get_access_key(self, access_key: str) -> AccessKey:
+        return self.catalog.get_access_key(access_key)
+
+    async def list_access_keys(self) -> list[AccessKey]:
+        return self.catalog.list_access_keys()
+
+    async def delete_access_key(self, access_key: str) -> None:
+        await self.apply(DeleteAccessKey(access_key))
+
+    async def referenced_digests(self) -> set[str]:
+        if self._in_memory:
+            return self.catalog.referenced_digests()
+        return await trio.to_thread.run_sync(self.catalog.referenced_digests)

@@ -185,6 +185,7 @@ class LocalChunkStore:
         clock: Callable[[], float] = time.time,
         capacity_bytes: int | None = None,
     ) -> None:
+        # Loaded when a store opens: most importers (the CLI, simulators) never open one.
         from rocksdict import Options, Rdict, WriteOptions
 
         self.root = Path(root)

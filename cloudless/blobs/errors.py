@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
 
 
@@ -90,8 +92,6 @@ def single_error(group: BaseExceptionGroup) -> BaseException:
 
     trio wraps whatever a nursery's tasks raise; callers of the blob API want
     the `NoSuchKey` or `BadDigest` itself."""
-    import trio
-
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:

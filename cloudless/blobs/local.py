@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import LocalChunkStore
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.errors import Unavailable
 

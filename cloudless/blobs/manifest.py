@@ -11,20 +11,18 @@ Access keys hold their secret in the clear: SigV4 verification recomputes the
 HMAC from the secret itself, so a hash would not do. The secret is as
 sensitive as the metadata store (replicated to coordinators only).
 
-`LocalMetadataStore` applies the catalog's commands (catalog.py) to one
-RocksDB (raw mode, synced writes) or, with no path, to memory (the twin); a
-Raft-backed store proposes the same commands and applies them in its FSM.
+`cloudless.blobs.catalog.LocalMetadataStore` applies the catalog's commands
+to one RocksDB (raw mode, synced writes) or, with no path, to memory (the
+twin); the node's Raft-backed store proposes the same commands and applies
+them in its state machine.
 """
 
 from __future__ import annotations
 
 import re
-import threading
-from pathlib import Path
 from typing import Protocol
 
 import msgspec
-import trio
 
 from cloudless.blobs.chunking import DEFAULT_AVG_CHUNK, ChunkRef
 from cloudless.blobs.errors import InvalidBucketName, InvalidObjectKey
@@ -150,98 +148,3 @@ class MetadataStore(Protocol):
     async def referenced_digests(self) -> set[str]:
         """Every digest a manifest or an open upload's part refers to (for GC)."""
         ...
-
-
-class LocalMetadataStore:
-    """`MetadataStore` on one node: the `Catalog` over RocksDB at `path`, or in memory when `path` is None.
-
-    Changes are `BlobCommand`s applied under a lock (compare-and-set needs the
-    read and the write together); RocksDB batches are synced before returning.
-    """
-
-    def __init__(self, path: Path | None = None) -> None:
-        self._kv = _catalog.MemoryKV() if path is None else _catalog.RocksKV(Path(path))
-        self.catalog = _catalog.Catalog(self._kv)
-        self._in_memory = path is None
-        self._lock = threading.Lock()
-
-    def close(self) -> None:
-        self._kv.close()
-
-    async def apply(self, command: object) -> object:
-        def op() -> object:
-            with self._lock:
-                return self.catalog.apply(command)  # type: ignore[arg-type]
-
-        if self._in_memory:
-            return op()
-        return await trio.to_thread.run_sync(op)
-
-    async def create_bucket(self, bucket: Bucket) -> None:
-        await self.apply(_catalog.CreateBucket(bucket))
-
-    async def get_bucket(self, name: str) -> Bucket:
-        return self.catalog.get_bucket(name)
-
-    async def list_buckets(self) -> list[Bucket]:
-        return self.catalog.list_buckets()
-
-    async def delete_bucket(self, name: str) -> None:
-        await self.apply(_catalog.DeleteBucket(name))
-
-    async def put_manifest(self, manifest: ObjectManifest, expected_version: int | None = None) -> ObjectManifest:
-        return await self.apply(_catalog.PutManifest(manifest, expected_version))  # type: ignore[return-value]
-
-    async def get_manifest(self, bucket: str, key: str) -> ObjectManifest:
-        return self.catalog.get_manifest(bucket, key)
-
-    async def delete_manifest(self, bucket: str, key: str, expected_version: int | None = None) -> bool:
-        return await self.apply(_catalog.DeleteManifest(bucket, key, expected_version))  # type: ignore[return-value]
-
-    async def list_manifests(
-        self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
-    ) -> ListPage:
-        return self.catalog.list_manifests(bucket, prefix, delimiter, marker, max_keys)
-
-    async def create_upload(self, upload: MultipartUpload) -> None:
-        await self.apply(_catalog.CreateUpload(upload))
-
-    async def get_upload(self, upload_id: str) -> MultipartUpload:
-        return self.catalog.get_upload(upload_id)
-
-    async def put_part(self, part: UploadPart) -> None:
-        await self.apply(_catalog.PutPart(part))
-
-    async def list_parts(self, upload_id: str) -> list[UploadPart]:
-        return self.catalog.list_parts(upload_id)
-
-    async def list_uploads(self, bucket: str) -> list[MultipartUpload]:
-        return self.catalog.list_uploads(bucket)
-
-    async def complete_upload(self, upload_id: str, manifest: ObjectManifest) -> ObjectManifest:
-        return await self.apply(_catalog.CompleteUpload(upload_id, manifest))  # type: ignore[return-value]
-
-    async def abort_upload(self, upload_id: str) -> None:
-        await self.apply(_catalog.AbortUpload(upload_id))
-
-    async def put_access_key(self, key: AccessKey) -> None:
-        await self.apply(_catalog.PutAccessKey(key))
-
-    async def get_access_key(self, access_key: str) -> AccessKey:
-        return self.catalog.get_access_key(access_key)
-
-    async def list_access_keys(self) -> list[AccessKey]:
-        return self.catalog.list_access_keys()
-
-    async def delete_access_key(self, access_key: str) -> None:
-        await self.apply(_catalog.DeleteAccessKey(access_key))
-
-    async def referenced_digests(self) -> set[str]:
-        if self._in_memory:
-            return self.catalog.referenced_digests()
-        return await trio.to_thread.run_sync(self.catalog.referenced_digests)
-
-
-# The catalog imports this module's structs; importing it as a module object (attributes
-# looked up at call time) keeps the cycle harmless in either import order.
-from cloudless.blobs import catalog as _catalog  # noqa: E402

@@ -169,7 +169,7 @@ def node(
     no_client_config,
 ) -> None:
     from cloudless.coordinator.autopilot import AutopilotConfig
-    from cloudless.node.process import Node, NodeOptions
+    from cloudless.node.process import NodeOptions, run_node
     from cloudless.observability.logging import configure
 
     data_dir = data_dir or default_data_dir()
@@ -205,7 +205,7 @@ def node(
         on_bootstrapped=functools.partial(announce_bootstrap, target=target),
     )
     try:
-        trio.run(Node(options).run)
+        trio.run(run_node, options)
     except CloudlessError as exc:
         fail(exc, as_json=False)
     except KeyboardInterrupt:

@@ -23,9 +23,9 @@ gate) becomes due. Per workload, in order:
 5. old terminal allocations are forgotten, and the placement explanations
    stored for `cloudless inspect`.
 
-`WorkloadController` at the bottom is the trio driver (the only IO here): it
-gathers the inputs from Raft and gossip, calls `reconcile`, proposes the plan
-and sleeps until something changes.
+The trio driver (`cloudless.node.controller.WorkloadController`) gathers
+the inputs from Raft and gossip, calls `reconcile`, proposes the plan and
+sleeps until something changes; nothing here does IO.
 """
 
 from __future__ import annotations
@@ -34,18 +34,13 @@ import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import msgspec
 
-from cloudless.node.device import ARCH_LABEL, CLASS_LABEL, RUNTIME_LABEL, RUNTIMES
 from cloudless.scheduler import ClusterView, NodeInfo, admit, allocation_for, allocation_id, plan_placements, plan_stop
 from cloudless.state.commands import CommitPlan
 from cloudless.state.fsm import AllocationRecord, WorkloadRecord
 from cloudless.state.workload import Allocation, WorkloadSpec
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
 
 log = logging.getLogger(__name__)
 
@@ -403,141 +398,3 @@ def _explain(rnd: _Round, record: WorkloadRecord, lines: list[str]) -> None:
 def admission_error(spec: WorkloadSpec, nodes: Sequence[NodeInfo]) -> str | None:
     """Why `spec` could never be placed on these nodes (None: it could)."""
     return admit(spec, ClusterView(nodes, ()))
-
-
-# ---------------------------------------------------------------- the trio driver
-
-_STATE_NAMES = {0: "alive", 1: "suspect", 2: "dead", 3: "left"}
-
-
-def node_infos(node: Node) -> list[NodeInfo]:
-    """Registered nodes as the scheduler sees them: attributes from the registry
-    and gossip metadata, state from gossip membership."""
-    replicated = node.replicated
-    gossip = node.gossip
-    assert replicated is not None
-    out: list[NodeInfo] = []
-    for name, reg in replicated.fsm.nodes.items():
-        if name == node.node_id:
-            state, meta = "alive", node.metadata()
-        else:
-            member = gossip.core.member(name) if gossip is not None else None
-            if member is None:
-                state, meta = "suspect", None
-            else:
-                state, meta = _STATE_NAMES.get(member.state, "suspect"), member.meta
-        labels = dict(reg.labels)
-        if meta is not None:
-            labels = {**meta.labels, **labels}
-        arch = labels.pop(ARCH_LABEL, "")
-        device_class = labels.pop(CLASS_LABEL, "server")
-        runtime = labels.pop(RUNTIME_LABEL, "")
-        if runtime not in RUNTIMES:
-            runtime = ""  # unknown word from a newer node: not refused for it
-        if device_class not in ("server", "pc", "laptop", "phone", "gateway"):
-            device_class = "server"
-        uptime_s, flaps = 0.0, 0
-        coordinator = getattr(node, "coordinator", None)
-        if coordinator is not None and state == "alive":
-            uptime_s, flaps = coordinator.uptime_and_flaps(name)
-            # Whole minutes: the controller rebuilds its view when node
-            # infos change, and uptime changes every call.
-            uptime_s = float(int(uptime_s // 60) * 60)
-        out.append(
-            NodeInfo(
-                node_id=name,
-                state=state,  # type: ignore[arg-type]
-                arch=arch,
-                device_class=device_class,  # type: ignore[arg-type]
-                uptime_s=uptime_s,
-                flaps=flaps,
-                region=reg.region or (meta.region if meta else ""),
-                zone=reg.zone or (meta.zone if meta else ""),
-                labels=labels,
-                cpu_millis=meta.capacity.cpu_millis if meta else 0,
-                memory_bytes=meta.capacity.memory_bytes if meta else 0,
-                power=meta.power if meta else "ac",
-                battery_percent=meta.battery_percent if meta else None,
-                charging=bool(meta.charging) if meta else False,
-                network=meta.network if meta else "wired",
-                metered=bool(meta.metered) if meta else False,
-                runtime=runtime,
-            )
-        )
-    return out
-
-
-class WorkloadController:
-    """Runs `reconcile` on the leader whenever the state or membership changes."""
-
-    def __init__(self, node: Node, *, interval: float = 1.0, rng: random.Random | None = None) -> None:
-        self.node = node
-        self.interval = interval
-        self.rng = rng or random.Random()
-        self.rounds = 0
-        self._wake = None
-        self._view: tuple | None = None
-
-    async def run(self, *, task_status=None) -> None:
-        import trio
-
-        from cloudless.errors import CloudlessError
-
-        self._wake = trio.Event()
-        assert self.node.gossip is not None and self.node.replicated is not None
-        self.node.gossip.add_listener(lambda event: self._poke())
-        self.node.replicated.change_listeners.append(lambda changes: self._poke())
-        if task_status is not None:
-            task_status.started()
-        replicated = self.node.replicated
-        while True:
-            wake_at = None
-            if replicated.is_leader and replicated.fsm.workloads:
-                try:
-                    wake_at = await self.step()
-                except CloudlessError as exc:
-                    log.warning("controller.step_failed", extra={"fields": {"error": str(exc)}})
-            timeout = self.interval
-            if wake_at is not None:
-                timeout = max(0.05, min(timeout, wake_at - _wall()))
-            with trio.move_on_after(timeout):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            await trio.sleep(0.05)  # coalesce bursts of changes into one round
-
-    def _poke(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    async def step(self) -> float | None:
-        replicated = self.node.replicated
-        assert replicated is not None
-        fsm = replicated.fsm
-        nodes = node_infos(self.node)
-        state = ControllerState(fsm.workloads, fsm.allocations, nodes)
-        # The indexed view is rebuilt only when nodes or allocations changed.
-        key = (fsm.applied_index, tuple(nodes))
-        if self._view is None or self._view[0] != key:
-            self._view = (key, build_view(state))
-        decision = reconcile(state, _wall(), self.rng, self._view[1])
-        self.rounds += 1
-        if decision.plan is not None:
-            plan = decision.plan
-            await replicated.propose(plan, timeout=5.0)
-            for a in plan.create:
-                log.info("controller.placed", extra={"fields": {"allocation": a.id, "node": a.node}})
-            if plan.lost:
-                self.node.events.record(
-                    "workload.lost", self.node.node_id, f"{len(plan.lost)} allocation(s) lost: {', '.join(plan.lost)}"
-                )
-            for name, version in plan.revert.items():
-                self.node.events.record(
-                    "workload.rollout_failed", self.node.node_id, f"{name} version {version} failed its health gate"
-                )
-        return decision.wake_at
-
-
-def _wall() -> float:
-    import time
-
-    return time.time()

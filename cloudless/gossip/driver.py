@@ -15,6 +15,7 @@ wires to its RPC layer; the other end answers with `serve_stream(request)`.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from typing import Literal, Protocol
 
@@ -243,10 +244,8 @@ class MemoryDatagramNetwork:
     seeded fraction, and a cut endpoint neither sends nor receives."""
 
     def __init__(self, loss: float = 0.0, seed: int = 0) -> None:
-        import random as _random
-
         self.loss = loss
-        self._rng = _random.Random(seed)
+        self._rng = random.Random(seed)
         self._endpoints: dict[tuple[str, int], MemoryDatagramEndpoint] = {}
 
     def endpoint(self) -> MemoryDatagramEndpoint:

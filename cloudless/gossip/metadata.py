@@ -18,6 +18,14 @@ from cloudless.errors import InvalidInput
 # updates inside one 1,200-byte sealed datagram.
 MAX_METADATA_BYTES = 480
 
+# Reserved labels that carry what the scheduler's node attributes `node.arch`,
+# `node.class` and the runtime filter read (set by node/device.py's detection).
+ARCH_LABEL = "cloudless/arch"
+CLASS_LABEL = "cloudless/class"
+RUNTIME_LABEL = "cloudless/runtime"
+# What a node can run containers with (node/device.py's `Runtime`).
+RUNTIMES: tuple[str, ...] = ("runc", "rootless", "memory", "none")
+
 ShortText = Annotated[str, msgspec.Meta(max_length=63)]
 LabelKey = Annotated[str, msgspec.Meta(min_length=1, max_length=63)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]

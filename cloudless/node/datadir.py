@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,8 +101,6 @@ def new_node_id(hostname: str | None = None) -> str:
 
 
 def validate_node_name(name: str) -> str:
-    import re
-
     if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,62}", name):
         raise InvalidInput(f"invalid node name {name!r}: lowercase letters, digits, . _ - (max 63)", field="name")
     return name

@@ -8,10 +8,16 @@ metadata, autopilot's voter choice and the scheduler.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from cloudless.errors import InvalidInput
+from cloudless.gossip.metadata import RUNTIME_LABEL
+from cloudless.sandbox.rootless import detect_host, userns_works
+from cloudless.scheduler.feasible import LIMITS_LABEL
 
 Power = Literal["ac", "battery"]
 Network = Literal["wired", "wifi", "metered"]
@@ -20,13 +26,7 @@ DeviceClass = Literal["server", "pc", "laptop", "phone", "gateway"]
 # `rootless` (runc in a user namespace, for a node that is not root),
 # `memory` (the in-memory twin, tests and benchmarks), `none`.
 Runtime = Literal["runc", "rootless", "memory", "none"]
-RUNTIMES: tuple[str, ...] = ("runc", "rootless", "memory", "none")
 
-# Reserved gossip labels that carry what the scheduler's node attributes
-# `node.arch` and `node.class` read.
-ARCH_LABEL = "cloudless/arch"
-CLASS_LABEL = "cloudless/class"
-RUNTIME_LABEL = "cloudless/runtime"
 _ARCH_NAMES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386"}
 
 
@@ -142,9 +142,6 @@ def runtime_labels(runtime: str) -> dict[str, str]:
     which limits its delegated cgroup can enforce, so placements can say which it cannot."""
     labels = {RUNTIME_LABEL: runtime}
     if runtime == "rootless":
-        from cloudless.sandbox.rootless import detect_host
-        from cloudless.scheduler.feasible import LIMITS_LABEL
-
         labels[LIMITS_LABEL] = ",".join(sorted(detect_host().limits))
     return labels
 
@@ -160,8 +157,6 @@ def _rootless_blockers(data_dir: Path | None, euid: int, userns: Callable[[], tu
         if owner != euid:
             blockers.append(f"data dir {data_dir} is owned by uid {owner}, not {euid}")
     if userns is None:
-        from cloudless.sandbox.rootless import userns_works
-
         userns = userns_works
     works, why = userns()
     if not works:
@@ -186,9 +181,6 @@ def detect_runtime(
     Not root: `rootless` when runc is present, a user namespace can actually
     be created (`userns`, default `unshare -Ur true`) and the data dir is the
     user's; cgroups are optional there (limits only in a delegated subtree)."""
-    import shutil
-
-    from cloudless.errors import InvalidInput
 
     if forced in (None, "", "auto"):
         forced = None

@@ -37,6 +37,8 @@ from cloudless.pki.identity import Identity
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.tokens import hash_secret, parse_token, pin_matches
 from cloudless.pki.verify import PeerVerifier
+from cloudless.transport.rpc import RpcClient
+from cloudless.transport.tls import connect_enrollment
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +154,6 @@ async def enroll(
     timeout: float = 15.0,
 ) -> tuple[Credentials, EnrollReply]:
     """Run the join protocol against `address`; returns the new credentials."""
-    from cloudless.transport.rpc import RpcClient
-    from cloudless.transport.tls import connect_enrollment
-
     token = parse_token(token_text)
     connection, server_leaf = await connect_enrollment(address, timeout=timeout)
     rpc = RpcClient(_SingleConnection(connection))

@@ -10,25 +10,26 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import msgspec
+from cryptography.hazmat.primitives import serialization
 
+from cloudless.api.client_config import parse_endpoint
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound
 from cloudless.node.enroll import EnrollHello, EnrollHelloReply, EnrollReply, EnrollRequest, check_token
-from cloudless.node.replicated import NoLeader
 from cloudless.pki.bundle import authority_key_id
 from cloudless.pki.ca import ClusterCA, load_csr
-from cloudless.pki.custody import load_kek
 from cloudless.pki.errors import PKIError, TokenRejected
 from cloudless.pki.identity import Identity
+from cloudless.pki.revocation import RevocationList
+from cloudless.ports import ClusterView, EventRecorder, Proposer
 from cloudless.raft.core import NotLeader
+from cloudless.raft.errors import NoLeader
 from cloudless.state.commands import ConsumeToken, RecordCertificate, RecordClientCertificate, RegisterNode, Rejected
-from cloudless.transport.rpc import RpcContext, RpcServer
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,25 @@ class RenewReply(msgspec.Struct, frozen=True):
 
 
 class EnrollService:
-    def __init__(self, node: Node) -> None:
-        self.node = node
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: Proposer,
+        rpc: RpcClient,
+        events: EventRecorder,
+        revocations: RevocationList,
+        ca_pem: Callable[[], bytes],
+        signing_ca: Callable[[], ClusterCA],
+        ca_kek: Callable[[], bytes | None],
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.rpc = rpc
+        self.events = events
+        self.revocation_list = revocations
+        self.ca_pem = ca_pem  # the CA this node trusts, as a joiner must pin it
+        self.signing_ca = signing_ca  # the CA with its key (a coordinator-trusted node only)
+        self.ca_kek = ca_kek  # the key that opens the CA key, handed to joining coordinators only
 
     def register(self, enroll_server: RpcServer, node_server: RpcServer) -> None:
         enroll_server.unary("enroll.hello", request=EnrollHello)(self.hello)
@@ -71,48 +89,41 @@ class EnrollService:
         node_server.unary("pki.revocations")(self.revocations)
 
     def _ca(self) -> ClusterCA:
-        replicated = self.node.replicated
-        assert replicated is not None
+        replicated = self.replicated
         if replicated.fsm.ca is None:
             raise NoLeader("the cluster CA is not in the replicated state yet")
-        return self.node.signing_ca()
+        return self.signing_ca()
 
     async def hello(self, ctx: RpcContext, req: EnrollHello) -> EnrollHelloReply:
-        assert self.node.credentials is not None
-        replicated = self.node.replicated
-        endorsement = replicated.fsm.trust_endorsement() if replicated is not None else b""
-        return EnrollHelloReply(self.node.cluster_id, self.node.credentials.ca_pem, endorsement)
+        endorsement = self.replicated.fsm.trust_endorsement()
+        return EnrollHelloReply(self.cluster.cluster_id, self.ca_pem(), endorsement)
 
     async def join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
-        replicated = self.node.replicated
-        assert replicated is not None and self.node.rpc is not None
-        leader = await replicated.wait_leader()
-        if leader != self.node.node_id:
-            address = self.node.address_of(leader)
+        leader = await self.replicated.wait_leader()
+        if leader != self.cluster.node_id:
+            address = self.cluster.address_of(leader)
             if address is None:
                 raise NoLeader(f"leader {leader} has no known address")
-            return await self.node.rpc.call(address, "enroll.forward", req, response=EnrollReply, timeout=10.0)
+            return await self.rpc.call(address, "enroll.forward", req, response=EnrollReply, timeout=10.0)
         return await self._join_on_leader(req)
 
     async def forwarded_join(self, ctx: RpcContext, req: EnrollRequest) -> EnrollReply:
         if ctx.peer.kind != "node":
             raise CloudlessError("only nodes forward joins")
-        replicated = self.node.replicated
-        assert replicated is not None
+        replicated = self.replicated
         if not replicated.is_leader:
             raise NotLeader("not the leader", leader=replicated.leader or "")
         return await self._join_on_leader(req)
 
     async def _join_on_leader(self, req: EnrollRequest) -> EnrollReply:
-        node = self.node
-        replicated = node.replicated
-        assert replicated is not None
+        cluster = self.cluster
+        replicated = self.replicated
         now = time.time()
         await replicated.linearizable()  # the token's use count must be current
         try:
             check_token(replicated.fsm.tokens, req, now)
         except TokenRejected as exc:
-            node.events.record("enroll.rejected", req.name, exc.message, reason=exc.reason)
+            self.events.record("enroll.rejected", req.name, exc.message, reason=exc.reason)
             raise
         if req.role == "node" and req.name in replicated.fsm.nodes:
             raise Conflict(f"a node named {req.name} is already registered; pick another --name")
@@ -126,7 +137,7 @@ class EnrollService:
         try:
             certificate = self._ca().issue(
                 load_csr(req.csr_pem),
-                Identity(node.cluster_id, "node" if req.role == "node" else "client", req.name),
+                Identity(cluster.cluster_id, "node" if req.role == "node" else "client", req.name),
                 datetime.fromtimestamp(now, UTC),
                 node_certificate_lifetime() if req.role == "node" else None,
                 role=None if req.role == "node" else req.role,
@@ -141,7 +152,6 @@ class EnrollService:
         if req.role == "node":
             if not req.address:
                 raise InvalidInput("a joining node must give its advertised address", field="address")
-            from cloudless.api.client_config import parse_endpoint
 
             parse_endpoint(req.address)
             result, _ = await replicated.propose(
@@ -172,39 +182,36 @@ class EnrollService:
             )
             if isinstance(result, Rejected):
                 raise CloudlessError(f"could not record {req.name}: {result.message}")
-        from cryptography.hazmat.primitives import serialization
 
-        node.events.record("enroll.accepted", req.name, f"{req.role} {req.name} joined", address=req.address)
+        self.events.record("enroll.accepted", req.name, f"{req.role} {req.name} joined", address=req.address)
         seeds = [r.address for n, r in replicated.fsm.nodes.items() if n != req.name]
         return EnrollReply(
-            cluster_id=node.cluster_id,
+            cluster_id=cluster.cluster_id,
             ca_pem=replicated.fsm.trust_bundle(),  # two CAs during a rotation
             cert_pem=certificate.public_bytes(serialization.Encoding.PEM),
             # Only nodes gossip: a client identity never holds the keyring.
             gossip_keys=list(replicated.fsm.gossip_keys) if req.role == "node" else [],
             seeds=seeds,
-            revocations=node.revocations.to_bytes(),
+            revocations=self.revocation_list.to_bytes(),
             # Only a coordinator receives the key that opens the CA key (pki.custody).
-            ca_kek=(load_kek(node.data.root) or b"") if trusted else b"",
+            ca_kek=(self.ca_kek() or b"") if trusted else b"",
         )
 
     async def renew(self, ctx: RpcContext, req: RenewRequest) -> RenewReply:
         """A node renews its own certificate: same identity, new key."""
-        node = self.node
-        replicated = node.replicated
-        assert replicated is not None
+        cluster = self.cluster
+        replicated = self.replicated
         if ctx.peer.kind != "node":
             raise CloudlessError("only nodes renew through this call")
         if not replicated.is_leader:
             raise NotLeader("not the leader", leader=replicated.leader or "")
         if ctx.peer.name not in replicated.fsm.nodes:
             raise NotFound(f"node {ctx.peer.name} is not registered")
-        from cryptography.hazmat.primitives import serialization
 
         now = time.time()
         certificate = self._ca().issue(
             load_csr(req.csr_pem),
-            Identity(node.cluster_id, "node", ctx.peer.name),
+            Identity(cluster.cluster_id, "node", ctx.peer.name),
             datetime.fromtimestamp(now, UTC),
             node_certificate_lifetime(),
         )
@@ -225,7 +232,7 @@ class EnrollService:
         )
 
     async def revocations(self, ctx: RpcContext, body: bytes) -> bytes:
-        return self.node.revocations.to_bytes()
+        return self.revocation_list.to_bytes()
 
 
 def _issuer(certificate) -> str:
@@ -236,8 +243,6 @@ def _issuer(certificate) -> str:
 
 def _public_key_der(certificate) -> bytes:
     """What gossip checks this node's signed claims against (gossip/claims.py)."""
-    from cryptography.hazmat.primitives import serialization
-
     return certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )

@@ -25,11 +25,13 @@ from cloudless.authz import PermissionDenied
 from cloudless.errors import CloudlessError, Unavailable
 from cloudless.raft.core import NotLeader, RaftConfig, RaftNode, Role
 from cloudless.raft.driver import RaftDriver
+from cloudless.raft.errors import NoLeader, NotAMember
 from cloudless.raft.messages import ConfChange, Entry, EntryKind, Message, Snapshot, decode_message, encode_message
 from cloudless.raft.rocks import RocksStorage
 from cloudless.raft.storage import bootstrap_log
 from cloudless.state.commands import (
     Command,
+    Done,
     Proposal,
     Result,
     decode_proposal,
@@ -48,22 +50,6 @@ SNAPSHOT_EVERY = 10_000
 # Entries kept behind a snapshot so slow followers catch up from the log.
 COMPACTION_MARGIN = 1_000
 LEADER_WAIT = 5.0
-
-
-class NoLeader(Unavailable):
-    pass
-
-
-class NotAMember(Unavailable):
-    """This node is not (any longer) in the leader's configuration.
-
-    A voter removed while it was unreachable never hears of its removal
-    (thesis §4.2.2): its own configuration still lists it. The leader says
-    so when it asks for a read index, and the node then routes like a
-    non-member until its configuration changes again.
-    """
-
-    code = "not_member"
 
 
 class RaftBatch(msgspec.Struct, frozen=True):
@@ -375,9 +361,17 @@ class ReplicatedState:
     async def wait_leader(self, timeout: float = LEADER_WAIT) -> str:
         with trio.move_on_after(timeout):
             while (leader := self.known_leader()) is None:
-                await trio.sleep(self.driver.tick_interval)
+                # Raft's own leader arrives as an event; gossip's hint (for nodes
+                # outside Raft) has none, so look again every tick as well.
+                with trio.move_on_after(self.driver.tick_interval):
+                    await self._leader_changed.wait()
             return leader
         raise NoLeader("no Raft leader known yet", node=self.node_id)
+
+    async def wait_leadership(self, leading: bool = True) -> None:
+        """Return once this node leads (with `leading=False`: once it does not)."""
+        while self.is_leader != leading:
+            await self._leader_changed.wait()
 
     async def _leader_address(self) -> tuple[str, tuple[str, int] | None]:
         leader = await self.wait_leader()
@@ -412,7 +406,6 @@ class ReplicatedState:
     def _result_from_log(self, index: int) -> Result:
         # Applied before we looked (a snapshot raced us): the FSM's session
         # table or a re-read is not available, so report success by index.
-        from cloudless.state.commands import Done
 
         return Done(index=index)
 

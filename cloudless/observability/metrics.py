@@ -7,7 +7,8 @@ default, so several nodes can run in one test process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -15,13 +16,36 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 _MEMBER_STATES = ("alive", "suspect", "dead", "left")
 
 
+class RaftSource(Protocol):
+    """What the collector reads of a node's Raft (node.replicated.ReplicatedState)."""
+
+    @property
+    def core(self) -> Any: ...
+    @property
+    def driver(self) -> Any: ...
+    @property
+    def is_leader(self) -> bool: ...
+
+
+class RpcSource(Protocol):
+    calls_total: int
+
+
+class GossipSource(Protocol):
+    @property
+    def core(self) -> Any: ...
+    @property
+    def counters(self) -> Mapping[str, int]: ...
+
+
 class NodeCollector:
-    def __init__(self, node_getter: Callable[[], object]) -> None:
-        self._node = node_getter
+    """Reads the node's subsystems at scrape time; the composition root hands them in."""
+
+    def __init__(self, raft: RaftSource, server: RpcSource, gossip: GossipSource) -> None:
+        self._raft, self._server, self._gossip = raft, server, gossip
 
     def collect(self) -> Iterator[Metric]:
-        node = self._node()
-        replicated = getattr(node, "replicated", None)
+        replicated: Any = self._raft
         if replicated is not None:
             core = replicated.core
             stats = replicated.driver.statistics()
@@ -44,12 +68,8 @@ class NodeCollector:
                 ("messages_dropped", "Raft messages dropped (peer outbox full)"),
             ):
                 yield CounterMetricFamily(f"cloudless_raft_{key}", help_text, value=stats.get(key, 0))
-        server = getattr(node, "server", None)
-        if server is not None:
-            yield CounterMetricFamily(
-                "cloudless_rpc_calls", "RPC calls served", value=getattr(server, "calls_total", 0)
-            )
-        gossip = getattr(node, "gossip", None)
+        yield CounterMetricFamily("cloudless_rpc_calls", "RPC calls served", value=self._server.calls_total)
+        gossip: Any = self._gossip
         if gossip is not None:
             members = GaugeMetricFamily("cloudless_gossip_members", "Members by state", labels=["state"])
             counts = dict.fromkeys(_MEMBER_STATES, 0)
@@ -69,13 +89,15 @@ class NodeCollector:
 
 
 class NodeMetrics:
-    def __init__(self, node_getter: Callable[[], object] | None = None) -> None:
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=False)
-        if node_getter is not None:
-            r.register(NodeCollector(node_getter))
         self.autopilot_decisions = Counter(
             "cloudless_autopilot_decisions", "Membership changes made by autopilot", ["kind"], registry=r
         )
+
+    def observe(self, raft: RaftSource, server: RpcSource, gossip: GossipSource) -> None:
+        """Read these subsystems at every scrape (the composition root calls this once)."""
+        self.registry.register(NodeCollector(raft, server, gossip))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

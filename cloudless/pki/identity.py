@@ -74,3 +74,18 @@ def validate_cluster_id(cluster_id: str) -> str:
     if not isinstance(cluster_id, str) or not LABEL_PATTERN.fullmatch(cluster_id):
         raise InvalidIdentity(f"invalid cluster id {cluster_id!r}: want {_LABEL}", field="cluster_id")
     return cluster_id
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """Who is on the other end, as proven by its certificate."""
+
+    cluster_id: str
+    kind: str  # "node" or "client"
+    name: str
+    serial: int  # certificate serial, for revocation checks and audit
+    role: str = ""  # a client certificate's role (admin, operator, viewer); "" for nodes
+
+    @property
+    def uri(self) -> str:
+        return f"spiffe://{self.cluster_id}/{self.kind}/{self.name}"

@@ -19,8 +19,8 @@ from cloudless.pki.bundle import authority_key_id, issuer_of
 from cloudless.pki.clock import as_utc, utc_now
 from cloudless.pki.credentials import identity_of, role_of
 from cloudless.pki.errors import X509_PARSE_ERRORS, InvalidIdentity, PeerRejected
+from cloudless.pki.identity import PeerIdentity
 from cloudless.pki.revocation import RevocationList
-from cloudless.transport.base import PeerIdentity
 
 
 class PeerVerifier:

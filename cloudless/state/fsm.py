@@ -13,9 +13,11 @@ from collections.abc import Iterable
 
 import msgspec
 import zstandard
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_der_public_key
 
 from cloudless.blobs.catalog import Catalog, MemoryKV
-from cloudless.blobs.catalog import decode_command as decode_blob_command
+from cloudless.blobs.commands import decode_command as decode_blob_command
 from cloudless.errors import CloudlessError
 from cloudless.pki.bundle import is_endorsed, load_bundle, subject_key_id
 from cloudless.pki.errors import InvalidCredentials
@@ -799,9 +801,6 @@ class StateMachine:
 
 
 def _is_p256_key(der: bytes) -> bool:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_der_public_key
-
     try:
         key = load_der_public_key(der)
     except ValueError:

@@ -45,6 +45,7 @@ from cloudless.raft.messages import (
 from cloudless.raft.ready import STEP_NAMES, Apply, Restore, Send, Step, Sync, Write
 from cloudless.raft.sessions import Duplicate, Fresh, SessionTable
 from cloudless.raft.storage import Compacted, EntryUnavailable, MemoryStorage, bootstrap_log
+from cloudless.testing.linearizability import Operation, check_history
 
 log = logging.getLogger(__name__)
 
@@ -714,8 +715,6 @@ class Simulation:
         self._drive(node)
 
     def _complete(self, client: SimClient, result: Any) -> None:
-        from cloudless.testing.linearizability import Operation
-
         op = client.current
         assert op is not None
         if op.op != "get":
@@ -882,8 +881,6 @@ class Simulation:
             self.violations.append(f"t={self.now}: liveness: clients {stuck} still waiting after healing")
 
     def _finish(self) -> SimResult:
-        from cloudless.testing.linearizability import Operation
-
         for client in self.clients:
             op = client.current
             if op is not None and op.op != "get":
@@ -891,8 +888,6 @@ class Simulation:
                 self.stats.ops_indeterminate += 1
         result = SimResult(self.seed, self.violations, self.history, self.stats)
         if self.config.check_linearizability and not self.violations:
-            from cloudless.testing.linearizability import check_history
-
             check = check_history(self.history, timeout_s=20.0)
             result.linearizable = check.linearizable
             result.ops_checked = check.ops_checked

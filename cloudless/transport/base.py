@@ -13,25 +13,10 @@ and carried a Cloudless identity, which is `Connection.peer`.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 from cloudless.errors import CloudlessError, Unavailable
-
-
-@dataclass(frozen=True, slots=True)
-class PeerIdentity:
-    """Who is on the other end, as proven by its certificate."""
-
-    cluster_id: str
-    kind: str  # "node" or "client"
-    name: str
-    serial: int  # certificate serial, for revocation checks and audit
-    role: str = ""  # a client certificate's role (admin, operator, viewer); "" for nodes
-
-    @property
-    def uri(self) -> str:
-        return f"spiffe://{self.cluster_id}/{self.kind}/{self.name}"
+from cloudless.pki.identity import PeerIdentity as PeerIdentity  # the verifier (pki) returns it
 
 
 class TransportError(CloudlessError):

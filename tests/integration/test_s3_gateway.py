@@ -21,8 +21,8 @@ import trio
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import LocalChunkStore
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.s3.app import S3Gateway
 from cloudless.blobs.s3.server import issue_gateway_certificate, serve_gateway

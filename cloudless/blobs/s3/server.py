@@ -20,7 +20,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypercorn.config import Config
+from hypercorn.trio import serve
 
+from cloudless.durable import write_atomic
 from cloudless.pki.ca import BACKDATE, ClusterCA
 
 if TYPE_CHECKING:
@@ -71,9 +74,6 @@ async def serve_gateway(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` over HTTPS until cancelled; `task_status.started(bound addresses)`."""
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.certfile = str(certfile)
@@ -91,8 +91,6 @@ async def serve_gateway(
 def gateway_tls_files(directory: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     """(cert, key, CA cert) for a stand-alone gateway: a local CA made once in `directory`,
     and a server certificate for `hosts` re-issued on each start."""
-
-    from cloudless.durable import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert, ca_key = directory / "ca.pem", directory / "ca.key"

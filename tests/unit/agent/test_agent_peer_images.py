@@ -10,8 +10,8 @@ import trio
 
 from cloudless.agent.containers import ImageRootfs, ImageUnavailable
 from cloudless.agent.images_from_peers import IMAGES_BUCKET, ImageNotPublished, PeerImages
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import MemoryChunkStore
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.errors import CloudlessError

@@ -9,21 +9,20 @@ import random
 import msgspec
 import pytest
 
-from cloudless.blobs.catalog import (
+from cloudless.blobs.catalog import Catalog, MemoryKV
+from cloudless.blobs.chunking import ChunkRef
+from cloudless.blobs.commands import (
     AbortUpload,
-    Catalog,
     CompleteUpload,
     CreateBucket,
     CreateUpload,
     DeleteManifest,
     InvalidBlobCommand,
-    MemoryKV,
     PutManifest,
     PutPart,
     decode_command,
     encode_command,
 )
-from cloudless.blobs.chunking import ChunkRef
 from cloudless.blobs.errors import PreconditionFailed
 from cloudless.blobs.manifest import Bucket, MultipartUpload, ObjectManifest, UploadPart
 from cloudless.errors import CloudlessError

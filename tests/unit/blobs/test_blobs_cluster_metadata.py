@@ -9,12 +9,12 @@ import msgspec
 import pytest
 import zstandard
 
-from cloudless.blobs.catalog import CreateBucket, PutManifest, encode_command
 from cloudless.blobs.chunkstore import MemoryChunkStore
-from cloudless.blobs.cluster import RaftMetadataStore, blob_error
+from cloudless.blobs.commands import CreateBucket, PutManifest, encode_command
 from cloudless.blobs.errors import BucketAlreadyExists, BucketNotEmpty, NoSuchBucket, NoSuchKey, PreconditionFailed
 from cloudless.blobs.manifest import Bucket, ObjectManifest
 from cloudless.blobs.objects import ObjectService
+from cloudless.node.blobs import RaftMetadataStore, blob_error
 from cloudless.state import fsm as fsm_module
 from cloudless.state.commands import BlobCatalogCommand, BlobResult, Proposal, Rejected, encode_proposal
 from cloudless.state.fsm import StateMachine
@@ -36,10 +36,8 @@ class TwinReplicated:
         self.reads += 1
 
 
-class TwinNode:
-    def __init__(self) -> None:
-        self.replicated = TwinReplicated()
-        self.rpc = None
+def _no_address(node_id: str) -> None:
+    return None
 
 
 def _apply(fsm: StateMachine, command) -> object:
@@ -96,8 +94,8 @@ def test_rejections_map_back_to_blob_error_types(code, kind):
 
 
 async def test_object_service_over_the_raft_store_round_trips_and_raises_blob_errors():
-    node = TwinNode()
-    meta = RaftMetadataStore(node)  # type: ignore[arg-type]
+    replicated = TwinReplicated()
+    meta = RaftMetadataStore(replicated, _no_address, rpc=None)  # type: ignore[arg-type]
     service = ObjectService(meta, MemoryChunkStore(), node_id="n1", replication=1)
     await service.create_bucket("photos")
     with pytest.raises(BucketAlreadyExists):
@@ -119,7 +117,7 @@ async def test_object_service_over_the_raft_store_round_trips_and_raises_blob_er
         await meta.list_manifests("nope")
     key = await service.create_access_key(description="d")
     assert (await meta.get_access_key(key.access_key)).secret_key == key.secret_key
-    assert node.replicated.reads > 0  # reads went through ReadIndex
+    assert replicated.reads > 0  # reads went through ReadIndex
 
 
 class _Peer:
@@ -139,7 +137,7 @@ class LeaderRpc:
         self.calls: list[str] = []
 
     async def call(self, address, method, request, timeout=None):  # type: ignore[no-untyped-def]
-        from cloudless.blobs.cluster import CatalogRead
+        from cloudless.node.blobs import CatalogRead
 
         self.calls.append(method)
         decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(request), type=CatalogRead)
@@ -155,23 +153,20 @@ class LeaderRpc:
 
 
 async def test_a_node_outside_raft_reads_the_catalog_from_the_leader():
-    leader = TwinNode()
-    leader_store = RaftMetadataStore(leader)  # type: ignore[arg-type]
+    leader_store = RaftMetadataStore(TwinReplicated(), _no_address, rpc=None)  # type: ignore[arg-type]
     await leader_store.create_bucket(Bucket("photos", 1.0))
 
-    outsider = TwinNode()
-    outsider.replicated = leader.replicated.__class__()  # an empty copy it must not read from
-    outsider.replicated.is_member = False
+    outside = TwinReplicated()  # an empty copy it must not read from
+    outside.is_member = False
 
     async def wait_leader() -> str:
         return "n1"
 
-    outsider.replicated.wait_leader = wait_leader  # type: ignore[attr-defined]
-    outsider.address_of = lambda node_id: ("127.0.0.1", 1)  # type: ignore[attr-defined]
-    outsider.rpc = LeaderRpc(leader_store)  # type: ignore[assignment]
-    store = RaftMetadataStore(outsider)  # type: ignore[arg-type]
+    outside.wait_leader = wait_leader  # type: ignore[attr-defined]
+    rpc = LeaderRpc(leader_store)
+    store = RaftMetadataStore(outside, lambda node_id: ("127.0.0.1", 1), rpc)  # type: ignore[arg-type]
     assert [b.name for b in await store.list_buckets()] == ["photos"]
     with pytest.raises(NoSuchBucket):
         await store.get_bucket("nope")
     assert await store.referenced_digests() == set()
-    assert outsider.rpc.calls == ["blobs.catalog.read"] * 3
+    assert rpc.calls == ["blobs.catalog.read"] * 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunking import ChunkRef
 from cloudless.blobs.errors import (
     BucketAlreadyExists,
@@ -21,7 +22,6 @@ from cloudless.blobs.errors import (
 from cloudless.blobs.manifest import (
     AccessKey,
     Bucket,
-    LocalMetadataStore,
     MultipartUpload,
     ObjectManifest,
     UploadPart,

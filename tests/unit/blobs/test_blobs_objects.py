@@ -7,9 +7,9 @@ import random
 
 import pytest
 
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import MemoryChunkStore
 from cloudless.blobs.errors import BadDigest, IncompleteBody, InvalidObjectKey, NoSuchBucket, NoSuchKey
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService, multipart_etag, parse_content_md5
 from cloudless.errors import InvalidInput
 

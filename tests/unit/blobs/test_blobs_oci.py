@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import MemoryChunkStore
 from cloudless.blobs.errors import BadDigest
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.oci import OCI_BUCKET, OciBlobs
 from cloudless.errors import InvalidInput

@@ -18,9 +18,9 @@ from cloudless.blobs.antientropy import (
     wanted_by_node,
     wanted_placement,
 )
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import MemoryChunkStore
 from cloudless.blobs.errors import InsufficientReplicas, NoSuchKey
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.peers import MemoryChunkPeers
 from cloudless.blobs.placement import StorageMember

@@ -9,10 +9,10 @@ import pytest
 import trio
 
 from cloudless.blobs.antientropy import repair_until_stable
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunking import ChunkDigest
 from cloudless.blobs.chunkstore import MemoryChunkStore
 from cloudless.blobs.errors import ChunkMissing, CorruptChunk
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.peers import PeerUnavailable
 from cloudless.blobs.placement import StorageMember

@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from cloudless.blobs.antientropy import referenced_policies, repair_until_stable, wanted_placement
+from cloudless.blobs.catalog import LocalMetadataStore
 from cloudless.blobs.chunkstore import MemoryChunkStore
-from cloudless.blobs.manifest import LocalMetadataStore
 from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.peers import MemoryChunkPeers
 from cloudless.blobs.placement import StorageMember

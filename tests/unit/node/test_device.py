@@ -61,24 +61,17 @@ def test_arch_uses_oci_names_and_class_follows_the_battery():
 def test_node_infos_read_arch_class_and_drop_the_reserved_labels():
     from types import SimpleNamespace
 
-    from cloudless.coordinator.controller import node_infos
-    from cloudless.gossip.metadata import Metadata
-    from cloudless.node.device import ARCH_LABEL, CLASS_LABEL
+    from cloudless.gossip.metadata import ARCH_LABEL, CLASS_LABEL, Metadata
+    from cloudless.node.controller import node_infos
     from cloudless.state.fsm import NodeRecord
 
     meta = Metadata(
         labels={ARCH_LABEL: "arm64", CLASS_LABEL: "phone", "gpu": "no"}, power="battery", battery_percent=40
     )
     member = SimpleNamespace(state=0, meta=meta, state_change=0.0)
-    node = SimpleNamespace(
-        node_id="me",
-        replicated=SimpleNamespace(
-            fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})})
-        ),
-        gossip=SimpleNamespace(core=SimpleNamespace(member=lambda name: member)),
-        coordinator=None,
-    )
-    (info,) = node_infos(node)
+    cluster = SimpleNamespace(node_id="me", member=lambda name: member)
+    replicated = SimpleNamespace(fsm=SimpleNamespace(nodes={"p1": NodeRecord("p1", "127.0.0.1:1", "", "z", {}, 1, {})}))
+    (info,) = node_infos(cluster, replicated, uptime_and_flaps=lambda name: (0.0, 0))  # type: ignore[arg-type]
     assert (info.arch, info.device_class, info.labels) == ("arm64", "phone", {"gpu": "no"})
     assert (info.power, info.battery_percent, info.zone) == ("battery", 40, "z")
 
@@ -155,25 +148,19 @@ def test_the_user_namespace_check_really_creates_one():
 def test_node_infos_read_the_runtime_label():
     from types import SimpleNamespace
 
-    from cloudless.coordinator.controller import node_infos
-    from cloudless.gossip.metadata import Metadata
-    from cloudless.node.device import RUNTIME_LABEL
+    from cloudless.gossip.metadata import RUNTIME_LABEL, Metadata
+    from cloudless.node.controller import node_infos
     from cloudless.state.fsm import NodeRecord
 
     metas = {"a": Metadata(labels={RUNTIME_LABEL: "none"}), "b": Metadata(labels={RUNTIME_LABEL: "warp-drive"})}
-    node = SimpleNamespace(
+    cluster = SimpleNamespace(
         node_id="me",
-        replicated=SimpleNamespace(
-            fsm=SimpleNamespace(nodes={n: NodeRecord(n, "127.0.0.1:1", "", "", {}, 1, {}) for n in ("a", "b", "c")})
-        ),
-        gossip=SimpleNamespace(
-            core=SimpleNamespace(
-                member=lambda name: SimpleNamespace(state=0, meta=metas.get(name, Metadata()), state_change=0.0)
-            )
-        ),
-        coordinator=None,
+        member=lambda name: SimpleNamespace(state=0, meta=metas.get(name, Metadata()), state_change=0.0),
     )
-    infos = {i.node_id: i for i in node_infos(node)}
+    replicated = SimpleNamespace(
+        fsm=SimpleNamespace(nodes={n: NodeRecord(n, "127.0.0.1:1", "", "", {}, 1, {}) for n in ("a", "b", "c")})
+    )
+    infos = {i.node_id: i for i in node_infos(cluster, replicated, uptime_and_flaps=lambda name: (0.0, 0))}  # type: ignore[arg-type]
     assert (infos["a"].runtime, infos["b"].runtime, infos["c"].runtime) == ("none", "", "")
     assert infos["a"].labels == {}
 

@@ -11,21 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from cloudless.coordinator.autopilot import Action, Candidate, plan
+from cloudless.coordinator.autopilot import Action, AutopilotConfig, Candidate, plan
 from cloudless.coordinator.ca_rotation import ca_rotation_step
 from cloudless.errors import CloudlessError
 from cloudless.gossip.events import MemberAlive, MemberDead, MemberJoined, MemberLeft, MemberSuspect
 from cloudless.gossip.members import ALIVE, DEAD, LEFT, SUSPECT
 from cloudless.node.gossip_identity import rotation_step
+from cloudless.node.replicated import ReplicatedState
+from cloudless.ports import ClusterView, EventRecorder
 from cloudless.raft.messages import ConfChange, ConfChangeType
 from cloudless.state.commands import ActivateNextCA, Rejected
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +34,29 @@ CAUGHT_UP_ENTRIES = 64
 # A new leader waits this long before changing membership, so gossip has
 # time to tell it who is alive.
 SETTLE_S = 3.0
-_STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
+_STATE_NAMES: dict[int, str] = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 
 class Coordinator:
-    def __init__(self, node: Node, interval: float = 0.5) -> None:
-        self.node = node
+    def __init__(
+        self,
+        cluster: ClusterView,
+        replicated: ReplicatedState,
+        events: EventRecorder,
+        config: AutopilotConfig,
+        *,
+        complete_bootstrap: Callable[[], Awaitable[None]],
+        own_uptime: Callable[[], float],
+        count_decision: Callable[[str], None] = lambda kind: None,
+        interval: float = 0.5,
+    ) -> None:
+        self.cluster = cluster
+        self.replicated = replicated
+        self.events = events
+        self.config = config
+        self.complete_bootstrap = complete_bootstrap  # leader-only bootstrap duties (idempotent)
+        self.own_uptime = own_uptime
+        self.count_decision = count_decision  # metrics: decisions by kind
         self.interval = interval
         self._flaps: dict[str, deque[float]] = defaultdict(deque)
         self._alive_since: dict[str, float] = {}
@@ -49,24 +65,22 @@ class Coordinator:
         self._last_plan: tuple = ()
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        assert self.node.gossip is not None
-        self.node.gossip.add_listener(self._on_member_event)
+        self.cluster.add_member_listener(self._on_member_event)
         task_status.started()
+        replicated = self.replicated
         while True:
             await trio.sleep(self.interval)
-            replicated = self.node.replicated
-            assert replicated is not None
             if not replicated.is_leader:
                 self._leader_since = None
                 continue
             now = trio.current_time()
             if self._leader_since is None:
                 self._leader_since = now
-                self.node.events.record(
-                    "raft.leader_elected", self.node.node_id, f"leader for term {replicated.core.term}"
+                self.events.record(
+                    "raft.leader_elected", self.cluster.node_id, f"leader for term {replicated.core.term}"
                 )
             try:
-                await self.node.complete_bootstrap()
+                await self.complete_bootstrap()
                 await self.gossip_key_step()
                 await self.ca_rotation_step()
                 if now - self._leader_since >= SETTLE_S:
@@ -76,8 +90,7 @@ class Coordinator:
 
     async def gossip_key_step(self) -> None:
         """After a node is removed, rotate the gossip key (gossip_identity.rotation_step)."""
-        replicated = self.node.replicated
-        assert replicated is not None
+        replicated = self.replicated
         command = rotation_step(replicated.fsm, time.time())
         if command is None:
             return
@@ -85,12 +98,11 @@ class Coordinator:
         if isinstance(result, Rejected):
             raise CloudlessError(f"gossip key rotation refused: {result.message}")
         what = "new primary gossip key" if len(command.keys) > 1 else "old gossip key dropped"
-        self.node.events.record("gossip.key_rotated", self.node.node_id, what, keys=len(command.keys))
+        self.events.record("gossip.key_rotated", self.cluster.node_id, what, keys=len(command.keys))
 
     async def ca_rotation_step(self) -> None:
         """Activate the next CA, then retire the previous one (coordinator/ca_rotation.py)."""
-        replicated = self.node.replicated
-        assert replicated is not None
+        replicated = self.replicated
         command = ca_rotation_step(replicated.fsm, time.time())
         if command is None:
             return
@@ -98,7 +110,7 @@ class Coordinator:
         if isinstance(result, Rejected):
             raise CloudlessError(f"CA rotation step refused: {result.message}")
         what = "next CA activated" if isinstance(command, ActivateNextCA) else "previous CA retired"
-        self.node.events.record("ca.rotation_step", self.node.node_id, what, key_id=command.key_id)
+        self.events.record("ca.rotation_step", self.cluster.node_id, what, key_id=command.key_id)
 
     def _on_member_event(self, event) -> None:
         now = trio.current_time()
@@ -118,9 +130,9 @@ class Coordinator:
     def uptime_and_flaps(self, name: str) -> tuple[float, int]:
         """Seconds since the member was last seen becoming alive, and its recent failures."""
         now = trio.current_time()
-        if name == self.node.node_id:
-            return node_uptime(self.node), self.flaps(name, now)
-        member = self.node.gossip.core.member(name) if self.node.gossip is not None else None
+        if name == self.cluster.node_id:
+            return self.own_uptime(), self.flaps(name, now)
+        member = self.cluster.member(name)
         since = self._alive_since.get(name, member.state_change if member is not None else now)
         return max(0.0, now - since), self.flaps(name, now)
 
@@ -133,23 +145,22 @@ class Coordinator:
         return len(flaps)
 
     def candidates(self, now: float) -> list[Candidate]:
-        node = self.node
-        replicated = node.replicated
-        gossip = node.gossip
-        assert replicated is not None and gossip is not None
+        cluster = self.cluster
+        replicated = self.replicated
         conf = replicated.core.conf_state
-        status = replicated.core.status()
-        progress = status.get("progress", {})
-        last_index = int(status["last_index"])
+        progress = replicated.core.status().get("progress")
+        if not isinstance(progress, dict):  # only a leader has its followers' progress
+            progress = {}
+        last_index = replicated.core.log.last_index()
         out: list[Candidate] = []
         # Only registered nodes can become members: Raft needs their address.
         names = set(replicated.fsm.nodes) | set(conf.voters) | set(conf.learners)
         for name in sorted(names):
-            member = gossip.core.member(name)
-            if name == node.node_id:
+            member = cluster.member(name)
+            if name == cluster.node_id:
                 state = "alive"
-                meta = node.metadata()
-                alive_since = now - node_uptime(node)
+                meta = cluster.metadata()
+                alive_since = now - self.own_uptime()
             elif member is None:
                 # Not heard of through gossip (yet): never promote, never count as healthy.
                 state, meta, alive_since = "suspect", None, now
@@ -159,7 +170,7 @@ class Coordinator:
                 alive_since = self._alive_since.setdefault(name, member.state_change)
             role = "voter" if name in conf.voters else "learner" if name in conf.learners else "none"
             pr = progress.get(name)
-            caught_up = bool(pr) and int(pr["match"]) >= last_index - CAUGHT_UP_ENTRIES
+            caught_up = pr is not None and bool(pr) and int(pr["match"]) >= last_index - CAUGHT_UP_ENTRIES
             network = "wired"
             if meta is not None:
                 network = "metered" if meta.metered or meta.network == "cellular" else meta.network
@@ -187,11 +198,9 @@ class Coordinator:
         return out
 
     async def autopilot_step(self, now: float) -> Action | None:
-        node = self.node
-        replicated = node.replicated
-        assert replicated is not None
+        replicated = self.replicated
         candidates = self.candidates(now)
-        result = plan(candidates, node.node_id, now, node.options.autopilot)
+        result = plan(candidates, self.cluster.node_id, now, self.config)
         if not result.actions:
             return None
         action = result.actions[0]
@@ -205,14 +214,8 @@ class Coordinator:
                 "remove": ConfChangeType.REMOVE_NODE,
             }[action.kind]
             await replicated.propose_conf_change(ConfChange(int(change_type), action.node_id))
-        node.metrics.autopilot_decisions.labels(action.kind).inc()
-        node.events.record(
+        self.count_decision(action.kind)
+        self.events.record(
             f"autopilot.{action.kind}", action.node_id, action.reason, desired=",".join(result.desired_voters)
         )
         return action
-
-
-def node_uptime(node: Node) -> float:
-    import time
-
-    return max(0.0, time.time() - node.started_at)

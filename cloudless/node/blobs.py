@@ -1,5 +1,5 @@
 """Blob storage inside a running node: the Raft-backed `MetadataStore`, storage
-members from gossip, and `run_blobs(node)` (started from `Node.run`).
+members from gossip, and `BlobStorage` (built by `Node`, run in its nursery).
 
     RaftMetadataStore  writes: catalog commands proposed through Raft, applied by the
                        state machine's `Catalog` (a refusal comes back as `Rejected`
@@ -7,23 +7,27 @@ members from gossip, and `run_blobs(node)` (started from `Node.run`).
                        reads: the local Catalog after a ReadIndex, or the leader's when
                        this node is outside the Raft configuration
     storage_members    live gossip members, with the blob capacity each one advertises
-    run_blobs          chunk store + chunk RPC service, ObjectService, GC on every
-                       node, anti-entropy on the leader, the S3 gateway (`--s3-listen`)
+    BlobStorage        chunk RPC service, ObjectService, GC on every node,
+                       anti-entropy on the leader, the S3 gateway (`--s3-listen`)
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import trio
 
+from cloudless.api.blobs import BlobApi
 from cloudless.blobs import errors as blob_errors
 from cloudless.blobs.antientropy import AntiEntropyLoop, GarbageCollectionLoop
-from cloudless.blobs.catalog import (
+from cloudless.blobs.chunkstore import LocalChunkStore
+from cloudless.blobs.commands import (
     AbortUpload,
     BlobCommand,
     CompleteUpload,
@@ -38,7 +42,6 @@ from cloudless.blobs.catalog import (
     PutPart,
     encode_command,
 )
-from cloudless.blobs.chunkstore import LocalChunkStore
 from cloudless.blobs.manifest import (
     AccessKey,
     Bucket,
@@ -47,14 +50,18 @@ from cloudless.blobs.manifest import (
     ObjectManifest,
     UploadPart,
 )
+from cloudless.blobs.objects import ObjectService
 from cloudless.blobs.placement import StorageMember
 from cloudless.blobs.rpc import RpcChunkPeers, register_chunk_service
+from cloudless.blobs.s3.app import S3Gateway
+from cloudless.blobs.s3.server import issue_gateway_certificate, serve_gateway
+from cloudless.durable import write_atomic
 from cloudless.errors import CloudlessError, Conflict, InvalidInput, NotFound, Unavailable
+from cloudless.gossip.events import MemberDead, MemberJoined
+from cloudless.pki.ca import ClusterCA
+from cloudless.ports import ClusterView, EventRecorder, Proposer
 from cloudless.state.commands import BlobCatalogCommand, BlobResult, Rejected
-from cloudless.transport.rpc import RpcContext
-
-if TYPE_CHECKING:
-    from cloudless.node.process import Node
+from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
 
@@ -120,14 +127,18 @@ _READS: dict[str, Any] = {
 class RaftMetadataStore:
     """`MetadataStore` over the cluster's replicated state (see module docstring)."""
 
-    def __init__(self, node: Node, *, timeout: float = 10.0) -> None:
-        self.node = node
+    def __init__(
+        self,
+        replicated: Proposer,
+        address_of: Callable[[str], tuple[str, int] | None],
+        rpc: RpcClient,
+        *,
+        timeout: float = 10.0,
+    ) -> None:
+        self._replicated = replicated
+        self._address_of = address_of
+        self._rpc = rpc
         self.timeout = timeout
-
-    @property
-    def _replicated(self):  # type: ignore[no-untyped-def]
-        assert self.node.replicated is not None
-        return self.node.replicated
 
     async def _write(self, command: BlobCommand) -> object:
         result, _ = await self._replicated.propose(BlobCatalogCommand(encode_command(command)), timeout=self.timeout)
@@ -143,11 +154,11 @@ class RaftMetadataStore:
             await replicated.linearizable(timeout=self.timeout)
             return getattr(replicated.fsm.catalog, method)(*args)
         leader = await replicated.wait_leader()
-        address = self.node.address_of(leader)
-        if address is None or self.node.rpc is None:
+        address = self._address_of(leader)
+        if address is None:
             raise Unavailable(f"leader {leader} has no known address")
         try:
-            raw = await self.node.rpc.call(
+            raw = await self._rpc.call(
                 address, "blobs.catalog.read", CatalogRead(method, list(args)), timeout=self.timeout
             )
         except CloudlessError as exc:
@@ -237,14 +248,12 @@ class RaftMetadataStore:
         return set(await self._read("referenced_digests"))
 
 
-def storage_members(node: Node, store: LocalChunkStore) -> list[StorageMember]:
+def storage_members(cluster: ClusterView, store: LocalChunkStore) -> list[StorageMember]:
     """Live gossip members as placement candidates; a member advertising no blob
     capacity (older metadata) is assumed to have what this node has."""
     own_capacity, own_free = store.capacity()
-    if node.gossip is None:
-        return [StorageMember(node.node_id, zone=node.options.zone, capacity_bytes=own_capacity, free_bytes=own_free)]
     out: list[StorageMember] = []
-    for member in node.gossip.core.live_members():
+    for member in cluster.live_members():
         meta = member.meta
         capacity = meta.capacity.disk_bytes or own_capacity
         free = meta.free.disk_bytes if meta.capacity.disk_bytes else own_free
@@ -261,146 +270,134 @@ def storage_members(node: Node, store: LocalChunkStore) -> list[StorageMember]:
     return out
 
 
-class BlobNode:
-    """What `run_blobs` built, for the node's metadata and the client API."""
+def advertised_disk(store: LocalChunkStore) -> tuple[int, int]:
+    """Blob capacity and free space as gossip carries them (free space in coarse steps)."""
+    capacity, free = store.capacity()
+    return capacity, free - free % FREE_SPACE_STEP
 
-    def __init__(self, node: Node, store: LocalChunkStore, service: Any, s3_endpoint: str = "") -> None:
-        self.node = node
+
+def s3_label(endpoint: str) -> dict[str, str]:
+    """The gossip label announcing this node's S3 gateway (none without one)."""
+    return {S3_LABEL: endpoint} if endpoint else {}
+
+
+class BlobStorage:
+    """Blob storage on this node, built fully by `Node` and run in its nursery:
+    the chunk RPC service and the catalog reads it serves peers, the
+    ObjectService behind the blob API and the S3 gateway, GC on every node and
+    anti-entropy while this node leads (re-triggered when gossip reports a member
+    dead or joined)."""
+
+    def __init__(
+        self,
+        store: LocalChunkStore,
+        *,
+        root: Path,
+        cluster: ClusterView,
+        replicated: Proposer,
+        rpc: RpcClient,
+        server: RpcServer,
+        events: EventRecorder,
+        signing_ca: Callable[[], ClusterCA],
+        region: str = "",
+        s3_listen: tuple[str, int] | None = None,
+        s3_endpoint: str = "",
+    ) -> None:
         self.store = store
-        self.service = service
+        self.root = root
+        self.cluster = cluster
+        self.replicated = replicated
+        self.events = events
+        self.signing_ca = signing_ca
+        self.region = region
+        self.s3_listen = s3_listen
         self.s3_endpoint = s3_endpoint
-        self.anti_entropy: AntiEntropyLoop | None = None
+        peers = RpcChunkPeers(rpc, _address_or_key_error(cluster))
+        register_chunk_service(server, store, peers=peers)
+        self.metadata = RaftMetadataStore(replicated, cluster.address_of, rpc)
+        server.unary("blobs.catalog.read", request=CatalogRead)(self.metadata.serve_read)
+        members = functools.partial(storage_members, cluster, store)
+        self.service = ObjectService(self.metadata, store, peers, members, node_id=cluster.node_id, replication=2)
+        BlobApi(self.service, self.s3_endpoints).register(server)
+        self.anti_entropy = AntiEntropyLoop(self.metadata, members, peers)
+        self.gc = GarbageCollectionLoop(self.service.collect_garbage)
+        cluster.add_member_listener(self._on_member)
 
-    def disk(self) -> tuple[int, int]:
-        capacity, free = self.store.capacity()
-        return capacity, free - free % FREE_SPACE_STEP
+    def _on_member(self, event: object) -> None:
+        if isinstance(event, (MemberDead, MemberJoined)):
+            self.anti_entropy.trigger()
 
-    def labels(self) -> dict[str, str]:
-        return {S3_LABEL: self.s3_endpoint} if self.s3_endpoint else {}
-
-
-def s3_endpoints(node: Node) -> list[str]:
-    """Every gateway gossip knows of, this node's first."""
-    own = node.blobs.s3_endpoint if getattr(node, "blobs", None) is not None else ""
-    found = [own] if own else []
-    if node.gossip is not None:
-        for member in node.gossip.core.live_members():
+    def s3_endpoints(self) -> list[str]:
+        """Every gateway gossip knows of, this node's first."""
+        found = [self.s3_endpoint] if self.s3_endpoint else []
+        for member in self.cluster.live_members():
             endpoint = member.meta.labels.get(S3_LABEL, "")
             if endpoint and endpoint not in found:
                 found.append(endpoint)
-    return found
+        return found
 
-
-async def _gateway_tls(node: Node, host: str) -> tuple[Any, Any]:
-    """A gateway certificate from the cluster CA (replicated to Raft members) for `host`."""
-    from cloudless.blobs.s3.server import issue_gateway_certificate
-    from cloudless.durable import write_atomic
-
-    replicated = node.replicated
-    assert replicated is not None
-    while replicated.fsm.ca is None:
-        await trio.sleep(0.2)
-    ca = node.signing_ca()  # the S3 gateway's server certificate: a coordinator-trusted node only
-    hosts = sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::", ""})
-    cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(UTC))
-    directory = node.data.root / "blobs" / "gateway"
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / "gateway.key", key_pem)
-    write_atomic(directory / "gateway.pem", cert_pem, mode=0o644)
-    write_atomic(directory / "ca.pem", ca.certificate_pem, mode=0o644)
-    return directory / "gateway.pem", directory / "gateway.key"
-
-
-async def _anti_entropy_on_leader(node: Node, loop: AntiEntropyLoop) -> None:
-    """Run the cluster-wide repair loop while this node leads (rounds are cluster-wide)."""
-    replicated = node.replicated
-    assert replicated is not None
-    while True:
-        while not replicated.is_leader:
-            await trio.sleep(0.5)
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(loop.run)
-            loop.trigger()  # a new leader checks at once
-            while replicated.is_leader:
-                await trio.sleep(0.5)
-            nursery.cancel_scope.cancel()
-
-
-async def _serve_s3(node: Node, service: Any, s3_listen: tuple[str, int], endpoint: str) -> None:
-    from cloudless.blobs.s3.app import S3Gateway
-    from cloudless.blobs.s3.server import serve_gateway
-
-    certfile, keyfile = await _gateway_tls(node, s3_listen[0])
-    gateway = S3Gateway(service, region=node.options.region or "us-east-1")
-    try:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(
-                functools.partial(
-                    serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile
-                )
-            )
-            log.info("blobs.s3_serving", extra={"fields": {"node": node.node_id, "endpoint": endpoint}})
-    except* OSError as group:
-        # A taken port must not take the rest of the node (Raft, storage) down with it.
-        exc: BaseException = group
-        while isinstance(exc, BaseExceptionGroup):
-            exc = exc.exceptions[0]
-        log.error("blobs.s3_failed", extra={"fields": {"node": node.node_id, "endpoint": endpoint, "error": str(exc)}})
-        node.events.record("blobs.s3_failed", node.node_id, f"S3 gateway on {endpoint} failed: {exc}")
-
-
-async def run_blobs(
-    node: Node, *, s3_listen: tuple[str, int] | None = None, task_status=trio.TASK_STATUS_IGNORED
-) -> None:
-    from cloudless.api.blobs import BlobApi
-    from cloudless.blobs.objects import ObjectService
-    from cloudless.gossip.events import MemberDead, MemberJoined
-
-    assert node.rpc is not None and node.replicated is not None
-    root = node.data.root / "blobs"
-    store = LocalChunkStore(root / "store")
-    try:
-        peers = RpcChunkPeers(node.rpc, _address_or_key_error(node))
-        register_chunk_service(node.server, store, peers=peers)
-        metadata = RaftMetadataStore(node)
-        node.server.unary("blobs.catalog.read", request=CatalogRead)(metadata.serve_read)
-        service = ObjectService(
-            metadata, store, peers, lambda: storage_members(node, store), node_id=node.node_id, replication=2
-        )
-        endpoint = ""
-        if s3_listen is not None:
-            from cloudless.node.process import format_address
-
-            endpoint = "https://" + format_address(s3_listen)
-        blobs = BlobNode(node, store, service, endpoint)
-        node.blobs = blobs
-        BlobApi(node, blobs).register(node.server)
-        anti_entropy = blobs.anti_entropy = AntiEntropyLoop(metadata, lambda: storage_members(node, store), peers)
-        if node.gossip is not None:
-
-            def on_member(event: object) -> None:
-                if isinstance(event, (MemberDead, MemberJoined)):
-                    anti_entropy.trigger()
-
-            node.gossip.add_listener(on_member)
-        gc = GarbageCollectionLoop(service.collect_garbage)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(gc.run)
-            nursery.start_soon(_anti_entropy_on_leader, node, anti_entropy)
-            if s3_listen is not None:
+            await nursery.start(self.gc.run)
+            nursery.start_soon(self._anti_entropy_on_leader)
+            if self.s3_listen is not None:
                 # Not awaited: the certificate needs the cluster CA, which a joining node
                 # holds only once it is in the Raft configuration.
-                nursery.start_soon(_serve_s3, node, service, s3_listen, endpoint)
-            log.info("blobs.ready", extra={"fields": {"node": node.node_id}})
+                nursery.start_soon(self._serve_s3, self.s3_listen)
+            log.info("blobs.ready", extra={"fields": {"node": self.cluster.node_id}})
             task_status.started()
-    finally:
-        store.close()
+
+    async def _anti_entropy_on_leader(self) -> None:
+        """Run the cluster-wide repair loop while this node leads (rounds are cluster-wide)."""
+        replicated = self.replicated
+        while True:
+            await replicated.wait_leadership(True)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.anti_entropy.run)
+                self.anti_entropy.trigger()  # a new leader checks at once
+                await replicated.wait_leadership(False)
+                nursery.cancel_scope.cancel()
+
+    async def _gateway_tls(self, host: str) -> tuple[Path, Path]:
+        """A gateway certificate from the cluster CA (replicated to Raft members) for `host`."""
+        replicated = self.replicated
+        while replicated.fsm.ca is None:
+            await replicated.wait_changed()
+        ca = self.signing_ca()  # the S3 gateway's server certificate: a coordinator-trusted node only
+        hosts = sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::", ""})
+        cert_pem, key_pem = issue_gateway_certificate(ca, hosts, datetime.now(UTC))
+        directory = self.root / "gateway"
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomic(directory / "gateway.key", key_pem)
+        write_atomic(directory / "gateway.pem", cert_pem, mode=0o644)
+        write_atomic(directory / "ca.pem", ca.certificate_pem, mode=0o644)
+        return directory / "gateway.pem", directory / "gateway.key"
+
+    async def _serve_s3(self, s3_listen: tuple[str, int]) -> None:
+        node_id, endpoint = self.cluster.node_id, self.s3_endpoint
+        certfile, keyfile = await self._gateway_tls(s3_listen[0])
+        gateway = S3Gateway(self.service, region=self.region or "us-east-1")
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(
+                        serve_gateway, gateway, host=s3_listen[0], port=s3_listen[1], certfile=certfile, keyfile=keyfile
+                    )
+                )
+                log.info("blobs.s3_serving", extra={"fields": {"node": node_id, "endpoint": endpoint}})
+        except* OSError as group:
+            # A taken port must not take the rest of the node (Raft, storage) down with it.
+            exc: BaseException = group
+            while isinstance(exc, BaseExceptionGroup):
+                exc = exc.exceptions[0]
+            log.error("blobs.s3_failed", extra={"fields": {"node": node_id, "endpoint": endpoint, "error": str(exc)}})
+            self.events.record("blobs.s3_failed", node_id, f"S3 gateway on {endpoint} failed: {exc}")
 
 
-def _address_or_key_error(node: Node):  # type: ignore[no-untyped-def]
+def _address_or_key_error(cluster: ClusterView) -> Callable[[str], tuple[str, int]]:
     # RpcChunkPeers reports an unknown node as PeerUnavailable when address_of raises KeyError.
     def address_of(node_id: str) -> tuple[str, int]:
-        address = node.address_of(node_id)
+        address = cluster.address_of(node_id)
         if address is None:
             raise KeyError(node_id)
         return address

@@ -9,11 +9,19 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 
+import msgspec
 import trio
 
-from cloudless.api.messages import Event
-
 log = logging.getLogger("cloudless.events")
+
+
+class Event(msgspec.Struct, frozen=True):
+    seq: int
+    ts: float
+    kind: str
+    node: str
+    message: str
+    fields: dict[str, str] = {}
 
 
 class EventLog:
