@@ -124,7 +124,7 @@ class ImageRootfs:
         node_id: str = "",
         events=None,
         peer_publish_wait: float = 10.0,
-    ) -> None:  # type: ignore[no-untyped-def]
+    ) -> None:
         """`oci_blobs` (a callable returning the node's OciBlobs or None) enables
         fetching missing images from peers' blob store before any registry."""
         self.store = ImageStore(images_dir)

@@ -72,7 +72,7 @@ class PeerImages:
         oci_blobs: Callable[[], OciBlobs | None],
         *,
         node_id: str = "",
-        events=None,  # type: ignore[no-untyped-def]
+        events=None,
     ) -> None:
         """`events` (the node's EventLog, optional) records publishes and fetches
         where `cloudless events` shows them; without it they are only logged."""
@@ -98,7 +98,7 @@ class PeerImages:
             return  # content-addressed: already there means already right
         path = self.store.blob_path(digest)
 
-        async def pieces():  # type: ignore[no-untyped-def]
+        async def pieces():
             f = await trio.to_thread.run_sync(path.open, "rb")
             try:
                 while True:

@@ -5,8 +5,9 @@ the object calls `cloudless blob put|get|ls|rm` make (`ClusterObjects`, client s
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import msgspec
 import trio
@@ -132,9 +133,9 @@ class Flag(msgspec.Struct, frozen=True):
 def _register_objects(api: BlobApi, server: RpcServer) -> None:
     service = api.service
 
-    def handler(name: str, request: object):  # type: ignore[no-untyped-def]
-        def decorate(fn):  # type: ignore[no-untyped-def]
-            async def run(ctx: RpcContext, req):  # type: ignore[no-untyped-def]
+    def handler(name: str, request: object):
+        def decorate(fn):
+            async def run(ctx: RpcContext, req):
                 api._require_client(ctx)
                 return await fn(req)
 
@@ -219,7 +220,7 @@ class ClusterObjects:
     ETag follows S3's multipart rule for them.
     """
 
-    def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, context) -> None:
         self.context = context  # a client config Context; one connection per call (each CLI
         # command runs its own trio.run, which a pooled connection must not outlive)
 
@@ -231,21 +232,21 @@ class ClusterObjects:
     def client(self) -> _OneCall:
         return _OneCall(self.context)
 
-    async def head_bucket(self, name: str):  # type: ignore[no-untyped-def]
+    async def head_bucket(self, name: str):
         return await self.client.call("blobs.bucket.head", BucketRef(name), response=Bucket)
 
-    async def create_bucket(self, name: str, *, replicas: int | None = None):  # type: ignore[no-untyped-def]
+    async def create_bucket(self, name: str, *, replicas: int | None = None):
         return await self.client.call("blobs.bucket.create", BucketRef(name, replicas), response=Bucket)
 
-    async def list_buckets(self):  # type: ignore[no-untyped-def]
+    async def list_buckets(self):
         return await self.client.call("blobs.bucket.list", b"", response=list[Bucket])
 
-    async def head_object(self, bucket: str, key: str):  # type: ignore[no-untyped-def]
+    async def head_object(self, bucket: str, key: str):
         return await self.client.call("blobs.object.head", ObjectRef(bucket, key), response=ObjectManifest)
 
     async def list_objects(
         self, bucket: str, prefix: str = "", delimiter: str = "", marker: str = "", max_keys: int = 1000
-    ):  # type: ignore[no-untyped-def]
+    ):
         return await self.client.call(
             "blobs.object.list", ObjectList(bucket, prefix, delimiter, marker, max_keys), response=ListPage
         )
@@ -259,7 +260,7 @@ class ClusterObjects:
         key: str,
         body,
         *,
-        content_type: str = "binary/octet-stream",  # type: ignore[no-untyped-def]
+        content_type: str = "binary/octet-stream",
         metadata: dict[str, str] | None = None,
         expected_size: int | None = None,
     ):
@@ -315,7 +316,7 @@ class ClusterObjects:
         await self.copy_range(manifest, collect)
         return b"".join(pieces)
 
-    async def copy_range(self, manifest, write) -> None:  # type: ignore[no-untyped-def]
+    async def copy_range(self, manifest, write) -> None:
         async with self.client.stream(
             "blobs.object.get", ObjectRef(manifest.bucket, manifest.key), timeout=3600
         ) as items:
@@ -323,7 +324,7 @@ class ClusterObjects:
                 await write(piece)
 
 
-async def _pieces(body):  # type: ignore[no-untyped-def]
+async def _pieces(body):
     """Re-cut a body (bytes or an async byte stream, as ObjectService takes) into
     PIECE-sized pieces (the last may be shorter)."""
     buffer = bytearray()
@@ -357,10 +358,10 @@ def _as_blob_error(exc: CloudlessError) -> CloudlessError:
 class _OneCall:
     """`ClusterClient.call`/`stream` on a client opened for this call only."""
 
-    def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, context) -> None:
         self.context = context
 
-    async def call(self, method: str, request, response=None, timeout: float | None = None):  # type: ignore[no-untyped-def]
+    async def call(self, method: str, request, response=None, timeout: float | None = None):
         client = ClusterClient(self.context)
         try:
             return await client.call(method, request, response=response, timeout=timeout)
@@ -370,9 +371,10 @@ class _OneCall:
             await client.aclose()
 
     @asynccontextmanager
-    async def stream(self, method: str, request, timeout: float | None = None):  # type: ignore[no-untyped-def]
+    async def stream(self, method: str, request, timeout: float | None = None):
         client = ClusterClient(self.context)
         try:
+            items: AsyncIterator[Any]
             async with client.stream(method, request, timeout=timeout) as items:
                 yield items
         finally:
@@ -385,7 +387,7 @@ class _ClusterKeys:
     def __init__(self, client: _OneCall) -> None:
         self.client = client
 
-    async def list_access_keys(self):  # type: ignore[no-untyped-def]
+    async def list_access_keys(self):
         return await self.client.call("blobs.keys.list", b"", response=list[AccessKey])
 
     async def delete_access_key(self, access_key: str) -> None:

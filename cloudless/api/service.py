@@ -56,7 +56,7 @@ from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 log = logging.getLogger(__name__)
 
-_STATE_NAMES = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
+_STATE_NAMES: dict[int, str] = {ALIVE: "alive", SUSPECT: "suspect", DEAD: "dead", LEFT: "left"}
 
 
 def raise_rejected(result: Result) -> None:

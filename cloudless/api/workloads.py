@@ -584,7 +584,7 @@ def _clients_only(ctx: RpcContext) -> None:
         raise PermissionDenied(f"{ctx.method} is for client identities")
 
 
-async def _relay_exec(ctx: RpcContext, call) -> None:  # type: ignore[no-untyped-def]
+async def _relay_exec(ctx: RpcContext, call) -> None:
     """Pass a duplex exec call on: the caller's input one way, the events back, each hop flow-controlled."""
 
     async def forward_input() -> None:

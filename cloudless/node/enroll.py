@@ -23,7 +23,7 @@ from __future__ import annotations
 import hmac
 import logging
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, cast
 
 import msgspec
 from cryptography import x509
@@ -33,10 +33,11 @@ from cloudless.pki.bundle import bundle_pem, is_endorsed, issuer_of, load_bundle
 from cloudless.pki.ca import ClusterCA, load_csr
 from cloudless.pki.credentials import Credentials, make_csr, new_private_key, private_key_pem
 from cloudless.pki.errors import InvalidCredentials, PeerRejected, TokenRejected
-from cloudless.pki.identity import Identity
+from cloudless.pki.identity import Identity, IdentityKind
 from cloudless.pki.revocation import RevocationList
 from cloudless.pki.tokens import hash_secret, parse_token, pin_matches
 from cloudless.pki.verify import PeerVerifier
+from cloudless.transport.base import Carrier
 from cloudless.transport.rpc import RpcClient
 from cloudless.transport.tls import connect_enrollment
 
@@ -102,7 +103,7 @@ def check_token(tokens: dict, request: EnrollRequest, now: float) -> None:
 
 def sign_enrollee(ca: ClusterCA, request: EnrollRequest, now: float) -> x509.Certificate:
     csr = load_csr(request.csr_pem)
-    kind = "node" if request.role == "node" else "client"
+    kind: IdentityKind = "node" if request.role == "node" else "client"
     identity = Identity(ca.cluster_id, kind, request.name)
     return ca.issue(csr, identity, datetime.fromtimestamp(now, UTC), role=None if kind == "node" else request.role)
 
@@ -156,12 +157,13 @@ async def enroll(
     """Run the join protocol against `address`; returns the new credentials."""
     token = parse_token(token_text)
     connection, server_leaf = await connect_enrollment(address, timeout=timeout)
-    rpc = RpcClient(_SingleConnection(connection))
+    # Calls name the connection itself, so the stand-in never connects or serves.
+    rpc = RpcClient(cast(Carrier, _SingleConnection(connection)))
     try:
         hello = await rpc.call(connection, "enroll.hello", EnrollHello(), response=EnrollHelloReply, timeout=timeout)
         trusted = verify_hello(hello, token.ca_fingerprint, server_leaf)
         key = new_private_key()
-        kind = "node" if role == "node" else "client"
+        kind: IdentityKind = "node" if role == "node" else "client"
         csr = make_csr(key, Identity(hello.cluster_id, kind, name))
         request = EnrollRequest(
             token_id=token.id,

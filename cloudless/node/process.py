@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import trio
@@ -246,6 +247,13 @@ async def run_node(options: NodeOptions, *, task_status=trio.TASK_STATUS_IGNORED
     await node.run(task_status=task_status)
 
 
+# The device's link as gossip metadata names it (a metered link is cellular).
+_GOSSIP_NETWORK: dict[str, Literal["wired", "wifi", "cellular"]] = {
+    "wired": "wired",
+    "wifi": "wifi",
+    "metered": "cellular",
+}
+
 # -- the node ----------------------------------------------------------------------
 
 
@@ -429,7 +437,7 @@ class Node:
             roles.append("leader")
         d = self.device
         blob_total, blob_free = advertised_disk(self.chunks)
-        network = {"wired": "wired", "wifi": "wifi", "metered": "cellular"}[d.network]
+        network = _GOSSIP_NETWORK[d.network]
         return Metadata(
             region=self.options.region,
             zone=self.options.zone,

@@ -17,6 +17,7 @@ import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import msgspec
 import trio
@@ -26,11 +27,21 @@ from cloudless.errors import CloudlessError, Unavailable
 from cloudless.raft.core import NotLeader, RaftConfig, RaftNode, Role
 from cloudless.raft.driver import RaftDriver
 from cloudless.raft.errors import NoLeader, NotAMember
-from cloudless.raft.messages import ConfChange, Entry, EntryKind, Message, Snapshot, decode_message, encode_message
+from cloudless.raft.messages import (
+    ConfChange,
+    ConfState,
+    Entry,
+    EntryKind,
+    Message,
+    Snapshot,
+    decode_message,
+    encode_message,
+)
 from cloudless.raft.rocks import RocksStorage
 from cloudless.raft.storage import bootstrap_log
 from cloudless.state.commands import (
     Command,
+    CommandUnion,
     Done,
     Proposal,
     Result,
@@ -115,7 +126,7 @@ class ReplicatedState:
         self._changed = trio.Event()
         self._leader_changed = trio.Event()
         self._last_leader: str | None = None
-        self._removed_conf = None  # our configuration when the leader said we are out of it
+        self._removed_conf: ConfState | None = None  # our configuration when the leader said we are out of it
         self._peer_queues: dict[str, list[bytes]] = {}
         self._peer_wakeups: dict[str, trio.Event] = {}
         # Peers that hold a subscription stream to us: their messages flow
@@ -310,8 +321,8 @@ class ReplicatedState:
         if changes:
             for listener in self.change_listeners:
                 listener(changes)
-        for listener in self.applied_listeners:
-            listener()
+        for on_applied in self.applied_listeners:
+            on_applied()
         self._changed.set()
         self._changed = trio.Event()
         if self.fsm.applied_index - self._snapshot_index >= SNAPSHOT_EVERY:
@@ -382,7 +393,9 @@ class ReplicatedState:
     async def propose(
         self, command: Command, *, client_id: str = "", seq: int = 0, timeout: float = 5.0
     ) -> tuple[Result, int]:
-        proposal = encode_proposal(Proposal(command=command, now=self._clock(), client_id=client_id, seq=seq))
+        # Every Command subclass is a member of the union the Proposal carries.
+        union_member = cast(CommandUnion, command)
+        proposal = encode_proposal(Proposal(command=union_member, now=self._clock(), client_id=client_id, seq=seq))
         return await self.propose_encoded(proposal, timeout=timeout)
 
     async def propose_encoded(self, proposal: bytes, timeout: float = 5.0) -> tuple[Result, int]:
