@@ -28,11 +28,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     # cli.users attaches `token ls|rm` to cli.cluster's group, so `token` loads from there.
     "token": ("cloudless.cli.users", "token", "Bootstrap tokens for joining nodes and clients."),
     "users": ("cloudless.cli.users", "users", "Users: client certificates with a role."),
-    "ca": (
-        "cloudless.cli.ca",
-        "ca",
-        "The cluster CA: rotate it, rotation status, re-issue this context's certificate.",
-    ),
+    "ca": ("cloudless.cli.ca", "ca", "The cluster CA: rotate, status, renew this context's certificate."),
     "events": ("cloudless.cli.cluster", "events", "Show cluster events (autopilot decisions, membership, joins)."),
     "run": ("cloudless.cli.workloads", "run", "Run a workload: keep N replicas of an image running."),
     "apply": ("cloudless.cli.workloads", "apply", "Create or update a workload from a YAML file."),
@@ -43,7 +39,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "stop": ("cloudless.cli.workloads", "stop", "Stop a workload."),
     "scale": ("cloudless.cli.workloads", "scale", "Change a workload's replica count."),
     "update": ("cloudless.cli.workloads", "update", "Roll out a new version of a workload."),
-    "image": ("cloudless.cli.image", "image", "Manage container images on this node."),
+    "image": ("cloudless.cli.image", "image", "Import, pull and list container images (the cluster's)."),
     "blob": ("cloudless.cli.blob", "blob", "Put, get, list and remove objects."),
     "s3": ("cloudless.cli.blob", "s3", "S3 gateway access keys."),
     "sim": ("cloudless.cli.sim", "sim", "Run seeded simulations of the protocol cores."),

@@ -34,7 +34,9 @@ def check_commands(exe: list[str], cwd: Path, only: list[str] | None = None) -> 
     """`--help` lists every command of the table, and each one (or each in `only`) loads (`CMD --help`)."""
     top = run([*exe, "--help"], cwd)
     assert top.returncode == 0, top.stderr
-    listed = {line.split()[0] for line in top.stdout.split("Commands:", 1)[1].splitlines() if line.strip()}
+    # A command's row starts two spaces in; a longer help wraps onto deeper-indented lines.
+    rows = top.stdout.split("Commands:", 1)[1].splitlines()
+    listed = {line.split()[0] for line in rows if line.startswith("  ") and not line.startswith("   ")}
     assert listed == set(COMMANDS), f"listed {sorted(listed)}, want {sorted(COMMANDS)}"
     for name in sorted(COMMANDS) if only is None else only:
         proc = run([*exe, name, "--help"], cwd)
