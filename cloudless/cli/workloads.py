@@ -376,7 +376,7 @@ async def exec_(
     interactive: bool,
     tty: bool,
     replica: int | None,
-    timeout: float | None,  # noqa: ASYNC109 (the node kills the command; the call itself has no deadline)
+    timeout: float | None,
 ) -> None:
     name, replica = _exec_target(target, replica)
     if as_json and (interactive or tty):

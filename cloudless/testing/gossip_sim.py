@@ -195,7 +195,7 @@ class GossipSimulation:
         lo, hi = cfg.warmup, max(cfg.warmup, cfg.duration - cfg.settle)
         n = cfg.nodes
         # Distinct victims; stalled members are never killed so their metrics stay apart.
-        stall_count = int(round(cfg.stall_fraction * n))
+        stall_count = round(cfg.stall_fraction * n)
         order = list(range(n))
         rng.shuffle(order)
         stalled = order[:stall_count]

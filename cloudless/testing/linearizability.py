@@ -476,8 +476,10 @@ def _explain(key: str, ops: Sequence[Operation], model: Model, deadline: float |
     culprits = [op for op in ops if op.ret == cut]
     shown = prefix[-12:]
     lines = [
-        f"key {key!r}: not linearizable; the shortest failing prefix ends at t={cut:g} "
-        f"({len(prefix)} ops), when this returned:",
+        (
+            f"key {key!r}: not linearizable; the shortest failing prefix ends at t={cut:g} "
+            f"({len(prefix)} ops), when this returned:"
+        ),
         *(f"  ! {op.describe()}" for op in culprits),
         f"last {len(shown)} ops of that prefix, by call time (? = still running or unknown):",
         *(f"    {op.describe()}" for op in shown),
