@@ -16,25 +16,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
 from cryptography.hazmat.primitives import serialization
 
-from cloudless.api.identities import MAX_USER_CERT_DAYS
+from cloudless.api.identities import MAX_USER_CERT_DAYS, issue_client_certificate
 from cloudless.api.routing import LeaderRouting
 from cloudless.api.service import raise_rejected
 from cloudless.authz import PermissionDenied
-from cloudless.errors import Conflict, InvalidInput, Unavailable
+from cloudless.errors import Conflict, Unavailable
 from cloudless.observability.events import EventLog
-from cloudless.pki.bundle import endorse, load_bundle, subject_key_id
-from cloudless.pki.ca import ClusterCA, certificate_fingerprint, load_csr
+from cloudless.pki.bundle import endorse, load_bundle
+from cloudless.pki.ca import ClusterCA, certificate_fingerprint
 from cloudless.pki.custody import seal_ca_key
-from cloudless.pki.errors import PKIError
-from cloudless.pki.identity import Identity
 from cloudless.ports import ClusterView, Proposer
-from cloudless.state.commands import MAX_CA_OVERLAP_S, MIN_CA_OVERLAP_S, BeginCARotation, RecordClientCertificate
+from cloudless.state.commands import MAX_CA_OVERLAP_S, MIN_CA_OVERLAP_S, BeginCARotation
 from cloudless.transport.rpc import RpcClient, RpcContext, RpcServer
 
 DEFAULT_OVERLAP_S = 86400.0
@@ -184,27 +182,7 @@ class CAApi:
         if existing is not None and existing.role != principal.role:
             raise Conflict(f"user {principal.name} now has role {existing.role}; ask an admin for a new config")
         ca = self.signing_ca()
-        identity = Identity(self.cluster.cluster_id, "client", principal.name)
-        try:
-            certificate = ca.issue(
-                load_csr(req.csr_pem),
-                identity,
-                datetime.fromtimestamp(now, UTC),
-                timedelta(seconds=req.ttl_s),
-                role=principal.role,
-            )
-        except PKIError as exc:
-            raise InvalidInput(f"cannot sign the request: {exc.message}", field="csr_pem") from None
-        not_after = certificate.not_valid_after_utc.timestamp()
-        result, _ = await self.replicated.propose(
-            RecordClientCertificate(
-                principal.name,
-                principal.role,
-                format(certificate.serial_number, "x"),
-                not_after,
-                issuer=subject_key_id(ca.certificate).hex(),
-            )
+        certificate, not_after = await issue_client_certificate(
+            ca, self.replicated, self.cluster.cluster_id, principal.name, principal.role, req.csr_pem, req.ttl_s
         )
-        raise_rejected(result)
-
         return ClientRenewed(certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), not_after)

@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import msgspec
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cloudless.api.routing import LeaderRouting
@@ -78,6 +79,30 @@ class TokenList(msgspec.Struct, frozen=True):
     items: list[TokenInfo]
 
 
+async def issue_client_certificate(
+    ca: ClusterCA, proposer: Proposer, cluster_id: str, name: str, role: str, csr_pem: bytes, ttl_s: float
+) -> tuple[x509.Certificate, float]:
+    """Sign a client's CSR as `name` with `role` and record it in Raft (so `users rm` can revoke it)."""
+    try:
+        certificate = ca.issue(
+            load_csr(csr_pem),
+            Identity(cluster_id, "client", name),
+            datetime.fromtimestamp(time.time(), UTC),
+            timedelta(seconds=ttl_s),
+            role=role,
+        )
+    except PKIError as exc:
+        raise InvalidInput(f"cannot sign the request: {exc.message}", field="csr_pem") from None
+    not_after = certificate.not_valid_after_utc.timestamp()
+    result, _ = await proposer.propose(
+        RecordClientCertificate(
+            name, role, format(certificate.serial_number, "x"), not_after, issuer=subject_key_id(ca.certificate).hex()
+        )
+    )
+    raise_rejected(result)
+    return certificate, not_after
+
+
 class IdentityApi:
     def __init__(
         self,
@@ -110,27 +135,9 @@ class IdentityApi:
         if existing is not None and existing.role != req.role:
             raise Conflict(f"user {req.name} exists with role {existing.role}; `users rm` it first")
         ca = self.signing_ca()
-        try:
-            certificate = ca.issue(
-                load_csr(req.csr_pem),
-                Identity(self.cluster.cluster_id, "client", req.name),
-                datetime.fromtimestamp(now, UTC),
-                timedelta(seconds=req.ttl_s),
-                role=req.role,
-            )
-        except PKIError as exc:
-            raise InvalidInput(f"cannot sign the request: {exc.message}", field="csr") from None
-        not_after = certificate.not_valid_after_utc.timestamp()
-        result, _ = await self.replicated.propose(
-            RecordClientCertificate(
-                req.name,
-                req.role,
-                format(certificate.serial_number, "x"),
-                not_after,
-                issuer=subject_key_id(ca.certificate).hex(),
-            )
+        certificate, not_after = await issue_client_certificate(
+            ca, self.replicated, self.cluster.cluster_id, req.name, req.role, req.csr_pem, req.ttl_s
         )
-        raise_rejected(result)
         self.events.record("user.added", req.name, f"{req.role} certificate issued", by=str(ctx.principal))
         return UserCertificate(
             req.name, req.role, certificate.public_bytes(serialization.Encoding.PEM), fsm.trust_bundle(), not_after
