@@ -27,6 +27,7 @@ import pytest
 
 from cloudless.sandbox.imagebuild import build_busybox_image
 from cloudless.scheduler.feasible import ROOTLESS_PORTS
+from tests.harness.node_cluster import wait_for
 
 pytestmark = [
     pytest.mark.root,
@@ -54,21 +55,6 @@ def cli_json(bin_: str, *args: str, config: Path) -> dict:
     else:
         args = (*args, "--json")
     return json.loads(cli(bin_, *args, config=config).stdout)
-
-
-def wait_until(what: str, predicate, timeout: float = 90.0, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except AssertionError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def _hidden_ancestor(path: Path) -> Path | None:
@@ -196,7 +182,7 @@ def test_a_node_that_is_not_root_runs_containers_rootless(cluster, cloudless_bin
         assert node.poll() is None, f"rootless node exited {node.returncode}"
         return None
 
-    wait_until("the rootless node to join and advertise its runtime", rootless_member)
+    wait_for(rootless_member, 90, "the rootless node to join and advertise its runtime", interval=0.5)
 
     cli(
         cloudless_bin,
@@ -220,16 +206,18 @@ def test_a_node_that_is_not_root_runs_containers_rootless(cluster, cloudless_bin
         live = [a for a in doc["allocations"] if a["state"] == "running"]
         return doc if live and live[0]["node"] == "rootless1" else None
 
-    doc = wait_until("the workload running on the rootless node", running)
+    doc = wait_for(running, 90, "the workload running on the rootless node", interval=0.5)
     # The placement says what this node cannot enforce (no delegated cgroup v2 subtree here).
     assert any("rootless node:" in x and "memory" in x and "not enforced" in x for x in doc["explanations"]), doc
     ps = cli_json(cloudless_bin, "ps", config=config)["items"]
     assert [(p["name"], p["running"]) for p in ps] == [("sleeper", 1)]
-    logs = wait_until(
-        "log lines",
+    logs = wait_for(
         lambda: [
             x for x in cli_json(cloudless_bin, "logs", "sleeper", "--tail", "1", config=config)["items"] if x["text"]
         ],
+        90,
+        "log lines",
+        interval=0.5,
     )
     assert logs[0]["text"] == "up as 0"  # root inside the user namespace
     ex = cli_json(cloudless_bin, "exec", "sleeper", "--", "sh", "-c", "id -u; cat /proc/self/uid_map", config=config)
@@ -263,5 +251,5 @@ def test_a_node_that_is_not_root_runs_containers_rootless(cluster, cloudless_bin
         doc = cli_json(cloudless_bin, "inspect", "web", config=config)
         return doc if any(ROOTLESS_PORTS in x for x in doc["explanations"]) else None
 
-    pending = wait_until("the port workload refused", refused)
+    pending = wait_for(refused, 90, "the port workload refused", interval=0.5)
     assert not [a for a in pending["allocations"] if a["state"] == "running"]
